@@ -1,0 +1,38 @@
+//! `--backend cpu|reference|cuda|wgpu|auto`: picks a backend and runs generic code on it.
+
+use fp4moe_ops::Backend;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// CUDA if an NVIDIA GPU is usable, else wgpu if a GPU adapter is found, else the CPU.
+    Auto,
+    /// The multithreaded SIMD CPU backend.
+    Cpu,
+    /// The plain reference twin (slow; for checking).
+    Reference,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+    /// Metal / Vulkan / DX12 GPUs through wgpu.
+    Wgpu,
+}
+
+/// Code to run on whichever backend was picked (Rust has no generic closures).
+pub trait OnBackend {
+    type Output;
+    fn run<B: Backend + 'static>(self, backend: B) -> anyhow::Result<Self::Output>;
+}
+
+/// Build the backend `kind` names and run `job` on it. `Auto` says on stderr what it picked.
+pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> anyhow::Result<J::Output> {
+    match kind {
+        BackendKind::Auto => {
+            // Filled in as the GPU backends land: try cuda, then wgpu, then fall back.
+            eprintln!("backend: cpu (auto)");
+            job.run(fp4moe_cpu::CpuBackend::new())
+        }
+        BackendKind::Cpu => job.run(fp4moe_cpu::CpuBackend::new()),
+        BackendKind::Reference => job.run(fp4moe_ops::reference::RefBackend),
+        BackendKind::Cuda => anyhow::bail!("the cuda backend is not built yet"),
+        BackendKind::Wgpu => anyhow::bail!("the wgpu backend is not built yet"),
+    }
+}

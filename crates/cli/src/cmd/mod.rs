@@ -1,0 +1,10 @@
+pub mod autotune;
+pub mod bench;
+pub mod bench_kernels;
+pub mod bench_model;
+pub mod chat;
+pub mod inspect;
+pub mod logits;
+pub mod quantize;
+pub mod run;
+pub mod serve;

@@ -1,0 +1,1 @@
+//! Tokenizer, chat template, sampling, generation (skeleton).

@@ -1,0 +1,175 @@
+//! The op interface that every backend implements, its reference twin, and the conformance suite.
+//!
+//! Read this crate first. A model (`fp4moe-models`) is a sequence of calls to [`Backend`] ops on
+//! device-resident [`Tensor`]s. The trait is built for GPUs as well as the CPU:
+//! - tensors live on the device; an op *enqueues* work and returns its output handle at once;
+//! - the only points where the host waits are [`Backend::download`] and [`Backend::synchronize`],
+//!   and no op needs the host to read device data (shapes, positions and paths are host values);
+//! - weights are uploaded once ([`Backend::upload_weight`]) into the backend's own layout.
+//!
+//! Every op has a plain twin in [`reference`] (dequantize, then f32 loops). The
+//! [`conformance`] suite calls every op and every path a backend lists — each decode/prefill
+//! variant, each tile size, each MoE path — explicitly, and requires agreement with the twin.
+//! A backend's `Auto` dispatch may only pick among the paths it lists; it has no private path.
+
+pub mod conformance;
+pub mod reference;
+mod spec;
+mod tensor;
+mod weight;
+
+pub use spec::{GroupedRouter, HeadLinear, KernelConfig, LinearPath, MoePath, Rope, RopeStyle};
+pub use tensor::{DType, HostData, HostTensor, Tensor};
+pub use weight::{DenseDType, HostWeight, MoeWeights};
+
+/// Errors from ops. Shape errors name the op and what did not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("{op}: unsupported on backend {backend}: {what}")]
+    Unsupported { op: &'static str, backend: String, what: String },
+    #[error("device error: {0}")]
+    Device(String),
+    #[error(transparent)]
+    Fp4(#[from] fp4::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shorthand for a backend's tensor type.
+pub type T<B> = Tensor<<B as Backend>::Storage>;
+
+/// The ops both models need. Shapes are row-major and contiguous; `[.., D]` means any number
+/// of leading dims, the op acting on the last. Activations are f32 unless stated; index tensors
+/// are u32. Every method documents its exact math; [`reference::RefBackend`] is that math.
+pub trait Backend: Send + Sync {
+    /// Device memory behind a [`Tensor`]. Ops may write outputs through a shared handle
+    /// (interior mutability), as GPU buffers do.
+    type Storage: Send + Sync;
+    /// A weight matrix in the backend's own layout, uploaded once.
+    type Weight: Send + Sync;
+
+    /// Short name for logs and tables (`cpu`, `reference`, `cuda:H100`, …).
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------
+    fn upload(&self, t: HostTensor<'_>) -> Result<T<Self>>;
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T<Self>>;
+    /// Copies a tensor to the host; waits for the work that produces it.
+    fn download(&self, t: &T<Self>) -> Result<HostData>;
+    /// Waits until all enqueued work is done (for timing).
+    fn synchronize(&self) -> Result<()>;
+    /// Uploads a weight matrix `[rows, cols]` (FP4 or dense) once.
+    fn upload_weight(&self, w: &HostWeight) -> Result<Self::Weight>;
+    /// `[rows, cols]` of an uploaded weight.
+    fn weight_shape(&self, w: &Self::Weight) -> [usize; 2];
+
+    // ---- paths this backend implements (the conformance suite calls each one) -------------
+    /// Concrete linear paths (not `Auto`), e.g. `[Decode, Prefill{n_tile: 32}, Prefill{64}]`.
+    fn linear_paths(&self) -> Vec<LinearPath>;
+    /// Concrete MoE paths (not `Auto`).
+    fn moe_paths(&self) -> Vec<MoePath>;
+
+    // ---- ops ----------------------------------------------------------------------------
+    /// `out[i, :] = table[ids[i], :]`. table `[V, H]` (dense or FP4), ids u32 `[n]` -> `[n, H]`.
+    /// Ids must be < V; callers validate on the host before upload.
+    fn embedding(&self, table: &Self::Weight, ids: &T<Self>) -> Result<T<Self>>;
+
+    /// `y = x · Wᵀ`: x `[M, K]` (f32 or bf16), W `[N, K]` -> y f32 `[M, N]`.
+    fn linear(&self, x: &T<Self>, w: &Self::Weight, path: LinearPath) -> Result<T<Self>>;
+
+    /// Per-head products against row blocks of one weight (MLA's absorbed `kv_b_proj`).
+    /// W is `[heads * rows_per_head, K]`; head h uses rows `h*rows_per_head + row_start ..+ row_count`,
+    /// call that block `W_h [row_count, K]`. x is `[M, heads, Kx]`.
+    /// - `transpose == false`: `y[m,h,:] = W_h · x[m,h,:]` (Kx = K) -> `[M, heads, row_count]`.
+    /// - `transpose == true`:  `y[m,h,:] = W_hᵀ · x[m,h,:]` (Kx = row_count) -> `[M, heads, K]`.
+    fn head_linear(&self, x: &T<Self>, w: &Self::Weight, spec: HeadLinear) -> Result<T<Self>>;
+
+    /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * w`, w f32 `[D]`.
+    fn rms_norm(&self, x: &T<Self>, w: &T<Self>, eps: f32) -> Result<T<Self>>;
+
+    /// Rotary embedding of x `[n, H, D]` at u32 `positions [n]` on dims `spec.offset ..+ spec.dims`
+    /// of each head; other dims pass through. See [`RopeStyle`] for the pairing.
+    fn rope(&self, x: &T<Self>, positions: &T<Self>, spec: Rope) -> Result<T<Self>>;
+
+    /// Softmax over the last dim (f32, max-subtracted).
+    fn softmax(&self, x: &T<Self>) -> Result<T<Self>>;
+
+    /// Elementwise `a + b` (same shape).
+    fn add(&self, a: &T<Self>, b: &T<Self>) -> Result<T<Self>>;
+
+    /// x `[.., 2I]` -> `[.., I]`: `silu(x[.., :I]) * x[.., I:]` (SwiGLU with gate rows first).
+    fn silu_mul(&self, x: &T<Self>) -> Result<T<Self>>;
+
+    /// Columns `start..start+len` of the last dim: `[.., C]` -> `[.., len]`.
+    fn slice_cols(&self, x: &T<Self>, start: usize, len: usize) -> Result<T<Self>>;
+
+    /// Rows `start..start+len` of the first dim.
+    fn slice_rows(&self, x: &T<Self>, start: usize, len: usize) -> Result<T<Self>>;
+
+    /// Concatenate along the first dim (same trailing shape and dtype).
+    fn concat_rows(&self, parts: &[&T<Self>]) -> Result<T<Self>>;
+
+    /// Cast f32 <-> bf16 (the linear op accepts either activation type).
+    fn cast(&self, x: &T<Self>, dtype: DType) -> Result<T<Self>>;
+
+    /// In place: `dst[row0 + i, col0 + j] = src[i, j]` with dst `[S, C]`, src `[n, c]` viewed 2-D
+    /// (leading dims flattened). This is how KV caches are written.
+    fn write_rows(&self, dst: &T<Self>, src: &T<Self>, row0: usize, col0: usize) -> Result<()>;
+
+    /// Softmax router (Qwen3-MoE): probs = softmax(logits `[n, E]`) in f32, take the top k
+    /// (ties to the lower expert id), and divide by their sum when `renormalize`.
+    /// Returns (ids u32 `[n, k]`, weights f32 `[n, k]`), slots in descending probability.
+    fn route_softmax(&self, logits: &T<Self>, k: usize, renormalize: bool) -> Result<(T<Self>, T<Self>)>;
+
+    /// Sigmoid router with correction bias and group-limited top-k (GLM-4.7-Flash / DeepSeek-V3):
+    /// s = sigmoid(logits); b = s + bias (bias f32 `[E]`, selection only); each of `n_group`
+    /// equal groups scores the sum of its top-2 `b`; keep the best `topk_group` groups; pick the
+    /// top k of `b` among their experts (ties to the lower id); weights are the *unbiased* `s` of
+    /// those, divided by their sum when `renormalize`, times `scale`.
+    fn route_sigmoid_grouped(
+        &self,
+        logits: &T<Self>,
+        bias: &T<Self>,
+        spec: GroupedRouter,
+    ) -> Result<(T<Self>, T<Self>)>;
+
+    /// Mixture of experts: x `[n, H]`, ids u32 `[n, k]`, weights f32 `[n, k]`.
+    /// `out[t] = shared(x[t]) + Σ_slot weights[t,slot] * expert(ids[t,slot])(x[t])`, where an
+    /// expert (and the shared one) is `down · (silu(gate·x) * (up·x))` with `gate_up` rows
+    /// `[gate; up]` per expert. Every (token, slot) pair is computed exactly once, the sum runs
+    /// in slot order after the shared term, and no float atomics are used (deterministic).
+    fn moe(
+        &self,
+        x: &T<Self>,
+        ids: &T<Self>,
+        weights: &T<Self>,
+        experts: MoeWeights<'_, Self::Weight>,
+        path: MoePath,
+    ) -> Result<T<Self>>;
+
+    /// Causal GQA attention: q `[T, Hq, D]`, caches k `[S, Hkv, D]`, v `[S, Hkv, Dv]` (S ≥ pos0+T).
+    /// Query t sits at position `pos0 + t` and attends to cache rows `0..=pos0+t`; query head h
+    /// reads kv head `h / (Hq/Hkv)`. Scores are `q·k * scale`, softmax in f32. -> `[T, Hq, Dv]`.
+    fn attention_gqa(&self, q: &T<Self>, k: &T<Self>, v: &T<Self>, pos0: usize, scale: f32) -> Result<T<Self>>;
+
+    /// Causal MLA attention in the absorbed form over a latent cache `[S, L + R]` (row = normed
+    /// latent `c` then roped shared key `k_r`): q_lat `[T, H, L]`, q_rope `[T, H, R]`;
+    /// score_j = `(q_lat·c_j + q_rope·k_r_j) * scale`; out = `Σ_j p_j c_j` -> `[T, H, L]`.
+    fn attention_mla(
+        &self,
+        q_lat: &T<Self>,
+        q_rope: &T<Self>,
+        cache: &T<Self>,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<T<Self>>;
+
+    /// Index of the largest value per row (ties to the lower index): `[n, V]` -> u32 `[n]`.
+    fn argmax(&self, x: &T<Self>) -> Result<T<Self>>;
+
+    /// The k largest values per row, descending (ties to the lower index):
+    /// `[n, V]` -> (values f32 `[n, k]`, ids u32 `[n, k]`).
+    fn top_k(&self, x: &T<Self>, k: usize) -> Result<(T<Self>, T<Self>)>;
+}
