@@ -14,7 +14,12 @@ fn floats(vals: impl IntoIterator<Item = f32>) -> String {
 fn e4m3_table() -> Vec<f32> {
     // NaN codes decode to 0 in the GPU table: loaders reject NaN scales before upload, so a
     // kernel never meets one, and a 0 cannot poison a whole row if it did.
-    (0..=255u8).map(|c| { let v = e4m3::decode(c); if v.is_nan() { 0.0 } else { v } }).collect()
+    (0..=255u8)
+        .map(|c| {
+            let v = e4m3::decode(c);
+            if v.is_nan() { 0.0 } else { v }
+        })
+        .collect()
 }
 
 /// WGSL: `fp4_e2m1(code)`, `fp4_e8m0(code)`, `fp4_e4m3(code)`.

@@ -12,11 +12,8 @@ pub fn decode(code: u8) -> f32 {
     if e == 0xF && code & 0x7 == 0x7 {
         return f32::NAN;
     }
-    let mag = if e == 0 {
-        m / 8.0 * crate::e8m0::pow2(-6)
-    } else {
-        (1.0 + m / 8.0) * crate::e8m0::pow2(e - 7)
-    };
+    let mag =
+        if e == 0 { m / 8.0 * crate::e8m0::pow2(-6) } else { (1.0 + m / 8.0) * crate::e8m0::pow2(e - 7) };
     sign * mag
 }
 

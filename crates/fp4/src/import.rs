@@ -35,7 +35,11 @@ pub fn from_ggml_mxfp4(rows: usize, cols: usize, data: &[u8]) -> Result<QuantMat
     }
     let nb = rows * cols / block;
     if data.len() != nb * GGML_MXFP4_BLOCK_BYTES {
-        return Err(Error::Length { what: "ggml mxfp4 blocks", expected: nb * GGML_MXFP4_BLOCK_BYTES, got: data.len() });
+        return Err(Error::Length {
+            what: "ggml mxfp4 blocks",
+            expected: nb * GGML_MXFP4_BLOCK_BYTES,
+            got: data.len(),
+        });
     }
     let mut codes = vec![0u8; rows * cols / 2];
     let mut scales = vec![0u8; nb];

@@ -37,7 +37,11 @@ pub trait LanguageModel: Send + Sync {
     /// Appends `tokens` to each sequence and runs them in one batched forward (a prefill chunk
     /// or one decode token per sequence). Returns, per sequence, the logits `[vocab]` of its last
     /// new token, or of all its new tokens (`[n, vocab]` flattened) when `all_logits`.
-    fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> anyhow_free::Result<Vec<Vec<f32>>>;
+    fn forward(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        all_logits: bool,
+    ) -> anyhow_free::Result<Vec<Vec<f32>>>;
 }
 
 /// Placeholder for the crate's typed error (the models work defines `Error`).

@@ -152,7 +152,14 @@ pub trait Backend: Send + Sync {
     /// Causal GQA attention: q `[T, Hq, D]`, caches k `[S, Hkv, D]`, v `[S, Hkv, Dv]` (S ≥ pos0+T).
     /// Query t sits at position `pos0 + t` and attends to cache rows `0..=pos0+t`; query head h
     /// reads kv head `h / (Hq/Hkv)`. Scores are `q·k * scale`, softmax in f32. -> `[T, Hq, Dv]`.
-    fn attention_gqa(&self, q: &T<Self>, k: &T<Self>, v: &T<Self>, pos0: usize, scale: f32) -> Result<T<Self>>;
+    fn attention_gqa(
+        &self,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<T<Self>>;
 
     /// Causal MLA attention in the absorbed form over a latent cache `[S, L + R]` (row = normed
     /// latent `c` then roped shared key `k_r`): q_lat `[T, H, L]`, q_rope `[T, H, R]`;

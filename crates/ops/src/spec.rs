@@ -8,7 +8,9 @@ pub enum LinearPath {
     /// Few rows: a GEMV per row, reading each weight once per row.
     Decode,
     /// Many rows: a GEMM tiled over `n_tile` output columns.
-    Prefill { n_tile: usize },
+    Prefill {
+        n_tile: usize,
+    },
 }
 
 /// Which implementation of `moe` to run.
@@ -19,7 +21,9 @@ pub enum MoePath {
     Decode,
     /// Tokens sorted by expert (counts -> offsets -> permutation), a GEMM per expert tiled over
     /// `n_tile` columns, then a deterministic combine in slot order.
-    Prefill { n_tile: usize },
+    Prefill {
+        n_tile: usize,
+    },
 }
 
 /// Tile choices as data: the one place a backend's `Auto` dispatch reads its launch shapes from.
@@ -39,7 +43,12 @@ pub struct KernelConfig {
 
 impl Default for KernelConfig {
     fn default() -> Self {
-        KernelConfig { linear_decode_max_rows: 4, linear_n_tile: 64, moe_decode_max_tokens: 4, moe_n_tile: 64 }
+        KernelConfig {
+            linear_decode_max_rows: 4,
+            linear_n_tile: 64,
+            moe_decode_max_tokens: 4,
+            moe_n_tile: 64,
+        }
     }
 }
 

@@ -85,13 +85,17 @@ impl HostData {
     pub fn into_f32(self) -> crate::Result<Vec<f32>> {
         match self {
             HostData::F32(v) => Ok(v),
-            HostData::U32(_) => Err(crate::Error::Shape { op: "download", detail: "expected f32 data, got u32".into() }),
+            HostData::U32(_) => {
+                Err(crate::Error::Shape { op: "download", detail: "expected f32 data, got u32".into() })
+            }
         }
     }
     pub fn into_u32(self) -> crate::Result<Vec<u32>> {
         match self {
             HostData::U32(v) => Ok(v),
-            HostData::F32(_) => Err(crate::Error::Shape { op: "download", detail: "expected u32 data, got f32".into() }),
+            HostData::F32(_) => {
+                Err(crate::Error::Shape { op: "download", detail: "expected u32 data, got f32".into() })
+            }
         }
     }
 }
