@@ -16,12 +16,12 @@ pub fn modelopt_nvfp4(
     weight_scale: Bytes,
     weight_scale_2: f32,
 ) -> Result<QuantMatrix, Error> {
-    QuantMatrix::new(Format::Nvfp4, rows, cols, weight, weight_scale, weight_scale_2)
+    QuantMatrix::new(Format::Nvfp4, rows, cols, weight, weight_scale, vec![weight_scale_2])
 }
 
 /// gpt-oss MXFP4: `blocks` u8 `[rows, cols/32, 16]`, `scales` E8M0 `[rows, cols/32]`.
 pub fn gpt_oss_mxfp4(rows: usize, cols: usize, blocks: Bytes, scales: Bytes) -> Result<QuantMatrix, Error> {
-    QuantMatrix::new(Format::Mxfp4, rows, cols, blocks, scales, 1.0)
+    QuantMatrix::new(Format::Mxfp4, rows, cols, blocks, scales, vec![1.0])
 }
 
 /// Bytes of one ggml `block_mxfp4` (32 elements).
@@ -54,7 +54,7 @@ pub fn from_ggml_mxfp4(rows: usize, cols: usize, data: &[u8]) -> Result<QuantMat
             *o = e2m1::pack(nib(2 * j), nib(2 * j + 1));
         }
     }
-    QuantMatrix::new(Format::Mxfp4, rows, cols, codes.into(), scales.into(), 1.0)
+    QuantMatrix::new(Format::Mxfp4, rows, cols, codes.into(), scales.into(), vec![1.0])
 }
 
 /// This project's MXFP4 layout back to ggml `block_mxfp4` (for tests and interchange).

@@ -6,9 +6,12 @@
 //!   nibble (the ModelOpt / gpt-oss order, so their checkpoints import by copying);
 //! - `scales [N, K/B]` u8: one block-scale code per B consecutive elements of a row
 //!   (B = 32 with E8M0 codes for MXFP4, B = 16 with E4M3 codes for NVFP4);
-//! - `tensor_scale` f32: NVFP4's second-level scale (1.0 for MXFP4).
+//! - `tensor_scales [G]` f32: NVFP4's second-level scale, one per group of `N / G` consecutive
+//!   rows (`[1.0]` for MXFP4). A single Linear has G = 1; stacked experts imported from ModelOpt
+//!   keep one per expert (ModelOpt shares it across an expert's fused gate/up), because folding
+//!   different tensor scales into one would need re-rounding the E4M3 block scales.
 //!
-//! Value of element (n, k): `e2m1(code) * scale(scales[n, k/B]) * tensor_scale`.
+//! Value of element (n, k): `e2m1(code) * scale(scales[n, k/B]) * tensor_scales[n / (N/G)]`.
 //! Stacked expert weights are the same layout with `N = E * rows_per_expert`.
 
 use crate::{Error, e2m1, e4m3, e8m0};
@@ -109,8 +112,8 @@ pub struct QuantMatrix {
     pub codes: Bytes,
     /// `[rows, cols/block]` scale codes.
     pub scales: Bytes,
-    /// NVFP4 second-level scale; 1.0 for MXFP4.
-    pub tensor_scale: f32,
+    /// `[G]` NVFP4 second-level scales, one per `rows / G` rows; `[1.0]` for MXFP4.
+    pub tensor_scales: Vec<f32>,
 }
 
 impl QuantMatrix {
@@ -122,7 +125,7 @@ impl QuantMatrix {
         cols: usize,
         codes: Bytes,
         scales: Bytes,
-        tensor_scale: f32,
+        tensor_scales: Vec<f32>,
     ) -> Result<QuantMatrix, Error> {
         let block = format.block();
         if cols % block != 0 {
@@ -135,8 +138,15 @@ impl QuantMatrix {
         if scales.len() != rows * nb {
             return Err(Error::Length { what: "scales", expected: rows * nb, got: scales.len() });
         }
-        if !tensor_scale.is_finite() || tensor_scale <= 0.0 {
-            return Err(Error::BadTensorScale { value: tensor_scale, reason: "must be finite and > 0" });
+        if tensor_scales.is_empty() || rows % tensor_scales.len() != 0 {
+            return Err(Error::Length {
+                what: "tensor scales (must divide rows)",
+                expected: rows,
+                got: tensor_scales.len(),
+            });
+        }
+        if let Some(&value) = tensor_scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
+            return Err(Error::BadTensorScale { value, reason: "must be finite and > 0" });
         }
         for (i, &c) in scales.iter().enumerate() {
             if format.decode_scale(c).is_nan() {
@@ -149,7 +159,54 @@ impl QuantMatrix {
                 });
             }
         }
-        Ok(QuantMatrix { format, rows, cols, codes, scales, tensor_scale })
+        Ok(QuantMatrix { format, rows, cols, codes, scales, tensor_scales })
+    }
+
+    /// Rows sharing one tensor scale.
+    pub fn rows_per_tensor_scale(&self) -> usize {
+        self.rows / self.tensor_scales.len()
+    }
+
+    /// The tensor scale that applies to row `r`.
+    #[inline]
+    pub fn row_tensor_scale(&self, r: usize) -> f32 {
+        self.tensor_scales[r / self.rows_per_tensor_scale()]
+    }
+
+    /// Rows of several matrices of one format and width, stacked in order (experts, fused
+    /// gate/up). Each part keeps its own tensor scales, so the result is exact.
+    pub fn concat_rows(parts: &[&QuantMatrix]) -> Result<QuantMatrix, Error> {
+        let first = parts.first().ok_or(Error::Length { what: "matrices to stack", expected: 1, got: 0 })?;
+        let (format, cols) = (first.format, first.cols);
+        let mut codes = Vec::new();
+        let mut scales = Vec::new();
+        let mut per_part = Vec::new();
+        for p in parts {
+            if p.format != format || p.cols != cols {
+                return Err(Error::Length {
+                    what: "columns of stacked matrices",
+                    expected: cols,
+                    got: p.cols,
+                });
+            }
+            codes.extend_from_slice(&p.codes);
+            scales.extend_from_slice(&p.scales);
+            per_part.push(p);
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        // One scale per part when every part has a single scale and equal rows (the common
+        // case); otherwise expand to one scale per row so any mix stays exact.
+        let uniform = per_part.iter().all(|p| p.tensor_scales.len() == 1 && p.rows == first.rows);
+        let tensor_scales: Vec<f32> = if per_part.iter().all(|p| p.tensor_scales == first.tensor_scales)
+            && first.tensor_scales.len() == 1
+        {
+            first.tensor_scales.clone()
+        } else if uniform {
+            per_part.iter().map(|p| p.tensor_scales[0]).collect()
+        } else {
+            per_part.iter().flat_map(|p| (0..p.rows).map(move |r| p.row_tensor_scale(r))).collect()
+        };
+        QuantMatrix::new(format, rows, cols, codes.into(), scales.into(), tensor_scales)
     }
 
     pub fn blocks_per_row(&self) -> usize {
@@ -166,13 +223,19 @@ impl QuantMatrix {
         assert!(start + count <= self.rows);
         let cb = self.cols / 2;
         let nb = self.blocks_per_row();
+        let g = self.rows_per_tensor_scale();
+        let tensor_scales = if start % g == 0 && count % g == 0 {
+            self.tensor_scales[start / g..(start + count) / g].to_vec()
+        } else {
+            (start..start + count).map(|r| self.row_tensor_scale(r)).collect()
+        };
         QuantMatrix {
             format: self.format,
             rows: count,
             cols: self.cols,
             codes: sub(&self.codes, start * cb, count * cb),
             scales: sub(&self.scales, start * nb, count * nb),
-            tensor_scale: self.tensor_scale,
+            tensor_scales,
         }
     }
 
@@ -184,7 +247,7 @@ impl QuantMatrix {
             self.format,
             &self.codes[r * cb..(r + 1) * cb],
             &self.scales[r * nb..(r + 1) * nb],
-            self.tensor_scale,
+            self.row_tensor_scale(r),
             &mut out[..self.cols],
         );
     }
@@ -276,7 +339,7 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, format: Format) -> Result<Q
             }
         }
     }
-    let matrix = QuantMatrix::new(format, rows, cols, codes.into(), scales.into(), tensor_scale)?;
+    let matrix = QuantMatrix::new(format, rows, cols, codes.into(), scales.into(), vec![tensor_scale])?;
     Ok(Quantized { matrix, dequantized: deq })
 }
 
