@@ -180,7 +180,6 @@ impl QuantMatrix {
         let (format, cols) = (first.format, first.cols);
         let mut codes = Vec::new();
         let mut scales = Vec::new();
-        let mut per_part = Vec::new();
         for p in parts {
             if p.format != format || p.cols != cols {
                 return Err(Error::Length {
@@ -191,21 +190,19 @@ impl QuantMatrix {
             }
             codes.extend_from_slice(&p.codes);
             scales.extend_from_slice(&p.scales);
-            per_part.push(p);
         }
         let rows: usize = parts.iter().map(|p| p.rows).sum();
-        // One scale per part when every part has a single scale and equal rows (the common
-        // case); otherwise expand to one scale per row so any mix stays exact.
-        let uniform = per_part.iter().all(|p| p.tensor_scales.len() == 1 && p.rows == first.rows);
-        let tensor_scales: Vec<f32> = if per_part.iter().all(|p| p.tensor_scales == first.tensor_scales)
-            && first.tensor_scales.len() == 1
-        {
-            first.tensor_scales.clone()
-        } else if uniform {
-            per_part.iter().map(|p| p.tensor_scales[0]).collect()
-        } else {
-            per_part.iter().flat_map(|p| (0..p.rows).map(move |r| p.row_tensor_scale(r))).collect()
-        };
+        let single = |p: &&QuantMatrix| p.tensor_scales.len() == 1;
+        // Keep the representation as compact as exactness allows: one scale for all, one per
+        // (equal-height) part, or one per row.
+        let tensor_scales: Vec<f32> =
+            if parts.iter().all(|p| p.tensor_scales == first.tensor_scales) && single(first) {
+                first.tensor_scales.clone()
+            } else if parts.iter().all(|p| single(p) && p.rows == first.rows) {
+                parts.iter().map(|p| p.tensor_scales[0]).collect()
+            } else {
+                parts.iter().flat_map(|p| (0..p.rows).map(move |r| p.row_tensor_scale(r))).collect()
+            };
         QuantMatrix::new(format, rows, cols, codes.into(), scales.into(), tensor_scales)
     }
 
@@ -279,6 +276,7 @@ pub fn dequantize_row(format: Format, codes: &[u8], scales: &[u8], tensor_scale:
 
 /// A quantizer's result: the packed matrix and its exact dequantized values, so that kernel
 /// tests compare against `x · dequantize(W)ᵀ` and measure kernel error alone.
+#[derive(Debug)]
 pub struct Quantized {
     pub matrix: QuantMatrix,
     /// `[rows, cols]` f32: exactly what the packed matrix decodes to.
