@@ -47,7 +47,7 @@ pub fn cuda() -> String {
          // E8M0 scale 2^(c-127); code 0 is the f32 subnormal 2^-127.\n\
          __device__ __forceinline__ float fp4_e8m0(unsigned code) {{ return code == 0u ? __int_as_float(0x00400000) : __int_as_float((int)(code << 23)); }}\n\
          __device__ __forceinline__ float fp4_e4m3(unsigned code) {{ return FP4_E4M3[code & 255u]; }}\n",
-        floats(e2m1::TABLE.iter().map(|v| *v)).replace(", ", "f, ") + "f",
+        floats(e2m1::TABLE).replace(", ", "f, ") + "f",
         floats(e4m3_table()).replace(", ", "f, ") + "f"
     )
 }

@@ -43,16 +43,15 @@ pub fn decode(code: u8) -> f32 {
 }
 
 /// Encode with round-to-nearest, ties to even code (even mantissa), saturating at ±6.
-/// NaN encodes to +0 (callers reject non-finite input before quantizing).
+/// NaN encodes to a zero (callers reject non-finite input before quantizing).
 pub fn encode(x: f32) -> u8 {
     let sign: u8 = if x.is_sign_negative() { 0x8 } else { 0 };
     let a = x.abs();
     // Midpoints between consecutive magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6. At a tie the code with
     // mantissa bit 0 (even) wins: codes 0,2,4,6 are even, so ties at .25, 1.25, 2.5, 5 go down and
     // ties at .75, 1.75, 3.5 go up.
-    let mag: u8 = if a.is_nan() {
-        0
-    } else if a <= 0.25 {
+    // NaN fails every comparison below except the first, which maps it to 0.
+    let mag: u8 = if a.is_nan() || a <= 0.25 {
         0
     } else if a < 0.75 {
         1

@@ -30,7 +30,7 @@ pub const GGML_MXFP4_BLOCK_BYTES: usize = 17;
 /// ggml `block_mxfp4` rows (`[rows, cols/32]` blocks of 17 bytes) into this project's layout.
 pub fn from_ggml_mxfp4(rows: usize, cols: usize, data: &[u8]) -> Result<QuantMatrix, Error> {
     let block = Format::Mxfp4.block();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         return Err(Error::NotBlockMultiple { what: "columns", got: cols, block, format: Format::Mxfp4 });
     }
     let nb = rows * cols / block;

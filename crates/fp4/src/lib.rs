@@ -18,7 +18,10 @@ pub mod e8m0;
 pub mod import;
 mod matrix;
 
-pub use matrix::{Bytes, Format, QuantMatrix, Quantized, dequantize_row, quantize};
+pub use matrix::{
+    Bytes, Format, QuantMatrix, Quantized, dequantize_row, nvfp4_tensor_scale, quantize,
+    quantize_with_tensor_scale,
+};
 
 /// Errors from quantizing or importing FP4 data. Each names where the problem is.
 #[derive(Debug, thiserror::Error, PartialEq)]

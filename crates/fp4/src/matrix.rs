@@ -128,7 +128,7 @@ impl QuantMatrix {
         tensor_scales: Vec<f32>,
     ) -> Result<QuantMatrix, Error> {
         let block = format.block();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(Error::NotBlockMultiple { what: "columns", got: cols, block, format });
         }
         if codes.len() != rows * cols / 2 {
@@ -138,7 +138,7 @@ impl QuantMatrix {
         if scales.len() != rows * nb {
             return Err(Error::Length { what: "scales", expected: rows * nb, got: scales.len() });
         }
-        if tensor_scales.is_empty() || rows % tensor_scales.len() != 0 {
+        if tensor_scales.is_empty() || !rows.is_multiple_of(tensor_scales.len()) {
             return Err(Error::Length {
                 what: "tensor scales (must divide rows)",
                 expected: rows,
@@ -221,7 +221,7 @@ impl QuantMatrix {
         let cb = self.cols / 2;
         let nb = self.blocks_per_row();
         let g = self.rows_per_tensor_scale();
-        let tensor_scales = if start % g == 0 && count % g == 0 {
+        let tensor_scales = if start.is_multiple_of(g) && count.is_multiple_of(g) {
             self.tensor_scales[start / g..(start + count) / g].to_vec()
         } else {
             (start..start + count).map(|r| self.row_tensor_scale(r)).collect()
@@ -290,8 +290,35 @@ pub struct Quantized {
 /// - NVFP4 (ModelOpt): `s2 = amax(W) / (6 * 448)`; block scale `block_amax / (6 * s2)` cast to
 ///   E4M3; elements `x / (scale * s2)` RNE-saturated.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, format: Format) -> Result<Quantized, Error> {
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { row: i / cols.max(1), col: i % cols.max(1), value: w[i] });
+    }
+    quantize_with_tensor_scale(w, rows, cols, format, nvfp4_tensor_scale(format, w))
+}
+
+/// The tensor scale [`quantize`] uses: `amax / (6 * 448)` for NVFP4 (1.0 for an all-zero
+/// tensor, which must still have a valid scale), 1.0 for MXFP4.
+pub fn nvfp4_tensor_scale(format: Format, w: &[f32]) -> f32 {
+    match format {
+        Format::Mxfp4 => 1.0,
+        Format::Nvfp4 => {
+            let amax = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            if amax > 0.0 { amax / (e2m1::MAX * e4m3::MAX) } else { 1.0 }
+        }
+    }
+}
+
+/// [`quantize`] with a given tensor scale, so a large NVFP4 tensor can be quantized in row
+/// chunks (in parallel) after one pass for its amax, with results identical to `quantize`.
+pub fn quantize_with_tensor_scale(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    format: Format,
+    tensor_scale: f32,
+) -> Result<Quantized, Error> {
     let block = format.block();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         return Err(Error::NotBlockMultiple { what: "columns", got: cols, block, format });
     }
     if w.len() != rows * cols {
@@ -304,14 +331,6 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, format: Format) -> Result<Q
     let mut codes = vec![0u8; rows * cols / 2];
     let mut scales = vec![0u8; rows * nb];
     let mut deq = vec![0.0f32; rows * cols];
-    let tensor_scale = match format {
-        Format::Mxfp4 => 1.0,
-        Format::Nvfp4 => {
-            let amax = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            // An all-zero tensor still needs a valid (positive) tensor scale.
-            if amax > 0.0 { amax / (e2m1::MAX * e4m3::MAX) } else { 1.0 }
-        }
-    };
     for r in 0..rows {
         for b in 0..nb {
             let x = &w[r * cols + b * block..r * cols + (b + 1) * block];

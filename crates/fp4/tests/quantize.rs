@@ -124,8 +124,8 @@ fn bad_shapes_and_scales_are_errors() {
 
 #[test]
 fn concat_rows_keeps_each_parts_tensor_scale() {
-    let a = quantize(&vec![1.0f32; 32], 1, 32, Format::Nvfp4).unwrap();
-    let b = quantize(&vec![-300.0f32; 64], 2, 32, Format::Nvfp4).unwrap();
+    let a = quantize(&[1.0f32; 32], 1, 32, Format::Nvfp4).unwrap();
+    let b = quantize(&[-300.0f32; 64], 2, 32, Format::Nvfp4).unwrap();
     let c = QuantMatrix::concat_rows(&[&a.matrix, &b.matrix]).unwrap();
     let mut want = a.dequantized.clone();
     want.extend_from_slice(&b.dequantized);

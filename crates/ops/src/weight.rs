@@ -85,8 +85,8 @@ impl HostWeight {
     }
 }
 
-/// The weights of one MoE block, as the `moe` op takes them.
-#[derive(Clone, Copy)]
+/// The weights of one MoE block, as the `moe` op takes them. (Clone/Copy by hand: a derive
+/// would require `W: Copy`, but only references are held.)
 pub struct MoeWeights<'a, W> {
     /// `[E * 2I, H]`: per expert, I gate rows then I up rows.
     pub gate_up: &'a W,
@@ -96,3 +96,11 @@ pub struct MoeWeights<'a, W> {
     /// Shared expert (GLM): gate_up `[2S, H]`, down `[H, S]`.
     pub shared: Option<(&'a W, &'a W)>,
 }
+
+impl<W> Clone for MoeWeights<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for MoeWeights<'_, W> {}
