@@ -1,7 +1,31 @@
 //! The models, on any [`fp4moe_ops::Backend`], and the loader that turns checkpoints into
-//! uploaded weights. (Skeleton: the contract below is what the engine and server build on.)
+//! uploaded weights.
+//!
+//! - [`loader`]: safetensors checkpoints (single or sharded, bf16 / NVFP4 / our FP4 format) and the
+//!   one-time weight rewrites (experts stacked, gate/up fused, quantize-on-load).
+//! - [`qwen3_moe`] and [`glm4_moe_lite`]: one file per HF `model_type`, each a config struct of
+//!   exactly the keys it reads, its weights with their shapes, and its forward pass as op calls.
+//!   Shared pieces (norms, RoPE, SwiGLU, routers, batch plumbing) live in `layers`.
+//! - [`synthetic`]: random FP4 models of the real shapes, for benchmarks and runs without weights.
+//!
+//! [`LanguageModel`] is the backend-erased contract the engine and server build on; [`load`] and
+//! [`synthetic()`] produce one.
 
+pub mod checkpoint_writer;
+pub mod error;
+pub mod glm4_moe_lite;
+mod layers;
+pub mod loader;
+pub mod qwen3_moe;
+pub mod synthetic;
+
+pub use error::{Error, Result};
+pub use loader::LoadOptions;
+pub use synthetic::Arch;
+
+use fp4moe_ops::Backend;
 use std::any::Any;
+use std::path::Path;
 
 /// What the engine needs to know about a loaded model.
 #[derive(Debug, Clone)]
@@ -32,19 +56,77 @@ pub struct Sequence {
 /// A loaded model, backend-erased so the engine and server need no generics.
 pub trait LanguageModel: Send + Sync {
     fn info(&self) -> &ModelInfo;
-    /// A new, empty sequence whose cache holds `capacity` tokens.
-    fn new_sequence(&self, capacity: usize) -> anyhow_free::Result<Sequence>;
+    /// A new, empty sequence whose cache holds `capacity` tokens (at most
+    /// `max_position_embeddings`).
+    fn new_sequence(&self, capacity: usize) -> Result<Sequence>;
     /// Appends `tokens` to each sequence and runs them in one batched forward (a prefill chunk
     /// or one decode token per sequence). Returns, per sequence, the logits `[vocab]` of its last
     /// new token, or of all its new tokens (`[n, vocab]` flattened) when `all_logits`.
-    fn forward(
-        &self,
-        batch: &mut [(&mut Sequence, &[u32])],
-        all_logits: bool,
-    ) -> anyhow_free::Result<Vec<Vec<f32>>>;
+    /// Token ids are checked against the vocabulary and lengths against each sequence's capacity
+    /// before any work is enqueued; on error no sequence is changed.
+    fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>>;
+    /// f32 values the cache holds per token per layer (GQA: 2 · kv_heads · head_dim; MLA: latent
+    /// + rope key), for memory budgets and bandwidth floors. `None` when a model does not say.
+    fn cache_values_per_token_per_layer(&self) -> Option<usize> {
+        None
+    }
 }
 
-/// Placeholder for the crate's typed error (the models work defines `Error`).
-pub mod anyhow_free {
-    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+/// The `model_type`s this crate runs.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[qwen3_moe::MODEL_TYPE, glm4_moe_lite::MODEL_TYPE];
+
+/// Loads the checkpoint in `dir` (its `config.json` picks the model) onto `backend`.
+pub fn load<B: Backend + 'static>(
+    backend: B,
+    dir: &Path,
+    opts: &LoadOptions,
+) -> Result<Box<dyn LanguageModel>> {
+    let mut source = layers::CheckpointSource::open(dir, *opts)?;
+    let (config, path) = (source.config().clone(), source.config_path());
+    build(backend, &config, &path, &mut source)
+}
+
+/// [`load`] with every FP4 weight (stored or quantized on load) expanded to dense f32: the
+/// same values the quantized model computes with, so a run on [`fp4moe_ops::reference::RefBackend`]
+/// is the reference that isolates kernel error from quantization error.
+pub fn load_dequantized<B: Backend + 'static>(
+    backend: B,
+    dir: &Path,
+    opts: &LoadOptions,
+) -> Result<Box<dyn LanguageModel>> {
+    let source = layers::CheckpointSource::open(dir, *opts)?;
+    let (config, path) = (source.config().clone(), source.config_path());
+    build(backend, &config, &path, &mut layers::Dequantized(source))
+}
+
+/// The model `config` names (its `model_type`), with weights from `src`.
+fn build<B: Backend + 'static>(
+    backend: B,
+    config: &serde_json::Value,
+    path: &Path,
+    src: &mut dyn layers::WeightSource,
+) -> Result<Box<dyn LanguageModel>> {
+    match config.get("model_type").and_then(|v| v.as_str()).unwrap_or("") {
+        qwen3_moe::MODEL_TYPE => {
+            let cfg = qwen3_moe::Config::from_json(config, path)?;
+            Ok(Box::new(qwen3_moe::Qwen3Moe::build(backend, cfg, src)?))
+        }
+        glm4_moe_lite::MODEL_TYPE => {
+            let cfg = glm4_moe_lite::Config::from_json(config, path)?;
+            Ok(Box::new(glm4_moe_lite::Glm4MoeLite::build(backend, cfg, src)?))
+        }
+        other => Err(Error::unknown_model_type(other, SUPPORTED_MODEL_TYPES)),
+    }
+}
+
+/// A model of the real architecture `arch` with random FP4 weights (see [`synthetic`]).
+/// `layers` overrides the number of decoder layers (all of them by default).
+pub fn synthetic<B: Backend + 'static>(
+    backend: B,
+    arch: Arch,
+    layers: Option<usize>,
+    format: fp4::Format,
+    seed: u64,
+) -> Result<Box<dyn LanguageModel>> {
+    synthetic::build(backend, arch, layers, format, seed)
 }

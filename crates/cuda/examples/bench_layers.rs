@@ -1,0 +1,173 @@
+//! Times the CUDA backend's MoE layers and decode GEMVs on the two models' real shapes, against
+//! the bandwidth and tensor-core floors given on the command line (measured in the same device
+//! call by tools/bench_torch_moe.py). Weights are random NVFP4 codes (no host quantization, so
+//! setup is quick); timing is wall time over many enqueued calls after warm-up, one synchronize
+//! at the end, median of 5 batches.
+//!
+//! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s]` prints one JSON object per line.
+
+use fp4::{Format, QuantMatrix};
+use fp4moe_cuda::CudaBackend;
+use fp4moe_ops::{Backend, HostTensor, HostWeight, LinearPath, MoePath, MoeWeights};
+use std::time::Instant;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// Random NVFP4 matrix: random codes, block scales around 1/64 (E4M3 codes 0x18..0x1F).
+fn random_nvfp4(rng: &mut Rng, rows: usize, cols: usize) -> HostWeight {
+    let codes: Vec<u8> = (0..rows * cols / 2).map(|_| rng.next() as u8).collect();
+    let scales: Vec<u8> = (0..rows * cols / 16).map(|_| 0x18 + (rng.next() % 8) as u8).collect();
+    let q =
+        QuantMatrix::new(Format::Nvfp4, rows, cols, codes.into(), scales.into(), vec![1.0]).expect("valid");
+    HostWeight::Quant(q)
+}
+
+fn time<F: FnMut()>(b: &CudaBackend, reps: usize, mut f: F) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    b.synchronize().expect("sync");
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        b.synchronize().expect("sync");
+        v.push(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    v[2]
+}
+
+fn main() {
+    let args: Vec<f64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let copy_bw = args.first().copied().unwrap_or(3.0e12);
+    let tc_rate = args.get(1).copied().unwrap_or(780e12);
+    let b = match CudaBackend::new() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("{{\"skipped\": \"{e}\"}}");
+            return;
+        }
+    };
+    b.warm_up().expect("compile");
+    let dev = b.device_name().to_string();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    // (name, experts, top-k, hidden, inter, shared inter)
+    let layers = [
+        ("qwen3-30b-a3b", 128usize, 8usize, 2048usize, 768usize, 0usize),
+        ("glm-4.7-flash", 64, 4, 2048, 1536, 1536),
+    ];
+    for (name, e, k, h, i, si) in layers {
+        let gu = b.upload_weight(&random_nvfp4(&mut rng, e * 2 * i, h)).expect("upload");
+        let dn = b.upload_weight(&random_nvfp4(&mut rng, e * h, i)).expect("upload");
+        let shared = if si > 0 {
+            Some((
+                b.upload_weight(&random_nvfp4(&mut rng, 2 * si, h)).expect("upload"),
+                b.upload_weight(&random_nvfp4(&mut rng, h, si)).expect("upload"),
+            ))
+        } else {
+            None
+        };
+        let per_expert = (2 * i * h + h * i) as f64 * 0.5625; // NVFP4: 4.5 bits per element
+        let shared_bytes = (3 * si * h) as f64 * 0.5625;
+        for n in [1usize, 8192] {
+            let x: Vec<f32> = (0..n * h).map(|_| rng.f()).collect();
+            // Random distinct experts per token.
+            let mut ids = Vec::with_capacity(n * k);
+            for _ in 0..n {
+                let mut s: Vec<u32> = Vec::new();
+                while s.len() < k {
+                    let c = (rng.next() % e as u64) as u32;
+                    if !s.contains(&c) {
+                        s.push(c);
+                    }
+                }
+                ids.extend(s);
+            }
+            let used = {
+                let mut u = ids.clone();
+                u.sort();
+                u.dedup();
+                u.len()
+            };
+            let wts: Vec<f32> = (0..n * k).map(|_| 1.0 / k as f32).collect();
+            let xt = b.upload(HostTensor::F32(&x, &[n, h])).expect("upload");
+            let it = b.upload(HostTensor::U32(&ids, &[n, k])).expect("upload");
+            let wt = b.upload(HostTensor::F32(&wts, &[n, k])).expect("upload");
+            let bytes = used as f64 * per_expert + shared_bytes;
+            let flops = 2.0 * (n * k * 3 * h * i + n * 3 * h * si) as f64;
+            // The copy figure counts bytes read + written, i.e. DRAM traffic; weights are only read.
+            let floor_bw = bytes / copy_bw;
+            let floor_tc = flops / tc_rate;
+            let paths: Vec<MoePath> =
+                if n == 1 { vec![MoePath::Decode] } else { b.moe_paths()[1..].to_vec() };
+            for path in paths {
+                let reps = if n == 1 { 200 } else { 5 };
+                let t = time(&b, reps, || {
+                    let ew = MoeWeights {
+                        gate_up: &gu,
+                        down: &dn,
+                        n_experts: e,
+                        shared: shared.as_ref().map(|(a, c)| (a, c)),
+                    };
+                    b.moe(&xt, &it, &wt, ew, path).expect("moe");
+                });
+                println!(
+                    "{{\"bench\": \"moe\", \"device\": \"{dev}\", \"layer\": \"{name}\", \"tokens\": {n}, \"path\": \"{path:?}\", \"seconds\": {t:.4e}, \"weight_bytes\": {bytes:.0}, \"flops\": {flops:.0}, \"bw_floor_s\": {floor_bw:.4e}, \"tc_floor_s\": {floor_tc:.4e}, \"x_bw_floor\": {:.2}, \"x_tc_floor\": {:.2}, \"gbps\": {:.0}, \"tflops\": {:.1}}}",
+                    t / floor_bw,
+                    t / floor_tc,
+                    bytes / t / 1e9,
+                    flops / t / 1e12
+                );
+            }
+        }
+    }
+    // Decode GEMV and prefill GEMM on single linear shapes (N, K).
+    for (n_out, kk) in [(4096usize, 2048usize), (2048, 4096), (512, 2048), (151936, 2048)] {
+        let w = b.upload_weight(&random_nvfp4(&mut rng, n_out, kk)).expect("upload");
+        let bytes = (n_out * kk) as f64 * 0.5625;
+        for (m, path) in [
+            (1usize, LinearPath::Decode),
+            (2048, LinearPath::Prefill { n_tile: 128 }),
+            (2048, LinearPath::Prefill { n_tile: 64 }),
+        ] {
+            if m > 1 && n_out > 8192 {
+                continue;
+            }
+            for bf16 in [false, true] {
+                if m == 1 && bf16 {
+                    continue;
+                }
+                let x: Vec<f32> = (0..m * kk).map(|_| rng.f()).collect();
+                let mut xt = b.upload(HostTensor::F32(&x, &[m, kk])).expect("upload");
+                if bf16 {
+                    xt = b.cast(&xt, fp4moe_ops::DType::BF16).expect("cast");
+                }
+                let t = time(&b, if m == 1 { 200 } else { 10 }, || {
+                    b.linear(&xt, &w, path).expect("linear");
+                });
+                let flops = 2.0 * (m * n_out * kk) as f64;
+                println!(
+                    "{{\"bench\": \"linear\", \"device\": \"{dev}\", \"n\": {n_out}, \"k\": {kk}, \"m\": {m}, \"x\": \"{}\", \"path\": \"{path:?}\", \"seconds\": {t:.4e}, \"gbps\": {:.0}, \"x_bw_floor\": {:.2}, \"tflops\": {:.1}}}",
+                    if bf16 { "bf16" } else { "f32" },
+                    bytes / t / 1e9,
+                    t / (bytes / copy_bw),
+                    flops / t / 1e12
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+// Shared device helpers for every fp4moe kernel file. No CUDA headers are included: NVRTC
+// compiles these sources at run time without an include path, and the CI check compiles them
+// the same way.
+#pragma once
+#include "fp4.cuh"
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Weight kinds; the host enum `WeightKind` in src/weight.rs has the same numbering.
+#define KIND_MXFP4 0
+#define KIND_NVFP4 1
+#define KIND_F32 2
+#define KIND_BF16 3
+#define KIND_F16 4
+
+// A weight matrix [rows, cols] as uploaded by src/weight.rs (`WeightArgs`, same field order).
+// FP4 rows are padded to `kp` columns (a multiple of FP4_KP_ALIGN, zero codes and zero scales
+// in the pad), so every row starts 16-byte aligned and the GEMM needs no K tail.
+struct W {
+    const u8* codes;      // [rows, kp/2] packed, element 2j in the low nibble
+    const u8* scales;     // [rows, kp/block] block-scale codes
+    const float* tscales; // [rows / rows_per_ts] second-level scales
+    const void* data;     // dense [rows, cols] f32 | bf16 | f16
+    int rows, cols, kp, rows_per_ts, kind, pad_;
+};
+
+__device__ __forceinline__ int fp4_block(int kind) { return kind == KIND_MXFP4 ? 32 : 16; }
+
+__device__ __forceinline__ float fp4_scale(int kind, u32 code) {
+    return kind == KIND_MXFP4 ? fp4_e8m0(code) : fp4_e4m3(code);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32 -> bf16, round to nearest even (as `half::bf16::from_f32` and torch do); NaN stays NaN.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Element (r, k) of any weight kind, decoded exactly as `fp4::dequantize_row` does
+// (e2m1 * (block scale * tensor scale)).
+__device__ __forceinline__ float w_at(const W& w, int r, int k) {
+    if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
+        int b = fp4_block(w.kind);
+        u32 byte = w.codes[(size_t)r * (w.kp / 2) + k / 2];
+        u32 code = (k & 1) ? (byte >> 4) : (byte & 15u);
+        float s = fp4_scale(w.kind, w.scales[(size_t)r * (w.kp / b) + k / b]) * w.tscales[r / w.rows_per_ts];
+        return fp4_e2m1(code) * s;
+    }
+    size_t i = (size_t)r * w.cols + k;
+    if (w.kind == KIND_F32) return ((const float*)w.data)[i];
+    if (w.kind == KIND_BF16) return bf16_to_f32(((const u16*)w.data)[i]);
+    return f16_to_f32(((const u16*)w.data)[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over a block of `blockDim.x` (a multiple of 32, at most 1024) threads; every thread gets
+// the total. `red` is 32 floats of shared memory. The order is fixed, so results are repeatable.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : -__int_as_float(0x7f800000);
+    return warp_max(t);
+}
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+// Total order of top-k and argmax: larger value first, ties to the lower index; NaN ranks as
+// -inf so a NaN is never picked over a number (the reference's `top_k_indices`).
+__device__ __forceinline__ float rank_key(float v) { return v != v ? -__int_as_float(0x7f800000) : v; }
+__device__ __forceinline__ bool ranks_before(float ka, int ia, float kb, int ib) {
+    return ka > kb || (ka == kb && ia < ib);
+}
+
+// Read-only 16-byte load that skips L1: weights are streamed once per token.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}

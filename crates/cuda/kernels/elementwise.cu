@@ -1,0 +1,226 @@
+// Row-wise and elementwise ops: norms, RoPE, softmax, SwiGLU, data movement, casts, embedding.
+// Each kernel computes exactly what the reference twin (crates/ops/src/reference.rs) does;
+// only summation order may differ, within the conformance tolerances.
+#include "common.cuh"
+
+// One block per row: x / sqrt(mean(x^2) + eps) * w.
+extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float* y, int d, float eps) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* yr = y + (size_t)blockIdx.x * d;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * xr[i];
+    s = block_sum(s, red);
+    float r = 1.0f / sqrtf(s / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = w[i] * (xr[i] * r);
+}
+
+// One thread per (token, head, pair). inv_freq [dims/2] comes from the host, computed as the
+// reference computes it. style 0 = NeoX (i, i + dims/2), 1 = interleaved (2i, 2i + 1).
+extern "C" __global__ void rope_f32(const float* x, const u32* pos, const float* inv_freq, float* y, int n,
+                                    int heads, int d, int offset, int dims, int style) {
+    int half = dims / 2;
+    size_t total = (size_t)n * heads * half;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    int i = (int)(idx % half);
+    size_t th = idx / half; // token * heads + head
+    int t = (int)(th / heads);
+    const float* xh = x + th * d + offset;
+    float* yh = y + th * d + offset;
+    int ia = style == 0 ? i : 2 * i;
+    int ib = style == 0 ? i + half : 2 * i + 1;
+    float angle = (float)pos[t] * inv_freq[i];
+    float s, c;
+    sincosf(angle, &s, &c);
+    float a = xh[ia], b = xh[ib];
+    yh[ia] = a * c - b * s;
+    yh[ib] = b * c + a * s;
+}
+
+// Copies the dims RoPE leaves alone (the kernel above writes only the roped ones).
+extern "C" __global__ void rope_passthrough_f32(const float* x, float* y, size_t rows, int d, int offset,
+                                                int dims) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * d) return;
+    int c = (int)(idx % d);
+    if (c < offset || c >= offset + dims) y[idx] = x[idx];
+}
+
+// One block per row, max-subtracted.
+extern "C" __global__ void softmax_f32(const float* x, float* y, int d) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* yr = y + (size_t)blockIdx.x * d;
+    float m = -__int_as_float(0x7f800000);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m, red);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += expf(xr[i] - m);
+    s = block_sum(s, red);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = expf(xr[i] - m) / s;
+}
+
+extern "C" __global__ void add_f32(const float* a, const float* b, float* y, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a[i] + b[i];
+}
+
+// [rows, 2I] -> [rows, I]: silu(gate) * up.
+extern "C" __global__ void silu_mul_f32(const float* x, float* y, size_t rows, int inter) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * inter) return;
+    size_t r = idx / inter;
+    int j = (int)(idx % inter);
+    const float* xr = x + r * 2 * inter;
+    y[idx] = silu_f(xr[j]) * xr[inter + j];
+}
+
+// dst[(row0 + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c] for r < rows,
+// c < cols, elements of 2 or 4 bytes. Serves slice_cols, write_rows and row padding.
+extern "C" __global__ void copy2d_u32(const u32* src, u32* dst, size_t rows, int cols, int src_stride,
+                                      int src_col0, int dst_cols, size_t row0, int col0) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * cols) return;
+    size_t r = idx / cols;
+    int c = (int)(idx % cols);
+    dst[(row0 + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
+}
+
+extern "C" __global__ void copy2d_u16(const u16* src, u16* dst, size_t rows, int cols, int src_stride,
+                                      int src_col0, int dst_cols, size_t row0, int col0) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * cols) return;
+    size_t r = idx / cols;
+    int c = (int)(idx % cols);
+    dst[(row0 + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
+}
+
+extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = bf16_to_f32(x[i]);
+}
+
+// Activations [rows, k] (f32 if in_bf16 == 0, else bf16) -> [rows, kp] with zeros in the pad,
+// as f32 (GEMV input) or bf16 (tensor-core GEMM input).
+extern "C" __global__ void pad_rows_to_f32(const void* x, int in_bf16, float* y, size_t rows, int k, int kp) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * kp) return;
+    size_t r = idx / kp;
+    int c = (int)(idx % kp);
+    float v = 0.0f;
+    if (c < k) v = in_bf16 ? bf16_to_f32(((const u16*)x)[r * k + c]) : ((const float*)x)[r * k + c];
+    y[idx] = v;
+}
+
+extern "C" __global__ void pad_rows_to_bf16(const void* x, int in_bf16, u16* y, size_t rows, int k, int kp) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * kp) return;
+    size_t r = idx / kp;
+    int c = (int)(idx % kp);
+    u16 v = 0;
+    if (c < k) v = in_bf16 ? ((const u16*)x)[r * k + c] : f32_to_bf16(((const float*)x)[r * k + c]);
+    y[idx] = v;
+}
+
+// f32 activations [rows, k] -> zero-padded bf16 terms [rows, kp] whose sum is x: t0 = bf16(x),
+// t1 = bf16(x - t0), t2 = bf16(x - t0 - t1) (t2 == 0: two terms), for the tensor-core GEMM
+// (see gemm.cu). The differences are exact in f32 (Sterbenz), so only the last term rounds.
+extern "C" __global__ void split_rows_bf16(const float* x, u16* t0, u16* t1, u16* t2, size_t rows, int k, int kp) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * kp) return;
+    size_t r = idx / kp;
+    int c = (int)(idx % kp);
+    float v = c < k ? x[r * k + c] : 0.0f;
+    u16 h = f32_to_bf16(v);
+    t0[idx] = h;
+    float rest = v - bf16_to_f32(h);
+    u16 m = f32_to_bf16(rest);
+    t1[idx] = m;
+    if (t2) t2[idx] = f32_to_bf16(rest - bf16_to_f32(m));
+}
+
+// out[i, :] = table[ids[i], :]. Ids are validated on the host before upload (trait contract);
+// an id out of range still reads nothing: its row is written as NaN so the bug is visible.
+extern "C" __global__ void embedding(W w, const u32* ids, float* y, int n) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * w.cols) return;
+    int i = (int)(idx / w.cols), c = (int)(idx % w.cols);
+    u32 id = ids[i];
+    y[idx] = id < (u32)w.rows ? w_at(w, (int)id, c) : __int_as_float(0x7fc00000);
+}
+
+// One block per row: index of the largest value, ties to the lower index, NaN never wins.
+extern "C" __global__ void argmax_f32(const float* x, u32* out, int v) {
+    __shared__ float kv[32];
+    __shared__ int ki[32];
+    const float* xr = x + (size_t)blockIdx.x * v;
+    float bk = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        float k = rank_key(xr[i]);
+        if (ranks_before(k, i, bk, bi)) { bk = k; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ok = __shfl_xor_sync(0xffffffffu, bk, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ranks_before(ok, oi, bk, bi)) { bk = ok; bi = oi; }
+    }
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    if (lane == 0) { kv[wid] = bk; ki[wid] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w2 = 1; w2 < (int)(blockDim.x >> 5); w2++)
+            if (ranks_before(kv[w2], ki[w2], bk, bi)) { bk = kv[w2]; bi = ki[w2]; }
+        // A row of only NaN / -inf keeps index 0 (the reference's stable order does the same).
+        out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
+    }
+}
+
+// One block per row: the k best in the total order above, one pass per rank. Pass j finds the
+// best element ranked strictly after pass j-1's pick, so no membership set is needed.
+extern "C" __global__ void top_k_f32(const float* x, float* vals, u32* ids, int v, int k) {
+    __shared__ float kv[32];
+    __shared__ int ki[32];
+    __shared__ float prev_k;
+    __shared__ int prev_i;
+    const float* xr = x + (size_t)blockIdx.x * v;
+    if (threadIdx.x == 0) { prev_k = __int_as_float(0x7f800000); prev_i = -1; }
+    __syncthreads();
+    for (int j = 0; j < k; j++) {
+        float pk = prev_k;
+        int pi = prev_i;
+        float bk = 0.0f;
+        int bi = 0x7fffffff;
+        bool have = false;
+        for (int i = threadIdx.x; i < v; i += blockDim.x) {
+            float key = rank_key(xr[i]);
+            if (ranks_before(pk, pi, key, i) && (!have || ranks_before(key, i, bk, bi))) {
+                bk = key; bi = i; have = true;
+            }
+        }
+        if (!have) { bk = -__int_as_float(0x7f800000); bi = 0x7fffffff; }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ok = __shfl_xor_sync(0xffffffffu, bk, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ranks_before(ok, oi, bk, bi)) { bk = ok; bi = oi; }
+        }
+        int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+        if (lane == 0) { kv[wid] = bk; ki[wid] = bi; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w2 = 1; w2 < (int)(blockDim.x >> 5); w2++)
+                if (ranks_before(kv[w2], ki[w2], bk, bi)) { bk = kv[w2]; bi = ki[w2]; }
+            vals[(size_t)blockIdx.x * k + j] = xr[bi];
+            ids[(size_t)blockIdx.x * k + j] = (u32)bi;
+            prev_k = bk;
+            prev_i = bi;
+        }
+        __syncthreads();
+    }
+}

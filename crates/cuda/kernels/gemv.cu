@@ -1,0 +1,265 @@
+// Decode-time products (few activation rows): FP4 and dense GEMV, and the MoE decode path.
+//
+// Decode is bound by weight bytes, so the kernels are built around the weight stream:
+// - a group of LPR lanes owns GEMV_ROWS weight rows and walks their K chunks together; each chunk
+//   is one 16-byte load of codes (32 FP4 elements), issued for all rows before any is used, so
+//   GEMV_ROWS loads per lane are in flight;
+// - the activation chunk (32 floats) is loaded once per chunk and reused for every row the lane
+//   owns, which keeps L1 traffic for x near the weight traffic instead of 8x above it;
+// - codes are decoded through a shared table built from the generated fp4.cuh, replicated once
+//   per lane (entry [code][lane]) so a warp's 32 lookups always hit 32 different banks: a plain
+//   16- or 256-entry table measured ~640 GB/s on the H100, bound by bank conflicts, and
+//   constant-memory lookups with lane-divergent indices serialize;
+// - lane partials are combined with shuffles inside the group, in a fixed order (deterministic).
+#include "common.cuh"
+
+#define GEMV_THREADS 128
+#define GEMV_ROWS 4
+
+struct Fp4Lut {
+    float e2m1[16][32]; // [code][lane]
+    float scale[256];   // block-scale code -> value
+};
+
+__device__ __forceinline__ void lut_init(Fp4Lut* lut, int kind) {
+    for (int i = threadIdx.x; i < 16 * 32; i += blockDim.x) lut->e2m1[i >> 5][i & 31] = fp4_e2m1(i >> 5);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        lut->scale[i] = (kind == KIND_MXFP4 || kind == KIND_NVFP4) ? fp4_scale(kind, i) : 0.0f;
+    __syncthreads();
+}
+
+// 8 elements of one 32-bit code word (element 2j in the low nibble of byte j) against 8
+// activations.
+__device__ __forceinline__ float dot8(const Fp4Lut* lut, u32 word, float4 a, float4 b) {
+    const float* t = &lut->e2m1[0][threadIdx.x & 31];
+    float s = t[(word & 15u) * 32] * a.x;
+    s = fmaf(t[((word >> 4) & 15u) * 32], a.y, s);
+    s = fmaf(t[((word >> 8) & 15u) * 32], a.z, s);
+    s = fmaf(t[((word >> 12) & 15u) * 32], a.w, s);
+    s = fmaf(t[((word >> 16) & 15u) * 32], b.x, s);
+    s = fmaf(t[((word >> 20) & 15u) * 32], b.y, s);
+    s = fmaf(t[((word >> 24) & 15u) * 32], b.z, s);
+    s = fmaf(t[(word >> 28) * 32], b.w, s);
+    return s;
+}
+
+// acc[r][m] += W[rows[r], :] . x[m, :] over this lane's chunks (lane `lg` of LPR in its group).
+// rows[r] < 0 is skipped. FP4 weights: x has stride xs >= kp, zero-padded past cols. Dense
+// weights: x has stride xs >= cols. Scales are applied per block; the tensor scale is the
+// caller's (it is per row).
+template <int LPR, int MT>
+__device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const int* rows, const float* x, int xs,
+                                         int mcount, int lg, float (*acc)[MT]) {
+    if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
+        const int chunks = w.kp / 32;
+        const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
+        const bool nv = w.kind == KIND_NVFP4;
+        for (int c = lg; c < chunks; c += LPR) {
+            uint4 q[GEMV_ROWS];
+            u32 sc[GEMV_ROWS];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (rows[r] >= 0) {
+                    q[r] = ld_stream16(w.codes + (size_t)rows[r] * cb + c * 16);
+                    const u8* sp = w.scales + (size_t)rows[r] * nb;
+                    // NVFP4: the chunk's two block scales as one aligned 2-byte load (rows of
+                    // scales are kp/16 bytes, a multiple of 8).
+                    sc[r] = nv ? (u32)__ldg((const unsigned short*)(sp + 2 * c)) : (u32)sp[c] * 0x101u;
+                } else {
+                    q[r] = make_uint4(0, 0, 0, 0);
+                    sc[r] = 0;
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m >= mcount) break;
+                const float4* xv = (const float4*)(x + (size_t)m * xs + c * 32);
+                float4 x0 = xv[0], x1 = xv[1], x2 = xv[2], x3 = xv[3];
+                float4 x4 = xv[4], x5 = xv[5], x6 = xv[6], x7 = xv[7];
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    float lo = dot8(lut, q[r].x, x0, x1) + dot8(lut, q[r].y, x2, x3);
+                    float hi = dot8(lut, q[r].z, x4, x5) + dot8(lut, q[r].w, x6, x7);
+                    acc[r][m] += lo * lut->scale[sc[r] & 255u] + hi * lut->scale[sc[r] >> 8];
+                }
+            }
+        }
+    } else {
+        for (int k = lg; k < w.cols; k += LPR) {
+            float wv[GEMV_ROWS];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) wv[r] = rows[r] >= 0 ? w_at(w, rows[r], k) : 0.0f;
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m >= mcount) break;
+                float xv = x[(size_t)m * xs + k];
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) acc[r][m] = fmaf(wv[r], xv, acc[r][m]);
+            }
+        }
+    }
+}
+
+template <int LPR>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float row_tscale(const W& w, int r) {
+    return (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) ? w.tscales[r / w.rows_per_ts] : 1.0f;
+}
+
+// y [M, N] = x [M, xs] . W^T for x rows blockIdx.y*MT ..; grid.x covers N in GEMV_ROWS-row groups.
+template <int LPR, int MT>
+__device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
+    __shared__ Fp4Lut lut;
+    lut_init(&lut, w.kind);
+    const int groups = GEMV_THREADS / LPR;
+    int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
+    int n0 = (blockIdx.x * groups + g) * GEMV_ROWS;
+    int m0 = blockIdx.y * MT;
+    int mcount = min(MT, m_total - m0);
+    int rows[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) rows[r] = n0 + r < w.rows ? n0 + r : -1;
+    float acc[GEMV_ROWS][MT];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
+    rows_dot<LPR, MT>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc);
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            float v = group_sum<LPR>(acc[r][m]);
+            if (lg == 0 && rows[r] >= 0 && m < mcount) y[(size_t)(m0 + m) * w.rows + rows[r]] = v * row_tscale(w, rows[r]);
+        }
+    }
+}
+
+#define GEMV(LPR, MT)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
+        gemv_l##LPR##_m##MT(W w, const float* x, int xs, float* y, int m_total) {                               \
+        gemv_body<LPR, MT>(w, x, xs, y, m_total);                                                                \
+    }
+GEMV(8, 1)
+GEMV(16, 1)
+GEMV(32, 1)
+GEMV(8, 4)
+GEMV(16, 4)
+GEMV(32, 4)
+
+// MoE decode, stage 1: act[p, j] = silu(gate_e[j] . x_t) * (up_e[j] . x_t) for pair p = (t, slot),
+// e = ids[p] (ids == 0: expert 0, one pair per token; the shared expert). gate_up rows per
+// expert are [gate (inter); up (inter)]. act has stride act_s (the down weight's kp; the pad is
+// zeroed by the host). grid (pairs, ceil(inter / (groups * 2))): pairs on x, which has no 65535 cap.
+template <int LPR>
+__device__ void moe_gate_up_body(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act,
+                                 int act_s, int n_experts) {
+    __shared__ Fp4Lut lut;
+    lut_init(&lut, w.kind);
+    const int groups = GEMV_THREADS / LPR;
+    int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
+    int p = blockIdx.x;
+    int t = ids ? p / k_slots : p;
+    u32 eid = ids ? ids[p] : 0u;
+    // An id out of range (the trait asks callers to validate) reads nothing and shows as NaN.
+    bool bad = eid >= (u32)n_experts;
+    int e = bad ? 0 : (int)eid;
+    int j0 = (blockIdx.y * groups + g) * 2;
+    int base = e * 2 * inter;
+    int rows[GEMV_ROWS];
+    rows[0] = j0 < inter ? base + j0 : -1;
+    rows[1] = j0 + 1 < inter ? base + j0 + 1 : -1;
+    rows[2] = j0 < inter ? base + inter + j0 : -1;
+    rows[3] = j0 + 1 < inter ? base + inter + j0 + 1 : -1;
+    float acc[GEMV_ROWS][1];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r][0] = 0.0f;
+    rows_dot<LPR, 1>(&lut, w, rows, x + (size_t)t * xs, xs, 1, lg, acc);
+    float v[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) v[r] = group_sum<LPR>(acc[r][0]);
+    if (lg == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (rows[i] < 0) continue;
+            float gate = v[i] * row_tscale(w, rows[i]);
+            float up = v[2 + i] * row_tscale(w, rows[2 + i]);
+            act[(size_t)p * act_s + j0 + i] = bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
+        }
+    }
+}
+
+// MoE decode, stage 2: one block row per (token, term), term 0 the shared expert when present,
+// then the routed slots in order: part[t, term, h] = weight * (down_e[h] . act[t, slot]) (the
+// shared term has weight 1). Spreading the terms over blocks keeps every SM streaming weights;
+// the sum runs in `moe_sum_terms`, in term order, so the result is deterministic without atomics.
+// grid (tokens * terms, ceil(hidden / rows per block)).
+template <int LPR>
+__device__ void moe_down_body(W w, const float* act, int act_s, const u32* ids, const float* wts, int k_slots,
+                              int hidden, W ws, const float* act_sh, int act_sh_s, int has_shared, float* part,
+                              int n_experts) {
+    __shared__ Fp4Lut lut;
+    const int terms = k_slots + has_shared;
+    const int t = blockIdx.x / terms, term = blockIdx.x % terms;
+    const bool sh = has_shared && term == 0;
+    const W wk = sh ? ws : w;
+    lut_init(&lut, wk.kind);
+    const int groups = GEMV_THREADS / LPR;
+    int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
+    int h0 = (blockIdx.y * groups + g) * GEMV_ROWS;
+    const int p = t * k_slots + (term - has_shared);
+    u32 eid = sh ? 0u : ids[p];
+    bool bad = !sh && eid >= (u32)n_experts;
+    int row0 = sh ? 0 : (bad ? 0 : (int)eid) * hidden;
+    float wt = sh ? 1.0f : wts[p];
+    const float* a = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
+    int as = sh ? act_sh_s : act_s;
+    int rows[GEMV_ROWS];
+    float acc[GEMV_ROWS][1];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        rows[r] = h0 + r < hidden ? row0 + h0 + r : -1;
+        acc[r][0] = 0.0f;
+    }
+    rows_dot<LPR, 1>(&lut, wk, rows, a, as, 1, lg, acc);
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float v = group_sum<LPR>(acc[r][0]);
+        if (lg == 0 && rows[r] >= 0)
+            part[((size_t)t * terms + term) * hidden + h0 + r] =
+                bad ? __int_as_float(0x7fc00000) : wt * (v * row_tscale(wk, rows[r]));
+    }
+}
+
+// out[t, h] = sum over terms in order of part[t, term, h].
+extern "C" __global__ void moe_sum_terms(const float* part, float* out, int n, int terms, int hidden) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * hidden) return;
+    int t = (int)(idx / hidden), h = (int)(idx % hidden);
+    const float* pt = part + (size_t)t * terms * hidden + h;
+    float acc = pt[0];
+    for (int s = 1; s < terms; s++) acc += pt[(size_t)s * hidden];
+    out[idx] = acc;
+}
+
+#define MOE_DECODE(LPR)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
+        moe_gate_up_l##LPR(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act,      \
+                           int act_s, int n_experts) {                                                           \
+        moe_gate_up_body<LPR>(w, x, xs, ids, k_slots, inter, act, act_s, n_experts);                             \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
+        moe_down_l##LPR(W w, const float* act, int act_s, const u32* ids, const float* wts, int k_slots,         \
+                        int hidden, W ws, const float* act_sh, int act_sh_s, int has_shared, float* part,        \
+                        int n_experts) {                                                                         \
+        moe_down_body<LPR>(w, act, act_s, ids, wts, k_slots, hidden, ws, act_sh, act_sh_s, has_shared, part,     \
+                           n_experts);                                                                           \
+    }
+MOE_DECODE(8)
+MOE_DECODE(16)
+MOE_DECODE(32)

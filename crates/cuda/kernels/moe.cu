@@ -1,0 +1,66 @@
+// Grouped MoE prefill: the align step (as vLLM's moe_align_block_size) and the combine.
+//
+// Pairs p = t * k + slot are sorted by expert into blocks of `block` rows: counts -> padded
+// offsets -> scatter. Positions inside an expert come from integer atomics, so their order may
+// vary between runs, but every pair's output row depends only on its own inputs and the combine
+// reads pairs back by (token, slot) in slot order, so the result is bit-for-bit repeatable.
+// Padding rows carry pair -1: the GEMM feeds them zeros and never writes their outputs.
+#include "common.cuh"
+
+// Ids out of range (callers validate; the trait forbids them) are left out of every expert and
+// their token's output becomes NaN in the combine, instead of a wild memory access.
+extern "C" __global__ void moe_count(const u32* ids, int pairs, int n_experts, int* counts) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p < pairs && ids[p] < (u32)n_experts) atomicAdd(&counts[ids[p]], 1);
+}
+
+// One block. offsets[e] = padded start of expert e; block_expert[b] = expert of M-block b
+// (blocks past the total keep -1 and exit at once); *total = padded row count.
+extern "C" __global__ void moe_scan(const int* counts, int n_experts, int block, int* offsets, int* fill,
+                                    int* block_expert, int* total) {
+    __shared__ int start[1025];
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int e = 0; e < n_experts; e++) {
+            start[e] = acc;
+            acc += (counts[e] + block - 1) / block * block;
+        }
+        start[n_experts] = acc;
+        *total = acc;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
+        offsets[e] = start[e];
+        fill[e] = 0;
+        for (int b = start[e] / block; b < start[e + 1] / block; b++) block_expert[b] = e;
+    }
+}
+
+extern "C" __global__ void moe_scatter(const u32* ids, int pairs, int n_experts, const int* offsets, int* fill,
+                                       int* sorted, int* inverse) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= pairs) return;
+    if (ids[p] >= (u32)n_experts) {
+        inverse[p] = -1;
+        return;
+    }
+    int e = (int)ids[p];
+    int pos = offsets[e] + atomicAdd(&fill[e], 1);
+    sorted[pos] = p;
+    inverse[p] = pos;
+}
+
+// out[t, h] = shared[t, h] (if given) + sum over slots in order of y[inverse[t * k + slot], h],
+// where y rows already carry the router weight.
+extern "C" __global__ void moe_combine(const float* y, const int* inverse, const float* shared, float* out,
+                                       int n, int k, int hidden) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * hidden) return;
+    int t = (int)(idx / hidden), h = (int)(idx % hidden);
+    float acc = shared ? shared[idx] : 0.0f;
+    for (int s = 0; s < k; s++) {
+        int pos = inverse[t * k + s];
+        acc += pos < 0 ? __int_as_float(0x7fc00000) : y[(size_t)pos * hidden + h];
+    }
+    out[idx] = acc;
+}

@@ -1,0 +1,1333 @@
+//! `Backend` for [`CudaBackend`]: shape checks on the host (mirroring the reference twin), then
+//! kernel launches on the device's stream. Nothing here reads device data back.
+
+use crate::device::{Arg, Buf};
+use crate::weight::CudaWeight;
+use crate::{CudaBackend, CudaStorage};
+use fp4moe_ops::{
+    Backend, DType, Error, GroupedRouter, HeadLinear, HostData, HostTensor, LinearPath, MoePath, MoeWeights,
+    Result, Rope, RopeStyle, Tensor,
+};
+use std::sync::Arc;
+
+type CT = Tensor<CudaStorage>;
+
+const ELEM_THREADS: u32 = 256;
+const ROW_THREADS: u32 = 256;
+/// Must match GEMV_THREADS / GEMV_ROWS in kernels/gemv.cu.
+const GEMV_THREADS: u32 = 128;
+const GEMV_ROWS: usize = 4;
+/// Must match GEMM_BM / GEMM_THREADS / GemmSmem in kernels/gemm.cu.
+const GEMM_BM: usize = 64;
+const GEMM_BK: usize = 128;
+const GEMM_STAGES: usize = 3;
+const GEMM_THREADS: u32 = 128;
+/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_bf16_n{64,128}`).
+pub const GEMM_N_TILES: [usize; 2] = [64, 128];
+/// Largest value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
+const ATT_MAX_DV: usize = 512;
+/// ROUTE_MAX_E in kernels/route.cu.
+const ROUTE_MAX_E: usize = 512;
+
+fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
+    Error::Shape { op, detail: detail.into() }
+}
+
+/// Dynamic shared memory of `gemm_fp4_*` (GemmSmem in gemm.cu): per stage one A tile per bf16
+/// term, the code tile and the scale tile, plus two 256-entry u32 decode tables.
+fn gemm_smem(n_tile: usize, terms: usize) -> u32 {
+    let stage = terms * GEMM_BM * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * 8;
+    (GEMM_STAGES * stage + 2 * 256 * 4) as u32
+}
+
+fn blocks(n: usize, per: u32) -> u32 {
+    n.div_ceil(per as usize).max(1) as u32
+}
+
+/// Lanes per weight row of the GEMV kernels: enough 16-byte chunks per lane to keep loads in
+/// flight, few enough lanes that none idles.
+fn lanes_per_row(chunks: usize) -> usize {
+    if chunks >= 64 {
+        32
+    } else if chunks >= 32 {
+        16
+    } else {
+        8
+    }
+}
+
+/// Name of the FP4 GEMM kernel for a tile and the number of bf16 terms A is split into.
+fn gemm_name(op: &'static str, backend: &CudaBackend, n_tile: usize, terms: usize) -> Result<&'static str> {
+    Ok(match (n_tile, terms) {
+        (64, 1) => "gemm_fp4_bf16_n64",
+        (128, 1) => "gemm_fp4_bf16_n128",
+        (64, 2) => "gemm_fp4_bf16x2_n64",
+        (128, 2) => "gemm_fp4_bf16x2_n128",
+        (64, 3) => "gemm_fp4_bf16x3_n64",
+        (128, 3) => "gemm_fp4_bf16x3_n128",
+        _ => {
+            return Err(Error::Unsupported {
+                op,
+                backend: backend.name(),
+                what: format!("prefill n_tile {n_tile} (have {GEMM_N_TILES:?})"),
+            });
+        }
+    })
+}
+
+/// The pointer fields of `GemmArgs` in gemm.cu, in order.
+#[derive(Default)]
+struct GemmPtrs {
+    a: u64,
+    a_lo: u64,
+    a_lo2: u64,
+    a_map: u64,
+    block_expert: u64,
+    m_ptr: u64,
+    out: u64,
+    out_bf16: u64,
+    out_bf16_lo: u64,
+    row_scale: u64,
+    row_scale_map: u64,
+}
+
+/// Bytes of the `GemmArgs` struct of gemm.cu: 11 pointers, 8 ints.
+#[allow(clippy::too_many_arguments)]
+fn gemm_args(
+    p: GemmPtrs,
+    a_stride: usize,
+    a_div: usize,
+    m: usize,
+    n: usize,
+    out_stride: usize,
+    rows_per_expert: usize,
+    gated: bool,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(120);
+    let ptrs = [
+        p.a,
+        p.a_lo,
+        p.a_lo2,
+        p.a_map,
+        p.block_expert,
+        p.m_ptr,
+        p.out,
+        p.out_bf16,
+        p.out_bf16_lo,
+        p.row_scale,
+        p.row_scale_map,
+    ];
+    for v in ptrs {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [a_stride, a_div, m, n, out_stride, rows_per_expert, gated as usize, 0] {
+        b.extend_from_slice(&(v as i32).to_le_bytes());
+    }
+    b
+}
+
+impl CudaBackend {
+    fn tensor(&self, buf: Buf, shape: &[usize], dtype: DType) -> CT {
+        Tensor::new(Arc::new(CudaStorage { buf }), shape.to_vec(), dtype)
+    }
+
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<CT> {
+        let n: usize = shape.iter().product();
+        Ok(self.tensor(self.dev.alloc(n * dtype.size())?, shape, dtype))
+    }
+
+    fn zeroed(&self, shape: &[usize], dtype: DType) -> Result<CT> {
+        let n: usize = shape.iter().product();
+        Ok(self.tensor(self.dev.alloc_zeros(n * dtype.size())?, shape, dtype))
+    }
+
+    fn run(
+        &self,
+        file: &'static str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.run_smem(file, name, grid, block, 0, args)
+    }
+
+    fn run_smem(
+        &self,
+        file: &'static str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self.dev.func(file, name, smem)?;
+        Ok(self.dev.launch(&f, grid, block, smem, args)?)
+    }
+
+    /// Checks that storage holds what the tensor claims (a tensor built elsewhere could lie).
+    fn check(&self, op: &'static str, t: &CT, dtypes: &[DType]) -> Result<()> {
+        if !dtypes.contains(&t.dtype()) {
+            return Err(shape_err(op, format!("dtype {:?}, expected one of {dtypes:?}", t.dtype())));
+        }
+        if t.storage.buf.bytes < t.numel() * t.dtype().size() {
+            return Err(shape_err(op, format!("shape {:?} exceeds its storage", t.shape())));
+        }
+        Ok(())
+    }
+
+    /// x `[rows, k]` (f32 or bf16) as a zero-padded `[rows, kp]` f32 or bf16 buffer. Returns x
+    /// itself when it already has that layout.
+    fn padded(&self, x: &CT, rows: usize, k: usize, kp: usize, to: DType) -> Result<CT> {
+        if x.dtype() == to && k == kp {
+            return Ok(x.clone());
+        }
+        let y = self.empty(&[rows, kp], to)?;
+        let name = if to == DType::BF16 { "pad_rows_to_bf16" } else { "pad_rows_to_f32" };
+        self.run(
+            "elementwise.cu",
+            name,
+            (blocks(rows * kp, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::I32((x.dtype() == DType::BF16) as i32),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::Usize(rows as u64),
+                Arg::I32(k as i32),
+                Arg::I32(kp as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// y `[m, n]` f32 = x · Wᵀ by the decode GEMV.
+    fn gemv(&self, x: &CT, m: usize, w: &CudaWeight) -> Result<CT> {
+        let (xs, chunks) = if w.kind.is_fp4() { (w.kp, w.kp / 32) } else { (w.cols, w.cols / 8) };
+        let xp = self.padded(x, m, w.cols, xs, DType::F32)?;
+        let y = self.empty(&[m, w.rows], DType::F32)?;
+        let lpr = lanes_per_row(chunks);
+        let mt = if m == 1 { 1 } else { 4 };
+        let name = match (lpr, mt) {
+            (8, 1) => "gemv_l8_m1",
+            (16, 1) => "gemv_l16_m1",
+            (32, 1) => "gemv_l32_m1",
+            (8, _) => "gemv_l8_m4",
+            (16, _) => "gemv_l16_m4",
+            _ => "gemv_l32_m4",
+        };
+        let rows_per_block = (GEMV_THREADS as usize / lpr) * GEMV_ROWS;
+        self.run(
+            "gemv.cu",
+            name,
+            (blocks(w.rows, rows_per_block as u32), m.div_ceil(mt) as u32, 1),
+            GEMV_THREADS,
+            &[
+                Arg::Raw(w.args()),
+                Arg::Ptr(xp.storage.ptr()),
+                Arg::I32(xs as i32),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(m as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// y `[m, n]` f32 = x · Wᵀ by the tensor-core GEMM (FP4) or the f32 SIMT GEMM (dense).
+    fn gemm(&self, x: &CT, m: usize, w: &CudaWeight, n_tile: usize) -> Result<CT> {
+        let y = self.empty(&[m, w.rows], DType::F32)?;
+        if !w.kind.is_fp4() {
+            let xf = self.padded(x, m, w.cols, w.cols, DType::F32)?;
+            return self
+                .run(
+                    "gemm.cu",
+                    "gemm_dense_f32",
+                    (blocks(w.rows, 64), blocks(m, 64), 1),
+                    256,
+                    &[
+                        Arg::Raw(w.args()),
+                        Arg::Ptr(xf.storage.ptr()),
+                        Arg::Ptr(y.storage.ptr()),
+                        Arg::I32(m as i32),
+                    ],
+                )
+                .map(|_| y);
+        }
+        // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
+        // tolerance on short, cancelling dot products).
+        let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
+        let name = gemm_name("linear", self, n_tile, terms)?;
+        let a = self.gemm_operand(x, m, w.cols, w.kp, terms)?;
+        let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
+        let args = gemm_args(
+            GemmPtrs { a: ptr(0), a_lo: ptr(1), a_lo2: ptr(2), out: y.storage.ptr(), ..Default::default() },
+            w.kp,
+            1,
+            m,
+            w.rows,
+            w.rows,
+            0,
+            false,
+        );
+        self.run_smem(
+            "gemm.cu",
+            name,
+            (blocks(w.rows, n_tile as u32), blocks(m, GEMM_BM as u32), 1),
+            GEMM_THREADS,
+            gemm_smem(n_tile, terms),
+            &[Arg::Raw(w.args()), Arg::Raw(args)],
+        )?;
+        Ok(y)
+    }
+
+    /// The A operand of the FP4 GEMM for activations `[rows, k]`, zero-padded to `kp`: bf16
+    /// input as one bf16 term; f32 input as `terms` (2 or 3) bf16 terms summing to it (gemm.cu).
+    fn gemm_operand(&self, x: &CT, rows: usize, k: usize, kp: usize, terms: usize) -> Result<Vec<CT>> {
+        if x.dtype() == DType::BF16 {
+            return Ok(vec![self.padded(x, rows, k, kp, DType::BF16)?]);
+        }
+        let t: Vec<CT> =
+            (0..terms.clamp(2, 3)).map(|_| self.empty(&[rows, kp], DType::BF16)).collect::<Result<_>>()?;
+        self.run(
+            "elementwise.cu",
+            "split_rows_bf16",
+            (blocks(rows * kp, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(t[0].storage.ptr()),
+                Arg::Ptr(t[1].storage.ptr()),
+                Arg::Ptr(t.get(2).map_or(0, |t| t.storage.ptr())),
+                Arg::Usize(rows as u64),
+                Arg::I32(k as i32),
+                Arg::I32(kp as i32),
+            ],
+        )?;
+        Ok(t)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy2d(
+        &self,
+        src: &CT,
+        dst: &CT,
+        rows: usize,
+        cols: usize,
+        src_stride: usize,
+        src_col0: usize,
+        dst_cols: usize,
+        row0: usize,
+        col0: usize,
+    ) -> Result<()> {
+        let name = if src.dtype().size() == 2 { "copy2d_u16" } else { "copy2d_u32" };
+        self.run(
+            "elementwise.cu",
+            name,
+            (blocks(rows * cols, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(src.storage.ptr()),
+                Arg::Ptr(dst.storage.ptr()),
+                Arg::Usize(rows as u64),
+                Arg::I32(cols as i32),
+                Arg::I32(src_stride as i32),
+                Arg::I32(src_col0 as i32),
+                Arg::I32(dst_cols as i32),
+                Arg::Usize(row0 as u64),
+                Arg::I32(col0 as i32),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe_decode(
+        &self,
+        x: &CT,
+        ids: &CT,
+        weights: &CT,
+        e: MoeWeights<'_, CudaWeight>,
+        n: usize,
+        k: usize,
+        h: usize,
+        inter: usize,
+    ) -> Result<CT> {
+        let (gu, down) = (e.gate_up, e.down);
+        let xs = [Some(gu), e.shared.map(|s| s.0)].iter().flatten().map(|w| w.kp).max().unwrap_or(h);
+        let xp = self.padded(x, n, h, xs, DType::F32)?;
+        // The GEMV reads act up to the down weight's padded K, so the pad must be zero; without
+        // a pad (I a multiple of the K alignment, as in both models) every element is written.
+        let act_buf = |rows: usize, inter: usize, kp: usize| {
+            if kp == inter {
+                self.empty(&[rows, kp], DType::F32)
+            } else {
+                self.zeroed(&[rows, kp], DType::F32)
+            }
+        };
+        let act = act_buf(n * k, inter, down.kp)?;
+        let gate_up = |w: &CudaWeight,
+                       ids_ptr: u64,
+                       slots: usize,
+                       inter: usize,
+                       act: &CT,
+                       act_s: usize,
+                       pairs: usize| {
+            let lpr = lanes_per_row(if w.kind.is_fp4() { w.kp / 32 } else { w.cols / 8 });
+            let name = match lpr {
+                8 => "moe_gate_up_l8",
+                16 => "moe_gate_up_l16",
+                _ => "moe_gate_up_l32",
+            };
+            let per_block = (GEMV_THREADS as usize / lpr) * 2;
+            self.run(
+                "gemv.cu",
+                name,
+                (pairs as u32, blocks(inter, per_block as u32), 1),
+                GEMV_THREADS,
+                &[
+                    Arg::Raw(w.args()),
+                    Arg::Ptr(xp.storage.ptr()),
+                    Arg::I32(xs as i32),
+                    Arg::Ptr(ids_ptr),
+                    Arg::I32(slots as i32),
+                    Arg::I32(inter as i32),
+                    Arg::Ptr(act.storage.ptr()),
+                    Arg::I32(act_s as i32),
+                    Arg::I32(if ids_ptr == 0 { 1 } else { e.n_experts as i32 }),
+                ],
+            )
+        };
+        gate_up(gu, ids.storage.ptr(), k, inter, &act, down.kp, n * k)?;
+        let shared = match e.shared {
+            Some((sgu, sd)) => {
+                let s_inter = sgu.rows / 2;
+                let act_sh = act_buf(n, s_inter, sd.kp)?;
+                gate_up(sgu, 0, 1, s_inter, &act_sh, sd.kp, n)?;
+                Some((sd, act_sh))
+            }
+            None => None,
+        };
+        let terms = k + shared.is_some() as usize;
+        let part = self.empty(&[n, terms, h], DType::F32)?;
+        let lpr = lanes_per_row(if down.kind.is_fp4() { down.kp / 32 } else { down.cols / 8 });
+        let name = match lpr {
+            8 => "moe_down_l8",
+            16 => "moe_down_l16",
+            _ => "moe_down_l32",
+        };
+        let per_block = (GEMV_THREADS as usize / lpr) * GEMV_ROWS;
+        let (ws, act_sh_ptr, act_sh_s) = match &shared {
+            Some((sd, a)) => (sd.args(), a.storage.ptr(), sd.kp),
+            None => (CudaWeight::null_args(), 0, 0),
+        };
+        self.run(
+            "gemv.cu",
+            name,
+            ((n * terms) as u32, blocks(h, per_block as u32), 1),
+            GEMV_THREADS,
+            &[
+                Arg::Raw(down.args()),
+                Arg::Ptr(act.storage.ptr()),
+                Arg::I32(down.kp as i32),
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::Ptr(weights.storage.ptr()),
+                Arg::I32(k as i32),
+                Arg::I32(h as i32),
+                Arg::Raw(ws),
+                Arg::Ptr(act_sh_ptr),
+                Arg::I32(act_sh_s as i32),
+                Arg::I32(shared.is_some() as i32),
+                Arg::Ptr(part.storage.ptr()),
+                Arg::I32(e.n_experts as i32),
+            ],
+        )?;
+        let out = self.empty(&[n, h], DType::F32)?;
+        self.run(
+            "gemv.cu",
+            "moe_sum_terms",
+            (blocks(n * h, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(part.storage.ptr()),
+                Arg::Ptr(out.storage.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(terms as i32),
+                Arg::I32(h as i32),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe_grouped(
+        &self,
+        x: &CT,
+        ids: &CT,
+        weights: &CT,
+        e: MoeWeights<'_, CudaWeight>,
+        n: usize,
+        k: usize,
+        h: usize,
+        inter: usize,
+        n_tile: usize,
+    ) -> Result<CT> {
+        let (gu, down) = (e.gate_up, e.down);
+        // x is f32 and the intermediate stays f32-accurate to 2^-18 per element: both GEMMs take
+        // two bf16 terms. The MoE output sums H + I products, which averages that residual far
+        // below the f32 tolerance (a lone short dot, as `linear` may see, needs three terms).
+        const TERMS: usize = 2;
+        let name = gemm_name("moe", self, n_tile, TERMS)?;
+        let ne = e.n_experts;
+        let pairs = n * k;
+        // Each expert's rows are padded up to whole GEMM M-blocks.
+        let max_rows = (pairs + ne * (GEMM_BM - 1)).div_ceil(GEMM_BM) * GEMM_BM;
+        let max_blocks = max_rows / GEMM_BM;
+        let counts = self.zeroed(&[ne], DType::U32)?;
+        let offsets = self.empty(&[ne], DType::U32)?;
+        let fill = self.empty(&[ne], DType::U32)?;
+        let block_expert = self.empty(&[max_blocks], DType::U32)?;
+        let total = self.empty(&[1], DType::U32)?;
+        let sorted = self.empty(&[max_rows], DType::U32)?;
+        let inverse = self.empty(&[pairs], DType::U32)?;
+        // -1 everywhere: padding rows and blocks past the total.
+        self.dev.memset(sorted.storage.ptr(), 0xFF, max_rows * 4)?;
+        self.dev.memset(block_expert.storage.ptr(), 0xFF, max_blocks * 4)?;
+        self.run(
+            "moe.cu",
+            "moe_count",
+            (blocks(pairs, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::I32(pairs as i32),
+                Arg::I32(ne as i32),
+                Arg::Ptr(counts.storage.ptr()),
+            ],
+        )?;
+        self.run(
+            "moe.cu",
+            "moe_scan",
+            (1, 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(counts.storage.ptr()),
+                Arg::I32(ne as i32),
+                Arg::I32(GEMM_BM as i32),
+                Arg::Ptr(offsets.storage.ptr()),
+                Arg::Ptr(fill.storage.ptr()),
+                Arg::Ptr(block_expert.storage.ptr()),
+                Arg::Ptr(total.storage.ptr()),
+            ],
+        )?;
+        self.run(
+            "moe.cu",
+            "moe_scatter",
+            (blocks(pairs, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::I32(pairs as i32),
+                Arg::I32(ne as i32),
+                Arg::Ptr(offsets.storage.ptr()),
+                Arg::Ptr(fill.storage.ptr()),
+                Arg::Ptr(sorted.storage.ptr()),
+                Arg::Ptr(inverse.storage.ptr()),
+            ],
+        )?;
+        let xt = self.gemm_operand(x, n, h, gu.kp, TERMS)?;
+        let (x_hi, x_lo) = match &xt[..] {
+            [a, b] => (a, b),
+            _ => return Err(shape_err("moe", "f32 input expected")),
+        };
+        // Zeroed: the pad columns (I..kp) must be 0 for the down GEMM's K tail.
+        let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
+        let act_lo = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
+        let smem = gemm_smem(n_tile, TERMS);
+        let up_args = gemm_args(
+            GemmPtrs {
+                a: x_hi.storage.ptr(),
+                a_lo: x_lo.storage.ptr(),
+                a_map: sorted.storage.ptr(),
+                block_expert: block_expert.storage.ptr(),
+                m_ptr: total.storage.ptr(),
+                out_bf16: act.storage.ptr(),
+                out_bf16_lo: act_lo.storage.ptr(),
+                ..Default::default()
+            },
+            gu.kp,
+            k,
+            max_rows,
+            inter,
+            down.kp,
+            2 * inter,
+            true,
+        );
+        self.run_smem(
+            "gemm.cu",
+            name,
+            (blocks(inter, (n_tile / 2) as u32), max_blocks as u32, 1),
+            GEMM_THREADS,
+            smem,
+            &[Arg::Raw(gu.args()), Arg::Raw(up_args)],
+        )?;
+        let y = self.empty(&[max_rows, h], DType::F32)?;
+        let down_args = gemm_args(
+            GemmPtrs {
+                a: act.storage.ptr(),
+                a_lo: act_lo.storage.ptr(),
+                block_expert: block_expert.storage.ptr(),
+                m_ptr: total.storage.ptr(),
+                out: y.storage.ptr(),
+                row_scale: weights.storage.ptr(),
+                row_scale_map: sorted.storage.ptr(),
+                ..Default::default()
+            },
+            down.kp,
+            1,
+            max_rows,
+            h,
+            h,
+            h,
+            false,
+        );
+        self.run_smem(
+            "gemm.cu",
+            name,
+            (blocks(h, n_tile as u32), max_blocks as u32, 1),
+            GEMM_THREADS,
+            smem,
+            &[Arg::Raw(down.args()), Arg::Raw(down_args)],
+        )?;
+        let shared = match e.shared {
+            Some((sgu, sd)) => {
+                let path = LinearPath::Prefill { n_tile };
+                let hs = self.linear(x, sgu, path)?;
+                let a = self.silu_mul(&hs)?;
+                Some(self.linear(&a, sd, path)?)
+            }
+            None => None,
+        };
+        let out = self.empty(&[n, h], DType::F32)?;
+        self.run(
+            "moe.cu",
+            "moe_combine",
+            (blocks(n * h, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(y.storage.ptr()),
+                Arg::Ptr(inverse.storage.ptr()),
+                Arg::Ptr(shared.as_ref().map_or(0, |s| s.storage.ptr())),
+                Arg::Ptr(out.storage.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(k as i32),
+                Arg::I32(h as i32),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn rope_freqs(&self, dims: usize, theta: f32) -> Result<CT> {
+        let inv = fp4moe_ops::reference::rope_inv_freq(dims, theta);
+        self.upload(HostTensor::F32(&inv, &[inv.len()]))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Storage = CudaStorage;
+    type Weight = CudaWeight;
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.dev.name)
+    }
+
+    fn upload(&self, t: HostTensor<'_>) -> Result<CT> {
+        let (bytes, shape, dtype): (Vec<u8>, &[usize], DType) = match t {
+            HostTensor::F32(v, s) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), s, DType::F32),
+            HostTensor::U32(v, s) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), s, DType::U32),
+        };
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * 4 {
+            return Err(shape_err("upload", format!("{} elements for shape {shape:?}", bytes.len() / 4)));
+        }
+        Ok(self.tensor(self.dev.upload(&bytes)?, shape, dtype))
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<CT> {
+        self.zeroed(shape, dtype)
+    }
+
+    fn download(&self, t: &CT) -> Result<HostData> {
+        self.check("download", t, &[DType::F32, DType::BF16, DType::U32])?;
+        let bytes = self.dev.download(&t.storage.buf, t.numel() * t.dtype().size())?;
+        Ok(match t.dtype() {
+            DType::F32 => HostData::F32(
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            ),
+            DType::U32 => HostData::U32(
+                bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            ),
+            DType::BF16 => HostData::F32(
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            ),
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(self.dev.synchronize()?)
+    }
+
+    fn upload_weight(&self, w: &fp4moe_ops::HostWeight) -> Result<CudaWeight> {
+        CudaWeight::upload(&self.dev, w).map_err(|e| match e {
+            crate::CudaError::BadWeight(d) => shape_err("upload_weight", d),
+            e => e.into(),
+        })
+    }
+
+    fn weight_shape(&self, w: &CudaWeight) -> [usize; 2] {
+        [w.rows, w.cols]
+    }
+
+    fn linear_paths(&self) -> Vec<LinearPath> {
+        let mut p = vec![LinearPath::Decode];
+        p.extend(GEMM_N_TILES.iter().map(|&n_tile| LinearPath::Prefill { n_tile }));
+        p
+    }
+
+    fn moe_paths(&self) -> Vec<MoePath> {
+        let mut p = vec![MoePath::Decode];
+        p.extend(GEMM_N_TILES.iter().map(|&n_tile| MoePath::Prefill { n_tile }));
+        p
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &CT) -> Result<CT> {
+        const OP: &str = "embedding";
+        self.check(OP, ids, &[DType::U32])?;
+        if ids.shape().len() != 1 {
+            return Err(shape_err(OP, format!("ids must be [n], got {:?}", ids.shape())));
+        }
+        let n = ids.shape()[0];
+        let y = self.empty(&[n, table.cols], DType::F32)?;
+        self.run(
+            "elementwise.cu",
+            "embedding",
+            (blocks(n * table.cols, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Raw(table.args()),
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(n as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn linear(&self, x: &CT, w: &CudaWeight, path: LinearPath) -> Result<CT> {
+        const OP: &str = "linear";
+        self.check(OP, x, &[DType::F32, DType::BF16])?;
+        if x.shape().is_empty() || x.last_dim() != w.cols {
+            return Err(shape_err(OP, format!("x {:?} against weight [{}, {}]", x.shape(), w.rows, w.cols)));
+        }
+        let m = x.rows();
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = w.rows;
+        let path = match path {
+            LinearPath::Auto => self.config.linear_path(m),
+            p => p,
+        };
+        let y = match path {
+            LinearPath::Decode | LinearPath::Auto => self.gemv(x, m, w)?,
+            LinearPath::Prefill { n_tile } => self.gemm(x, m, w, n_tile)?,
+        };
+        y.reshape(&shape)
+    }
+
+    fn head_linear(&self, x: &CT, w: &CudaWeight, spec: HeadLinear) -> Result<CT> {
+        const OP: &str = "head_linear";
+        self.check(OP, x, &[DType::F32])?;
+        let HeadLinear { heads, rows_per_head, row_start, row_count, transpose } = spec;
+        let (rows, k) = (w.rows, w.cols);
+        if rows != heads * rows_per_head || row_start + row_count > rows_per_head {
+            return Err(shape_err(OP, format!("{spec:?} against weight [{rows}, {k}]")));
+        }
+        let kx = if transpose { row_count } else { k };
+        let s = x.shape();
+        if s.len() != 3 || s[1] != heads || s[2] != kx {
+            return Err(shape_err(OP, format!("x {s:?}, expected [M, {heads}, {kx}] for {spec:?}")));
+        }
+        let m = s[0];
+        let ky = if transpose { k } else { row_count };
+        let y = self.empty(&[m, heads, ky], DType::F32)?;
+        let args = [
+            Arg::Raw(w.args()),
+            Arg::Ptr(x.storage.ptr()),
+            Arg::Ptr(y.storage.ptr()),
+            Arg::I32(m as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(rows_per_head as i32),
+            Arg::I32(row_start as i32),
+            Arg::I32(row_count as i32),
+        ];
+        if transpose {
+            self.run(
+                "attention.cu",
+                "head_linear_cols",
+                (blocks(m * heads * k, ELEM_THREADS), 1, 1),
+                ELEM_THREADS,
+                &args,
+            )?;
+        } else {
+            let threads = m * heads * row_count * 32;
+            self.run(
+                "attention.cu",
+                "head_linear_rows",
+                (blocks(threads, ELEM_THREADS), 1, 1),
+                ELEM_THREADS,
+                &args,
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &CT, w: &CT, eps: f32) -> Result<CT> {
+        const OP: &str = "rms_norm";
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, w, &[DType::F32])?;
+        let d = x.last_dim();
+        if x.shape().is_empty() || w.shape() != [d] {
+            return Err(shape_err(OP, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
+        }
+        let y = self.empty(x.shape(), DType::F32)?;
+        self.run(
+            "elementwise.cu",
+            "rms_norm_f32",
+            (x.rows() as u32, 1, 1),
+            ROW_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(d as i32),
+                Arg::F32(eps),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn rope(&self, x: &CT, positions: &CT, spec: Rope) -> Result<CT> {
+        const OP: &str = "rope";
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, positions, &[DType::U32])?;
+        let s = x.shape();
+        if s.len() != 3 || positions.shape() != [s[0]] {
+            return Err(shape_err(
+                OP,
+                format!("x {s:?} (want [n, H, D]), positions {:?}", positions.shape()),
+            ));
+        }
+        let d = s[2];
+        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
+            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
+        }
+        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        let y = self.empty(s, DType::F32)?;
+        let rows = s[0] * s[1];
+        self.run(
+            "elementwise.cu",
+            "rope_passthrough_f32",
+            (blocks(rows * d, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::Usize(rows as u64),
+                Arg::I32(d as i32),
+                Arg::I32(spec.offset as i32),
+                Arg::I32(spec.dims as i32),
+            ],
+        )?;
+        self.run(
+            "elementwise.cu",
+            "rope_f32",
+            (blocks(rows * spec.dims / 2, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(positions.storage.ptr()),
+                Arg::Ptr(inv.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(s[0] as i32),
+                Arg::I32(s[1] as i32),
+                Arg::I32(d as i32),
+                Arg::I32(spec.offset as i32),
+                Arg::I32(spec.dims as i32),
+                Arg::I32(match spec.style {
+                    RopeStyle::NeoX => 0,
+                    RopeStyle::Interleaved => 1,
+                }),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn softmax(&self, x: &CT) -> Result<CT> {
+        const OP: &str = "softmax";
+        self.check(OP, x, &[DType::F32])?;
+        if x.shape().is_empty() {
+            return Err(shape_err(OP, "scalar input"));
+        }
+        let y = self.empty(x.shape(), DType::F32)?;
+        self.run(
+            "elementwise.cu",
+            "softmax_f32",
+            (x.rows() as u32, 1, 1),
+            ROW_THREADS,
+            &[Arg::Ptr(x.storage.ptr()), Arg::Ptr(y.storage.ptr()), Arg::I32(x.last_dim() as i32)],
+        )?;
+        Ok(y)
+    }
+
+    fn add(&self, a: &CT, b: &CT) -> Result<CT> {
+        const OP: &str = "add";
+        self.check(OP, a, &[DType::F32])?;
+        self.check(OP, b, &[DType::F32])?;
+        if a.shape() != b.shape() {
+            return Err(shape_err(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
+        }
+        let y = self.empty(a.shape(), DType::F32)?;
+        self.run(
+            "elementwise.cu",
+            "add_f32",
+            (blocks(a.numel(), ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(a.storage.ptr()),
+                Arg::Ptr(b.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::Usize(a.numel() as u64),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn silu_mul(&self, x: &CT) -> Result<CT> {
+        const OP: &str = "silu_mul";
+        self.check(OP, x, &[DType::F32])?;
+        let c = x.last_dim();
+        if x.shape().is_empty() || !c.is_multiple_of(2) {
+            return Err(shape_err(OP, format!("last dim of {:?} must be even", x.shape())));
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = c / 2;
+        let y = self.empty(&shape, DType::F32)?;
+        let rows = x.rows();
+        self.run(
+            "elementwise.cu",
+            "silu_mul_f32",
+            (blocks(rows * c / 2, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::Usize(rows as u64),
+                Arg::I32((c / 2) as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn slice_cols(&self, x: &CT, start: usize, len: usize) -> Result<CT> {
+        const OP: &str = "slice_cols";
+        self.check(OP, x, &[DType::F32, DType::BF16, DType::U32])?;
+        let c = x.last_dim();
+        if x.shape().is_empty() || start + len > c {
+            return Err(shape_err(OP, format!("columns {start}..{} of {:?}", start + len, x.shape())));
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = len;
+        let y = self.empty(&shape, x.dtype())?;
+        self.copy2d(x, &y, x.rows(), len, c, start, len, 0, 0)?;
+        Ok(y)
+    }
+
+    fn slice_rows(&self, x: &CT, start: usize, len: usize) -> Result<CT> {
+        const OP: &str = "slice_rows";
+        self.check(OP, x, &[DType::F32, DType::BF16, DType::U32])?;
+        let s = x.shape();
+        if s.is_empty() || start + len > s[0] {
+            return Err(shape_err(OP, format!("rows {start}..{} of {s:?}", start + len)));
+        }
+        let per: usize = s[1..].iter().product::<usize>() * x.dtype().size();
+        let mut shape = s.to_vec();
+        shape[0] = len;
+        let y = self.empty(&shape, x.dtype())?;
+        self.dev.copy(y.storage.ptr(), x.storage.ptr() + (start * per) as u64, len * per)?;
+        Ok(y)
+    }
+
+    fn concat_rows(&self, parts: &[&CT]) -> Result<CT> {
+        const OP: &str = "concat_rows";
+        let Some(first) = parts.first() else {
+            return Err(shape_err(OP, "no parts"));
+        };
+        if first.shape().is_empty() {
+            return Err(shape_err(OP, "scalar part"));
+        }
+        let (tail, dtype) = (&first.shape()[1..], first.dtype());
+        let mut rows = 0;
+        for p in parts {
+            self.check(OP, p, &[dtype])?;
+            if p.shape().is_empty() || &p.shape()[1..] != tail {
+                return Err(shape_err(
+                    OP,
+                    format!("{:?} {:?} after {:?} {dtype:?}", p.shape(), p.dtype(), first.shape()),
+                ));
+            }
+            rows += p.shape()[0];
+        }
+        let mut shape = first.shape().to_vec();
+        shape[0] = rows;
+        let y = self.empty(&shape, dtype)?;
+        let mut off = 0u64;
+        for p in parts {
+            let bytes = p.numel() * dtype.size();
+            self.dev.copy(y.storage.ptr() + off, p.storage.ptr(), bytes)?;
+            off += bytes as u64;
+        }
+        Ok(y)
+    }
+
+    fn cast(&self, x: &CT, dtype: DType) -> Result<CT> {
+        const OP: &str = "cast";
+        self.check(OP, x, &[DType::F32, DType::BF16])?;
+        let name = match (x.dtype(), dtype) {
+            (a, b) if a == b => return Ok(x.clone()),
+            (DType::F32, DType::BF16) => "cast_f32_bf16",
+            (DType::BF16, DType::F32) => "cast_bf16_f32",
+            (a, b) => return Err(shape_err(OP, format!("{a:?} -> {b:?}"))),
+        };
+        let y = self.empty(x.shape(), dtype)?;
+        self.run(
+            "elementwise.cu",
+            name,
+            (blocks(x.numel(), ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[Arg::Ptr(x.storage.ptr()), Arg::Ptr(y.storage.ptr()), Arg::Usize(x.numel() as u64)],
+        )?;
+        Ok(y)
+    }
+
+    fn write_rows(&self, dst: &CT, src: &CT, row0: usize, col0: usize) -> Result<()> {
+        const OP: &str = "write_rows";
+        self.check(OP, dst, &[DType::F32, DType::BF16, DType::U32])?;
+        self.check(OP, src, &[dst.dtype()])?;
+        if dst.shape().is_empty() || src.shape().is_empty() {
+            return Err(shape_err(OP, "scalar tensor"));
+        }
+        let (s, c) = (dst.rows(), dst.last_dim());
+        let (n, sc) = (src.rows(), src.last_dim());
+        if row0 + n > s || col0 + sc > c {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "src {:?} at ({row0}, {col0}) into dst {:?} (viewed [{s}, {c}])",
+                    src.shape(),
+                    dst.shape()
+                ),
+            ));
+        }
+        // Same stream, so a src that shares dst's storage was fully produced before this copy.
+        self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0)
+    }
+
+    fn route_softmax(&self, logits: &CT, k: usize, renormalize: bool) -> Result<(CT, CT)> {
+        const OP: &str = "route_softmax";
+        self.check(OP, logits, &[DType::F32])?;
+        let s = logits.shape();
+        if s.len() != 2 || k == 0 || k > s[1] {
+            return Err(shape_err(OP, format!("top-{k} of logits {s:?}")));
+        }
+        if s[1] > ROUTE_MAX_E {
+            return Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("{} experts", s[1]),
+            });
+        }
+        let (n, e) = (s[0], s[1]);
+        let ids = self.empty(&[n, k], DType::U32)?;
+        let w = self.empty(&[n, k], DType::F32)?;
+        self.run(
+            "route.cu",
+            "route_softmax",
+            (blocks(n, 64), 1, 1),
+            64,
+            &[
+                Arg::Ptr(logits.storage.ptr()),
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(e as i32),
+                Arg::I32(k as i32),
+                Arg::I32(renormalize as i32),
+            ],
+        )?;
+        Ok((ids, w))
+    }
+
+    fn route_sigmoid_grouped(&self, logits: &CT, bias: &CT, spec: GroupedRouter) -> Result<(CT, CT)> {
+        const OP: &str = "route_sigmoid_grouped";
+        self.check(OP, logits, &[DType::F32])?;
+        self.check(OP, bias, &[DType::F32])?;
+        let s = logits.shape();
+        let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
+        let ok = s.len() == 2
+            && bias.shape() == [s[1]]
+            && n_group > 0
+            && s[1].is_multiple_of(n_group)
+            && topk_group > 0
+            && topk_group <= n_group
+            && k > 0
+            && k <= topk_group * (s[1] / n_group);
+        if !ok {
+            return Err(shape_err(OP, format!("{spec:?} on logits {s:?}, bias {:?}", bias.shape())));
+        }
+        if s[1] > ROUTE_MAX_E {
+            return Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("{} experts", s[1]),
+            });
+        }
+        let (n, e) = (s[0], s[1]);
+        let ids = self.empty(&[n, k], DType::U32)?;
+        let w = self.empty(&[n, k], DType::F32)?;
+        self.run(
+            "route.cu",
+            "route_sigmoid_grouped",
+            (blocks(n, 64), 1, 1),
+            64,
+            &[
+                Arg::Ptr(logits.storage.ptr()),
+                Arg::Ptr(bias.storage.ptr()),
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(e as i32),
+                Arg::I32(k as i32),
+                Arg::I32(n_group as i32),
+                Arg::I32(topk_group as i32),
+                Arg::I32(renormalize as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok((ids, w))
+    }
+
+    fn moe(
+        &self,
+        x: &CT,
+        ids: &CT,
+        weights: &CT,
+        experts: MoeWeights<'_, CudaWeight>,
+        path: MoePath,
+    ) -> Result<CT> {
+        const OP: &str = "moe";
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, ids, &[DType::U32])?;
+        self.check(OP, weights, &[DType::F32])?;
+        let MoeWeights { gate_up, down, n_experts, shared } = experts;
+        let s = x.shape();
+        let (gu_rows, h) = (gate_up.rows, gate_up.cols);
+        let bad = |d: String| Err(shape_err(OP, d));
+        if s.len() != 2 || s[1] != h {
+            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
+        }
+        if n_experts == 0 || gu_rows % (2 * n_experts) != 0 {
+            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
+        }
+        let inter = gu_rows / (2 * n_experts);
+        if [down.rows, down.cols] != [n_experts * h, inter] {
+            return bad(format!(
+                "down [{}, {}], expected [{}, {inter}]",
+                down.rows,
+                down.cols,
+                n_experts * h
+            ));
+        }
+        let n = s[0];
+        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
+            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
+        }
+        let k = ids.shape()[1];
+        if let Some((sgu, sd)) = shared {
+            let (r, c) = (sgu.rows, sgu.cols);
+            if c != h || r % 2 != 0 || [sd.rows, sd.cols] != [h, r / 2] {
+                return bad(format!("shared gate_up [{r}, {c}] / down [{}, {}] for H {h}", sd.rows, sd.cols));
+            }
+        }
+        if n == 0 || k == 0 {
+            return self.zeroed(&[n, h], DType::F32).and_then(|z| match shared {
+                Some((sgu, sd)) if n > 0 => {
+                    let hs = self.linear(x, sgu, LinearPath::Decode)?;
+                    let a = self.silu_mul(&hs)?;
+                    self.linear(&a, sd, LinearPath::Decode)
+                }
+                _ => Ok(z),
+            });
+        }
+        let path = match path {
+            MoePath::Auto => self.config.moe_path(n),
+            p => p,
+        };
+        match path {
+            // The grouped GEMM is an FP4 kernel; dense experts take the GEMV path for every size.
+            MoePath::Prefill { n_tile } if gate_up.kind.is_fp4() && down.kind.is_fp4() => {
+                self.moe_grouped(x, ids, weights, experts, n, k, h, inter, n_tile)
+            }
+            MoePath::Prefill { n_tile } if !GEMM_N_TILES.contains(&n_tile) => Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("prefill n_tile {n_tile}"),
+            }),
+            _ => self.moe_decode(x, ids, weights, experts, n, k, h, inter),
+        }
+    }
+
+    fn attention_gqa(&self, q: &CT, k: &CT, v: &CT, pos0: usize, scale: f32) -> Result<CT> {
+        const OP: &str = "attention_gqa";
+        for t in [q, k, v] {
+            self.check(OP, t, &[DType::F32])?;
+        }
+        let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+        let ok = qs.len() == 3
+            && ks.len() == 3
+            && vs.len() == 3
+            && ks[0] == vs[0]
+            && ks[1] == vs[1]
+            && ks[1] > 0
+            && qs[1] % ks[1] == 0
+            && qs[2] == ks[2]
+            && ks[0] >= pos0 + qs[0];
+        if !ok {
+            return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
+        }
+        if vs[2] > ATT_MAX_DV {
+            return Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("value width {}", vs[2]),
+            });
+        }
+        let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
+        let (hkv, dv) = (ks[1], vs[2]);
+        let out = self.empty(&[t_n, hq, dv], DType::F32)?;
+        self.run(
+            "attention.cu",
+            "attention_gqa_f32",
+            (hq as u32, t_n as u32, 1),
+            128,
+            &[
+                Arg::Ptr(q.storage.ptr()),
+                Arg::Ptr(k.storage.ptr()),
+                Arg::Ptr(v.storage.ptr()),
+                Arg::Ptr(out.storage.ptr()),
+                Arg::I32(hq as i32),
+                Arg::I32(hkv as i32),
+                Arg::I32(d as i32),
+                Arg::I32(dv as i32),
+                Arg::I32(pos0 as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn attention_mla(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32) -> Result<CT> {
+        const OP: &str = "attention_mla";
+        for t in [q_lat, q_rope, cache] {
+            self.check(OP, t, &[DType::F32])?;
+        }
+        let (ql, qr, cs) = (q_lat.shape(), q_rope.shape(), cache.shape());
+        let ok = ql.len() == 3
+            && qr.len() == 3
+            && cs.len() == 2
+            && ql[..2] == qr[..2]
+            && cs[1] == ql[2] + qr[2]
+            && cs[0] >= pos0 + ql[0];
+        if !ok {
+            return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
+        }
+        if ql[2] > ATT_MAX_DV {
+            return Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("latent width {}", ql[2]),
+            });
+        }
+        let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
+        let out = self.empty(&[t_n, heads, l], DType::F32)?;
+        self.run(
+            "attention.cu",
+            "attention_mla_f32",
+            (heads as u32, t_n as u32, 1),
+            128,
+            &[
+                Arg::Ptr(q_lat.storage.ptr()),
+                Arg::Ptr(q_rope.storage.ptr()),
+                Arg::Ptr(cache.storage.ptr()),
+                Arg::Ptr(out.storage.ptr()),
+                Arg::I32(heads as i32),
+                Arg::I32(l as i32),
+                Arg::I32(qr[2] as i32),
+                Arg::I32(pos0 as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn argmax(&self, x: &CT) -> Result<CT> {
+        const OP: &str = "argmax";
+        self.check(OP, x, &[DType::F32])?;
+        let s = x.shape();
+        if s.is_empty() || x.last_dim() == 0 {
+            return Err(shape_err(OP, format!("input {s:?}")));
+        }
+        let y = self.empty(&s[..s.len() - 1], DType::U32)?;
+        self.run(
+            "elementwise.cu",
+            "argmax_f32",
+            (x.rows() as u32, 1, 1),
+            ROW_THREADS,
+            &[Arg::Ptr(x.storage.ptr()), Arg::Ptr(y.storage.ptr()), Arg::I32(x.last_dim() as i32)],
+        )?;
+        Ok(y)
+    }
+
+    fn top_k(&self, x: &CT, k: usize) -> Result<(CT, CT)> {
+        const OP: &str = "top_k";
+        self.check(OP, x, &[DType::F32])?;
+        let s = x.shape();
+        if s.len() != 2 || k > s[1] {
+            return Err(shape_err(OP, format!("top-{k} of {s:?}")));
+        }
+        let vals = self.empty(&[s[0], k], DType::F32)?;
+        let ids = self.empty(&[s[0], k], DType::U32)?;
+        if k > 0 {
+            self.run(
+                "elementwise.cu",
+                "top_k_f32",
+                (s[0] as u32, 1, 1),
+                ROW_THREADS,
+                &[
+                    Arg::Ptr(x.storage.ptr()),
+                    Arg::Ptr(vals.storage.ptr()),
+                    Arg::Ptr(ids.storage.ptr()),
+                    Arg::I32(s[1] as i32),
+                    Arg::I32(k as i32),
+                ],
+            )?;
+        }
+        Ok((vals, ids))
+    }
+}

@@ -1,0 +1,362 @@
+//! Qwen3-MoE (HF `model_type` `qwen3_moe`, e.g. Qwen3-30B-A3B).
+//!
+//! Per layer: `x += o_proj(attention(rope(q_norm(q)), rope(k_norm(k)), v))` with GQA, then
+//! `x += moe(rms_norm(x))` with a softmax top-k router (renormalised when `norm_topk_prob`), or
+//! a dense SwiGLU MLP for layers listed in `mlp_only_layers` / off the `decoder_sparse_step`.
+//! q_norm/k_norm are RMSNorms over `head_dim`, per head, applied before NeoX (rotate-half) RoPE.
+//! The KV cache holds per layer k and v as `[capacity, kv_heads, head_dim]`.
+
+use crate::layers::{
+    BatchPlan, Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu,
+    either, parse_config, state_of, zeros,
+};
+use crate::{Error, LanguageModel, ModelInfo, Result, Sequence};
+use fp4moe_ops::{Backend, HostTensor, LinearPath, Rope, RopeStyle, T};
+use serde::Deserialize;
+use std::path::Path;
+
+pub const MODEL_TYPE: &str = "qwen3_moe";
+
+/// The `config.json` keys this model reads, as spelled by the published checkpoints or by
+/// current transformers.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    /// transformers falls back to `hidden_size / num_attention_heads`.
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<serde_json::Value>,
+    num_experts: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: usize,
+    moe_intermediate_size: usize,
+    norm_topk_prob: bool,
+    /// Only read when some layer is dense.
+    intermediate_size: Option<usize>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    use_sliding_window: Option<bool>,
+    hidden_act: String,
+    eos_token_id: Option<OneOrMany>,
+    bos_token_id: Option<u32>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub moe_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    /// Dense MLP width (layers that are not MoE).
+    pub intermediate_size: Option<usize>,
+    /// Per layer: MoE (true) or dense MLP.
+    pub sparse: Vec<bool>,
+    pub tie_word_embeddings: bool,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+}
+
+impl Config {
+    /// Reads `config.json` (already parsed); `path` is for messages.
+    pub fn from_json(v: &serde_json::Value, path: &Path) -> Result<Config> {
+        let r: RawConfig = parse_config(v, path)?;
+        check_silu(path, &r.hidden_act)?;
+        let unsupported = |what: &str| Error::Unsupported {
+            what: format!("config {}: {what}", path.display()),
+            reason: format!("not used by {MODEL_TYPE} checkpoints this engine supports"),
+        };
+        if r.attention_bias == Some(true) {
+            return Err(unsupported("attention_bias = true"));
+        }
+        if r.use_sliding_window == Some(true) {
+            return Err(unsupported("use_sliding_window = true"));
+        }
+        let num_experts =
+            either(path, &["num_experts", "num_local_experts"], &[r.num_experts, r.num_local_experts])?;
+        let step = r.decoder_sparse_step.unwrap_or(1).max(1);
+        let mlp_only = r.mlp_only_layers.unwrap_or_default();
+        let sparse: Vec<bool> = (0..r.num_hidden_layers)
+            .map(|l| !mlp_only.contains(&l) && num_experts > 0 && (l + 1) % step == 0)
+            .collect();
+        if sparse.iter().any(|s| !s) && r.intermediate_size.is_none() {
+            return Err(Error::MissingConfigKey {
+                path: path.to_path_buf(),
+                key: "intermediate_size".into(),
+            });
+        }
+        let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads.max(1));
+        let bad = |what: String| Err(Error::Config { path: path.to_path_buf(), reason: what });
+        if r.num_attention_heads == 0
+            || r.num_key_value_heads == 0
+            || !r.num_attention_heads.is_multiple_of(r.num_key_value_heads)
+        {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                r.num_attention_heads, r.num_key_value_heads
+            ));
+        }
+        if !head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim {head_dim} must be even for RoPE"));
+        }
+        if r.num_experts_per_tok == 0 || r.num_experts_per_tok > num_experts.max(1) {
+            return bad(format!("num_experts_per_tok {} with {num_experts} experts", r.num_experts_per_tok));
+        }
+        Ok(Config {
+            vocab_size: r.vocab_size,
+            hidden_size: r.hidden_size,
+            num_layers: r.num_hidden_layers,
+            num_heads: r.num_attention_heads,
+            num_kv_heads: r.num_key_value_heads,
+            head_dim,
+            max_position_embeddings: r.max_position_embeddings,
+            rms_norm_eps: r.rms_norm_eps as f32,
+            rope_theta: crate::layers::rope_theta(
+                path,
+                r.rope_theta,
+                r.rope_parameters.as_ref(),
+                r.rope_scaling.as_ref(),
+            )?,
+            num_experts,
+            top_k: r.num_experts_per_tok,
+            moe_intermediate_size: r.moe_intermediate_size,
+            norm_topk_prob: r.norm_topk_prob,
+            intermediate_size: r.intermediate_size,
+            sparse,
+            tie_word_embeddings: r.tie_word_embeddings.unwrap_or(false),
+            eos_token_ids: OneOrMany::ids(r.eos_token_id.as_ref()),
+            bos_token_id: r.bos_token_id,
+        })
+    }
+
+    fn rope(&self) -> Rope {
+        Rope { style: RopeStyle::NeoX, offset: 0, dims: self.head_dim, theta: self.rope_theta }
+    }
+
+    /// f32 values per token per layer in the cache: k and v of every kv head.
+    pub fn cache_values_per_token(&self) -> usize {
+        2 * self.num_kv_heads * self.head_dim
+    }
+}
+
+struct Attention<B: Backend> {
+    q_proj: B::Weight, // [Hq * D, H]
+    k_proj: B::Weight, // [Hkv * D, H]
+    v_proj: B::Weight, // [Hkv * D, H]
+    o_proj: B::Weight, // [H, Hq * D]
+    q_norm: Norm<B>,   // [D]
+    k_norm: Norm<B>,   // [D]
+}
+
+enum Ffn<B: Backend> {
+    Dense(Mlp<B>),
+    Moe {
+        router: B::Weight, // [E, H] 16-bit, never quantized (selection is sensitive to it)
+        experts: Experts<B>,
+    },
+}
+
+struct Layer<B: Backend> {
+    input_norm: Norm<B>, // [H]
+    attn: Attention<B>,
+    post_norm: Norm<B>, // [H]
+    ffn: Ffn<B>,
+}
+
+/// A loaded Qwen3-MoE.
+pub struct Qwen3Moe<B: Backend> {
+    backend: B,
+    cfg: Config,
+    info: ModelInfo,
+    embed: B::Weight, // [V, H]
+    layers: Vec<Layer<B>>,
+    norm: Norm<B>,              // [H]
+    lm_head: Option<B::Weight>, // [V, H]; None when tied to `embed`
+}
+
+/// Per-sequence KV cache.
+struct State<B: Backend> {
+    k: Vec<T<B>>, // per layer [capacity, Hkv, D]
+    v: Vec<T<B>>, // per layer [capacity, Hkv, D]
+}
+
+impl<B: Backend> Qwen3Moe<B> {
+    /// Builds the model from `src` (a checkpoint or the synthetic generator), uploading each
+    /// weight as it is read so host copies do not pile up.
+    pub(crate) fn build(backend: B, cfg: Config, src: &mut dyn WeightSource) -> Result<Self> {
+        let b = &backend;
+        let (h, d, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
+        let embed = b.upload_weight(&src.dense("model.embed_tokens", [cfg.vocab_size, h])?)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let attn = Attention {
+                q_proj: b.upload_weight(&src.projection(&format!("{a}.q_proj"), [cfg.num_heads * d, h])?)?,
+                k_proj: b
+                    .upload_weight(&src.projection(&format!("{a}.k_proj"), [cfg.num_kv_heads * d, h])?)?,
+                v_proj: b
+                    .upload_weight(&src.projection(&format!("{a}.v_proj"), [cfg.num_kv_heads * d, h])?)?,
+                o_proj: b.upload_weight(&src.projection(&format!("{a}.o_proj"), [h, cfg.num_heads * d])?)?,
+                q_norm: Norm::load(b, src, &format!("{a}.q_norm.weight"), d, eps)?,
+                k_norm: Norm::load(b, src, &format!("{a}.k_norm.weight"), d, eps)?,
+            };
+            let ffn = if cfg.sparse[l] {
+                Ffn::Moe {
+                    router: b.upload_weight(&src.dense(&format!("{p}.mlp.gate"), [cfg.num_experts, h])?)?,
+                    experts: Experts::load(
+                        b,
+                        src,
+                        &format!("{p}.mlp"),
+                        cfg.num_experts,
+                        cfg.moe_intermediate_size,
+                        h,
+                        None,
+                    )?,
+                }
+            } else {
+                let inter = cfg.intermediate_size.expect("checked in Config::from_json");
+                Ffn::Dense(Mlp::load(b, src, &format!("{p}.mlp"), inter, h)?)
+            };
+            layers.push(Layer {
+                input_norm: Norm::load(b, src, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                attn,
+                post_norm: Norm::load(b, src, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+                ffn,
+            });
+        }
+        let norm = Norm::load(b, src, "model.norm.weight", h, eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(b.upload_weight(&src.dense("lm_head", [cfg.vocab_size, h])?)?)
+        };
+        let info = ModelInfo {
+            model_type: MODEL_TYPE.into(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: h,
+            num_layers: cfg.num_layers,
+            max_position_embeddings: cfg.max_position_embeddings,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            bos_token_id: cfg.bos_token_id,
+            quantization: src.quantization(),
+        };
+        Ok(Qwen3Moe { backend, cfg, info, embed, layers, norm, lm_head })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Attention of every sequence in the batch: projections on all rows at once, cache writes
+    /// and attention per sequence. h `[N, H]` -> `[N, H]`.
+    fn attention(
+        &self,
+        l: usize,
+        at: &Attention<B>,
+        h: &T<B>,
+        positions: &T<B>,
+        plan: &BatchPlan,
+        states: &[&State<B>],
+    ) -> Result<T<B>> {
+        let b = &self.backend;
+        let c = &self.cfg;
+        let (n, d, hq, hkv) = (plan.rows(), c.head_dim, c.num_heads, c.num_kv_heads);
+        let q = b.linear(h, &at.q_proj, LinearPath::Auto)?.reshape(&[n, hq, d])?;
+        let q = b.rope(&at.q_norm.forward(b, &q)?, positions, c.rope())?;
+        let k = b.linear(h, &at.k_proj, LinearPath::Auto)?.reshape(&[n, hkv, d])?;
+        let k = b.rope(&at.k_norm.forward(b, &k)?, positions, c.rope())?.reshape(&[n, hkv * d])?;
+        let v = b.linear(h, &at.v_proj, LinearPath::Auto)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut outs = Vec::with_capacity(plan.spans.len());
+        for (i, span) in plan.spans.iter().enumerate() {
+            let (kc, vc) = (&states[i].k[l], &states[i].v[l]);
+            let cap = kc.shape()[0];
+            b.write_rows(&kc.reshape(&[cap, hkv * d])?, &plan.rows_of(b, &k, i)?, span.pos0, 0)?;
+            b.write_rows(&vc.reshape(&[cap, hkv * d])?, &plan.rows_of(b, &v, i)?, span.pos0, 0)?;
+            outs.push(b.attention_gqa(&plan.rows_of(b, &q, i)?, kc, vc, span.pos0, scale)?);
+        }
+        let o = plan.stack(b, outs)?.reshape(&[n, hq * d])?;
+        Ok(b.linear(&o, &at.o_proj, LinearPath::Auto)?)
+    }
+
+    fn ffn(&self, ffn: &Ffn<B>, h: &T<B>) -> Result<T<B>> {
+        let b = &self.backend;
+        match ffn {
+            Ffn::Dense(mlp) => mlp.forward(b, h),
+            Ffn::Moe { router, experts } => {
+                let logits = b.linear(h, router, LinearPath::Auto)?;
+                let (ids, w) = b.route_softmax(&logits, self.cfg.top_k, self.cfg.norm_topk_prob)?;
+                experts.forward(b, h, &ids, &w)
+            }
+        }
+    }
+}
+
+impl<B: Backend + 'static> LanguageModel for Qwen3Moe<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_sequence(&self, capacity: usize) -> Result<Sequence> {
+        check_capacity(capacity, self.cfg.max_position_embeddings)?;
+        let shape = [capacity, self.cfg.num_kv_heads, self.cfg.head_dim];
+        let b = &self.backend;
+        let mut st = State::<B> { k: Vec::new(), v: Vec::new() };
+        for _ in 0..self.cfg.num_layers {
+            st.k.push(zeros(b, &shape)?);
+            st.v.push(zeros(b, &shape)?);
+        }
+        Ok(Sequence { state: Box::new(st), len: 0, capacity })
+    }
+
+    fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plan = BatchPlan::new(batch, self.cfg.vocab_size)?;
+        let states =
+            batch.iter().map(|(s, _)| state_of::<State<B>>(s, MODEL_TYPE)).collect::<Result<Vec<_>>>()?;
+        let b = &self.backend;
+        let n = plan.rows();
+        let ids = b.upload(HostTensor::U32(&plan.ids, &[n]))?;
+        let positions = b.upload(HostTensor::U32(&plan.positions, &[n]))?;
+        let mut x = b.embedding(&self.embed, &ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(b, &x)?;
+            let a = self.attention(l, &layer.attn, &h, &positions, &plan, &states)?;
+            x = b.add(&x, &a)?;
+            let h = layer.post_norm.forward(b, &x)?;
+            let m = self.ffn(&layer.ffn, &h)?;
+            x = b.add(&x, &m)?;
+        }
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let out = plan.logits(b, &x, all_logits, &self.norm, lm_head, self.cfg.vocab_size)?;
+        for (seq, tokens) in batch.iter_mut() {
+            seq.len += tokens.len();
+        }
+        Ok(out)
+    }
+
+    fn cache_values_per_token_per_layer(&self) -> Option<usize> {
+        Some(self.cfg.cache_values_per_token())
+    }
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One device call for the CUDA backend (run through the `run` tool from the repo root):
+#   conformance suite + CUDA tests on the GPU, compute-sanitizer, `fp4moe bench kernels` and
+#   `fp4moe bench model` on both synthetic models, and the PyTorch bf16 baseline with the copy
+#   bandwidth and bf16 GEMM ceilings — all in one call so every ratio is measured side by side.
+#
+# Binaries are built on the CPU machine (the device has no Rust toolchain), stripped and copied
+# into out/cuda/ (git-ignored; pass `carry: ["out/cuda"]`):
+#   cargo test -p fp4moe-cuda --release --no-run   -> out/cuda/conformance, out/cuda/device
+#   cargo build --release -p fp4moe               -> out/cuda/fp4moe
+#   cargo build --release -p fp4moe-cuda --example bench_layers -> out/cuda/bench_layers
+# Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
+#   STAGES="test sanitize torch layers kernels model" (default: all). `layers` (the backend's own
+#   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
+set -uo pipefail
+OUT=${OUT:-/tmp/fp4moe-cuda-out}
+mkdir -p "$OUT"
+BIN=out/cuda
+STAGES=${STAGES:-"test sanitize torch layers kernels model"}
+LOG=$OUT/summary.log
+: >"$LOG"
+say() { echo "== $*" | tee -a "$LOG"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# libcuda comes with the driver; NVRTC (and its builtins) from the toolkit or the pip wheels.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+say "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+ls -la $BIN 2>&1 | tee -a "$LOG"
+
+if has test; then
+    say "conformance suite (cuda)"
+    timeout 300 $BIN/conformance --test-threads 4 2>&1 | tee "$OUT/conformance.log" | grep -E "ok in|skipped|panicked|test result|FAILED|failed" | tee -a "$LOG"
+    say "cuda device tests"
+    timeout 120 $BIN/device --nocapture --test-threads 1 2>&1 | tail -20 | tee -a "$LOG"
+fi
+
+if has sanitize; then
+    say "compute-sanitizer memcheck (whole conformance suite)"
+    if command -v compute-sanitizer >/dev/null; then
+        timeout 400 compute-sanitizer --tool memcheck --print-limit 20 $BIN/conformance --test-threads 1 \
+            2>&1 | tail -60 | tee "$OUT/sanitizer.log" | tail -8 | tee -a "$LOG"
+    else
+        say "compute-sanitizer not found"
+    fi
+fi
+
+if has kernels; then
+    say "fp4moe bench kernels --backend cuda"
+    timeout 240 $BIN/fp4moe bench kernels --backend cuda --json "$OUT/bench_kernels.json" 2>&1 | tail -60 | tee -a "$LOG"
+fi
+
+if has model; then
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        say "fp4moe bench model --backend cuda --synthetic $m"
+        timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --json "$OUT/bench_model_$m.json" 2>&1 | tail -30 | tee -a "$LOG"
+    done
+fi
+
+if has torch; then
+    say "PyTorch bf16 baseline + ceilings"
+    PYTHONUNBUFFERED=1 timeout 240 python3 tools/bench_torch_moe.py --json "$OUT/torch_moe.json" 2>&1 | tail -20 | tee -a "$LOG"
+fi
+if has layers; then
+    say "bench_layers (cuda backend: MoE layers, GEMV, GEMM)"
+    CEIL=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["copy_bytes_per_s"], d["bf16_gemm_flops_per_s"])' "$OUT/torch_moe.json" 2>/dev/null)
+    timeout 240 $BIN/bench_layers $CEIL 2>&1 | tee "$OUT/bench_layers.jsonl" | tee -a "$LOG"
+fi
+say "done"
