@@ -27,12 +27,26 @@ pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> anyhow::Result<J::Ou
     match kind {
         BackendKind::Auto => {
             // Filled in as the GPU backends land: try cuda, then wgpu, then fall back.
+            match fp4moe_cuda::CudaBackend::new() {
+                Ok(b) => {
+                    eprintln!("backend: cuda (auto): {}", b.device_name());
+                    return job.run(b);
+                }
+                Err(e) => eprintln!("backend: cuda unavailable ({e}); falling back"),
+            }
+            match fp4moe_wgpu::WgpuBackend::new() {
+                Ok(b) => {
+                    eprintln!("backend: wgpu (auto): {}", b.name());
+                    return job.run(b);
+                }
+                Err(e) => eprintln!("backend: wgpu unavailable ({e}); falling back"),
+            }
             eprintln!("backend: cpu (auto)");
             job.run(fp4moe_cpu::CpuBackend::new())
         }
         BackendKind::Cpu => job.run(fp4moe_cpu::CpuBackend::new()),
         BackendKind::Reference => job.run(fp4moe_ops::reference::RefBackend),
-        BackendKind::Cuda => anyhow::bail!("the cuda backend is not built yet"),
-        BackendKind::Wgpu => anyhow::bail!("the wgpu backend is not built yet"),
+        BackendKind::Cuda => job.run(fp4moe_cuda::CudaBackend::new()?),
+        BackendKind::Wgpu => job.run(fp4moe_wgpu::WgpuBackend::new()?),
     }
 }

@@ -101,11 +101,34 @@ pub struct CompletionRequest {
     pub common: CommonParams,
 }
 
-/// Parses a JSON body into `T`, mapping syntax and type errors to a 400 that quotes serde's
-/// message (which names the field and position).
+/// Parses a JSON body into `T`. Syntax errors quote serde's message (with the position); a
+/// known field of the wrong type is a 400 naming that field (serde's own message names only the
+/// expected type).
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))?;
+    let Some(object) = value.as_object() else {
+        return Err(ApiError::bad_request("invalid request body: expected a JSON object", None));
+    };
+    T::deserialize(&value).map_err(|e| match culprit::<T>(object) {
+        Some(field) => ApiError::bad_request(format!("invalid `{field}`: {e}"), Some(field)),
+        None => ApiError::bad_request(format!("invalid request body: {e}"), None),
+    })
+}
+
+/// The field at fault: the one whose removal makes the body parse, else a required field whose
+/// removal leaves only its own absence to complain about. Runs only on a failed parse, so the
+/// extra work never touches a good request.
+fn culprit<T: serde::de::DeserializeOwned>(object: &serde_json::Map<String, Value>) -> Option<&str> {
+    let without = |key: &str| {
+        let mut rest = object.clone();
+        rest.remove(key);
+        T::deserialize(&Value::Object(rest))
+    };
+    let keys = || object.keys().map(String::as_str);
+    keys().find(|&k| without(k).is_ok()).or_else(|| {
+        keys().find(|&k| without(k).is_err_and(|e| e.to_string().contains(&format!("missing field `{k}`"))))
+    })
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -115,10 +138,27 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
 /// Why generation ended, in OpenAI's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Stop,
     Length,
+}
+
+impl From<fp4moe_engine::FinishReason> for FinishReason {
+    fn from(r: fp4moe_engine::FinishReason) -> Self {
+        use fp4moe_engine::FinishReason as E;
+        match r {
+            E::Eos | E::StopString => FinishReason::Stop,
+            // The scheduler drops cancelled jobs without a response; a cut-short one is "length".
+            E::Length | E::Cancelled => FinishReason::Length,
+        }
+    }
 }

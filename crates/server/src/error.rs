@@ -9,18 +9,19 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
     /// Seconds, for 429.
     pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             kind: "invalid_request_error",
-            param,
+            param: param.map(str::to_owned),
             retry_after: None,
         }
     }
@@ -70,6 +71,30 @@ impl ApiError {
         }
     }
 
+    /// An engine error: the request's fault (4xx) unless the model itself failed.
+    pub fn from_engine(e: &fp4moe_engine::Error) -> Self {
+        use fp4moe_engine::Error as E;
+        let param = match e {
+            E::InvalidSampling(_) => None,
+            E::InvalidRequest(_) | E::ContextOverflow { .. } => Some("max_tokens"),
+            E::EmptyPrompt | E::PromptTooLong { .. } | E::TokenOutOfRange { .. } | E::Tokenizer(_) => {
+                Some("prompt")
+            }
+            E::Template(_) => Some("messages"),
+            E::File { .. } | E::TokenizerMismatch(_) | E::Model(_) | E::BadLogits(_) => {
+                return ApiError::internal(e.to_string());
+            }
+        };
+        ApiError::bad_request(e.to_string(), param)
+    }
+
+    /// A body the server would not read: too large (413) or broken off.
+    pub fn from_body(e: axum::extract::rejection::BytesRejection) -> Self {
+        let status = e.status();
+        let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
+        ApiError { status, message: e.body_text(), kind, param: None, retry_after: None }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}})
     }
@@ -83,4 +108,13 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Engine(#[from] fp4moe_engine::Error),
+    #[error("starting the scheduler thread: {0}")]
+    Spawn(std::io::Error),
 }

@@ -11,36 +11,34 @@ pub mod error;
 pub mod metrics;
 pub mod scheduler;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use fp4moe_engine::sampling::SamplingParams;
 use fp4moe_engine::template::RenderOptions;
-use fp4moe_engine::tokenizer::Tokenizer;
+use fp4moe_engine::{Request, SamplingParams, Tokenizer};
 use fp4moe_models::LanguageModel;
 use futures_util::stream::{self, Stream};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use api::{ChatRequest, CommonParams, CompletionRequest, Content, FinishReason, Prompt};
-use error::ApiError;
+pub use error::{ApiError, ServerError};
 use metrics::Metrics;
 use scheduler::{Event, Job, SchedulerConfig};
 
-/// Everything `fp4moe serve` can set.
+/// Everything `fp4moe serve` can set about serving (the address is the listener's business).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub addr: SocketAddr,
     /// Name reported by `/v1/models` and in responses.
     pub model_name: String,
     /// When set, every request must send `Authorization: Bearer <key>`.
@@ -53,23 +51,23 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Prompt tokens per prefill step (see [`scheduler`]).
     pub prefill_chunk: usize,
-    /// Context limit per request (prompt + max_tokens); at most the model's.
-    pub context_length: usize,
+    /// Context limit per request (prompt + max_tokens); `None` = the model's. Also bounds the KV
+    /// cache a request can allocate.
+    pub context_limit: Option<usize>,
     /// `max_tokens` when a request gives none (capped by the context left).
     pub default_max_tokens: usize,
 }
 
 impl ServerConfig {
-    pub fn new(addr: SocketAddr, model_name: impl Into<String>, context_length: usize) -> Self {
+    pub fn new(model_name: impl Into<String>) -> Self {
         ServerConfig {
-            addr,
             model_name: model_name.into(),
             api_key: None,
             max_batch: 32,
             max_queue: 256,
             max_body_bytes: 1 << 20,
-            prefill_chunk: 256,
-            context_length,
+            prefill_chunk: fp4moe_engine::DEFAULT_PREFILL_CHUNK,
+            context_limit: None,
             default_max_tokens: 512,
         }
     }
@@ -77,6 +75,8 @@ impl ServerConfig {
 
 struct AppState {
     config: ServerConfig,
+    /// The context limit actually applied (the config's, capped by the model's).
+    context_limit: usize,
     tokenizer: Arc<Tokenizer>,
     jobs: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
@@ -89,33 +89,43 @@ pub fn app(
     model: Arc<dyn LanguageModel>,
     tokenizer: Arc<Tokenizer>,
     config: ServerConfig,
-) -> (Router, Arc<Metrics>) {
+) -> Result<(Router, Arc<Metrics>), ServerError> {
+    tokenizer.check_model(model.info())?;
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel(config.max_queue.max(1));
-    let stop_ids = tokenizer.stop_ids(model.info());
-    let sched =
-        SchedulerConfig { max_batch: config.max_batch.max(1), prefill_chunk: config.prefill_chunk.max(1) };
+    let context_limit = fp4moe_engine::context_limit(model.as_ref(), config.context_limit);
+    let sched = SchedulerConfig {
+        max_batch: config.max_batch.max(1),
+        prefill_chunk: config.prefill_chunk.max(1),
+        context_limit,
+    };
     {
         let (model, tokenizer, metrics) = (model.clone(), tokenizer.clone(), metrics.clone());
         std::thread::Builder::new()
             .name("fp4moe-scheduler".into())
-            .spawn(move || scheduler::run(model, tokenizer, stop_ids, sched, rx, metrics))
-            .expect("spawn scheduler thread");
+            .spawn(move || scheduler::run(model, tokenizer, sched, rx, metrics))
+            .map_err(ServerError::Spawn)?;
     }
     let started = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let state =
-        Arc::new(AppState { config: config.clone(), tokenizer, jobs: tx, metrics: metrics.clone(), started });
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        context_limit,
+        tokenizer,
+        jobs: tx,
+        metrics: metrics.clone(),
+        started,
+    });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state);
-    (router, metrics)
+    Ok((router, metrics))
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets running streams finish.
@@ -127,7 +137,7 @@ pub async fn serve(
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
-async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn auth(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
     if let Some(key) = &state.config.api_key {
         let ok = req
             .headers()
@@ -165,9 +175,12 @@ enum Kind {
     Text,
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
-        let req: ChatRequest = api::parse(&body)?;
+        let req: ChatRequest = api::parse(&body.map_err(ApiError::from_body)?)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad_request("`messages` must not be empty", Some("messages")));
         }
@@ -182,38 +195,28 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         let enable_thinking =
             req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")).and_then(Value::as_bool);
         let opts = RenderOptions { add_generation_prompt: true, enable_thinking, tools: None };
-        let text = template
-            .render(&messages, &opts)
-            .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+        let text = template.render(&messages, &opts).map_err(|e| ApiError::from_engine(&e))?;
         // The template already wrote the special tokens.
-        let prompt = state
-            .tokenizer
-            .encode(&text, false)
-            .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+        let prompt = state.tokenizer.encode(&text, false).map_err(|e| ApiError::from_engine(&e))?;
         start(&state, Kind::Chat, prompt, req.common).await
     }
     .await;
     result.unwrap_or_else(|e| reject(&state, e))
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let result = async {
-        let req: CompletionRequest = api::parse(&body)?;
+        let req: CompletionRequest = api::parse(&body.map_err(ApiError::from_body)?)?;
         let prompt = match req.prompt {
-            Prompt::Ids(ids) => {
-                let vocab = state.tokenizer.vocab_size();
-                if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                    return Err(ApiError::bad_request(
-                        format!("token id {bad} is outside the vocabulary ({vocab})"),
-                        Some("prompt"),
-                    ));
-                }
-                ids
-            }
+            // Ids are checked against the model's vocabulary when the job is admitted.
+            Prompt::Ids(ids) => ids,
             Prompt::Text(t) => encode_prompt(&state, &t)?,
             Prompt::Texts(v) if v.len() == 1 => encode_prompt(&state, &v[0])?,
             Prompt::Texts(_) => {
-                return Err(ApiError::bad_request("only one prompt per request is supported", Some("prompt")));
+                return Err(ApiError::bad_request(
+                    "only one prompt per request is supported",
+                    Some("prompt"),
+                ));
             }
         };
         start(&state, Kind::Text, prompt, req.common).await
@@ -223,11 +226,14 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
 }
 
 fn encode_prompt(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    state.tokenizer.encode(text, true).map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))
+    state.tokenizer.encode(text, true).map_err(|e| ApiError::from_engine(&e))
 }
 
+/// Answers with `e`; 4xx answers count as rejected (failures are counted where they happen).
 fn reject(state: &AppState, e: ApiError) -> Response {
-    state.metrics.requests_rejected.fetch_add(1, Relaxed);
+    if e.status.is_client_error() {
+        state.metrics.requests_rejected.fetch_add(1, Relaxed);
+    }
     e.into_response()
 }
 
@@ -244,7 +250,8 @@ fn content_text(c: Option<&Content>) -> String {
     }
 }
 
-/// Checks lengths and sampling values, then queues the job.
+/// The request's sampling fields over the neutral defaults (validated with the rest of the
+/// request by [`Request::validate`]).
 fn sampling(common: &CommonParams) -> Result<SamplingParams, ApiError> {
     let d = SamplingParams::default();
     let top_k = match common.top_k {
@@ -257,7 +264,7 @@ fn sampling(common: &CommonParams) -> Result<SamplingParams, ApiError> {
             ));
         }
     };
-    let p = SamplingParams {
+    Ok(SamplingParams {
         temperature: common.temperature.unwrap_or(d.temperature),
         top_k,
         top_p: common.top_p.unwrap_or(d.top_p),
@@ -266,35 +273,36 @@ fn sampling(common: &CommonParams) -> Result<SamplingParams, ApiError> {
         presence_penalty: common.presence_penalty.unwrap_or(d.presence_penalty),
         frequency_penalty: common.frequency_penalty.unwrap_or(d.frequency_penalty),
         seed: common.seed,
-    };
-    p.validate().map_err(|e| ApiError::bad_request(e.to_string(), None))?;
-    Ok(p)
+    })
 }
 
+/// Most stop strings per request: each one is scanned on every token.
+const MAX_STOP_STRINGS: usize = 16;
+
+/// Checks what can be checked without the model (so a bad request never takes a queue slot),
+/// then queues the job and answers with its stream or its whole result.
 async fn start(
     state: &Arc<AppState>,
     kind: Kind,
     prompt: Vec<u32>,
     common: CommonParams,
 ) -> Result<Response, ApiError> {
-    let cfg = &state.config;
+    use fp4moe_engine::Error as E;
     if prompt.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+        return Err(ApiError::from_engine(&E::EmptyPrompt));
     }
     if let Some(n) = common.n
         && n != 1
     {
         return Err(ApiError::bad_request(format!("only n = 1 is supported, got {n}"), Some("n")));
     }
-    if prompt.len() >= cfg.context_length {
-        return Err(ApiError::bad_request(
-            format!("the prompt has {} tokens; the context length is {}", prompt.len(), cfg.context_length),
-            Some("messages"),
-        ));
+    let limit = state.context_limit;
+    if prompt.len() >= limit {
+        return Err(ApiError::from_engine(&E::PromptTooLong { prompt: prompt.len(), limit }));
     }
-    let room = cfg.context_length - prompt.len();
+    let room = limit - prompt.len();
     let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
-        None => cfg.default_max_tokens.min(room),
+        None => state.config.default_max_tokens.min(room),
         Some(m) if m < 1 => {
             return Err(ApiError::bad_request(
                 format!("max_tokens must be >= 1, got {m}"),
@@ -302,24 +310,23 @@ async fn start(
             ));
         }
         Some(m) if m as u64 > room as u64 => {
-            return Err(ApiError::bad_request(
-                format!(
-                    "max_tokens {m} plus the prompt's {} tokens exceeds the context length {}; use at most {room}",
-                    prompt.len(),
-                    cfg.context_length
-                ),
-                Some("max_tokens"),
-            ));
+            let e = E::ContextOverflow { prompt: prompt.len(), max_tokens: m as usize, limit };
+            return Err(ApiError::from_engine(&e));
         }
         Some(m) => m as usize,
     };
-    let params = sampling(&common)?;
     let stop = common.stop.clone().map(api::Stop::into_vec).unwrap_or_default();
-    if stop.len() > 16 || stop.iter().any(String::is_empty) {
-        return Err(ApiError::bad_request("`stop` takes at most 16 non-empty strings", Some("stop")));
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::bad_request(
+            format!("`stop` takes at most {MAX_STOP_STRINGS} strings"),
+            Some("stop"),
+        ));
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let job = Job { prompt, params, max_tokens, stop, events: tx, received: Instant::now() };
+    let request = Request { sampling: sampling(&common)?, max_tokens, stop };
+    request.validate().map_err(|e| ApiError::from_engine(&e))?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job { prompt, request, events: tx, received: Instant::now() };
     // Count the job as queued before it becomes visible to the scheduler, which decrements.
     state.metrics.queue_depth.fetch_add(1, Relaxed);
     if let Err(e) = state.jobs.try_send(job) {
@@ -332,15 +339,21 @@ async fn start(
     let meta = Meta {
         id: format!("{}-{:x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, rand_id()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        model: cfg.model_name.clone(),
+        model: state.config.model_name.clone(),
         kind,
         include_usage: common.stream_options.as_ref().is_some_and(|o| o.include_usage),
     };
-    if common.stream {
-        Ok(Sse::new(sse_stream(meta, rx)).keep_alive(KeepAlive::default()).into_response())
-    } else {
-        whole(meta, rx).await
+    if !common.stream {
+        return whole(meta, rx).await;
     }
+    // Wait for the first event before sending headers, so a request the scheduler refuses
+    // (e.g. a token id outside the model's vocabulary) still gets its 4xx status.
+    let first = match rx.recv().await {
+        Some(Event::Error(e)) => return Err(e),
+        Some(ev) => ev,
+        None => return Err(ApiError::unavailable("the server stopped before the request started")),
+    };
+    Ok(Sse::new(sse_stream(meta, first, rx)).keep_alive(KeepAlive::default()).into_response())
 }
 
 struct Meta {
@@ -380,42 +393,49 @@ impl Meta {
     }
 }
 
+/// The SSE body: one chunk per text event, a chunk with the finish reason, the usage chunk
+/// when asked for, then `[DONE]`.
 fn sse_stream(
     meta: Meta,
+    first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
 ) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
-    // States: Some(rx) while streaming; the final usage chunk and [DONE] follow `Done`.
     enum St {
-        Open(Meta, mpsc::UnboundedReceiver<Event>, bool),
+        Open { meta: Meta, rx: mpsc::UnboundedReceiver<Event>, pending: Option<Event>, first: bool },
         Tail(Vec<String>),
     }
-    stream::unfold(St::Open(meta, rx, true), |st| async move {
+    let data = |d: String| Ok(SseEvent::default().data(d));
+    stream::unfold(St::Open { meta, rx, pending: Some(first), first: true }, move |st| async move {
         match st {
-            St::Open(meta, mut rx, first) => match rx.recv().await {
-                Some(Event::Text(t)) => {
-                    let data = meta.chunk(Some(&t), None, first).to_string();
-                    Some((Ok(SseEvent::default().data(data)), St::Open(meta, rx, false)))
-                }
-                Some(Event::Done { finish_reason, usage }) => {
-                    let mut tail = Vec::new();
-                    if meta.include_usage {
-                        let u = json!({"id": meta.id, "object": meta.object(true), "created": meta.created,
-                            "model": meta.model, "choices": [], "usage": usage});
-                        tail.push(u.to_string());
+            St::Open { meta, mut rx, pending, first } => {
+                let ev = match pending {
+                    Some(ev) => Some(ev),
+                    None => rx.recv().await,
+                };
+                match ev {
+                    Some(Event::Text(t)) => {
+                        let chunk = meta.chunk(Some(&t), None, first).to_string();
+                        Some((data(chunk), St::Open { meta, rx, pending: None, first: false }))
                     }
-                    tail.push("[DONE]".to_string());
-                    tail.reverse();
-                    let data = meta.chunk(None, Some(finish_reason), first).to_string();
-                    Some((Ok(SseEvent::default().data(data)), St::Tail(tail)))
+                    Some(Event::Done { finish_reason, usage }) => {
+                        let mut tail = vec!["[DONE]".to_string()];
+                        if meta.include_usage {
+                            let u = json!({"id": meta.id, "object": meta.object(true), "created": meta.created,
+                                "model": meta.model, "choices": [], "usage": usage});
+                            tail.push(u.to_string());
+                        }
+                        let chunk = meta.chunk(None, Some(finish_reason), first).to_string();
+                        Some((data(chunk), St::Tail(tail)))
+                    }
+                    Some(Event::Error(e)) => {
+                        Some((data(e.body().to_string()), St::Tail(vec!["[DONE]".to_string()])))
+                    }
+                    // The scheduler went away without a word (it panicked); end the stream.
+                    None => None,
                 }
-                Some(Event::Error(msg)) => {
-                    let data = ApiError::internal(msg).body().to_string();
-                    Some((Ok(SseEvent::default().data(data)), St::Tail(vec!["[DONE]".to_string()])))
-                }
-                // The scheduler dropped the job without a word (it only does so at shutdown).
-                None => None,
-            },
-            St::Tail(mut rest) => rest.pop().map(|d| (Ok(SseEvent::default().data(d)), St::Tail(rest))),
+            }
+            // Popped from the back: usage, then [DONE].
+            St::Tail(mut rest) => rest.pop().map(|d| (data(d), St::Tail(rest))),
         }
     })
 }
@@ -437,7 +457,7 @@ async fn whole(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Res
                     "model": meta.model, "choices": [choice], "usage": usage});
                 return Ok((StatusCode::OK, axum::Json(body)).into_response());
             }
-            Event::Error(msg) => return Err(ApiError::internal(msg)),
+            Event::Error(e) => return Err(e),
         }
     }
     Err(ApiError::unavailable("the server stopped before the request finished"))

@@ -1,8 +1,353 @@
-//! `fp4moe bench model` (not yet implemented).
+//! `fp4moe bench model`: a synthetic model of a real architecture (random FP4 weights of the real
+//! shapes, all layers by default), timed on a 512-token prefill and batch-1 decode, and compared
+//! with its bandwidth floor: the bytes one decode step must read (embedding row, attention,
+//! router, the top-k experts routing picks, shared expert, lm_head, KV cache) divided by the
+//! memory read bandwidth measured in the same run.
 
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use fp4moe_engine::{Sampler, SamplingParams};
+use fp4moe_models::{Arch, LanguageModel, glm4_moe_lite, qwen3_moe};
+use serde_json::json;
+
+use super::run::{BuildSynthetic, QuantArg, SyntheticArch};
+use crate::backend::{BackendKind, dispatch};
+
+/// `fp4moe bench model`
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(after_help = "Example:\n  fp4moe bench model --synthetic qwen3-30b-a3b --json bench.json")]
+pub struct Args {
+    /// Architecture to build with random weights.
+    #[arg(long, value_enum, default_value_t = SyntheticArch::DEFAULT)]
+    pub synthetic: SyntheticArch,
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`fp4moe bench model` is not implemented yet")
+    /// Decoder layers [default: all of the architecture's].
+    #[arg(long)]
+    pub layers: Option<usize>,
+
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+
+    /// FP4 format of the weights.
+    #[arg(long, value_enum, default_value_t = QuantArg::Mxfp4)]
+    pub quant: QuantArg,
+
+    /// Prompt tokens of the timed prefill (one forward pass).
+    #[arg(long, default_value_t = 512)]
+    pub prefill: usize,
+
+    /// Decode steps timed after the prefill (batch 1, greedy).
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+
+    /// Size of the buffer the memory-bandwidth probe reads (MiB); far larger than any cache.
+    #[arg(long, default_value_t = 1024)]
+    pub bandwidth_mib: usize,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+/// Bytes one batch-1 decode step reads, by kind.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DecodeBytes {
+    pub embedding_row: u64,
+    pub attention: u64,
+    pub router: u64,
+    pub routed_experts: u64,
+    pub shared_experts: u64,
+    pub dense_mlp: u64,
+    pub norms: u64,
+    pub lm_head: u64,
+    pub kv_cache: u64,
+}
+
+impl DecodeBytes {
+    pub fn total(&self) -> u64 {
+        self.embedding_row
+            + self.attention
+            + self.router
+            + self.routed_experts
+            + self.shared_experts
+            + self.dense_mlp
+            + self.norms
+            + self.lm_head
+            + self.kv_cache
+    }
+}
+
+/// How the synthetic model stores each kind of weight (see `fp4moe_models::synthetic`):
+/// projections and experts FP4 (½ byte per element plus one scale byte per block), embeddings,
+/// routers and lm_head bf16, norms and biases f32; the KV cache holds f32.
+struct Storage {
+    format: fp4::Format,
+}
+
+const BF16_BYTES: u64 = 2;
+const F32_BYTES: u64 = 4;
+
+impl Storage {
+    /// Bytes of an FP4 `[rows, cols]` matrix (the per-tensor f32 scale is negligible).
+    fn fp4(&self, rows: usize, cols: usize) -> u64 {
+        let elems = (rows * cols) as u64;
+        elems / 2 + elems / self.format.block() as u64
+    }
+}
+
+/// Bytes a decode step reads at context length `ctx` (tokens in the cache, including the new one).
+pub fn decode_bytes(
+    arch: Arch,
+    layers: Option<usize>,
+    format: fp4::Format,
+    ctx: usize,
+) -> anyhow::Result<DecodeBytes> {
+    let mut config = arch.config();
+    if let Some(n) = layers {
+        config["num_hidden_layers"] = json!(n);
+    }
+    let path = Path::new("<synthetic config>");
+    let s = Storage { format };
+    let mut b = DecodeBytes::default();
+    match arch {
+        Arch::Qwen3_30bA3b => {
+            let c = qwen3_moe::Config::from_json(&config, path)?;
+            let (h, d) = (c.hidden_size, c.head_dim);
+            b.embedding_row = h as u64 * BF16_BYTES;
+            b.lm_head = (c.vocab_size * h) as u64 * BF16_BYTES;
+            b.norms = (h as u64) * F32_BYTES;
+            for &sparse in &c.sparse {
+                let q = c.num_heads * d;
+                let kv = c.num_kv_heads * d;
+                b.attention += s.fp4(q, h) + 2 * s.fp4(kv, h) + s.fp4(h, q);
+                b.norms += (2 * h + 2 * d) as u64 * F32_BYTES;
+                if sparse {
+                    b.router += (c.num_experts * h) as u64 * BF16_BYTES;
+                    b.routed_experts += c.top_k as u64 * 3 * s.fp4(c.moe_intermediate_size, h);
+                } else {
+                    let inter = c.intermediate_size.context("dense layer without intermediate_size")?;
+                    b.dense_mlp += 3 * s.fp4(inter, h);
+                }
+                b.kv_cache += (ctx * c.cache_values_per_token()) as u64 * F32_BYTES;
+            }
+        }
+        Arch::Glm47Flash => {
+            let c = glm4_moe_lite::Config::from_json(&config, path)?;
+            let h = c.hidden_size;
+            let heads = c.num_heads;
+            let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+            b.embedding_row = h as u64 * BF16_BYTES;
+            b.lm_head = (c.vocab_size * h) as u64 * BF16_BYTES;
+            b.norms = (h as u64) * F32_BYTES;
+            for &sparse in &c.sparse {
+                b.attention += match c.q_lora_rank {
+                    Some(r) => s.fp4(r, h) + s.fp4(heads * qk, r) + r as u64 * F32_BYTES,
+                    None => s.fp4(heads * qk, h),
+                };
+                b.attention += s.fp4(c.kv_lora_rank + c.qk_rope_head_dim, h)
+                    + s.fp4(heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+                    + s.fp4(h, heads * c.v_head_dim)
+                    + c.kv_lora_rank as u64 * F32_BYTES;
+                b.norms += (2 * h) as u64 * F32_BYTES;
+                if sparse {
+                    b.router += (c.num_experts * h) as u64 * BF16_BYTES + c.num_experts as u64 * F32_BYTES;
+                    b.routed_experts += c.top_k as u64 * 3 * s.fp4(c.moe_intermediate_size, h);
+                    b.shared_experts += c.n_shared_experts as u64 * 3 * s.fp4(c.moe_intermediate_size, h);
+                } else {
+                    b.dense_mlp += 3 * s.fp4(c.intermediate_size, h);
+                }
+                b.kv_cache += (ctx * c.cache_values_per_token()) as u64 * F32_BYTES;
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// Memory read bandwidth in GB/s: every core sums its share of a `bytes` buffer; best of
+/// `reps`. The buffer is written first so its pages are real memory, not the shared zero page.
+pub fn measure_read_bandwidth(bytes: usize, reps: usize) -> f64 {
+    let words = (bytes / 8).max(1);
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = words.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for part in buf.chunks(chunk) {
+                scope.spawn(move || {
+                    // Independent accumulators so the loop is bound by loads, not by one add chain.
+                    let mut acc = [0u64; 8];
+                    for block in part.chunks_exact(8) {
+                        for (a, &x) in acc.iter_mut().zip(block) {
+                            *a = a.wrapping_add(x);
+                        }
+                    }
+                    std::hint::black_box(acc);
+                });
+            }
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
+
+/// Peak resident memory of this process (VmHWM), if the platform reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Token ids for the prefill: spread over the vocabulary (a fixed LCG, so runs are comparable).
+fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+struct Timings {
+    prefill_s: f64,
+    decode_s: f64,
+    decode_steps: usize,
+}
+
+fn time_model(model: &dyn LanguageModel, prefill: usize, decode: usize) -> anyhow::Result<Timings> {
+    let info = model.info();
+    let mut seq = model.new_sequence(prefill + decode + 1)?;
+    let prompt = prompt_ids(prefill, info.vocab_size);
+    let start = Instant::now();
+    let logits = model.forward(&mut [(&mut seq, &prompt[..])], false)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    // Greedy, over the whole vocabulary: the routing then follows the model's own output.
+    let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
+    let mut next = sampler.sample(&logits[0])?;
+    let start = Instant::now();
+    for _ in 0..decode {
+        let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
+        next = sampler.sample(&logits[0])?;
+    }
+    Ok(Timings { prefill_s, decode_s: start.elapsed().as_secs_f64(), decode_steps: decode })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.prefill == 0 || args.decode_tokens == 0 {
+        anyhow::bail!("--prefill and --decode-tokens must be at least 1");
+    }
+    let format = args.quant.format().context("bench model needs an FP4 format: --quant mxfp4 or nvfp4")?;
+    let arch = args.synthetic.arch();
+
+    // Before the model is built, so the probe buffer and the weights never compete for RAM.
+    eprintln!("measuring memory read bandwidth ({} MiB buffer)...", args.bandwidth_mib);
+    let mem_read_gbps = measure_read_bandwidth(args.bandwidth_mib << 20, 5);
+
+    eprintln!("building synthetic {} ...", arch.name());
+    let start = Instant::now();
+    let model = dispatch(args.backend, BuildSynthetic { arch, layers: args.layers, format })?;
+    let build_s = start.elapsed().as_secs_f64();
+    let info = model.info().clone();
+    eprintln!(
+        "built {} layers in {build_s:.1} s; timing prefill of {} tokens ...",
+        info.num_layers, args.prefill
+    );
+
+    let t = time_model(model.as_ref(), args.prefill, args.decode_tokens)?;
+    let prefill_tok_s = args.prefill as f64 / t.prefill_s;
+    let decode_tok_s = t.decode_steps as f64 / t.decode_s;
+    // The cache grows during the timed decode; the floor uses its mean length.
+    let mean_ctx = args.prefill + 1 + args.decode_tokens / 2;
+    let bytes = decode_bytes(arch, args.layers, format, mean_ctx)?;
+    let floor_decode_tok_s = mem_read_gbps * 1e9 / bytes.total() as f64;
+    let peak_rss = peak_rss_bytes();
+
+    println!(
+        "model            synthetic {} ({}), {} layers, {}",
+        arch.name(),
+        info.model_type,
+        info.num_layers,
+        format.name()
+    );
+    println!("memory read      {mem_read_gbps:.1} GB/s");
+    println!("prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s)", args.prefill, t.prefill_s);
+    println!("decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s)", t.decode_steps, t.decode_s);
+    println!(
+        "decode floor     {floor_decode_tok_s:.2} tok/s ({:.1} MB read per step / {mem_read_gbps:.1} GB/s)",
+        bytes.total() as f64 / 1e6
+    );
+    println!("of floor         {:.0}%", 100.0 * decode_tok_s / floor_decode_tok_s);
+    if let Some(rss) = peak_rss {
+        println!("peak resident    {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+    }
+
+    if let Some(path) = &args.json {
+        let out = json!({
+            "model": arch.name(),
+            "model_type": info.model_type,
+            "layers": info.num_layers,
+            "format": format.name(),
+            "backend": format!("{:?}", args.backend).to_lowercase(),
+            "decode_tok_s": decode_tok_s,
+            "prefill_tok_s": prefill_tok_s,
+            "floor_decode_tok_s": floor_decode_tok_s,
+            "fraction_of_floor": decode_tok_s / floor_decode_tok_s,
+            "mem_read_gbps": mem_read_gbps,
+            "decode_bytes_per_step": bytes.total(),
+            "decode_bytes": bytes,
+            "prefill_tokens": args.prefill,
+            "decode_tokens": t.decode_steps,
+            "build_s": build_s,
+            "peak_rss_bytes": peak_rss,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_bytes_of_full_qwen_match_hand_count() {
+        // Per layer at MXFP4 (0.5 + 1/32 bytes per element): attention 4096·2048 + 2·512·2048
+        // + 2048·4096 elements, experts 8 · 3 · 768·2048, router 128·2048 bf16.
+        let q = |e: u64| e / 2 + e / 32;
+        let b = decode_bytes(Arch::Qwen3_30bA3b, None, fp4::Format::Mxfp4, 0).unwrap();
+        assert_eq!(b.attention, 48 * q(4096 * 2048 + 2 * 512 * 2048 + 2048 * 4096));
+        assert_eq!(b.routed_experts, 48 * 8 * 3 * q(768 * 2048));
+        assert_eq!(b.router, 48 * 128 * 2048 * 2);
+        assert_eq!(b.lm_head, 151_936 * 2048 * 2);
+        assert_eq!(b.kv_cache, 0);
+        let with_ctx = decode_bytes(Arch::Qwen3_30bA3b, Some(2), fp4::Format::Mxfp4, 100).unwrap();
+        assert_eq!(with_ctx.kv_cache, 2 * 100 * 2 * 4 * 128 * 4);
+    }
+
+    #[test]
+    fn decode_bytes_of_glm_count_dense_layer_and_shared_expert() {
+        let q = |e: u64| e / 2 + e / 16;
+        let b = decode_bytes(Arch::Glm47Flash, Some(3), fp4::Format::Nvfp4, 10).unwrap();
+        assert_eq!(b.dense_mlp, 3 * q(10240 * 2048), "layer 0 is dense");
+        assert_eq!(b.routed_experts, 2 * 4 * 3 * q(1536 * 2048));
+        assert_eq!(b.shared_experts, 2 * 3 * q(1536 * 2048));
+        assert_eq!(b.kv_cache, 3 * 10 * (512 + 64) * 4);
+    }
+
+    #[test]
+    fn bandwidth_probe_and_rss_report_plausible_values() {
+        let gbps = measure_read_bandwidth(16 << 20, 2);
+        assert!(gbps > 0.1 && gbps < 10_000.0, "{gbps}");
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes().unwrap() > 1 << 20);
+        }
+    }
 }

@@ -1,0 +1,145 @@
+// Causal attention with the keys split into chunks of ATTN_CHUNK positions (split-K), one workgroup per
+// (chunk, head, query), then a merge per (head, query). GQA and MLA share it:
+// - GQA: q1 = q [T, Hq, D], d2 = 0; keys k [S, Hkv, D], values v [S, Hkv, Dv].
+// - MLA (absorbed): q1 = q_lat [T, H, L], q2 = q_rope [T, H, R]; keys and values are rows of
+//   the latent cache [S, L + R] (key = whole row, value = its first L entries), shared by heads.
+// A chunk writes its max score m, its sum l of exp(s - m) and Σ exp(s - m) v; the merge
+// rescales the chunks to the global max, as a single softmax over all positions would.
+
+struct P {
+    t_base: u32, // first query of this dispatch (queries are dispatched in slices)
+    hq: u32,
+    group: u32, // query heads per kv head
+    d1: u32,
+    d2: u32,
+    dv: u32,
+    pos0: u32,
+    scale: f32,
+    k_row: u32, // key row stride (elements)
+    k_head: u32, // key head stride
+    v_row: u32,
+    v_head: u32,
+    n_chunks: u32,
+    t_count: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> q1: array<f32>;
+@group(0) @binding(2) var<storage, read> q2: array<f32>;
+@group(0) @binding(3) var<storage, read> kb: array<f32>;
+@group(0) @binding(4) var<storage, read> vb: array<f32>;
+@group(0) @binding(5) var<storage, read_write> part: array<f32>; // [t_count, hq, n_chunks, dv + 2]
+@group(0) @binding(6) var<storage, read_write> out: array<f32>; // [T, hq, dv]
+
+var<workgroup> sc: array<f32, ATTN_CHUNK>;
+var<workgroup> red: array<f32, ATTN_CHUNK>;
+
+fn wg_max(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = ATTN_CHUNK / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = ATTN_CHUNK / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(ATTN_CHUNK)
+fn attn_chunk(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lid = lid3.x;
+    let chunk = wid.x;
+    let h = wid.y;
+    let tl = wid.z;
+    let t = p.t_base + tl;
+    let len = p.pos0 + t + 1u;
+    let pbase = ((tl * p.hq + h) * p.n_chunks + chunk) * (p.dv + 2u);
+    let j0 = chunk * ATTN_CHUNK;
+    if (j0 >= len) {
+        // Past the causal limit: an empty chunk that the merge skips.
+        return;
+    }
+    let kh = h / p.group;
+    let j = j0 + lid;
+    var s = neg_inf();
+    if (j < len) {
+        let kbase = j * p.k_row + kh * p.k_head;
+        let qa = (t * p.hq + h) * p.d1;
+        var acc = 0.0;
+        for (var d = 0u; d < p.d1; d++) {
+            acc += q1[qa + d] * kb[kbase + d];
+        }
+        let qb = (t * p.hq + h) * p.d2;
+        var acc2 = 0.0;
+        for (var d = 0u; d < p.d2; d++) {
+            acc2 += q2[qb + d] * kb[kbase + p.d1 + d];
+        }
+        s = (acc + acc2) * p.scale;
+    }
+    let m = wg_max(lid, s);
+    var e = 0.0;
+    if (j < len) {
+        e = exp(s - m);
+    }
+    sc[lid] = e;
+    let l = wg_sum(lid, e);
+    let nvalid = min(ATTN_CHUNK, len - j0);
+    for (var d = lid; d < p.dv; d += ATTN_CHUNK) {
+        var o = 0.0;
+        for (var i = 0u; i < nvalid; i++) {
+            o += sc[i] * vb[(j0 + i) * p.v_row + kh * p.v_head + d];
+        }
+        part[pbase + d] = o;
+    }
+    if (lid == 0u) {
+        part[pbase + p.dv] = m;
+        part[pbase + p.dv + 1u] = l;
+    }
+}
+
+@compute @workgroup_size(ATTN_CHUNK)
+fn attn_merge(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lid = lid3.x;
+    let h = wid.y;
+    let tl = wid.z;
+    let t = p.t_base + tl;
+    let len = p.pos0 + t + 1u;
+    let live = (len + ATTN_CHUNK - 1u) / ATTN_CHUNK;
+    let base = (tl * p.hq + h) * p.n_chunks * (p.dv + 2u);
+    var m = neg_inf();
+    for (var c = 0u; c < live; c++) {
+        m = max(m, part[base + c * (p.dv + 2u) + p.dv]);
+    }
+    var l = 0.0;
+    for (var c = 0u; c < live; c++) {
+        let cb = base + c * (p.dv + 2u);
+        l += part[cb + p.dv + 1u] * exp(part[cb + p.dv] - m);
+    }
+    for (var d = lid; d < p.dv; d += ATTN_CHUNK) {
+        var o = 0.0;
+        for (var c = 0u; c < live; c++) {
+            let cb = base + c * (p.dv + 2u);
+            o += part[cb + d] * exp(part[cb + p.dv] - m);
+        }
+        out[(t * p.hq + h) * p.dv + d] = o / l;
+    }
+}

@@ -1,0 +1,39 @@
+// Helpers shared by every kernel (prepended after the generated FP4 snippet).
+
+// Grids larger than the per-dimension limit (65535 workgroups) are split over x and y; kernels
+// recover the flat workgroup index here and bound-check it against their element count.
+fn flat_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+fn bf16_to_f32(bits: u32) -> f32 {
+    return bitcast<f32>((bits & 0xffffu) << 16u);
+}
+
+// Round to nearest even, as `half::bf16::from_f32` (and torch's cast) does; NaN stays NaN.
+fn f32_to_bf16(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return (b >> 16u) | 0x40u;
+    }
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+// Ranking key of top-k selections: NaN ranks below every number (as in the reference).
+fn rank_key(v: f32) -> f32 {
+    if (v != v) {
+        return neg_inf();
+    }
+    return v;
+}
+
+// True when (va, ia) comes before (vb, ib) in "descending value, ties to the lower index".
+fn ranks_before(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
+    let a = rank_key(va);
+    let b = rank_key(vb);
+    return a > b || (a == b && ia < ib);
+}

@@ -1,0 +1,92 @@
+// MoE decode path: one GEMV per (token, slot) pair against its expert (see moe.wgsl), laid out
+// as gemv.wgsl (GEMV_ROWS weight rows x GEMV_LANES threads per workgroup, partial sums in workgroup memory).
+
+struct P {
+    pairs: u32,
+    k: u32,
+    h: u32,
+    inter: u32,
+    e_lo: u32,
+    e_hi: u32,
+    row0: u32,
+    n_experts: u32,
+    max_tiles: u32,
+    has_shared: u32,
+    identity_pos: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<f32>; // gate_up: tokens [n, H]; down: act [pairs, I]
+@group(0) @binding(2) var<storage, read> ids: array<u32>; // [pairs]
+@group(0) @binding(3) var<storage, read_write> out: array<f32>; // gate_up: act [pairs, I]; down: [pairs, H]
+
+var<workgroup> red: array<vec2<f32>, WG>;
+
+fn dot_row(row: u32, kdim: u32, xbase: u32, lane: u32) -> f32 {
+    var s = 0.0;
+    for (var c0 = lane * 8u; c0 < kdim; c0 += GEMV_LANES * 8u) {
+        let w = w_get8(row, kdim, c0);
+        for (var i = 0u; i < 8u; i++) {
+            if (c0 + i < kdim) {
+                s += w[i] * x[xbase + c0 + i];
+            }
+        }
+    }
+    return s;
+}
+
+fn lane_reduce(lid: u32, lane: u32, v: vec2<f32>) -> vec2<f32> {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return red[lid];
+}
+
+// Workgroup (x: row block, z: pair). Rows j < I: gate row j and up row I + j of the expert.
+@compute @workgroup_size(WG)
+fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let pair = wid.z;
+    let e = ids[pair];
+    if (e < p.e_lo || e >= p.e_hi) {
+        return;
+    }
+    let lid = lid3.x;
+    let lane = lid % GEMV_LANES;
+    let j = wid.x * GEMV_ROWS + lid / GEMV_LANES;
+    var v = vec2<f32>(0.0);
+    if (j < p.inter) {
+        let base = e * 2u * p.inter - p.row0;
+        let xbase = (pair / p.k) * p.h;
+        v = vec2<f32>(dot_row(base + j, p.h, xbase, lane), dot_row(base + p.inter + j, p.h, xbase, lane));
+    }
+    let r = lane_reduce(lid, lane, v);
+    if (lane == 0u && j < p.inter) {
+        out[pair * p.inter + j] = r.x / (1.0 + exp(-r.x)) * r.y;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn moe_down_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let pair = wid.z;
+    let e = ids[pair];
+    if (e < p.e_lo || e >= p.e_hi) {
+        return;
+    }
+    let lid = lid3.x;
+    let lane = lid % GEMV_LANES;
+    let n = wid.x * GEMV_ROWS + lid / GEMV_LANES;
+    var v = vec2<f32>(0.0);
+    if (n < p.h) {
+        v.x = dot_row(e * p.h - p.row0 + n, p.inter, pair * p.inter, lane);
+    }
+    let r = lane_reduce(lid, lane, v);
+    if (lane == 0u && n < p.h) {
+        out[pair * p.h + n] = r.x;
+    }
+}

@@ -1,0 +1,86 @@
+// Row reductions: RMSNorm and softmax, one workgroup per row.
+
+struct P {
+    rows: u32,
+    d: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+var<workgroup> red: array<f32, WG>;
+
+fn reduce_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_max(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn rms_norm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = flat_wg(wid, nwg);
+    let lid = lid3.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.d;
+    var s = 0.0;
+    for (var i = lid; i < p.d; i += WG) {
+        s += x[base + i] * x[base + i];
+    }
+    let ms = reduce_sum(lid, s) / f32(p.d);
+    let r = 1.0 / sqrt(ms + p.eps);
+    for (var i = lid; i < p.d; i += WG) {
+        out[base + i] = w[i] * (x[base + i] * r);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn softmax(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+           @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = flat_wg(wid, nwg);
+    let lid = lid3.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.d;
+    var m = neg_inf();
+    for (var i = lid; i < p.d; i += WG) {
+        m = max(m, x[base + i]);
+    }
+    m = reduce_max(lid, m);
+    var s = 0.0;
+    for (var i = lid; i < p.d; i += WG) {
+        s += exp(x[base + i] - m);
+    }
+    s = reduce_sum(lid, s);
+    for (var i = lid; i < p.d; i += WG) {
+        out[base + i] = exp(x[base + i] - m) / s;
+    }
+}

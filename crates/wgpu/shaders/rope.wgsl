@@ -1,0 +1,67 @@
+// Rotary embedding, one thread per output element; see `fp4moe_ops::Rope` for the pairing.
+// The inverse frequencies come from the host (`rope_inv_freq`, the reference's own f32 values)
+// so the angle `pos * inv_freq` is the same f32 product the reference takes.
+
+struct P {
+    n: u32,
+    heads: u32,
+    d: u32,
+    offset: u32,
+    dims: u32,
+    interleaved: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> pos: array<u32>;
+@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+
+// sin and cos of an angle of any size: GPU sin/cos are only accurate on [-pi, pi], and angles
+// reach pos * 1 rad, so reduce by 2*pi first. 2*pi is split into three f32 parts (the first
+// with few significant bits) so that k * part is exact or nearly so for the k seen here.
+fn sincos(a: f32) -> vec2<f32> {
+    let k = round(a * 0.15915493667125702);
+    var r = fma(-k, 6.28125, a);
+    r = fma(-k, 0.0019353071693331003, r);
+    r = fma(-k, 1.0253131677018246e-11, r);
+    return vec2<f32>(sin(r), cos(r));
+}
+
+@compute @workgroup_size(WG)
+fn rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = flat_wg(wid, nwg) * WG + lid.x;
+    if (e >= p.n * p.heads * p.d) {
+        return;
+    }
+    let c = e % p.d;
+    let t = e / (p.heads * p.d);
+    if (c < p.offset || c >= p.offset + p.dims) {
+        out[e] = x[e];
+        return;
+    }
+    let i = c - p.offset;
+    let half = p.dims / 2u;
+    var f: u32;
+    var first: bool;
+    var partner: u32;
+    if (p.interleaved != 0u) {
+        f = i / 2u;
+        first = (i & 1u) == 0u;
+        partner = select(e - 1u, e + 1u, first);
+    } else {
+        first = i < half;
+        f = select(i - half, i, first);
+        partner = select(e - half, e + half, first);
+    }
+    let sc = sincos(f32(pos[t]) * inv_freq[f]);
+    if (first) {
+        out[e] = x[e] * sc.y - x[partner] * sc.x;
+    } else {
+        out[e] = x[e] * sc.y + x[partner] * sc.x;
+    }
+}

@@ -1,0 +1,244 @@
+//! WGSL sources, their assembly into modules, and the pipeline cache.
+//!
+//! A module is `fp4::codegen::wgsl()` (the E2M1 table and scale decoders generated from the
+//! Rust definition) + [`constants`] (launch-shape constants the host also uses) +
+//! `common.wgsl` + the weight-access snippet of one [`WKind`] (for kernels that read a
+//! weight) + the kernel file, with `N_TILE` filled in for tiled variants.
+
+use crate::context::{Context, block_on};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Launch-shape constants shared by the host (grid sizes) and the kernels.
+pub(crate) mod shape {
+    /// Threads of the 1-D elementwise and row kernels.
+    pub const WG: u32 = 256;
+    /// GEMV: weight rows per workgroup, and threads per row.
+    pub const GEMV_ROWS: u32 = 8;
+    pub const GEMV_LANES: u32 = 32;
+    /// GEMV: activation rows sharing one read of the weights.
+    pub const GEMV_MR: u32 = 4;
+    /// Tiled GEMMs: activation (or sorted pair) rows per tile.
+    pub const TILE_M: u32 = 64;
+    /// Attention: key positions per split-K chunk (= threads of the attention workgroup).
+    pub const ATTN_CHUNK: u32 = 64;
+    /// MoE sort: most experts one workgroup can count.
+    pub const MOE_MAX_EXPERTS: u32 = 1024;
+    /// Sigmoid router: most expert groups.
+    pub const ROUTER_MAX_GROUPS: u32 = 64;
+    /// Top-k / argmax workgroup.
+    pub const TOPK_WG: u32 = 256;
+}
+
+fn constants() -> String {
+    use shape::*;
+    format!(
+        "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {GEMV_ROWS}u;\nconst GEMV_LANES: u32 = {GEMV_LANES}u;\n\
+         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\n\
+         const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
+         const TOPK_WG: u32 = {TOPK_WG}u;\n"
+    )
+}
+
+/// How a kernel reads its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WKind {
+    Mxfp4,
+    Nvfp4,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WKind {
+    fn snippet(self) -> String {
+        let quant = include_str!("../shaders/weight_quant.wgsl");
+        let dense = include_str!("../shaders/weight_dense.wgsl");
+        let q = |f: fp4::Format, dec: &str| {
+            quant.replace("BLOCK_SIZE", &f.block().to_string()).replace("SCALE_DECODE", dec)
+        };
+        match self {
+            WKind::Mxfp4 => q(fp4::Format::Mxfp4, "fp4_e8m0"),
+            WKind::Nvfp4 => q(fp4::Format::Nvfp4, "fp4_e4m3"),
+            WKind::F32 => dense.replace("DENSE_AT", "w_at_f32"),
+            WKind::Bf16 => dense.replace("DENSE_AT", "w_at_bf16"),
+            WKind::F16 => dense.replace("DENSE_AT", "w_at_f16"),
+        }
+    }
+}
+
+/// The kernel files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Src {
+    Elementwise,
+    Copy,
+    Norm,
+    Rope,
+    Gemv,
+    Gemm,
+    HeadLinear,
+    Embedding,
+    Moe,
+    MoeTile,
+    MoeGemv,
+    MoeCombine,
+    Attention,
+    Router,
+    TopK,
+}
+
+impl Src {
+    pub const ALL: [Src; 15] = [
+        Src::Elementwise,
+        Src::Copy,
+        Src::Norm,
+        Src::Rope,
+        Src::Gemv,
+        Src::Gemm,
+        Src::HeadLinear,
+        Src::Embedding,
+        Src::Moe,
+        Src::MoeTile,
+        Src::MoeGemv,
+        Src::MoeCombine,
+        Src::Attention,
+        Src::Router,
+        Src::TopK,
+    ];
+
+    fn text(self) -> &'static str {
+        match self {
+            Src::Elementwise => include_str!("../shaders/elementwise.wgsl"),
+            Src::Copy => include_str!("../shaders/copy.wgsl"),
+            Src::Norm => include_str!("../shaders/norm.wgsl"),
+            Src::Rope => include_str!("../shaders/rope.wgsl"),
+            Src::Gemv => include_str!("../shaders/gemv.wgsl"),
+            Src::Gemm => include_str!("../shaders/gemm.wgsl"),
+            Src::HeadLinear => include_str!("../shaders/head_linear.wgsl"),
+            Src::Embedding => include_str!("../shaders/embedding.wgsl"),
+            Src::Moe => include_str!("../shaders/moe.wgsl"),
+            Src::MoeTile => include_str!("../shaders/moe_tile.wgsl"),
+            Src::MoeGemv => include_str!("../shaders/moe_gemv.wgsl"),
+            Src::MoeCombine => include_str!("../shaders/moe_combine.wgsl"),
+            Src::Attention => include_str!("../shaders/attention.wgsl"),
+            Src::Router => include_str!("../shaders/router.wgsl"),
+            Src::TopK => include_str!("../shaders/topk.wgsl"),
+        }
+    }
+
+    /// Whether the file reads a weight (and so needs a [`WKind`] snippet).
+    pub fn reads_weight(self) -> bool {
+        matches!(self, Src::Gemv | Src::Gemm | Src::HeadLinear | Src::Embedding | Src::MoeTile | Src::MoeGemv)
+    }
+
+    /// Whether the file has an `N_TILE` parameter.
+    pub fn tiled(self) -> bool {
+        matches!(self, Src::Gemm | Src::MoeTile)
+    }
+}
+
+/// One compilable variant of a kernel file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub src: Src,
+    pub weight: Option<WKind>,
+    pub n_tile: Option<u32>,
+}
+
+impl Variant {
+    pub fn plain(src: Src) -> Variant {
+        Variant { src, weight: None, n_tile: None }
+    }
+
+    /// The full WGSL text of this variant.
+    pub fn source(&self) -> String {
+        let mut s = fp4::codegen::wgsl();
+        s.push_str(&constants());
+        s.push_str(include_str!("../shaders/common.wgsl"));
+        if let Some(w) = self.weight {
+            s.push_str(&w.snippet());
+        }
+        let body = self.src.text();
+        match self.n_tile {
+            Some(nt) => s.push_str(&body.replace("N_TILE", &nt.to_string())),
+            None => s.push_str(body),
+        }
+        s
+    }
+}
+
+/// Every variant's full WGSL text, named, for the translation test (`tests/msl.rs`).
+pub fn all_sources() -> Vec<(String, String)> {
+    let kinds = [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16];
+    let mut out = Vec::new();
+    for src in Src::ALL {
+        let weights: Vec<Option<WKind>> =
+            if src.reads_weight() { kinds.iter().copied().map(Some).collect() } else { vec![None] };
+        let tiles: Vec<Option<u32>> = if src.tiled() {
+            crate::ops::PREFILL_TILES.iter().copied().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        for &weight in &weights {
+            for &n_tile in &tiles {
+                let v = Variant { src, weight, n_tile };
+                out.push((format!("{v:?}"), v.source()));
+            }
+        }
+    }
+    out
+}
+
+/// A compiled entry point.
+pub struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+#[derive(Default)]
+pub struct Cache {
+    modules: Mutex<HashMap<Variant, Arc<wgpu::ShaderModule>>>,
+    kernels: Mutex<HashMap<(Variant, &'static str), Arc<Kernel>>>,
+}
+
+impl Cache {
+    /// The pipeline of `entry` in `variant`, compiled on first use. Compile errors (a kernel
+    /// that the driver rejects) come back as device errors naming the entry point.
+    pub fn get(
+        &self,
+        ctx: &Context,
+        variant: Variant,
+        entry: &'static str,
+    ) -> fp4moe_ops::Result<Arc<Kernel>> {
+        if let Some(k) = self.kernels.lock().unwrap_or_else(PoisonError::into_inner).get(&(variant, entry)) {
+            return Ok(k.clone());
+        }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = {
+            let mut mods = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+            mods.entry(variant)
+                .or_insert_with(|| {
+                    Arc::new(ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(entry),
+                        source: wgpu::ShaderSource::Wgsl(variant.source().into()),
+                    }))
+                })
+                .clone()
+        };
+        let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = block_on(scope.pop()) {
+            return Err(fp4moe_ops::Error::Device(format!("compiling {entry} ({variant:?}): {e}")));
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let k = Arc::new(Kernel { pipeline, layout });
+        self.kernels.lock().unwrap_or_else(PoisonError::into_inner).insert((variant, entry), k.clone());
+        Ok(k)
+    }
+}

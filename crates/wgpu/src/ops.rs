@@ -1,0 +1,910 @@
+//! The op trait on wgpu: each op checks shapes and dtypes on the host (the same rules as the
+//! reference), allocates its output and records its kernels; nothing here waits for the GPU
+//! except `download` and `synchronize`.
+
+use crate::kernels::{Kernel, Src, Variant, WKind, shape};
+use crate::weight::WgpuWeight;
+use crate::{GpuBuf, WgpuBackend};
+use fp4moe_ops::{
+    Backend, DType, Error, GroupedRouter, HeadLinear, HostData, HostTensor, HostWeight, LinearPath, MoePath,
+    MoeWeights, Result, Rope, RopeStyle, Tensor,
+};
+use std::sync::Arc;
+
+type GT = Tensor<GpuBuf>;
+
+fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
+    Error::Shape { op, detail: detail.into() }
+}
+
+fn unsupported(op: &'static str, what: impl Into<String>) -> Error {
+    Error::Unsupported { op, backend: "wgpu".into(), what: what.into() }
+}
+
+fn u(v: usize) -> u32 {
+    v as u32
+}
+
+/// Workgroups for `n` items of `per` each: x up to the per-dimension limit, then y.
+fn grid(n: usize, per: u32) -> [u32; 3] {
+    let groups = n.div_ceil(per as usize);
+    let x = groups.min(MAX_GROUPS_PER_DIM);
+    [x as u32, groups.div_ceil(x.max(1)) as u32, 1]
+}
+
+const MAX_GROUPS_PER_DIM: usize = 65535;
+
+fn expect(op: &'static str, t: &GT, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(shape_err(op, format!("expected {dtype:?}, got {:?}", t.dtype())));
+    }
+    Ok(())
+}
+
+fn tensor_bytes(shape: &[usize], dtype: DType) -> u64 {
+    let n: usize = shape.iter().product();
+    match dtype {
+        DType::BF16 => n.div_ceil(2) as u64 * 4,
+        _ => (n * dtype.size()) as u64,
+    }
+}
+
+impl WgpuBackend {
+    fn alloc(&self, shape: &[usize], dtype: DType) -> GT {
+        let size = tensor_bytes(shape, dtype).div_ceil(4).max(1) * 4;
+        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Tensor::new(Arc::new(GpuBuf { buf }), shape.to_vec(), dtype)
+    }
+
+    fn scratch(&self, words: usize) -> wgpu::Buffer {
+        self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("scratch"),
+            size: (words.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn k(&self, src: Src, entry: &'static str) -> Result<Arc<Kernel>> {
+        self.kernels.get(&self.ctx, Variant::plain(src), entry)
+    }
+
+    fn kw(&self, src: Src, entry: &'static str, w: WKind, n_tile: Option<u32>) -> Result<Arc<Kernel>> {
+        self.kernels.get(&self.ctx, Variant { src, weight: Some(w), n_tile }, entry)
+    }
+
+    /// Every kernel variant this backend can run, compiled now (tests, and to keep pipeline
+    /// creation out of timed regions).
+    pub fn compile_all(&self) -> Result<()> {
+        let entries: &[(Src, &[&'static str])] = &[
+            (Src::Elementwise, &["add", "silu_mul", "to_bf16", "from_bf16"]),
+            (Src::Copy, &["copy32", "copy16"]),
+            (Src::Norm, &["rms_norm", "softmax"]),
+            (Src::Rope, &["rope"]),
+            (Src::Moe, &["moe_sort"]),
+            (Src::MoeCombine, &["moe_combine"]),
+            (Src::Attention, &["attn_chunk", "attn_merge"]),
+            (Src::Router, &["route_softmax", "route_sigmoid"]),
+            (Src::TopK, &["top_k"]),
+        ];
+        for (src, names) in entries {
+            for n in *names {
+                self.k(*src, n)?;
+            }
+        }
+        for w in [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16] {
+            self.kw(Src::Gemv, "gemv", w, None)?;
+            self.kw(Src::HeadLinear, "head_linear", w, None)?;
+            self.kw(Src::HeadLinear, "head_linear_t", w, None)?;
+            self.kw(Src::Embedding, "embedding", w, None)?;
+            self.kw(Src::MoeGemv, "moe_gate_up_gemv", w, None)?;
+            self.kw(Src::MoeGemv, "moe_down_gemv", w, None)?;
+            for nt in PREFILL_TILES {
+                self.kw(Src::Gemm, "gemm", w, Some(nt))?;
+                self.kw(Src::MoeTile, "moe_gate_up_tile", w, Some(nt))?;
+                self.kw(Src::MoeTile, "moe_down_tile", w, Some(nt))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tensor as f32 (bf16 widened by a kernel); u32 is an error.
+    fn as_f32(&self, op: &'static str, x: &GT) -> Result<GT> {
+        match x.dtype() {
+            DType::F32 => Ok(x.clone()),
+            DType::BF16 => self.cast(x, DType::F32),
+            DType::U32 => Err(shape_err(op, "expected f32 or bf16, got u32")),
+        }
+    }
+
+    /// `dst[dst_off + i*dst_stride + j] = src[src_off + i*src_stride + j]` (elements).
+    #[allow(clippy::too_many_arguments)]
+    fn copy2d(
+        &self,
+        dtype: DType,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+        src_off: usize,
+        src_stride: usize,
+        dst_off: usize,
+        dst_stride: usize,
+    ) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let wpr = cols / 2 + 1;
+        let params = [rows, cols, src_off, src_stride, dst_off, dst_stride, wpr, 0].map(u);
+        let binds = [(1, src), (2, dst)];
+        if dtype == DType::BF16 {
+            self.dispatch(&self.k(Src::Copy, "copy16")?, &params, &binds, grid(rows * wpr, shape::WG))
+        } else {
+            self.dispatch(&self.k(Src::Copy, "copy32")?, &params, &binds, grid(rows * cols, shape::WG))
+        }
+    }
+
+    /// Shared part of the two attention ops (see attention.wgsl).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q1: &GT,
+        q2: Option<&GT>,
+        kb: &GT,
+        vb: &GT,
+        dims: AttnDims,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<GT> {
+        let AttnDims { t_n, hq, group, d1, d2, dv, k_row, k_head, v_row, v_head } = dims;
+        let out = self.alloc(&[t_n, hq, dv], DType::F32);
+        if t_n == 0 || hq == 0 {
+            return Ok(out);
+        }
+        let chunks = (pos0 + t_n).div_ceil(shape::ATTN_CHUNK as usize);
+        let per_query = hq * chunks * (dv + 2);
+        let slice = (ATTN_SCRATCH_WORDS / per_query.max(1)).clamp(1, t_n.min(MAX_GROUPS_PER_DIM));
+        let part = self.scratch(slice * per_query);
+        let kc = self.k(Src::Attention, "attn_chunk")?;
+        let km = self.k(Src::Attention, "attn_merge")?;
+        let q2b = q2.unwrap_or(q1);
+        let mut t0 = 0;
+        while t0 < t_n {
+            let tc = slice.min(t_n - t0);
+            let params = [
+                u(t0),
+                u(hq),
+                u(group),
+                u(d1),
+                u(d2),
+                u(dv),
+                u(pos0),
+                scale.to_bits(),
+                u(k_row),
+                u(k_head),
+                u(v_row),
+                u(v_head),
+                u(chunks),
+                u(tc),
+                0,
+                0,
+            ];
+            let binds = [
+                (1, &q1.storage.buf),
+                (2, &q2b.storage.buf),
+                (3, &kb.storage.buf),
+                (4, &vb.storage.buf),
+                (5, &part),
+            ];
+            self.dispatch(&kc, &params, &binds, [u(chunks), u(hq), u(tc)])?;
+            self.dispatch(&km, &params, &[(5, &part), (6, &out.storage.buf)], [1, u(hq), u(tc)])?;
+            t0 += tc;
+        }
+        Ok(out)
+    }
+
+    /// Runs the two expert GEMMs of one MoE path over every chunk of the stacked weights.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts(
+        &self,
+        x: &GT,
+        ids: &GT,
+        experts: &MoeWeights<'_, WgpuWeight>,
+        dims: MoeDims,
+        path: MoePath,
+    ) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
+        const OP: &str = "moe";
+        let MoeDims { pairs, k, h, inter } = dims;
+        let e_n = experts.n_experts;
+        let act = self.scratch(pairs * inter);
+        let y = self.scratch(pairs * h);
+        let max_tiles = pairs.div_ceil(shape::TILE_M as usize) + e_n;
+        let params = |e_lo: usize, e_hi: usize, row0: usize| {
+            [pairs, k, h, inter, e_lo, e_hi, row0, e_n, max_tiles, 0, 0, 0].map(u)
+        };
+        // Experts covered by a chunk: chunks hold whole experts (see weight.rs).
+        let span = |w: &WgpuWeight, c: &crate::weight::Chunk, per: usize| -> Result<(usize, usize)> {
+            if !c.row0.is_multiple_of(per) || (!c.rows.is_multiple_of(per) && c.row0 + c.rows != w.rows) {
+                return Err(unsupported(
+                    OP,
+                    format!(
+                        "a weight chunk of rows {}..{} splits an expert of {per} rows",
+                        c.row0,
+                        c.row0 + c.rows
+                    ),
+                ));
+            }
+            Ok((c.row0 / per, (c.row0 + c.rows).div_ceil(per)))
+        };
+        let (gu, dn) = (experts.gate_up, experts.down);
+        match path {
+            MoePath::Decode => {
+                let kg = self.kw(Src::MoeGemv, "moe_gate_up_gemv", gu.kind, None)?;
+                for c in &gu.chunks {
+                    let (lo, hi) = span(gu, c, 2 * inter)?;
+                    let mut b = vec![(1, &x.storage.buf), (2, &ids.storage.buf), (3, &act)];
+                    b.extend(c.bindings());
+                    let g = [u(inter.div_ceil(shape::GEMV_ROWS as usize)), 1, u(pairs)];
+                    self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
+                }
+                let kd = self.kw(Src::MoeGemv, "moe_down_gemv", dn.kind, None)?;
+                for c in &dn.chunks {
+                    let (lo, hi) = span(dn, c, h)?;
+                    let mut b = vec![(1, &act), (2, &ids.storage.buf), (3, &y)];
+                    b.extend(c.bindings());
+                    let g = [u(h.div_ceil(shape::GEMV_ROWS as usize)), 1, u(pairs)];
+                    self.dispatch(&kd, &params(lo, hi, c.row0), &b, g)?;
+                }
+                Ok((y, None))
+            }
+            MoePath::Prefill { n_tile } => {
+                let nt = tile_variant(OP, n_tile)?;
+                let sorted = self.scratch(pairs);
+                let pos = self.scratch(pairs);
+                let tiles = self.scratch(3 * max_tiles);
+                let ks = self.k(Src::Moe, "moe_sort")?;
+                let b = [(1, &ids.storage.buf), (2, &sorted), (3, &pos), (4, &tiles)];
+                self.dispatch(&ks, &params(0, e_n, 0), &b, [1, 1, 1])?;
+                let kg = self.kw(Src::MoeTile, "moe_gate_up_tile", gu.kind, Some(nt))?;
+                for c in &gu.chunks {
+                    let (lo, hi) = span(gu, c, 2 * inter)?;
+                    let mut b = vec![(1, &x.storage.buf), (2, &sorted), (3, &tiles), (4, &act)];
+                    b.extend(c.bindings());
+                    let g = [u(max_tiles), u(inter.div_ceil(nt as usize)), 1];
+                    self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
+                }
+                let kd = self.kw(Src::MoeTile, "moe_down_tile", dn.kind, Some(nt))?;
+                for c in &dn.chunks {
+                    let (lo, hi) = span(dn, c, h)?;
+                    // The down GEMM reads act in sorted order already: no `sorted` binding.
+                    let mut b = vec![(1, &act), (3, &tiles), (4, &y)];
+                    b.extend(c.bindings());
+                    let g = [u(max_tiles), u(h.div_ceil(nt as usize)), 1];
+                    self.dispatch(&kd, &params(lo, hi, c.row0), &b, g)?;
+                }
+                Ok((y, Some(pos)))
+            }
+            MoePath::Auto => Err(unsupported(OP, "Auto must be resolved before dispatch")),
+        }
+    }
+}
+
+/// N tiles of the prefill GEMMs (`LinearPath::Prefill` / `MoePath::Prefill`).
+pub(crate) const PREFILL_TILES: [u32; 2] = [32, 64];
+
+/// Words of scratch one attention dispatch may use for its per-chunk partials; longer prefills
+/// are dispatched in query slices.
+const ATTN_SCRATCH_WORDS: usize = 16 << 20;
+
+fn tile_variant(op: &'static str, n_tile: usize) -> Result<u32> {
+    PREFILL_TILES
+        .iter()
+        .copied()
+        .find(|&t| t as usize == n_tile)
+        .ok_or_else(|| unsupported(op, format!("prefill tile {n_tile} (have {PREFILL_TILES:?})")))
+}
+
+struct AttnDims {
+    t_n: usize,
+    hq: usize,
+    group: usize,
+    d1: usize,
+    d2: usize,
+    dv: usize,
+    k_row: usize,
+    k_head: usize,
+    v_row: usize,
+    v_head: usize,
+}
+
+#[derive(Clone, Copy)]
+struct MoeDims {
+    pairs: usize,
+    k: usize,
+    h: usize,
+    inter: usize,
+}
+
+impl Backend for WgpuBackend {
+    type Storage = GpuBuf;
+    type Weight = WgpuWeight;
+
+    fn name(&self) -> String {
+        format!("wgpu:{}", self.ctx.caps.adapter)
+    }
+
+    fn upload(&self, t: HostTensor<'_>) -> Result<GT> {
+        let (bytes, shape, dtype) = match t {
+            HostTensor::F32(v, s) => (crate::bytes_of_f32(v), s, DType::F32),
+            HostTensor::U32(v, s) => (crate::bytes_of_u32(v), s, DType::U32),
+        };
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * 4 {
+            return Err(shape_err("upload", format!("{} elements for shape {shape:?}", bytes.len() / 4)));
+        }
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buf = self.ctx.buffer_init(bytes, usage);
+        Ok(Tensor::new(Arc::new(GpuBuf { buf }), shape.to_vec(), dtype))
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<GT> {
+        Ok(self.alloc(shape, dtype))
+    }
+
+    fn download(&self, t: &GT) -> Result<HostData> {
+        let n = t.numel();
+        let bytes = self.read_back(&t.storage, tensor_bytes(t.shape(), t.dtype()))?;
+        let words = || bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        Ok(match t.dtype() {
+            DType::F32 => HostData::F32(words().map(f32::from_bits).collect()),
+            DType::U32 => HostData::U32(words().collect()),
+            DType::BF16 => HostData::F32(
+                bytes
+                    .chunks_exact(2)
+                    .take(n)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            ),
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.wait()
+    }
+
+    fn upload_weight(&self, w: &HostWeight) -> Result<WgpuWeight> {
+        self.upload_weight_impl(w)
+    }
+
+    fn weight_shape(&self, w: &WgpuWeight) -> [usize; 2] {
+        [w.rows, w.cols]
+    }
+
+    fn linear_paths(&self) -> Vec<LinearPath> {
+        let mut v = vec![LinearPath::Decode];
+        v.extend(PREFILL_TILES.iter().map(|&t| LinearPath::Prefill { n_tile: t as usize }));
+        v
+    }
+
+    fn moe_paths(&self) -> Vec<MoePath> {
+        let mut v = vec![MoePath::Decode];
+        v.extend(PREFILL_TILES.iter().map(|&t| MoePath::Prefill { n_tile: t as usize }));
+        v
+    }
+
+    fn embedding(&self, table: &WgpuWeight, ids: &GT) -> Result<GT> {
+        const OP: &str = "embedding";
+        if ids.shape().len() != 1 {
+            return Err(shape_err(OP, format!("ids must be [n], got {:?}", ids.shape())));
+        }
+        expect(OP, ids, DType::U32)?;
+        let (n, h) = (ids.shape()[0], table.cols);
+        let out = self.alloc(&[n, h], DType::F32);
+        let k = self.kw(Src::Embedding, "embedding", table.kind, None)?;
+        for c in &table.chunks {
+            let mut b = vec![(1, &ids.storage.buf), (2, &out.storage.buf)];
+            b.extend(c.bindings());
+            self.dispatch(&k, &[n, h, c.row0, c.rows].map(u), &b, grid(n * h, shape::WG))?;
+        }
+        Ok(out)
+    }
+
+    fn linear(&self, x: &GT, w: &WgpuWeight, path: LinearPath) -> Result<GT> {
+        const OP: &str = "linear";
+        let (n, k) = (w.rows, w.cols);
+        if x.shape().is_empty() || x.last_dim() != k {
+            return Err(shape_err(OP, format!("x {:?} against weight [{n}, {k}]", x.shape())));
+        }
+        let x = self.as_f32(OP, x)?;
+        let m = x.rows();
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = n;
+        let out = self.alloc(&shape, DType::F32);
+        let path = match path {
+            LinearPath::Auto => self.config.linear_path(m),
+            p => p,
+        };
+        let kernel = match path {
+            LinearPath::Prefill { n_tile } => {
+                self.kw(Src::Gemm, "gemm", w.kind, Some(tile_variant(OP, n_tile)?))?
+            }
+            _ => self.kw(Src::Gemv, "gemv", w.kind, None)?,
+        };
+        for c in &w.chunks {
+            let params = [m, c.rows, k, c.row0, n, 0, 0, 0].map(u);
+            let mut b = vec![(1, &x.storage.buf), (2, &out.storage.buf)];
+            b.extend(c.bindings());
+            let groups = match path {
+                LinearPath::Prefill { n_tile } => {
+                    let gx = m.div_ceil(shape::TILE_M as usize);
+                    if gx > MAX_GROUPS_PER_DIM {
+                        return Err(unsupported(OP, format!("{m} rows in one prefill GEMM")));
+                    }
+                    [u(gx), u(c.rows.div_ceil(n_tile)), 1]
+                }
+                _ => {
+                    let [gx, gy, _] = grid(c.rows, shape::GEMV_ROWS);
+                    [gx, gy, u(m.div_ceil(shape::GEMV_MR as usize))]
+                }
+            };
+            self.dispatch(&kernel, &params, &b, groups)?;
+        }
+        Ok(out)
+    }
+
+    fn head_linear(&self, x: &GT, w: &WgpuWeight, spec: HeadLinear) -> Result<GT> {
+        const OP: &str = "head_linear";
+        let HeadLinear { heads, rows_per_head, row_start, row_count, transpose } = spec;
+        let (rows, k) = (w.rows, w.cols);
+        if rows != heads * rows_per_head || row_start + row_count > rows_per_head {
+            return Err(shape_err(OP, format!("{spec:?} against weight [{rows}, {k}]")));
+        }
+        let kx = if transpose { row_count } else { k };
+        let s = x.shape();
+        if s.len() != 3 || s[1] != heads || s[2] != kx {
+            return Err(shape_err(OP, format!("x {s:?}, expected [M, {heads}, {kx}] for {spec:?}")));
+        }
+        expect(OP, x, DType::F32)?;
+        if w.chunks.len() != 1 {
+            return Err(unsupported(OP, "a weight split over several storage bindings"));
+        }
+        let m = s[0];
+        let ky = if transpose { k } else { row_count };
+        let out = self.alloc(&[m, heads, ky], DType::F32);
+        let entry = if transpose { "head_linear_t" } else { "head_linear" };
+        let kern = self.kw(Src::HeadLinear, entry, w.kind, None)?;
+        let mut b = vec![(1, &x.storage.buf), (2, &out.storage.buf)];
+        b.extend(w.chunks[0].bindings());
+        let params = [m, heads, rows_per_head, row_start, row_count, k, 0, 0].map(u);
+        self.dispatch(&kern, &params, &b, grid(m * heads * ky, shape::WG))?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &GT, w: &GT, eps: f32) -> Result<GT> {
+        const OP: &str = "rms_norm";
+        let d = x.last_dim();
+        if x.shape().is_empty() || w.shape() != [d] {
+            return Err(shape_err(OP, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
+        }
+        expect(OP, x, DType::F32)?;
+        expect(OP, w, DType::F32)?;
+        let out = self.alloc(x.shape(), DType::F32);
+        let rows = x.rows();
+        let b = [(1, &x.storage.buf), (2, &w.storage.buf), (3, &out.storage.buf)];
+        self.dispatch(
+            &self.k(Src::Norm, "rms_norm")?,
+            &[u(rows), u(d), eps.to_bits(), 0],
+            &b,
+            grid(rows, 1),
+        )?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &GT, positions: &GT, spec: Rope) -> Result<GT> {
+        const OP: &str = "rope";
+        let s = x.shape();
+        if s.len() != 3 || positions.shape() != [s[0]] {
+            return Err(shape_err(
+                OP,
+                format!("x {s:?} (want [n, H, D]), positions {:?}", positions.shape()),
+            ));
+        }
+        let d = s[2];
+        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
+            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
+        }
+        expect(OP, x, DType::F32)?;
+        expect(OP, positions, DType::U32)?;
+        let out = self.alloc(s, DType::F32);
+        let inv = self.inv_freq(spec.dims, spec.theta);
+        let inter = u32::from(spec.style == RopeStyle::Interleaved);
+        let params = [u(s[0]), u(s[1]), u(d), u(spec.offset), u(spec.dims), inter, 0, 0];
+        let b = [(1, &x.storage.buf), (2, &positions.storage.buf), (3, &*inv), (4, &out.storage.buf)];
+        self.dispatch(&self.k(Src::Rope, "rope")?, &params, &b, grid(x.numel(), shape::WG))?;
+        Ok(out)
+    }
+
+    fn softmax(&self, x: &GT) -> Result<GT> {
+        const OP: &str = "softmax";
+        if x.shape().is_empty() {
+            return Err(shape_err(OP, "scalar input"));
+        }
+        expect(OP, x, DType::F32)?;
+        let out = self.alloc(x.shape(), DType::F32);
+        let (rows, d) = (x.rows(), x.last_dim());
+        let b = [(1, &x.storage.buf), (3, &out.storage.buf)];
+        self.dispatch(&self.k(Src::Norm, "softmax")?, &[u(rows), u(d), 0, 0], &b, grid(rows, 1))?;
+        Ok(out)
+    }
+
+    fn add(&self, a: &GT, b: &GT) -> Result<GT> {
+        const OP: &str = "add";
+        if a.shape() != b.shape() {
+            return Err(shape_err(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
+        }
+        expect(OP, a, DType::F32)?;
+        expect(OP, b, DType::F32)?;
+        let out = self.alloc(a.shape(), DType::F32);
+        let n = a.numel();
+        let binds = [(1, &a.storage.buf), (2, &b.storage.buf), (3, &out.storage.buf)];
+        self.dispatch(&self.k(Src::Elementwise, "add")?, &[u(n), 0, 0, 0], &binds, grid(n, shape::WG))?;
+        Ok(out)
+    }
+
+    fn silu_mul(&self, x: &GT) -> Result<GT> {
+        const OP: &str = "silu_mul";
+        let c = x.last_dim();
+        if x.shape().is_empty() || !c.is_multiple_of(2) {
+            return Err(shape_err(OP, format!("last dim of {:?} must be even", x.shape())));
+        }
+        expect(OP, x, DType::F32)?;
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = c / 2;
+        let out = self.alloc(&shape, DType::F32);
+        let n = out.numel();
+        let binds = [(1, &x.storage.buf), (3, &out.storage.buf)];
+        let params = [u(n), u(c / 2), 0, 0];
+        self.dispatch(&self.k(Src::Elementwise, "silu_mul")?, &params, &binds, grid(n, shape::WG))?;
+        Ok(out)
+    }
+
+    fn slice_cols(&self, x: &GT, start: usize, len: usize) -> Result<GT> {
+        const OP: &str = "slice_cols";
+        let c = x.last_dim();
+        if x.shape().is_empty() || start + len > c {
+            return Err(shape_err(OP, format!("columns {start}..{} of {:?}", start + len, x.shape())));
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = len;
+        let out = self.alloc(&shape, x.dtype());
+        self.copy2d(x.dtype(), &x.storage.buf, &out.storage.buf, x.rows(), len, start, c, 0, len)?;
+        Ok(out)
+    }
+
+    fn slice_rows(&self, x: &GT, start: usize, len: usize) -> Result<GT> {
+        const OP: &str = "slice_rows";
+        let s = x.shape();
+        if s.is_empty() || start + len > s[0] {
+            return Err(shape_err(OP, format!("rows {start}..{} of {s:?}", start + len)));
+        }
+        let per: usize = s[1..].iter().product();
+        let mut shape = s.to_vec();
+        shape[0] = len;
+        let out = self.alloc(&shape, x.dtype());
+        self.copy2d(x.dtype(), &x.storage.buf, &out.storage.buf, len, per, start * per, per, 0, per)?;
+        Ok(out)
+    }
+
+    fn concat_rows(&self, parts: &[&GT]) -> Result<GT> {
+        const OP: &str = "concat_rows";
+        let Some(first) = parts.first() else {
+            return Err(shape_err(OP, "no parts"));
+        };
+        if first.shape().is_empty() {
+            return Err(shape_err(OP, "scalar part"));
+        }
+        let (tail, dtype) = (&first.shape()[1..], first.dtype());
+        for p in parts {
+            if p.shape().is_empty() || &p.shape()[1..] != tail || p.dtype() != dtype {
+                return Err(shape_err(
+                    OP,
+                    format!("{:?} {:?} after {:?} {dtype:?}", p.shape(), p.dtype(), first.shape()),
+                ));
+            }
+        }
+        let per: usize = tail.iter().product();
+        let rows: usize = parts.iter().map(|p| p.shape()[0]).sum();
+        let mut shape = first.shape().to_vec();
+        shape[0] = rows;
+        let out = self.alloc(&shape, dtype);
+        let mut r0 = 0;
+        for p in parts {
+            let n = p.shape()[0];
+            self.copy2d(dtype, &p.storage.buf, &out.storage.buf, n, per, 0, per, r0 * per, per)?;
+            r0 += n;
+        }
+        Ok(out)
+    }
+
+    fn cast(&self, x: &GT, dtype: DType) -> Result<GT> {
+        const OP: &str = "cast";
+        let n = x.numel();
+        match (x.dtype(), dtype) {
+            (DType::F32, DType::F32) | (DType::BF16, DType::BF16) => {
+                let out = self.alloc(x.shape(), dtype);
+                self.copy2d(dtype, &x.storage.buf, &out.storage.buf, 1, n, 0, n, 0, n)?;
+                Ok(out)
+            }
+            (DType::F32, DType::BF16) => {
+                let out = self.alloc(x.shape(), dtype);
+                let b = [(1, &x.storage.buf), (5, &out.storage.buf)];
+                let k = self.k(Src::Elementwise, "to_bf16")?;
+                self.dispatch(&k, &[u(n), 0, 0, 0], &b, grid(n.div_ceil(2), shape::WG))?;
+                Ok(out)
+            }
+            (DType::BF16, DType::F32) => {
+                let out = self.alloc(x.shape(), dtype);
+                let b = [(4, &x.storage.buf), (3, &out.storage.buf)];
+                let k = self.k(Src::Elementwise, "from_bf16")?;
+                self.dispatch(&k, &[u(n), 0, 0, 0], &b, grid(n, shape::WG))?;
+                Ok(out)
+            }
+            (from, to) => Err(shape_err(OP, format!("{from:?} -> {to:?}"))),
+        }
+    }
+
+    fn write_rows(&self, dst: &GT, src: &GT, row0: usize, col0: usize) -> Result<()> {
+        const OP: &str = "write_rows";
+        if dst.shape().is_empty() || src.shape().is_empty() {
+            return Err(shape_err(OP, "scalar tensor"));
+        }
+        let (s, c) = (dst.rows(), dst.last_dim());
+        let (n, sc) = (src.rows(), src.last_dim());
+        if row0 + n > s || col0 + sc > c || dst.dtype() != src.dtype() {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "src {:?} {:?} at ({row0}, {col0}) into dst {:?} {:?} (viewed [{s}, {c}])",
+                    src.shape(),
+                    src.dtype(),
+                    dst.shape(),
+                    dst.dtype()
+                ),
+            ));
+        }
+        // A buffer cannot be bound for reading and writing in one dispatch: copy an aliasing
+        // source out first.
+        let tmp;
+        let src = if Arc::ptr_eq(&dst.storage, &src.storage) {
+            tmp = self.slice_rows(&src.reshape(&[src.numel()])?, 0, src.numel())?.reshape(src.shape())?;
+            &tmp
+        } else {
+            src
+        };
+        self.copy2d(dst.dtype(), &src.storage.buf, &dst.storage.buf, n, sc, 0, sc, row0 * c + col0, c)
+    }
+
+    fn route_softmax(&self, logits: &GT, k: usize, renormalize: bool) -> Result<(GT, GT)> {
+        const OP: &str = "route_softmax";
+        let s = logits.shape();
+        if s.len() != 2 || k == 0 || k > s[1] {
+            return Err(shape_err(OP, format!("top-{k} of logits {s:?}")));
+        }
+        expect(OP, logits, DType::F32)?;
+        let (n, e) = (s[0], s[1]);
+        let ids = self.alloc(&[n, k], DType::U32);
+        let wts = self.alloc(&[n, k], DType::F32);
+        let params = [u(n), u(e), u(k), u32::from(renormalize), 0, 0, 0, 0];
+        let b = [(1, &logits.storage.buf), (3, &ids.storage.buf), (4, &wts.storage.buf)];
+        self.dispatch(&self.k(Src::Router, "route_softmax")?, &params, &b, grid(n, shape::WG))?;
+        Ok((ids, wts))
+    }
+
+    fn route_sigmoid_grouped(&self, logits: &GT, bias: &GT, spec: GroupedRouter) -> Result<(GT, GT)> {
+        const OP: &str = "route_sigmoid_grouped";
+        let s = logits.shape();
+        let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
+        let ok = s.len() == 2
+            && bias.shape() == [s[1]]
+            && n_group > 0
+            && s[1].is_multiple_of(n_group)
+            && topk_group > 0
+            && topk_group <= n_group
+            && k > 0
+            && k <= topk_group * (s[1] / n_group);
+        if !ok {
+            return Err(shape_err(OP, format!("{spec:?} on logits {s:?}, bias {:?}", bias.shape())));
+        }
+        if n_group > shape::ROUTER_MAX_GROUPS as usize {
+            return Err(unsupported(OP, format!("{n_group} expert groups")));
+        }
+        expect(OP, logits, DType::F32)?;
+        expect(OP, bias, DType::F32)?;
+        let (n, e) = (s[0], s[1]);
+        let ids = self.alloc(&[n, k], DType::U32);
+        let wts = self.alloc(&[n, k], DType::F32);
+        let params =
+            [u(n), u(e), u(k), u32::from(renormalize), u(n_group), u(topk_group), scale.to_bits(), 0];
+        let b =
+            [(1, &logits.storage.buf), (2, &bias.storage.buf), (3, &ids.storage.buf), (4, &wts.storage.buf)];
+        self.dispatch(&self.k(Src::Router, "route_sigmoid")?, &params, &b, grid(n, shape::WG))?;
+        Ok((ids, wts))
+    }
+
+    fn moe(
+        &self,
+        x: &GT,
+        ids: &GT,
+        weights: &GT,
+        experts: MoeWeights<'_, WgpuWeight>,
+        path: MoePath,
+    ) -> Result<GT> {
+        const OP: &str = "moe";
+        let MoeWeights { gate_up, down, n_experts, shared } = experts;
+        let s = x.shape();
+        let (gu_rows, h) = (gate_up.rows, gate_up.cols);
+        let bad = |d: String| Err(shape_err(OP, d));
+        if s.len() != 2 || s[1] != h {
+            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
+        }
+        if n_experts == 0 || gu_rows % (2 * n_experts) != 0 {
+            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
+        }
+        let inter = gu_rows / (2 * n_experts);
+        if [down.rows, down.cols] != [n_experts * h, inter] {
+            return bad(format!("down {:?}, expected [{}, {inter}]", [down.rows, down.cols], n_experts * h));
+        }
+        let n = s[0];
+        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
+            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
+        }
+        if let Some((sgu, sd)) = shared {
+            let (r, c) = (sgu.rows, sgu.cols);
+            if c != h || r % 2 != 0 || [sd.rows, sd.cols] != [h, r / 2] {
+                return bad(format!("shared gate_up {:?} / down {:?} for H {h}", [r, c], [sd.rows, sd.cols]));
+            }
+        }
+        expect(OP, x, DType::F32)?;
+        expect(OP, ids, DType::U32)?;
+        expect(OP, weights, DType::F32)?;
+        if n_experts > shape::MOE_MAX_EXPERTS as usize {
+            return Err(unsupported(OP, format!("{n_experts} experts")));
+        }
+        let k = ids.shape()[1];
+        let out = self.alloc(&[n, h], DType::F32);
+        if n == 0 || h == 0 {
+            return Ok(out);
+        }
+        let shared_out = match shared {
+            Some((sgu, sd)) => {
+                let g = self.linear(x, sgu, LinearPath::Auto)?;
+                Some(self.linear(&self.silu_mul(&g)?, sd, LinearPath::Auto)?)
+            }
+            None => None,
+        };
+        let path = match path {
+            MoePath::Auto => self.config.moe_path(n),
+            p => p,
+        };
+        let pairs = n * k;
+        let (y, pos) = if pairs == 0 {
+            (self.scratch(1), None)
+        } else {
+            self.moe_experts(x, ids, &experts, MoeDims { pairs, k, h, inter }, path)?
+        };
+        let identity = pos.is_none();
+        let pos = pos.unwrap_or_else(|| self.scratch(1));
+        let sh = shared_out.as_ref().map_or(&x.storage.buf, |t| &t.storage.buf);
+        let params = [pairs, k.max(1), h, inter, 0, n_experts, 0, n_experts, 0]
+            .map(u)
+            .into_iter()
+            .chain([u32::from(shared_out.is_some()), u32::from(identity), 0])
+            .collect::<Vec<_>>();
+        let b = [(1, &y), (2, &pos), (3, &weights.storage.buf), (4, sh), (5, &out.storage.buf)];
+        if k == 0 {
+            // No routed experts: the output is the shared expert alone (or zeros).
+            if let Some(so) = &shared_out {
+                self.copy2d(DType::F32, &so.storage.buf, &out.storage.buf, 1, n * h, 0, n * h, 0, n * h)?;
+            }
+            return Ok(out);
+        }
+        self.dispatch(&self.k(Src::MoeCombine, "moe_combine")?, &params, &b, grid(n * h, shape::WG))?;
+        Ok(out)
+    }
+
+    fn attention_gqa(&self, q: &GT, k: &GT, v: &GT, pos0: usize, scale: f32) -> Result<GT> {
+        const OP: &str = "attention_gqa";
+        let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+        let ok = qs.len() == 3
+            && ks.len() == 3
+            && vs.len() == 3
+            && ks[0] == vs[0]
+            && ks[1] == vs[1]
+            && ks[1] > 0
+            && qs[1] % ks[1] == 0
+            && qs[2] == ks[2]
+            && ks[0] >= pos0 + qs[0];
+        if !ok {
+            return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
+        }
+        for t in [q, k, v] {
+            expect(OP, t, DType::F32)?;
+        }
+        let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
+        let (hkv, dv) = (ks[1], vs[2]);
+        let dims = AttnDims {
+            t_n,
+            hq,
+            group: hq / hkv,
+            d1: d,
+            d2: 0,
+            dv,
+            k_row: hkv * d,
+            k_head: d,
+            v_row: hkv * dv,
+            v_head: dv,
+        };
+        self.attention(q, None, k, v, dims, pos0, scale)
+    }
+
+    fn attention_mla(&self, q_lat: &GT, q_rope: &GT, cache: &GT, pos0: usize, scale: f32) -> Result<GT> {
+        const OP: &str = "attention_mla";
+        let (ql, qr, cs) = (q_lat.shape(), q_rope.shape(), cache.shape());
+        let ok = ql.len() == 3
+            && qr.len() == 3
+            && cs.len() == 2
+            && ql[..2] == qr[..2]
+            && cs[1] == ql[2] + qr[2]
+            && cs[0] >= pos0 + ql[0];
+        if !ok {
+            return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
+        }
+        for t in [q_lat, q_rope, cache] {
+            expect(OP, t, DType::F32)?;
+        }
+        let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
+        let (r, w) = (qr[2], cs[1]);
+        let dims = AttnDims {
+            t_n,
+            hq: heads,
+            group: heads,
+            d1: l,
+            d2: r,
+            dv: l,
+            k_row: w,
+            k_head: 0,
+            v_row: w,
+            v_head: 0,
+        };
+        self.attention(q_lat, Some(q_rope), cache, cache, dims, pos0, scale)
+    }
+
+    fn argmax(&self, x: &GT) -> Result<GT> {
+        const OP: &str = "argmax";
+        let s = x.shape();
+        if s.is_empty() || x.last_dim() == 0 {
+            return Err(shape_err(OP, format!("input {s:?}")));
+        }
+        let (_, ids) = self.top_k(&x.reshape(&[x.rows(), x.last_dim()])?, 1)?;
+        ids.reshape(&s[..s.len() - 1])
+    }
+
+    fn top_k(&self, x: &GT, k: usize) -> Result<(GT, GT)> {
+        const OP: &str = "top_k";
+        let s = x.shape();
+        if s.len() != 2 || k > s[1] {
+            return Err(shape_err(OP, format!("top-{k} of {s:?}")));
+        }
+        expect(OP, x, DType::F32)?;
+        let vals = self.alloc(&[s[0], k], DType::F32);
+        let ids = self.alloc(&[s[0], k], DType::U32);
+        let b = [(1, &x.storage.buf), (2, &vals.storage.buf), (3, &ids.storage.buf)];
+        self.dispatch(&self.k(Src::TopK, "top_k")?, &[u(s[0]), u(s[1]), u(k), 0], &b, grid(s[0], 1))?;
+        Ok((vals, ids))
+    }
+}

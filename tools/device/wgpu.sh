@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One device call for the wgpu backend on the H100 through Vulkan (run through the `run` tool
+# from the repo root, with `carry: [".gl", "out/wgpu"]`):
+#   adapter report + conformance suite on the GPU, `fp4moe bench kernels --backend wgpu`,
+#   `fp4moe bench model --backend wgpu` on both synthetic models, and the PyTorch bf16 baseline of
+#   the same MoE layer (tools/bench_torch_moe.py, when present), so every ratio is side by side.
+#
+# The device machine has no Vulkan loader: the carried .gl/*.deb (libvulkan1 and the GL
+# dispatch libraries, downloaded once as the device README says) are unpacked into / first, and
+# the NVIDIA ICD is named explicitly when the loader does not find it.
+#
+# Binaries are built here (the device has no Rust toolchain), stripped and copied to out/wgpu/
+# (git-ignored):
+#   cargo test -p fp4moe-wgpu --release --no-run  -> out/wgpu/conformance
+#   cargo build --release -p fp4moe              -> out/wgpu/fp4moe
+# STAGES selects parts (default: all): "test kernels model torch".
+set -uo pipefail
+OUT=${OUT:-/tmp/fp4moe-wgpu-out}
+mkdir -p "$OUT"
+BIN=out/wgpu
+STAGES=${STAGES:-"test kernels model torch"}
+LOG=$OUT/summary.log
+: >"$LOG"
+say() { echo "== $*" | tee -a "$LOG"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if ! ldconfig -p | grep -q libvulkan.so.1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -f "$ICD" ] && [ -z "${VK_DRIVER_FILES:-}" ]; then
+    export VK_DRIVER_FILES=$ICD
+fi
+export WGPU_BACKEND=vulkan
+say "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+ls -la $BIN 2>&1 | tee -a "$LOG"
+
+if has test; then
+    say "conformance suite (wgpu, Vulkan)"
+    timeout 300 $BIN/conformance --test-threads 4 2>&1 | tee "$OUT/conformance.log" |
+        grep -E "ok in|skipped|panicked|test result|FAILED|failed" | tee -a "$LOG"
+fi
+
+if has kernels; then
+    say "fp4moe bench kernels --backend wgpu"
+    timeout 240 $BIN/fp4moe bench kernels --backend wgpu --json "$OUT/bench_kernels.json" 2>&1 | tail -60 | tee -a "$LOG"
+fi
+
+if has model; then
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        say "fp4moe bench model --backend wgpu --synthetic $m"
+        timeout 200 $BIN/fp4moe bench model --backend wgpu --synthetic $m --json "$OUT/bench_model_$m.json" 2>&1 |
+            tail -30 | tee -a "$LOG"
+    done
+fi
+
+if has torch && [ -f tools/bench_torch_moe.py ]; then
+    say "PyTorch bf16 baseline + ceilings"
+    PYTHONUNBUFFERED=1 timeout 240 python3 tools/bench_torch_moe.py --json "$OUT/torch_moe.json" 2>&1 | tail -20 | tee -a "$LOG"
+fi
+say "done"
