@@ -256,10 +256,10 @@ fn moe_by_hand() {
     let want1 = mix(no_shared, [e0(b), e1(b)], [1.0, 0.5]);
     let mw = MoeWeights { gate_up: &gate_up, down: &down, n_experts: 2, shared: None };
     // MoeWeights<HostWeight> is Clone but not Copy (the derive asks W: Copy).
-    let y = RefBackend.moe(&x, &ids, &wts, mw.clone(), MoePath::Decode).unwrap();
+    let y = RefBackend.moe(&x, &ids, &wts, mw, MoePath::Decode).unwrap();
     assert_close(&f(&y), &[want0[0], want0[1], want1[0], want1[1]], 1e-6);
     let mw = MoeWeights { shared: Some((&sgu, &sdn)), ..mw };
-    let y = RefBackend.moe(&x, &ids, &wts, mw.clone(), MoePath::Auto).unwrap();
+    let y = RefBackend.moe(&x, &ids, &wts, mw, MoePath::Auto).unwrap();
     let want0 = mix(sh(a), [e1(a), e0(a)], [0.75, 0.25]);
     let want1 = mix(sh(b), [e0(b), e1(b)], [1.0, 0.5]);
     assert_close(&f(&y), &[want0[0], want0[1], want1[0], want1[1]], 1e-6);
