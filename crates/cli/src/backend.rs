@@ -26,7 +26,8 @@ pub trait OnBackend {
 pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> anyhow::Result<J::Output> {
     match kind {
         BackendKind::Auto => {
-            // Filled in as the GPU backends land: try cuda, then wgpu, then fall back.
+            // A GPU first; a CPU-emulated wgpu adapter (lavapipe, WARP) is not one: the CPU
+            // backend runs the same model far faster than Vulkan emulated on the same cores.
             match fp4moe_cuda::CudaBackend::new() {
                 Ok(b) => {
                     eprintln!("backend: cuda (auto): {}", b.device_name());
@@ -35,10 +36,11 @@ pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> anyhow::Result<J::Ou
                 Err(e) => eprintln!("backend: cuda unavailable ({e}); falling back"),
             }
             match fp4moe_wgpu::WgpuBackend::new() {
-                Ok(b) => {
+                Ok(b) if !b.caps().cpu_adapter => {
                     eprintln!("backend: wgpu (auto): {}", b.name());
                     return job.run(b);
                 }
+                Ok(b) => eprintln!("backend: wgpu adapter {} is CPU-emulated; falling back", b.name()),
                 Err(e) => eprintln!("backend: wgpu unavailable ({e}); falling back"),
             }
             eprintln!("backend: cpu (auto)");
