@@ -36,11 +36,14 @@ pub struct Request {
     /// Generation ends when the text contains any of these; the stop string is not part of the
     /// output.
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (vLLM's `ignore_eos`): fixed-length runs for
+    /// benchmarks and tests. The eos token is then decoded like any other.
+    pub ignore_eos: bool,
 }
 
 impl Request {
     pub fn new(sampling: SamplingParams, max_tokens: usize) -> Self {
-        Self { sampling, max_tokens, stop: Vec::new() }
+        Self { sampling, max_tokens, stop: Vec::new(), ignore_eos: false }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -152,7 +155,7 @@ impl SequenceState {
         sampler.observe_prompt(&prompt);
         Ok(Self {
             seq,
-            stop_ids: tokenizer.stop_ids(info),
+            stop_ids: if request.ignore_eos { Vec::new() } else { tokenizer.stop_ids(info) },
             tokenizer,
             prompt,
             fed: 0,
@@ -583,6 +586,18 @@ pub(crate) mod tests {
         assert_eq!(g.finish_reason, FinishReason::Eos);
         assert_eq!(g.tokens, vec![257]);
         assert_eq!(g.text, "");
+    }
+
+    #[test]
+    fn ignore_eos_generates_exactly_max_tokens() {
+        let mut model = FakeModel::new(300, 1024);
+        model.eos_after = Some(b'!' as u32);
+        let mut request = greedy(20);
+        request.ignore_eos = true;
+        let g = run(&model, b"hi!".iter().map(|&b| u32::from(b)).collect::<Vec<_>>().as_slice(), &request, 8);
+        assert_eq!(g.finish_reason, FinishReason::Length);
+        assert_eq!(g.tokens.len(), 20);
+        assert_eq!(g.tokens[0], 257, "the eos token was the favourite and is kept");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct CommonParams {
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub seed: Option<u64>,
+    /// vLLM's extension: generate exactly `max_tokens`, past any end-of-sequence token.
+    #[serde(default)]
+    pub ignore_eos: bool,
     pub n: Option<i64>,
     pub stop: Option<Stop>,
     #[serde(default)]

@@ -322,7 +322,7 @@ async fn start(
             Some("stop"),
         ));
     }
-    let request = Request { sampling: sampling(&common)?, max_tokens, stop };
+    let request = Request { sampling: sampling(&common)?, max_tokens, stop, ignore_eos: common.ignore_eos };
     request.validate().map_err(|e| ApiError::from_engine(&e))?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();

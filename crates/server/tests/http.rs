@@ -293,7 +293,8 @@ async fn full_queue_is_429_with_retry_after() {
     cfg.max_batch = 1;
     cfg.max_queue = 1;
     let srv = TestServer::start(slow, t, cfg).await;
-    let body = json!({"prompt": "hello", "max_tokens": 200, "stream": true});
+    // ignore_eos: a sampled eos must not end the running job before the test is done with it.
+    let body = json!({"prompt": "hello", "max_tokens": 200, "stream": true, "ignore_eos": true});
     // The first request runs (its first event arrived), the second waits in the queue...
     let mut running = SseReader::open(srv.addr, TEXT, &body).await.unwrap();
     running.next().await.unwrap();
@@ -318,7 +319,7 @@ async fn client_disconnect_cancels_the_job() {
     let (m, t) = golden();
     let slow = Arc::new(Throttled { inner: m, delay: Duration::from_millis(10) });
     let srv = TestServer::start(slow, t, config()).await;
-    let body = json!({"prompt": "hello", "max_tokens": 1000, "stream": true});
+    let body = json!({"prompt": "hello", "max_tokens": 1000, "stream": true, "ignore_eos": true});
     let mut s = SseReader::open(srv.addr, TEXT, &body).await.unwrap();
     s.next().await.unwrap();
     assert_eq!(srv.metrics.running.load(Relaxed), 1);

@@ -85,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         history.push(Message::new("user", input));
         let prompt = encode_prompt(&loaded.tokenizer, &args.format, &history, input)?;
-        let request = Request { sampling: sampling.clone(), max_tokens: args.max_tokens, stop: Vec::new() };
+        let request = Request::new(sampling.clone(), args.max_tokens);
         let result = generator.generate(&prompt, &request, |step| {
             if stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
                 return ControlFlow::Break(());

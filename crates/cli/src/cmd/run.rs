@@ -345,6 +345,10 @@ pub struct Args {
     #[arg(long, value_name = "TEXT")]
     pub stop: Vec<String>,
 
+    /// Generate exactly --max-tokens tokens, past any end-of-sequence token (for timing runs).
+    #[arg(long)]
+    pub ignore_eos: bool,
+
     #[command(flatten)]
     pub format: PromptFormat,
 
@@ -402,7 +406,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     messages.push(Message::new("user", args.prompt.clone()));
     let prompt = encode_prompt(&loaded.tokenizer, &args.format, &messages, &args.prompt)?;
 
-    let request = Request { sampling, max_tokens: args.max_tokens, stop: args.stop.clone() };
+    let request = Request {
+        sampling,
+        max_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let generation = generator.generate(&prompt, &request, |step| {
