@@ -6,17 +6,20 @@
 #
 # Binaries are built on the CPU machine (the device has no Rust toolchain), stripped and copied
 # into out/cuda/ (git-ignored; pass `carry: ["out/cuda"]`):
-#   cargo test -p fp4moe-cuda --release --no-run   -> out/cuda/conformance, out/cuda/device
+#   cargo test -p fp4moe-cuda --release --no-run   -> out/cuda/conformance, out/cuda/device, out/cuda/golden
 #   cargo build --release -p fp4moe               -> out/cuda/fp4moe
 #   cargo build --release -p fp4moe-cuda --example bench_layers -> out/cuda/bench_layers
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
-#   STAGES="test sanitize torch layers kernels model" (default: all). `layers` (the backend's own
+#   STAGES="test golden sanitize torch layers kernels model profile autotune" (default: all but
+#   autotune, which writes $OUT/autotune_<model>.json to compare with configs/). `profile` runs
+#   `bench model --profile` (time per op kind). `layers` (the backend's own
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4moe-cuda-out}
 mkdir -p "$OUT"
 BIN=out/cuda
-STAGES=${STAGES:-"test sanitize torch layers kernels model"}
+STAGES=${STAGES:-"test golden sanitize torch layers kernels model profile"}
+PREFILL=${PREFILL:-512}
 LOG=$OUT/summary.log
 : >"$LOG"
 say() { echo "== $*" | tee -a "$LOG"; }
@@ -38,10 +41,15 @@ if has test; then
     timeout 120 $BIN/device --nocapture --test-threads 1 2>&1 | tail -20 | tee -a "$LOG"
 fi
 
+if has golden; then
+    say "golden models on the GPU (transformers logits, cache/batch paths, quantize-on-load)"
+    FP4MOE_GOLDEN_DIR=$PWD/testdata/golden timeout 300 $BIN/golden --nocapture 2>&1 | tee "$OUT/golden.log" | grep -E "rel err|vs |test result|panicked|skipped" | tail -40 | tee -a "$LOG"
+fi
+
 if has sanitize; then
     say "compute-sanitizer memcheck (whole conformance suite)"
     if command -v compute-sanitizer >/dev/null; then
-        timeout 400 compute-sanitizer --tool memcheck --print-limit 20 $BIN/conformance --test-threads 1 \
+        timeout 400 compute-sanitizer --tool memcheck --print-limit 20 $BIN/conformance --test-threads 1 ${SANITIZE_FILTER:-} \
             2>&1 | tail -60 | tee "$OUT/sanitizer.log" | tail -8 | tee -a "$LOG"
     else
         say "compute-sanitizer not found"
@@ -56,7 +64,23 @@ fi
 if has model; then
     for m in qwen3-30b-a3b glm-4.7-flash; do
         say "fp4moe bench model --backend cuda --synthetic $m"
-        timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --json "$OUT/bench_model_$m.json" 2>&1 | tail -30 | tee -a "$LOG"
+        timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --prefill $PREFILL \
+            --json "$OUT/bench_model_$m.json" 2>&1 | tail -30 | tee -a "$LOG"
+    done
+fi
+
+if has profile; then
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        say "fp4moe bench model --profile --backend cuda --synthetic $m"
+        timeout 200 $BIN/fp4moe bench model --profile --backend cuda --synthetic $m --prefill $PREFILL ${PROFILE_LAYERS:+--layers $PROFILE_LAYERS} \
+            --decode-tokens 8 2>&1 | tail -60 | tee -a "$LOG"
+    done
+fi
+
+if has autotune; then
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        say "fp4moe autotune --backend cuda --model $m"
+        timeout 200 $BIN/fp4moe autotune --backend cuda --model $m --out "$OUT/autotune_$m.json" 2>&1 | tail -30 | tee -a "$LOG"
     done
 fi
 

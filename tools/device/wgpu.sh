@@ -11,14 +11,14 @@
 #
 # Binaries are built here (the device has no Rust toolchain), stripped and copied to out/wgpu/
 # (git-ignored):
-#   cargo test -p fp4moe-wgpu --release --no-run  -> out/wgpu/conformance
+#   cargo test -p fp4moe-wgpu --release --no-run  -> out/wgpu/conformance, out/wgpu/golden
 #   cargo build --release -p fp4moe              -> out/wgpu/fp4moe
-# STAGES selects parts (default: all): "test kernels model torch".
+# STAGES selects parts (default: all): "test golden kernels model profile torch".
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4moe-wgpu-out}
 mkdir -p "$OUT"
 BIN=out/wgpu
-STAGES=${STAGES:-"test kernels model torch"}
+STAGES=${STAGES:-"test golden kernels model profile torch"}
 LOG=$OUT/summary.log
 : >"$LOG"
 say() { echo "== $*" | tee -a "$LOG"; }
@@ -43,6 +43,12 @@ if has test; then
         grep -E "ok in|skipped|panicked|test result|FAILED|failed" | tee -a "$LOG"
 fi
 
+if has golden; then
+    say "golden models through wgpu (transformers logits, cache/batch paths, quantize-on-load)"
+    FP4MOE_GOLDEN_DIR=$PWD/testdata/golden timeout 300 $BIN/golden --nocapture 2>&1 | tee "$OUT/golden.log" |
+        grep -E "vs |test result|panicked|skipped" | tail -30 | tee -a "$LOG"
+fi
+
 if has kernels; then
     say "fp4moe bench kernels --backend wgpu"
     timeout 240 $BIN/fp4moe bench kernels --backend wgpu --json "$OUT/bench_kernels.json" 2>&1 | tail -60 | tee -a "$LOG"
@@ -53,6 +59,14 @@ if has model; then
         say "fp4moe bench model --backend wgpu --synthetic $m"
         timeout 200 $BIN/fp4moe bench model --backend wgpu --synthetic $m --json "$OUT/bench_model_$m.json" 2>&1 |
             tail -30 | tee -a "$LOG"
+    done
+fi
+
+if has profile; then
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        say "fp4moe bench model --profile --backend wgpu --synthetic $m"
+        timeout 200 $BIN/fp4moe bench model --profile --backend wgpu --synthetic $m --decode-tokens 8 2>&1 |
+            tail -60 | tee -a "$LOG"
     done
 fi
 

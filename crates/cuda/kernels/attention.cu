@@ -1,13 +1,18 @@
-// Causal attention for decode and prefill: one block per (query, head), each warp walking its
-// share of the keys with an online softmax, the warps merged at the end in a fixed order
-// (deterministic). Values are held in registers, ATT_MAX_DV_PER_LANE per lane.
+// Causal attention for decode and prefill. Unsplit: one block per (query, head), each warp walking
+// its share of the keys with an online softmax, the warps merged at the end in a fixed order
+// (deterministic). Split ("flash-decoding"): with few queries, one (query, head) block cannot keep
+// the GPU busy over a long cache, so the keys are cut into `splits` ranges, each block writes its
+// range's (max, sum, unnormalised values), and attention_combine merges the ranges in order.
+// Values are held in registers, ATT_MAX_DV_PER_LANE per lane.
 #include "common.cuh"
 
 #define ATT_WARPS 4
 #define ATT_MAX_DV_PER_LANE 16 // value width up to 512 (MLA's latent)
+#define ATT_NEG_INF (-__int_as_float(0x7f800000))
 
-// Merge the per-warp (max, sum, acc) states and write the normalised output row.
-__device__ __forceinline__ void att_merge(float m, float l, const float* acc, int dv, float* out) {
+// Merge the per-warp (max, sum, acc) states. ml == 0: write the normalised row to out. Otherwise
+// write the block's unnormalised values to out and (max, sum) to ml[0..2] (a split's partial).
+__device__ __forceinline__ void att_merge(float m, float l, const float* acc, int dv, float* out, float* ml) {
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][ATT_MAX_DV_PER_LANE * 32];
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -18,23 +23,24 @@ __device__ __forceinline__ void att_merge(float m, float l, const float* acc, in
         if (d < dv) sacc[wid][d] = acc[c];
     }
     __syncthreads();
-    float gm = -__int_as_float(0x7f800000);
+    float gm = ATT_NEG_INF;
     for (int w = 0; w < ATT_WARPS; w++) gm = fmaxf(gm, sm[w]);
     float gl = 0.0f;
-    for (int w = 0; w < ATT_WARPS; w++) gl += sm[w] == -__int_as_float(0x7f800000) ? 0.0f : sl[w] * expf(sm[w] - gm);
+    for (int w = 0; w < ATT_WARPS; w++) gl += sm[w] == ATT_NEG_INF ? 0.0f : sl[w] * expf(sm[w] - gm);
     for (int d = threadIdx.x; d < dv; d += blockDim.x) {
         float v = 0.0f;
         for (int w = 0; w < ATT_WARPS; w++)
-            if (sm[w] != -__int_as_float(0x7f800000)) v += sacc[w][d] * expf(sm[w] - gm);
-        out[d] = v / gl;
+            if (sm[w] != ATT_NEG_INF) v += sacc[w][d] * expf(sm[w] - gm);
+        out[d] = ml ? v : v / gl;
     }
+    if (ml && threadIdx.x == 0) { ml[0] = gm; ml[1] = gl; }
 }
 
 // Online-softmax step of one warp for score s and value row v.
 __device__ __forceinline__ void att_step(float s, const float* v, int dv, float& m, float& l, float* acc) {
     int lane = threadIdx.x & 31;
     float nm = fmaxf(m, s);
-    float corr = m == -__int_as_float(0x7f800000) ? 0.0f : expf(m - nm);
+    float corr = m == ATT_NEG_INF ? 0.0f : expf(m - nm);
     float p = expf(s - nm);
     l = l * corr + p;
 #pragma unroll
@@ -45,42 +51,53 @@ __device__ __forceinline__ void att_step(float s, const float* v, int dv, float&
     m = nm;
 }
 
-// q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]. grid (Hq, T).
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_gqa_f32(const float* q, const float* k, const float* v, float* out, int hq, int hkv, int d, int dv,
-                  int pos0, float scale) {
-    int h = blockIdx.x, t = blockIdx.y;
-    int kh = h / (hq / hkv);
+// Keys [j0, j1) of one (query, head) into this block's warps' online-softmax states.
+__device__ __forceinline__ void gqa_range(const float* qh, const float* k, const float* v, int hkv, int kh, int d,
+                                          int dv, float scale, int j0, int j1, float& m, float& l, float* acc) {
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const float* qh = q + ((size_t)t * hq + h) * d;
-    int len = pos0 + t + 1;
-    float m = -__int_as_float(0x7f800000), l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
-#pragma unroll
-    for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
-    for (int j = wid; j < len; j += ATT_WARPS) {
+    for (int j = j0 + wid; j < j1; j += ATT_WARPS) {
         const float* kr = k + ((size_t)j * hkv + kh) * d;
         float s = 0.0f;
         for (int i = lane; i < d; i += 32) s += qh[i] * kr[i];
         s = warp_sum(s) * scale;
         att_step(s, v + ((size_t)j * hkv + kh) * dv, dv, m, l, acc);
     }
-    att_merge(m, l, acc, dv, out + ((size_t)t * hq + h) * dv);
 }
 
-// Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L]. grid (H, T).
+// q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]. grid (Hq, T, splits); with
+// splits > 1, out is the partial buffer [T, Hq, splits, Dv] and ml [T, Hq, splits, 2].
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, float* out, int heads, int l_dim,
-                  int r_dim, int pos0, float scale) {
-    int h = blockIdx.x, t = blockIdx.y;
+attention_gqa_f32(const float* q, const float* k, const float* v, float* out, float* ml, int hq, int hkv, int d,
+                  int dv, int pos0, float scale, int chunk) {
+    int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
+    int kh = h / (hq / hkv);
+    const float* qh = q + ((size_t)t * hq + h) * d;
+    int len = pos0 + t + 1;
+    int j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
+    gqa_range(qh, k, v, hkv, kh, d, dv, scale, j0, j1, m, l, acc);
+    size_t row = ((size_t)t * hq + h) * splits + sp;
+    att_merge(m, l, acc, dv, out + row * dv, splits > 1 ? ml + row * 2 : 0);
+}
+
+// Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
+// grid (H, T, splits), partials as in attention_gqa_f32.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, float* out, float* ml, int heads,
+                  int l_dim, int r_dim, int pos0, float scale, int chunk) {
+    int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     int w = l_dim + r_dim;
     const float* a = q_lat + ((size_t)t * heads + h) * l_dim;
     const float* b = q_rope + ((size_t)t * heads + h) * r_dim;
     int len = pos0 + t + 1;
-    float m = -__int_as_float(0x7f800000), l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
+    int j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
 #pragma unroll
     for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
-    for (int j = wid; j < len; j += ATT_WARPS) {
+    for (int j = j0 + wid; j < j1; j += ATT_WARPS) {
         const float* row = cache + (size_t)j * w;
         float s1 = 0.0f, s2 = 0.0f;
         for (int i = lane; i < l_dim; i += 32) s1 += a[i] * row[i];
@@ -88,40 +105,133 @@ attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, f
         float s = (warp_sum(s1) + warp_sum(s2)) * scale;
         att_step(s, row, l_dim, m, l, acc);
     }
-    att_merge(m, l, acc, l_dim, out + ((size_t)t * heads + h) * l_dim);
+    size_t r = ((size_t)t * heads + h) * splits + sp;
+    att_merge(m, l, acc, l_dim, out + r * l_dim, splits > 1 ? ml + r * 2 : 0);
 }
 
-// MLA's absorbed per-head products (see Backend::head_linear). x [M, H, Kx].
-// Not transposed: y[m,h,r] = W[h*rph + row_start + r, :] . x[m,h,:], one warp per output.
-extern "C" __global__ void head_linear_rows(W w, const float* x, float* y, int m_rows, int heads, int rph,
-                                            int row_start, int row_count) {
+// The splits of each (query, head) row, merged in split order: part [rows, splits, dv],
+// ml [rows, splits, 2] -> out [rows, dv]. grid (rows). A split with no keys has max -inf.
+extern "C" __global__ void attention_combine(const float* part, const float* ml, float* out, int splits, int dv) {
+    size_t r = blockIdx.x;
+    const float* pm = ml + r * splits * 2;
+    float gm = ATT_NEG_INF;
+    for (int s = 0; s < splits; s++) gm = fmaxf(gm, pm[2 * s]);
+    float gl = 0.0f;
+    for (int s = 0; s < splits; s++) gl += pm[2 * s] == ATT_NEG_INF ? 0.0f : pm[2 * s + 1] * expf(pm[2 * s] - gm);
+    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; s++)
+            if (pm[2 * s] != ATT_NEG_INF) v += part[(r * splits + s) * dv + d] * expf(pm[2 * s] - gm);
+        out[r * dv + d] = v / gl;
+    }
+}
+
+// MLA's absorbed per-head products (see Backend::head_linear) as one batched tiled GEMM per head:
+// Y_h[m, j] = sum_i X[m, h, i] * A_h(i, j), with
+//   transpose: A_h(i, j) = W[h*rph + row_start + i, j]  (i < row_count, j < cols)
+//   otherwise: A_h(i, j) = W[h*rph + row_start + j, i]  (i < cols, j < row_count).
+// Each W element is decoded once per block into shared memory; every output sums i in order.
+// A thread per output with FP4 decoded per term took ~4.5 ms per call at a 512-token prefill.
+// grid (ceil(J / HL_BN), ceil(M / HL_BM), heads), block 256.
+#define HL_BM 64
+#define HL_BN 64
+#define HL_BK 16
+extern "C" __global__ void __launch_bounds__(256)
+head_linear_tiled(W w, const float* x, float* y, int m_rows, int heads, int rph, int row_start, int row_count,
+                  int transpose) {
+    __shared__ float xs[HL_BK][HL_BM];
+    __shared__ float as[HL_BK][HL_BN + 4];
+    int h = blockIdx.z, m0 = blockIdx.y * HL_BM, j0 = blockIdx.x * HL_BN;
+    int ni = transpose ? row_count : w.cols, nj = transpose ? w.cols : row_count;
+    int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    int wr0 = h * rph + row_start;
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[r][c] = 0.0f;
+    for (int i0 = 0; i0 < ni; i0 += HL_BK) {
+        for (int e = tid; e < HL_BM * HL_BK; e += 256) {
+            int mm = e / HL_BK, ii = e % HL_BK;
+            int m = m0 + mm, i = i0 + ii;
+            xs[ii][mm] = (m < m_rows && i < ni) ? x[((size_t)m * heads + h) * ni + i] : 0.0f;
+        }
+        for (int e = tid; e < HL_BK * HL_BN; e += 256) {
+            // Consecutive threads walk W's columns: j when transposed, i otherwise.
+            int ii = transpose ? e / HL_BN : e % HL_BK;
+            int jj = transpose ? e % HL_BN : e / HL_BK;
+            int i = i0 + ii, j = j0 + jj;
+            float v = 0.0f;
+            if (i < ni && j < nj) v = transpose ? w_at(w, wr0 + i, j) : w_at(w, wr0 + j, i);
+            as[ii][jj] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ii = 0; ii < HL_BK; ii++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) a[r] = xs[ii][ty * 4 + r];
+#pragma unroll
+            for (int c = 0; c < 4; c++) b[c] = as[ii][tx * 4 + c];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        int m = m0 + ty * 4 + r;
+        if (m >= m_rows) continue;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int j = j0 + tx * 4 + c;
+            if (j < nj) y[((size_t)m * heads + h) * nj + j] = acc[r][c];
+        }
+    }
+}
+
+// The same products for a few rows (decode), where a 64-row tile is mostly idle:
+// not transposed: y[m,h,j] = W[wr0 + j, :] . x[m,h,:], one warp per output, lanes along W's row;
+extern "C" __global__ void head_linear_rows_small(W w, const float* x, float* y, int m_rows, int heads, int rph,
+                                                  int row_start, int row_count) {
     size_t wid = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     size_t total = (size_t)m_rows * heads * row_count;
     if (wid >= total) return;
-    int r = (int)(wid % row_count);
+    int j = (int)(wid % row_count);
     size_t mh = wid / row_count;
     int h = (int)(mh % heads);
-    int wr = h * rph + row_start + r;
     const float* xh = x + mh * w.cols;
+    int wr = h * rph + row_start + j;
     float s = 0.0f;
-    for (int kk = lane; kk < w.cols; kk += 32) s += w_at(w, wr, kk) * xh[kk];
+    for (int i = lane; i < w.cols; i += 32) s = fmaf(w_at(w, wr, i), xh[i], s);
     s = warp_sum(s);
     if (lane == 0) y[wid] = s;
 }
 
-// Transposed: y[m,h,k] = sum_r W[h*rph + row_start + r, k] * x[m,h,r], one thread per output,
-// r summed in order as the reference does.
-extern "C" __global__ void head_linear_cols(W w, const float* x, float* y, int m_rows, int heads, int rph,
-                                            int row_start, int row_count) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    size_t total = (size_t)m_rows * heads * w.cols;
-    if (idx >= total) return;
-    int kk = (int)(idx % w.cols);
-    size_t mh = idx / w.cols;
-    int h = (int)(mh % heads);
-    const float* xh = x + mh * row_count;
+// transposed: y[m,h,j] = sum_i W[wr0 + i, j] * x[m,h,i]. grid (ceil(cols / 32), heads, M), block
+// 256: lane = output column (coalesced along W's row), the 8 warps split i and their partial sums
+// are added in warp order (deterministic).
+extern "C" __global__ void __launch_bounds__(256)
+head_linear_cols_small(W w, const float* x, float* y, int m_rows, int heads, int rph, int row_start,
+                       int row_count) {
+    __shared__ float red[8][32];
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    int h = blockIdx.y, m = blockIdx.z, j = blockIdx.x * 32 + lane;
+    const float* xh = x + ((size_t)m * heads + h) * row_count;
+    int per = (row_count + 7) / 8;
+    int i0 = wid * per, i1 = min(row_count, i0 + per);
+    int wr0 = h * rph + row_start;
     float s = 0.0f;
-    for (int r = 0; r < row_count; r++) s += w_at(w, h * rph + row_start + r, kk) * xh[r];
-    y[idx] = s;
+    if (j < w.cols)
+        for (int i = i0; i < i1; i++) s = fmaf(w_at(w, wr0 + i, j), xh[i], s);
+    red[wid][lane] = s;
+    __syncthreads();
+    if (wid == 0 && j < w.cols) {
+        float t = 0.0f;
+        for (int q = 0; q < 8; q++) t += red[q][lane];
+        y[((size_t)m * heads + h) * w.cols + j] = t;
+    }
 }

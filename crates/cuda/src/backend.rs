@@ -8,11 +8,26 @@ use fp4moe_ops::{
     Backend, DType, Error, GroupedRouter, HeadLinear, HostData, HostTensor, LinearPath, MoePath, MoeWeights,
     Result, Rope, RopeStyle, Tensor,
 };
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 type CT = Tensor<CudaStorage>;
 
 const ELEM_THREADS: u32 = 256;
+/// Must match HL_BM / HL_BN in kernels/attention.cu.
+const HEAD_LINEAR_TILE: u32 = 64;
+/// `head_linear` with at most this many rows uses the decode-shaped kernels (a 64-row tile would
+/// idle): per-output warps, or per-column lanes with the sum split over warps.
+const HEAD_LINEAR_SMALL_M: usize = 4;
+/// Tokens (one warp each) per block of the routers: SOFTMAX_WARPS / SIGMOID_WARPS in route.cu.
+const ROUTE_SOFTMAX_WARPS: u32 = 4;
+const ROUTE_SIGMOID_WARPS: u32 = 2;
+/// Attention splits the keys when fewer (query, head) rows than this would each get a block
+/// (about two blocks per SM of an H100 otherwise)...
+const ATT_SPLIT_BELOW_ROWS: usize = 256;
+/// ...into ranges of about this many keys (16 per warp)...
+const ATT_SPLIT_KEYS: usize = 64;
+/// ...and at most this many ranges (the combine reads them all per output element).
+const ATT_MAX_SPLITS: usize = 64;
 const ROW_THREADS: u32 = 256;
 /// Must match GEMV_THREADS / GEMV_ROWS in kernels/gemv.cu.
 const GEMV_THREADS: u32 = 128;
@@ -625,9 +640,62 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Launches an attention kernel (three input pointers, then `rest(out, ml, chunk)`) over grid
+    /// (heads, queries, splits) into `[t, heads, dv]`. Few queries over a long cache leave the GPU
+    /// idle with one block per (query, head), so the keys are split into ranges of `chunk`, each
+    /// written as a partial, and merged in order by `attention_combine`.
+    fn attention(
+        &self,
+        kernel: &'static str,
+        inputs: [u64; 3],
+        [t_n, heads, dv]: [usize; 3],
+        pos0: usize,
+        rest: impl Fn(u64, u64, usize) -> Vec<Arg>,
+    ) -> Result<CT> {
+        let out = self.empty(&[t_n, heads, dv], DType::F32)?;
+        let len = pos0 + t_n;
+        let rows = t_n * heads;
+        let splits = if rows >= ATT_SPLIT_BELOW_ROWS {
+            1
+        } else {
+            len.div_ceil(ATT_SPLIT_KEYS).clamp(1, ATT_MAX_SPLITS)
+        };
+        let chunk = len.div_ceil(splits);
+        let mut args: Vec<Arg> = inputs.iter().map(|&p| Arg::Ptr(p)).collect();
+        if splits == 1 {
+            args.extend(rest(out.storage.ptr(), 0, len));
+            self.run("attention.cu", kernel, (heads as u32, t_n as u32, 1), 128, &args)?;
+            return Ok(out);
+        }
+        let part = self.empty(&[rows, splits, dv], DType::F32)?;
+        let ml = self.empty(&[rows, splits, 2], DType::F32)?;
+        args.extend(rest(part.storage.ptr(), ml.storage.ptr(), chunk));
+        self.run("attention.cu", kernel, (heads as u32, t_n as u32, splits as u32), 128, &args)?;
+        self.run(
+            "attention.cu",
+            "attention_combine",
+            (rows as u32, 1, 1),
+            128,
+            &[
+                Arg::Ptr(part.storage.ptr()),
+                Arg::Ptr(ml.storage.ptr()),
+                Arg::Ptr(out.storage.ptr()),
+                Arg::I32(splits as i32),
+                Arg::I32(dv as i32),
+            ],
+        )?;
+        Ok(out)
+    }
+
     fn rope_freqs(&self, dims: usize, theta: f32) -> Result<CT> {
+        let key = (dims, theta.to_bits());
+        if let Some(t) = self.inv_freq.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return Ok(t.clone());
+        }
         let inv = fp4moe_ops::reference::rope_inv_freq(dims, theta);
-        self.upload(HostTensor::F32(&inv, &[inv.len()]))
+        let t = self.upload(HostTensor::F32(&inv, &[inv.len()]))?;
+        self.inv_freq.lock().unwrap_or_else(PoisonError::into_inner).insert(key, t.clone());
+        Ok(t)
     }
 }
 
@@ -766,23 +834,33 @@ impl Backend for CudaBackend {
             Arg::I32(rows_per_head as i32),
             Arg::I32(row_start as i32),
             Arg::I32(row_count as i32),
+            Arg::I32(transpose as i32),
         ];
-        if transpose {
+        let nj = if transpose { k } else { row_count };
+        if m > HEAD_LINEAR_SMALL_M {
             self.run(
                 "attention.cu",
-                "head_linear_cols",
-                (blocks(m * heads * k, ELEM_THREADS), 1, 1),
-                ELEM_THREADS,
+                "head_linear_tiled",
+                (blocks(nj, HEAD_LINEAR_TILE), blocks(m, HEAD_LINEAR_TILE), heads as u32),
+                256,
                 &args,
+            )?;
+        } else if transpose {
+            self.run(
+                "attention.cu",
+                "head_linear_cols_small",
+                (blocks(k, 32), heads as u32, m as u32),
+                256,
+                &args[..8],
             )?;
         } else {
             let threads = m * heads * row_count * 32;
             self.run(
                 "attention.cu",
-                "head_linear_rows",
+                "head_linear_rows_small",
                 (blocks(threads, ELEM_THREADS), 1, 1),
                 ELEM_THREADS,
-                &args,
+                &args[..8],
             )?;
         }
         Ok(y)
@@ -831,20 +909,23 @@ impl Backend for CudaBackend {
         let inv = self.rope_freqs(spec.dims, spec.theta)?;
         let y = self.empty(s, DType::F32)?;
         let rows = s[0] * s[1];
-        self.run(
-            "elementwise.cu",
-            "rope_passthrough_f32",
-            (blocks(rows * d, ELEM_THREADS), 1, 1),
-            ELEM_THREADS,
-            &[
-                Arg::Ptr(x.storage.ptr()),
-                Arg::Ptr(y.storage.ptr()),
-                Arg::Usize(rows as u64),
-                Arg::I32(d as i32),
-                Arg::I32(spec.offset as i32),
-                Arg::I32(spec.dims as i32),
-            ],
-        )?;
+        // Only a partly rotated head has elements to pass through (a launch saved per call).
+        if spec.dims < d {
+            self.run(
+                "elementwise.cu",
+                "rope_passthrough_f32",
+                (blocks(rows * d, ELEM_THREADS), 1, 1),
+                ELEM_THREADS,
+                &[
+                    Arg::Ptr(x.storage.ptr()),
+                    Arg::Ptr(y.storage.ptr()),
+                    Arg::Usize(rows as u64),
+                    Arg::I32(d as i32),
+                    Arg::I32(spec.offset as i32),
+                    Arg::I32(spec.dims as i32),
+                ],
+            )?;
+        }
         self.run(
             "elementwise.cu",
             "rope_f32",
@@ -1059,8 +1140,8 @@ impl Backend for CudaBackend {
         self.run(
             "route.cu",
             "route_softmax",
-            (blocks(n, 64), 1, 1),
-            64,
+            (blocks(n, ROUTE_SOFTMAX_WARPS), 1, 1),
+            ROUTE_SOFTMAX_WARPS * 32,
             &[
                 Arg::Ptr(logits.storage.ptr()),
                 Arg::Ptr(ids.storage.ptr()),
@@ -1104,8 +1185,8 @@ impl Backend for CudaBackend {
         self.run(
             "route.cu",
             "route_sigmoid_grouped",
-            (blocks(n, 64), 1, 1),
-            64,
+            (blocks(n, ROUTE_SIGMOID_WARPS), 1, 1),
+            ROUTE_SIGMOID_WARPS * 32,
             &[
                 Arg::Ptr(logits.storage.ptr()),
                 Arg::Ptr(bias.storage.ptr()),
@@ -1220,26 +1301,20 @@ impl Backend for CudaBackend {
         }
         let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
         let (hkv, dv) = (ks[1], vs[2]);
-        let out = self.empty(&[t_n, hq, dv], DType::F32)?;
-        self.run(
-            "attention.cu",
-            "attention_gqa_f32",
-            (hq as u32, t_n as u32, 1),
-            128,
-            &[
-                Arg::Ptr(q.storage.ptr()),
-                Arg::Ptr(k.storage.ptr()),
-                Arg::Ptr(v.storage.ptr()),
-                Arg::Ptr(out.storage.ptr()),
+        let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
+        self.attention("attention_gqa_f32", ptrs, [t_n, hq, dv], pos0, |out, ml, chunk| {
+            vec![
+                Arg::Ptr(out),
+                Arg::Ptr(ml),
                 Arg::I32(hq as i32),
                 Arg::I32(hkv as i32),
                 Arg::I32(d as i32),
                 Arg::I32(dv as i32),
                 Arg::I32(pos0 as i32),
                 Arg::F32(scale),
-            ],
-        )?;
-        Ok(out)
+                Arg::I32(chunk as i32),
+            ]
+        })
     }
 
     fn attention_mla(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32) -> Result<CT> {
@@ -1265,25 +1340,19 @@ impl Backend for CudaBackend {
             });
         }
         let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
-        let out = self.empty(&[t_n, heads, l], DType::F32)?;
-        self.run(
-            "attention.cu",
-            "attention_mla_f32",
-            (heads as u32, t_n as u32, 1),
-            128,
-            &[
-                Arg::Ptr(q_lat.storage.ptr()),
-                Arg::Ptr(q_rope.storage.ptr()),
-                Arg::Ptr(cache.storage.ptr()),
-                Arg::Ptr(out.storage.ptr()),
+        let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
+        self.attention("attention_mla_f32", ptrs, [t_n, heads, l], pos0, |out, ml, chunk| {
+            vec![
+                Arg::Ptr(out),
+                Arg::Ptr(ml),
                 Arg::I32(heads as i32),
                 Arg::I32(l as i32),
                 Arg::I32(qr[2] as i32),
                 Arg::I32(pos0 as i32),
                 Arg::F32(scale),
-            ],
-        )?;
-        Ok(out)
+                Arg::I32(chunk as i32),
+            ]
+        })
     }
 
     fn argmax(&self, x: &CT) -> Result<CT> {

@@ -118,6 +118,44 @@ pub(crate) struct Device {
     pub arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    pool: Arc<Pool>,
+}
+
+/// Freed buffers by size class, handed out again instead of a driver allocation: a decode step
+/// allocates about twenty buffers per layer, each of the same size every step, and a driver
+/// allocate + free pair per op cost as much host time as the launch. Reuse is safe because every
+/// op runs on the one stream: a buffer's next user is ordered after its last.
+pub(crate) struct Pool {
+    free: Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>,
+    cached: std::sync::atomic::AtomicUsize,
+}
+
+/// Most bytes the pool keeps; beyond this a freed buffer goes back to the driver.
+const POOL_MAX_CACHED: usize = 4 << 30;
+
+/// Size class of a request: powers of two up to 1 MiB, then multiples of 1 MiB (bounding the
+/// waste at 2x for small buffers and 1 MiB for large ones).
+fn size_class(bytes: usize) -> usize {
+    const MIB: usize = 1 << 20;
+    let b = bytes.max(256);
+    if b <= MIB { b.next_power_of_two() } else { b.div_ceil(MIB) * MIB }
+}
+
+impl Pool {
+    fn take(&self, class: usize) -> Option<CudaSlice<u8>> {
+        let s = self.free.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&class)?.pop()?;
+        self.cached.fetch_sub(class, std::sync::atomic::Ordering::Relaxed);
+        Some(s)
+    }
+
+    fn give(&self, class: usize, slice: CudaSlice<u8>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.cached.fetch_add(class, Relaxed) + class > POOL_MAX_CACHED {
+            self.cached.fetch_sub(class, Relaxed);
+            return; // dropped: freed by the driver
+        }
+        self.free.lock().unwrap_or_else(PoisonError::into_inner).entry(class).or_default().push(slice);
+    }
 }
 
 impl Device {
@@ -141,6 +179,7 @@ impl Device {
             arch: arch_for(major, minor),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
+            pool: Arc::new(Pool { free: Mutex::new(HashMap::new()), cached: 0.into() }),
         })
     }
 
@@ -221,18 +260,40 @@ impl Device {
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf, CudaError> {
-        // SAFETY: the contents are written by a kernel or a copy before any read.
-        let s = unsafe { self.stream.alloc::<u8>(bytes.max(4)) }.map_err(drv)?;
-        Ok(Buf::new(s, &self.stream, bytes))
+        let class = size_class(bytes);
+        let s = match self.pool.take(class) {
+            Some(s) => s,
+            // SAFETY: the contents are written by a kernel or a copy before any read.
+            None => unsafe { self.stream.alloc::<u8>(class) }.map_err(drv)?,
+        };
+        Ok(Buf::new(s, &self.stream, bytes, class, Some(self.pool.clone())))
     }
 
     pub fn alloc_zeros(&self, bytes: usize) -> Result<Buf, CudaError> {
-        let s = self.stream.alloc_zeros::<u8>(bytes.max(4)).map_err(drv)?;
-        Ok(Buf::new(s, &self.stream, bytes))
+        let b = self.alloc(bytes)?;
+        self.memset(b.ptr, 0, size_class(bytes))?;
+        Ok(b)
     }
 
+    /// An allocation of exactly `bytes` that never enters the pool (weights: large, long-lived,
+    /// freed only with the model).
+    pub fn alloc_exact(&self, bytes: usize) -> Result<Buf, CudaError> {
+        // SAFETY: the contents are written by a copy before any read.
+        let s = unsafe { self.stream.alloc::<u8>(bytes.max(4)) }.map_err(drv)?;
+        Ok(Buf::new(s, &self.stream, bytes, bytes.max(4), None))
+    }
+
+    /// Host data into a pooled buffer (activations, ids, positions).
     pub fn upload(&self, data: &[u8]) -> Result<Buf, CudaError> {
-        let b = self.alloc(data.len())?;
+        self.copy_in(self.alloc(data.len())?, data)
+    }
+
+    /// Host data into a buffer of its own (weights).
+    pub fn upload_exact(&self, data: &[u8]) -> Result<Buf, CudaError> {
+        self.copy_in(self.alloc_exact(data.len())?, data)
+    }
+
+    fn copy_in(&self, b: Buf, data: &[u8]) -> Result<Buf, CudaError> {
         if !data.is_empty() {
             self.ctx.bind_to_thread().map_err(drv)?;
             // SAFETY: b holds at least data.len() bytes; the copy is ordered on the stream and
@@ -278,20 +339,37 @@ impl Device {
     }
 }
 
-/// A device allocation and its raw address (kernels take raw pointers).
+/// A device allocation and its raw address (kernels take raw pointers). Dropping it returns the
+/// memory to the device's pool (or to the driver, for weights).
 pub struct Buf {
-    _slice: CudaSlice<u8>,
+    slice: Option<CudaSlice<u8>>,
     pub ptr: u64,
     pub bytes: usize,
+    class: usize,
+    pool: Option<Arc<Pool>>,
 }
 
 impl Buf {
-    fn new(slice: CudaSlice<u8>, stream: &CudaStream, bytes: usize) -> Buf {
+    fn new(
+        slice: CudaSlice<u8>,
+        stream: &CudaStream,
+        bytes: usize,
+        class: usize,
+        pool: Option<Arc<Pool>>,
+    ) -> Buf {
         let ptr = {
             let (p, _sync) = slice.device_ptr(stream);
             p
         };
-        Buf { _slice: slice, ptr, bytes }
+        Buf { slice: Some(slice), ptr, bytes, class, pool }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let (Some(pool), Some(slice)) = (&self.pool, self.slice.take()) {
+            pool.give(self.class, slice);
+        }
     }
 }
 

@@ -69,14 +69,33 @@ impl CudaStorage {
     }
 }
 
-/// The default tile configuration for the H100, produced by `fp4moe autotune` (checked in).
+/// The default tile configuration for the H100 (picked from `bench_layers` timings on an H100;
+/// `fp4moe autotune` has not run on one yet).
 pub const H100_CONFIG_JSON: &str = include_str!("../configs/h100.json");
+/// `fp4moe autotune --backend cuda --model qwen3-30b-a3b` on an H200 (checked in as written).
+pub const H200_CONFIG_JSON: &str = include_str!("../configs/h200.json");
+
+/// The checked-in config for a device, by the name the driver reports (`configs/<card>.json`);
+/// the H100's for every other card.
+pub fn default_config_for(device_name: &str) -> (&'static str, &'static str) {
+    if device_name.contains("H200") {
+        ("configs/h200.json", H200_CONFIG_JSON)
+    } else {
+        ("configs/h100.json", H100_CONFIG_JSON)
+    }
+}
 
 /// The CUDA backend on one device.
 pub struct CudaBackend {
     dev: Arc<Device>,
     config: KernelConfig,
+    /// RoPE inverse frequencies per (dims, theta bits), uploaded once: an upload waits for the
+    /// stream, and one per `rope` call stalled the whole decode pipeline twice per layer.
+    inv_freq: Arc<InvFreqCache>,
 }
+
+type InvFreqCache =
+    std::sync::Mutex<std::collections::HashMap<(usize, u32), fp4moe_ops::Tensor<CudaStorage>>>;
 
 impl CudaBackend {
     /// True when the libraries load and device 0 can be opened.
@@ -90,20 +109,23 @@ impl CudaBackend {
     }
 
     /// Device `ordinal` with the config in `FP4MOE_CUDA_CONFIG` (a file from `fp4moe autotune`)
-    /// when set, else the checked-in H100 default.
+    /// when set, else the checked-in default for the card ([`default_config_for`]).
     pub fn on_device(ordinal: usize) -> Result<Self> {
         let dev = Arc::new(Device::open(ordinal)?);
         let config = match std::env::var_os("FP4MOE_CUDA_CONFIG") {
             Some(p) => CudaBackend::load_config(std::path::Path::new(&p))?,
-            None => serde_json::from_str(H100_CONFIG_JSON)
-                .map_err(|e| CudaError::Config { path: "configs/h100.json".into(), detail: e.to_string() })?,
+            None => {
+                let (path, json) = default_config_for(&dev.name);
+                serde_json::from_str(json)
+                    .map_err(|e| CudaError::Config { path: path.into(), detail: e.to_string() })?
+            }
         };
-        Ok(CudaBackend { dev, config })
+        Ok(CudaBackend { dev, config, inv_freq: Arc::default() })
     }
 
     /// The same device with another tile configuration (autotune, tests).
     pub fn with_config(&self, config: KernelConfig) -> Self {
-        CudaBackend { dev: self.dev.clone(), config }
+        CudaBackend { dev: self.dev.clone(), config, inv_freq: self.inv_freq.clone() }
     }
 
     /// Loads a KernelConfig JSON file (as written by `fp4moe autotune`).
@@ -135,5 +157,21 @@ impl CudaBackend {
             self.dev.module(file)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_in_configs_parse_and_are_picked_by_card() {
+        for name in ["NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"] {
+            let (path, json) = default_config_for(name);
+            let c: KernelConfig = serde_json::from_str(json).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(c.linear_n_tile > 0 && c.moe_n_tile > 0, "{path}");
+        }
+        assert_eq!(default_config_for("NVIDIA H200").0, "configs/h200.json");
+        assert_eq!(default_config_for("NVIDIA H100 80GB HBM3").0, "configs/h100.json");
     }
 }

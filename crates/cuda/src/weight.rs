@@ -84,9 +84,9 @@ impl CudaWeight {
                     cols: q.cols,
                     kp,
                     rows_per_ts: q.rows_per_tensor_scale().max(1),
-                    codes: Some(dev.upload(&codes)?),
-                    scales: Some(dev.upload(&scales)?),
-                    tscales: Some(dev.upload(&ts)?),
+                    codes: Some(dev.upload_exact(&codes)?),
+                    scales: Some(dev.upload_exact(&scales)?),
+                    tscales: Some(dev.upload_exact(&ts)?),
                     data: None,
                     nbytes: q.nbytes(),
                 })
@@ -111,7 +111,7 @@ impl CudaWeight {
                     codes: None,
                     scales: None,
                     tscales: None,
-                    data: Some(dev.upload(bytes)?),
+                    data: Some(dev.upload_exact(bytes)?),
                     nbytes: bytes.len(),
                 })
             }

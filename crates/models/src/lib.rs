@@ -7,6 +7,7 @@
 //!   exactly the keys it reads, its weights with their shapes, and its forward pass as op calls.
 //!   Shared pieces (norms, RoPE, SwiGLU, routers, batch plumbing) live in `layers`.
 //! - [`synthetic`]: random FP4 models of the real shapes, for benchmarks and runs without weights.
+//! - [`golden`]: the checks against transformers' logits that every backend's tests run.
 //!
 //! [`LanguageModel`] is the backend-erased contract the engine and server build on; [`load`] and
 //! [`synthetic()`] produce one.
@@ -14,6 +15,7 @@
 pub mod checkpoint_writer;
 pub mod error;
 pub mod glm4_moe_lite;
+pub mod golden;
 mod layers;
 pub mod loader;
 pub mod qwen3_moe;

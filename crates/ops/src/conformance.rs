@@ -581,7 +581,10 @@ pub fn check_head_linear<B: Backend>(b: &B, seed: u64) -> Check {
                 for transpose in [false, true] {
                     let spec = HeadLinear { heads, rows_per_head: rph, row_start, row_count, transpose };
                     let kx = if transpose { row_count } else { k };
-                    for m in [1, 3] {
+                    // Decode-sized and prefill-sized row counts (GPU backends switch kernels),
+                    // and more rows than one GEMM tile on the small shape.
+                    let ms: &[usize] = if heads * rph * k > 1 << 16 { &[1, 3, 9] } else { &[1, 3, 9, 67] };
+                    for &m in ms {
                         let c = format!("{case} M={m} {spec:?}");
                         let xs = cx.rng.normals(m * heads * kx, 1.0);
                         let shape = [m, heads, kx];
@@ -1179,6 +1182,9 @@ pub fn check_attention_gqa<B: Backend>(b: &B, seed: u64) -> Check {
     let cases = [
         (7usize, 5usize, 16usize, 32usize, 4usize, 128usize, 128usize),
         (1, 40, 48, 32, 4, 128, 128),
+        // Long caches with few queries: GPU backends split the keys into ranges here.
+        (1, 700, 720, 32, 4, 128, 128),
+        (2, 333, 340, 32, 4, 128, 128),
         (1, 0, 4, 32, 4, 128, 128),
         (5, 0, 5, 32, 4, 128, 128),
         (3, 2, 8, 6, 2, 40, 24),
@@ -1224,6 +1230,7 @@ pub fn check_attention_mla<B: Backend>(b: &B, seed: u64) -> Check {
     let cases = [
         (5usize, 3usize, 10usize, 20usize, 512usize, 64usize),
         (1, 30, 33, 20, 512, 64),
+        (1, 600, 610, 20, 512, 64),
         (1, 0, 1, 20, 512, 64),
         (3, 2, 7, 3, 24, 8),
     ];

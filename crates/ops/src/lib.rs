@@ -11,8 +11,10 @@
 //! [`conformance`] suite calls every op and every path a backend lists — each decode/prefill
 //! variant, each tile size, each MoE path — explicitly, and requires agreement with the twin.
 //! A backend's `Auto` dispatch may only pick among the paths it lists; it has no private path.
+//! [`profile::Profiled`] wraps any backend and times its ops by kind (`fp4moe bench model --profile`).
 
 pub mod conformance;
+pub mod profile;
 pub mod reference;
 mod spec;
 mod tensor;

@@ -2,18 +2,24 @@
 //! shapes, all layers by default), timed on a 512-token prefill and batch-1 decode, and compared
 //! with its bandwidth floor: the bytes one decode step must read (embedding row, attention,
 //! router, the top-k experts routing picks, shared expert, lm_head, KV cache) divided by the
-//! memory read bandwidth measured in the same run.
+//! bandwidth of the memory the weights live in, measured in the same run: the host's read
+//! bandwidth for the CPU backends, the device's (an elementwise add through the backend itself)
+//! for GPU backends. `--profile` times every op by kind (see `fp4moe_ops::profile`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use anyhow::Context;
 use fp4moe_engine::{Sampler, SamplingParams};
 use fp4moe_models::{Arch, LanguageModel, glm4_moe_lite, qwen3_moe};
+use fp4moe_ops::profile::{OpStats, Profiled};
+use fp4moe_ops::{Backend, DType};
 use serde_json::json;
 
-use super::run::{BuildSynthetic, QuantArg, SyntheticArch};
-use crate::backend::{BackendKind, dispatch};
+use super::run::{QuantArg, SYNTHETIC_WEIGHT_SEED, SyntheticArch};
+use crate::backend::{BackendKind, OnBackend, dispatch};
 
 /// `fp4moe bench model`
 #[derive(clap::Args)]
@@ -46,6 +52,11 @@ pub struct Args {
     /// Size of the buffer the memory-bandwidth probe reads (MiB); far larger than any cache.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
+
+    /// Also time every op by kind (each op then waits for the device, so the run is slower than
+    /// without; the table says where the time goes, not how fast an unprofiled run is).
+    #[arg(long)]
+    pub profile: bool,
 
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
@@ -214,19 +225,96 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Device memory bandwidth in GB/s as the backend itself achieves it: `c = a + b` over f32
+/// vectors far larger than any GPU cache (3 × 96 MiB moved per add), best of `reps`.
+pub fn measure_device_bandwidth<B: Backend>(b: &B, reps: usize) -> anyhow::Result<f64> {
+    const ELEMS: usize = 24 << 20;
+    let x = b.zeros(&[ELEMS], DType::F32)?;
+    let y = b.zeros(&[ELEMS], DType::F32)?;
+    drop(b.add(&x, &y)?);
+    b.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        let z = b.add(&x, &y)?;
+        b.synchronize()?;
+        best = best.min(start.elapsed().as_secs_f64());
+        drop(z);
+    }
+    Ok((3 * ELEMS * 4) as f64 / best / 1e9)
+}
+
+/// Builds the synthetic model on the chosen backend; measures the device's bandwidth first on a
+/// GPU backend, and wraps the backend in [`Profiled`] when asked.
+struct BuildForBench {
+    arch: Arch,
+    layers: Option<usize>,
+    format: fp4::Format,
+    profile: bool,
+}
+
+struct Built {
+    model: Box<dyn LanguageModel>,
+    backend: String,
+    device_gbps: Option<f64>,
+    stats: Option<Arc<Mutex<OpStats>>>,
+}
+
+impl OnBackend for BuildForBench {
+    type Output = Built;
+    fn run<B: Backend + 'static>(self, backend: B) -> anyhow::Result<Built> {
+        let name = backend.name();
+        let gpu = name.starts_with("cuda") || name.starts_with("wgpu");
+        let device_gbps = if gpu { Some(measure_device_bandwidth(&backend, 5)?) } else { None };
+        let (arch, layers, format) = (self.arch, self.layers, self.format);
+        let (model, stats) = if self.profile {
+            let p = Profiled::new(backend);
+            let stats = p.stats();
+            (fp4moe_models::synthetic(p, arch, layers, format, SYNTHETIC_WEIGHT_SEED)?, Some(stats))
+        } else {
+            (fp4moe_models::synthetic(backend, arch, layers, format, SYNTHETIC_WEIGHT_SEED)?, None)
+        };
+        Ok(Built { model, backend: name, device_gbps, stats })
+    }
+}
+
+/// Prompt tokens of the warm-up prefill: more than any backend's decode-path row limit, so the
+/// prefill kernels run too.
+const WARMUP_PREFILL: usize = 64;
+
 struct Timings {
     prefill_s: f64,
     decode_s: f64,
     decode_steps: usize,
+    prefill_ops: Option<OpStats>,
+    decode_ops: Option<OpStats>,
 }
 
-fn time_model(model: &dyn LanguageModel, prefill: usize, decode: usize) -> anyhow::Result<Timings> {
+fn take(stats: &Option<Arc<Mutex<OpStats>>>) -> Option<OpStats> {
+    stats.as_ref().map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(PoisonError::into_inner)))
+}
+
+fn time_model(
+    model: &dyn LanguageModel,
+    prefill: usize,
+    decode: usize,
+    stats: &Option<Arc<Mutex<OpStats>>>,
+) -> anyhow::Result<Timings> {
     let info = model.info();
-    let mut seq = model.new_sequence(prefill + decode + 1)?;
     let prompt = prompt_ids(prefill, info.vocab_size);
+    // Warm-up, untimed: one short prefill and one decode step run every kernel once, so that
+    // one-time costs (GPU kernels compile on first use) stay out of the figures.
+    let warm = prefill.min(WARMUP_PREFILL);
+    let mut seq = model.new_sequence(warm + 1)?;
+    model.forward(&mut [(&mut seq, &prompt[..warm])], false)?;
+    model.forward(&mut [(&mut seq, &prompt[..1])], false)?;
+    drop(seq);
+    let mut seq = model.new_sequence(prefill + decode + 1)?;
+    take(stats);
     let start = Instant::now();
     let logits = model.forward(&mut [(&mut seq, &prompt[..])], false)?;
     let prefill_s = start.elapsed().as_secs_f64();
+    let prefill_ops = take(stats);
     // Greedy, over the whole vocabulary: the routing then follows the model's own output.
     let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
     let mut next = sampler.sample(&logits[0])?;
@@ -235,7 +323,41 @@ fn time_model(model: &dyn LanguageModel, prefill: usize, decode: usize) -> anyho
         let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
         next = sampler.sample(&logits[0])?;
     }
-    Ok(Timings { prefill_s, decode_s: start.elapsed().as_secs_f64(), decode_steps: decode })
+    let decode_s = start.elapsed().as_secs_f64();
+    Ok(Timings { prefill_s, decode_s, decode_steps: decode, prefill_ops, decode_ops: take(stats) })
+}
+
+/// The per-op table of a profiled phase, per step (`steps` forwards), slowest first.
+fn print_ops(phase: &str, ops: &OpStats, steps: usize) {
+    let total = ops.total().as_secs_f64();
+    println!(
+        "\n{phase}: time by op, per step ({steps} steps, {:.3} ms per step)",
+        1e3 * total / steps as f64
+    );
+    println!("{:<34} {:>9} {:>12} {:>7}", "op", "calls", "ms/step", "share");
+    for (op, calls, t) in ops.sorted() {
+        let t = t.as_secs_f64();
+        println!(
+            "{op:<34} {:>9} {:>12.3} {:>6.1}%",
+            calls / steps as u64,
+            1e3 * t / steps as f64,
+            100.0 * t / total.max(f64::MIN_POSITIVE)
+        );
+    }
+}
+
+fn ops_json(ops: &Option<OpStats>, steps: usize) -> serde_json::Value {
+    match ops {
+        None => serde_json::Value::Null,
+        Some(ops) => ops
+            .sorted()
+            .into_iter()
+            .map(|(op, calls, t)| {
+                json!({"op": op, "calls_per_step": calls as f64 / steps as f64,
+                       "ms_per_step": 1e3 * t.as_secs_f64() / steps as f64})
+            })
+            .collect(),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -251,7 +373,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("building synthetic {} ...", arch.name());
     let start = Instant::now();
-    let model = dispatch(args.backend, BuildSynthetic { arch, layers: args.layers, format })?;
+    let built =
+        dispatch(args.backend, BuildForBench { arch, layers: args.layers, format, profile: args.profile })?;
+    let model = built.model;
     let build_s = start.elapsed().as_secs_f64();
     let info = model.info().clone();
     eprintln!(
@@ -259,13 +383,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         info.num_layers, args.prefill
     );
 
-    let t = time_model(model.as_ref(), args.prefill, args.decode_tokens)?;
+    let t = time_model(model.as_ref(), args.prefill, args.decode_tokens, &built.stats)?;
     let prefill_tok_s = args.prefill as f64 / t.prefill_s;
     let decode_tok_s = t.decode_steps as f64 / t.decode_s;
     // The cache grows during the timed decode; the floor uses its mean length.
     let mean_ctx = args.prefill + 1 + args.decode_tokens / 2;
     let bytes = decode_bytes(arch, args.layers, format, mean_ctx)?;
-    let floor_decode_tok_s = mem_read_gbps * 1e9 / bytes.total() as f64;
+    // The weights live in device memory on a GPU backend: its bandwidth is the floor's.
+    let (floor_gbps, floor_memory) = match built.device_gbps {
+        Some(g) => (g, "device"),
+        None => (mem_read_gbps, "host"),
+    };
+    let floor_decode_tok_s = floor_gbps * 1e9 / bytes.total() as f64;
     let peak_rss = peak_rss_bytes();
 
     println!(
@@ -275,16 +404,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         info.num_layers,
         format.name()
     );
-    println!("memory read      {mem_read_gbps:.1} GB/s");
+    println!("backend          {}{}", built.backend, if args.profile { " (profiled: slower)" } else { "" });
+    println!("memory read      {mem_read_gbps:.1} GB/s (host)");
+    if let Some(g) = built.device_gbps {
+        println!("device bandwidth {g:.1} GB/s (c = a + b through the backend)");
+    }
     println!("prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s)", args.prefill, t.prefill_s);
     println!("decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s)", t.decode_steps, t.decode_s);
     println!(
-        "decode floor     {floor_decode_tok_s:.2} tok/s ({:.1} MB read per step / {mem_read_gbps:.1} GB/s)",
+        "decode floor     {floor_decode_tok_s:.2} tok/s ({:.1} MB read per step / {floor_gbps:.1} GB/s {floor_memory})",
         bytes.total() as f64 / 1e6
     );
     println!("of floor         {:.0}%", 100.0 * decode_tok_s / floor_decode_tok_s);
     if let Some(rss) = peak_rss {
         println!("peak resident    {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+    }
+    if let Some(ops) = &t.prefill_ops {
+        print_ops(&format!("prefill ({} tokens)", args.prefill), ops, 1);
+    }
+    if let Some(ops) = &t.decode_ops {
+        print_ops("decode", ops, t.decode_steps);
     }
 
     if let Some(path) = &args.json {
@@ -299,6 +438,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "floor_decode_tok_s": floor_decode_tok_s,
             "fraction_of_floor": decode_tok_s / floor_decode_tok_s,
             "mem_read_gbps": mem_read_gbps,
+            "device_gbps": built.device_gbps,
+            "floor_memory": floor_memory,
+            "backend_name": built.backend,
+            "profiled": args.profile,
+            "prefill_ops": ops_json(&t.prefill_ops, 1),
+            "decode_ops": ops_json(&t.decode_ops, t.decode_steps),
             "decode_bytes_per_step": bytes.total(),
             "decode_bytes": bytes,
             "prefill_tokens": args.prefill,

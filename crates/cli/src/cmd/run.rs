@@ -22,7 +22,7 @@ use crate::backend::{BackendKind, OnBackend, dispatch};
 pub const DEFAULT_SYNTHETIC_LAYERS: usize = 4;
 
 /// Seed of a synthetic model's random weights (fixed, so runs are comparable).
-const SYNTHETIC_WEIGHT_SEED: u64 = 0;
+pub(crate) const SYNTHETIC_WEIGHT_SEED: u64 = 0;
 
 /// Weight format: keep what the checkpoint stores, or quantize to FP4 while loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
