@@ -41,6 +41,8 @@ const GEMM_THREADS: u32 = 128;
 pub const GEMM_N_TILES: [usize; 2] = [64, 128];
 /// Largest value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
+/// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
+const ATT_MAX_ROPE: usize = 128;
 /// ROUTE_MAX_E in kernels/route.cu.
 const ROUTE_MAX_E: usize = 512;
 
@@ -1332,11 +1334,11 @@ impl Backend for CudaBackend {
         if !ok {
             return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
         }
-        if ql[2] > ATT_MAX_DV {
+        if ql[2] > ATT_MAX_DV || qr[2] > ATT_MAX_ROPE {
             return Err(Error::Unsupported {
                 op: OP,
                 backend: self.name(),
-                what: format!("latent width {}", ql[2]),
+                what: format!("latent width {} / rope width {}", ql[2], qr[2]),
             });
         }
         let (t_n, heads, l) = (ql[0], ql[1], ql[2]);

@@ -1188,6 +1188,8 @@ pub fn check_attention_gqa<B: Backend>(b: &B, seed: u64) -> Check {
         (1, 0, 4, 32, 4, 128, 128),
         (5, 0, 5, 32, 4, 128, 128),
         (3, 2, 8, 6, 2, 40, 24),
+        // Keys wider than 128 (GPU backends have a separate kernel for up to 128).
+        (2, 3, 9, 4, 2, 192, 64),
         (4, 1, 6, 3, 3, 16, 16),
     ];
     for (t, pos0, s, hq, hkv, d, dv) in cases {
