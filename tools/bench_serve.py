@@ -2,7 +2,8 @@
 """Aggregate decode throughput of `fp4moe serve` at several client concurrencies.
 
 Starts the server (any `fp4moe serve` flags after `--`; a synthetic model without --model), runs
-N concurrent clients that each send non-streaming greedy completions back to back, and prints a
+N concurrent clients that each send non-streaming greedy completions of exactly --max-tokens
+tokens (`ignore_eos`) back to back, and prints a
 markdown table: completion tokens of all requests / wall time, per concurrency. Standard library
 only; loopback only.
 
@@ -37,6 +38,8 @@ def run_level(base: str, clients: int, requests_per_client: int, max_tokens: int
                 "prompt": f"client {c} request {r}: the quick brown fox",
                 "max_tokens": max_tokens,
                 "temperature": 0,
+                # Fixed-length completions (vLLM's extension): every request decodes max_tokens.
+                "ignore_eos": True,
             }
             try:
                 u = post(base + "/completions", body)["usage"]
@@ -83,8 +86,9 @@ def main() -> None:
         if base is None:
             sys.exit("bench_serve: the server did not start")
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-        # Warm-up: first-touch of weights and buffers.
-        post(base + "/completions", {"prompt": "warm up", "max_tokens": 4, "temperature": 0})
+        # Warm-up: first-touch of weights and buffers, with a prompt long enough for the prefill
+        # kernels.
+        post(base + "/completions", {"prompt": "warm up " * 16, "max_tokens": 4, "temperature": 0})
         rows = [run_level(base, c, args.rounds, args.max_tokens) for c in args.concurrency]
     finally:
         proc.terminate()

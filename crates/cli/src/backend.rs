@@ -28,7 +28,7 @@ pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> anyhow::Result<J::Ou
         BackendKind::Auto => {
             // A GPU first; a CPU-emulated wgpu adapter (lavapipe, WARP) is not one: the CPU
             // backend runs the same model far faster than Vulkan emulated on the same cores.
-            match fp4moe_cuda::CudaBackend::new() {
+            match cuda() {
                 Ok(b) => {
                     eprintln!("backend: cuda (auto): {}", b.device_name());
                     return job.run(b);
@@ -48,7 +48,15 @@ pub fn dispatch<J: OnBackend>(kind: BackendKind, job: J) -> anyhow::Result<J::Ou
         }
         BackendKind::Cpu => job.run(fp4moe_cpu::CpuBackend::new()),
         BackendKind::Reference => job.run(fp4moe_ops::reference::RefBackend),
-        BackendKind::Cuda => job.run(fp4moe_cuda::CudaBackend::new()?),
+        BackendKind::Cuda => job.run(cuda()?),
         BackendKind::Wgpu => job.run(fp4moe_wgpu::WgpuBackend::new()?),
     }
+}
+
+/// The CUDA backend with every kernel file compiled now: NVRTC otherwise compiles each file on
+/// its first use, which a server's first requests (or a run's first prefill) would wait for.
+fn cuda() -> anyhow::Result<fp4moe_cuda::CudaBackend> {
+    let b = fp4moe_cuda::CudaBackend::new()?;
+    b.warm_up()?;
+    Ok(b)
 }
