@@ -148,6 +148,13 @@ impl Pool {
         Some(s)
     }
 
+    /// Frees every cached buffer (before a driver allocation is retried).
+    fn trim(&self) {
+        let freed = std::mem::take(&mut *self.free.lock().unwrap_or_else(PoisonError::into_inner));
+        self.cached.store(0, std::sync::atomic::Ordering::Relaxed);
+        drop(freed);
+    }
+
     fn give(&self, class: usize, slice: CudaSlice<u8>) {
         use std::sync::atomic::Ordering::Relaxed;
         if self.cached.fetch_add(class, Relaxed) + class > POOL_MAX_CACHED {
@@ -263,8 +270,7 @@ impl Device {
         let class = size_class(bytes);
         let s = match self.pool.take(class) {
             Some(s) => s,
-            // SAFETY: the contents are written by a kernel or a copy before any read.
-            None => unsafe { self.stream.alloc::<u8>(class) }.map_err(drv)?,
+            None => self.driver_alloc(class)?,
         };
         Ok(Buf::new(s, &self.stream, bytes, class, Some(self.pool.clone())))
     }
@@ -278,9 +284,22 @@ impl Device {
     /// An allocation of exactly `bytes` that never enters the pool (weights: large, long-lived,
     /// freed only with the model).
     pub fn alloc_exact(&self, bytes: usize) -> Result<Buf, CudaError> {
-        // SAFETY: the contents are written by a copy before any read.
-        let s = unsafe { self.stream.alloc::<u8>(bytes.max(4)) }.map_err(drv)?;
+        let s = self.driver_alloc(bytes.max(4))?;
         Ok(Buf::new(s, &self.stream, bytes, bytes.max(4), None))
+    }
+
+    /// A new driver allocation; when the device is out of memory, the pool's cached buffers are
+    /// freed and the allocation tried once more, so caching never turns into an out-of-memory error.
+    fn driver_alloc(&self, bytes: usize) -> Result<CudaSlice<u8>, CudaError> {
+        // SAFETY (both calls): the contents are written by a kernel or a copy before any read.
+        match unsafe { self.stream.alloc::<u8>(bytes) } {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                self.pool.trim();
+                self.stream.synchronize().map_err(drv)?;
+                unsafe { self.stream.alloc::<u8>(bytes) }.map_err(drv)
+            }
+        }
     }
 
     /// Host data into a pooled buffer (activations, ids, positions).
