@@ -6,12 +6,14 @@
 #
 # Binaries are built on the CPU machine (the device has no Rust toolchain), stripped and copied
 # into out/cuda/ (git-ignored; pass `carry: ["out/cuda"]`):
-#   cargo test -p fp4moe-cuda --release --no-run   -> out/cuda/conformance, out/cuda/device, out/cuda/golden
+#   cargo test -p fp4moe-cuda --release --no-run   -> out/cuda/conformance, out/cuda/device, out/cuda/golden,
+#                                                    out/cuda/graph
 #   cargo build --release -p fp4moe               -> out/cuda/fp4moe
 #   cargo build --release -p fp4moe-cuda --example bench_layers -> out/cuda/bench_layers
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
-#   STAGES="test golden sanitize torch layers kernels model profile autotune" (default: all but
-#   autotune, which writes $OUT/autotune_<model>.json to compare with configs/). `profile` runs
+#   STAGES="test golden sanitize torch layers kernels model profile ncu autotune" (default: all but
+#   ncu and autotune; autotune writes $OUT/autotune_<model>.json to compare with configs/, ncu
+#   prints each kernel's GPU time in one decode step via tools/ncu_step.py). `profile` runs
 #   `bench model --profile` (time per op kind). `layers` (the backend's own
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
 set -uo pipefail
@@ -39,6 +41,8 @@ if has test; then
     timeout 300 $BIN/conformance --test-threads 4 2>&1 | tee "$OUT/conformance.log" | grep -E "ok in|skipped|panicked|test result|FAILED|failed" | tee -a "$LOG"
     say "cuda device tests"
     timeout 120 $BIN/device --nocapture --test-threads 1 2>&1 | tail -20 | tee -a "$LOG"
+    say "decode graph replay vs op by op"
+    timeout 120 $BIN/graph --nocapture 2>&1 | tail -8 | tee -a "$LOG"
 fi
 
 if has golden; then
@@ -66,6 +70,9 @@ if has model; then
         say "fp4moe bench model --backend cuda --synthetic $m"
         timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --prefill $PREFILL \
             --json "$OUT/bench_model_$m.json" 2>&1 | tail -30 | tee -a "$LOG"
+        say "the same, decode op by op (FP4MOE_GRAPHS=0)"
+        FP4MOE_GRAPHS=0 timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --prefill $PREFILL \
+            2>&1 | grep -E "^decode" | tee -a "$LOG"
     done
 fi
 
@@ -74,6 +81,18 @@ if has profile; then
         say "fp4moe bench model --profile --backend cuda --synthetic $m"
         timeout 200 $BIN/fp4moe bench model --profile --backend cuda --synthetic $m --prefill $PREFILL ${PROFILE_LAYERS:+--layers $PROFILE_LAYERS} \
             --decode-tokens 8 2>&1 | tail -60 | tee -a "$LOG"
+    done
+fi
+
+if has ncu; then
+    # Per-kernel GPU time of one decode step (2 layers, context 2048, graphs off so each kernel is
+    # its own launch); ncu flushes caches before each kernel, so small kernels read long.
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        say "ncu: kernels of one decode step, synthetic $m (2 layers)"
+        FP4MOE_GRAPHS=0 timeout 250 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+            $BIN/fp4moe bench model --backend cuda --synthetic $m --layers 2 --prefill 2048 --decode-tokens 1 \
+            >"$OUT/ncu_$m.csv" 2>/dev/null
+        python3 tools/ncu_step.py "$OUT/ncu_$m.csv" 2>&1 | tail -22 | tee -a "$LOG"
     done
 fi
 

@@ -1,12 +1,13 @@
-// Causal attention for decode and prefill. Unsplit: one block per (query, head), each warp walking
-// its share of the keys with an online softmax, the warps merged at the end in a fixed order
-// (deterministic). Split ("flash-decoding"): with few queries, one (query, head) block cannot keep
-// the GPU busy over a long cache, so the keys are cut into `splits` ranges, each block writes its
-// range's (max, sum, unnormalised values), and attention_combine merges the ranges in order.
-// Values are held in registers, ATT_MAX_DV_PER_LANE per lane.
+// Causal attention for decode and prefill, online softmax, deterministic (fixed merge orders).
+// GQA stages key/value tiles in shared memory for all query heads of a kv head; MLA walks the
+// latent cache with one block per (query, head), its warps merged at the end in a fixed order.
+// Split ("flash-decoding"): with few queries, blocks over the whole cache cannot keep the GPU
+// busy, so the keys are cut into ranges, each block writes its range's (max, sum, unnormalised
+// values), and attention_combine merges the ranges in order. Values are held in registers,
+// ATT_MAX_DV_PER_LANE per lane.
 #include "common.cuh"
 
-#define ATT_WARPS 4
+#define ATT_WARPS 4 // MLA: warps per (query, head) block
 #define ATT_MAX_DV_PER_LANE 16  // value width up to 512 (MLA's latent)
 #define ATT_MAX_ROPE_PER_LANE 4 // MLA rope width up to 128
 #define ATT_NEG_INF (-__int_as_float(0x7f800000))
@@ -73,51 +74,128 @@ __device__ __forceinline__ float lane_dot(const float* q, const float* p, int n)
     return s;
 }
 
-// Keys [j0, j1) of one (query, head) into this block's warps' online-softmax states. (Holding
-// the query in registers with unrolled loads, as the MLA kernel does, measured slower here:
-// 49 -> 60 us per decode call for Qwen3's 128-wide heads; see NOTES.md.)
-__device__ __forceinline__ void gqa_range(const float* qh, const float* k, const float* v, int hkv, int kh, int d,
-                                          int dv, float scale, int j0, int j1, float& m, float& l, float* acc) {
+// This block's keys [j0, j1) of query t. Positions are read on the device (pos0 plus the graph's
+// row shift, see Backend::replay) and so are the split ranges: the grid has as many splits as
+// the cache could need, splits past the keys stay empty, and a recorded graph replays at any
+// position. Split count and size follow the keys of the last query: ceil(keys / split_keys)
+// ranges (at most gridDim.z) of equal size.
+__device__ __forceinline__ void att_keys(int pos0, const unsigned* row_shift, int cache_rows, int split_keys,
+                                         int t, int sp, int& j0, int& j1) {
+    int p0 = pos0 + (int)*row_shift;
+    int total = min(p0 + (int)gridDim.y, cache_rows);
+    int splits = min((int)gridDim.z, max(1, (total + split_keys - 1) / split_keys));
+    int chunk = (total + splits - 1) / splits;
+    j0 = sp * chunk;
+    j1 = min(min(p0 + t + 1, cache_rows), j0 + chunk);
+}
+
+// GQA: one block per (kv head, query, split) serves every query head of the kv head's group,
+// one warp per query head (as many at a time as the block has warps). The block stages `tk` keys
+// and values at a time in shared memory with coalesced loads; each warp scores the tile with one
+// lane per key (padded rows, so the lanes hit distinct banks), takes the tile's max and sum at
+// once, and accumulates the value rows with lanes along the value dims. A block per (query head,
+// split) walking one key per warp step chained two memory latencies per key and read each key
+// row once per query head (39 us per Qwen3 decode call at 2k keys); one lane per key straight
+// from global memory turned every load into 32 scattered requests (83 us).
+#define GQA_MAX_THREADS 256
+
+// q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]. grid (Hkv, T, splits), block of
+// `warps` * 32 <= GQA_MAX_THREADS, dynamic shared memory (tk * (D + 1) + tk * Dv + warps * D)
+// floats, tk <= 32.
+// With splits > 1, out is the partial buffer [T, Hq, splits, Dv] (unnormalised) and ml
+// [T, Hq, splits, 2] (max, sum).
+extern "C" __global__ void __launch_bounds__(GQA_MAX_THREADS)
+attention_gqa_f32(const float* q, const float* k, const float* v, float* out, float* ml, int hq, int hkv, int d,
+                  int dv, int tk, int pos0, const unsigned* row_shift, int cache_rows, int split_keys, float scale) {
+    extern __shared__ float smem[];
+    const int ks = d + 1;
+    const int warps = blockDim.x >> 5;
+    float* kt = smem;          // [tk][d + 1]
+    float* vt = kt + tk * ks;  // [tk][dv]
+    float* qs = vt + tk * dv;  // [warps][d]
+    int kh = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
+    int group = hq / hkv;
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    for (int j = j0 + wid; j < j1; j += ATT_WARPS) {
-        const float* kr = k + ((size_t)j * hkv + kh) * d;
-        float s = 0.0f;
-        for (int i = lane; i < d; i += 32) s += qh[i] * kr[i];
-        s = warp_sum(s) * scale;
-        att_step(s, v + ((size_t)j * hkv + kh) * dv, dv, m, l, acc);
+    int j0, j1;
+    att_keys(pos0, row_shift, cache_rows, split_keys, t, sp, j0, j1);
+    for (int h0 = 0; h0 < group; h0 += warps) {
+        int nh = min(warps, group - h0);
+        __syncthreads(); // the previous pass is done with qs and the tiles
+        for (int hh = wid; hh < nh; hh += warps)
+            for (int e = lane; e < d; e += 32) qs[hh * d + e] = q[((size_t)t * hq + kh * group + h0 + hh) * d + e];
+        bool active = wid < nh;
+        float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
+        for (int jb = j0; jb < j1; jb += tk) {
+            int nk = min(tk, j1 - jb);
+            __syncthreads(); // every warp is done with the previous tile
+            for (int r = wid; r < nk; r += warps) {
+                const float* kr = k + ((size_t)(jb + r) * hkv + kh) * d;
+                const float* vr = v + ((size_t)(jb + r) * hkv + kh) * dv;
+                for (int e = lane; e < d; e += 32) kt[r * ks + e] = kr[e];
+                for (int e = lane; e < dv; e += 32) vt[r * dv + e] = vr[e];
+            }
+            __syncthreads();
+            if (!active) continue;
+            const float* qh = qs + wid * d;
+            float s = ATT_NEG_INF;
+            if (lane < nk) {
+                const float* kr = kt + lane * ks;
+                float dot = 0.0f;
+#pragma unroll 8
+                for (int e = 0; e < d; e++) dot = fmaf(qh[e], kr[e], dot);
+                s = dot * scale;
+            }
+            float nm = fmaxf(m, warp_max(s));
+            float corr = m == ATT_NEG_INF ? 0.0f : expf(m - nm);
+            float p = lane < nk ? expf(s - nm) : 0.0f;
+            l = l * corr + warp_sum(p);
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] *= corr;
+            for (int r = 0; r < nk; r++) {
+                float pr = __shfl_sync(0xffffffffu, p, r);
+                const float* vr = vt + r * dv;
+#pragma unroll
+                for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) {
+                    int e = c * 32 + lane;
+                    if (e < dv) acc[c] = fmaf(pr, vr[e], acc[c]);
+                }
+            }
+            m = nm;
+        }
+        if (!active) continue;
+        int h = kh * group + h0 + wid;
+        size_t row = ((size_t)t * hq + h) * splits + sp;
+        float inv = splits > 1 ? 1.0f : 1.0f / l;
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) {
+            int e = c * 32 + lane;
+            if (e < dv) out[row * dv + e] = acc[c] * inv;
+        }
+        if (splits > 1 && lane == 0) {
+            ml[row * 2] = m;
+            ml[row * 2 + 1] = l;
+        }
     }
 }
 
-// q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]. grid (Hq, T, splits); with
-// splits > 1, out is the partial buffer [T, Hq, splits, Dv] and ml [T, Hq, splits, 2].
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_gqa_f32(const float* q, const float* k, const float* v, float* out, float* ml, int hq, int hkv, int d,
-                  int dv, int pos0, float scale, int chunk) {
-    int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
-    int kh = h / (hq / hkv);
-    const float* qh = q + ((size_t)t * hq + h) * d;
-    int len = pos0 + t + 1;
-    int j0 = sp * chunk, j1 = min(len, j0 + chunk);
-    float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
-#pragma unroll
-    for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
-    gqa_range(qh, k, v, hkv, kh, d, dv, scale, j0, j1, m, l, acc);
-    size_t row = ((size_t)t * hq + h) * splits + sp;
-    att_merge(m, l, acc, dv, out + row * dv, splits > 1 ? ml + row * 2 : 0);
-}
-
 // Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
-// grid (H, T, splits), partials as in attention_gqa_f32.
+// grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache
+// tiles in shared memory for a group of heads, as GQA does, measured slower here: 35 -> 87 us
+// per GLM decode call, with 16 scores per warp held in registers and reduced one by one; see
+// NOTES.md.)
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, float* out, float* ml, int heads,
-                  int l_dim, int r_dim, int pos0, float scale, int chunk) {
+                  int l_dim, int r_dim, int pos0, const unsigned* row_shift, int cache_rows, int split_keys,
+                  float scale) {
     int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
     int wid = threadIdx.x >> 5;
     int w = l_dim + r_dim;
     const float* a = q_lat + ((size_t)t * heads + h) * l_dim;
     const float* b = q_rope + ((size_t)t * heads + h) * r_dim;
-    int len = pos0 + t + 1;
-    int j0 = sp * chunk, j1 = min(len, j0 + chunk);
+    int j0, j1;
+    att_keys(pos0, row_shift, cache_rows, split_keys, t, sp, j0, j1);
     float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
 #pragma unroll
     for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
@@ -136,19 +214,36 @@ attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, f
 }
 
 // The splits of each (query, head) row, merged in split order: part [rows, splits, dv],
-// ml [rows, splits, 2] -> out [rows, dv]. grid (rows). A split with no keys has max -inf.
+// ml [rows, splits, 2] -> out [rows, dv]. grid (rows), dynamic shared memory one float per
+// split. A split with no keys has max -inf. The first warp turns the (max, sum) pairs into
+// per-split weights once; reading them from global memory in every thread's loop made this a
+// chain of dependent loads (18 us per Qwen3 decode call, 57 us for MLA's 512-wide rows).
 extern "C" __global__ void attention_combine(const float* part, const float* ml, float* out, int splits, int dv) {
+    extern __shared__ float wsplit[];
+    __shared__ float total;
     size_t r = blockIdx.x;
     const float* pm = ml + r * splits * 2;
-    float gm = ATT_NEG_INF;
-    for (int s = 0; s < splits; s++) gm = fmaxf(gm, pm[2 * s]);
-    float gl = 0.0f;
-    for (int s = 0; s < splits; s++) gl += pm[2 * s] == ATT_NEG_INF ? 0.0f : pm[2 * s + 1] * expf(pm[2 * s] - gm);
+    if (threadIdx.x < 32) {
+        int lane = threadIdx.x;
+        float gm = ATT_NEG_INF;
+        for (int s = lane; s < splits; s += 32) gm = fmaxf(gm, pm[2 * s]);
+        gm = warp_max(gm);
+        float gl = 0.0f;
+        for (int s = lane; s < splits; s += 32) {
+            float e = pm[2 * s] == ATT_NEG_INF ? 0.0f : expf(pm[2 * s] - gm);
+            wsplit[s] = e;
+            gl += pm[2 * s + 1] * e;
+        }
+        gl = warp_sum(gl);
+        if (lane == 0) total = gl;
+    }
+    __syncthreads();
+    float inv = 1.0f / total;
     for (int d = threadIdx.x; d < dv; d += blockDim.x) {
         float v = 0.0f;
-        for (int s = 0; s < splits; s++)
-            if (pm[2 * s] != ATT_NEG_INF) v += part[(r * splits + s) * dv + d] * expf(pm[2 * s] - gm);
-        out[r * dv + d] = v / gl;
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) v += part[(r * splits + s) * dv + d] * wsplit[s];
+        out[r * dv + d] = v * inv;
     }
 }
 

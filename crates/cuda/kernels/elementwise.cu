@@ -76,24 +76,30 @@ extern "C" __global__ void silu_mul_f32(const float* x, float* y, size_t rows, i
     y[idx] = silu_f(xr[j]) * xr[inter + j];
 }
 
-// dst[(row0 + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c] for r < rows,
-// c < cols, elements of 2 or 4 bytes. Serves slice_cols, write_rows and row padding.
+// dst[(row0 + *row_shift + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c] for
+// r < rows, c < cols, elements of 2 or 4 bytes; destination rows past dst_rows are not written.
+// Serves slice_cols, write_rows (whose row0 a replayed graph shifts: Backend::replay) and row
+// padding.
 extern "C" __global__ void copy2d_u32(const u32* src, u32* dst, size_t rows, int cols, int src_stride,
-                                      int src_col0, int dst_cols, size_t row0, int col0) {
+                                      int src_col0, int dst_cols, size_t row0, const unsigned* row_shift,
+                                      size_t dst_rows, int col0) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * cols) return;
     size_t r = idx / cols;
     int c = (int)(idx % cols);
-    dst[(row0 + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
+    size_t dr = row0 + *row_shift + r;
+    if (dr < dst_rows) dst[dr * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
 }
 
 extern "C" __global__ void copy2d_u16(const u16* src, u16* dst, size_t rows, int cols, int src_stride,
-                                      int src_col0, int dst_cols, size_t row0, int col0) {
+                                      int src_col0, int dst_cols, size_t row0, const unsigned* row_shift,
+                                      size_t dst_rows, int col0) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * cols) return;
     size_t r = idx / cols;
     int c = (int)(idx % cols);
-    dst[(row0 + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
+    size_t dr = row0 + *row_shift + r;
+    if (dr < dst_rows) dst[dr * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {

@@ -1,12 +1,12 @@
 //! `Backend` for [`CudaBackend`]: shape checks on the host (mirroring the reference twin), then
 //! kernel launches on the device's stream. Nothing here reads device data back.
 
-use crate::device::{Arg, Buf};
+use crate::device::{Arena, Arg, Buf, DeviceGraph};
 use crate::weight::CudaWeight;
 use crate::{CudaBackend, CudaStorage};
 use fp4moe_ops::{
-    Backend, DType, Error, GroupedRouter, HeadLinear, HostData, HostTensor, LinearPath, MoePath, MoeWeights,
-    Result, Rope, RopeStyle, Tensor,
+    Backend, DType, Error, Graph, GroupedRouter, HeadLinear, HostData, HostTensor, LinearPath, MoePath,
+    MoeWeights, Result, Rope, RopeStyle, Tensor,
 };
 use std::sync::{Arc, PoisonError};
 
@@ -28,6 +28,10 @@ const ATT_SPLIT_BELOW_ROWS: usize = 256;
 const ATT_SPLIT_KEYS: usize = 64;
 /// ...and at most this many ranges (the combine reads them all per output element).
 const ATT_MAX_SPLITS: usize = 64;
+/// GQA attention: keys per shared-memory tile (one lane each) and query heads (warps) per block
+/// (at most GQA_MAX_THREADS / 32 in attention.cu).
+const GQA_TILE_KEYS: usize = 32;
+const GQA_WARPS: usize = 8;
 const ROW_THREADS: u32 = 256;
 /// Must match GEMV_THREADS / GEMV_ROWS in kernels/gemv.cu.
 const GEMV_THREADS: u32 = 128;
@@ -39,7 +43,7 @@ const GEMM_STAGES: usize = 3;
 const GEMM_THREADS: u32 = 128;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_bf16_n{64,128}`).
 pub const GEMM_N_TILES: [usize; 2] = [64, 128];
-/// Largest value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
+/// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
 /// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
 const ATT_MAX_ROPE: usize = 128;
@@ -55,6 +59,14 @@ fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
 fn gemm_smem(n_tile: usize, terms: usize) -> u32 {
     let stage = terms * GEMM_BM * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * 8;
     (GEMM_STAGES * stage + 2 * 256 * 4) as u32
+}
+
+/// Host data as little-endian bytes, with its shape and dtype.
+fn host_bytes(t: HostTensor<'_>) -> (Vec<u8>, &[usize], DType) {
+    match t {
+        HostTensor::F32(v, s) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), s, DType::F32),
+        HostTensor::U32(v, s) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), s, DType::U32),
+    }
 }
 
 fn blocks(n: usize, per: u32) -> u32 {
@@ -324,6 +336,9 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// `dst[row0 + r, col0 + c] = src[r, src_col0 + c]` (see copy2d_* in elementwise.cu); with
+    /// `shifted`, row0 also moves by the row shift of a replayed graph (cache writes only).
+    #[allow(clippy::too_many_arguments)]
     fn copy2d(
         &self,
         src: &CT,
@@ -335,8 +350,10 @@ impl CudaBackend {
         dst_cols: usize,
         row0: usize,
         col0: usize,
+        shifted: bool,
     ) -> Result<()> {
         let name = if src.dtype().size() == 2 { "copy2d_u16" } else { "copy2d_u32" };
+        let shift = if shifted { self.dev.row_shift() } else { self.dev.no_row_shift() };
         self.run(
             "elementwise.cu",
             name,
@@ -351,6 +368,8 @@ impl CudaBackend {
                 Arg::I32(src_col0 as i32),
                 Arg::I32(dst_cols as i32),
                 Arg::Usize(row0 as u64),
+                Arg::Ptr(shift),
+                Arg::Usize((dst.numel() / dst_cols.max(1)) as u64),
                 Arg::I32(col0 as i32),
             ],
         )
@@ -642,42 +661,65 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Launches an attention kernel (three input pointers, then `rest(out, ml, chunk)`) over grid
-    /// (heads, queries, splits) into `[t, heads, dv]`. Few queries over a long cache leave the GPU
-    /// idle with one block per (query, head), so the keys are split into ranges of `chunk`, each
-    /// written as a partial, and merged in order by `attention_combine`.
+    /// Launches an attention kernel (three input pointers, then `rest(out, ml)`, then the key
+    /// range arguments) over grid (heads, queries, splits) into `[t, heads, dv]`. Few queries
+    /// over a long cache leave the GPU idle with one block per (query, head), so the keys are
+    /// split into ranges, each written as a partial, and merged in order by `attention_combine`.
+    /// The grid holds as many splits as a cache of `cache_rows` could use; the kernels derive
+    /// the ranges from the position on the device (`att_keys`), so a recorded graph replays at
+    /// any position.
+    /// `launch` is (grid x, block threads, dynamic shared bytes) of the kernel.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         kernel: &'static str,
         inputs: [u64; 3],
         [t_n, heads, dv]: [usize; 3],
+        (grid_x, block, smem): (usize, u32, u32),
         pos0: usize,
-        rest: impl Fn(u64, u64, usize) -> Vec<Arg>,
+        cache_rows: usize,
+        scale: f32,
+        rest: impl Fn(u64, u64) -> Vec<Arg>,
     ) -> Result<CT> {
         let out = self.empty(&[t_n, heads, dv], DType::F32)?;
-        let len = pos0 + t_n;
         let rows = t_n * heads;
         let splits = if rows >= ATT_SPLIT_BELOW_ROWS {
             1
         } else {
-            len.div_ceil(ATT_SPLIT_KEYS).clamp(1, ATT_MAX_SPLITS)
+            cache_rows.div_ceil(ATT_SPLIT_KEYS).clamp(1, ATT_MAX_SPLITS)
         };
-        let chunk = len.div_ceil(splits);
+        let keys = [
+            Arg::I32(pos0 as i32),
+            Arg::Ptr(self.dev.row_shift()),
+            Arg::I32(cache_rows as i32),
+            Arg::I32(ATT_SPLIT_KEYS as i32),
+            Arg::F32(scale),
+        ];
         let mut args: Vec<Arg> = inputs.iter().map(|&p| Arg::Ptr(p)).collect();
         if splits == 1 {
-            args.extend(rest(out.storage.ptr(), 0, len));
-            self.run("attention.cu", kernel, (heads as u32, t_n as u32, 1), 128, &args)?;
+            args.extend(rest(out.storage.ptr(), 0));
+            args.extend(keys);
+            self.run_smem("attention.cu", kernel, (grid_x as u32, t_n as u32, 1), block, smem, &args)?;
             return Ok(out);
         }
         let part = self.empty(&[rows, splits, dv], DType::F32)?;
         let ml = self.empty(&[rows, splits, 2], DType::F32)?;
-        args.extend(rest(part.storage.ptr(), ml.storage.ptr(), chunk));
-        self.run("attention.cu", kernel, (heads as u32, t_n as u32, splits as u32), 128, &args)?;
-        self.run(
+        args.extend(rest(part.storage.ptr(), ml.storage.ptr()));
+        args.extend(keys);
+        self.run_smem(
+            "attention.cu",
+            kernel,
+            (grid_x as u32, t_n as u32, splits as u32),
+            block,
+            smem,
+            &args,
+        )?;
+        self.run_smem(
             "attention.cu",
             "attention_combine",
             (rows as u32, 1, 1),
             128,
+            (splits * 4) as u32,
             &[
                 Arg::Ptr(part.storage.ptr()),
                 Arg::Ptr(ml.storage.ptr()),
@@ -701,6 +743,21 @@ impl CudaBackend {
     }
 }
 
+/// A recorded graph, its row shift and the memory its ops write. Fields drop in order: the graph
+/// first (a graph still running is freed when it completes), then its buffers, whose next users
+/// are ordered after it on the stream.
+struct RecordedGraph {
+    graph: DeviceGraph,
+    shift: Buf,
+    _arena: Arc<Arena>,
+}
+
+impl RecordedGraph {
+    fn graph_shift(&self) -> u64 {
+        self.shift.ptr
+    }
+}
+
 impl Backend for CudaBackend {
     type Storage = CudaStorage;
     type Weight = CudaWeight;
@@ -710,10 +767,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, t: HostTensor<'_>) -> Result<CT> {
-        let (bytes, shape, dtype): (Vec<u8>, &[usize], DType) = match t {
-            HostTensor::F32(v, s) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), s, DType::F32),
-            HostTensor::U32(v, s) => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), s, DType::U32),
-        };
+        let (bytes, shape, dtype) = host_bytes(t);
         let n: usize = shape.iter().product();
         if bytes.len() != n * 4 {
             return Err(shape_err("upload", format!("{} elements for shape {shape:?}", bytes.len() / 4)));
@@ -743,6 +797,45 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         Ok(self.dev.synchronize()?)
+    }
+
+    fn overwrite(&self, dst: &CT, src: HostTensor<'_>) -> Result<()> {
+        let (bytes, shape, dtype) = host_bytes(src);
+        if shape != dst.shape() || dtype != dst.dtype() || bytes.len() != dst.numel() * 4 {
+            return Err(shape_err(
+                "overwrite",
+                format!("{dtype:?} {shape:?} into {:?} {:?}", dst.dtype(), dst.shape()),
+            ));
+        }
+        Ok(self.dev.write(&dst.storage.buf, &bytes)?)
+    }
+
+    /// A CUDA graph: the stream's work recorded, not run, then launched once so the work is done
+    /// as the default does. Buffers the work allocates belong to the graph (device `Arena`); the
+    /// graph gets its own device row shift, which `replay` sets.
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
+        let shift = self.dev.alloc_exact(4)?;
+        self.dev.set_u32(shift.ptr, 0)?;
+        let arena = self.dev.begin_capture()?;
+        self.dev.set_row_shift(shift.ptr);
+        let done = work();
+        self.dev.set_row_shift(0);
+        let graph = self.dev.end_capture();
+        done?;
+        let graph = graph?;
+        self.dev.launch_graph(&graph)?;
+        Ok(Some(Graph(Box::new(RecordedGraph { graph, shift, _arena: arena }))))
+    }
+
+    fn replay(&self, graph: &Graph, shift: usize) -> Result<()> {
+        let g = graph.0.downcast_ref::<RecordedGraph>().ok_or_else(|| Error::Unsupported {
+            op: "replay",
+            backend: self.name(),
+            what: "a graph recorded by another backend".into(),
+        })?;
+        let shift = u32::try_from(shift).map_err(|_| shape_err("replay", format!("row shift {shift}")))?;
+        self.dev.set_u32(g.graph_shift(), shift)?;
+        Ok(self.dev.launch_graph(&g.graph)?)
     }
 
     fn upload_weight(&self, w: &fp4moe_ops::HostWeight) -> Result<CudaWeight> {
@@ -1028,7 +1121,7 @@ impl Backend for CudaBackend {
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = len;
         let y = self.empty(&shape, x.dtype())?;
-        self.copy2d(x, &y, x.rows(), len, c, start, len, 0, 0)?;
+        self.copy2d(x, &y, x.rows(), len, c, start, len, 0, 0, false)?;
         Ok(y)
     }
 
@@ -1119,7 +1212,7 @@ impl Backend for CudaBackend {
             ));
         }
         // Same stream, so a src that shares dst's storage was fully produced before this copy.
-        self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0)
+        self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0, true)
     }
 
     fn route_softmax(&self, logits: &CT, k: usize, renormalize: bool) -> Result<(CT, CT)> {
@@ -1294,17 +1387,20 @@ impl Backend for CudaBackend {
         if !ok {
             return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
         }
-        if vs[2] > ATT_MAX_DV {
+        if vs[2] > ATT_MAX_DV || qs[2] > ATT_MAX_DV {
             return Err(Error::Unsupported {
                 op: OP,
                 backend: self.name(),
-                what: format!("value width {}", vs[2]),
+                what: format!("key width {} / value width {}", qs[2], vs[2]),
             });
         }
         let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
         let (hkv, dv) = (ks[1], vs[2]);
         let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
-        self.attention("attention_gqa_f32", ptrs, [t_n, hq, dv], pos0, |out, ml, chunk| {
+        // Key and value tiles plus one query row per warp (attention_gqa_f32).
+        let smem = (GQA_TILE_KEYS * (d + 1) + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
+        let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32);
+        self.attention("attention_gqa_f32", ptrs, [t_n, hq, dv], launch, pos0, ks[0], scale, |out, ml| {
             vec![
                 Arg::Ptr(out),
                 Arg::Ptr(ml),
@@ -1312,9 +1408,7 @@ impl Backend for CudaBackend {
                 Arg::I32(hkv as i32),
                 Arg::I32(d as i32),
                 Arg::I32(dv as i32),
-                Arg::I32(pos0 as i32),
-                Arg::F32(scale),
-                Arg::I32(chunk as i32),
+                Arg::I32(GQA_TILE_KEYS as i32),
             ]
         })
     }
@@ -1343,16 +1437,14 @@ impl Backend for CudaBackend {
         }
         let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
         let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
-        self.attention("attention_mla_f32", ptrs, [t_n, heads, l], pos0, |out, ml, chunk| {
+        let launch = (heads, 128, 0); // ATT_WARPS warps per (query, head) block
+        self.attention("attention_mla_f32", ptrs, [t_n, heads, l], launch, pos0, cs[0], scale, |out, ml| {
             vec![
                 Arg::Ptr(out),
                 Arg::Ptr(ml),
                 Arg::I32(heads as i32),
                 Arg::I32(l as i32),
                 Arg::I32(qr[2] as i32),
-                Arg::I32(pos0 as i32),
-                Arg::F32(scale),
-                Arg::I32(chunk as i32),
             ]
         })
     }

@@ -119,6 +119,10 @@ pub(crate) struct Device {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     pool: Arc<Pool>,
+    /// Device u32 that kernels add to cache rows (`write_rows`' row0, attention's pos0): the
+    /// zero buffer outside recording, the graph's own shift while recording (Backend::replay).
+    row_shift: Mutex<u64>,
+    zero_row_shift: OnceLock<Buf>,
 }
 
 /// Freed buffers by size class, handed out again instead of a driver allocation: a decode step
@@ -128,6 +132,41 @@ pub(crate) struct Device {
 pub(crate) struct Pool {
     free: Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>,
     cached: std::sync::atomic::AtomicUsize,
+    /// The arena of the graph being recorded, if any.
+    recording: Mutex<Option<Arc<Arena>>>,
+}
+
+/// The buffers a recorded graph writes. A replay rewrites them, so none may go back to the pool
+/// (and on to other work) while the graph lives: buffers allocated while recording belong to
+/// the arena, return to it when dropped (reused only by the same recording, whose ops the graph
+/// orders exactly as the stream did), and go back to the pool when the graph and every tensor
+/// made while recording are gone.
+pub(crate) struct Arena {
+    free: Mutex<Vec<(usize, CudaSlice<u8>)>>,
+    pool: Arc<Pool>,
+}
+
+impl Arena {
+    fn take(&self, class: usize) -> Option<CudaSlice<u8>> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = free.iter().position(|(c, _)| *c == class)?;
+        Some(free.swap_remove(i).1)
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        for (class, slice) in std::mem::take(&mut *self.free.lock().unwrap_or_else(PoisonError::into_inner)) {
+            self.pool.give(class, slice);
+        }
+    }
+}
+
+/// Where a buffer goes when dropped.
+enum Home {
+    Driver,
+    Pool(Arc<Pool>),
+    Arena(Arc<Arena>),
 }
 
 /// Most bytes the pool keeps; beyond this a freed buffer goes back to the driver.
@@ -176,18 +215,67 @@ impl Device {
         // One stream orders all work, so cudarc's cross-stream event tracking is pure overhead.
         // SAFETY: no other stream of this context exists yet.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created stream, not the legacy default one: only a created stream can be recorded
+        // into a graph.
+        let stream = ctx.new_stream().map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
-        Ok(Device {
+        let dev = Device {
             ctx,
             stream,
             name,
             arch: arch_for(major, minor),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
-            pool: Arc::new(Pool { free: Mutex::new(HashMap::new()), cached: 0.into() }),
-        })
+            pool: Arc::new(Pool {
+                free: Mutex::new(HashMap::new()),
+                cached: 0.into(),
+                recording: Mutex::new(None),
+            }),
+            row_shift: Mutex::new(0),
+            zero_row_shift: OnceLock::new(),
+        };
+        let zero = dev.alloc_exact(4)?;
+        dev.set_u32(zero.ptr, 0)?;
+        let _ = dev.zero_row_shift.set(zero);
+        Ok(dev)
+    }
+
+    /// The device u32 added to cache rows by the ops enqueued now (see `row_shift`).
+    pub fn row_shift(&self) -> u64 {
+        match *self.row_shift.lock().unwrap_or_else(PoisonError::into_inner) {
+            0 => self.zero_row_shift.get().map_or(0, |z| z.ptr),
+            p => p,
+        }
+    }
+
+    /// The zero row shift, for copies that are not cache writes.
+    pub fn no_row_shift(&self) -> u64 {
+        self.zero_row_shift.get().map_or(0, |z| z.ptr)
+    }
+
+    /// Points the row shift of the ops enqueued from now on at `ptr` (0: the zero buffer).
+    pub fn set_row_shift(&self, ptr: u64) {
+        *self.row_shift.lock().unwrap_or_else(PoisonError::into_inner) = ptr;
+    }
+
+    /// Enqueues `*ptr = v` (a memset: no host memory is involved).
+    pub fn set_u32(&self, ptr: u64, v: u32) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        // SAFETY: callers pass a live device u32.
+        let r = unsafe { sys::cuMemsetD32Async(ptr, v, 1, self.stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(CudaError::Driver(format!("cuMemsetD32Async: {r:?}")));
+        }
+        Ok(())
+    }
+
+    /// Host data into an existing buffer (a graph's inputs).
+    pub fn write(&self, b: &Buf, data: &[u8]) -> Result<(), CudaError> {
+        if data.len() > b.bytes {
+            return Err(CudaError::Driver(format!("write of {} bytes into {:?}", data.len(), b)));
+        }
+        self.copy_into(b.ptr, data)
     }
 
     pub fn module(&self, file: &'static str) -> Result<Arc<CudaModule>, CudaError> {
@@ -268,11 +356,43 @@ impl Device {
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf, CudaError> {
         let class = size_class(bytes);
+        let recording = self.pool.recording.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(arena) = recording {
+            // A driver allocation on a recording stream would itself be recorded (an allocation
+            // node the graph owns); the step run before recording leaves the pool warm, so
+            // needing one is reported and the caller runs the ops unrecorded.
+            let s = arena.take(class).or_else(|| self.pool.take(class)).ok_or_else(|| {
+                CudaError::Driver(format!("graph recording needs a new {class}-byte device buffer"))
+            })?;
+            return Ok(Buf::new(s, &self.stream, bytes, class, Home::Arena(arena)));
+        }
         let s = match self.pool.take(class) {
             Some(s) => s,
             None => self.driver_alloc(class)?,
         };
-        Ok(Buf::new(s, &self.stream, bytes, class, Some(self.pool.clone())))
+        Ok(Buf::new(s, &self.stream, bytes, class, Home::Pool(self.pool.clone())))
+    }
+
+    /// Starts recording the stream's work into a graph; buffers allocated until
+    /// [`Device::end_capture`] belong to the returned arena.
+    pub fn begin_capture(&self) -> Result<Arc<Arena>, CudaError> {
+        let arena = Arc::new(Arena { free: Mutex::new(Vec::new()), pool: self.pool.clone() });
+        // Relaxed: this thread may still make driver calls that are not stream work (module
+        // lookups); no other thread enqueues on this backend while it records (Backend::capture).
+        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(drv)?;
+        *self.pool.recording.lock().unwrap_or_else(PoisonError::into_inner) = Some(arena.clone());
+        Ok(arena)
+    }
+
+    /// Stops recording and instantiates the graph (always ends the capture, also on error).
+    pub fn end_capture(&self) -> Result<DeviceGraph, CudaError> {
+        *self.pool.recording.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv)?;
+        g.map(DeviceGraph).ok_or_else(|| CudaError::Driver("graph recording produced no graph".into()))
+    }
+
+    pub fn launch_graph(&self, g: &DeviceGraph) -> Result<(), CudaError> {
+        g.0.launch().map_err(drv)
     }
 
     pub fn alloc_zeros(&self, bytes: usize) -> Result<Buf, CudaError> {
@@ -285,7 +405,7 @@ impl Device {
     /// freed only with the model).
     pub fn alloc_exact(&self, bytes: usize) -> Result<Buf, CudaError> {
         let s = self.driver_alloc(bytes.max(4))?;
-        Ok(Buf::new(s, &self.stream, bytes, bytes.max(4), None))
+        Ok(Buf::new(s, &self.stream, bytes, bytes.max(4), Home::Driver))
     }
 
     /// A new driver allocation; when the device is out of memory, the pool's cached buffers are
@@ -313,14 +433,19 @@ impl Device {
     }
 
     fn copy_in(&self, b: Buf, data: &[u8]) -> Result<Buf, CudaError> {
+        self.copy_into(b.ptr, data)?;
+        Ok(b)
+    }
+
+    fn copy_into(&self, ptr: u64, data: &[u8]) -> Result<(), CudaError> {
         if !data.is_empty() {
             self.ctx.bind_to_thread().map_err(drv)?;
-            // SAFETY: b holds at least data.len() bytes; the copy is ordered on the stream and
-            // the host slice outlives it because we synchronize before returning.
-            unsafe { result::memcpy_htod_async(b.ptr, data, self.stream.cu_stream()) }.map_err(drv)?;
+            // SAFETY: callers pass a buffer of at least data.len() bytes; the copy is ordered on
+            // the stream and the host slice outlives it because we synchronize before returning.
+            unsafe { result::memcpy_htod_async(ptr, data, self.stream.cu_stream()) }.map_err(drv)?;
             self.stream.synchronize().map_err(drv)?;
         }
-        Ok(b)
+        Ok(())
     }
 
     pub fn download(&self, b: &Buf, bytes: usize) -> Result<Vec<u8>, CudaError> {
@@ -365,29 +490,28 @@ pub struct Buf {
     pub ptr: u64,
     pub bytes: usize,
     class: usize,
-    pool: Option<Arc<Pool>>,
+    home: Home,
 }
 
 impl Buf {
-    fn new(
-        slice: CudaSlice<u8>,
-        stream: &CudaStream,
-        bytes: usize,
-        class: usize,
-        pool: Option<Arc<Pool>>,
-    ) -> Buf {
+    fn new(slice: CudaSlice<u8>, stream: &CudaStream, bytes: usize, class: usize, home: Home) -> Buf {
         let ptr = {
             let (p, _sync) = slice.device_ptr(stream);
             p
         };
-        Buf { slice: Some(slice), ptr, bytes, class, pool }
+        Buf { slice: Some(slice), ptr, bytes, class, home }
     }
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let (Some(pool), Some(slice)) = (&self.pool, self.slice.take()) {
-            pool.give(self.class, slice);
+        let Some(slice) = self.slice.take() else { return };
+        match &self.home {
+            Home::Driver => drop(slice),
+            Home::Pool(pool) => pool.give(self.class, slice),
+            Home::Arena(arena) => {
+                arena.free.lock().unwrap_or_else(PoisonError::into_inner).push((self.class, slice))
+            }
         }
     }
 }
@@ -397,6 +521,14 @@ impl std::fmt::Debug for Buf {
         write!(f, "Buf({:#x}, {} bytes)", self.ptr, self.bytes)
     }
 }
+
+/// An instantiated graph of recorded stream work.
+pub(crate) struct DeviceGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: the graph is only launched on the device's one stream, and the driver's graph calls are
+// thread-safe; cudarc does not mark it Send/Sync because it holds raw driver handles.
+unsafe impl Send for DeviceGraph {}
+unsafe impl Sync for DeviceGraph {}
 
 /// A kernel argument by value.
 pub enum Arg {

@@ -18,12 +18,13 @@
 //! within the best `topk_group` of `n_group` groups, weights the unbiased `s` renormalised and
 //! scaled by `routed_scaling_factor`; plus the shared expert. The first layer(s) are dense.
 
+use crate::batch::{self, BatchPlan, DecodeGraph, Stack};
 use crate::layers::{
-    BatchPlan, Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu,
-    either, parse_config, state_of, upload_f32, zeros,
+    Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
+    parse_config, upload_f32, zeros,
 };
 use crate::{Error, LanguageModel, ModelInfo, Result, Sequence};
-use fp4moe_ops::{Backend, GroupedRouter, HeadLinear, HostTensor, LinearPath, Rope, RopeStyle, T};
+use fp4moe_ops::{Backend, GroupedRouter, HeadLinear, LinearPath, Rope, RopeStyle, T};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -288,8 +289,9 @@ pub struct Glm4MoeLite<B: Backend> {
 }
 
 /// Per-sequence latent cache.
-struct State<B: Backend> {
+pub(crate) struct State<B: Backend> {
     cache: Vec<T<B>>, // per layer [capacity, kv_lora + qk_rope]: normed latent, then roped k_r
+    graph: DecodeGraph<B>,
 }
 
 impl<B: Backend> Glm4MoeLite<B> {
@@ -448,6 +450,37 @@ impl<B: Backend> Glm4MoeLite<B> {
     }
 }
 
+impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
+    type State = State<B>;
+    const MODEL_TYPE: &'static str = MODEL_TYPE;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn decode_graph(state: &State<B>) -> &DecodeGraph<B> {
+        &state.graph
+    }
+
+    fn logits(&self, plan: &BatchPlan, states: &[&State<B>], ids: &T<B>, positions: &T<B>) -> Result<T<B>> {
+        let b = &self.backend;
+        let mut x = b.embedding(&self.embed, ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(b, &x)?;
+            let a = self.attention(l, &layer.attn, &h, positions, plan, states)?;
+            x = b.add(&x, &a)?;
+            let h = layer.post_norm.forward(b, &x)?;
+            let m = self.ffn(&layer.ffn, &h)?;
+            x = b.add(&x, &m)?;
+        }
+        plan.logits(b, &x, &self.norm, self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+}
+
 impl<B: Backend + 'static> LanguageModel for Glm4MoeLite<B> {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -457,35 +490,15 @@ impl<B: Backend + 'static> LanguageModel for Glm4MoeLite<B> {
         check_capacity(capacity, self.cfg.max_position_embeddings)?;
         let shape = [capacity, self.cfg.cache_values_per_token()];
         let cache = (0..self.cfg.num_layers).map(|_| zeros(&self.backend, &shape)).collect::<Result<_>>()?;
-        Ok(Sequence { state: Box::new(State::<B> { cache }), len: 0, capacity })
+        Ok(Sequence {
+            state: Box::new(State::<B> { cache, graph: DecodeGraph::default() }),
+            len: 0,
+            capacity,
+        })
     }
 
     fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let plan = BatchPlan::new(batch, self.cfg.vocab_size)?;
-        let states =
-            batch.iter().map(|(s, _)| state_of::<State<B>>(s, MODEL_TYPE)).collect::<Result<Vec<_>>>()?;
-        let b = &self.backend;
-        let n = plan.rows();
-        let ids = b.upload(HostTensor::U32(&plan.ids, &[n]))?;
-        let positions = b.upload(HostTensor::U32(&plan.positions, &[n]))?;
-        let mut x = b.embedding(&self.embed, &ids)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(b, &x)?;
-            let a = self.attention(l, &layer.attn, &h, &positions, &plan, &states)?;
-            x = b.add(&x, &a)?;
-            let h = layer.post_norm.forward(b, &x)?;
-            let m = self.ffn(&layer.ffn, &h)?;
-            x = b.add(&x, &m)?;
-        }
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let out = plan.logits(b, &x, all_logits, &self.norm, lm_head, self.cfg.vocab_size)?;
-        for (seq, tokens) in batch.iter_mut() {
-            seq.len += tokens.len();
-        }
-        Ok(out)
+        batch::forward(self, batch, all_logits)
     }
 
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {

@@ -1,9 +1,8 @@
 //! Pieces both models share: where weights come from ([`WeightSource`]), config helpers, RMSNorm,
-//! dense SwiGLU, routed experts, and the batch plumbing of a forward pass (which rows belong to
-//! which sequence, logits of the requested rows only).
+//! dense SwiGLU, routed experts. The batch plumbing of a forward pass is in `batch`.
 
 use crate::loader::{Checkpoint, LoadOptions, QuantPolicy, Quantization};
-use crate::{Error, Result, Sequence};
+use crate::{Error, Result};
 use fp4moe_ops::{Backend, DType, HostTensor, HostWeight, LinearPath, MoePath, MoeWeights, T};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -246,111 +245,6 @@ impl<B: Backend> Experts<B> {
         };
         Ok(b.moe(x, ids, weights, experts, MoePath::Auto)?)
     }
-}
-
-// ---- batch plumbing ------------------------------------------------------------------------
-
-/// The rows of one sequence within a batched forward.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Span {
-    /// First row of this sequence's tokens in the batch.
-    pub row0: usize,
-    pub len: usize,
-    /// Position of its first new token (tokens already in its cache).
-    pub pos0: usize,
-}
-
-/// Host-side plan of one batched forward: every token id and position, and each sequence's rows.
-pub(crate) struct BatchPlan {
-    pub spans: Vec<Span>,
-    pub ids: Vec<u32>,
-    pub positions: Vec<u32>,
-}
-
-impl BatchPlan {
-    /// Validates the batch before anything is enqueued: token ids below `vocab` (checked on the
-    /// host, because the embedding op must not read out of bounds), no empty token list, and
-    /// room in each sequence's cache.
-    pub fn new(batch: &[(&mut Sequence, &[u32])], vocab: usize) -> Result<BatchPlan> {
-        let mut plan = BatchPlan { spans: Vec::new(), ids: Vec::new(), positions: Vec::new() };
-        for (seq, tokens) in batch {
-            if tokens.is_empty() {
-                return Err(Error::Invalid("forward: a sequence in the batch has no tokens".into()));
-            }
-            if let Some((i, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
-                return Err(Error::TokenOutOfRange { id, position: seq.len + i, vocab });
-            }
-            let end = seq.len + tokens.len();
-            if end > seq.capacity {
-                return Err(Error::ContextOverflow { len: end, max: seq.capacity });
-            }
-            plan.spans.push(Span { row0: plan.ids.len(), len: tokens.len(), pos0: seq.len });
-            plan.ids.extend_from_slice(tokens);
-            plan.positions.extend((seq.len..end).map(|p| p as u32));
-        }
-        Ok(plan)
-    }
-
-    pub fn rows(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Sequence `i`'s rows of a batch-wide tensor (no copy for a batch of one).
-    pub fn rows_of<B: Backend>(&self, b: &B, x: &T<B>, i: usize) -> Result<T<B>> {
-        let s = self.spans[i];
-        if self.spans.len() == 1 { Ok(x.clone()) } else { Ok(b.slice_rows(x, s.row0, s.len)?) }
-    }
-
-    /// Per-sequence results stacked back into batch rows.
-    pub fn stack<B: Backend>(&self, b: &B, mut parts: Vec<T<B>>) -> Result<T<B>> {
-        if parts.len() == 1 {
-            return Ok(parts.pop().expect("one part"));
-        }
-        let refs: Vec<&T<B>> = parts.iter().collect();
-        Ok(b.concat_rows(&refs)?)
-    }
-
-    /// Final norm and lm_head on only the rows whose logits are wanted (all rows, or each
-    /// sequence's last), downloaded and split per sequence.
-    pub fn logits<B: Backend>(
-        &self,
-        b: &B,
-        x: &T<B>,
-        all_logits: bool,
-        norm: &Norm<B>,
-        lm_head: &B::Weight,
-        vocab: usize,
-    ) -> Result<Vec<Vec<f32>>> {
-        let rows = if all_logits {
-            x.clone()
-        } else {
-            let last = self
-                .spans
-                .iter()
-                .map(|s| Ok(b.slice_rows(x, s.row0 + s.len - 1, 1)?))
-                .collect::<Result<Vec<_>>>()?;
-            self.stack(b, last)?
-        };
-        let h = norm.forward(b, &rows)?;
-        let logits = b.download(&b.linear(&h, lm_head, LinearPath::Auto)?)?.into_f32()?;
-        Ok(self
-            .spans
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let (r0, n) = if all_logits { (s.row0, s.len) } else { (i, 1) };
-                logits[r0 * vocab..(r0 + n) * vocab].to_vec()
-            })
-            .collect())
-    }
-}
-
-/// The model-specific state inside a [`Sequence`], or an error if the sequence was made by a
-/// different model.
-pub(crate) fn state_of<'a, S: 'static>(seq: &'a Sequence, model: &str) -> Result<&'a S> {
-    seq.state
-        .downcast_ref::<S>()
-        .ok_or_else(|| Error::Invalid(format!("forward: sequence was not created by this {model} model")))
 }
 
 /// Checks a requested cache capacity against the model's context length.

@@ -5,13 +5,15 @@
 //!   one-time weight rewrites (experts stacked, gate/up fused, quantize-on-load).
 //! - [`qwen3_moe`] and [`glm4_moe_lite`]: one file per HF `model_type`, each a config struct of
 //!   exactly the keys it reads, its weights with their shapes, and its forward pass as op calls.
-//!   Shared pieces (norms, RoPE, SwiGLU, routers, batch plumbing) live in `layers`.
+//!   Shared pieces (norms, RoPE, SwiGLU, routers) live in `layers`; the batch plumbing of a
+//!   forward pass, and batch-1 decode replayed as a recorded graph, in `batch`.
 //! - [`synthetic`]: random FP4 models of the real shapes, for benchmarks and runs without weights.
 //! - [`golden`]: the checks against transformers' logits that every backend's tests run.
 //!
 //! [`LanguageModel`] is the backend-erased contract the engine and server build on; [`load`] and
 //! [`synthetic()`] produce one.
 
+mod batch;
 pub mod checkpoint_writer;
 pub mod error;
 pub mod glm4_moe_lite;
@@ -21,6 +23,7 @@ pub mod loader;
 pub mod qwen3_moe;
 pub mod synthetic;
 
+pub use batch::decode_graph_replays;
 pub use error::{Error, Result};
 pub use loader::LoadOptions;
 pub use synthetic::Arch;

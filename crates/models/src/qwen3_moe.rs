@@ -6,12 +6,13 @@
 //! q_norm/k_norm are RMSNorms over `head_dim`, per head, applied before NeoX (rotate-half) RoPE.
 //! The KV cache holds per layer k and v as `[capacity, kv_heads, head_dim]`.
 
+use crate::batch::{self, BatchPlan, DecodeGraph, Stack};
 use crate::layers::{
-    BatchPlan, Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu,
-    either, parse_config, state_of, zeros,
+    Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
+    parse_config, zeros,
 };
 use crate::{Error, LanguageModel, ModelInfo, Result, Sequence};
-use fp4moe_ops::{Backend, HostTensor, LinearPath, Rope, RopeStyle, T};
+use fp4moe_ops::{Backend, LinearPath, Rope, RopeStyle, T};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -193,9 +194,10 @@ pub struct Qwen3Moe<B: Backend> {
 }
 
 /// Per-sequence KV cache.
-struct State<B: Backend> {
+pub(crate) struct State<B: Backend> {
     k: Vec<T<B>>, // per layer [capacity, Hkv, D]
     v: Vec<T<B>>, // per layer [capacity, Hkv, D]
+    graph: DecodeGraph<B>,
 }
 
 impl<B: Backend> Qwen3Moe<B> {
@@ -311,6 +313,37 @@ impl<B: Backend> Qwen3Moe<B> {
     }
 }
 
+impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
+    type State = State<B>;
+    const MODEL_TYPE: &'static str = MODEL_TYPE;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn decode_graph(state: &State<B>) -> &DecodeGraph<B> {
+        &state.graph
+    }
+
+    fn logits(&self, plan: &BatchPlan, states: &[&State<B>], ids: &T<B>, positions: &T<B>) -> Result<T<B>> {
+        let b = &self.backend;
+        let mut x = b.embedding(&self.embed, ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(b, &x)?;
+            let a = self.attention(l, &layer.attn, &h, positions, plan, states)?;
+            x = b.add(&x, &a)?;
+            let h = layer.post_norm.forward(b, &x)?;
+            let m = self.ffn(&layer.ffn, &h)?;
+            x = b.add(&x, &m)?;
+        }
+        plan.logits(b, &x, &self.norm, self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+}
+
 impl<B: Backend + 'static> LanguageModel for Qwen3Moe<B> {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -320,7 +353,7 @@ impl<B: Backend + 'static> LanguageModel for Qwen3Moe<B> {
         check_capacity(capacity, self.cfg.max_position_embeddings)?;
         let shape = [capacity, self.cfg.num_kv_heads, self.cfg.head_dim];
         let b = &self.backend;
-        let mut st = State::<B> { k: Vec::new(), v: Vec::new() };
+        let mut st = State::<B> { k: Vec::new(), v: Vec::new(), graph: DecodeGraph::default() };
         for _ in 0..self.cfg.num_layers {
             st.k.push(zeros(b, &shape)?);
             st.v.push(zeros(b, &shape)?);
@@ -329,31 +362,7 @@ impl<B: Backend + 'static> LanguageModel for Qwen3Moe<B> {
     }
 
     fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let plan = BatchPlan::new(batch, self.cfg.vocab_size)?;
-        let states =
-            batch.iter().map(|(s, _)| state_of::<State<B>>(s, MODEL_TYPE)).collect::<Result<Vec<_>>>()?;
-        let b = &self.backend;
-        let n = plan.rows();
-        let ids = b.upload(HostTensor::U32(&plan.ids, &[n]))?;
-        let positions = b.upload(HostTensor::U32(&plan.positions, &[n]))?;
-        let mut x = b.embedding(&self.embed, &ids)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(b, &x)?;
-            let a = self.attention(l, &layer.attn, &h, &positions, &plan, &states)?;
-            x = b.add(&x, &a)?;
-            let h = layer.post_norm.forward(b, &x)?;
-            let m = self.ffn(&layer.ffn, &h)?;
-            x = b.add(&x, &m)?;
-        }
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let out = plan.logits(b, &x, all_logits, &self.norm, lm_head, self.cfg.vocab_size)?;
-        for (seq, tokens) in batch.iter_mut() {
-            seq.len += tokens.len();
-        }
-        Ok(out)
+        batch::forward(self, batch, all_logits)
     }
 
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {

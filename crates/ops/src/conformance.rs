@@ -1191,6 +1191,13 @@ pub fn check_attention_gqa<B: Backend>(b: &B, seed: u64) -> Check {
         // Keys wider than 128 (GPU backends have a separate kernel for up to 128).
         (2, 3, 9, 4, 2, 192, 64),
         (4, 1, 6, 3, 3, 16, 16),
+        // Key width not a multiple of 4 (no vector loads).
+        (3, 4, 9, 4, 2, 30, 20),
+        // A cache much longer than the keys in use: GPU backends size the split grid by the cache
+        // and leave the ranges past the keys empty.
+        (1, 100, 2000, 32, 4, 128, 128),
+        // 288 (query, head) rows: GPU backends take the unsplit path.
+        (9, 20, 40, 32, 4, 128, 128),
     ];
     for (t, pos0, s, hq, hkv, d, dv) in cases {
         let case = format!("attention_gqa T={t} pos0={pos0} S={s} Hq={hq} Hkv={hkv} D={d} Dv={dv}");
@@ -1235,6 +1242,7 @@ pub fn check_attention_mla<B: Backend>(b: &B, seed: u64) -> Check {
         (1, 600, 610, 20, 512, 64),
         (1, 0, 1, 20, 512, 64),
         (3, 2, 7, 3, 24, 8),
+        (1, 50, 3000, 20, 512, 64),
     ];
     for (t, pos0, s, h, l, r) in cases {
         let case = format!("attention_mla T={t} pos0={pos0} S={s} H={h} L={l} R={r}");

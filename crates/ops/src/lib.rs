@@ -5,7 +5,10 @@
 //! - tensors live on the device; an op *enqueues* work and returns its output handle at once;
 //! - the only points where the host waits are [`Backend::download`] and [`Backend::synchronize`],
 //!   and no op needs the host to read device data (shapes, positions and paths are host values);
-//! - weights are uploaded once ([`Backend::upload_weight`]) into the backend's own layout.
+//! - weights are uploaded once ([`Backend::upload_weight`]) into the backend's own layout;
+//! - a backend may record a fixed sequence of ops as a [`Graph`] ([`Backend::capture`]) and run it
+//!   again with one host call ([`Backend::replay`]): batch-1 decode repeats the same ops every token,
+//!   and on a GPU launching them one by one costs more host time than the kernels take.
 //!
 //! Every op has a plain twin in [`reference`] (dequantize, then f32 loops). The
 //! [`conformance`] suite calls every op and every path a backend lists — each decode/prefill
@@ -39,6 +42,11 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A recorded sequence of ops ([`Backend::capture`]), opaque outside the backend that made it.
+/// It owns the device memory its ops wrote; tensors made while recording stay valid for as long
+/// as the graph and are rewritten by every replay.
+pub struct Graph(pub Box<dyn std::any::Any + Send + Sync>);
+
 /// Shorthand for a backend's tensor type.
 pub type T<B> = Tensor<<B as Backend>::Storage>;
 
@@ -62,6 +70,49 @@ pub trait Backend: Send + Sync {
     fn download(&self, t: &T<Self>) -> Result<HostData>;
     /// Waits until all enqueued work is done (for timing).
     fn synchronize(&self) -> Result<()>;
+    /// Replaces the contents of `dst` with host data of the same shape and dtype (a graph's
+    /// inputs, which must keep their device memory).
+    fn overwrite(&self, dst: &T<Self>, src: HostTensor<'_>) -> Result<()> {
+        let (shape, dtype) = match src {
+            HostTensor::F32(_, s) => (s, DType::F32),
+            HostTensor::U32(_, s) => (s, DType::U32),
+        };
+        if shape != dst.shape() || dtype != dst.dtype() {
+            return Err(Error::Shape {
+                op: "overwrite",
+                detail: format!("{dtype:?} {shape:?} into {:?} {:?}", dst.dtype(), dst.shape()),
+            });
+        }
+        let n = dst.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        self.write_rows(&dst.reshape(&[1, n])?, &self.upload(src)?.reshape(&[1, n])?, 0, 0)
+    }
+
+    // ---- recording (optional) -----------------------------------------------------------
+    /// Runs `work` (a sequence of ops on this backend); a backend that can record also returns it
+    /// as a [`Graph`]. The default runs it and returns `None`. While recording, no other work
+    /// may be enqueued on this backend, and `work` must not wait on the device (no download).
+    /// Host scalars are baked in as recorded, except cache rows: see [`Backend::replay`].
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
+        work()?;
+        Ok(None)
+    }
+
+    /// Runs a recorded graph again, on the data its tensors hold now, with every cache row moved
+    /// `shift` rows past where it was recorded: `write_rows`' `row0` and the attention ops' `pos0`
+    /// (a decode step recorded at position p replays at p + shift). The caller keeps those rows
+    /// inside each cache, as it would for the same ops run one by one.
+    fn replay(&self, graph: &Graph, shift: usize) -> Result<()> {
+        let _ = (graph, shift);
+        Err(Error::Unsupported {
+            op: "replay",
+            backend: self.name(),
+            what: "this backend does not record graphs".into(),
+        })
+    }
+
     /// Uploads a weight matrix `[rows, cols]` (FP4 or dense) once.
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Weight>;
     /// `[rows, cols]` of an uploaded weight.

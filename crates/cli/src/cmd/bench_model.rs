@@ -282,10 +282,17 @@ impl OnBackend for BuildForBench {
 /// prefill kernels run too.
 const WARMUP_PREFILL: usize = 64;
 
+/// Decode steps of the timed sequence run before the clock starts: op by op, then recording.
+const FIRST_DECODE_STEPS: usize = 2;
+
 struct Timings {
     prefill_s: f64,
     decode_s: f64,
     decode_steps: usize,
+    /// Timed decode steps that replayed a recorded graph.
+    graph_replays: u64,
+    /// The untimed first decode steps (op by op, then recording).
+    first_steps_ms: Vec<f64>,
     prefill_ops: Option<OpStats>,
     decode_ops: Option<OpStats>,
 }
@@ -309,7 +316,7 @@ fn time_model(
     model.forward(&mut [(&mut seq, &prompt[..warm])], false)?;
     model.forward(&mut [(&mut seq, &prompt[..1])], false)?;
     drop(seq);
-    let mut seq = model.new_sequence(prefill + decode + 1)?;
+    let mut seq = model.new_sequence(prefill + FIRST_DECODE_STEPS + decode + 1)?;
     take(stats);
     let start = Instant::now();
     let logits = model.forward(&mut [(&mut seq, &prompt[..])], false)?;
@@ -318,13 +325,32 @@ fn time_model(
     // Greedy, over the whole vocabulary: the routing then follows the model's own output.
     let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
     let mut next = sampler.sample(&logits[0])?;
+    // The sequence's first decode steps are untimed and reported apart: the first runs op by op,
+    // the second records the decode graph on backends that record one (batch::DecodeGraph).
+    let mut first_steps_ms = Vec::new();
+    for _ in 0..FIRST_DECODE_STEPS {
+        let start = Instant::now();
+        let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
+        next = sampler.sample(&logits[0])?;
+        first_steps_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    take(stats);
+    let replays = fp4moe_models::decode_graph_replays();
     let start = Instant::now();
     for _ in 0..decode {
         let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
         next = sampler.sample(&logits[0])?;
     }
     let decode_s = start.elapsed().as_secs_f64();
-    Ok(Timings { prefill_s, decode_s, decode_steps: decode, prefill_ops, decode_ops: take(stats) })
+    Ok(Timings {
+        prefill_s,
+        decode_s,
+        decode_steps: decode,
+        graph_replays: fp4moe_models::decode_graph_replays() - replays,
+        first_steps_ms,
+        prefill_ops,
+        decode_ops: take(stats),
+    })
 }
 
 /// The per-op table of a profiled phase, per step (`steps` forwards), slowest first.
@@ -387,7 +413,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let prefill_tok_s = args.prefill as f64 / t.prefill_s;
     let decode_tok_s = t.decode_steps as f64 / t.decode_s;
     // The cache grows during the timed decode; the floor uses its mean length.
-    let mean_ctx = args.prefill + 1 + args.decode_tokens / 2;
+    let mean_ctx = args.prefill + FIRST_DECODE_STEPS + 1 + args.decode_tokens / 2;
     let bytes = decode_bytes(arch, args.layers, format, mean_ctx)?;
     // The weights live in device memory on a GPU backend: its bandwidth is the floor's.
     let (floor_gbps, floor_memory) = match built.device_gbps {
@@ -411,6 +437,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s)", args.prefill, t.prefill_s);
     println!("decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s)", t.decode_steps, t.decode_s);
+    let first: Vec<String> = t.first_steps_ms.iter().map(|ms| format!("{ms:.1} ms")).collect();
+    println!(
+        "decode graph     {} of {} timed steps replayed (untimed first steps: {})",
+        t.graph_replays,
+        t.decode_steps,
+        first.join(", ")
+    );
     println!(
         "decode floor     {floor_decode_tok_s:.2} tok/s ({:.1} MB read per step / {floor_gbps:.1} GB/s {floor_memory})",
         bytes.total() as f64 / 1e6
@@ -434,6 +467,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "format": format.name(),
             "backend": format!("{:?}", args.backend).to_lowercase(),
             "decode_tok_s": decode_tok_s,
+            "decode_graph_replays": t.graph_replays,
+            "first_decode_steps_ms": t.first_steps_ms,
             "prefill_tok_s": prefill_tok_s,
             "floor_decode_tok_s": floor_decode_tok_s,
             "fraction_of_floor": decode_tok_s / floor_decode_tok_s,

@@ -1,0 +1,258 @@
+//! The batch plumbing of a forward pass, shared by both models: which rows belong to which
+//! sequence ([`BatchPlan`]), logits of the requested rows only, and batch-1 decode through a
+//! recorded graph ([`DecodeGraph`]). A model supplies its layer stack ([`Stack`]); [`forward`]
+//! does the rest.
+
+use crate::layers::Norm;
+use crate::{Error, Result, Sequence};
+use fp4moe_ops::{Backend, Graph, HostTensor, LinearPath, T};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+/// The rows of one sequence within a batched forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    /// First row of this sequence's tokens in the batch.
+    pub row0: usize,
+    pub len: usize,
+    /// Position of its first new token (tokens already in its cache).
+    pub pos0: usize,
+}
+
+/// Host-side plan of one batched forward: every token id and position, and each sequence's rows.
+pub(crate) struct BatchPlan {
+    pub spans: Vec<Span>,
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Logits of every new token, or only of each sequence's last.
+    pub all_logits: bool,
+}
+
+impl BatchPlan {
+    /// Validates the batch before anything is enqueued: token ids below `vocab` (checked on the
+    /// host, because the embedding op must not read out of bounds), no empty token list, and
+    /// room in each sequence's cache.
+    pub fn new(batch: &[(&mut Sequence, &[u32])], vocab: usize, all_logits: bool) -> Result<BatchPlan> {
+        let mut plan = BatchPlan { spans: Vec::new(), ids: Vec::new(), positions: Vec::new(), all_logits };
+        for (seq, tokens) in batch {
+            if tokens.is_empty() {
+                return Err(Error::Invalid("forward: a sequence in the batch has no tokens".into()));
+            }
+            if let Some((i, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+                return Err(Error::TokenOutOfRange { id, position: seq.len + i, vocab });
+            }
+            let end = seq.len + tokens.len();
+            if end > seq.capacity {
+                return Err(Error::ContextOverflow { len: end, max: seq.capacity });
+            }
+            plan.spans.push(Span { row0: plan.ids.len(), len: tokens.len(), pos0: seq.len });
+            plan.ids.extend_from_slice(tokens);
+            plan.positions.extend((seq.len..end).map(|p| p as u32));
+        }
+        Ok(plan)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Sequence `i`'s rows of a batch-wide tensor (no copy for a batch of one).
+    pub fn rows_of<B: Backend>(&self, b: &B, x: &T<B>, i: usize) -> Result<T<B>> {
+        let s = self.spans[i];
+        if self.spans.len() == 1 { Ok(x.clone()) } else { Ok(b.slice_rows(x, s.row0, s.len)?) }
+    }
+
+    /// Per-sequence results stacked back into batch rows.
+    pub fn stack<B: Backend>(&self, b: &B, mut parts: Vec<T<B>>) -> Result<T<B>> {
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
+        }
+        let refs: Vec<&T<B>> = parts.iter().collect();
+        Ok(b.concat_rows(&refs)?)
+    }
+
+    /// Final norm and lm_head on only the rows whose logits are wanted (all rows, or each
+    /// sequence's last): `[rows, V]` on the device.
+    pub fn logits<B: Backend>(&self, b: &B, x: &T<B>, norm: &Norm<B>, lm_head: &B::Weight) -> Result<T<B>> {
+        let rows = if self.all_logits {
+            x.clone()
+        } else {
+            let last = self
+                .spans
+                .iter()
+                .map(|s| Ok(b.slice_rows(x, s.row0 + s.len - 1, 1)?))
+                .collect::<Result<Vec<_>>>()?;
+            self.stack(b, last)?
+        };
+        let h = norm.forward(b, &rows)?;
+        Ok(b.linear(&h, lm_head, LinearPath::Auto)?)
+    }
+
+    /// Downloaded logits rows split per sequence.
+    fn split(&self, logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+        self.spans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (r0, n) = if self.all_logits { (s.row0, s.len) } else { (i, 1) };
+                logits[r0 * vocab..(r0 + n) * vocab].to_vec()
+            })
+            .collect()
+    }
+}
+
+/// The model-specific state inside a [`Sequence`], or an error if the sequence was made by a
+/// different model.
+pub(crate) fn state_of<'a, S: 'static>(seq: &'a Sequence, model: &str) -> Result<&'a S> {
+    seq.state
+        .downcast_ref::<S>()
+        .ok_or_else(|| Error::Invalid(format!("forward: sequence was not created by this {model} model")))
+}
+
+/// A model's layer stack, as [`forward`] drives it.
+pub(crate) trait Stack<B: Backend> {
+    /// The per-sequence state (caches); it holds the sequence's [`DecodeGraph`].
+    type State: Send + Sync + 'static;
+    const MODEL_TYPE: &'static str;
+    fn backend(&self) -> &B;
+    fn vocab(&self) -> usize;
+    fn decode_graph(state: &Self::State) -> &DecodeGraph<B>;
+    /// Embedding, every layer (cache writes and attention per sequence), final norm and lm_head
+    /// on the plan's logits rows: ids and positions u32 `[rows]` -> logits `[logits rows, V]`.
+    /// Only ops: no host waits, so a backend can record it.
+    fn logits(&self, plan: &BatchPlan, states: &[&Self::State], ids: &T<B>, positions: &T<B>)
+    -> Result<T<B>>;
+}
+
+/// `LanguageModel::forward` for any [`Stack`]: plan and validate, run the stack (batch-1 decode
+/// through the sequence's graph when the backend records one), download, split, and advance each
+/// sequence.
+pub(crate) fn forward<B: Backend, M: Stack<B>>(
+    m: &M,
+    batch: &mut [(&mut Sequence, &[u32])],
+    all_logits: bool,
+) -> Result<Vec<Vec<f32>>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let plan = BatchPlan::new(batch, m.vocab(), all_logits)?;
+    let states =
+        batch.iter().map(|(s, _)| state_of::<M::State>(s, M::MODEL_TYPE)).collect::<Result<Vec<_>>>()?;
+    let b = m.backend();
+    let logits = if plan.rows() == 1 && graphs_enabled() {
+        M::decode_graph(states[0]).step(m, &plan, &states)?
+    } else {
+        eager(m, &plan, &states)?
+    };
+    let logits = b.download(&logits)?.into_f32()?;
+    let out = plan.split(&logits, m.vocab());
+    for (seq, tokens) in batch.iter_mut() {
+        seq.len += tokens.len();
+    }
+    Ok(out)
+}
+
+fn eager<B: Backend, M: Stack<B>>(m: &M, plan: &BatchPlan, states: &[&M::State]) -> Result<T<B>> {
+    let b = m.backend();
+    let n = plan.rows();
+    let ids = b.upload(HostTensor::U32(&plan.ids, &[n]))?;
+    let positions = b.upload(HostTensor::U32(&plan.positions, &[n]))?;
+    m.logits(plan, states, &ids, &positions)
+}
+
+/// Graphs are on unless `FP4MOE_GRAPHS=0` (to compare against op-by-op decode; read per step).
+fn graphs_enabled() -> bool {
+    std::env::var_os("FP4MOE_GRAPHS").is_none_or(|v| v != "0")
+}
+
+static REPLAYS: AtomicU64 = AtomicU64::new(0);
+
+/// Decode steps run by replaying a recorded graph, in this process (benchmarks report it; tests
+/// check that the graph path ran).
+pub fn decode_graph_replays() -> u64 {
+    REPLAYS.load(Ordering::Relaxed)
+}
+
+/// One sequence's batch-1 decode step, recorded once and replayed for every later token: on a
+/// GPU the ~25 ops per layer cost more host time to launch one by one than they take to run.
+/// The graph bakes in this sequence's cache buffers; the token and position go through its
+/// input tensors, and the cache row through the replay's row shift.
+pub(crate) struct DecodeGraph<B: Backend>(Mutex<GraphState<B>>);
+
+enum GraphState<B: Backend> {
+    /// No decode step yet. The first runs op by op: it compiles kernels, fills the backend's
+    /// tables and leaves its buffer pool holding a decode step's buffers for recording.
+    Cold,
+    Warm,
+    Ready {
+        graph: Graph,
+        ids: T<B>,
+        positions: T<B>,
+        logits: T<B>,
+        /// Position of the recorded step.
+        pos: usize,
+    },
+    /// The backend does not record, or recording failed: op by op.
+    Off,
+}
+
+impl<B: Backend> Default for DecodeGraph<B> {
+    fn default() -> Self {
+        DecodeGraph(Mutex::new(GraphState::Cold))
+    }
+}
+
+impl<B: Backend> DecodeGraph<B> {
+    /// Logits `[1, V]` of a one-token plan (the tensor is the graph's: read it before the next
+    /// step).
+    fn step<M: Stack<B>>(&self, m: &M, plan: &BatchPlan, states: &[&M::State]) -> Result<T<B>> {
+        let b = m.backend();
+        let pos = plan.spans[0].pos0;
+        let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*st {
+            GraphState::Ready { graph, ids, positions, logits, pos: at } if pos >= *at => {
+                b.overwrite(ids, HostTensor::U32(&plan.ids, &[1]))?;
+                b.overwrite(positions, HostTensor::U32(&plan.positions, &[1]))?;
+                b.replay(graph, pos - at)?;
+                REPLAYS.fetch_add(1, Ordering::Relaxed);
+                return Ok(logits.clone());
+            }
+            GraphState::Cold | GraphState::Ready { .. } => {
+                // A sequence rewound before the recorded position records again.
+                *st = GraphState::Warm;
+                return eager(m, plan, states);
+            }
+            GraphState::Off => return eager(m, plan, states),
+            GraphState::Warm => {}
+        }
+        let ids = b.upload(HostTensor::U32(&plan.ids, &[1]))?;
+        let positions = b.upload(HostTensor::U32(&plan.positions, &[1]))?;
+        let mut out = None;
+        // A model error inside the recording is reported through the op error type; any
+        // failure runs the step op by op below, which reports a real error again.
+        let recorded = b.capture(&mut || {
+            let t = m
+                .logits(plan, states, &ids, &positions)
+                .map_err(|e| fp4moe_ops::Error::Device(e.to_string()))?;
+            out = Some(t);
+            Ok(())
+        });
+        match (recorded, out) {
+            (Ok(Some(graph)), Some(logits)) => {
+                *st = GraphState::Ready { graph, ids, positions, logits: logits.clone(), pos };
+                Ok(logits)
+            }
+            (Ok(None), Some(logits)) => {
+                *st = GraphState::Off;
+                Ok(logits)
+            }
+            (recorded, _) => {
+                if let Err(e) = recorded {
+                    tracing::debug!("decode graph not recorded, running op by op: {e}");
+                }
+                *st = GraphState::Off;
+                eager(m, plan, states)
+            }
+        }
+    }
+}
