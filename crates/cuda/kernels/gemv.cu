@@ -47,19 +47,18 @@ __device__ __forceinline__ float dot8(const Fp4Lut* lut, u32 word, float4 a, flo
 // rows[r] < 0 is skipped. FP4 weights: x has stride xs >= kp, zero-padded past cols. Dense
 // weights: x has stride xs >= cols. Scales are applied per block; the tensor scale is the
 // caller's (it is per row).
-template <int LPR, int MT>
+template <int LPR, int MT, int ROWS = GEMV_ROWS>
 __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const int* rows, const float* x, int xs,
                                          int mcount, int lg, float (*acc)[MT]) {
     if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
         const int chunks = w.kp / 32;
         const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
         const bool nv = w.kind == KIND_NVFP4;
-        for (int c = lg; c < chunks; c += LPR) {
-            uint4 q[GEMV_ROWS];
-            u32 sc[GEMV_ROWS];
+        // Codes and scales of chunk c for every row (zeros past the rows or the chunks).
+        auto load = [&](int c, uint4* q, u32* sc) {
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) {
-                if (rows[r] >= 0) {
+            for (int r = 0; r < ROWS; r++) {
+                if (rows[r] >= 0 && c < chunks) {
                     q[r] = ld_stream16(w.codes + (size_t)rows[r] * cb + c * 16);
                     const u8* sp = w.scales + (size_t)rows[r] * nb;
                     // NVFP4: the chunk's two block scales as one aligned 2-byte load (rows of
@@ -70,6 +69,15 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
                     sc[r] = 0;
                 }
             }
+        };
+        // The next chunk's loads are issued before this chunk is decoded, so each lane keeps two
+        // chunks of every row in flight (with few chunks per lane, waiting for each in turn left
+        // the small projections far below the copy bandwidth).
+        uint4 q[ROWS], qn[ROWS];
+        u32 sc[ROWS], scn[ROWS];
+        load(lg, q, sc);
+        for (int c = lg; c < chunks; c += LPR) {
+            load(c + LPR, qn, scn);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m >= mcount) break;
@@ -77,11 +85,16 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
                 float4 x0 = xv[0], x1 = xv[1], x2 = xv[2], x3 = xv[3];
                 float4 x4 = xv[4], x5 = xv[5], x6 = xv[6], x7 = xv[7];
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
+                for (int r = 0; r < ROWS; r++) {
                     float lo = dot8(lut, q[r].x, x0, x1) + dot8(lut, q[r].y, x2, x3);
                     float hi = dot8(lut, q[r].z, x4, x5) + dot8(lut, q[r].w, x6, x7);
                     acc[r][m] += lo * lut->scale[sc[r] & 255u] + hi * lut->scale[sc[r] >> 8];
                 }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; r++) {
+                q[r] = qn[r];
+                sc[r] = scn[r];
             }
         }
     } else if (w.kind == KIND_BF16 && (w.cols & 7) == 0) {
@@ -90,9 +103,9 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
         const int chunks = w.cols / 8;
         const u8* base = (const u8*)w.data;
         for (int c = lg; c < chunks; c += LPR) {
-            uint4 q[GEMV_ROWS];
+            uint4 q[ROWS];
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++)
+            for (int r = 0; r < ROWS; r++)
                 q[r] = rows[r] >= 0 ? ld_stream16(base + ((size_t)rows[r] * w.cols + c * 8) * 2) : make_uint4(0, 0, 0, 0);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
@@ -100,7 +113,7 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
                 const float4* xv = (const float4*)(x + (size_t)m * xs + c * 8);
                 float4 a = xv[0], b = xv[1];
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
+                for (int r = 0; r < ROWS; r++) {
                     float s = bf16_to_f32(q[r].x & 0xffffu) * a.x;
                     s = fmaf(bf16_to_f32(q[r].x >> 16), a.y, s);
                     s = fmaf(bf16_to_f32(q[r].y & 0xffffu), a.z, s);
@@ -115,15 +128,15 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
         }
     } else {
         for (int k = lg; k < w.cols; k += LPR) {
-            float wv[GEMV_ROWS];
+            float wv[ROWS];
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) wv[r] = rows[r] >= 0 ? w_at(w, rows[r], k) : 0.0f;
+            for (int r = 0; r < ROWS; r++) wv[r] = rows[r] >= 0 ? w_at(w, rows[r], k) : 0.0f;
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m >= mcount) break;
                 float xv = x[(size_t)m * xs + k];
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) acc[r][m] = fmaf(wv[r], xv, acc[r][m]);
+                for (int r = 0; r < ROWS; r++) acc[r][m] = fmaf(wv[r], xv, acc[r][m]);
             }
         }
     }
@@ -140,27 +153,27 @@ __device__ __forceinline__ float row_tscale(const W& w, int r) {
     return (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) ? w.tscales[r / w.rows_per_ts] : 1.0f;
 }
 
-// y [M, N] = x [M, xs] . W^T for x rows blockIdx.y*MT ..; grid.x covers N in GEMV_ROWS-row groups.
-template <int LPR, int MT>
+// y [M, N] = x [M, xs] . W^T for x rows blockIdx.y*MT ..; grid.x covers N in ROWS-row groups.
+template <int LPR, int MT, int ROWS>
 __device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
     __shared__ Fp4Lut lut;
     lut_init(&lut, w.kind);
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
-    int n0 = (blockIdx.x * groups + g) * GEMV_ROWS;
+    int n0 = (blockIdx.x * groups + g) * ROWS;
     int m0 = blockIdx.y * MT;
     int mcount = min(MT, m_total - m0);
-    int rows[GEMV_ROWS];
+    int rows[ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) rows[r] = n0 + r < w.rows ? n0 + r : -1;
-    float acc[GEMV_ROWS][MT];
+    for (int r = 0; r < ROWS; r++) rows[r] = n0 + r < w.rows ? n0 + r : -1;
+    float acc[ROWS][MT];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++)
+    for (int r = 0; r < ROWS; r++)
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
-    rows_dot<LPR, MT>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc);
+    rows_dot<LPR, MT, ROWS>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc);
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
+    for (int r = 0; r < ROWS; r++) {
 #pragma unroll
         for (int m = 0; m < MT; m++) {
             float v = group_sum<LPR>(acc[r][m]);
@@ -169,17 +182,24 @@ __device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
     }
 }
 
-#define GEMV(LPR, MT)                                                                                            \
+// gemv_l<lanes per row>_m<activation rows per block>, GEMV_ROWS weight rows per lane group; the
+// _r1 variants give each lane group one row: four times the warps for outputs too narrow to fill
+// the GPU, where a few warps per SM decoding four rows each were bound by their own instruction
+// latency (q_proj at one token: 12 us, 8 cycles between issues, 12 % occupancy).
+#define GEMV(LPR, MT, ROWS, NAME)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
-        gemv_l##LPR##_m##MT(W w, const float* x, int xs, float* y, int m_total) {                               \
-        gemv_body<LPR, MT>(w, x, xs, y, m_total);                                                                \
+        NAME(W w, const float* x, int xs, float* y, int m_total) {                                               \
+        gemv_body<LPR, MT, ROWS>(w, x, xs, y, m_total);                                                          \
     }
-GEMV(8, 1)
-GEMV(16, 1)
-GEMV(32, 1)
-GEMV(8, 4)
-GEMV(16, 4)
-GEMV(32, 4)
+GEMV(8, 1, GEMV_ROWS, gemv_l8_m1)
+GEMV(16, 1, GEMV_ROWS, gemv_l16_m1)
+GEMV(32, 1, GEMV_ROWS, gemv_l32_m1)
+GEMV(8, 4, GEMV_ROWS, gemv_l8_m4)
+GEMV(16, 4, GEMV_ROWS, gemv_l16_m4)
+GEMV(32, 4, GEMV_ROWS, gemv_l32_m4)
+GEMV(8, 1, 1, gemv_l8_m1_r1)
+GEMV(16, 1, 1, gemv_l16_m1_r1)
+GEMV(32, 1, 1, gemv_l32_m1_r1)
 
 // MoE decode, stage 1: act[p, j] = silu(gate_e[j] . x_t) * (up_e[j] . x_t) for pair p = (t, slot),
 // e = ids[p] (ids == 0: expert 0, one pair per token; the shared expert). gate_up rows per

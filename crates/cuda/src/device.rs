@@ -116,6 +116,8 @@ pub(crate) struct Device {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub arch: String,
+    /// Multiprocessors, for grid-size choices.
+    pub sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     pool: Arc<Pool>,
@@ -220,11 +222,16 @@ impl Device {
         let stream = ctx.new_stream().map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv)?
+            .max(1) as usize;
         let dev = Device {
             ctx,
             stream,
             name,
             arch: arch_for(major, minor),
+            sms,
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             pool: Arc::new(Pool {

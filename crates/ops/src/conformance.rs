@@ -513,6 +513,11 @@ pub fn check_linear_odd_shapes<B: Backend>(b: &B, seed: u64) -> Check {
     for kind in [WeightKind::F32, WeightKind::Bf16] {
         linear_case(&mut cx, b, kind, 37, 50, &[1, 3, 33], &both)?;
     }
+    // A wide output at one token (lm_head-like): GPU backends give each lane group several rows
+    // once the blocks fill a few waves, one row below that (every other shape here).
+    for kind in FP4_KINDS {
+        linear_case(&mut cx, b, kind, 12288, 2048, &[1], &[DType::F32])?;
+    }
     Ok(())
 }
 
@@ -639,8 +644,15 @@ fn unary<X: Backend>(
 /// an odd one; eps of both models.
 pub fn check_rms_norm<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
-    let cases: [(&[usize], f32); 5] =
-        [(&[3, 2048], 1e-5), (&[2, 768], 1e-6), (&[4, 512], 1e-6), (&[3, 32, 128], 1e-6), (&[5, 33], 1e-5)];
+    // [2, 5000]: wider than GPU backends hold in registers (their strided fallback).
+    let cases: [(&[usize], f32); 6] = [
+        (&[3, 2048], 1e-5),
+        (&[2, 768], 1e-6),
+        (&[4, 512], 1e-6),
+        (&[3, 32, 128], 1e-6),
+        (&[5, 33], 1e-5),
+        (&[2, 5000], 1e-5),
+    ];
     for (shape, eps) in cases {
         let case = format!("rms_norm {shape:?} eps {eps}");
         let d = *shape.last().unwrap_or(&1);
