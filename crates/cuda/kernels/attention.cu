@@ -180,6 +180,133 @@ attention_gqa_f32(const float* q, const float* k, const float* v, float* out, fl
     }
 }
 
+// GQA prefill (many queries): FlashAttention-style tiles on the CUDA cores. A block takes FA_BR
+// consecutive queries of one query head and walks the causal keys in tiles of FA_BC; each of
+// its 16 x 16 threads computes a 4 x 4 block of the score tile (queries and keys transposed in
+// shared memory, so one 16-byte load feeds four products), the rows' running max and sum are
+// reduced over the 16 threads that share them, the probabilities go through shared memory, and
+// each thread accumulates 4 queries x FA_DV_PER_THREAD value dims. One block per (kv head,
+// query) redid the softmax bookkeeping for every query and reloaded each key tile per query:
+// 8 ms per Qwen3 layer at 2048 tokens (64 % of the prefill).
+#define FA_BR 64
+#define FA_BC 64
+#define FA_MAX_D 128
+#define FA_DV_PER_THREAD 8 // FA_MAX_D / 16
+
+// q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv], D and Dv <= FA_MAX_D. grid
+// (ceil(T / FA_BR), Hq), block 256, dynamic shared memory (2 * D * FA_BR + FA_BC * Dv +
+// FA_BR * (FA_BC + 1)) floats. Query t sits at pos0 + row shift + t (see att_keys).
+extern "C" __global__ void __launch_bounds__(256)
+attention_gqa_prefill_f32(const float* q, const float* k, const float* v, float* out, int hq, int hkv, int d,
+                          int dv, int t_n, int pos0, const unsigned* row_shift, int cache_rows, float scale) {
+    extern __shared__ float fa[];
+    float* qt = fa;                 // [d][FA_BR]   queries, transposed
+    float* kt = qt + d * FA_BR;     // [d][FA_BC]   keys, transposed
+    float* vs = kt + d * FA_BC;     // [FA_BC][dv]
+    float* ps = vs + FA_BC * dv;    // [FA_BR][FA_BC + 1] probabilities
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int t0 = blockIdx.x * FA_BR, h = blockIdx.y, kh = h / (hq / hkv);
+    const int p0 = pos0 + (int)*row_shift;
+    for (int i = tid; i < FA_BR * d; i += 256) {
+        int r = i / d, e = i % d;
+        int t = t0 + r;
+        qt[e * FA_BR + r] = t < t_n ? q[((size_t)t * hq + h) * d + e] * scale : 0.0f;
+    }
+    float o[4][FA_DV_PER_THREAD], m[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        m[i] = ATT_NEG_INF;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < FA_DV_PER_THREAD; j++) o[i][j] = 0.0f;
+    }
+    // Keys of the block's last query (the others see a prefix of them).
+    const int keys = min(p0 + min(t0 + FA_BR, t_n), cache_rows);
+    for (int c0 = 0; c0 < keys; c0 += FA_BC) {
+        __syncthreads(); // the previous tile is consumed (and qt written, the first time)
+        for (int i = tid; i < FA_BC * d; i += 256) {
+            int c = i / d, e = i % d;
+            int j = c0 + c;
+            kt[e * FA_BC + c] = j < keys ? k[((size_t)j * hkv + kh) * d + e] : 0.0f;
+        }
+        for (int i = tid; i < FA_BC * dv; i += 256) {
+            int c = i / dv, e = i % dv;
+            int j = c0 + c;
+            vs[c * dv + e] = j < keys ? v[((size_t)j * hkv + kh) * dv + e] : 0.0f;
+        }
+        __syncthreads();
+        float sc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) sc[i][j] = 0.0f;
+#pragma unroll 4
+        for (int e = 0; e < d; e++) {
+            float4 a = *reinterpret_cast<const float4*>(qt + e * FA_BR + ty * 4);
+            float4 b = *reinterpret_cast<const float4*>(kt + e * FA_BC + tx * 4);
+            float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) sc[i][j] = fmaf(av[i], bv[j], sc[i][j]);
+        }
+        // Causal mask, running max and sum per row; the 16 threads of a row are lanes
+        // 16 * (ty & 1) .. + 15 of one warp.
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int pos = p0 + t0 + ty * 4 + i;
+            float rm = ATT_NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                if (c0 + tx * 4 + j > pos || c0 + tx * 4 + j >= keys) sc[i][j] = ATT_NEG_INF;
+                rm = fmaxf(rm, sc[i][j]);
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, off));
+            float nm = fmaxf(m[i], rm);
+            float corr = m[i] == ATT_NEG_INF ? 0.0f : expf(m[i] - nm);
+            float rs = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float p = sc[i][j] == ATT_NEG_INF ? 0.0f : expf(sc[i][j] - nm);
+                ps[(ty * 4 + i) * (FA_BC + 1) + tx * 4 + j] = p;
+                rs += p;
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) rs += __shfl_xor_sync(0xffffffffu, rs, off);
+            l[i] = l[i] * corr + rs;
+            m[i] = nm;
+#pragma unroll
+            for (int j = 0; j < FA_DV_PER_THREAD; j++) o[i][j] *= corr;
+        }
+        __syncthreads();
+        int nc = min(FA_BC, keys - c0);
+        for (int c = 0; c < nc; c++) {
+            float pv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) pv[i] = ps[(ty * 4 + i) * (FA_BC + 1) + c];
+#pragma unroll
+            for (int j = 0; j < FA_DV_PER_THREAD; j++) {
+                int e = tx + 16 * j;
+                float vv = e < dv ? vs[c * dv + e] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; i++) o[i][j] = fmaf(pv[i], vv, o[i][j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int t = t0 + ty * 4 + i;
+        if (t >= t_n) continue;
+        float inv = 1.0f / l[i];
+#pragma unroll
+        for (int j = 0; j < FA_DV_PER_THREAD; j++) {
+            int e = tx + 16 * j;
+            if (e < dv) out[((size_t)t * hq + h) * dv + e] = o[i][j] * inv;
+        }
+    }
+}
+
 // Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
 // grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache
 // tiles in shared memory for a group of heads, as GQA does, measured slower here: 35 -> 87 us

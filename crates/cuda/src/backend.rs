@@ -32,6 +32,10 @@ const ATT_MAX_SPLITS: usize = 64;
 /// (at most GQA_MAX_THREADS / 32 in attention.cu).
 const GQA_TILE_KEYS: usize = 32;
 const GQA_WARPS: usize = 8;
+/// FA_BR = FA_BC (queries and keys per tile) and FA_MAX_D (widest key or value) of
+/// attention_gqa_prefill_f32.
+const FA_ROWS: usize = 64;
+const FA_MAX_D: usize = 128;
 const ROW_THREADS: u32 = 256;
 /// Must match GEMV_THREADS / GEMV_ROWS in kernels/gemv.cu.
 const GEMV_THREADS: u32 = 128;
@@ -1413,6 +1417,34 @@ impl Backend for CudaBackend {
         let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
         let (hkv, dv) = (ks[1], vs[2]);
         let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
+        if t_n * hq >= ATT_SPLIT_BELOW_ROWS && d <= FA_MAX_D && dv <= FA_MAX_D {
+            // Many queries: the tiled prefill kernel (attention_gqa_prefill_f32).
+            let out = self.empty(&[t_n, hq, dv], DType::F32)?;
+            let smem = (2 * d * FA_ROWS + FA_ROWS * dv + FA_ROWS * (FA_ROWS + 1)) * 4;
+            self.run_smem(
+                "attention.cu",
+                "attention_gqa_prefill_f32",
+                (t_n.div_ceil(FA_ROWS) as u32, hq as u32, 1),
+                256,
+                smem as u32,
+                &[
+                    Arg::Ptr(ptrs[0]),
+                    Arg::Ptr(ptrs[1]),
+                    Arg::Ptr(ptrs[2]),
+                    Arg::Ptr(out.storage.ptr()),
+                    Arg::I32(hq as i32),
+                    Arg::I32(hkv as i32),
+                    Arg::I32(d as i32),
+                    Arg::I32(dv as i32),
+                    Arg::I32(t_n as i32),
+                    Arg::I32(pos0 as i32),
+                    Arg::Ptr(self.dev.row_shift()),
+                    Arg::I32(ks[0] as i32),
+                    Arg::F32(scale),
+                ],
+            )?;
+            return Ok(out);
+        }
         // Key and value tiles plus one query row per warp (attention_gqa_f32).
         let smem = (GQA_TILE_KEYS * (d + 1) + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
         let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32);

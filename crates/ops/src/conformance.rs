@@ -1208,8 +1208,13 @@ pub fn check_attention_gqa<B: Backend>(b: &B, seed: u64) -> Check {
         // A cache much longer than the keys in use: GPU backends size the split grid by the cache
         // and leave the ranges past the keys empty.
         (1, 100, 2000, 32, 4, 128, 128),
-        // 288 (query, head) rows: GPU backends take the unsplit path.
+        // 288 (query, head) rows: GPU backends take the unsplit (prefill) path; then a query
+        // tile that ends past the queries, keys wider than that path takes, and a prefill
+        // after a cached prefix.
         (9, 20, 40, 32, 4, 128, 128),
+        (70, 0, 80, 8, 2, 64, 48),
+        (9, 3, 20, 32, 4, 192, 64),
+        (130, 70, 200, 4, 4, 128, 128),
     ];
     for (t, pos0, s, hq, hkv, d, dv) in cases {
         let case = format!("attention_gqa T={t} pos0={pos0} S={s} Hq={hq} Hkv={hkv} D={d} Dv={dv}");
