@@ -36,6 +36,8 @@ const GQA_WARPS: usize = 8;
 /// attention_gqa_prefill_f32.
 const FA_ROWS: usize = 64;
 const FA_MAX_D: usize = 128;
+/// MLA_BR = MLA_BC ((query, head) rows and cache rows per tile) of attention_mla_prefill_f32.
+const MLA_ROWS: usize = 32;
 const ROW_THREADS: u32 = 256;
 /// Must match GEMV_THREADS / GEMV_ROWS in kernels/gemv.cu.
 const GEMV_THREADS: u32 = 128;
@@ -1485,6 +1487,34 @@ impl Backend for CudaBackend {
         }
         let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
         let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
+        if t_n * heads >= ATT_SPLIT_BELOW_ROWS {
+            // Many queries: the tiled prefill kernel (attention_mla_prefill_f32).
+            let out = self.empty(&[t_n, heads, l], DType::F32)?;
+            let w = cs[1];
+            let smem = (w * MLA_ROWS + MLA_ROWS * (w + 1) + MLA_ROWS * (MLA_ROWS + 1)) * 4;
+            self.run_smem(
+                "attention.cu",
+                "attention_mla_prefill_f32",
+                ((t_n * heads).div_ceil(MLA_ROWS) as u32, 1, 1),
+                256,
+                smem as u32,
+                &[
+                    Arg::Ptr(ptrs[0]),
+                    Arg::Ptr(ptrs[1]),
+                    Arg::Ptr(ptrs[2]),
+                    Arg::Ptr(out.storage.ptr()),
+                    Arg::I32(heads as i32),
+                    Arg::I32(l as i32),
+                    Arg::I32(qr[2] as i32),
+                    Arg::I32(t_n as i32),
+                    Arg::I32(pos0 as i32),
+                    Arg::Ptr(self.dev.row_shift()),
+                    Arg::I32(cs[0] as i32),
+                    Arg::F32(scale),
+                ],
+            )?;
+            return Ok(out);
+        }
         let launch = (heads, 128, 0); // ATT_WARPS warps per (query, head) block
         self.attention("attention_mla_f32", ptrs, [t_n, heads, l], launch, pos0, cs[0], scale, |out, ml| {
             vec![

@@ -119,7 +119,8 @@ pub(crate) struct Device {
     /// Multiprocessors, for grid-size choices.
     pub sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// Loaded kernels with the dynamic shared memory each is opted into.
+    funcs: Mutex<HashMap<(&'static str, &'static str), (CudaFunction, u32)>>,
     pool: Arc<Pool>,
     /// Device u32 that kernels add to cache rows (`write_rows`' row0, attention's pos0): the
     /// zero buffer outside recording, the graph's own shift while recording (Backend::replay).
@@ -310,13 +311,15 @@ impl Device {
         Ok(m)
     }
 
-    /// A kernel by file and name; `smem` above 48 KiB is opted into once per function.
+    /// A kernel by file and name; dynamic shared memory above 48 KiB is opted into per function,
+    /// raised whenever a launch asks for more than any before it.
     pub fn func(&self, file: &'static str, name: &'static str, smem: u32) -> Result<CudaFunction, CudaError> {
-        if let Some(f) = self.funcs.lock().unwrap_or_else(PoisonError::into_inner).get(&(file, name)) {
-            return Ok(f.clone());
-        }
-        let f = self.module(file)?.load_function(name).map_err(drv)?;
-        if smem > 48 * 1024 {
+        let mut funcs = self.funcs.lock().unwrap_or_else(PoisonError::into_inner);
+        let (f, opted) = match funcs.get(&(file, name)) {
+            Some(entry) => entry.clone(),
+            None => (self.module(file)?.load_function(name).map_err(drv)?, 48 * 1024),
+        };
+        let opted = if smem > opted {
             // SAFETY: f is a valid function of a loaded module.
             unsafe {
                 result::function::set_function_attribute(
@@ -326,8 +329,11 @@ impl Device {
                 )
             }
             .map_err(drv)?;
-        }
-        self.funcs.lock().unwrap_or_else(PoisonError::into_inner).insert((file, name), f.clone());
+            smem
+        } else {
+            opted
+        };
+        funcs.insert((file, name), (f.clone(), opted));
         Ok(f)
     }
 

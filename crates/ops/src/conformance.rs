@@ -1260,6 +1260,11 @@ pub fn check_attention_mla<B: Backend>(b: &B, seed: u64) -> Check {
         (1, 0, 1, 20, 512, 64),
         (3, 2, 7, 3, 24, 8),
         (1, 50, 3000, 20, 512, 64),
+        // At least 256 (query, head) rows: GPU backends take the tiled prefill path, whose
+        // row tiles straddle queries; then an odd shape, and a prefill after a cached prefix.
+        (20, 0, 24, 20, 512, 64),
+        (90, 0, 100, 3, 24, 8),
+        (40, 45, 100, 20, 512, 64),
     ];
     for (t, pos0, s, h, l, r) in cases {
         let case = format!("attention_mla T={t} pos0={pos0} S={s} H={h} L={l} R={r}");
