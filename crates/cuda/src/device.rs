@@ -119,14 +119,16 @@ pub(crate) struct Device {
     /// Multiprocessors, for grid-size choices.
     pub sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    /// Loaded kernels with the dynamic shared memory each is opted into.
-    funcs: Mutex<HashMap<(&'static str, &'static str), (CudaFunction, u32)>>,
+    funcs: Mutex<HashMap<(&'static str, &'static str), LoadedFunc>>,
     pool: Arc<Pool>,
     /// Device u32 that kernels add to cache rows (`write_rows`' row0, attention's pos0): the
     /// zero buffer outside recording, the graph's own shift while recording (Backend::replay).
     row_shift: Mutex<u64>,
     zero_row_shift: OnceLock<Buf>,
 }
+
+/// A loaded kernel and the dynamic shared memory it is opted into.
+type LoadedFunc = (CudaFunction, u32);
 
 /// Freed buffers by size class, handed out again instead of a driver allocation: a decode step
 /// allocates about twenty buffers per layer, each of the same size every step, and a driver
