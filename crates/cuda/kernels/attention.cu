@@ -446,12 +446,14 @@ attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, f
 }
 
 // The splits of each (query, head) row, merged in split order: part [rows, splits, dv],
-// ml [rows, splits, 2] -> out [rows, dv]. grid (rows), dynamic shared memory one float per
-// split. A split with no keys has max -inf. The first warp turns the (max, sum) pairs into
+// ml [rows, splits, 2] -> out [rows, dv], splits <= ATT_MAX_SPLITS. grid (rows). A split with no
+// keys has max -inf. (The weights sat in dynamic shared memory of exactly `splits` floats, and
+// compute-sanitizer caught the unrolled loop reading past the last one.) The first warp turns the (max, sum) pairs into
 // per-split weights once; reading them from global memory in every thread's loop made this a
 // chain of dependent loads (18 us per Qwen3 decode call, 57 us for MLA's 512-wide rows).
+#define ATT_MAX_SPLITS 64
 extern "C" __global__ void attention_combine(const float* part, const float* ml, float* out, int splits, int dv) {
-    extern __shared__ float wsplit[];
+    __shared__ float wsplit[ATT_MAX_SPLITS];
     __shared__ float total;
     size_t r = blockIdx.x;
     const float* pm = ml + r * splits * 2;

@@ -26,7 +26,8 @@ const ROUTE_SIGMOID_WARPS: u32 = 2;
 const ATT_SPLIT_BELOW_ROWS: usize = 256;
 /// ...into ranges of about this many keys (16 per warp)...
 const ATT_SPLIT_KEYS: usize = 64;
-/// ...and at most this many ranges (the combine reads them all per output element).
+/// ...and at most this many ranges (the combine reads them all per output element;
+/// ATT_MAX_SPLITS in attention.cu sizes its weights).
 const ATT_MAX_SPLITS: usize = 64;
 /// GQA attention: keys per shared-memory tile (one lane each) and query heads (warps) per block
 /// (at most GQA_MAX_THREADS / 32 in attention.cu).
@@ -736,12 +737,11 @@ impl CudaBackend {
             smem,
             &args,
         )?;
-        self.run_smem(
+        self.run(
             "attention.cu",
             "attention_combine",
             (rows as u32, 1, 1),
             128,
-            (splits * 4) as u32,
             &[
                 Arg::Ptr(part.storage.ptr()),
                 Arg::Ptr(ml.storage.ptr()),
