@@ -3,10 +3,11 @@
 //! For each op and token count T the command warms up, then takes the median of several timed
 //! runs. Weights are replicated until the copies exceed [`ROTATE_BYTES`] (well past any
 //! last-level cache) and the runs rotate through them, so what is timed is a read from memory,
-//! not from cache. The machine's read bandwidth is measured first (a large buffer read by every
-//! thread, best of several), and `floor_us` is the bytes an op must move divided by it: the
-//! weights it reads (for MoE only the distinct experts its tokens are routed to, plus the shared
-//! one) and its activations in and out. Routing is random with a fixed seed.
+//! not from cache. The bandwidth is measured first (on the CPU a large buffer read by every
+//! thread, best of several; on a GPU backend c = a + b on the device), and `floor_us` is the
+//! bytes an op must move divided by it: the weights it reads (for MoE only the distinct experts
+//! its tokens are routed to, plus the shared one) and its activations in and out. Routing is
+//! random with a fixed seed.
 //!
 //! The op code is generic over [`Backend`], so every backend runs the same benchmark.
 
@@ -72,11 +73,23 @@ impl OnBackend for Job {
         let args = self.0;
         let tokens: Vec<usize> =
             if args.quick && args.tokens == [1, 8, 64, 512] { vec![1, 64] } else { args.tokens };
-        let bw = measure_read_gbps(if args.quick { BANDWIDTH_BYTES / 4 } else { BANDWIDTH_BYTES });
-        println!(
-            "backend {}  memory read bandwidth {bw:.1} GB/s (best of several full-buffer reads)",
-            b.name()
-        );
+        let bw = match super::bench_model::gpu_bandwidth(&b)? {
+            Some(gbps) => {
+                println!(
+                    "backend {}  device bandwidth {gbps:.1} GB/s (c = a + b through the backend)",
+                    b.name()
+                );
+                gbps
+            }
+            None => {
+                let gbps = measure_read_gbps(if args.quick { BANDWIDTH_BYTES / 4 } else { BANDWIDTH_BYTES });
+                println!(
+                    "backend {}  memory read bandwidth {gbps:.1} GB/s (best of several full-buffer reads)",
+                    b.name()
+                );
+                gbps
+            }
+        };
         println!(
             "{:<34} {:>6} {:>11} {:>11} {:>7} {:>8} {:>9}",
             "name", "tokens", "time_us", "floor_us", "ratio", "GB/s", "GFLOP/s"

@@ -227,6 +227,14 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
 
 /// Device memory bandwidth in GB/s as the backend itself achieves it: `c = a + b` over f32
 /// vectors far larger than any GPU cache (3 × 96 MiB moved per add), best of `reps`.
+/// The device's bandwidth for GPU backends (their floor: the host's read bandwidth says nothing
+/// about them), `None` on the CPU.
+pub fn gpu_bandwidth<B: Backend>(b: &B) -> anyhow::Result<Option<f64>> {
+    let name = b.name();
+    let gpu = name.starts_with("cuda") || name.starts_with("wgpu");
+    Ok(if gpu { Some(measure_device_bandwidth(b, 5)?) } else { None })
+}
+
 pub fn measure_device_bandwidth<B: Backend>(b: &B, reps: usize) -> anyhow::Result<f64> {
     const ELEMS: usize = 24 << 20;
     let x = b.zeros(&[ELEMS], DType::F32)?;
@@ -264,8 +272,7 @@ impl OnBackend for BuildForBench {
     type Output = Built;
     fn run<B: Backend + 'static>(self, backend: B) -> anyhow::Result<Built> {
         let name = backend.name();
-        let gpu = name.starts_with("cuda") || name.starts_with("wgpu");
-        let device_gbps = if gpu { Some(measure_device_bandwidth(&backend, 5)?) } else { None };
+        let device_gbps = gpu_bandwidth(&backend)?;
         let (arch, layers, format) = (self.arch, self.layers, self.format);
         let (model, stats) = if self.profile {
             let p = Profiled::new(backend);
