@@ -109,19 +109,67 @@ pub(crate) fn state_of<'a, S: 'static>(seq: &'a Sequence, model: &str) -> Result
         .ok_or_else(|| Error::Invalid(format!("forward: sequence was not created by this {model} model")))
 }
 
-/// A model's layer stack, as [`forward`] drives it.
+/// One pre-norm residual layer: `x += attn(input_norm(x))`, then `x += ffn(post_norm(x))`.
+pub(crate) struct Layer<B: Backend, A, F> {
+    pub input_norm: Norm<B>, // [H]
+    pub attn: A,
+    pub post_norm: Norm<B>, // [H]
+    pub ffn: F,
+}
+
+/// Both models' weights around their attention and FFN blocks.
+pub(crate) struct StackWeights<B: Backend, A, F> {
+    pub embed: B::Weight, // [V, H]
+    pub layers: Vec<Layer<B, A, F>>,
+    pub norm: Norm<B>,              // [H]
+    pub lm_head: Option<B::Weight>, // [V, H]; None when tied to `embed`
+}
+
+/// A model's layer stack, as [`forward`] drives it: its weights, its attention and FFN blocks.
 pub(crate) trait Stack<B: Backend> {
     /// The per-sequence state (caches); it holds the sequence's [`DecodeGraph`].
     type State: Send + Sync + 'static;
+    type Attn;
+    type Ffn;
     const MODEL_TYPE: &'static str;
     fn backend(&self) -> &B;
     fn vocab(&self) -> usize;
     fn decode_graph(state: &Self::State) -> &DecodeGraph<B>;
-    /// Embedding, every layer (cache writes and attention per sequence), final norm and lm_head
-    /// on the plan's logits rows: ids and positions u32 `[rows]` -> logits `[logits rows, V]`.
-    /// Only ops: no host waits, so a backend can record it.
-    fn logits(&self, plan: &BatchPlan, states: &[&Self::State], ids: &T<B>, positions: &T<B>)
-    -> Result<T<B>>;
+    fn weights(&self) -> &StackWeights<B, Self::Attn, Self::Ffn>;
+    /// Layer `l`'s attention over the batch (cache writes and attention per sequence):
+    /// h `[N, H]` -> `[N, H]`.
+    fn attention(
+        &self,
+        l: usize,
+        at: &Self::Attn,
+        h: &T<B>,
+        positions: &T<B>,
+        plan: &BatchPlan,
+        states: &[&Self::State],
+    ) -> Result<T<B>>;
+    /// An FFN block (dense or MoE): h `[N, H]` -> `[N, H]`.
+    fn ffn(&self, ffn: &Self::Ffn, h: &T<B>) -> Result<T<B>>;
+}
+
+/// Embedding, every layer, final norm and lm_head on the plan's logits rows: ids and positions
+/// u32 `[rows]` -> logits `[logits rows, V]`. Only ops, no host waits, so a backend can record it.
+fn logits<B: Backend, M: Stack<B>>(
+    m: &M,
+    plan: &BatchPlan,
+    states: &[&M::State],
+    ids: &T<B>,
+    positions: &T<B>,
+) -> Result<T<B>> {
+    let b = m.backend();
+    let w = m.weights();
+    let mut x = b.embedding(&w.embed, ids)?;
+    for (l, layer) in w.layers.iter().enumerate() {
+        let a = m.attention(l, &layer.attn, &layer.input_norm.forward(b, &x)?, positions, plan, states)?;
+        x = b.add(&x, &a)?;
+        let f = m.ffn(&layer.ffn, &layer.post_norm.forward(b, &x)?)?;
+        x = b.add(&x, &f)?;
+    }
+    plan.logits(b, &x, &w.norm, w.lm_head.as_ref().unwrap_or(&w.embed))
 }
 
 /// `LanguageModel::forward` for any [`Stack`]: plan and validate, run the stack (batch-1 decode
@@ -157,7 +205,7 @@ fn eager<B: Backend, M: Stack<B>>(m: &M, plan: &BatchPlan, states: &[&M::State])
     let n = plan.rows();
     let ids = b.upload(HostTensor::U32(&plan.ids, &[n]))?;
     let positions = b.upload(HostTensor::U32(&plan.positions, &[n]))?;
-    m.logits(plan, states, &ids, &positions)
+    logits(m, plan, states, &ids, &positions)
 }
 
 /// Graphs are on unless `FP4MOE_GRAPHS=0` (to compare against op-by-op decode; read per step).
@@ -231,8 +279,7 @@ impl<B: Backend> DecodeGraph<B> {
         // A model error inside the recording is reported through the op error type; any
         // failure runs the step op by op below, which reports a real error again.
         let recorded = b.capture(&mut || {
-            let t = m
-                .logits(plan, states, &ids, &positions)
+            let t = logits(m, plan, states, &ids, &positions)
                 .map_err(|e| fp4moe_ops::Error::Device(e.to_string()))?;
             out = Some(t);
             Ok(())

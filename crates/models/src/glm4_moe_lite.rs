@@ -18,7 +18,7 @@
 //! within the best `topk_group` of `n_group` groups, weights the unbiased `s` renormalised and
 //! scaled by `routed_scaling_factor`; plus the shared expert. The first layer(s) are dense.
 
-use crate::batch::{self, BatchPlan, DecodeGraph, Stack};
+use crate::batch::{self, BatchPlan, DecodeGraph, Layer, Stack, StackWeights};
 use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, upload_f32, zeros,
@@ -253,7 +253,7 @@ enum QProj<B: Backend> {
     Full(B::Weight), // q_proj [heads * (qk_nope + qk_rope), H]
 }
 
-struct Attention<B: Backend> {
+pub(crate) struct Attention<B: Backend> {
     q: QProj<B>,
     kv_a: B::Weight,    // kv_a_proj_with_mqa [kv_lora + qk_rope, H]
     kv_a_norm: Norm<B>, // kv_a_layernorm [kv_lora]
@@ -261,7 +261,7 @@ struct Attention<B: Backend> {
     o_proj: B::Weight,  // [H, heads * v]
 }
 
-enum Ffn<B: Backend> {
+pub(crate) enum Ffn<B: Backend> {
     Dense(Mlp<B>),
     Moe {
         router: B::Weight, // [E, H] 16-bit, never quantized (selection is sensitive to it)
@@ -270,22 +270,12 @@ enum Ffn<B: Backend> {
     },
 }
 
-struct Layer<B: Backend> {
-    input_norm: Norm<B>, // [H]
-    attn: Attention<B>,
-    post_norm: Norm<B>, // [H]
-    ffn: Ffn<B>,
-}
-
 /// A loaded GLM-4.7-Flash-style model.
 pub struct Glm4MoeLite<B: Backend> {
     backend: B,
     cfg: Config,
     info: ModelInfo,
-    embed: B::Weight, // [V, H]
-    layers: Vec<Layer<B>>,
-    norm: Norm<B>,              // [H]
-    lm_head: Option<B::Weight>, // [V, H]; None when tied to `embed`
+    w: StackWeights<B, Attention<B>, Ffn<B>>,
 }
 
 /// Per-sequence latent cache.
@@ -377,11 +367,35 @@ impl<B: Backend> Glm4MoeLite<B> {
             bos_token_id: cfg.bos_token_id,
             quantization: src.quantization(),
         };
-        Ok(Glm4MoeLite { backend, cfg, info, embed, layers, norm, lm_head })
+        let w = StackWeights { embed, layers, norm, lm_head };
+        Ok(Glm4MoeLite { backend, cfg, info, w })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+}
+
+impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
+    type State = State<B>;
+    type Attn = Attention<B>;
+    type Ffn = Ffn<B>;
+    const MODEL_TYPE: &'static str = MODEL_TYPE;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn decode_graph(state: &State<B>) -> &DecodeGraph<B> {
+        &state.graph
+    }
+
+    fn weights(&self) -> &StackWeights<B, Attention<B>, Ffn<B>> {
+        &self.w
     }
 
     /// MLA over the batch: projections and the W_UK / W_UV maps on all rows at once, cache
@@ -447,37 +461,6 @@ impl<B: Backend> Glm4MoeLite<B> {
                 experts.forward(b, h, &ids, &w)
             }
         }
-    }
-}
-
-impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
-    type State = State<B>;
-    const MODEL_TYPE: &'static str = MODEL_TYPE;
-
-    fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    fn vocab(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn decode_graph(state: &State<B>) -> &DecodeGraph<B> {
-        &state.graph
-    }
-
-    fn logits(&self, plan: &BatchPlan, states: &[&State<B>], ids: &T<B>, positions: &T<B>) -> Result<T<B>> {
-        let b = &self.backend;
-        let mut x = b.embedding(&self.embed, ids)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(b, &x)?;
-            let a = self.attention(l, &layer.attn, &h, positions, plan, states)?;
-            x = b.add(&x, &a)?;
-            let h = layer.post_norm.forward(b, &x)?;
-            let m = self.ffn(&layer.ffn, &h)?;
-            x = b.add(&x, &m)?;
-        }
-        plan.logits(b, &x, &self.norm, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 }
 

@@ -6,7 +6,7 @@
 //! q_norm/k_norm are RMSNorms over `head_dim`, per head, applied before NeoX (rotate-half) RoPE.
 //! The KV cache holds per layer k and v as `[capacity, kv_heads, head_dim]`.
 
-use crate::batch::{self, BatchPlan, DecodeGraph, Stack};
+use crate::batch::{self, BatchPlan, DecodeGraph, Layer, Stack, StackWeights};
 use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, zeros,
@@ -158,7 +158,7 @@ impl Config {
     }
 }
 
-struct Attention<B: Backend> {
+pub(crate) struct Attention<B: Backend> {
     q_proj: B::Weight, // [Hq * D, H]
     k_proj: B::Weight, // [Hkv * D, H]
     v_proj: B::Weight, // [Hkv * D, H]
@@ -167,7 +167,7 @@ struct Attention<B: Backend> {
     k_norm: Norm<B>,   // [D]
 }
 
-enum Ffn<B: Backend> {
+pub(crate) enum Ffn<B: Backend> {
     Dense(Mlp<B>),
     Moe {
         router: B::Weight, // [E, H] 16-bit, never quantized (selection is sensitive to it)
@@ -175,22 +175,12 @@ enum Ffn<B: Backend> {
     },
 }
 
-struct Layer<B: Backend> {
-    input_norm: Norm<B>, // [H]
-    attn: Attention<B>,
-    post_norm: Norm<B>, // [H]
-    ffn: Ffn<B>,
-}
-
 /// A loaded Qwen3-MoE.
 pub struct Qwen3Moe<B: Backend> {
     backend: B,
     cfg: Config,
     info: ModelInfo,
-    embed: B::Weight, // [V, H]
-    layers: Vec<Layer<B>>,
-    norm: Norm<B>,              // [H]
-    lm_head: Option<B::Weight>, // [V, H]; None when tied to `embed`
+    w: StackWeights<B, Attention<B>, Ffn<B>>,
 }
 
 /// Per-sequence KV cache.
@@ -261,11 +251,35 @@ impl<B: Backend> Qwen3Moe<B> {
             bos_token_id: cfg.bos_token_id,
             quantization: src.quantization(),
         };
-        Ok(Qwen3Moe { backend, cfg, info, embed, layers, norm, lm_head })
+        let w = StackWeights { embed, layers, norm, lm_head };
+        Ok(Qwen3Moe { backend, cfg, info, w })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+}
+
+impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
+    type State = State<B>;
+    type Attn = Attention<B>;
+    type Ffn = Ffn<B>;
+    const MODEL_TYPE: &'static str = MODEL_TYPE;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn decode_graph(state: &State<B>) -> &DecodeGraph<B> {
+        &state.graph
+    }
+
+    fn weights(&self) -> &StackWeights<B, Attention<B>, Ffn<B>> {
+        &self.w
     }
 
     /// Attention of every sequence in the batch: projections on all rows at once, cache writes
@@ -310,37 +324,6 @@ impl<B: Backend> Qwen3Moe<B> {
                 experts.forward(b, h, &ids, &w)
             }
         }
-    }
-}
-
-impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
-    type State = State<B>;
-    const MODEL_TYPE: &'static str = MODEL_TYPE;
-
-    fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    fn vocab(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn decode_graph(state: &State<B>) -> &DecodeGraph<B> {
-        &state.graph
-    }
-
-    fn logits(&self, plan: &BatchPlan, states: &[&State<B>], ids: &T<B>, positions: &T<B>) -> Result<T<B>> {
-        let b = &self.backend;
-        let mut x = b.embedding(&self.embed, ids)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(b, &x)?;
-            let a = self.attention(l, &layer.attn, &h, positions, plan, states)?;
-            x = b.add(&x, &a)?;
-            let h = layer.post_norm.forward(b, &x)?;
-            let m = self.ffn(&layer.ffn, &h)?;
-            x = b.add(&x, &m)?;
-        }
-        plan.logits(b, &x, &self.norm, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 }
 
