@@ -61,21 +61,8 @@ fn axpy(o: &mut [f32], a: f32, x: &[f32]) {
 
 pub(crate) fn gqa(isa: Isa, q: &HostT, k: &HostT, v: &HostT, pos0: usize, scale: f32) -> Result<HostT> {
     const OP: &str = "attention_gqa";
-    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
-    let ok = qs.len() == 3
-        && ks.len() == 3
-        && vs.len() == 3
-        && ks[0] == vs[0]
-        && ks[1] == vs[1]
-        && ks[1] > 0
-        && qs[1] % ks[1] == 0
-        && qs[2] == ks[2]
-        && ks[0] >= pos0 + qs[0];
-    if !ok {
-        return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
-    }
-    let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
-    let (hkv, dv) = (ks[1], vs[2]);
+    let dims = fp4moe_ops::check::attention_gqa(q.shape(), k.shape(), v.shape(), pos0)?;
+    let fp4moe_ops::check::Gqa { t: t_n, hq, hkv, d, dv, .. } = dims;
     let group = hq / hkv;
     let (qg, kg, vg) = (F32View::new(OP, q)?, F32View::new(OP, k)?, F32View::new(OP, v)?);
     let (qv, kv, vv) = (qg.get(), kg.get(), vg.get());
@@ -104,18 +91,9 @@ pub(crate) fn mla(
     scale: f32,
 ) -> Result<HostT> {
     const OP: &str = "attention_mla";
-    let (ql, qr, cs) = (q_lat.shape(), q_rope.shape(), cache.shape());
-    let ok = ql.len() == 3
-        && qr.len() == 3
-        && cs.len() == 2
-        && ql[..2] == qr[..2]
-        && cs[1] == ql[2] + qr[2]
-        && cs[0] >= pos0 + ql[0];
-    if !ok {
-        return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
-    }
-    let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
-    let (r, w) = (qr[2], cs[1]);
+    let dims = fp4moe_ops::check::attention_mla(q_lat.shape(), q_rope.shape(), cache.shape(), pos0)?;
+    let fp4moe_ops::check::Mla { t: t_n, heads, l, r, .. } = dims;
+    let w = l + r;
     let (a, b, c) = (F32View::new(OP, q_lat)?, F32View::new(OP, q_rope)?, F32View::new(OP, cache)?);
     let (qlv, qrv, cv) = (a.get(), b.get(), c.get());
     let mut out = vec![0.0f32; t_n * heads * l];

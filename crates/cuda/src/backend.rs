@@ -1136,10 +1136,7 @@ impl Backend for CudaBackend {
     fn slice_cols(&self, x: &CT, start: usize, len: usize) -> Result<CT> {
         const OP: &str = "slice_cols";
         self.check(OP, x, &[DType::F32, DType::BF16, DType::U32])?;
-        let c = x.last_dim();
-        if x.shape().is_empty() || start + len > c {
-            return Err(shape_err(OP, format!("columns {start}..{} of {:?}", start + len, x.shape())));
-        }
+        let (_, c) = fp4moe_ops::check::slice_cols(x.shape(), start, len)?;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = len;
         let y = self.empty(&shape, x.dtype())?;
@@ -1150,10 +1147,8 @@ impl Backend for CudaBackend {
     fn slice_rows(&self, x: &CT, start: usize, len: usize) -> Result<CT> {
         const OP: &str = "slice_rows";
         self.check(OP, x, &[DType::F32, DType::BF16, DType::U32])?;
+        fp4moe_ops::check::slice_rows(x.shape(), start, len)?;
         let s = x.shape();
-        if s.is_empty() || start + len > s[0] {
-            return Err(shape_err(OP, format!("rows {start}..{} of {s:?}", start + len)));
-        }
         let per: usize = s[1..].iter().product::<usize>() * x.dtype().size();
         let mut shape = s.to_vec();
         shape[0] = len;
@@ -1164,23 +1159,11 @@ impl Backend for CudaBackend {
 
     fn concat_rows(&self, parts: &[&CT]) -> Result<CT> {
         const OP: &str = "concat_rows";
-        let Some(first) = parts.first() else {
-            return Err(shape_err(OP, "no parts"));
-        };
-        if first.shape().is_empty() {
-            return Err(shape_err(OP, "scalar part"));
-        }
-        let (tail, dtype) = (&first.shape()[1..], first.dtype());
-        let mut rows = 0;
+        let shapes: Vec<_> = parts.iter().map(|p| (p.shape(), p.dtype())).collect();
+        let (_, rows) = fp4moe_ops::check::concat_rows(&shapes)?;
+        let (first, dtype) = (parts[0], parts[0].dtype());
         for p in parts {
             self.check(OP, p, &[dtype])?;
-            if p.shape().is_empty() || &p.shape()[1..] != tail {
-                return Err(shape_err(
-                    OP,
-                    format!("{:?} {:?} after {:?} {dtype:?}", p.shape(), p.dtype(), first.shape()),
-                ));
-            }
-            rows += p.shape()[0];
         }
         let mut shape = first.shape().to_vec();
         shape[0] = rows;
@@ -1218,21 +1201,12 @@ impl Backend for CudaBackend {
         const OP: &str = "write_rows";
         self.check(OP, dst, &[DType::F32, DType::BF16, DType::U32])?;
         self.check(OP, src, &[dst.dtype()])?;
-        if dst.shape().is_empty() || src.shape().is_empty() {
-            return Err(shape_err(OP, "scalar tensor"));
-        }
-        let (s, c) = (dst.rows(), dst.last_dim());
-        let (n, sc) = (src.rows(), src.last_dim());
-        if row0 + n > s || col0 + sc > c {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "src {:?} at ({row0}, {col0}) into dst {:?} (viewed [{s}, {c}])",
-                    src.shape(),
-                    dst.shape()
-                ),
-            ));
-        }
+        let ([_, c], [n, sc]) = fp4moe_ops::check::write_rows(
+            (dst.shape(), dst.dtype()),
+            (src.shape(), src.dtype()),
+            row0,
+            col0,
+        )?;
         // Same stream, so a src that shares dst's storage was fully produced before this copy.
         self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0, true)
     }
@@ -1240,10 +1214,8 @@ impl Backend for CudaBackend {
     fn route_softmax(&self, logits: &CT, k: usize, renormalize: bool) -> Result<(CT, CT)> {
         const OP: &str = "route_softmax";
         self.check(OP, logits, &[DType::F32])?;
+        fp4moe_ops::check::route_softmax(logits.shape(), k)?;
         let s = logits.shape();
-        if s.len() != 2 || k == 0 || k > s[1] {
-            return Err(shape_err(OP, format!("top-{k} of logits {s:?}")));
-        }
         if s[1] > ROUTE_MAX_E {
             return Err(Error::Unsupported {
                 op: OP,
@@ -1276,19 +1248,9 @@ impl Backend for CudaBackend {
         const OP: &str = "route_sigmoid_grouped";
         self.check(OP, logits, &[DType::F32])?;
         self.check(OP, bias, &[DType::F32])?;
+        fp4moe_ops::check::route_sigmoid_grouped(logits.shape(), bias.shape(), spec)?;
         let s = logits.shape();
         let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
-        let ok = s.len() == 2
-            && bias.shape() == [s[1]]
-            && n_group > 0
-            && s[1].is_multiple_of(n_group)
-            && topk_group > 0
-            && topk_group <= n_group
-            && k > 0
-            && k <= topk_group * (s[1] / n_group);
-        if !ok {
-            return Err(shape_err(OP, format!("{spec:?} on logits {s:?}, bias {:?}", bias.shape())));
-        }
         if s[1] > ROUTE_MAX_E {
             return Err(Error::Unsupported {
                 op: OP,
@@ -1396,28 +1358,15 @@ impl Backend for CudaBackend {
         for t in [q, k, v] {
             self.check(OP, t, &[DType::F32])?;
         }
-        let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
-        let ok = qs.len() == 3
-            && ks.len() == 3
-            && vs.len() == 3
-            && ks[0] == vs[0]
-            && ks[1] == vs[1]
-            && ks[1] > 0
-            && qs[1] % ks[1] == 0
-            && qs[2] == ks[2]
-            && ks[0] >= pos0 + qs[0];
-        if !ok {
-            return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
-        }
-        if vs[2] > ATT_MAX_DV || qs[2] > ATT_MAX_DV {
+        let fp4moe_ops::check::Gqa { t: t_n, hq, hkv, d, dv, s } =
+            fp4moe_ops::check::attention_gqa(q.shape(), k.shape(), v.shape(), pos0)?;
+        if dv > ATT_MAX_DV || d > ATT_MAX_DV {
             return Err(Error::Unsupported {
                 op: OP,
                 backend: self.name(),
-                what: format!("key width {} / value width {}", qs[2], vs[2]),
+                what: format!("key width {d} / value width {dv}"),
             });
         }
-        let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
-        let (hkv, dv) = (ks[1], vs[2]);
         let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
         if t_n * hq >= ATT_SPLIT_BELOW_ROWS && d <= FA_MAX_D && dv <= FA_MAX_D {
             // Many queries: the tiled prefill kernel (attention_gqa_prefill_f32).
@@ -1441,7 +1390,7 @@ impl Backend for CudaBackend {
                     Arg::I32(t_n as i32),
                     Arg::I32(pos0 as i32),
                     Arg::Ptr(self.dev.row_shift()),
-                    Arg::I32(ks[0] as i32),
+                    Arg::I32(s as i32),
                     Arg::F32(scale),
                 ],
             )?;
@@ -1450,7 +1399,7 @@ impl Backend for CudaBackend {
         // Key and value tiles plus one query row per warp (attention_gqa_f32).
         let smem = (GQA_TILE_KEYS * (d + 1) + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
         let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32);
-        self.attention("attention_gqa_f32", ptrs, [t_n, hq, dv], launch, pos0, ks[0], scale, |out, ml| {
+        self.attention("attention_gqa_f32", ptrs, [t_n, hq, dv], launch, pos0, s, scale, |out, ml| {
             vec![
                 Arg::Ptr(out),
                 Arg::Ptr(ml),
@@ -1468,29 +1417,20 @@ impl Backend for CudaBackend {
         for t in [q_lat, q_rope, cache] {
             self.check(OP, t, &[DType::F32])?;
         }
-        let (ql, qr, cs) = (q_lat.shape(), q_rope.shape(), cache.shape());
-        let ok = ql.len() == 3
-            && qr.len() == 3
-            && cs.len() == 2
-            && ql[..2] == qr[..2]
-            && cs[1] == ql[2] + qr[2]
-            && cs[0] >= pos0 + ql[0];
-        if !ok {
-            return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
-        }
-        if ql[2] > ATT_MAX_DV || qr[2] > ATT_MAX_ROPE {
+        let fp4moe_ops::check::Mla { t: t_n, heads, l, r, s } =
+            fp4moe_ops::check::attention_mla(q_lat.shape(), q_rope.shape(), cache.shape(), pos0)?;
+        if l > ATT_MAX_DV || r > ATT_MAX_ROPE {
             return Err(Error::Unsupported {
                 op: OP,
                 backend: self.name(),
-                what: format!("latent width {} / rope width {}", ql[2], qr[2]),
+                what: format!("latent width {l} / rope width {r}"),
             });
         }
-        let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
         let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
         if t_n * heads >= ATT_SPLIT_BELOW_ROWS {
             // Many queries: the tiled prefill kernel (attention_mla_prefill_f32).
             let out = self.empty(&[t_n, heads, l], DType::F32)?;
-            let w = cs[1];
+            let w = l + r;
             let smem = (w * MLA_ROWS + MLA_ROWS * (w + 1) + MLA_ROWS * (MLA_ROWS + 1)) * 4;
             self.run_smem(
                 "attention.cu",
@@ -1505,25 +1445,19 @@ impl Backend for CudaBackend {
                     Arg::Ptr(out.storage.ptr()),
                     Arg::I32(heads as i32),
                     Arg::I32(l as i32),
-                    Arg::I32(qr[2] as i32),
+                    Arg::I32(r as i32),
                     Arg::I32(t_n as i32),
                     Arg::I32(pos0 as i32),
                     Arg::Ptr(self.dev.row_shift()),
-                    Arg::I32(cs[0] as i32),
+                    Arg::I32(s as i32),
                     Arg::F32(scale),
                 ],
             )?;
             return Ok(out);
         }
         let launch = (heads, 128, 0); // ATT_WARPS warps per (query, head) block
-        self.attention("attention_mla_f32", ptrs, [t_n, heads, l], launch, pos0, cs[0], scale, |out, ml| {
-            vec![
-                Arg::Ptr(out),
-                Arg::Ptr(ml),
-                Arg::I32(heads as i32),
-                Arg::I32(l as i32),
-                Arg::I32(qr[2] as i32),
-            ]
+        self.attention("attention_mla_f32", ptrs, [t_n, heads, l], launch, pos0, s, scale, |out, ml| {
+            vec![Arg::Ptr(out), Arg::Ptr(ml), Arg::I32(heads as i32), Arg::I32(l as i32), Arg::I32(r as i32)]
         })
     }
 

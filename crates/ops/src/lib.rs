@@ -14,8 +14,10 @@
 //! [`conformance`] suite calls every op and every path a backend lists — each decode/prefill
 //! variant, each tile size, each MoE path — explicitly, and requires agreement with the twin.
 //! A backend's `Auto` dispatch may only pick among the paths it lists; it has no private path.
+//! [`check`] holds the ops' shape rules, which every backend validates its inputs with.
 //! [`profile::Profiled`] wraps any backend and times its ops by kind (`fp4moe bench model --profile`).
 
+pub mod check;
 pub mod conformance;
 pub mod profile;
 pub mod reference;

@@ -549,10 +549,7 @@ impl Backend for RefBackend {
 
     fn slice_cols(&self, x: &HostT, start: usize, len: usize) -> Result<HostT> {
         const OP: &str = "slice_cols";
-        let c = x.last_dim();
-        if x.shape().is_empty() || start + len > c {
-            return Err(shape_err(OP, format!("columns {start}..{} of {:?}", start + len, x.shape())));
-        }
+        let (_, c) = crate::check::slice_cols(x.shape(), start, len)?;
         let rows = x.rows();
         let buf = match x.host_buf(OP)? {
             HostBuf::F32(v) => HostBuf::F32(slice_cols_vec(&v, rows, c, start, len)),
@@ -566,10 +563,8 @@ impl Backend for RefBackend {
 
     fn slice_rows(&self, x: &HostT, start: usize, len: usize) -> Result<HostT> {
         const OP: &str = "slice_rows";
+        crate::check::slice_rows(x.shape(), start, len)?;
         let s = x.shape();
-        if s.is_empty() || start + len > s[0] {
-            return Err(shape_err(OP, format!("rows {start}..{} of {s:?}", start + len)));
-        }
         let per: usize = s[1..].iter().product();
         let (a, b) = (start * per, (start + len) * per);
         let buf = match x.host_buf(OP)? {
@@ -584,23 +579,11 @@ impl Backend for RefBackend {
 
     fn concat_rows(&self, parts: &[&HostT]) -> Result<HostT> {
         const OP: &str = "concat_rows";
-        let Some(first) = parts.first() else {
-            return Err(shape_err(OP, "no parts"));
-        };
-        let (tail, dtype) = (first.shape().get(1..).unwrap_or(&[]), first.dtype());
-        if first.shape().is_empty() {
-            return Err(shape_err(OP, "scalar part"));
-        }
-        let mut rows = 0;
-        let mut out = HostBuf::zeros(0, dtype);
+        let shapes: Vec<_> = parts.iter().map(|p| (p.shape(), p.dtype())).collect();
+        let (_, rows) = crate::check::concat_rows(&shapes)?;
+        let first = parts[0];
+        let mut out = HostBuf::zeros(0, first.dtype());
         for p in parts {
-            if p.shape().is_empty() || &p.shape()[1..] != tail || p.dtype() != dtype {
-                return Err(shape_err(
-                    OP,
-                    format!("{:?} {:?} after {:?} {dtype:?}", p.shape(), p.dtype(), first.shape()),
-                ));
-            }
-            rows += p.shape()[0];
             match (&mut out, p.host_buf(OP)?) {
                 (HostBuf::F32(o), HostBuf::F32(v)) => o.extend(v),
                 (HostBuf::BF16(o), HostBuf::BF16(v)) => o.extend(v),
@@ -627,23 +610,8 @@ impl Backend for RefBackend {
 
     fn write_rows(&self, dst: &HostT, src: &HostT, row0: usize, col0: usize) -> Result<()> {
         const OP: &str = "write_rows";
-        if dst.shape().is_empty() || src.shape().is_empty() {
-            return Err(shape_err(OP, "scalar tensor"));
-        }
-        let (s, c) = (dst.rows(), dst.last_dim());
-        let (n, sc) = (src.rows(), src.last_dim());
-        if row0 + n > s || col0 + sc > c || dst.dtype() != src.dtype() {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "src {:?} {:?} at ({row0}, {col0}) into dst {:?} {:?} (viewed [{s}, {c}])",
-                    src.shape(),
-                    src.dtype(),
-                    dst.shape(),
-                    dst.dtype()
-                ),
-            ));
-        }
+        let ([_, c], [_, sc]) =
+            crate::check::write_rows((dst.shape(), dst.dtype()), (src.shape(), src.dtype()), row0, col0)?;
         // Copy the source out first: dst and src may share storage.
         let sbuf = src.host_buf(OP)?;
         let mut guard = dst.storage.write();
@@ -659,10 +627,8 @@ impl Backend for RefBackend {
 
     fn route_softmax(&self, logits: &HostT, k: usize, renormalize: bool) -> Result<(HostT, HostT)> {
         const OP: &str = "route_softmax";
+        crate::check::route_softmax(logits.shape(), k)?;
         let s = logits.shape();
-        if s.len() != 2 || k == 0 || k > s[1] {
-            return Err(shape_err(OP, format!("top-{k} of logits {s:?}")));
-        }
         let (n, e) = (s[0], s[1]);
         let mut probs = logits.f32_vec(OP)?;
         let mut ids = Vec::with_capacity(n * k);
@@ -686,19 +652,9 @@ impl Backend for RefBackend {
         spec: GroupedRouter,
     ) -> Result<(HostT, HostT)> {
         const OP: &str = "route_sigmoid_grouped";
+        crate::check::route_sigmoid_grouped(logits.shape(), bias.shape(), spec)?;
         let s = logits.shape();
         let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
-        let ok = s.len() == 2
-            && bias.shape() == [s[1]]
-            && n_group > 0
-            && s[1].is_multiple_of(n_group)
-            && topk_group > 0
-            && topk_group <= n_group
-            && k > 0
-            && k <= topk_group * (s[1] / n_group);
-        if !ok {
-            return Err(shape_err(OP, format!("{spec:?} on logits {s:?}, bias {:?}", bias.shape())));
-        }
         let (n, e) = (s[0], s[1]);
         let per = e / n_group;
         let lv = logits.f32_vec(OP)?;
@@ -802,21 +758,8 @@ impl Backend for RefBackend {
 
     fn attention_gqa(&self, q: &HostT, k: &HostT, v: &HostT, pos0: usize, scale: f32) -> Result<HostT> {
         const OP: &str = "attention_gqa";
-        let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
-        let ok = qs.len() == 3
-            && ks.len() == 3
-            && vs.len() == 3
-            && ks[0] == vs[0]
-            && ks[1] == vs[1]
-            && ks[1] > 0
-            && qs[1].is_multiple_of(ks[1])
-            && qs[2] == ks[2]
-            && ks[0] >= pos0 + qs[0];
-        if !ok {
-            return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
-        }
-        let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
-        let (hkv, dv) = (ks[1], vs[2]);
+        let dims = crate::check::attention_gqa(q.shape(), k.shape(), v.shape(), pos0)?;
+        let crate::check::Gqa { t: t_n, hq, hkv, d, dv, .. } = dims;
         let group = hq / hkv;
         let (qv, kv, vv) = (q.f32_vec(OP)?, k.f32_vec(OP)?, v.f32_vec(OP)?);
         let mut out = vec![0.0f32; t_n * hq * dv];
@@ -849,18 +792,9 @@ impl Backend for RefBackend {
         scale: f32,
     ) -> Result<HostT> {
         const OP: &str = "attention_mla";
-        let (ql, qr, cs) = (q_lat.shape(), q_rope.shape(), cache.shape());
-        let ok = ql.len() == 3
-            && qr.len() == 3
-            && cs.len() == 2
-            && ql[..2] == qr[..2]
-            && cs[1] == ql[2] + qr[2]
-            && cs[0] >= pos0 + ql[0];
-        if !ok {
-            return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
-        }
-        let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
-        let (r, w) = (qr[2], cs[1]);
+        let dims = crate::check::attention_mla(q_lat.shape(), q_rope.shape(), cache.shape(), pos0)?;
+        let crate::check::Mla { t: t_n, heads, l, r, .. } = dims;
+        let w = l + r;
         let (qlv, qrv, cv) = (q_lat.f32_vec(OP)?, q_rope.f32_vec(OP)?, cache.f32_vec(OP)?);
         let mut out = vec![0.0f32; t_n * heads * l];
         for t in 0..t_n {

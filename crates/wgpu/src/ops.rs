@@ -574,11 +574,7 @@ impl Backend for WgpuBackend {
     }
 
     fn slice_cols(&self, x: &GT, start: usize, len: usize) -> Result<GT> {
-        const OP: &str = "slice_cols";
-        let c = x.last_dim();
-        if x.shape().is_empty() || start + len > c {
-            return Err(shape_err(OP, format!("columns {start}..{} of {:?}", start + len, x.shape())));
-        }
+        let (_, c) = fp4moe_ops::check::slice_cols(x.shape(), start, len)?;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = len;
         let out = self.alloc(&shape, x.dtype());
@@ -587,11 +583,8 @@ impl Backend for WgpuBackend {
     }
 
     fn slice_rows(&self, x: &GT, start: usize, len: usize) -> Result<GT> {
-        const OP: &str = "slice_rows";
+        fp4moe_ops::check::slice_rows(x.shape(), start, len)?;
         let s = x.shape();
-        if s.is_empty() || start + len > s[0] {
-            return Err(shape_err(OP, format!("rows {start}..{} of {s:?}", start + len)));
-        }
         let per: usize = s[1..].iter().product();
         let mut shape = s.to_vec();
         shape[0] = len;
@@ -601,24 +594,9 @@ impl Backend for WgpuBackend {
     }
 
     fn concat_rows(&self, parts: &[&GT]) -> Result<GT> {
-        const OP: &str = "concat_rows";
-        let Some(first) = parts.first() else {
-            return Err(shape_err(OP, "no parts"));
-        };
-        if first.shape().is_empty() {
-            return Err(shape_err(OP, "scalar part"));
-        }
-        let (tail, dtype) = (&first.shape()[1..], first.dtype());
-        for p in parts {
-            if p.shape().is_empty() || &p.shape()[1..] != tail || p.dtype() != dtype {
-                return Err(shape_err(
-                    OP,
-                    format!("{:?} {:?} after {:?} {dtype:?}", p.shape(), p.dtype(), first.shape()),
-                ));
-            }
-        }
-        let per: usize = tail.iter().product();
-        let rows: usize = parts.iter().map(|p| p.shape()[0]).sum();
+        let shapes: Vec<_> = parts.iter().map(|p| (p.shape(), p.dtype())).collect();
+        let (per, rows) = fp4moe_ops::check::concat_rows(&shapes)?;
+        let (first, dtype) = (parts[0], parts[0].dtype());
         let mut shape = first.shape().to_vec();
         shape[0] = rows;
         let out = self.alloc(&shape, dtype);
@@ -659,24 +637,12 @@ impl Backend for WgpuBackend {
     }
 
     fn write_rows(&self, dst: &GT, src: &GT, row0: usize, col0: usize) -> Result<()> {
-        const OP: &str = "write_rows";
-        if dst.shape().is_empty() || src.shape().is_empty() {
-            return Err(shape_err(OP, "scalar tensor"));
-        }
-        let (s, c) = (dst.rows(), dst.last_dim());
-        let (n, sc) = (src.rows(), src.last_dim());
-        if row0 + n > s || col0 + sc > c || dst.dtype() != src.dtype() {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "src {:?} {:?} at ({row0}, {col0}) into dst {:?} {:?} (viewed [{s}, {c}])",
-                    src.shape(),
-                    src.dtype(),
-                    dst.shape(),
-                    dst.dtype()
-                ),
-            ));
-        }
+        let ([_, c], [n, sc]) = fp4moe_ops::check::write_rows(
+            (dst.shape(), dst.dtype()),
+            (src.shape(), src.dtype()),
+            row0,
+            col0,
+        )?;
         // A buffer cannot be bound for reading and writing in one dispatch: copy an aliasing
         // source out first.
         let tmp;
@@ -691,10 +657,8 @@ impl Backend for WgpuBackend {
 
     fn route_softmax(&self, logits: &GT, k: usize, renormalize: bool) -> Result<(GT, GT)> {
         const OP: &str = "route_softmax";
+        fp4moe_ops::check::route_softmax(logits.shape(), k)?;
         let s = logits.shape();
-        if s.len() != 2 || k == 0 || k > s[1] {
-            return Err(shape_err(OP, format!("top-{k} of logits {s:?}")));
-        }
         expect(OP, logits, DType::F32)?;
         let (n, e) = (s[0], s[1]);
         let ids = self.alloc(&[n, k], DType::U32);
@@ -707,19 +671,9 @@ impl Backend for WgpuBackend {
 
     fn route_sigmoid_grouped(&self, logits: &GT, bias: &GT, spec: GroupedRouter) -> Result<(GT, GT)> {
         const OP: &str = "route_sigmoid_grouped";
+        fp4moe_ops::check::route_sigmoid_grouped(logits.shape(), bias.shape(), spec)?;
         let s = logits.shape();
         let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
-        let ok = s.len() == 2
-            && bias.shape() == [s[1]]
-            && n_group > 0
-            && s[1].is_multiple_of(n_group)
-            && topk_group > 0
-            && topk_group <= n_group
-            && k > 0
-            && k <= topk_group * (s[1] / n_group);
-        if !ok {
-            return Err(shape_err(OP, format!("{spec:?} on logits {s:?}, bias {:?}", bias.shape())));
-        }
         if n_group > shape::ROUTER_MAX_GROUPS as usize {
             return Err(unsupported(OP, format!("{n_group} expert groups")));
         }
@@ -819,24 +773,11 @@ impl Backend for WgpuBackend {
 
     fn attention_gqa(&self, q: &GT, k: &GT, v: &GT, pos0: usize, scale: f32) -> Result<GT> {
         const OP: &str = "attention_gqa";
-        let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
-        let ok = qs.len() == 3
-            && ks.len() == 3
-            && vs.len() == 3
-            && ks[0] == vs[0]
-            && ks[1] == vs[1]
-            && ks[1] > 0
-            && qs[1] % ks[1] == 0
-            && qs[2] == ks[2]
-            && ks[0] >= pos0 + qs[0];
-        if !ok {
-            return Err(shape_err(OP, format!("q {qs:?}, k {ks:?}, v {vs:?}, pos0 {pos0}")));
-        }
+        let dims = fp4moe_ops::check::attention_gqa(q.shape(), k.shape(), v.shape(), pos0)?;
         for t in [q, k, v] {
             expect(OP, t, DType::F32)?;
         }
-        let (t_n, hq, d) = (qs[0], qs[1], qs[2]);
-        let (hkv, dv) = (ks[1], vs[2]);
+        let fp4moe_ops::check::Gqa { t: t_n, hq, hkv, d, dv, .. } = dims;
         let dims = AttnDims {
             t_n,
             hq,
@@ -854,21 +795,12 @@ impl Backend for WgpuBackend {
 
     fn attention_mla(&self, q_lat: &GT, q_rope: &GT, cache: &GT, pos0: usize, scale: f32) -> Result<GT> {
         const OP: &str = "attention_mla";
-        let (ql, qr, cs) = (q_lat.shape(), q_rope.shape(), cache.shape());
-        let ok = ql.len() == 3
-            && qr.len() == 3
-            && cs.len() == 2
-            && ql[..2] == qr[..2]
-            && cs[1] == ql[2] + qr[2]
-            && cs[0] >= pos0 + ql[0];
-        if !ok {
-            return Err(shape_err(OP, format!("q_lat {ql:?}, q_rope {qr:?}, cache {cs:?}, pos0 {pos0}")));
-        }
+        let dims = fp4moe_ops::check::attention_mla(q_lat.shape(), q_rope.shape(), cache.shape(), pos0)?;
         for t in [q_lat, q_rope, cache] {
             expect(OP, t, DType::F32)?;
         }
-        let (t_n, heads, l) = (ql[0], ql[1], ql[2]);
-        let (r, w) = (qr[2], cs[1]);
+        let fp4moe_ops::check::Mla { t: t_n, heads, l, r, .. } = dims;
+        let w = l + r;
         let dims = AttnDims {
             t_n,
             hq: heads,

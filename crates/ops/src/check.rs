@@ -1,0 +1,168 @@
+//! The shape rules of the ops, written once. Every backend validates an op's inputs here before
+//! it computes or enqueues anything, so a bad shape is the same error on every backend and never
+//! reaches a kernel. Each check returns the dims the op goes on with.
+
+use crate::{DType, Error, GroupedRouter, Result};
+
+fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
+    Error::Shape { op, detail: detail.into() }
+}
+
+/// Dims of a GQA attention call: q `[t, hq, d]`, k `[s, hkv, d]`, v `[s, hkv, dv]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Gqa {
+    pub t: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub s: usize,
+}
+
+/// [`crate::Backend::attention_gqa`]: the shapes above, `hq` a multiple of `hkv > 0`, and room
+/// in the cache for the queries at `pos0`.
+pub fn attention_gqa(q: &[usize], k: &[usize], v: &[usize], pos0: usize) -> Result<Gqa> {
+    let ok = q.len() == 3
+        && k.len() == 3
+        && v.len() == 3
+        && k[0] == v[0]
+        && k[1] == v[1]
+        && k[1] > 0
+        && q[1].is_multiple_of(k[1])
+        && q[2] == k[2]
+        && k[0] >= pos0 + q[0];
+    if !ok {
+        return Err(shape_err("attention_gqa", format!("q {q:?}, k {k:?}, v {v:?}, pos0 {pos0}")));
+    }
+    Ok(Gqa { t: q[0], hq: q[1], hkv: k[1], d: q[2], dv: v[2], s: k[0] })
+}
+
+/// Dims of an MLA attention call: q_lat `[t, heads, l]`, q_rope `[t, heads, r]`, cache
+/// `[s, l + r]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mla {
+    pub t: usize,
+    pub heads: usize,
+    pub l: usize,
+    pub r: usize,
+    pub s: usize,
+}
+
+/// [`crate::Backend::attention_mla`]: the shapes above and room in the cache at `pos0`.
+pub fn attention_mla(q_lat: &[usize], q_rope: &[usize], cache: &[usize], pos0: usize) -> Result<Mla> {
+    let ok = q_lat.len() == 3
+        && q_rope.len() == 3
+        && cache.len() == 2
+        && q_lat[..2] == q_rope[..2]
+        && cache[1] == q_lat[2] + q_rope[2]
+        && cache[0] >= pos0 + q_lat[0];
+    if !ok {
+        return Err(shape_err(
+            "attention_mla",
+            format!("q_lat {q_lat:?}, q_rope {q_rope:?}, cache {cache:?}, pos0 {pos0}"),
+        ));
+    }
+    Ok(Mla { t: q_lat[0], heads: q_lat[1], l: q_lat[2], r: q_rope[2], s: cache[0] })
+}
+
+/// [`crate::Backend::write_rows`]: both tensors viewed 2-D, the source inside the destination
+/// at `(row0, col0)`, one dtype. Returns `([dst rows, dst cols], [src rows, src cols])`.
+pub fn write_rows(
+    dst: (&[usize], DType),
+    src: (&[usize], DType),
+    row0: usize,
+    col0: usize,
+) -> Result<([usize; 2], [usize; 2])> {
+    const OP: &str = "write_rows";
+    let (ds, ss) = (dst.0, src.0);
+    if ds.is_empty() || ss.is_empty() {
+        return Err(shape_err(OP, "scalar tensor"));
+    }
+    let c = ds[ds.len() - 1];
+    let s = ds.iter().product::<usize>() / c.max(1);
+    let sc = ss[ss.len() - 1];
+    let n = ss.iter().product::<usize>() / sc.max(1);
+    if row0 + n > s || col0 + sc > c || dst.1 != src.1 {
+        return Err(shape_err(
+            OP,
+            format!(
+                "src {ss:?} {:?} at ({row0}, {col0}) into dst {ds:?} {:?} (viewed [{s}, {c}])",
+                src.1, dst.1
+            ),
+        ));
+    }
+    Ok(([s, c], [n, sc]))
+}
+
+/// [`crate::Backend::route_softmax`]: logits `[n, e]`, `0 < k <= e`. Returns `(n, e)`.
+pub fn route_softmax(logits: &[usize], k: usize) -> Result<(usize, usize)> {
+    if logits.len() != 2 || k == 0 || k > logits[1] {
+        return Err(shape_err("route_softmax", format!("top-{k} of logits {logits:?}")));
+    }
+    Ok((logits[0], logits[1]))
+}
+
+/// [`crate::Backend::route_sigmoid_grouped`]: logits `[n, e]`, bias `[e]`, `e` split into
+/// `n_group` equal groups, and enough experts in the kept groups for `k`. Returns `(n, e)`.
+pub fn route_sigmoid_grouped(
+    logits: &[usize],
+    bias: &[usize],
+    spec: GroupedRouter,
+) -> Result<(usize, usize)> {
+    let GroupedRouter { k, n_group, topk_group, .. } = spec;
+    let ok = logits.len() == 2
+        && bias == [logits[1]]
+        && n_group > 0
+        && logits[1].is_multiple_of(n_group)
+        && topk_group > 0
+        && topk_group <= n_group
+        && k > 0
+        && k <= topk_group * (logits[1] / n_group);
+    if !ok {
+        return Err(shape_err(
+            "route_sigmoid_grouped",
+            format!("{spec:?} on logits {logits:?}, bias {bias:?}"),
+        ));
+    }
+    Ok((logits[0], logits[1]))
+}
+
+/// [`crate::Backend::slice_rows`]: rows `start..start + len` inside the first dim. Returns the
+/// elements per row.
+pub fn slice_rows(shape: &[usize], start: usize, len: usize) -> Result<usize> {
+    if shape.is_empty() || start + len > shape[0] {
+        return Err(shape_err("slice_rows", format!("rows {start}..{} of {shape:?}", start + len)));
+    }
+    Ok(shape[1..].iter().product())
+}
+
+/// [`crate::Backend::slice_cols`]: columns `start..start + len` inside the last dim. Returns
+/// `(rows, cols)` of the input viewed 2-D.
+pub fn slice_cols(shape: &[usize], start: usize, len: usize) -> Result<(usize, usize)> {
+    let Some(&c) = shape.last() else {
+        return Err(shape_err("slice_cols", format!("columns {start}..{} of {shape:?}", start + len)));
+    };
+    if start + len > c {
+        return Err(shape_err("slice_cols", format!("columns {start}..{} of {shape:?}", start + len)));
+    }
+    Ok((shape.iter().product::<usize>() / c.max(1), c))
+}
+
+/// [`crate::Backend::concat_rows`]: at least one part, all with the same trailing shape and
+/// dtype. Returns `(elements per row, total rows)`.
+pub fn concat_rows(parts: &[(&[usize], DType)]) -> Result<(usize, usize)> {
+    const OP: &str = "concat_rows";
+    let Some(&(first, dtype)) = parts.first() else {
+        return Err(shape_err(OP, "no parts"));
+    };
+    if first.is_empty() {
+        return Err(shape_err(OP, "scalar part"));
+    }
+    let tail = &first[1..];
+    for &(p, dt) in parts {
+        if p.is_empty() || &p[1..] != tail || dt != dtype {
+            return Err(shape_err(OP, format!("{p:?} {dt:?} after {first:?} {dtype:?}")));
+        }
+    }
+    Ok((tail.iter().product(), parts.iter().map(|(p, _)| p[0]).sum()))
+}
