@@ -1,4 +1,4 @@
-//! CUDA backend for NVIDIA GPUs (developed and measured on the H100).
+//! CUDA backend for NVIDIA GPUs (developed and measured on the H100 and H200).
 //!
 //! - Host side through `cudarc` with *dynamic loading*: the crate builds, and every CPU test runs,
 //!   on machines without CUDA. [`CudaBackend::available`] and [`CudaBackend::new`] probe for the
@@ -15,9 +15,15 @@
 //!   `cp.async` pipeline). `moe` Decode runs per (token, slot) GEMVs with SiLU fused into gate/up
 //!   and the router weight and the slot-ordered combine fused into down; Prefill{64|128} sorts
 //!   pairs by expert on the GPU (counts -> padded offsets -> scatter) and runs the same GEMM per
-//!   expert block, then combines in slot order. No float atomics anywhere.
+//!   expert block, then combines in slot order. No float atomics anywhere. Attention: decode
+//!   splits the keys (flash-decoding, ordered combine); many queries take FlashAttention-style
+//!   tiles in shared memory (GQA and MLA).
+//! - `Backend::capture` records the ops as a CUDA graph (the models record batch-1 decode once per
+//!   sequence): buffers allocated while recording belong to the graph (`device::Arena`), and
+//!   cache rows and attention ranges are read on the device (`row_shift`), so `replay` runs the
+//!   same graph at every position.
 //!
-//! Source map: `device.rs` (probe, NVRTC, launches), `weight.rs` (upload layout),
+//! Source map: `device.rs` (probe, NVRTC, launches, buffer pool, graphs), `weight.rs` (upload layout),
 //! `backend.rs` (the `Backend` ops), `kernels/*.cu`.
 
 mod backend;
