@@ -774,12 +774,6 @@ struct RecordedGraph {
     _arena: Arc<Arena>,
 }
 
-impl RecordedGraph {
-    fn graph_shift(&self) -> u64 {
-        self.shift.ptr
-    }
-}
-
 impl Backend for CudaBackend {
     type Storage = CudaStorage;
     type Weight = CudaWeight;
@@ -856,7 +850,7 @@ impl Backend for CudaBackend {
             what: "a graph recorded by another backend".into(),
         })?;
         let shift = u32::try_from(shift).map_err(|_| shape_err("replay", format!("row shift {shift}")))?;
-        self.dev.set_u32(g.graph_shift(), shift)?;
+        self.dev.set_u32(g.shift.ptr, shift)?;
         Ok(self.dev.launch_graph(&g.graph)?)
     }
 
@@ -1159,8 +1153,7 @@ impl Backend for CudaBackend {
 
     fn concat_rows(&self, parts: &[&CT]) -> Result<CT> {
         const OP: &str = "concat_rows";
-        let shapes: Vec<_> = parts.iter().map(|p| (p.shape(), p.dtype())).collect();
-        let (_, rows) = fp4moe_ops::check::concat_rows(&shapes)?;
+        let (_, rows) = fp4moe_ops::check::concat_rows(parts)?;
         let (first, dtype) = (parts[0], parts[0].dtype());
         for p in parts {
             self.check(OP, p, &[dtype])?;

@@ -254,7 +254,7 @@ impl Device {
     /// The device u32 added to cache rows by the ops enqueued now (see `row_shift`).
     pub fn row_shift(&self) -> u64 {
         match *self.row_shift.lock().unwrap_or_else(PoisonError::into_inner) {
-            0 => self.zero_row_shift.get().map_or(0, |z| z.ptr),
+            0 => self.no_row_shift(),
             p => p,
         }
     }

@@ -2,7 +2,7 @@
 //! it computes or enqueues anything, so a bad shape is the same error on every backend and never
 //! reaches a kernel. Each check returns the dims the op goes on with.
 
-use crate::{DType, Error, GroupedRouter, Result};
+use crate::{DType, Error, GroupedRouter, Result, Tensor};
 
 fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
     Error::Shape { op, detail: detail.into() }
@@ -150,19 +150,21 @@ pub fn slice_cols(shape: &[usize], start: usize, len: usize) -> Result<(usize, u
 
 /// [`crate::Backend::concat_rows`]: at least one part, all with the same trailing shape and
 /// dtype. Returns `(elements per row, total rows)`.
-pub fn concat_rows(parts: &[(&[usize], DType)]) -> Result<(usize, usize)> {
+pub fn concat_rows<S>(parts: &[&Tensor<S>]) -> Result<(usize, usize)> {
     const OP: &str = "concat_rows";
-    let Some(&(first, dtype)) = parts.first() else {
+    let Some(first) = parts.first() else {
         return Err(shape_err(OP, "no parts"));
     };
-    if first.is_empty() {
+    let (head, dtype) = (first.shape(), first.dtype());
+    if head.is_empty() {
         return Err(shape_err(OP, "scalar part"));
     }
-    let tail = &first[1..];
-    for &(p, dt) in parts {
-        if p.is_empty() || &p[1..] != tail || dt != dtype {
-            return Err(shape_err(OP, format!("{p:?} {dt:?} after {first:?} {dtype:?}")));
+    let tail = &head[1..];
+    for p in parts {
+        let (s, dt) = (p.shape(), p.dtype());
+        if s.is_empty() || &s[1..] != tail || dt != dtype {
+            return Err(shape_err(OP, format!("{s:?} {dt:?} after {head:?} {dtype:?}")));
         }
     }
-    Ok((tail.iter().product(), parts.iter().map(|(p, _)| p[0]).sum()))
+    Ok((tail.iter().product(), parts.iter().map(|p| p.shape()[0]).sum()))
 }

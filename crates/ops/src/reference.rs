@@ -579,8 +579,7 @@ impl Backend for RefBackend {
 
     fn concat_rows(&self, parts: &[&HostT]) -> Result<HostT> {
         const OP: &str = "concat_rows";
-        let shapes: Vec<_> = parts.iter().map(|p| (p.shape(), p.dtype())).collect();
-        let (_, rows) = crate::check::concat_rows(&shapes)?;
+        let (_, rows) = crate::check::concat_rows(parts)?;
         let first = parts[0];
         let mut out = HostBuf::zeros(0, first.dtype());
         for p in parts {

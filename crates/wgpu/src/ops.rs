@@ -594,8 +594,7 @@ impl Backend for WgpuBackend {
     }
 
     fn concat_rows(&self, parts: &[&GT]) -> Result<GT> {
-        let shapes: Vec<_> = parts.iter().map(|p| (p.shape(), p.dtype())).collect();
-        let (per, rows) = fp4moe_ops::check::concat_rows(&shapes)?;
+        let (per, rows) = fp4moe_ops::check::concat_rows(parts)?;
         let (first, dtype) = (parts[0], parts[0].dtype());
         let mut shape = first.shape().to_vec();
         shape[0] = rows;
