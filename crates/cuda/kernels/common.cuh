@@ -4,6 +4,29 @@
 #pragma once
 #include "fp4.cuh"
 
+// Programmatic dependent launch (Hopper and later): the host launches every kernel with
+// programmatic stream serialization, so a kernel may start while the one before it still runs.
+// `pdl_wait` blocks until every earlier kernel has finished and its writes are visible; nothing
+// written by earlier work may be read, and no global memory written, before it. Work that only
+// reads weights or fills shared memory can run before it, overlapping the previous kernel's
+// tail. `pdl_trigger` lets the next kernel start once every block has passed it: issued right
+// after the wait, so at most one kernel waits ahead of the running one. Both are no-ops on older
+// GPUs and when the launch did not ask for it.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_trigger();
+}
+
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -24,7 +47,10 @@ struct W {
     const u8* scales;     // [rows, kp/block] block-scale codes
     const float* tscales; // [rows / rows_per_ts] second-level scales
     const void* data;     // dense [rows, cols] f32 | bf16 | f16
-    int rows, cols, kp, rows_per_ts, kind, pad_;
+    int rows, cols, kp, rows_per_ts, kind;
+    // FP4: the decode kernels scale codes by block scale * 2^(FP4_BF16_EXP_OFFSET - s_off) in
+    // bf16 and the sums by 2^s_off (src/weight.rs picks s_off so no block scale overflows).
+    int s_off;
 };
 
 __device__ __forceinline__ int fp4_block(int kind) { return kind == KIND_MXFP4 ? 32 : 16; }
@@ -41,6 +67,14 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (u16)(u >> 16);
+}
+
+// a * b for bf16 pairs (an fma with -0 added, so -0 products stay -0); subnormal inputs are
+// kept, which the E2M1 pair decode relies on (fp4_e2m1_pair_bf16 gives code 1 as 2^-127).
+__device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
 }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {

@@ -9,6 +9,7 @@
 #define NORM_REG 16
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ y, int d, float eps) {
+    pdl_enter();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * d;
     float* yr = y + (size_t)blockIdx.x * d;
@@ -41,6 +42,7 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
 // reference computes it. style 0 = NeoX (i, i + dims/2), 1 = interleaved (2i, 2i + 1).
 extern "C" __global__ void rope_f32(const float* x, const u32* pos, const float* inv_freq, float* y, int n,
                                     int heads, int d, int offset, int dims, int style) {
+    pdl_enter();
     int half = dims / 2;
     size_t total = (size_t)n * heads * half;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -63,6 +65,7 @@ extern "C" __global__ void rope_f32(const float* x, const u32* pos, const float*
 // Copies the dims RoPE leaves alone (the kernel above writes only the roped ones).
 extern "C" __global__ void rope_passthrough_f32(const float* x, float* y, size_t rows, int d, int offset,
                                                 int dims) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * d) return;
     int c = (int)(idx % d);
@@ -71,6 +74,7 @@ extern "C" __global__ void rope_passthrough_f32(const float* x, float* y, size_t
 
 // One block per row, max-subtracted.
 extern "C" __global__ void softmax_f32(const float* x, float* y, int d) {
+    pdl_enter();
     __shared__ float red[32];
     const float* xr = x + (size_t)blockIdx.x * d;
     float* yr = y + (size_t)blockIdx.x * d;
@@ -84,12 +88,14 @@ extern "C" __global__ void softmax_f32(const float* x, float* y, int d) {
 }
 
 extern "C" __global__ void add_f32(const float* a, const float* b, float* y, size_t n) {
+    pdl_enter();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = a[i] + b[i];
 }
 
 // [rows, 2I] -> [rows, I]: silu(gate) * up.
 extern "C" __global__ void silu_mul_f32(const float* x, float* y, size_t rows, int inter) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * inter) return;
     size_t r = idx / inter;
@@ -105,6 +111,7 @@ extern "C" __global__ void silu_mul_f32(const float* x, float* y, size_t rows, i
 extern "C" __global__ void copy2d_u32(const u32* src, u32* dst, size_t rows, int cols, int src_stride,
                                       int src_col0, int dst_cols, size_t row0, const unsigned* row_shift,
                                       size_t dst_rows, int col0) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * cols) return;
     size_t r = idx / cols;
@@ -116,6 +123,7 @@ extern "C" __global__ void copy2d_u32(const u32* src, u32* dst, size_t rows, int
 extern "C" __global__ void copy2d_u16(const u16* src, u16* dst, size_t rows, int cols, int src_stride,
                                       int src_col0, int dst_cols, size_t row0, const unsigned* row_shift,
                                       size_t dst_rows, int col0) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * cols) return;
     size_t r = idx / cols;
@@ -125,11 +133,13 @@ extern "C" __global__ void copy2d_u16(const u16* src, u16* dst, size_t rows, int
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {
+    pdl_enter();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = f32_to_bf16(x[i]);
 }
 
 extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, size_t n) {
+    pdl_enter();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = bf16_to_f32(x[i]);
 }
@@ -137,6 +147,7 @@ extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, size_t n) {
 // Activations [rows, k] (f32 if in_bf16 == 0, else bf16) -> [rows, kp] with zeros in the pad,
 // as f32 (GEMV input) or bf16 (tensor-core GEMM input).
 extern "C" __global__ void pad_rows_to_f32(const void* x, int in_bf16, float* y, size_t rows, int k, int kp) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * kp) return;
     size_t r = idx / kp;
@@ -147,6 +158,7 @@ extern "C" __global__ void pad_rows_to_f32(const void* x, int in_bf16, float* y,
 }
 
 extern "C" __global__ void pad_rows_to_bf16(const void* x, int in_bf16, u16* y, size_t rows, int k, int kp) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * kp) return;
     size_t r = idx / kp;
@@ -160,6 +172,7 @@ extern "C" __global__ void pad_rows_to_bf16(const void* x, int in_bf16, u16* y, 
 // t1 = bf16(x - t0), t2 = bf16(x - t0 - t1) (t2 == 0: two terms), for the tensor-core GEMM
 // (see gemm.cu). The differences are exact in f32 (Sterbenz), so only the last term rounds.
 extern "C" __global__ void split_rows_bf16(const float* x, u16* t0, u16* t1, u16* t2, size_t rows, int k, int kp) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * kp) return;
     size_t r = idx / kp;
@@ -176,6 +189,7 @@ extern "C" __global__ void split_rows_bf16(const float* x, u16* t0, u16* t1, u16
 // out[i, :] = table[ids[i], :]. Ids are validated on the host before upload (trait contract);
 // an id out of range still reads nothing: its row is written as NaN so the bug is visible.
 extern "C" __global__ void embedding(W w, const u32* ids, float* y, int n) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)n * w.cols) return;
     int i = (int)(idx / w.cols), c = (int)(idx % w.cols);
@@ -185,6 +199,7 @@ extern "C" __global__ void embedding(W w, const u32* ids, float* y, int n) {
 
 // One block per row: index of the largest value, ties to the lower index, NaN never wins.
 extern "C" __global__ void argmax_f32(const float* x, u32* out, int v) {
+    pdl_enter();
     __shared__ float kv[32];
     __shared__ int ki[32];
     const float* xr = x + (size_t)blockIdx.x * v;
@@ -213,6 +228,7 @@ extern "C" __global__ void argmax_f32(const float* x, u32* out, int v) {
 // One block per row: the k best in the total order above, one pass per rank. Pass j finds the
 // best element ranked strictly after pass j-1's pick, so no membership set is needed.
 extern "C" __global__ void top_k_f32(const float* x, float* vals, u32* ids, int v, int k) {
+    pdl_enter();
     __shared__ float kv[32];
     __shared__ int ki[32];
     __shared__ float prev_k;

@@ -68,12 +68,6 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
-__device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
-    u32 d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
-    return d;
-}
-
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -301,6 +295,7 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
 #define GEMM_FP4(BN, TERMS, NAME)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS) NAME(W w, GemmArgs g) {                           \
         extern __shared__ __align__(16) u8 smem[];                                                               \
+        pdl_enter();                                                                                             \
         gemm_fp4_body<BN, TERMS>(w, g, smem);                                                                    \
     }
 GEMM_FP4(64, 1, gemm_fp4_bf16_n64)
@@ -314,6 +309,7 @@ GEMM_FP4(128, 3, gemm_fp4_bf16x3_n128)
 #define DG_T 64
 #define DG_K 16
 extern "C" __global__ void __launch_bounds__(256) gemm_dense_f32(W w, const float* x, float* y, int m_rows) {
+    pdl_enter();
     __shared__ float sx[DG_K][DG_T + 1];
     __shared__ float sw[DG_K][DG_T + 1];
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16;

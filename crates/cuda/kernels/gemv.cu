@@ -6,10 +6,12 @@
 //   GEMV_ROWS loads per lane are in flight;
 // - the activation chunk (32 floats) is loaded once per chunk and reused for every row the lane
 //   owns, which keeps L1 traffic for x near the weight traffic instead of 8x above it;
-// - codes are decoded through a shared table built from the generated fp4.cuh, replicated once
-//   per lane (entry [code][lane]) so a warp's 32 lookups always hit 32 different banks: a plain
-//   16- or 256-entry table measured ~640 GB/s on the H100, bound by bank conflicts, and
-//   constant-memory lookups with lane-divergent indices serialize;
+// - codes are decoded two at a time by bit placement (fp4_e2m1_pair_bf16 from the generated
+//   fp4.cuh: two instructions per pair, exact, code * 2^-126 in bf16), scaled in bf16 by the
+//   block scale * 2^(126 - s_off) from a 256-entry shared table (exact: at most 5 significant
+//   bits), widened to f32 and multiplied by x in f32. A per-lane shared table of the 16 values
+//   took about six instructions per element (extract, address, load, multiply), which left the
+//   MoE and lm_head products instruction-bound near 1 TB/s on the H100;
 // - lane partials are combined with shuffles inside the group, in a fixed order (deterministic).
 #include "common.cuh"
 
@@ -17,39 +19,54 @@
 #define GEMV_ROWS 4
 
 struct Fp4Lut {
-    float e2m1[16][32]; // [code][lane]
-    float scale[256];   // block-scale code -> value
+    u32 scale2[256]; // block-scale code -> bf16 pair (scale * 2^(FP4_BF16_EXP_OFFSET - s_off))
 };
 
-__device__ __forceinline__ void lut_init(Fp4Lut* lut, int kind) {
-    for (int i = threadIdx.x; i < 16 * 32; i += blockDim.x) lut->e2m1[i >> 5][i & 31] = fp4_e2m1(i >> 5);
-    for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        lut->scale[i] = (kind == KIND_MXFP4 || kind == KIND_NVFP4) ? fp4_scale(kind, i) : 0.0f;
+__device__ __forceinline__ void lut_init(Fp4Lut* lut, const W& w) {
+    if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
+        // 2^(FP4_BF16_EXP_OFFSET - s_off) as an f32 (the exponent is 0..126 for every s_off
+        // src/weight.rs picks), so the product is exact and rounds to bf16 without loss.
+        const float up = __int_as_float((127 + FP4_BF16_EXP_OFFSET - w.s_off) << 23);
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            u32 b = f32_to_bf16(fp4_scale(w.kind, i) * up);
+            lut->scale2[i] = b | (b << 16);
+        }
+    }
     __syncthreads();
 }
 
-// 8 elements of one 32-bit code word (element 2j in the low nibble of byte j) against 8
-// activations.
-__device__ __forceinline__ float dot8(const Fp4Lut* lut, u32 word, float4 a, float4 b) {
-    const float* t = &lut->e2m1[0][threadIdx.x & 31];
-    float s = t[(word & 15u) * 32] * a.x;
-    s = fmaf(t[((word >> 4) & 15u) * 32], a.y, s);
-    s = fmaf(t[((word >> 8) & 15u) * 32], a.z, s);
-    s = fmaf(t[((word >> 12) & 15u) * 32], a.w, s);
-    s = fmaf(t[((word >> 16) & 15u) * 32], b.x, s);
-    s = fmaf(t[((word >> 20) & 15u) * 32], b.y, s);
-    s = fmaf(t[((word >> 24) & 15u) * 32], b.z, s);
-    s = fmaf(t[(word >> 28) * 32], b.w, s);
+// bf16 halves of a pair, widened to f32.
+__device__ __forceinline__ float bf16_lo(u32 p) { return __uint_as_float(p << 16); }
+__device__ __forceinline__ float bf16_hi(u32 p) { return __uint_as_float(p & 0xffff0000u); }
+
+// 8 elements of one 32-bit code word (element 2j in the low nibble of byte j) times the block
+// scale pair s2, against 8 activations (a = elements 0..3, b = 4..7). The pair decode reads the
+// codes at nibbles 3 and 7, then (shifted by 4, 8, 12) 2 and 6, 1 and 5, 0 and 4.
+__device__ __forceinline__ float dot8(u32 word, u32 s2, float4 a, float4 b) {
+    u32 p3 = bf16x2_mul(fp4_e2m1_pair_bf16(word), s2);
+    u32 p2 = bf16x2_mul(fp4_e2m1_pair_bf16(word << 4), s2);
+    u32 p1 = bf16x2_mul(fp4_e2m1_pair_bf16(word << 8), s2);
+    u32 p0 = bf16x2_mul(fp4_e2m1_pair_bf16(word << 12), s2);
+    float s = bf16_lo(p0) * a.x;
+    s = fmaf(bf16_hi(p0), b.x, s);
+    s = fmaf(bf16_lo(p1), a.y, s);
+    s = fmaf(bf16_hi(p1), b.y, s);
+    s = fmaf(bf16_lo(p2), a.z, s);
+    s = fmaf(bf16_hi(p2), b.z, s);
+    s = fmaf(bf16_lo(p3), a.w, s);
+    s = fmaf(bf16_hi(p3), b.w, s);
     return s;
 }
 
 // acc[r][m] += W[rows[r], :] . x[m, :] over this lane's chunks (lane `lg` of LPR in its group).
 // rows[r] < 0 is skipped. FP4 weights: x has stride xs >= kp, zero-padded past cols. Dense
-// weights: x has stride xs >= cols. Scales are applied per block; the tensor scale is the
-// caller's (it is per row).
+// weights: x has stride xs >= cols. Block scales are applied here; the tensor scale and 2^s_off
+// are the caller's (row_tscale).
+// `wait_inside`: the caller has not yet passed `pdl_wait`; the first weight chunk is loaded
+// before it (weights are never written by earlier kernels), x only after it.
 template <int LPR, int MT, int ROWS = GEMV_ROWS>
 __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const int* rows, const float* x, int xs,
-                                         int mcount, int lg, float (*acc)[MT]) {
+                                         int mcount, int lg, float (*acc)[MT], bool wait_inside = false) {
     if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
         const int chunks = w.kp / 32;
         const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
@@ -76,6 +93,7 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
         uint4 q[ROWS], qn[ROWS];
         u32 sc[ROWS], scn[ROWS];
         load(lg, q, sc);
+        if (wait_inside) pdl_enter();
         for (int c = lg; c < chunks; c += LPR) {
             load(c + LPR, qn, scn);
 #pragma unroll
@@ -86,9 +104,9 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
                 float4 x4 = xv[4], x5 = xv[5], x6 = xv[6], x7 = xv[7];
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
-                    float lo = dot8(lut, q[r].x, x0, x1) + dot8(lut, q[r].y, x2, x3);
-                    float hi = dot8(lut, q[r].z, x4, x5) + dot8(lut, q[r].w, x6, x7);
-                    acc[r][m] += lo * lut->scale[sc[r] & 255u] + hi * lut->scale[sc[r] >> 8];
+                    const u32 s_lo = lut->scale2[sc[r] & 255u], s_hi = lut->scale2[sc[r] >> 8];
+                    acc[r][m] += (dot8(q[r].x, s_lo, x0, x1) + dot8(q[r].y, s_lo, x2, x3)) +
+                                 (dot8(q[r].z, s_hi, x4, x5) + dot8(q[r].w, s_hi, x6, x7));
                 }
             }
 #pragma unroll
@@ -98,6 +116,7 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
             }
         }
     } else if (w.kind == KIND_BF16 && (w.cols & 7) == 0) {
+        if (wait_inside) pdl_enter();
         // bf16 (routers, lm_head): 16-byte loads of 8 elements, as the FP4 path; a scalar
         // 2-byte load per element left the 128-row router latency-bound at ~70 us on the H100.
         const int chunks = w.cols / 8;
@@ -127,6 +146,7 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
             }
         }
     } else {
+        if (wait_inside) pdl_enter();
         for (int k = lg; k < w.cols; k += LPR) {
             float wv[ROWS];
 #pragma unroll
@@ -149,15 +169,18 @@ __device__ __forceinline__ float group_sum(float v) {
     return v;
 }
 
+// The factor rows_dot's sums of row r still need: the tensor scale and, for FP4, 2^s_off.
 __device__ __forceinline__ float row_tscale(const W& w, int r) {
-    return (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) ? w.tscales[r / w.rows_per_ts] : 1.0f;
+    return (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4)
+               ? w.tscales[r / w.rows_per_ts] * __int_as_float((127 + w.s_off) << 23)
+               : 1.0f;
 }
 
 // y [M, N] = x [M, xs] . W^T for x rows blockIdx.y*MT ..; grid.x covers N in ROWS-row groups.
 template <int LPR, int MT, int ROWS>
 __device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
     __shared__ Fp4Lut lut;
-    lut_init(&lut, w.kind);
+    lut_init(&lut, w);
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
     int n0 = (blockIdx.x * groups + g) * ROWS;
@@ -171,7 +194,7 @@ __device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
     for (int r = 0; r < ROWS; r++)
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
-    rows_dot<LPR, MT, ROWS>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc);
+    rows_dot<LPR, MT, ROWS>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc, true);
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
 #pragma unroll
@@ -209,7 +232,8 @@ template <int LPR>
 __device__ void moe_gate_up_body(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act,
                                  int act_s, int n_experts) {
     __shared__ Fp4Lut lut;
-    lut_init(&lut, w.kind);
+    lut_init(&lut, w);
+    pdl_enter(); // ids and x come from earlier kernels
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
     int p = blockIdx.x;
@@ -257,7 +281,8 @@ __device__ void moe_down_body(W w, const float* act, int act_s, const u32* ids, 
     const int t = blockIdx.x / terms, term = blockIdx.x % terms;
     const bool sh = has_shared && term == 0;
     const W wk = sh ? ws : w;
-    lut_init(&lut, wk.kind);
+    lut_init(&lut, wk);
+    pdl_enter(); // ids, weights and activations come from earlier kernels
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
     int h0 = (blockIdx.y * groups + g) * GEMV_ROWS;
@@ -287,6 +312,7 @@ __device__ void moe_down_body(W w, const float* act, int act_s, const u32* ids, 
 
 // out[t, h] = sum over terms in order of part[t, term, h].
 extern "C" __global__ void moe_sum_terms(const float* part, float* out, int n, int terms, int hidden) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)n * hidden) return;
     int t = (int)(idx / hidden), h = (int)(idx % hidden);

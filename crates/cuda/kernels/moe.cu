@@ -10,6 +10,7 @@
 // Ids out of range (callers validate; the trait forbids them) are left out of every expert and
 // their token's output becomes NaN in the combine, instead of a wild memory access.
 extern "C" __global__ void moe_count(const u32* ids, int pairs, int n_experts, int* counts) {
+    pdl_enter();
     int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p < pairs && ids[p] < (u32)n_experts) atomicAdd(&counts[ids[p]], 1);
 }
@@ -18,6 +19,7 @@ extern "C" __global__ void moe_count(const u32* ids, int pairs, int n_experts, i
 // (blocks past the total keep -1 and exit at once); *total = padded row count.
 extern "C" __global__ void moe_scan(const int* counts, int n_experts, int block, int* offsets, int* fill,
                                     int* block_expert, int* total) {
+    pdl_enter();
     __shared__ int start[1025];
     if (threadIdx.x == 0) {
         int acc = 0;
@@ -38,6 +40,7 @@ extern "C" __global__ void moe_scan(const int* counts, int n_experts, int block,
 
 extern "C" __global__ void moe_scatter(const u32* ids, int pairs, int n_experts, const int* offsets, int* fill,
                                        int* sorted, int* inverse) {
+    pdl_enter();
     int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= pairs) return;
     if (ids[p] >= (u32)n_experts) {
@@ -54,6 +57,7 @@ extern "C" __global__ void moe_scatter(const u32* ids, int pairs, int n_experts,
 // where y rows already carry the router weight.
 extern "C" __global__ void moe_combine(const float* y, const int* inverse, const float* shared, float* out,
                                        int n, int k, int hidden) {
+    pdl_enter();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)n * hidden) return;
     int t = (int)(idx / hidden), h = (int)(idx % hidden);

@@ -57,6 +57,7 @@ __device__ void warp_select_top(const float* row, int e, int k, const bool* allo
 // grid ceil(n / SOFTMAX_WARPS), block SOFTMAX_WARPS * 32.
 extern "C" __global__ void __launch_bounds__(SOFTMAX_WARPS * 32)
 route_softmax(const float* logits, u32* ids, float* weights, int n, int e, int k, int renormalize) {
+    pdl_enter();
     __shared__ float sp[SOFTMAX_WARPS][ROUTE_MAX_E];
     __shared__ int ssel[SOFTMAX_WARPS][ROUTE_MAX_E];
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -93,6 +94,7 @@ route_softmax(const float* logits, u32* ids, float* weights, int n, int e, int k
 extern "C" __global__ void __launch_bounds__(SIGMOID_WARPS * 32)
 route_sigmoid_grouped(const float* logits, const float* bias, u32* ids, float* weights, int n, int e, int k,
                       int n_group, int topk_group, int renormalize, float scale) {
+    pdl_enter();
     __shared__ float ss[SIGMOID_WARPS][ROUTE_MAX_E], sb[SIGMOID_WARPS][ROUTE_MAX_E], sgs[SIGMOID_WARPS][ROUTE_MAX_E];
     __shared__ bool sallowed[SIGMOID_WARPS][ROUTE_MAX_E];
     __shared__ int ssel[SIGMOID_WARPS][ROUTE_MAX_E], skept[SIGMOID_WARPS][ROUTE_MAX_E];

@@ -118,6 +118,10 @@ pub(crate) struct Device {
     pub arch: String,
     /// Multiprocessors, for grid-size choices.
     pub sms: usize,
+    /// Launch with programmatic stream serialization (compute capability 9.0+, unless
+    /// `FP4MOE_PDL=0`): each kernel may start while the previous one finishes, and waits for it
+    /// with `pdl_wait` (kernels/common.cuh) before touching its results.
+    pdl: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), LoadedFunc>>,
     pool: Arc<Pool>,
@@ -235,6 +239,7 @@ impl Device {
             name,
             arch: arch_for(major, minor),
             sms,
+            pdl: major >= 9 && std::env::var_os("FP4MOE_PDL").is_none_or(|v| v != "0"),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             pool: Arc::new(Pool {
@@ -354,19 +359,42 @@ impl Device {
         let mut store: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
         let mut params: Vec<*mut c_void> = store.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void).collect();
         self.ctx.bind_to_thread().map_err(drv)?;
-        // SAFETY: each parameter points to bytes laid out as the kernel's parameter (checked by
-        // the #[repr(C)] structs and the conformance suite), alive until the launch returns.
-        unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                &mut params,
-            )
+        if !self.pdl {
+            // SAFETY: each parameter points to bytes laid out as the kernel's parameter (checked
+            // by the #[repr(C)] structs and the conformance suite), alive until the launch returns.
+            return unsafe {
+                result::launch_kernel(
+                    f.cu_function(),
+                    grid,
+                    (block, 1, 1),
+                    smem,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(drv);
         }
-        .map_err(drv)
+        // SAFETY: an all-zero attribute is a valid "ignore" entry; the fields set below are the
+        // documented ones for this attribute id.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as above for the parameters; `cfg` and `attr` outlive the call.
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(drv)
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf, CudaError> {

@@ -39,8 +39,29 @@ pub struct CudaWeight {
     scales: Option<Buf>,  // [rows, kp/block] block-scale codes
     tscales: Option<Buf>, // [rows / rows_per_ts] f32
     data: Option<Buf>,    // dense [rows, cols] in its checkpoint dtype
+    /// FP4 decode-kernel exponent offset (`W.s_off`, kernels/common.cuh).
+    s_off: i32,
     /// Bytes a kernel streams to use the whole matrix once (unpadded, as on the host).
     pub nbytes: usize,
+}
+
+/// The GEMV kernels decode codes into bf16 as `code * 2^-OFF` (OFF =
+/// `fp4::e2m1::BF16_EXP_OFFSET`) and multiply by the block scale times `2^(OFF - s_off)` in
+/// bf16, applying `2^s_off` to the f32 sums. That bf16 factor must stay finite (below 2^128):
+/// E4M3 scales (at most 448 < 2^9) never overflow with the default; an E8M0 code c gives
+/// `2^(c - 127 + OFF - s_off)`, so weights with scales above 2^9 take a larger offset (their
+/// smallest blocks then decode through bf16 subnormals).
+fn decode_scale_offset(format: Format, scales: &[u8]) -> i32 {
+    const DEFAULT: i32 = 8;
+    const E8M0_BIAS: i32 = 127;
+    const BF16_MAX_EXP: i32 = 127;
+    match format {
+        Format::Nvfp4 => DEFAULT,
+        Format::Mxfp4 => {
+            let top = scales.iter().copied().filter(|&c| c != 255).max().unwrap_or(0) as i32;
+            DEFAULT.max(top - E8M0_BIAS + fp4::e2m1::BF16_EXP_OFFSET - BF16_MAX_EXP)
+        }
+    }
 }
 
 fn ptr(b: &Option<Buf>) -> u64 {
@@ -89,6 +110,7 @@ impl CudaWeight {
                     tscales: Some(dev.upload_exact(&ts)?),
                     data: None,
                     nbytes: q.nbytes(),
+                    s_off: decode_scale_offset(q.format, &q.scales),
                 })
             }
             HostWeight::Dense { rows, cols, dtype, bytes } => {
@@ -113,6 +135,7 @@ impl CudaWeight {
                     tscales: None,
                     data: Some(dev.upload_exact(bytes)?),
                     nbytes: bytes.len(),
+                    s_off: 0,
                 })
             }
         }
@@ -124,9 +147,10 @@ impl CudaWeight {
         for p in [ptr(&self.codes), ptr(&self.scales), ptr(&self.tscales), ptr(&self.data)] {
             b.extend_from_slice(&p.to_le_bytes());
         }
-        for v in [self.rows, self.cols, self.kp, self.rows_per_ts, self.kind as usize, 0] {
+        for v in [self.rows, self.cols, self.kp, self.rows_per_ts, self.kind as usize] {
             b.extend_from_slice(&(v as i32).to_le_bytes());
         }
+        b.extend_from_slice(&self.s_off.to_le_bytes());
         b
     }
 

@@ -6,3 +6,7 @@ __device__ __forceinline__ float fp4_e2m1(unsigned code) { return FP4_E2M1[code 
 // E8M0 scale 2^(c-127); code 0 is the f32 subnormal 2^-127.
 __device__ __forceinline__ float fp4_e8m0(unsigned code) { return code == 0u ? __int_as_float(0x00400000) : __int_as_float((int)(code << 23)); }
 __device__ __forceinline__ float fp4_e4m3(unsigned code) { return FP4_E4M3[code & 255u]; }
+// The codes at bits 12..15 and 28..31 of w as a bf16 pair, each code * 2^-126 (exact;
+// fp4::e2m1::bf16_bits). Shifting w left by 4, 8, 12 brings the other codes there.
+#define FP4_BF16_EXP_OFFSET 126
+__device__ __forceinline__ unsigned fp4_e2m1_pair_bf16(unsigned w) { return (w & 0x80008000u) | ((w >> 6u) & 0x01C001C0u); }

@@ -46,10 +46,29 @@ pub fn cuda() -> String {
          __device__ __forceinline__ float fp4_e2m1(unsigned code) {{ return FP4_E2M1[code & 15u]; }}\n\
          // E8M0 scale 2^(c-127); code 0 is the f32 subnormal 2^-127.\n\
          __device__ __forceinline__ float fp4_e8m0(unsigned code) {{ return code == 0u ? __int_as_float(0x00400000) : __int_as_float((int)(code << 23)); }}\n\
-         __device__ __forceinline__ float fp4_e4m3(unsigned code) {{ return FP4_E4M3[code & 255u]; }}\n",
+         __device__ __forceinline__ float fp4_e4m3(unsigned code) {{ return FP4_E4M3[code & 255u]; }}\n\
+         // The codes at bits 12..15 and 28..31 of w as a bf16 pair, each code * 2^-{off} (exact;\n\
+         // fp4::e2m1::bf16_bits). Shifting w left by 4, 8, 12 brings the other codes there.\n\
+         #define FP4_BF16_EXP_OFFSET {off}\n\
+         __device__ __forceinline__ unsigned fp4_e2m1_pair_bf16(unsigned w) {{ return (w & 0x80008000u) | ((w >> {shift}u) & 0x{mag:08X}u); }}\n",
         floats(e2m1::TABLE).replace(", ", "f, ") + "f",
-        floats(e4m3_table()).replace(", ", "f, ") + "f"
+        floats(e4m3_table()).replace(", ", "f, ") + "f",
+        off = e2m1::BF16_EXP_OFFSET,
+        shift = e2m1::BF16_SHIFT,
+        mag = pair_mag_mask(),
     )
+}
+
+/// Magnitude bits of both codes of a pair after the shift: code bits 14..12 (and 30..28) moved
+/// down by `BF16_SHIFT`, as `bf16_bits` places them.
+fn pair_mag_mask() -> u32 {
+    let m = 0x7000u32 >> e2m1::BF16_SHIFT;
+    m | (m << 16)
+}
+
+/// What the generated `fp4_e2m1_pair_bf16` computes, in Rust, for the tests.
+pub fn pair_bf16(w: u32) -> u32 {
+    (w & 0x8000_8000) | ((w >> e2m1::BF16_SHIFT) & pair_mag_mask())
 }
 
 /// Metal Shading Language: the same three functions.

@@ -36,6 +36,19 @@ const fn build_table() -> [f32; 16] {
 /// The 16 values, indexed by code. Built at compile time from [`decode_bits`].
 pub const TABLE: [f32; 16] = build_table();
 
+/// Decode by bit placement, as the GPU kernels do two codes at a time: the code's sign goes to
+/// the bf16 sign bit and its exponent and mantissa bits to bf16 bits 8..6 (the two lowest
+/// exponent bits and the top mantissa bit). That bf16 is exactly `code * 2^-BF16_EXP_OFFSET`:
+/// the E2M1 subnormal lands on the bf16 subnormal, so no code needs a special case. Kernels
+/// multiply by `block scale * 2^BF16_EXP_OFFSET` (folded into the scale) to get the value.
+pub const BF16_SHIFT: u32 = 6;
+pub const BF16_EXP_OFFSET: i32 = 126;
+
+/// The bf16 bits of `code * 2^-BF16_EXP_OFFSET` by the placement above.
+pub const fn bf16_bits(code: u8) -> u16 {
+    (((code as u16) & 0x8) << 12) | (((code as u16) & 0x7) << BF16_SHIFT)
+}
+
 /// Decode one 4-bit code (the high bits of `code` are ignored).
 #[inline(always)]
 pub fn decode(code: u8) -> f32 {

@@ -29,3 +29,31 @@ fn snippets_carry_every_table_value() {
         }
     }
 }
+
+/// The kernels' two-codes-at-a-time decode (bit placement into bf16) gives every code of the
+/// table exactly, for each of the four positions a word is read at, with the neighbouring
+/// codes set to anything.
+#[test]
+fn pair_decode_by_bit_placement_is_the_table() {
+    let scale = 2f32.powi(fp4::e2m1::BF16_EXP_OFFSET);
+    let bf16 = |bits: u32| f32::from_bits(bits << 16);
+    for code in 0..16u8 {
+        let b = fp4::e2m1::bf16_bits(code) as u32;
+        assert_eq!((bf16(b) * scale).to_bits(), fp4::e2m1::TABLE[code as usize].to_bits(), "code {code}");
+        for other in [0u32, 0x5, 0xF] {
+            for pos in 0..4 {
+                // Codes at nibbles 3 - pos and 7 - pos, shifted up by 4 * pos as the kernels do.
+                let mut w = 0u32;
+                for n in 0..8 {
+                    w |= other << (4 * n);
+                }
+                let (lo, hi) = (3 - pos, 7 - pos);
+                w &= !(0xF << (4 * lo)) & !(0xF << (4 * hi));
+                w |= (code as u32) << (4 * lo) | ((code as u32 ^ 0x8) << (4 * hi));
+                let p = fp4::codegen::pair_bf16(w << (4 * pos));
+                assert_eq!(p & 0xFFFF, b, "code {code} pos {pos} other {other:x}");
+                assert_eq!(p >> 16, fp4::e2m1::bf16_bits(code ^ 0x8) as u32, "code {code} pos {pos}");
+            }
+        }
+    }
+}
