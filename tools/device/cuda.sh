@@ -86,13 +86,14 @@ fi
 
 if has ncu; then
     # Per-kernel GPU time of one decode step (2 layers, context 2048, graphs off so each kernel is
-    # its own launch); ncu flushes caches before each kernel, so small kernels read long.
+    # its own launch); caches are not flushed between kernels (NCU_CACHE=all flushes them), as in
+    # a running decode step.
     for m in qwen3-30b-a3b glm-4.7-flash; do
         say "ncu: kernels of one decode step, synthetic $m (2 layers)"
-        FP4MOE_GRAPHS=0 timeout 250 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        FP4MOE_GRAPHS=0 timeout 250 ncu --clock-control none --cache-control ${NCU_CACHE:-none} --metrics gpu__time_duration.sum --csv \
             $BIN/fp4moe bench model --backend cuda --synthetic $m --layers 2 --prefill 2048 --decode-tokens 1 \
             >"$OUT/ncu_$m.csv" 2>/dev/null
-        python3 tools/ncu_step.py "$OUT/ncu_$m.csv" 2>&1 | tail -22 | tee -a "$LOG"
+        python3 tools/ncu_step.py "$OUT/ncu_$m.csv" 2>&1 | tail -60 | tee -a "$LOG"
     done
 fi
 

@@ -452,21 +452,27 @@ attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, f
     att_merge(m, l, acc, l_dim, out + r * l_dim, splits > 1 ? ml + r * 2 : 0);
 }
 
-// The splits of each (query, head) row, merged in split order: part [rows, splits, dv],
-// ml [rows, splits, 2] -> out [rows, dv], splits <= ATT_MAX_SPLITS. grid (rows). A split with no
-// keys has max -inf. (The weights sat in dynamic shared memory of exactly `splits` floats, and
-// compute-sanitizer caught the unrolled loop reading past the last one.) The first warp turns the (max, sum) pairs into
-// per-split weights once; reading them from global memory in every thread's loop made this a
-// chain of dependent loads (18 us per Qwen3 decode call, 57 us for MLA's 512-wide rows).
+// The splits of each (query, head) row, merged: part [rows, splits, dv], ml [rows, splits, 2]
+// -> out [rows, dv], splits <= ATT_MAX_SPLITS. grid (rows, ceil(dv / 32)), block COMBINE_GROUPS
+// warps: a block owns 32 value columns, warp g sums splits g, g + COMBINE_GROUPS, ... in order,
+// and the warps' sums are added in warp order (deterministic). A split with no keys has max -inf.
+// The first warp turns the (max, sum) pairs into per-split weights once; reading them from global
+// memory in every thread's loop made this a chain of dependent loads (18 us per Qwen3 decode
+// call, 57 us for MLA's 512-wide rows), and one block per row walking all splits for its columns
+// in turn left GLM's 20 rows at 11 us. (The weights sat in dynamic shared memory of exactly
+// `splits` floats, and compute-sanitizer caught an unrolled loop reading past the last one.)
 #define ATT_MAX_SPLITS 64
-extern "C" __global__ void attention_combine(const float* part, const float* ml, float* out, int splits, int dv) {
+#define COMBINE_GROUPS 4
+extern "C" __global__ void __launch_bounds__(COMBINE_GROUPS * 32)
+    attention_combine(const float* part, const float* ml, float* out, int splits, int dv) {
     pdl_wait(); // no early trigger: see the file comment
     __shared__ float wsplit[ATT_MAX_SPLITS];
     __shared__ float total;
-    size_t r = blockIdx.x;
+    __shared__ float sums[COMBINE_GROUPS][32];
+    const size_t r = blockIdx.x;
+    const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
     const float* pm = ml + r * splits * 2;
-    if (threadIdx.x < 32) {
-        int lane = threadIdx.x;
+    if (g == 0) {
         float gm = ATT_NEG_INF;
         for (int s = lane; s < splits; s += 32) gm = fmaxf(gm, pm[2 * s]);
         gm = warp_max(gm);
@@ -480,12 +486,19 @@ extern "C" __global__ void attention_combine(const float* part, const float* ml,
         if (lane == 0) total = gl;
     }
     __syncthreads();
-    float inv = 1.0f / total;
-    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
-        float v = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < splits; s++) v += part[(r * splits + s) * dv + d] * wsplit[s];
-        out[r * dv + d] = v * inv;
+    const int d = blockIdx.y * 32 + lane;
+    float v = 0.0f;
+    if (d < dv) {
+#pragma unroll 4
+        for (int s = g; s < splits; s += COMBINE_GROUPS) v += part[(r * splits + s) * dv + d] * wsplit[s];
+    }
+    sums[g][lane] = v;
+    __syncthreads();
+    if (g == 0 && d < dv) {
+        float acc = sums[0][lane];
+#pragma unroll
+        for (int i = 1; i < COMBINE_GROUPS; i++) acc += sums[i][lane];
+        out[r * dv + d] = acc / total;
     }
 }
 

@@ -8,8 +8,8 @@
 //   owns, which keeps L1 traffic for x near the weight traffic instead of 8x above it;
 // - codes are decoded two at a time by bit placement (fp4_e2m1_pair_bf16 from the generated
 //   fp4.cuh: two instructions per pair, exact, code * 2^-126 in bf16), scaled in bf16 by the
-//   block scale * 2^(126 - s_off) from a 256-entry shared table (exact: at most 5 significant
-//   bits), widened to f32 and multiplied by x in f32. A per-lane shared table of the 16 values
+//   block scale * 2^(126 - s_off) (exact: at most 5 significant bits; E4M3 from a 256-entry
+//   shared table, E8M0 computed, scale_pair), widened to f32 and multiplied by x in f32. A per-lane shared table of the 16 values
 //   took about six instructions per element (extract, address, load, multiply), which left the
 //   MoE and lm_head products instruction-bound near 1 TB/s on the H100;
 // - lane partials are combined with shuffles inside the group, in a fixed order (deterministic).
@@ -19,11 +19,11 @@
 #define GEMV_ROWS 4
 
 struct Fp4Lut {
-    u32 scale2[256]; // block-scale code -> bf16 pair (scale * 2^(FP4_BF16_EXP_OFFSET - s_off))
+    u32 scale2[256]; // NVFP4 block-scale code -> bf16 pair (scale * 2^(FP4_BF16_EXP_OFFSET - s_off))
 };
 
 __device__ __forceinline__ void lut_init(Fp4Lut* lut, const W& w) {
-    if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
+    if (w.kind == KIND_NVFP4) {
         // 2^(FP4_BF16_EXP_OFFSET - s_off) as an f32 (the exponent is 0..126 for every s_off
         // src/weight.rs picks), so the product is exact and rounds to bf16 without loss.
         const float up = __int_as_float((127 + FP4_BF16_EXP_OFFSET - w.s_off) << 23);
@@ -33,6 +33,14 @@ __device__ __forceinline__ void lut_init(Fp4Lut* lut, const W& w) {
         }
     }
     __syncthreads();
+}
+
+// The bf16 pair of block-scale code `code` (see Fp4Lut). E8M0 needs no table: the bf16 of
+// 2^(c - 127 + FP4_BF16_EXP_OFFSET - s_off) is its exponent field c + FP4_BF16_EXP_OFFSET - s_off
+// alone (within 1..254 for every code src/weight.rs lets through), one multiply-add for both
+// halves; a table load per chunk was the top stall of the MoE kernels.
+__device__ __forceinline__ u32 scale_pair(const Fp4Lut* lut, const W& w, u32 code) {
+    return w.kind == KIND_MXFP4 ? (code + (u32)(FP4_BF16_EXP_OFFSET - w.s_off)) * 0x00800080u : lut->scale2[code];
 }
 
 // bf16 halves of a pair, widened to f32.
@@ -104,7 +112,7 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
                 float4 x4 = xv[4], x5 = xv[5], x6 = xv[6], x7 = xv[7];
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
-                    const u32 s_lo = lut->scale2[sc[r] & 255u], s_hi = lut->scale2[sc[r] >> 8];
+                    const u32 s_lo = scale_pair(lut, w, sc[r] & 255u), s_hi = scale_pair(lut, w, sc[r] >> 8);
                     acc[r][m] += (dot8(q[r].x, s_lo, x0, x1) + dot8(q[r].y, s_lo, x2, x3)) +
                                  (dot8(q[r].z, s_hi, x4, x5) + dot8(q[r].w, s_hi, x6, x7));
                 }
@@ -224,35 +232,41 @@ GEMV(8, 1, 1, gemv_l8_m1_r1)
 GEMV(16, 1, 1, gemv_l16_m1_r1)
 GEMV(32, 1, 1, gemv_l32_m1_r1)
 
-// MoE decode, stage 1: act[p, j] = silu(gate_e[j] . x_t) * (up_e[j] . x_t) for pair p = (t, slot),
-// e = ids[p] (ids == 0: expert 0, one pair per token; the shared expert). gate_up rows per
-// expert are [gate (inter); up (inter)]. act has stride act_s (the down weight's kp; the pad is
-// zeroed by the host). grid (pairs, ceil(inter / (groups * 2))): pairs on x, which has no 65535 cap.
+// MoE decode, stage 1: act[p, j] = silu(gate_e[j] . x_t) * (up_e[j] . x_t) for the routed pairs
+// p = (t, slot) < pairs, e = ids[p]; blocks past the pairs serve the shared expert (weight ws,
+// act_sh[t]) of token t = p - pairs, in the same launch. gate_up rows per expert are [gate (inter);
+// up (inter)]. act rows have stride act_s (the down weight's kp; the pad is zeroed by the host).
+// grid (pairs + shared tokens, ceil(max inter / (groups * 2))): pairs on x, which has no 65535 cap.
 template <int LPR>
 __device__ void moe_gate_up_body(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act,
-                                 int act_s, int n_experts) {
+                                 int act_s, int n_experts, int pairs, W ws, int inter_sh, float* act_sh,
+                                 int act_sh_s) {
     __shared__ Fp4Lut lut;
-    lut_init(&lut, w);
+    const int p = blockIdx.x;
+    const bool sh = p >= pairs;
+    const W wk = sh ? ws : w;
+    lut_init(&lut, wk);
     pdl_enter(); // ids and x come from earlier kernels
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
-    int p = blockIdx.x;
-    int t = ids ? p / k_slots : p;
-    u32 eid = ids ? ids[p] : 0u;
+    int t = sh ? p - pairs : p / k_slots;
+    u32 eid = sh ? 0u : ids[p];
     // An id out of range (the trait asks callers to validate) reads nothing and shows as NaN.
     bool bad = eid >= (u32)n_experts;
     int e = bad ? 0 : (int)eid;
+    const int in = sh ? inter_sh : inter;
+    float* out = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
     int j0 = (blockIdx.y * groups + g) * 2;
-    int base = e * 2 * inter;
+    int base = e * 2 * in;
     int rows[GEMV_ROWS];
-    rows[0] = j0 < inter ? base + j0 : -1;
-    rows[1] = j0 + 1 < inter ? base + j0 + 1 : -1;
-    rows[2] = j0 < inter ? base + inter + j0 : -1;
-    rows[3] = j0 + 1 < inter ? base + inter + j0 + 1 : -1;
+    rows[0] = j0 < in ? base + j0 : -1;
+    rows[1] = j0 + 1 < in ? base + j0 + 1 : -1;
+    rows[2] = j0 < in ? base + in + j0 : -1;
+    rows[3] = j0 + 1 < in ? base + in + j0 + 1 : -1;
     float acc[GEMV_ROWS][1];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) acc[r][0] = 0.0f;
-    rows_dot<LPR, 1>(&lut, w, rows, x + (size_t)t * xs, xs, 1, lg, acc);
+    rows_dot<LPR, 1>(&lut, wk, rows, x + (size_t)t * xs, xs, 1, lg, acc);
     float v[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) v[r] = group_sum<LPR>(acc[r][0]);
@@ -260,9 +274,9 @@ __device__ void moe_gate_up_body(W w, const float* x, int xs, const u32* ids, in
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             if (rows[i] < 0) continue;
-            float gate = v[i] * row_tscale(w, rows[i]);
-            float up = v[2 + i] * row_tscale(w, rows[2 + i]);
-            act[(size_t)p * act_s + j0 + i] = bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
+            float gate = v[i] * row_tscale(wk, rows[i]);
+            float up = v[2 + i] * row_tscale(wk, rows[2 + i]);
+            out[j0 + i] = bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
         }
     }
 }
@@ -325,8 +339,10 @@ extern "C" __global__ void moe_sum_terms(const float* part, float* out, int n, i
 #define MOE_DECODE(LPR)                                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
         moe_gate_up_l##LPR(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act,      \
-                           int act_s, int n_experts) {                                                           \
-        moe_gate_up_body<LPR>(w, x, xs, ids, k_slots, inter, act, act_s, n_experts);                             \
+                           int act_s, int n_experts, int pairs, W ws, int inter_sh, float* act_sh,              \
+                           int act_sh_s) {                                                                       \
+        moe_gate_up_body<LPR>(w, x, xs, ids, k_slots, inter, act, act_s, n_experts, pairs, ws, inter_sh, act_sh, \
+                              act_sh_s);                                                                         \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
         moe_down_l##LPR(W w, const float* act, int act_s, const u32* ids, const float* wts, int k_slots,         \
@@ -338,3 +354,115 @@ extern "C" __global__ void moe_sum_terms(const float* part, float* out, int n, i
 MOE_DECODE(8)
 MOE_DECODE(16)
 MOE_DECODE(32)
+
+// MLA's absorbed per-head products at decode (Backend::head_linear with few rows), on the GEMV
+// machinery; the per-element `w_at` kernels in attention.cu (one scalar code load and two
+// constant-table lookups per element) took 14 us per GLM call and remain for shapes these do not
+// take.
+//
+// Not transposed: y[m, h, j] = W[h * rph + row_start + j, :] . x[m, h, :]. LPR lanes per row
+// group, GEMV_ROWS rows each; FP4 weights need cols == kp (x rows are not padded).
+// grid (ceil(row_count / rows per block), heads, m_rows).
+#define HEAD_LPR 16
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
+    head_rows_gemv(W w, const float* x, float* y, int m_rows, int heads, int rph, int row_start, int row_count) {
+    __shared__ Fp4Lut lut;
+    lut_init(&lut, w);
+    const int groups = GEMV_THREADS / HEAD_LPR;
+    const int g = threadIdx.x / HEAD_LPR, lg = threadIdx.x % HEAD_LPR;
+    const int h = blockIdx.y, m = blockIdx.z;
+    const int j0 = (blockIdx.x * groups + g) * GEMV_ROWS;
+    int rows[GEMV_ROWS];
+    float acc[GEMV_ROWS][1];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        rows[r] = j0 + r < row_count ? h * rph + row_start + j0 + r : -1;
+        acc[r][0] = 0.0f;
+    }
+    const float* xh = x + ((size_t)m * heads + h) * w.cols;
+    rows_dot<HEAD_LPR, 1>(&lut, w, rows, xh, w.cols, 1, lg, acc, true);
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float v = group_sum<HEAD_LPR>(acc[r][0]);
+        if (lg == 0 && rows[r] >= 0) y[((size_t)m * heads + h) * row_count + j0 + r] = v * row_tscale(w, rows[r]);
+    }
+}
+
+// Transposed, FP4 with kp <= 16 * 32: y[m, h, j] = sum_i W[h * rph + row_start + i, j] * x[m, h, i].
+// Block (h, m, z) takes rows z * HEAD_COL_GROUPS .. + HEAD_COL_GROUPS, one per 16-lane group;
+// lane lg owns the 32 columns of chunk lg. The two groups of a warp are added with a shuffle,
+// the warps' column sums in warp order, and the blocks' sums (part [splits, m, h, 512]) by the
+// last block of each (h, m) to finish (an atomic count, reset by that block), in z order, so the
+// result is deterministic. One block per (h, m) walking every row used 20 of the SMs: 12-14 us
+// per GLM call.
+// grid (heads, m_rows, splits = ceil(row_count / HEAD_COL_GROUPS)), block HEAD_COL_GROUPS * 16.
+#define HEAD_COL_GROUPS 32
+extern "C" __global__ void __launch_bounds__(HEAD_COL_GROUPS * 16)
+    head_cols_gemv(W w, const float* x, float* y, int m_rows, int heads, int rph, int row_start, int row_count,
+                   float* part, u32* done) {
+    __shared__ Fp4Lut lut;
+    __shared__ float red[HEAD_COL_GROUPS / 2][16 * 32];
+    __shared__ bool last;
+    lut_init(&lut, w);
+    const int g = threadIdx.x / 16, lg = threadIdx.x % 16;
+    const int h = blockIdx.x, m = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
+    const int chunks = w.kp / 32, cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
+    const int i = z * HEAD_COL_GROUPS + g;
+    const bool live = lg < chunks && i < row_count;
+    const int wr = h * rph + row_start + i;
+    uint4 q = make_uint4(0, 0, 0, 0);
+    u32 sc = 0;
+    float xi = 0.0f;
+    if (live) {
+        q = ld_stream16(w.codes + (size_t)wr * cb + lg * 16);
+        const u8* sp = w.scales + (size_t)wr * nb;
+        sc = w.kind == KIND_NVFP4 ? (u32)__ldg((const unsigned short*)(sp + 2 * lg)) : (u32)sp[lg] * 0x101u;
+        xi = row_tscale(w, wr);
+    }
+    pdl_enter(); // x comes from an earlier kernel; the weights are already in flight
+    if (live) xi *= x[((size_t)m * heads + h) * row_count + i];
+    float acc[32];
+    const u32 s_lo = scale_pair(&lut, w, sc & 255u), s_hi = scale_pair(&lut, w, sc >> 8);
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int wd = 0; wd < 4; wd++) {
+        const u32 s2 = wd < 2 ? s_lo : s_hi;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            // pair (r, r + 4) of the word comes from the shift that brings nibble r to 3
+            const u32 p = bf16x2_mul(fp4_e2m1_pair_bf16(words[wd] << (4 * (3 - r))), s2);
+            acc[8 * wd + r] = bf16_lo(p) * xi;
+            acc[8 * wd + r + 4] = bf16_hi(p) * xi;
+        }
+    }
+    // Column j = 32 lg + e sits at red[.][e * 16 + lg], so the 16 lanes' stores hit 16 banks.
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int e = 0; e < 32; e++) {
+        const float v = acc[e] + __shfl_xor_sync(0xffffffffu, acc[e], 16);
+        if ((threadIdx.x & 16) == 0) red[warp][e * 16 + lg] = v;
+    }
+    __syncthreads();
+    const size_t row = (size_t)m * heads + h;
+    const size_t plane = (size_t)m_rows * heads * w.cols;
+    for (int j = threadIdx.x; j < w.cols; j += blockDim.x) {
+        const int at = (j % 32) * 16 + j / 32;
+        float t = red[0][at];
+#pragma unroll
+        for (int q2 = 1; q2 < HEAD_COL_GROUPS / 2; q2++) t += red[q2][at];
+        part[z * plane + row * w.cols + j] = t;
+    }
+    // The last block of this (h, m) adds the splits in order.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&done[row], 1u) == (u32)splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int j = threadIdx.x; j < w.cols; j += blockDim.x) {
+        float t = 0.0f;
+        for (int zz = 0; zz < splits; zz++) t += __ldcg(&part[zz * plane + row * w.cols + j]);
+        y[row * w.cols + j] = t;
+    }
+    if (threadIdx.x == 0) done[row] = 0;
+}

@@ -18,6 +18,14 @@ const HEAD_LINEAR_TILE: u32 = 64;
 /// `head_linear` with at most this many rows uses the decode-shaped kernels (a 64-row tile would
 /// idle): per-output warps, or per-column lanes with the sum split over warps.
 const HEAD_LINEAR_SMALL_M: usize = 4;
+/// Decode-shaped `head_linear` on the GEMV kernels (gemv.cu): rows per block of head_rows_gemv
+/// (GEMV_THREADS / HEAD_LPR groups of GEMV_ROWS rows), and head_cols_gemv's widest padded row
+/// (16 lanes of 32 columns), rows per block (HEAD_COL_GROUPS, one per group of 16 lanes) and
+/// threads. Other shapes take the per-element kernels in attention.cu.
+const HEAD_ROWS_PER_BLOCK: u32 = 32;
+const HEAD_COLS_MAX_KP: usize = 512;
+const HEAD_COLS_ROWS_PER_BLOCK: usize = 32;
+const HEAD_COLS_THREADS: u32 = 512;
 /// Tokens (one warp each) per block of the routers: SOFTMAX_WARPS / SIGMOID_WARPS in route.cu.
 const ROUTE_SOFTMAX_WARPS: u32 = 4;
 const ROUTE_SIGMOID_WARPS: u32 = 2;
@@ -29,6 +37,10 @@ const ATT_SPLIT_KEYS: usize = 64;
 /// ...and at most this many ranges (the combine reads them all per output element;
 /// ATT_MAX_SPLITS in attention.cu sizes its weights).
 const ATT_MAX_SPLITS: usize = 64;
+/// attention_combine: value columns per block (one warp's lanes) and threads per block
+/// (COMBINE_GROUPS warps in attention.cu, each summing every COMBINE_GROUPS-th split).
+const COMBINE_COLS: usize = 32;
+const COMBINE_THREADS: u32 = 128;
 /// GQA attention: keys per shared-memory tile (one lane each) and query heads (warps) per block
 /// (at most GQA_MAX_THREADS / 32 in attention.cu).
 const GQA_TILE_KEYS: usize = 32;
@@ -423,47 +435,60 @@ impl CudaBackend {
             }
         };
         let act = act_buf(n * k, inter, down.kp)?;
-        let gate_up = |w: &CudaWeight,
-                       ids_ptr: u64,
-                       slots: usize,
-                       inter: usize,
-                       act: &CT,
-                       act_s: usize,
-                       pairs: usize| {
-            let lpr = lanes_per_row(if w.kind.is_fp4() { w.kp / 32 } else { w.cols / 8 });
+        let lpr_of = |w: &CudaWeight| lanes_per_row(if w.kind.is_fp4() { w.kp / 32 } else { w.cols / 8 });
+        // One launch for the routed pairs (pairs > 0, w) and the shared expert's tokens
+        // (`shared`: weight, intermediate size, act buffer), when both take the same lane count.
+        let gate_up = |w: &CudaWeight, pairs: usize, shared: Option<(&CudaWeight, usize, &CT)>| {
+            let lpr = lpr_of(if pairs > 0 { w } else { shared.map_or(w, |s| s.0) });
             let name = match lpr {
                 8 => "moe_gate_up_l8",
                 16 => "moe_gate_up_l16",
                 _ => "moe_gate_up_l32",
             };
             let per_block = (GEMV_THREADS as usize / lpr) * 2;
+            let (ws, s_inter, act_sh, act_sh_s, tokens) = match shared {
+                Some((sw, si, a)) => (sw.args(), si, a.storage.ptr(), a.shape()[1], n),
+                None => (CudaWeight::null_args(), 0, 0, 0, 0),
+            };
             self.run(
                 "gemv.cu",
                 name,
-                (pairs as u32, blocks(inter, per_block as u32), 1),
+                ((pairs + tokens) as u32, blocks(inter.max(s_inter), per_block as u32), 1),
                 GEMV_THREADS,
                 &[
                     Arg::Raw(w.args()),
                     Arg::Ptr(xp.storage.ptr()),
                     Arg::I32(xs as i32),
-                    Arg::Ptr(ids_ptr),
-                    Arg::I32(slots as i32),
+                    Arg::Ptr(ids.storage.ptr()),
+                    Arg::I32(k as i32),
                     Arg::I32(inter as i32),
                     Arg::Ptr(act.storage.ptr()),
-                    Arg::I32(act_s as i32),
-                    Arg::I32(if ids_ptr == 0 { 1 } else { e.n_experts as i32 }),
+                    Arg::I32(down.kp as i32),
+                    Arg::I32(e.n_experts as i32),
+                    Arg::I32(pairs as i32),
+                    Arg::Raw(ws),
+                    Arg::I32(s_inter as i32),
+                    Arg::Ptr(act_sh),
+                    Arg::I32(act_sh_s as i32),
                 ],
             )
         };
-        gate_up(gu, ids.storage.ptr(), k, inter, &act, down.kp, n * k)?;
         let shared = match e.shared {
             Some((sgu, sd)) => {
                 let s_inter = sgu.rows / 2;
                 let act_sh = act_buf(n, s_inter, sd.kp)?;
-                gate_up(sgu, 0, 1, s_inter, &act_sh, sd.kp, n)?;
+                if lpr_of(sgu) == lpr_of(gu) {
+                    gate_up(gu, n * k, Some((sgu, s_inter, &act_sh)))?;
+                } else {
+                    gate_up(gu, n * k, None)?;
+                    gate_up(gu, 0, Some((sgu, s_inter, &act_sh)))?;
+                }
                 Some((sd, act_sh))
             }
-            None => None,
+            None => {
+                gate_up(gu, n * k, None)?;
+                None
+            }
         };
         let terms = k + shared.is_some() as usize;
         let part = self.empty(&[n, terms, h], DType::F32)?;
@@ -740,8 +765,8 @@ impl CudaBackend {
         self.run(
             "attention.cu",
             "attention_combine",
-            (rows as u32, 1, 1),
-            128,
+            (rows as u32, dv.div_ceil(COMBINE_COLS) as u32, 1),
+            COMBINE_THREADS,
             &[
                 Arg::Ptr(part.storage.ptr()),
                 Arg::Ptr(ml.storage.ptr()),
@@ -956,12 +981,33 @@ impl Backend for CudaBackend {
                 256,
                 &args,
             )?;
+        } else if transpose && w.kind.is_fp4() && w.kp <= HEAD_COLS_MAX_KP {
+            let splits = row_count.div_ceil(HEAD_COLS_ROWS_PER_BLOCK);
+            let part = self.empty(&[splits, m, heads, k], DType::F32)?;
+            let done = self.zeroed(&[m, heads], DType::U32)?;
+            let mut a = args[..8].to_vec();
+            a.extend([Arg::Ptr(part.storage.ptr()), Arg::Ptr(done.storage.ptr())]);
+            self.run(
+                "gemv.cu",
+                "head_cols_gemv",
+                (heads as u32, m as u32, splits as u32),
+                HEAD_COLS_THREADS,
+                &a,
+            )?;
         } else if transpose {
             self.run(
                 "attention.cu",
                 "head_linear_cols_small",
                 (blocks(k, 32), heads as u32, m as u32),
                 256,
+                &args[..8],
+            )?;
+        } else if !w.kind.is_fp4() || w.kp == w.cols {
+            self.run(
+                "gemv.cu",
+                "head_rows_gemv",
+                (blocks(row_count, HEAD_ROWS_PER_BLOCK), heads as u32, m as u32),
+                GEMV_THREADS,
                 &args[..8],
             )?;
         } else {

@@ -574,6 +574,7 @@ unsafe impl Send for DeviceGraph {}
 unsafe impl Sync for DeviceGraph {}
 
 /// A kernel argument by value.
+#[derive(Clone)]
 pub enum Arg {
     Ptr(u64),
     I32(i32),
