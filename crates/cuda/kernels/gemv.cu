@@ -170,11 +170,26 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
     }
 }
 
+// Sum over the LPR lanes of a group, in a fixed order; every lane of the group gets it. Groups
+// wider than a warp (LPR 64, 128: one or two rows per block, for long rows under one wave of
+// blocks) add their warps' sums through shared memory; every thread of the block must call it.
 template <int LPR>
 __device__ __forceinline__ float group_sum(float v) {
+    if (LPR <= 32) {
 #pragma unroll
-    for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+        for (int o = (LPR < 32 ? LPR : 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        return v;
+    }
+    __shared__ float red[GEMV_THREADS / 32];
+    v = warp_sum(v);
+    __syncthreads(); // red may still be read from the previous call
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    const int w0 = (threadIdx.x / LPR) * (LPR / 32);
+    float t = red[w0];
+#pragma unroll
+    for (int i = 1; i < LPR / 32; i++) t += red[w0 + i];
+    return t;
 }
 
 // The factor rows_dot's sums of row r still need: the tensor scale and, for FP4, 2^s_off.
@@ -216,7 +231,9 @@ __device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
 // gemv_l<lanes per row>_m<activation rows per block>, GEMV_ROWS weight rows per lane group; the
 // _r1 variants give each lane group one row: four times the warps for outputs too narrow to fill
 // the GPU, where a few warps per SM decoding four rows each were bound by their own instruction
-// latency (q_proj at one token: 12 us, 8 cycles between issues, 12 % occupancy).
+// latency (q_proj at one token: 12 us, 8 cycles between issues, 12 % occupancy). In the l64 and
+// l128 variants a row's lanes span two or four warps, so each lane of a long row (o_proj's 4096
+// columns: four chunks per lane of 32) waits for one or two chunks instead of four in turn.
 #define GEMV(LPR, MT, ROWS, NAME)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                   \
         NAME(W w, const float* x, int xs, float* y, int m_total) {                                               \
@@ -231,6 +248,8 @@ GEMV(32, 4, GEMV_ROWS, gemv_l32_m4)
 GEMV(8, 1, 1, gemv_l8_m1_r1)
 GEMV(16, 1, 1, gemv_l16_m1_r1)
 GEMV(32, 1, 1, gemv_l32_m1_r1)
+GEMV(64, 1, 1, gemv_l64_m1_r1)
+GEMV(128, 1, 1, gemv_l128_m1_r1)
 
 // MoE decode, stage 1: act[p, j] = silu(gate_e[j] . x_t) * (up_e[j] . x_t) for the routed pairs
 // p = (t, slot) < pairs, e = ids[p]; blocks past the pairs serve the shared expert (weight ws,

@@ -59,6 +59,10 @@ const GEMV_ROWS: usize = 4;
 /// instead of GEMV_ROWS. Measured on the H200 at one wave: Qwen3 k/v (32 blocks) 10.4 -> 7.4 us,
 /// o_proj (128) 17.0 -> 14.6 us, but q_proj (256) 11.8 -> 14.2 us.
 const GEMV_ONE_ROW_BELOW_WAVES: usize = 1;
+/// One-row GEMVs spread a row over two or four warps only up to this many blocks per SM: on the
+/// H100, k/v (512 rows, 256 blocks) 5.9 -> 5.1 us and the routers 4.8 -> 3.3 us, but o_proj
+/// (2048 rows: 2048 blocks of one row) 12.9 -> 14.7 us (ncu, one decode step).
+const GEMV_WIDE_MAX_WAVES: usize = 3;
 /// Must match GEMM_BM / GEMM_THREADS / GemmSmem in kernels/gemm.cu.
 const GEMM_BM: usize = 64;
 const GEMM_BK: usize = 128;
@@ -105,6 +109,18 @@ fn lanes_per_row(chunks: usize) -> usize {
         16
     } else {
         8
+    }
+}
+
+/// Lanes per row of the one-row GEMV kernels: a lane per chunk up to a whole block
+/// (GEMV_THREADS), so every chunk of a long row is in flight at once.
+fn wide_lanes_per_row(chunks: usize) -> usize {
+    if chunks >= 128 {
+        128
+    } else if chunks >= 64 {
+        64
+    } else {
+        lanes_per_row(chunks)
     }
 }
 
@@ -269,7 +285,22 @@ impl CudaBackend {
         } else {
             GEMV_ROWS
         };
+        // One row per group: long rows spread over up to four warps (the l64 / l128 kernels),
+        // while that keeps the grid within GEMV_WIDE_MAX_WAVES blocks per SM.
+        let lpr = if rows == 1 {
+            [128, 64]
+                .into_iter()
+                .find(|&l| {
+                    l <= wide_lanes_per_row(chunks)
+                        && w.rows.div_ceil(GEMV_THREADS as usize / l) <= GEMV_WIDE_MAX_WAVES * self.dev.sms
+                })
+                .unwrap_or(lpr)
+        } else {
+            lpr
+        };
         let name = match (lpr, mt, rows) {
+            (128, 1, 1) => "gemv_l128_m1_r1",
+            (64, 1, 1) => "gemv_l64_m1_r1",
             (8, 1, 1) => "gemv_l8_m1_r1",
             (16, 1, 1) => "gemv_l16_m1_r1",
             (32, 1, 1) => "gemv_l32_m1_r1",
@@ -280,7 +311,7 @@ impl CudaBackend {
             (16, _, _) => "gemv_l16_m4",
             _ => "gemv_l32_m4",
         };
-        let rows_per_block = groups * rows;
+        let rows_per_block = (GEMV_THREADS as usize / lpr) * rows;
         self.run(
             "gemv.cu",
             name,
