@@ -18,6 +18,10 @@
 //!   expert block, then combines in slot order. No float atomics anywhere. Attention: decode
 //!   splits the keys (flash-decoding, ordered combine); many queries take FlashAttention-style
 //!   tiles in shared memory (GQA and MLA).
+//! - On sm_90+ every kernel is launched with programmatic stream serialization: it may start
+//!   while the previous one finishes and waits for its inputs in the kernel (`pdl_wait`,
+//!   kernels/common.cuh), so launch latency and the GEMVs' first weight loads overlap the
+//!   previous kernel. `FP4MOE_PDL=0` turns it off.
 //! - `Backend::capture` records the ops as a CUDA graph (the models record batch-1 decode once per
 //!   sequence): buffers allocated while recording belong to the graph (`device::Arena`), and
 //!   cache rows and attention ranges are read on the device (`row_shift`), so `replay` runs the

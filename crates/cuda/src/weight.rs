@@ -159,3 +159,23 @@ impl CudaWeight {
         vec![0u8; 56]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bf16 factor `2^(c - 127 + BF16_EXP_OFFSET - s_off)` of every present E8M0 code stays
+    /// finite (exponent at most 127), and the default offset is kept when nothing needs more.
+    #[test]
+    fn decode_scale_offset_keeps_every_block_scale_finite_in_bf16() {
+        assert_eq!(decode_scale_offset(Format::Nvfp4, &[0x7E, 0x01]), 8);
+        assert_eq!(decode_scale_offset(Format::Mxfp4, &[100, 124, 0]), 8);
+        for top in 0..=254u8 {
+            let s_off = decode_scale_offset(Format::Mxfp4, &[3, top, 255]);
+            let exp = top as i32 - 127 + fp4::e2m1::BF16_EXP_OFFSET - s_off;
+            assert!(exp <= 127, "code {top}: s_off {s_off} leaves 2^{exp}");
+            assert!(s_off >= 8);
+        }
+        assert_eq!(decode_scale_offset(Format::Mxfp4, &[150]), 22);
+    }
+}

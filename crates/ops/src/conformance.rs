@@ -469,7 +469,20 @@ fn linear_case<B: Backend>(
 ) -> Check {
     let case = format!("linear {kind:?} {k}->{n}");
     let hw = random_weight(&mut cx.rng, kind, n, k).map_err(|e| cx.fail(&case, e))?;
-    let (wb, wr) = both_weights(cx, &case, b, &hw)?;
+    linear_case_with(cx, b, &case, &hw, ms, dtypes)
+}
+
+/// [`linear_case`] on a given weight.
+fn linear_case_with<B: Backend>(
+    cx: &mut Ctx,
+    b: &B,
+    case: &str,
+    hw: &HostWeight,
+    ms: &[usize],
+    dtypes: &[DType],
+) -> Check {
+    let [n, k] = hw.shape();
+    let (wb, wr) = both_weights(cx, case, b, hw)?;
     let m_max = ms.iter().copied().max().unwrap_or(1);
     let mut xs = Vec::with_capacity(dtypes.len() * m_max * k);
     for &dt in dtypes {
@@ -477,7 +490,7 @@ fn linear_case<B: Backend>(
         xs.extend(if dt == DType::BF16 { bf16_round(&x) } else { x });
     }
     let rows = dtypes.len() * m_max;
-    let want = run_linear(&RefBackend, &xs, rows, k, DType::F32, &wr, LinearPath::Auto).or_fail(cx, &case)?;
+    let want = run_linear(&RefBackend, &xs, rows, k, DType::F32, &wr, LinearPath::Auto).or_fail(cx, case)?;
     // The typical norm of an output row, ||x_m|| * ||W||_F / sqrt(k), floors the comparison so a
     // row that happens to cancel (N = 1 makes a row a single dot product) is not judged against
     // its own near-zero norm; summation-order noise scales with the terms, not with their sum.
@@ -517,6 +530,24 @@ pub fn check_linear_odd_shapes<B: Backend>(b: &B, seed: u64) -> Check {
     // once the blocks fill a few waves, one row below that (every other shape here).
     for kind in FP4_KINDS {
         linear_case(&mut cx, b, kind, 12288, 2048, &[1], &[DType::F32])?;
+    }
+    // Block scales at the ends of their formats, which GPU decoders that fold the scale into a
+    // narrower type must handle: E8M0 2^-27 ..= 2^23 in one matrix, E4M3 from its smallest
+    // subnormal (2^-9) to its largest finite value (448).
+    for (format, lo, hi) in [(Format::Mxfp4, 100u8, 150u8), (Format::Nvfp4, 0x01, 0x7E)] {
+        let (rows, cols) = (40, 256);
+        let mut codes = vec![0u8; rows * cols / 2];
+        for c in codes.iter_mut() {
+            *c = cx.rng.below(256) as u8;
+        }
+        let nb = rows * (cols / format.block());
+        let mut scales: Vec<u8> = (0..nb).map(|_| lo + cx.rng.below((hi - lo) as usize + 1) as u8).collect();
+        scales[0] = hi;
+        scales[1] = lo;
+        let m = fp4::QuantMatrix::new(format, rows, cols, codes.into(), scales.into(), vec![1.0])
+            .map_err(|e| cx.fail("scale extremes", e))?;
+        let case = format!("linear {format:?} block scales {lo}..={hi}");
+        linear_case_with(&mut cx, b, &case, &HostWeight::Quant(m), &[1, 3], &[DType::F32])?;
     }
     Ok(())
 }
