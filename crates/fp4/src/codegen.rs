@@ -22,19 +22,44 @@ fn e4m3_table() -> Vec<f32> {
         .collect()
 }
 
-/// WGSL: `fp4_e2m1(code)`, `fp4_e8m0(code)`, `fp4_e4m3(code)`.
+/// WGSL: `fp4_e2m1(code)`, `fp4_e8m0(code)`, `fp4_e4m3(code)`, decoded by their bit layouts
+/// (the same formulas as [`e2m1_by_bits`] and [`e4m3_by_bits`], which tests compare with the
+/// tables for every code). WGSL has no constant memory: a table is a per-invocation array that
+/// each invocation fills and indexes dynamically, which GPUs put in local memory.
 pub fn wgsl() -> String {
     format!(
         "// {HEADER}\n\
-         var<private> FP4_E2M1: array<f32, 16> = array<f32, 16>({});\n\
-         var<private> FP4_E4M3: array<f32, 256> = array<f32, 256>({});\n\
-         fn fp4_e2m1(code: u32) -> f32 {{ return FP4_E2M1[code & 15u]; }}\n\
+         // E2M1 {e2m1_values}: e > 0 is the f32 with exponent field e + 126 and mantissa bit m,\n\
+         // (mag + {E2M1_BIAS_ADD}) << 22; e = 0 is 0.5 * m.\n\
+         fn fp4_e2m1(code: u32) -> f32 {{ let mag = code & 7u; let v = select(bitcast<f32>((mag + {E2M1_BIAS_ADD}u) << 22u), f32(mag) * 0.5, mag < 2u); return bitcast<f32>(bitcast<u32>(v) | ((code & 8u) << 28u)); }}\n\
          // E8M0 scale 2^(c-127); code 0 is the f32 subnormal 2^-127.\n\
          fn fp4_e8m0(code: u32) -> f32 {{ if (code == 0u) {{ return bitcast<f32>(0x00400000u); }} return bitcast<f32>(code << 23u); }}\n\
-         fn fp4_e4m3(code: u32) -> f32 {{ return FP4_E4M3[code & 255u]; }}\n",
-        floats(e2m1::TABLE),
-        floats(e4m3_table())
+         // E4M3 (bias 7): e > 0 is (mag << 20) + ({E4M3_EXP_ADD} << 23); e = 0 is m * 2^-9; the NaN codes decode to 0.\n\
+         fn fp4_e4m3(code: u32) -> f32 {{ let mag = code & 127u; let v = select(bitcast<f32>((mag << 20u) + ({E4M3_EXP_ADD}u << 23u)), f32(mag) * {E4M3_SUB:?}, mag < 8u); return select(bitcast<f32>(bitcast<u32>(v) | ((code & 128u) << 24u)), 0.0, mag == 127u); }}\n",
+        e2m1_values = floats(e2m1::TABLE[..8].iter().copied()),
     )
+}
+
+/// `(mag + E2M1_BIAS_ADD) << 22` is the f32 of a normal E2M1 magnitude code `mag = 2e + m`: the
+/// exponent field lands at e + 126 (E2M1 bias 1, f32 bias 127).
+const E2M1_BIAS_ADD: u32 = 252;
+/// Exponent-field offset from E4M3 (bias 7) to f32 (bias 127).
+const E4M3_EXP_ADD: u32 = 120;
+/// The E4M3 subnormal step, 2^-6 * 2^-3.
+const E4M3_SUB: f32 = 1.0 / 512.0;
+
+/// The WGSL `fp4_e2m1` formula in Rust.
+pub fn e2m1_by_bits(code: u32) -> f32 {
+    let mag = code & 7;
+    let v = if mag < 2 { mag as f32 * 0.5 } else { f32::from_bits((mag + E2M1_BIAS_ADD) << 22) };
+    f32::from_bits(v.to_bits() | ((code & 8) << 28))
+}
+
+/// The WGSL `fp4_e4m3` formula in Rust (NaN codes give 0, as the generated tables do).
+pub fn e4m3_by_bits(code: u32) -> f32 {
+    let mag = code & 127;
+    let v = if mag < 8 { mag as f32 * E4M3_SUB } else { f32::from_bits((mag << 20) + (E4M3_EXP_ADD << 23)) };
+    if mag == 127 { 0.0 } else { f32::from_bits(v.to_bits() | ((code & 128) << 24)) }
 }
 
 /// CUDA C: `fp4_e2m1(code)`, `fp4_e8m0(code)`, `fp4_e4m3(code)` as `__device__` functions.
