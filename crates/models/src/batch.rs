@@ -3,8 +3,8 @@
 //! recorded graph ([`DecodeGraph`]). A model supplies its layer stack ([`Stack`]); [`forward`]
 //! does the rest.
 
-use crate::layers::Norm;
-use crate::{Error, Result, Sequence};
+use crate::layers::{Norm, WeightSource};
+use crate::{Error, ModelInfo, Result, Sequence};
 use fp4moe_ops::{Backend, Graph, HostTensor, LinearPath, T};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -123,6 +123,80 @@ pub(crate) struct StackWeights<B: Backend, A, F> {
     pub layers: Vec<Layer<B, A, F>>,
     pub norm: Norm<B>,              // [H]
     pub lm_head: Option<B::Weight>, // [V, H]; None when tied to `embed`
+}
+
+/// What both checkpoints name alike around the layers, taken from a model's config.
+pub(crate) struct StackDims<'a> {
+    pub model_type: &'static str,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub rms_norm_eps: f32,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub eos_token_ids: &'a [u32],
+    pub bos_token_id: Option<u32>,
+}
+
+/// [`StackDims`] of a model config (both models' configs name these fields alike).
+macro_rules! stack_dims {
+    ($cfg:expr) => {
+        $crate::batch::StackDims {
+            model_type: MODEL_TYPE,
+            vocab: $cfg.vocab_size,
+            hidden: $cfg.hidden_size,
+            layers: $cfg.num_layers,
+            rms_norm_eps: $cfg.rms_norm_eps,
+            tie_word_embeddings: $cfg.tie_word_embeddings,
+            max_position_embeddings: $cfg.max_position_embeddings,
+            eos_token_ids: &$cfg.eos_token_ids,
+            bos_token_id: $cfg.bos_token_id,
+        }
+    };
+}
+pub(crate) use stack_dims;
+
+impl<B: Backend, A, F> StackWeights<B, A, F> {
+    /// Reads, in checkpoint order, the embedding, every layer (`blocks(src, l)` reads its attention
+    /// and FFN blocks, then its two norms are read here), the final norm and the lm_head, uploading
+    /// each as it is read.
+    pub(crate) fn load(
+        b: &B,
+        src: &mut dyn WeightSource,
+        d: &StackDims<'_>,
+        mut blocks: impl FnMut(&mut dyn WeightSource, usize) -> Result<(A, F)>,
+    ) -> Result<(Self, ModelInfo)> {
+        let (h, eps) = (d.hidden, d.rms_norm_eps);
+        let embed = b.upload_weight(&src.dense("model.embed_tokens", [d.vocab, h])?)?;
+        let mut layers = Vec::with_capacity(d.layers);
+        for l in 0..d.layers {
+            let p = format!("model.layers.{l}");
+            let (attn, ffn) = blocks(&mut *src, l)?;
+            layers.push(Layer {
+                input_norm: Norm::load(b, src, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                attn,
+                post_norm: Norm::load(b, src, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+                ffn,
+            });
+        }
+        let norm = Norm::load(b, src, "model.norm.weight", h, eps)?;
+        let lm_head = if d.tie_word_embeddings {
+            None
+        } else {
+            Some(b.upload_weight(&src.dense("lm_head", [d.vocab, h])?)?)
+        };
+        let info = ModelInfo {
+            model_type: d.model_type.into(),
+            vocab_size: d.vocab,
+            hidden_size: h,
+            num_layers: d.layers,
+            max_position_embeddings: d.max_position_embeddings,
+            eos_token_ids: d.eos_token_ids.to_vec(),
+            bos_token_id: d.bos_token_id,
+            quantization: src.quantization(),
+        };
+        Ok((StackWeights { embed, layers, norm, lm_head }, info))
+    }
 }
 
 /// A model's layer stack, as [`forward`] drives it: its weights, its attention and FFN blocks.

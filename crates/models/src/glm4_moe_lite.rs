@@ -18,7 +18,7 @@
 //! within the best `topk_group` of `n_group` groups, weights the unbiased `s` renormalised and
 //! scaled by `routed_scaling_factor`; plus the shared expert. The first layer(s) are dense.
 
-use crate::batch::{self, BatchPlan, DecodeGraph, Layer, Stack, StackWeights};
+use crate::batch::{self, BatchPlan, DecodeGraph, Stack, StackWeights};
 use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, upload_f32, zeros,
@@ -289,11 +289,10 @@ impl<B: Backend> Glm4MoeLite<B> {
     /// `num_hidden_layers` are never read.
     pub(crate) fn build(backend: B, cfg: Config, src: &mut dyn WeightSource) -> Result<Self> {
         let b = &backend;
-        let (h, eps, heads) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.num_heads);
+        let (h, heads) = (cfg.hidden_size, cfg.num_heads);
         let qk = cfg.qk_head_dim();
-        let embed = b.upload_weight(&src.dense("model.embed_tokens", [cfg.vocab_size, h])?)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
+        let dims = batch::stack_dims!(cfg);
+        let (w, info) = StackWeights::load(b, src, &dims, |src, l| {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let q = match cfg.q_lora_rank {
@@ -344,30 +343,8 @@ impl<B: Backend> Glm4MoeLite<B> {
             } else {
                 Ffn::Dense(Mlp::load(b, src, &format!("{p}.mlp"), cfg.intermediate_size, h)?)
             };
-            layers.push(Layer {
-                input_norm: Norm::load(b, src, &format!("{p}.input_layernorm.weight"), h, eps)?,
-                attn,
-                post_norm: Norm::load(b, src, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
-                ffn,
-            });
-        }
-        let norm = Norm::load(b, src, "model.norm.weight", h, eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(b.upload_weight(&src.dense("lm_head", [cfg.vocab_size, h])?)?)
-        };
-        let info = ModelInfo {
-            model_type: MODEL_TYPE.into(),
-            vocab_size: cfg.vocab_size,
-            hidden_size: h,
-            num_layers: cfg.num_layers,
-            max_position_embeddings: cfg.max_position_embeddings,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            quantization: src.quantization(),
-        };
-        let w = StackWeights { embed, layers, norm, lm_head };
+            Ok((attn, ffn))
+        })?;
         Ok(Glm4MoeLite { backend, cfg, info, w })
     }
 

@@ -6,7 +6,7 @@
 //! q_norm/k_norm are RMSNorms over `head_dim`, per head, applied before NeoX (rotate-half) RoPE.
 //! The KV cache holds per layer k and v as `[capacity, kv_heads, head_dim]`.
 
-use crate::batch::{self, BatchPlan, DecodeGraph, Layer, Stack, StackWeights};
+use crate::batch::{self, BatchPlan, DecodeGraph, Stack, StackWeights};
 use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, zeros,
@@ -196,9 +196,8 @@ impl<B: Backend> Qwen3Moe<B> {
     pub(crate) fn build(backend: B, cfg: Config, src: &mut dyn WeightSource) -> Result<Self> {
         let b = &backend;
         let (h, d, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
-        let embed = b.upload_weight(&src.dense("model.embed_tokens", [cfg.vocab_size, h])?)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
+        let dims = batch::stack_dims!(cfg);
+        let (w, info) = StackWeights::load(b, src, &dims, |src, l| {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let attn = Attention {
@@ -228,30 +227,8 @@ impl<B: Backend> Qwen3Moe<B> {
                 let inter = cfg.intermediate_size.expect("checked in Config::from_json");
                 Ffn::Dense(Mlp::load(b, src, &format!("{p}.mlp"), inter, h)?)
             };
-            layers.push(Layer {
-                input_norm: Norm::load(b, src, &format!("{p}.input_layernorm.weight"), h, eps)?,
-                attn,
-                post_norm: Norm::load(b, src, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
-                ffn,
-            });
-        }
-        let norm = Norm::load(b, src, "model.norm.weight", h, eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(b.upload_weight(&src.dense("lm_head", [cfg.vocab_size, h])?)?)
-        };
-        let info = ModelInfo {
-            model_type: MODEL_TYPE.into(),
-            vocab_size: cfg.vocab_size,
-            hidden_size: h,
-            num_layers: cfg.num_layers,
-            max_position_embeddings: cfg.max_position_embeddings,
-            eos_token_ids: cfg.eos_token_ids.clone(),
-            bos_token_id: cfg.bos_token_id,
-            quantization: src.quantization(),
-        };
-        let w = StackWeights { embed, layers, norm, lm_head };
+            Ok((attn, ffn))
+        })?;
         Ok(Qwen3Moe { backend, cfg, info, w })
     }
 
