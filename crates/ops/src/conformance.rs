@@ -527,9 +527,12 @@ pub fn check_linear_odd_shapes<B: Backend>(b: &B, seed: u64) -> Check {
         linear_case(&mut cx, b, kind, 37, 50, &[1, 3, 33], &both)?;
     }
     // A wide output at one token (lm_head-like): GPU backends give each lane group several rows
-    // once the blocks fill a few waves, one row below that (every other shape here).
+    // once the blocks fill a few waves, one row below that (every other shape here). And a
+    // short output with long rows at one token: GPU backends spread each row over several
+    // warps there (the one-row GEMVs of up to a block per row).
     for kind in FP4_KINDS {
         linear_case(&mut cx, b, kind, 12288, 2048, &[1], &[DType::F32])?;
+        linear_case(&mut cx, b, kind, 256, 4096, &[1], &[DType::F32])?;
     }
     // Block scales at the ends of their formats, which GPU decoders that fold the scale into a
     // narrower type must handle: E8M0 2^-27 ..= 2^23 in one matrix, E4M3 from its smallest
