@@ -9,9 +9,10 @@
 // - codes are decoded two at a time by bit placement (fp4_e2m1_pair_bf16 from the generated
 //   fp4.cuh: two instructions per pair, exact, code * 2^-126 in bf16), scaled in bf16 by the
 //   block scale * 2^(126 - s_off) (exact: at most 5 significant bits; E4M3 from a 256-entry
-//   shared table, E8M0 computed, scale_pair), widened to f32 and multiplied by x in f32. A per-lane shared table of the 16 values
-//   took about six instructions per element (extract, address, load, multiply), which left the
-//   MoE and lm_head products instruction-bound near 1 TB/s on the H100;
+//   shared table, E8M0 computed, scale_pair), widened to f32 and multiplied by x in f32. A
+//   per-lane shared table of the 16 values took about six instructions per element (extract,
+//   address, load, multiply), which left the MoE and lm_head products instruction-bound near
+//   1 TB/s on the H100;
 // - lane partials are combined with shuffles inside the group, in a fixed order (deterministic).
 #include "common.cuh"
 
