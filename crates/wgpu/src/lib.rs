@@ -10,14 +10,19 @@
 //!   variant and cached.
 //! - [`weight`]: weights are uploaded once, split into chunks of whole rows when a matrix is
 //!   larger than one storage binding may be (128 MiB on lavapipe; an lm_head is 622 MB).
-//! - [`queue`]: ops record dispatches into one pending command encoder; it is submitted only
-//!   when the host waits (download, synchronize) or a large batch has built up, so a forward pass
-//!   is a handful of submits.
+//! - [`queue`]: ops record dispatches into one compute pass of one pending command encoder; it
+//!   is submitted only when the host waits (download, synchronize) or a large batch has built
+//!   up, so a forward pass is a handful of submits. Bind groups are cached.
+//! - [`pool`]: activation buffers are reused by size class, so a steady decode loop creates no
+//!   buffers and binds the same ones every step. With a buffer, bind group and pass per op,
+//!   wgpu's host time was ~16 us per op on the 2-core development machine; now ~2.5 us (more
+//!   than most decode kernels take on a fast GPU, and a decode step is ~1000 ops).
 //! - `ops.rs`: the op trait, each op validating shapes on the host and recording kernels.
 
 mod context;
 mod kernels;
 mod ops;
+mod pool;
 mod queue;
 mod weight;
 
@@ -29,11 +34,14 @@ use fp4moe_ops::KernelConfig;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// A device buffer behind a tensor. Sizes are rounded up to whole words (bf16 tensors pack two
-/// elements a word) and to at least one word, as storage bindings require.
-#[derive(Debug)]
+/// A device buffer behind a tensor, from the backend's [`pool`]: at least the tensor's bytes
+/// rounded up to whole words (bf16 tensors pack two elements a word), often more (its size
+/// class), so kernels take element counts from their params, never from the binding's length.
 pub struct GpuBuf {
     buf: wgpu::Buffer,
+    pool: Arc<pool::Pool>,
+    /// Whether the buffer goes back to the pool when dropped (else it is released).
+    pooled: bool,
 }
 
 impl GpuBuf {
@@ -42,11 +50,35 @@ impl GpuBuf {
     }
 }
 
+impl std::fmt::Debug for GpuBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBuf").field("bytes", &self.buf.size()).field("pooled", &self.pooled).finish()
+    }
+}
+
+impl std::ops::Deref for GpuBuf {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        &self.buf
+    }
+}
+
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        if self.pooled {
+            self.pool.put(self.buf.clone());
+        } else {
+            self.pool.released();
+        }
+    }
+}
+
 /// The wgpu backend. Cheap to share by reference; all interior state is behind locks.
 pub struct WgpuBackend {
     ctx: context::Context,
     kernels: kernels::Cache,
     queue: queue::Pending,
+    pool: Arc<pool::Pool>,
     config: KernelConfig,
     /// Largest byte size of one weight chunk (the device's storage binding limit unless lowered
     /// for tests).
@@ -68,6 +100,7 @@ impl WgpuBackend {
         Ok(WgpuBackend {
             kernels: kernels::Cache::default(),
             queue: queue::Pending::default(),
+            pool: Arc::default(),
             config: opts.config,
             max_chunk_bytes,
             inv_freq: Mutex::new(HashMap::new()),

@@ -50,24 +50,14 @@ fn tensor_bytes(shape: &[usize], dtype: DType) -> u64 {
 }
 
 impl WgpuBackend {
+    /// A tensor with unspecified contents (a pooled buffer): every kernel writing it covers it.
     fn alloc(&self, shape: &[usize], dtype: DType) -> GT {
-        let size = tensor_bytes(shape, dtype).div_ceil(4).max(1) * 4;
-        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        Tensor::new(Arc::new(GpuBuf { buf }), shape.to_vec(), dtype)
+        let buf = self.pool.take(&self.ctx.device, tensor_bytes(shape, dtype));
+        Tensor::new(Arc::new(buf), shape.to_vec(), dtype)
     }
 
-    fn scratch(&self, words: usize) -> wgpu::Buffer {
-        self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("scratch"),
-            size: (words.max(1) * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
+    fn scratch(&self, words: usize) -> GpuBuf {
+        self.pool.take(&self.ctx.device, (words.max(1) * 4) as u64)
     }
 
     fn k(&self, src: Src, entry: &'static str) -> Result<Arc<Kernel>> {
@@ -199,10 +189,10 @@ impl WgpuBackend {
                 (2, &q2b.storage.buf),
                 (3, &kb.storage.buf),
                 (4, &vb.storage.buf),
-                (5, &part),
+                (5, &*part),
             ];
             self.dispatch(&kc, &params, &binds, [u(chunks), u(hq), u(tc)])?;
-            self.dispatch(&km, &params, &[(5, &part), (6, &out.storage.buf)], [1, u(hq), u(tc)])?;
+            self.dispatch(&km, &params, &[(5, &*part), (6, &out.storage.buf)], [1, u(hq), u(tc)])?;
             t0 += tc;
         }
         Ok(out)
@@ -217,7 +207,7 @@ impl WgpuBackend {
         experts: &MoeWeights<'_, WgpuWeight>,
         dims: MoeDims,
         path: MoePath,
-    ) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
+    ) -> Result<(GpuBuf, Option<GpuBuf>)> {
         const OP: &str = "moe";
         let MoeDims { pairs, k, h, inter } = dims;
         let e_n = experts.n_experts;
@@ -247,7 +237,7 @@ impl WgpuBackend {
                 let kg = self.kw(Src::MoeGemv, "moe_gate_up_gemv", gu.kind, None)?;
                 for c in &gu.chunks {
                     let (lo, hi) = span(gu, c, 2 * inter)?;
-                    let mut b = vec![(1, &x.storage.buf), (2, &ids.storage.buf), (3, &act)];
+                    let mut b = vec![(1, &x.storage.buf), (2, &ids.storage.buf), (3, &*act)];
                     b.extend(c.bindings());
                     let g = [u(inter.div_ceil(shape::GEMV_ROWS as usize)), 1, u(pairs)];
                     self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
@@ -255,7 +245,7 @@ impl WgpuBackend {
                 let kd = self.kw(Src::MoeGemv, "moe_down_gemv", dn.kind, None)?;
                 for c in &dn.chunks {
                     let (lo, hi) = span(dn, c, h)?;
-                    let mut b = vec![(1, &act), (2, &ids.storage.buf), (3, &y)];
+                    let mut b = vec![(1, &*act), (2, &ids.storage.buf), (3, &*y)];
                     b.extend(c.bindings());
                     let g = [u(h.div_ceil(shape::GEMV_ROWS as usize)), 1, u(pairs)];
                     self.dispatch(&kd, &params(lo, hi, c.row0), &b, g)?;
@@ -268,12 +258,12 @@ impl WgpuBackend {
                 let pos = self.scratch(pairs);
                 let tiles = self.scratch(3 * max_tiles);
                 let ks = self.k(Src::Moe, "moe_sort")?;
-                let b = [(1, &ids.storage.buf), (2, &sorted), (3, &pos), (4, &tiles)];
+                let b = [(1, &ids.storage.buf), (2, &*sorted), (3, &*pos), (4, &*tiles)];
                 self.dispatch(&ks, &params(0, e_n, 0), &b, [1, 1, 1])?;
                 let kg = self.kw(Src::MoeTile, "moe_gate_up_tile", gu.kind, Some(nt))?;
                 for c in &gu.chunks {
                     let (lo, hi) = span(gu, c, 2 * inter)?;
-                    let mut b = vec![(1, &x.storage.buf), (2, &sorted), (3, &tiles), (4, &act)];
+                    let mut b = vec![(1, &x.storage.buf), (2, &*sorted), (3, &*tiles), (4, &*act)];
                     b.extend(c.bindings());
                     let g = [u(max_tiles), u(inter.div_ceil(nt as usize)), 1];
                     self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
@@ -282,7 +272,7 @@ impl WgpuBackend {
                 for c in &dn.chunks {
                     let (lo, hi) = span(dn, c, h)?;
                     // The down GEMM reads act in sorted order already: no `sorted` binding.
-                    let mut b = vec![(1, &act), (3, &tiles), (4, &y)];
+                    let mut b = vec![(1, &*act), (3, &*tiles), (4, &*y)];
                     b.extend(c.bindings());
                     let g = [u(max_tiles), u(h.div_ceil(nt as usize)), 1];
                     self.dispatch(&kd, &params(lo, hi, c.row0), &b, g)?;
@@ -347,13 +337,15 @@ impl Backend for WgpuBackend {
         if bytes.len() != n * 4 {
             return Err(shape_err("upload", format!("{} elements for shape {shape:?}", bytes.len() / 4)));
         }
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let buf = self.ctx.buffer_init(bytes, usage);
-        Ok(Tensor::new(Arc::new(GpuBuf { buf }), shape.to_vec(), dtype))
+        let out = self.alloc(shape, dtype);
+        self.write_buffer(&out.storage, bytes);
+        Ok(out)
     }
 
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<GT> {
-        Ok(self.alloc(shape, dtype))
+        let out = self.alloc(shape, dtype);
+        self.clear(&out.storage);
+        Ok(out)
     }
 
     fn download(&self, t: &GT) -> Result<HostData> {
@@ -758,7 +750,7 @@ impl Backend for WgpuBackend {
             .into_iter()
             .chain([u32::from(shared_out.is_some()), u32::from(identity), 0])
             .collect::<Vec<_>>();
-        let b = [(1, &y), (2, &pos), (3, &weights.storage.buf), (4, sh), (5, &out.storage.buf)];
+        let b = [(1, &*y), (2, &*pos), (3, &weights.storage.buf), (4, sh), (5, &out.storage.buf)];
         if k == 0 {
             // No routed experts: the output is the shared expert alone (or zeros).
             if let Some(so) = &shared_out {

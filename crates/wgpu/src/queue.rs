@@ -1,10 +1,17 @@
 //! The pending command encoder: ops record compute passes into it, and it is submitted only when
 //! the host waits for results (or after [`SUBMIT_EVERY`] dispatches, which bounds the memory of
-//! one command buffer), so a forward pass costs a handful of submits, not one per op.
+//! one command buffer and lets the GPU start while the host records), so a forward pass costs a
+//! handful of submits, not one per op.
+//!
+//! Host cost per dispatch is what bounds a decode step on a fast GPU (hundreds of small
+//! kernels), so nothing is created per dispatch once a loop is steady: buffers come from the
+//! pool, uniform params go to per-segment buffers that are reused every step, and bind groups
+//! are cached by (kernel, params slot, buffers).
 
 use crate::kernels::Kernel;
 use crate::{GpuBuf, WgpuBackend};
 use fp4moe_ops::{Error, Result};
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 /// Dispatches recorded before the encoder is submitted without waiting.
@@ -14,32 +21,77 @@ const SUBMIT_EVERY: usize = 2048;
 /// the uniform offset alignment every adapter accepts (WebGPU's default limit is 256).
 const PARAMS_STRIDE: usize = 256;
 
+/// Cached bind groups kept before the cache starts over (a steady decode step needs one per
+/// dispatch).
+const MAX_CACHED_BIND_GROUPS: usize = 16384;
+
 #[derive(Default)]
 pub struct Pending(Mutex<State>);
 
+/// A bind group's identity: the kernel, the params slot (segment, offset, size) and the buffers
+/// at each binding.
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    kernel: usize,
+    params: (usize, usize, usize),
+    binds: Vec<(u32, wgpu::Buffer)>,
+}
+
 /// The encoder being recorded, with the uniform params of its dispatches: they are gathered on
-/// the host and written into one buffer just before submission (one buffer per submit rather
-/// than one per dispatch).
+/// the host and written into the segment's params buffer just before submission.
 #[derive(Default)]
 struct State {
+    /// The open compute pass of `enc` (dispatches go into one pass until a copy needs the
+    /// encoder: wgpu's cost per pass is larger than per dispatch).
+    pass: Option<wgpu::ComputePass<'static>>,
     enc: Option<wgpu::CommandEncoder>,
-    params: Option<wgpu::Buffer>,
+    /// One params buffer per segment (the dispatches between two submits) since the host last
+    /// waited; reused by the same segment of the next step.
+    params: Vec<wgpu::Buffer>,
+    /// The segment being recorded.
+    seg: usize,
     staged: Vec<u8>,
     recorded: usize,
+    binds: HashMap<BindKey, wgpu::BindGroup>,
+    /// The pool generation the cached bind groups belong to.
+    binds_gen: u64,
 }
 
 impl State {
     /// Takes the encoder for submission, writing the staged params first (queue writes are
-    /// ordered before the command buffers submitted after them).
-    fn take(&mut self, queue: &wgpu::Queue) -> Option<wgpu::CommandEncoder> {
-        if let Some(p) = self.params.take()
-            && !self.staged.is_empty()
-        {
-            queue.write_buffer(&p, 0, &self.staged);
+    /// ordered before the command buffers submitted after them, and after those submitted
+    /// before). `waiting`: the host waits next, so the following work starts at segment 0.
+    fn take(&mut self, queue: &wgpu::Queue, waiting: bool) -> Option<wgpu::CommandEncoder> {
+        if !self.staged.is_empty() {
+            queue.write_buffer(&self.params[self.seg], 0, &self.staged);
+        }
+        self.pass = None;
+        let enc = self.enc.take();
+        if enc.is_some() {
+            self.seg += 1;
+        }
+        if waiting {
+            self.seg = 0;
         }
         self.staged.clear();
         self.recorded = 0;
-        self.enc.take()
+        enc
+    }
+
+    /// The encoder, for commands outside a compute pass (ends the open pass).
+    fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.enc.get_or_insert_with(|| device.create_command_encoder(&Default::default()))
+    }
+
+    fn pass(&mut self, device: &wgpu::Device) -> &mut wgpu::ComputePass<'static> {
+        if self.pass.is_none() {
+            let enc = self.enc.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
+            let pass =
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            self.pass = Some(pass.forget_lifetime());
+        }
+        self.pass.as_mut().expect("opened above")
     }
 }
 
@@ -63,9 +115,10 @@ impl WgpuBackend {
             return Err(Error::Device(format!("{} bytes of params exceed {PARAMS_STRIDE}", bytes.len())));
         }
         let mut st = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if st.enc.is_none() {
-            st.enc = Some(self.ctx.device.create_command_encoder(&Default::default()));
-            st.params = Some(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        let st = &mut *st;
+        let device = &self.ctx.device;
+        while st.params.len() <= st.seg {
+            st.params.push(device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("params"),
                 size: (SUBMIT_EVERY * PARAMS_STRIDE) as u64,
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -75,45 +128,69 @@ impl WgpuBackend {
         let offset = st.staged.len();
         st.staged.extend_from_slice(&bytes);
         st.staged.resize(offset + PARAMS_STRIDE, 0);
-        let pbuf = st.params.as_ref().expect("created with the encoder");
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: pbuf,
-                offset: offset as u64,
-                size: std::num::NonZeroU64::new(bytes.len() as u64),
-            }),
-        }];
-        entries.extend(
-            binds
-                .iter()
-                .map(|(b, buf)| wgpu::BindGroupEntry { binding: *b, resource: buf.as_entire_binding() }),
-        );
-        let bg = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &k.layout,
-            entries: &entries,
-        });
-        let enc = st.enc.as_mut().expect("created above");
-        {
-            let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            pass.set_pipeline(&k.pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        let pool_gen = self.pool.generation();
+        if pool_gen != st.binds_gen || st.binds.len() >= MAX_CACHED_BIND_GROUPS {
+            st.binds.clear();
+            st.binds_gen = pool_gen;
         }
+        let key = BindKey {
+            kernel: std::sync::Arc::as_ptr(k) as usize,
+            params: (st.seg, offset, bytes.len()),
+            binds: binds.iter().map(|&(b, buf)| (b, buf.clone())).collect(),
+        };
+        let pbuf = &st.params[st.seg];
+        let bg = st.binds.entry(key).or_insert_with(|| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: pbuf,
+                    offset: offset as u64,
+                    size: std::num::NonZeroU64::new(bytes.len() as u64),
+                }),
+            }];
+            entries.extend(
+                binds
+                    .iter()
+                    .map(|(b, buf)| wgpu::BindGroupEntry { binding: *b, resource: buf.as_entire_binding() }),
+            );
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &k.layout,
+                entries: &entries,
+            })
+        });
+        let bg = bg.clone();
+        let pass = st.pass(device);
+        pass.set_pipeline(&k.pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         st.recorded += 1;
         if st.recorded >= SUBMIT_EVERY {
-            let enc = st.take(&self.ctx.queue).expect("encoder was just used");
-            drop(st);
+            let enc = st.take(&self.ctx.queue, false).expect("encoder was just used");
             self.ctx.queue.submit([enc.finish()]);
         }
         Ok(())
     }
 
-    /// Submits what is pending (without waiting) and returns wgpu's deferred errors.
-    pub(crate) fn flush(&self) -> Result<()> {
-        let enc = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner).take(&self.ctx.queue);
+    /// Records a copy of `bytes` into `dst` (in order with the recorded dispatches: a pooled
+    /// buffer may still be read by a dispatch recorded before it was freed).
+    pub(crate) fn write_buffer(&self, dst: &GpuBuf, mut bytes: Vec<u8>) {
+        bytes.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+        let src = self.ctx.buffer_init(bytes, wgpu::BufferUsages::COPY_SRC);
+        let mut st = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
+        st.encoder(&self.ctx.device).copy_buffer_to_buffer(&src, 0, dst, 0, src.size());
+    }
+
+    /// Records zeroing the whole of `dst`.
+    pub(crate) fn clear(&self, dst: &GpuBuf) {
+        let mut st = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
+        st.encoder(&self.ctx.device).clear_buffer(dst, 0, None);
+    }
+
+    /// Submits what is pending and returns wgpu's deferred errors; `waiting`: the host waits
+    /// for the GPU next.
+    fn submit(&self, waiting: bool) -> Result<()> {
+        let enc = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner).take(&self.ctx.queue, waiting);
         if let Some(enc) = enc {
             self.ctx.queue.submit([enc.finish()]);
         }
@@ -121,7 +198,7 @@ impl WgpuBackend {
     }
 
     pub(crate) fn wait(&self) -> Result<()> {
-        self.flush()?;
+        self.submit(true)?;
         self.ctx
             .device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -143,7 +220,7 @@ impl WgpuBackend {
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take(&self.ctx.queue)
+            .take(&self.ctx.queue, true)
             .unwrap_or_else(|| self.ctx.device.create_command_encoder(&Default::default()));
         enc.copy_buffer_to_buffer(&src.buf, 0, &staging, 0, size);
         self.ctx.queue.submit([enc.finish()]);

@@ -16,6 +16,8 @@ pub struct WgpuWeight {
     pub(crate) cols: usize,
     pub(crate) kind: WKind,
     pub(crate) chunks: Vec<Chunk>,
+    /// Tells the bind-group cache, which holds the chunks' buffers, to let go on drop.
+    _release: crate::pool::Release,
 }
 
 /// Rows `row0 .. row0 + rows` of a weight, bound at bindings 8.. (see weight_*.wgsl).
@@ -86,7 +88,7 @@ impl WgpuBackend {
                     chunks.push(Chunk { row0, rows: n, bufs });
                     row0 += n.max(1);
                 }
-                Ok(WgpuWeight { rows, cols, kind, chunks })
+                Ok(WgpuWeight { rows, cols, kind, chunks, _release: crate::pool::Release(self.pool.clone()) })
             }
             HostWeight::Dense { dtype, bytes, .. } => {
                 let sz = dtype.size();
@@ -113,7 +115,7 @@ impl WgpuBackend {
                     chunks.push(Chunk { row0, rows: n, bufs: vec![self.ctx.buffer_init(data, usage)] });
                     row0 += n.max(1);
                 }
-                Ok(WgpuWeight { rows, cols, kind, chunks })
+                Ok(WgpuWeight { rows, cols, kind, chunks, _release: crate::pool::Release(self.pool.clone()) })
             }
         }
     }
