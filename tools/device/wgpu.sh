@@ -63,10 +63,11 @@ if has model; then
 fi
 
 if has profile; then
+    # Device time per kernel from timestamp queries (each dispatch in its own timed pass).
     for m in qwen3-30b-a3b glm-4.7-flash; do
-        say "fp4moe bench model --profile --backend wgpu --synthetic $m"
-        timeout 200 $BIN/fp4moe bench model --profile --backend wgpu --synthetic $m --decode-tokens 8 2>&1 |
-            tail -60 | tee -a "$LOG"
+        say "FP4MOE_WGPU_TIMESTAMPS=1 fp4moe bench model --backend wgpu --synthetic $m"
+        FP4MOE_WGPU_TIMESTAMPS=1 timeout 200 $BIN/fp4moe bench model --backend wgpu --synthetic $m \
+            --decode-tokens 8 --json "$OUT/kernels_$m.json" 2>&1 | tail -60 | tee -a "$LOG"
     done
 fi
 

@@ -115,6 +115,13 @@ pub trait Backend: Send + Sync {
         })
     }
 
+    /// Device time per kernel, for a backend that times its kernels on the device (wgpu with
+    /// `FP4MOE_WGPU_TIMESTAMPS=1`): a shared handle that accumulates while work runs. `None`
+    /// where the backend does not (CUDA's per-kernel times come from Nsight Compute).
+    fn kernel_stats(&self) -> Option<std::sync::Arc<std::sync::Mutex<profile::OpStats>>> {
+        None
+    }
+
     /// Uploads a weight matrix `[rows, cols]` (FP4 or dense) once.
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Weight>;
     /// `[rows, cols]` of an uploaded weight.

@@ -85,6 +85,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }
+    fn kernel_stats(&self) -> Option<Arc<Mutex<OpStats>>> {
+        self.inner.kernel_stats()
+    }
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Weight> {
         self.inner.upload_weight(w)
     }

@@ -30,7 +30,14 @@ pub struct Caps {
     pub cooperative_matrix: Vec<String>,
     pub max_storage_binding: u64,
     pub max_workgroup_memory: u32,
+    /// Kernels are timed on the device ([`TIMESTAMPS_ENV`] set and the adapter offers
+    /// timestamp queries).
+    pub timestamps: bool,
 }
+
+/// Environment variable that turns on per-kernel device timing (each dispatch then gets its own
+/// compute pass with timestamps, and each submit waits for its times: slower, for profiling).
+pub const TIMESTAMPS_ENV: &str = "FP4MOE_WGPU_TIMESTAMPS";
 
 pub(crate) struct Context {
     pub device: wgpu::Device,
@@ -76,9 +83,12 @@ impl Context {
         let adapter = adapters.into_iter().next().ok_or(Error::NoAdapter)?;
         let info = adapter.get_info();
         let offered = adapter.features();
-        let wanted = wgpu::Features::SHADER_F16
+        let mut wanted = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
             | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        if std::env::var_os(TIMESTAMPS_ENV).is_some_and(|v| v != "0") {
+            wanted |= wgpu::Features::TIMESTAMP_QUERY;
+        }
         let features = offered & wanted;
         let coop = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
         let limits = adapter.limits();
@@ -122,6 +132,7 @@ impl Context {
             cooperative_matrix,
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_workgroup_memory: limits.max_compute_workgroup_storage_size,
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
         Ok(Context { device, queue, caps, errors })
     }

@@ -191,6 +191,8 @@ pub fn all_sources() -> Vec<(String, String)> {
 
 /// A compiled entry point.
 pub struct Kernel {
+    /// Entry point, weight kind and tile, for per-kernel timings (`gemv:Mxfp4`, `gemm:Bf16:64`).
+    pub name: String,
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
 }
@@ -237,7 +239,14 @@ impl Cache {
             return Err(fp4moe_ops::Error::Device(format!("compiling {entry} ({variant:?}): {e}")));
         }
         let layout = pipeline.get_bind_group_layout(0);
-        let k = Arc::new(Kernel { pipeline, layout });
+        let mut name = entry.to_string();
+        if let Some(w) = variant.weight {
+            name += &format!(":{w:?}");
+        }
+        if let Some(nt) = variant.n_tile {
+            name += &format!(":{nt}");
+        }
+        let k = Arc::new(Kernel { name, pipeline, layout });
         self.kernels.lock().unwrap_or_else(PoisonError::into_inner).insert((variant, entry), k.clone());
         Ok(k)
     }

@@ -24,6 +24,7 @@ mod kernels;
 mod ops;
 mod pool;
 mod queue;
+mod timing;
 mod weight;
 
 pub use context::{Caps, Error};
@@ -99,7 +100,9 @@ impl WgpuBackend {
         let max_chunk_bytes = opts.max_chunk_bytes.map_or(limit, |b| b.min(limit));
         Ok(WgpuBackend {
             kernels: kernels::Cache::default(),
-            queue: queue::Pending::default(),
+            queue: queue::Pending::new(
+                ctx.caps.timestamps.then(|| timing::Timer::new(&ctx.device, &ctx.queue, queue::SUBMIT_EVERY)),
+            ),
             pool: Arc::default(),
             config: opts.config,
             max_chunk_bytes,

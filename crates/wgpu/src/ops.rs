@@ -369,6 +369,10 @@ impl Backend for WgpuBackend {
         self.wait()
     }
 
+    fn kernel_stats(&self) -> Option<Arc<std::sync::Mutex<fp4moe_ops::profile::OpStats>>> {
+        WgpuBackend::kernel_stats(self)
+    }
+
     fn upload_weight(&self, w: &HostWeight) -> Result<WgpuWeight> {
         self.upload_weight_impl(w)
     }

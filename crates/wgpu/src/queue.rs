@@ -9,13 +9,15 @@
 //! are cached by (kernel, params slot, buffers).
 
 use crate::kernels::Kernel;
+use crate::timing::Timer;
 use crate::{GpuBuf, WgpuBackend};
+use fp4moe_ops::profile::OpStats;
 use fp4moe_ops::{Error, Result};
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Dispatches recorded before the encoder is submitted without waiting.
-const SUBMIT_EVERY: usize = 2048;
+pub(crate) const SUBMIT_EVERY: usize = 2048;
 
 /// Bytes reserved per dispatch in the params buffer: the largest params struct, rounded up to
 /// the uniform offset alignment every adapter accepts (WebGPU's default limit is 256).
@@ -27,6 +29,17 @@ const MAX_CACHED_BIND_GROUPS: usize = 16384;
 
 #[derive(Default)]
 pub struct Pending(Mutex<State>);
+
+impl Pending {
+    pub fn new(timer: Option<Timer>) -> Pending {
+        Pending(Mutex::new(State { timer, ..State::default() }))
+    }
+
+    /// The per-kernel times, when kernels are timed.
+    pub fn kernel_stats(&self) -> Option<Arc<Mutex<OpStats>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).timer.as_ref().map(|t| t.stats.clone())
+    }
+}
 
 /// A bind group's identity: the kernel, the params slot (segment, offset, size) and the buffers
 /// at each binding.
@@ -55,6 +68,8 @@ struct State {
     binds: HashMap<BindKey, wgpu::BindGroup>,
     /// The pool generation the cached bind groups belong to.
     binds_gen: u64,
+    /// Per-kernel device timing, when on.
+    timer: Option<Timer>,
 }
 
 impl State {
@@ -66,8 +81,11 @@ impl State {
             queue.write_buffer(&self.params[self.seg], 0, &self.staged);
         }
         self.pass = None;
-        let enc = self.enc.take();
-        if enc.is_some() {
+        let mut enc = self.enc.take();
+        if let Some(e) = enc.as_mut() {
+            if let Some(t) = self.timer.as_mut() {
+                t.resolve(e);
+            }
             self.seg += 1;
         }
         if waiting {
@@ -160,16 +178,43 @@ impl WgpuBackend {
             })
         });
         let bg = bg.clone();
-        let pass = st.pass(device);
-        pass.set_pipeline(&k.pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        if let Some(t) = st.timer.as_mut() {
+            // A pass of its own, timestamped at its start and end.
+            st.pass = None;
+            let enc = st.enc.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(t.writes(&k.name)),
+            });
+            pass.set_pipeline(&k.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        } else {
+            let pass = st.pass(device);
+            pass.set_pipeline(&k.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
         st.recorded += 1;
         if st.recorded >= SUBMIT_EVERY {
             let enc = st.take(&self.ctx.queue, false).expect("encoder was just used");
-            self.ctx.queue.submit([enc.finish()]);
+            self.submit_encoder(st, enc)?;
         }
         Ok(())
+    }
+
+    /// Submits a taken encoder (collecting its kernel times when timed).
+    fn submit_encoder(&self, st: &mut State, enc: wgpu::CommandEncoder) -> Result<()> {
+        self.ctx.queue.submit([enc.finish()]);
+        match st.timer.as_mut() {
+            Some(t) => t.collect(&self.ctx.device),
+            None => Ok(()),
+        }
+    }
+
+    /// Per-kernel device times, when kernels are timed ([`crate::context::TIMESTAMPS_ENV`]).
+    pub(crate) fn kernel_stats(&self) -> Option<Arc<Mutex<OpStats>>> {
+        self.queue.kernel_stats()
     }
 
     /// Records a copy of `bytes` into `dst` (in order with the recorded dispatches: a pooled
@@ -190,9 +235,9 @@ impl WgpuBackend {
     /// Submits what is pending and returns wgpu's deferred errors; `waiting`: the host waits
     /// for the GPU next.
     fn submit(&self, waiting: bool) -> Result<()> {
-        let enc = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner).take(&self.ctx.queue, waiting);
-        if let Some(enc) = enc {
-            self.ctx.queue.submit([enc.finish()]);
+        let mut st = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(enc) = st.take(&self.ctx.queue, waiting) {
+            self.submit_encoder(&mut st, enc)?;
         }
         self.ctx.take_errors()
     }
@@ -215,15 +260,14 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self
-            .queue
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(&self.ctx.queue, true)
-            .unwrap_or_else(|| self.ctx.device.create_command_encoder(&Default::default()));
-        enc.copy_buffer_to_buffer(&src.buf, 0, &staging, 0, size);
-        self.ctx.queue.submit([enc.finish()]);
+        {
+            let mut st = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut enc = st
+                .take(&self.ctx.queue, true)
+                .unwrap_or_else(|| self.ctx.device.create_command_encoder(&Default::default()));
+            enc.copy_buffer_to_buffer(&src.buf, 0, &staging, 0, size);
+            self.submit_encoder(&mut st, enc)?;
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);

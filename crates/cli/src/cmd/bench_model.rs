@@ -266,6 +266,8 @@ struct Built {
     backend: String,
     device_gbps: Option<f64>,
     stats: Option<Arc<Mutex<OpStats>>>,
+    /// Device time per kernel, on backends that time kernels (wgpu with timestamps on).
+    kernels: Option<Arc<Mutex<OpStats>>>,
 }
 
 impl OnBackend for BuildForBench {
@@ -273,6 +275,7 @@ impl OnBackend for BuildForBench {
     fn run<B: Backend + 'static>(self, backend: B) -> anyhow::Result<Built> {
         let name = backend.name();
         let device_gbps = gpu_bandwidth(&backend)?;
+        let kernels = backend.kernel_stats();
         let (arch, layers, format) = (self.arch, self.layers, self.format);
         let (model, stats) = if self.profile {
             let p = Profiled::new(backend);
@@ -281,7 +284,7 @@ impl OnBackend for BuildForBench {
         } else {
             (fp4moe_models::synthetic(backend, arch, layers, format, SYNTHETIC_WEIGHT_SEED)?, None)
         };
-        Ok(Built { model, backend: name, device_gbps, stats })
+        Ok(Built { model, backend: name, device_gbps, stats, kernels })
     }
 }
 
@@ -302,6 +305,8 @@ struct Timings {
     first_steps_ms: Vec<f64>,
     prefill_ops: Option<OpStats>,
     decode_ops: Option<OpStats>,
+    prefill_kernels: Option<OpStats>,
+    decode_kernels: Option<OpStats>,
 }
 
 fn take(stats: &Option<Arc<Mutex<OpStats>>>) -> Option<OpStats> {
@@ -313,6 +318,7 @@ fn time_model(
     prefill: usize,
     decode: usize,
     stats: &Option<Arc<Mutex<OpStats>>>,
+    kernels: &Option<Arc<Mutex<OpStats>>>,
 ) -> anyhow::Result<Timings> {
     let info = model.info();
     let prompt = prompt_ids(prefill, info.vocab_size);
@@ -325,10 +331,12 @@ fn time_model(
     drop(seq);
     let mut seq = model.new_sequence(prefill + FIRST_DECODE_STEPS + decode + 1)?;
     take(stats);
+    take(kernels);
     let start = Instant::now();
     let logits = model.forward(&mut [(&mut seq, &prompt[..])], false)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let prefill_ops = take(stats);
+    let prefill_kernels = take(kernels);
     // Greedy, over the whole vocabulary: the routing then follows the model's own output.
     let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
     let mut next = sampler.sample(&logits[0])?;
@@ -342,6 +350,7 @@ fn time_model(
         first_steps_ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
     take(stats);
+    take(kernels);
     let replays = fp4moe_models::decode_graph_replays();
     let start = Instant::now();
     for _ in 0..decode {
@@ -357,6 +366,8 @@ fn time_model(
         first_steps_ms,
         prefill_ops,
         decode_ops: take(stats),
+        prefill_kernels,
+        decode_kernels: take(kernels),
     })
 }
 
@@ -416,7 +427,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         info.num_layers, args.prefill
     );
 
-    let t = time_model(model.as_ref(), args.prefill, args.decode_tokens, &built.stats)?;
+    let t = time_model(model.as_ref(), args.prefill, args.decode_tokens, &built.stats, &built.kernels)?;
     let prefill_tok_s = args.prefill as f64 / t.prefill_s;
     let decode_tok_s = t.decode_steps as f64 / t.decode_s;
     // The cache grows during the timed decode; the floor uses its mean length.
@@ -465,6 +476,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(ops) = &t.decode_ops {
         print_ops("decode", ops, t.decode_steps);
     }
+    if let Some(k) = &t.prefill_kernels {
+        print_ops(&format!("prefill ({} tokens) GPU kernels (device timestamps)", args.prefill), k, 1);
+    }
+    if let Some(k) = &t.decode_kernels {
+        print_ops("decode GPU kernels (device timestamps)", k, t.decode_steps);
+    }
 
     if let Some(path) = &args.json {
         let out = json!({
@@ -486,6 +503,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "profiled": args.profile,
             "prefill_ops": ops_json(&t.prefill_ops, 1),
             "decode_ops": ops_json(&t.decode_ops, t.decode_steps),
+            "prefill_kernels": ops_json(&t.prefill_kernels, 1),
+            "decode_kernels": ops_json(&t.decode_kernels, t.decode_steps),
             "decode_bytes_per_step": bytes.total(),
             "decode_bytes": bytes,
             "prefill_tokens": args.prefill,
