@@ -1,6 +1,7 @@
-// Routers, one thread per token (E is small; the sums run in expert order as the reference's
-// do). Top-k picks repeatedly the best entry ranked after the previous pick in the order
-// "descending value, ties to the lower id" (`ranks_before`), so no selected-set is kept.
+// Routers, one workgroup per token: each thread scores the experts lid, lid + WG, ...; the
+// softmax max and sum and each top-k pick are workgroup reductions. Top-k picks repeatedly the
+// best entry ranked after the previous pick in the order "descending value, ties to the lower
+// id" (`ranks_before`), so no selected-set is kept.
 
 struct P {
     n: u32,
@@ -19,42 +20,109 @@ struct P {
 @group(0) @binding(3) var<storage, read_write> ids: array<u32>; // [n, k]
 @group(0) @binding(4) var<storage, read_write> wts: array<f32>; // [n, k]
 
+const NONE: u32 = 0xffffffffu;
+
+struct Best {
+    v: f32,
+    i: u32,
+}
+
+var<workgroup> rv: array<f32, WG>;
+var<workgroup> ri: array<u32, WG>;
+var<workgroup> gscore: array<f32, ROUTER_MAX_GROUPS>;
+var<workgroup> kept: array<u32, ROUTER_MAX_GROUPS>;
+
+// `b` if it ranks before `a` (NONE ids rank last).
+fn better(a: Best, b: Best) -> Best {
+    if (b.i != NONE && (a.i == NONE || ranks_before(b.v, b.i, a.v, a.i))) {
+        return b;
+    }
+    return a;
+}
+
+// The workgroup's best entry; every thread gets it.
+fn wg_best(lid: u32, b: Best) -> Best {
+    rv[lid] = b.v;
+    ri[lid] = b.i;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            let w = better(Best(rv[lid], ri[lid]), Best(rv[lid + s], ri[lid + s]));
+            rv[lid] = w.v;
+            ri[lid] = w.i;
+        }
+        workgroupBarrier();
+    }
+    let r = Best(rv[0], ri[0]);
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_sum(lid: u32, v: f32) -> f32 {
+    rv[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            rv[lid] += rv[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = rv[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_max(lid: u32, v: f32) -> f32 {
+    rv[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            rv[lid] = max(rv[lid], rv[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = rv[0];
+    workgroupBarrier();
+    return r;
+}
+
 @compute @workgroup_size(WG)
-fn route_softmax(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let t = gid.x;
+fn route_softmax(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_wg(wid, nwg);
+    let lid = lid3.x;
     if (t >= p.n) {
         return;
     }
     let base = t * p.e;
     var m = neg_inf();
-    for (var i = 0u; i < p.e; i++) {
+    for (var i = lid; i < p.e; i += WG) {
         m = max(m, logits[base + i]);
     }
-    var sum = 0.0;
-    for (var i = 0u; i < p.e; i++) {
-        sum += exp(logits[base + i] - m);
+    m = wg_max(lid, m);
+    var part = 0.0;
+    for (var i = lid; i < p.e; i += WG) {
+        part += exp(logits[base + i] - m);
     }
-    var pv = 0.0;
-    var pi = 0xffffffffu;
+    let sum = wg_sum(lid, part);
+    var prev = Best(0.0, NONE);
     var sel_sum = 0.0;
     for (var s = 0u; s < p.k; s++) {
-        var bv = 0.0;
-        var bi = 0xffffffffu;
-        for (var i = 0u; i < p.e; i++) {
-            let v = exp(logits[base + i] - m) / sum;
-            let after_prev = pi == 0xffffffffu || ranks_before(pv, pi, v, i);
-            if (after_prev && (bi == 0xffffffffu || ranks_before(v, i, bv, bi))) {
-                bv = v;
-                bi = i;
+        var b = Best(0.0, NONE);
+        for (var i = lid; i < p.e; i += WG) {
+            let c = Best(exp(logits[base + i] - m) / sum, i);
+            if (prev.i == NONE || ranks_before(prev.v, prev.i, c.v, c.i)) {
+                b = better(b, c);
             }
         }
-        ids[t * p.k + s] = bi;
-        wts[t * p.k + s] = bv;
-        sel_sum += bv;
-        pv = bv;
-        pi = bi;
+        prev = wg_best(lid, b);
+        if (lid == 0u) {
+            ids[t * p.k + s] = prev.i;
+            wts[t * p.k + s] = prev.v;
+        }
+        sel_sum += prev.v;
     }
-    if (p.renormalize != 0u) {
+    if (lid == 0u && p.renormalize != 0u) {
         for (var s = 0u; s < p.k; s++) {
             wts[t * p.k + s] = wts[t * p.k + s] / sel_sum;
         }
@@ -66,88 +134,81 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 @compute @workgroup_size(WG)
-fn route_sigmoid(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let t = gid.x;
+fn route_sigmoid(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = flat_wg(wid, nwg);
+    let lid = lid3.x;
     if (t >= p.n) {
         return;
     }
     let base = t * p.e;
     let per = p.e / p.n_group;
-    // Group score: the sum of the group's two best biased scores.
-    var gscore: array<f32, ROUTER_MAX_GROUPS>;
-    for (var g = 0u; g < p.n_group; g++) {
-        var v1 = 0.0;
-        var i1 = 0xffffffffu;
+    // Group score (one thread per group): the sum of the group's two best biased scores.
+    for (var g = lid; g < p.n_group; g += WG) {
+        var b1 = Best(0.0, NONE);
         for (var i = g * per; i < (g + 1u) * per; i++) {
-            let b = sigmoid(logits[base + i]) + bias[i];
-            if (i1 == 0xffffffffu || ranks_before(b, i, v1, i1)) {
-                v1 = b;
-                i1 = i;
-            }
+            b1 = better(b1, Best(sigmoid(logits[base + i]) + bias[i], i));
         }
-        var sum = 0.0 + v1;
+        var sum = 0.0 + b1.v;
         if (per > 1u) {
-            var v2 = 0.0;
-            var i2 = 0xffffffffu;
+            var b2 = Best(0.0, NONE);
             for (var i = g * per; i < (g + 1u) * per; i++) {
-                let b = sigmoid(logits[base + i]) + bias[i];
-                if (ranks_before(v1, i1, b, i) && (i2 == 0xffffffffu || ranks_before(b, i, v2, i2))) {
-                    v2 = b;
-                    i2 = i;
+                let c = Best(sigmoid(logits[base + i]) + bias[i], i);
+                if (ranks_before(b1.v, b1.i, c.v, c.i)) {
+                    b2 = better(b2, c);
                 }
             }
-            sum += v2;
+            sum += b2.v;
         }
         gscore[g] = sum;
+        kept[g] = 0u;
     }
-    // Keep the best topk_group groups.
-    var kept: array<bool, ROUTER_MAX_GROUPS>;
-    var pv = 0.0;
-    var pi = 0xffffffffu;
-    for (var s = 0u; s < p.topk_group; s++) {
-        var bv = 0.0;
-        var bi = 0xffffffffu;
-        for (var g = 0u; g < p.n_group; g++) {
-            let after_prev = pi == 0xffffffffu || ranks_before(pv, pi, gscore[g], g);
-            if (after_prev && (bi == 0xffffffffu || ranks_before(gscore[g], g, bv, bi))) {
-                bv = gscore[g];
-                bi = g;
+    workgroupBarrier();
+    // Keep the best topk_group groups (few: one thread).
+    if (lid == 0u) {
+        var pg = Best(0.0, NONE);
+        for (var s = 0u; s < p.topk_group; s++) {
+            var bg = Best(0.0, NONE);
+            for (var g = 0u; g < p.n_group; g++) {
+                let c = Best(gscore[g], g);
+                if (pg.i == NONE || ranks_before(pg.v, pg.i, c.v, c.i)) {
+                    bg = better(bg, c);
+                }
             }
+            kept[bg.i] = 1u;
+            pg = bg;
         }
-        kept[bi] = true;
-        pv = bv;
-        pi = bi;
     }
+    workgroupBarrier();
     // Top k of the biased scores among the kept groups' experts (others rank as -inf).
-    pv = 0.0;
-    pi = 0xffffffffu;
+    var prev = Best(0.0, NONE);
     var sel_sum = 0.0;
     for (var s = 0u; s < p.k; s++) {
-        var bv = 0.0;
-        var bi = 0xffffffffu;
-        for (var i = 0u; i < p.e; i++) {
-            var c = neg_inf();
-            if (kept[i / per]) {
-                c = sigmoid(logits[base + i]) + bias[i];
+        var b = Best(0.0, NONE);
+        for (var i = lid; i < p.e; i += WG) {
+            var c = Best(neg_inf(), i);
+            if (kept[i / per] != 0u) {
+                c.v = sigmoid(logits[base + i]) + bias[i];
             }
-            let after_prev = pi == 0xffffffffu || ranks_before(pv, pi, c, i);
-            if (after_prev && (bi == 0xffffffffu || ranks_before(c, i, bv, bi))) {
-                bv = c;
-                bi = i;
+            if (prev.i == NONE || ranks_before(prev.v, prev.i, c.v, c.i)) {
+                b = better(b, c);
             }
         }
-        let score = sigmoid(logits[base + bi]);
-        ids[t * p.k + s] = bi;
-        wts[t * p.k + s] = score;
+        prev = wg_best(lid, b);
+        let score = sigmoid(logits[base + prev.i]);
+        if (lid == 0u) {
+            ids[t * p.k + s] = prev.i;
+            wts[t * p.k + s] = score;
+        }
         sel_sum += score;
-        pv = bv;
-        pi = bi;
     }
-    for (var s = 0u; s < p.k; s++) {
-        var w = wts[t * p.k + s];
-        if (p.renormalize != 0u) {
-            w = w / (sel_sum + 1e-20);
+    if (lid == 0u) {
+        for (var s = 0u; s < p.k; s++) {
+            var w = wts[t * p.k + s];
+            if (p.renormalize != 0u) {
+                w = w / (sel_sum + 1e-20);
+            }
+            wts[t * p.k + s] = w * p.scale;
         }
-        wts[t * p.k + s] = w * p.scale;
     }
 }

@@ -660,7 +660,7 @@ impl Backend for WgpuBackend {
         let wts = self.alloc(&[n, k], DType::F32);
         let params = [u(n), u(e), u(k), u32::from(renormalize), 0, 0, 0, 0];
         let b = [(1, &logits.storage.buf), (3, &ids.storage.buf), (4, &wts.storage.buf)];
-        self.dispatch(&self.k(Src::Router, "route_softmax")?, &params, &b, grid(n, shape::WG))?;
+        self.dispatch(&self.k(Src::Router, "route_softmax")?, &params, &b, grid(n, 1))?;
         Ok((ids, wts))
     }
 
@@ -681,7 +681,7 @@ impl Backend for WgpuBackend {
             [u(n), u(e), u(k), u32::from(renormalize), u(n_group), u(topk_group), scale.to_bits(), 0];
         let b =
             [(1, &logits.storage.buf), (2, &bias.storage.buf), (3, &ids.storage.buf), (4, &wts.storage.buf)];
-        self.dispatch(&self.k(Src::Router, "route_sigmoid")?, &params, &b, grid(n, shape::WG))?;
+        self.dispatch(&self.k(Src::Router, "route_sigmoid")?, &params, &b, grid(n, 1))?;
         Ok((ids, wts))
     }
 
