@@ -6,3 +6,7 @@ fn fp4_e2m1(code: u32) -> f32 { let mag = code & 7u; let v = select(bitcast<f32>
 fn fp4_e8m0(code: u32) -> f32 { if (code == 0u) { return bitcast<f32>(0x00400000u); } return bitcast<f32>(code << 23u); }
 // E4M3 (bias 7): e > 0 is (mag << 20) + (120 << 23); e = 0 is m * 2^-9; the NaN codes decode to 0.
 fn fp4_e4m3(code: u32) -> f32 { let mag = code & 127u; let v = select(bitcast<f32>((mag << 20u) + (120u << 23u)), f32(mag) * 0.001953125, mag < 8u); return select(bitcast<f32>(bitcast<u32>(v) | ((code & 128u) << 24u)), 0.0, mag == 127u); }
+// The codes at bits 0..3 and 16..19 of w as an f32 pair, each code * 2^-14 (exact: an
+// f16 by bit placement, fp4::e2m1::f16_bits); w >> 4, 8, 12 brings the other codes there.
+const FP4_F16_SCALE: f32 = 16384.0;
+fn fp4_e2m1_pair_f16(w: u32) -> vec2<f32> { return unpack2x16float(((w << 12u) & 0x80008000u) | ((w << 9u) & 0x0E000E00u)); }

@@ -35,9 +35,29 @@ pub fn wgsl() -> String {
          // E8M0 scale 2^(c-127); code 0 is the f32 subnormal 2^-127.\n\
          fn fp4_e8m0(code: u32) -> f32 {{ if (code == 0u) {{ return bitcast<f32>(0x00400000u); }} return bitcast<f32>(code << 23u); }}\n\
          // E4M3 (bias 7): e > 0 is (mag << 20) + ({E4M3_EXP_ADD} << 23); e = 0 is m * 2^-9; the NaN codes decode to 0.\n\
-         fn fp4_e4m3(code: u32) -> f32 {{ let mag = code & 127u; let v = select(bitcast<f32>((mag << 20u) + ({E4M3_EXP_ADD}u << 23u)), f32(mag) * {E4M3_SUB:?}, mag < 8u); return select(bitcast<f32>(bitcast<u32>(v) | ((code & 128u) << 24u)), 0.0, mag == 127u); }}\n",
+         fn fp4_e4m3(code: u32) -> f32 {{ let mag = code & 127u; let v = select(bitcast<f32>((mag << 20u) + ({E4M3_EXP_ADD}u << 23u)), f32(mag) * {E4M3_SUB:?}, mag < 8u); return select(bitcast<f32>(bitcast<u32>(v) | ((code & 128u) << 24u)), 0.0, mag == 127u); }}\n\
+         // The codes at bits 0..3 and 16..19 of w as an f32 pair, each code * 2^-{f16_off} (exact: an\n\
+         // f16 by bit placement, fp4::e2m1::f16_bits); w >> 4, 8, 12 brings the other codes there.\n\
+         const FP4_F16_SCALE: f32 = {f16_scale:?};\n\
+         fn fp4_e2m1_pair_f16(w: u32) -> vec2<f32> {{ return unpack2x16float(((w << {sign_shift}u) & 0x80008000u) | ((w << {mag_shift}u) & 0x{mag_mask:08X}u)); }}\n",
         e2m1_values = floats(e2m1::TABLE[..8].iter().copied()),
+        f16_off = e2m1::F16_EXP_OFFSET,
+        f16_scale = 2f32.powi(e2m1::F16_EXP_OFFSET),
+        sign_shift = F16_SIGN_SHIFT,
+        mag_shift = e2m1::F16_SHIFT,
+        mag_mask = F16_PAIR_MAG_MASK,
     )
+}
+
+/// Shift that takes a code's sign (bit 3) to the f16 sign (bit 15).
+const F16_SIGN_SHIFT: u32 = 12;
+/// Exponent and mantissa bits of both f16 halves after the shift by `e2m1::F16_SHIFT`.
+const F16_PAIR_MAG_MASK: u32 = (0x7 << e2m1::F16_SHIFT) * 0x0001_0001;
+
+/// What the generated `fp4_e2m1_pair_f16` packs before unpacking, in Rust, for the tests: the
+/// f16 bits of the codes at bits 0..3 (low half) and 16..19 (high half).
+pub fn pair_f16(w: u32) -> u32 {
+    ((w << F16_SIGN_SHIFT) & 0x8000_8000) | ((w << e2m1::F16_SHIFT) & F16_PAIR_MAG_MASK)
 }
 
 /// `(mag + E2M1_BIAS_ADD) << 22` is the f32 of a normal E2M1 magnitude code `mag = 2e + m`: the

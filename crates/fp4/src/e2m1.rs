@@ -49,6 +49,18 @@ pub const fn bf16_bits(code: u8) -> u16 {
     (((code as u16) & 0x8) << 12) | (((code as u16) & 0x7) << BF16_SHIFT)
 }
 
+/// The same placement in IEEE half precision, for GPUs reached through WGSL (which has f16
+/// pair unpacking but no bf16): exponent and mantissa bits go to f16 bits 11..9, the sign to
+/// bit 15, and the f16 is exactly `code * 2^-F16_EXP_OFFSET` (the E2M1 subnormal on the f16
+/// subnormal).
+pub const F16_SHIFT: u32 = 9;
+pub const F16_EXP_OFFSET: i32 = 14;
+
+/// The f16 bits of `code * 2^-F16_EXP_OFFSET` by the placement above.
+pub const fn f16_bits(code: u8) -> u16 {
+    (((code as u16) & 0x8) << 12) | (((code as u16) & 0x7) << F16_SHIFT)
+}
+
 /// Decode one 4-bit code (the high bits of `code` are ignored).
 #[inline(always)]
 pub fn decode(code: u8) -> f32 {

@@ -63,6 +63,35 @@ fn pair_decode_by_bit_placement_is_the_table() {
     }
 }
 
+/// The WGSL pair decode: f16 bits of the codes at nibbles pos and pos + 4 after `w >> 4 * pos`
+/// are exactly code * 2^-F16_EXP_OFFSET (half's f16 -> f32 is exact, subnormals included),
+/// whatever the other codes are.
+#[test]
+fn wgsl_pair_decode_by_f16_placement_is_the_table() {
+    let scale = 2f32.powi(fp4::e2m1::F16_EXP_OFFSET);
+    let f16 = |bits: u32| half::f16::from_bits(bits as u16).to_f32();
+    for code in 0..16u8 {
+        let b = fp4::e2m1::f16_bits(code) as u32;
+        assert_eq!((f16(b) * scale).to_bits(), fp4::e2m1::TABLE[code as usize].to_bits(), "code {code}");
+        for other in [0u32, 0x5, 0xF] {
+            for pos in 0..4 {
+                let mut w = 0u32;
+                for n in 0..8 {
+                    w |= other << (4 * n);
+                }
+                let (lo, hi) = (pos, pos + 4);
+                w &= !(0xF << (4 * lo)) & !(0xF << (4 * hi));
+                w |= (code as u32) << (4 * lo) | ((code as u32 ^ 0x8) << (4 * hi));
+                let p = fp4::codegen::pair_f16(w >> (4 * pos));
+                assert_eq!(p & 0xFFFF, b, "code {code} pos {pos} other {other:x}");
+                assert_eq!(p >> 16, fp4::e2m1::f16_bits(code ^ 0x8) as u32, "code {code} pos {pos}");
+                let want = fp4::e2m1::TABLE[(code ^ 0x8) as usize];
+                assert_eq!((f16(p >> 16) * scale).to_bits(), want.to_bits());
+            }
+        }
+    }
+}
+
 /// The WGSL snippet decodes by bit layout, not by table; its formulas (mirrored in Rust by
 /// `codegen::e2m1_by_bits` / `e4m3_by_bits`) give every code's table value bit for bit.
 #[test]

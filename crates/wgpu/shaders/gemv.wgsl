@@ -1,7 +1,8 @@
 // Linear, decode path: `y[m, n_off + r] = W[r, :] · x[m, :]` for the rows r of one weight chunk.
-// A workgroup takes GEMV_ROWS weight rows with GEMV_LANES threads each and up to GEMV_MR activation rows, so
-// each weight word is read once per GEMV_MR rows; lanes stride K word by word (coalesced), and the
-// lane partial sums meet in workgroup memory (no subgroup size is assumed).
+// A workgroup takes GEMV_ROWS weight rows with GEMV_LANES threads each and up to GEMV_MR activation
+// rows, so each weight vector is read once per GEMV_MR rows; lanes stride K by 16-byte vectors
+// (`w_dot4`, coalesced), and the lane partial sums meet in workgroup memory (no subgroup size
+// is assumed).
 
 struct P {
     m: u32,
@@ -15,8 +16,16 @@ struct P {
 }
 
 @group(0) @binding(0) var<uniform> p: P;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+fn x_vec(i: u32) -> vec4<f32> {
+    return x[i];
+}
+
+fn x_at(i: u32) -> f32 {
+    return x[i / 4u][i % 4u];
+}
 
 var<workgroup> red: array<vec4<f32>, WG>;
 
@@ -27,23 +36,10 @@ fn gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let lane = lid % GEMV_LANES;
     let r = (wid.y * nwg.x + wid.x) * GEMV_ROWS + lid / GEMV_LANES;
     let m0 = wid.z * GEMV_MR;
+    let nm = min(GEMV_MR, p.m - m0);
     var acc = vec4<f32>(0.0);
     if (r < p.n) {
-        for (var c0 = lane * 8u; c0 < p.k; c0 += GEMV_LANES * 8u) {
-            let w = w_get8(r, p.k, c0);
-            for (var mi = 0u; mi < GEMV_MR; mi++) {
-                let m = m0 + mi;
-                if (m < p.m) {
-                    var s = 0.0;
-                    for (var i = 0u; i < 8u; i++) {
-                        if (c0 + i < p.k) {
-                            s += w[i] * x[m * p.k + c0 + i];
-                        }
-                    }
-                    acc[mi] += s;
-                }
-            }
-        }
+        acc = w_dot4(r, p.k, m0 * p.k, p.k, nm, lane, GEMV_LANES);
     }
     red[lid] = acc;
     workgroupBarrier();
@@ -55,10 +51,8 @@ fn gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     }
     if (lane == 0u && r < p.n) {
         let v = red[lid];
-        for (var mi = 0u; mi < GEMV_MR; mi++) {
-            if (m0 + mi < p.m) {
-                y[(m0 + mi) * p.y_stride + p.n_off + r] = v[mi];
-            }
+        for (var mi = 0u; mi < nm; mi++) {
+            y[(m0 + mi) * p.y_stride + p.n_off + r] = v[mi];
         }
     }
 }

@@ -1,5 +1,6 @@
 // MoE decode path: one GEMV per (token, slot) pair against its expert (see moe.wgsl), laid out
-// as gemv.wgsl (GEMV_ROWS weight rows x GEMV_LANES threads per workgroup, partial sums in workgroup memory).
+// as gemv.wgsl (GEMV_ROWS weight rows x GEMV_LANES threads per workgroup, 16-byte steps along
+// the row, partial sums in workgroup memory).
 
 struct P {
     pairs: u32,
@@ -17,24 +18,19 @@ struct P {
 }
 
 @group(0) @binding(0) var<uniform> p: P;
-@group(0) @binding(1) var<storage, read> x: array<f32>; // gate_up: tokens [n, H]; down: act [pairs, I]
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>; // gate_up: tokens [n, H]; down: act [pairs, I]
 @group(0) @binding(2) var<storage, read> ids: array<u32>; // [pairs]
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // gate_up: act [pairs, I]; down: [pairs, H]
 
-var<workgroup> red: array<vec2<f32>, WG>;
-
-fn dot_row(row: u32, kdim: u32, xbase: u32, lane: u32) -> f32 {
-    var s = 0.0;
-    for (var c0 = lane * 8u; c0 < kdim; c0 += GEMV_LANES * 8u) {
-        let w = w_get8(row, kdim, c0);
-        for (var i = 0u; i < 8u; i++) {
-            if (c0 + i < kdim) {
-                s += w[i] * x[xbase + c0 + i];
-            }
-        }
-    }
-    return s;
+fn x_vec(i: u32) -> vec4<f32> {
+    return x[i];
 }
+
+fn x_at(i: u32) -> f32 {
+    return x[i / 4u][i % 4u];
+}
+
+var<workgroup> red: array<vec2<f32>, WG>;
 
 fn lane_reduce(lid: u32, lane: u32, v: vec2<f32>) -> vec2<f32> {
     red[lid] = v;
@@ -62,8 +58,9 @@ fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
     var v = vec2<f32>(0.0);
     if (j < p.inter) {
         let base = e * 2u * p.inter - p.row0;
-        let xbase = (pair / p.k) * p.h;
-        v = vec2<f32>(dot_row(base + j, p.h, xbase, lane), dot_row(base + p.inter + j, p.h, xbase, lane));
+        let xb = (pair / p.k) * p.h;
+        v = vec2<f32>(w_dot4(base + j, p.h, xb, 0u, 1u, lane, GEMV_LANES).x,
+                      w_dot4(base + p.inter + j, p.h, xb, 0u, 1u, lane, GEMV_LANES).x);
     }
     let r = lane_reduce(lid, lane, v);
     if (lane == 0u && j < p.inter) {
@@ -83,7 +80,7 @@ fn moe_down_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
     let n = wid.x * GEMV_ROWS + lid / GEMV_LANES;
     var v = vec2<f32>(0.0);
     if (n < p.h) {
-        v.x = dot_row(e * p.h - p.row0 + n, p.inter, pair * p.inter, lane);
+        v.x = w_dot4(e * p.h - p.row0 + n, p.inter, pair * p.inter, 0u, 1u, lane, GEMV_LANES).x;
     }
     let r = lane_reduce(lid, lane, v);
     if (lane == 0u && n < p.h) {

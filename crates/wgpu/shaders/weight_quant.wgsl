@@ -1,10 +1,14 @@
 // An FP4 weight chunk `[rows, cols]` in the layout of `fp4::QuantMatrix` (rows relative to the
 // chunk). `BLOCK_SIZE` and `SCALE_DECODE` are filled in per format from `fp4::Format`.
-@group(0) @binding(8) var<storage, read> w_codes: array<u32>; // [rows, cols/8]: element 8j+i in bits 4i..4i+3 of word j
+@group(0) @binding(8) var<storage, read> w_codes: array<vec4<u32>>; // [rows, cols/8] words: element 8j+i in bits 4i..4i+3 of word j; 4 words a vector
 @group(0) @binding(9) var<storage, read> w_scales: array<u32>; // [rows, cols/BLOCK] scale-code bytes, 4 a word
 @group(0) @binding(10) var<storage, read> w_tscale: array<f32>; // [rows] the row's tensor scale
 
 const W_BLOCK: u32 = BLOCK_SIZEu;
+
+fn w_word(i: u32) -> u32 {
+    return w_codes[i / 4u][i % 4u];
+}
 
 // Block scale times tensor scale of element `col` of `row`, multiplied first as the reference does.
 fn w_scale(row: u32, cols: u32, col: u32) -> f32 {
@@ -13,7 +17,7 @@ fn w_scale(row: u32, cols: u32, col: u32) -> f32 {
 }
 
 fn w_at(row: u32, cols: u32, col: u32) -> f32 {
-    let word = w_codes[row * (cols / 8u) + col / 8u];
+    let word = w_word(row * (cols / 8u) + col / 8u);
     return fp4_e2m1(word >> (4u * (col & 7u))) * w_scale(row, cols, col);
 }
 
@@ -22,7 +26,7 @@ fn w_at(row: u32, cols: u32, col: u32) -> f32 {
 fn w_get8(row: u32, cols: u32, c0: u32) -> array<f32, 8> {
     var v: array<f32, 8>;
     if (c0 < cols) {
-        let word = w_codes[row * (cols / 8u) + c0 / 8u];
+        let word = w_word(row * (cols / 8u) + c0 / 8u);
         let s = w_scale(row, cols, c0);
         for (var i = 0u; i < 8u; i++) {
             v[i] = fp4_e2m1(word >> (4u * i)) * s;

@@ -143,9 +143,10 @@ impl Context {
         l.max_storage_buffer_binding_size.min(l.max_buffer_size)
     }
 
-    /// A storage buffer holding `bytes` (padded to whole words, at least one).
+    /// A storage buffer holding `bytes` (padded to whole 16-byte vectors, at least one: kernels
+    /// read weights as `array<vec4<u32>>`).
     pub fn buffer_init(&self, mut bytes: Vec<u8>, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        let len = bytes.len().div_ceil(4).max(1) * 4;
+        let len = bytes.len().div_ceil(16).max(1) * 16;
         bytes.resize(len, 0);
         use wgpu::util::DeviceExt;
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {

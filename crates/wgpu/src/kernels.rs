@@ -51,18 +51,27 @@ pub enum WKind {
 }
 
 impl WKind {
-    fn snippet(self) -> String {
-        let quant = include_str!("../shaders/weight_quant.wgsl");
-        let dense = include_str!("../shaders/weight_dense.wgsl");
+    /// The weight-access snippet; `dot`: with the decode-path dot products (`w_dot4`).
+    fn snippet(self, dot: bool) -> String {
+        let (quant, quant_dot) =
+            (include_str!("../shaders/weight_quant.wgsl"), include_str!("../shaders/weight_quant_dot.wgsl"));
+        let (dense, dense_dot) =
+            (include_str!("../shaders/weight_dense.wgsl"), include_str!("../shaders/weight_dense_dot.wgsl"));
+        let with_dot = |base: &str, d: &str| if dot { format!("{base}{d}") } else { base.to_string() };
         let q = |f: fp4::Format, dec: &str| {
-            quant.replace("BLOCK_SIZE", &f.block().to_string()).replace("SCALE_DECODE", dec)
+            with_dot(quant, quant_dot)
+                .replace("BLOCK_SIZE", &f.block().to_string())
+                .replace("SCALE_DECODE", dec)
+        };
+        let d = |at: &str, kind: u32| {
+            with_dot(dense, dense_dot).replace("DENSE_AT", at).replace("DENSE_KIND", &kind.to_string())
         };
         match self {
             WKind::Mxfp4 => q(fp4::Format::Mxfp4, "fp4_e8m0"),
             WKind::Nvfp4 => q(fp4::Format::Nvfp4, "fp4_e4m3"),
-            WKind::F32 => dense.replace("DENSE_AT", "w_at_f32"),
-            WKind::Bf16 => dense.replace("DENSE_AT", "w_at_bf16"),
-            WKind::F16 => dense.replace("DENSE_AT", "w_at_f16"),
+            WKind::F32 => d("w_at_f32", 0),
+            WKind::Bf16 => d("w_at_bf16", 1),
+            WKind::F16 => d("w_at_f16", 2),
         }
     }
 }
@@ -131,6 +140,11 @@ impl Src {
         matches!(self, Src::Gemv | Src::Gemm | Src::HeadLinear | Src::Embedding | Src::MoeTile | Src::MoeGemv)
     }
 
+    /// Whether the file uses the decode-path dot products of its weight (`w_dot4`).
+    pub fn dots_weight(self) -> bool {
+        matches!(self, Src::Gemv | Src::MoeGemv)
+    }
+
     /// Whether the file has an `N_TILE` parameter.
     pub fn tiled(self) -> bool {
         matches!(self, Src::Gemm | Src::MoeTile)
@@ -156,7 +170,7 @@ impl Variant {
         s.push_str(&constants());
         s.push_str(include_str!("../shaders/common.wgsl"));
         if let Some(w) = self.weight {
-            s.push_str(&w.snippet());
+            s.push_str(&w.snippet(self.src.dots_weight()));
         }
         let body = self.src.text();
         match self.n_tile {

@@ -58,7 +58,7 @@ impl Pool {
         }
         let buf = device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: if pooled { class } else { bytes.div_ceil(4).max(1) * 4 },
+            size: if pooled { class } else { bytes.div_ceil(16).max(1) * 16 },
             usage: USAGE,
             mapped_at_creation: false,
         });
