@@ -5,6 +5,8 @@
 //   the latent cache [S, L + R] (key = whole row, value = its first L entries), shared by heads.
 // A chunk writes its max score m, its sum l of exp(s - m) and Σ exp(s - m) v; the merge
 // rescales the chunks to the global max, as a single softmax over all positions would.
+// The query (d1 + d2 <= ATTN_QMAX) is staged in workgroup memory; when every key offset and
+// width is a multiple of 4 (`p.vec`), scores read keys as 16-byte vectors.
 
 struct P {
     t_base: u32, // first query of this dispatch (queries are dispatched in slices)
@@ -21,19 +23,20 @@ struct P {
     v_head: u32,
     n_chunks: u32,
     t_count: u32,
-    _pad0: u32,
+    vec: u32,
     _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> q1: array<f32>;
 @group(0) @binding(2) var<storage, read> q2: array<f32>;
-@group(0) @binding(3) var<storage, read> kb: array<f32>;
+@group(0) @binding(3) var<storage, read> kb: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> vb: array<f32>;
 @group(0) @binding(5) var<storage, read_write> part: array<f32>; // [t_count, hq, n_chunks, dv + 2]
 @group(0) @binding(6) var<storage, read_write> out: array<f32>; // [T, hq, dv]
 
 var<workgroup> sc: array<f32, ATTN_CHUNK>;
+var<workgroup> qs: array<f32, ATTN_QMAX>;
 var<workgroup> red: array<f32, ATTN_CHUNK>;
 
 fn wg_max(lid: u32, v: f32) -> f32 {
@@ -80,20 +83,28 @@ fn attn_chunk(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
     }
     let kh = h / p.group;
     let j = j0 + lid;
+    let qa = (t * p.hq + h) * p.d1;
+    let qb = (t * p.hq + h) * p.d2;
+    for (var d = lid; d < p.d1 + p.d2; d += ATTN_CHUNK) {
+        qs[d] = select(q2[qb + d - p.d1], q1[qa + d], d < p.d1);
+    }
+    workgroupBarrier();
     var s = neg_inf();
     if (j < len) {
         let kbase = j * p.k_row + kh * p.k_head;
-        let qa = (t * p.hq + h) * p.d1;
         var acc = 0.0;
-        for (var d = 0u; d < p.d1; d++) {
-            acc += q1[qa + d] * kb[kbase + d];
+        if (p.vec != 0u) {
+            let kv = kbase / 4u;
+            for (var d = 0u; d < (p.d1 + p.d2) / 4u; d++) {
+                acc += dot(vec4<f32>(qs[4u * d], qs[4u * d + 1u], qs[4u * d + 2u], qs[4u * d + 3u]), kb[kv + d]);
+            }
+        } else {
+            for (var d = 0u; d < p.d1 + p.d2; d++) {
+                let i = kbase + d;
+                acc += qs[d] * kb[i / 4u][i % 4u];
+            }
         }
-        let qb = (t * p.hq + h) * p.d2;
-        var acc2 = 0.0;
-        for (var d = 0u; d < p.d2; d++) {
-            acc2 += q2[qb + d] * kb[kbase + p.d1 + d];
-        }
-        s = (acc + acc2) * p.scale;
+        s = acc * p.scale;
     }
     let m = wg_max(lid, s);
     var e = 0.0;

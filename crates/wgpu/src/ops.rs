@@ -156,6 +156,13 @@ impl WgpuBackend {
         if t_n == 0 || hq == 0 {
             return Ok(out);
         }
+        if d1 + d2 > shape::ATTN_QMAX as usize {
+            return Err(unsupported(
+                "attention",
+                format!("keys of {} elements (at most {})", d1 + d2, shape::ATTN_QMAX),
+            ));
+        }
+        let vec = [d1, d2, k_row, k_head].iter().all(|v| v % 4 == 0);
         let chunks = (pos0 + t_n).div_ceil(shape::ATTN_CHUNK as usize);
         let per_query = hq * chunks * (dv + 2);
         let slice = (ATTN_SCRATCH_WORDS / per_query.max(1)).clamp(1, t_n.min(MAX_GROUPS_PER_DIM));
@@ -181,7 +188,7 @@ impl WgpuBackend {
                 u(v_head),
                 u(chunks),
                 u(tc),
-                0,
+                u32::from(vec),
                 0,
             ];
             let binds = [
@@ -477,7 +484,12 @@ impl Backend for WgpuBackend {
         let mut b = vec![(1, &x.storage.buf), (2, &out.storage.buf)];
         b.extend(w.chunks[0].bindings());
         let params = [m, heads, rows_per_head, row_start, row_count, k, 0, 0].map(u);
-        self.dispatch(&kern, &params, &b, grid(m * heads * ky, shape::WG))?;
+        let groups = if transpose {
+            grid(m * heads * k.div_ceil(8 * shape::HEADT_WORDS as usize), 1)
+        } else {
+            grid(m * heads * row_count, shape::GEMV_ROWS)
+        };
+        self.dispatch(&kern, &params, &b, groups)?;
         Ok(out)
     }
 
