@@ -16,7 +16,9 @@ use fp4moe_ops::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Dispatches recorded before the encoder is submitted without waiting.
+/// Most dispatches recorded before the encoder is submitted without waiting (the params buffer
+/// and the timer's query set are sized for it). `FP4MOE_WGPU_SUBMIT_EVERY` may lower it, so the
+/// GPU starts on the first layers while the host records the rest.
 pub(crate) const SUBMIT_EVERY: usize = 2048;
 
 /// Bytes reserved per dispatch in the params buffer: the largest params struct, rounded up to
@@ -27,12 +29,15 @@ const PARAMS_STRIDE: usize = 256;
 /// dispatch).
 const MAX_CACHED_BIND_GROUPS: usize = 16384;
 
-#[derive(Default)]
 pub struct Pending(Mutex<State>);
 
 impl Pending {
     pub fn new(timer: Option<Timer>) -> Pending {
-        Pending(Mutex::new(State { timer, ..State::default() }))
+        let submit_every = std::env::var("FP4MOE_WGPU_SUBMIT_EVERY")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(SUBMIT_EVERY, |n| n.clamp(1, SUBMIT_EVERY));
+        Pending(Mutex::new(State { timer, submit_every, ..State::default() }))
     }
 
     /// The per-kernel times, when kernels are timed.
@@ -65,6 +70,8 @@ struct State {
     seg: usize,
     staged: Vec<u8>,
     recorded: usize,
+    /// Dispatches per submit (at most [`SUBMIT_EVERY`]).
+    submit_every: usize,
     binds: HashMap<BindKey, wgpu::BindGroup>,
     /// The pool generation the cached bind groups belong to.
     binds_gen: u64,
@@ -196,7 +203,7 @@ impl WgpuBackend {
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         st.recorded += 1;
-        if st.recorded >= SUBMIT_EVERY {
+        if st.recorded >= st.submit_every {
             let enc = st.take(&self.ctx.queue, false).expect("encoder was just used");
             self.submit_encoder(st, enc)?;
         }
