@@ -1,6 +1,6 @@
 // Grouped expert GEMMs over the tile table of `moe_sort` (see moe.wgsl for the scheme).
 // Tiles are TILE_M sorted rows x NT columns (`N_TILE`, from `MoePath::Prefill`), K in steps of KT,
-// as in gemm.wgsl.
+// with vec4 accumulators, as in gemm.wgsl.
 
 struct P {
     pairs: u32,
@@ -25,7 +25,6 @@ struct P {
 
 const NT: u32 = N_TILEu;
 const KT: u32 = 32u;
-const TM: u32 = TILE_M / 16u;
 const TN: u32 = NT / 16u;
 var<workgroup> xs: array<f32, TILE_M * KT>; // [KT][TILE_M]
 var<workgroup> wg: array<f32, KT * NT>; // [KT][NT] gate rows (down: the only weight tile)
@@ -54,13 +53,50 @@ fn load_weights(dst_gate: bool, row: u32, valid: bool, kdim: u32, k0: u32, nn: u
     if (valid) {
         w = w_get8(row, kdim, k0 + kk);
     }
-    for (var i = 0u; i < 8u; i++) {
-        if (dst_gate) {
-            wg[(kk + i) * NT + nn] = w[i];
-        } else {
-            wu[(kk + i) * NT + nn] = w[i];
-        }
+    // Unrolled: a per-thread array indexed in a loop goes to local memory.
+    if (dst_gate) {
+        wg[(kk + 0u) * NT + nn] = w[0];
+        wg[(kk + 1u) * NT + nn] = w[1];
+        wg[(kk + 2u) * NT + nn] = w[2];
+        wg[(kk + 3u) * NT + nn] = w[3];
+        wg[(kk + 4u) * NT + nn] = w[4];
+        wg[(kk + 5u) * NT + nn] = w[5];
+        wg[(kk + 6u) * NT + nn] = w[6];
+        wg[(kk + 7u) * NT + nn] = w[7];
+    } else {
+        wu[(kk + 0u) * NT + nn] = w[0];
+        wu[(kk + 1u) * NT + nn] = w[1];
+        wu[(kk + 2u) * NT + nn] = w[2];
+        wu[(kk + 3u) * NT + nn] = w[3];
+        wu[(kk + 4u) * NT + nn] = w[4];
+        wu[(kk + 5u) * NT + nn] = w[5];
+        wu[(kk + 6u) * NT + nn] = w[6];
+        wu[(kk + 7u) * NT + nn] = w[7];
     }
+}
+
+// Rows ty, ty + 16, ty + 32, ty + 48 of one k of the activation tile.
+fn x_col(i: u32) -> vec4<f32> {
+    return vec4<f32>(xs[i], xs[i + 16u], xs[i + 32u], xs[i + 48u]);
+}
+
+// Columns tx + 16j (j < TN; the rest 0) of one k of a weight tile.
+fn wg_row(i: u32) -> vec4<f32> {
+    var v = vec4<f32>(wg[i], wg[i + 16u], 0.0, 0.0);
+    if (TN > 2u) {
+        v.z = wg[i + 32u];
+        v.w = wg[i + 48u];
+    }
+    return v;
+}
+
+fn wu_row(i: u32) -> vec4<f32> {
+    var v = vec4<f32>(wu[i], wu[i + 16u], 0.0, 0.0);
+    if (TN > 2u) {
+        v.z = wu[i + 32u];
+        v.w = wu[i + 48u];
+    }
+    return v;
 }
 
 @compute @workgroup_size(WG)
@@ -74,8 +110,14 @@ fn moe_gate_up_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
     let ty = lid / 16u;
     let n0 = wid.y * NT;
     let wbase = tl.e * 2u * p.inter - p.row0;
-    var ag: array<array<f32, TN>, TM>;
-    var au: array<array<f32, TN>, TM>;
+    var g0 = vec4<f32>(0.0);
+    var g1 = vec4<f32>(0.0);
+    var g2 = vec4<f32>(0.0);
+    var g3 = vec4<f32>(0.0);
+    var u0 = vec4<f32>(0.0);
+    var u1 = vec4<f32>(0.0);
+    var u2 = vec4<f32>(0.0);
+    var u3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.h; k0 += KT) {
         for (var e = lid; e < TILE_M * KT; e += WG) {
             let mm = e / KT;
@@ -96,29 +138,31 @@ fn moe_gate_up_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            var a: array<f32, TM>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = xs[kk * TILE_M + ty + 16u * i];
-            }
-            for (var j = 0u; j < TN; j++) {
-                let bg = wg[kk * NT + tx + 16u * j];
-                let bu = wu[kk * NT + tx + 16u * j];
-                for (var i = 0u; i < TM; i++) {
-                    ag[i][j] += a[i] * bg;
-                    au[i][j] += a[i] * bu;
-                }
-            }
+            let a = x_col(kk * TILE_M + ty);
+            let bg = wg_row(kk * NT + tx);
+            let bu = wu_row(kk * NT + tx);
+            g0 += a.x * bg;
+            g1 += a.y * bg;
+            g2 += a.z * bg;
+            g3 += a.w * bg;
+            u0 += a.x * bu;
+            u1 += a.y * bu;
+            u2 += a.z * bu;
+            u3 += a.w * bu;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < TM; i++) {
-        let r = tl.r0 + ty + 16u * i;
-        for (var j = 0u; j < TN; j++) {
-            let n = n0 + tx + 16u * j;
-            if (r < tl.r1 && n < p.inter) {
-                let g = ag[i][j];
-                out[r * p.inter + n] = g / (1.0 + exp(-g)) * au[i][j];
-            }
+    gate_up_store(tl, ty, n0 + tx, g0, u0);
+    gate_up_store(tl, ty + 16u, n0 + tx, g1, u1);
+    gate_up_store(tl, ty + 32u, n0 + tx, g2, u2);
+    gate_up_store(tl, ty + 48u, n0 + tx, g3, u3);
+}
+
+fn gate_up_store(tl: Tile, i: u32, n: u32, g: vec4<f32>, u: vec4<f32>) {
+    let r = tl.r0 + i;
+    for (var j = 0u; j < TN; j++) {
+        if (r < tl.r1 && n + 16u * j < p.inter) {
+            out[r * p.inter + n + 16u * j] = g[j] / (1.0 + exp(-g[j])) * u[j];
         }
     }
 }
@@ -134,7 +178,10 @@ fn moe_down_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
     let ty = lid / 16u;
     let n0 = wid.y * NT;
     let wbase = tl.e * p.h - p.row0;
-    var acc: array<array<f32, TN>, TM>;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.inter; k0 += KT) {
         for (var e = lid; e < TILE_M * KT; e += WG) {
             let mm = e / KT;
@@ -153,26 +200,26 @@ fn moe_down_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            var a: array<f32, TM>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = xs[kk * TILE_M + ty + 16u * i];
-            }
-            for (var j = 0u; j < TN; j++) {
-                let b = wg[kk * NT + tx + 16u * j];
-                for (var i = 0u; i < TM; i++) {
-                    acc[i][j] += a[i] * b;
-                }
-            }
+            let a = x_col(kk * TILE_M + ty);
+            let b = wg_row(kk * NT + tx);
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < TM; i++) {
-        let r = tl.r0 + ty + 16u * i;
-        for (var j = 0u; j < TN; j++) {
-            let n = n0 + tx + 16u * j;
-            if (r < tl.r1 && n < p.h) {
-                out[r * p.h + n] = acc[i][j];
-            }
+    down_store(tl, ty, n0 + tx, acc0);
+    down_store(tl, ty + 16u, n0 + tx, acc1);
+    down_store(tl, ty + 32u, n0 + tx, acc2);
+    down_store(tl, ty + 48u, n0 + tx, acc3);
+}
+
+fn down_store(tl: Tile, i: u32, n: u32, v: vec4<f32>) {
+    let r = tl.r0 + i;
+    for (var j = 0u; j < TN; j++) {
+        if (r < tl.r1 && n + 16u * j < p.h) {
+            out[r * p.h + n + 16u * j] = v[j];
         }
     }
 }

@@ -20,6 +20,8 @@ pub(crate) mod shape {
     pub const GEMV_MR: u32 = 4;
     /// Tiled GEMMs: activation (or sorted pair) rows per tile.
     pub const TILE_M: u32 = 64;
+    // gemm.wgsl and moe_tile.wgsl give each thread rows ty + 16i, i < 4, in four accumulators.
+    const _: () = assert!(TILE_M == 64);
     /// Attention: key positions per split-K chunk (= threads of the attention workgroup).
     pub const ATTN_CHUNK: u32 = 64;
     /// Transposed head products: weight words (8 columns each) per workgroup.
