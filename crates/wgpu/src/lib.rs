@@ -102,6 +102,7 @@ impl WgpuBackend {
             kernels: kernels::Cache::default(),
             queue: queue::Pending::new(
                 ctx.caps.timestamps.then(|| timing::Timer::new(&ctx.device, &ctx.queue, queue::SUBMIT_EVERY)),
+                ctx.caps.cpu_adapter,
             ),
             pool: Arc::default(),
             config: opts.config,
