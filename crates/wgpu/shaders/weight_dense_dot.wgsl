@@ -33,19 +33,5 @@ fn w_dot4(row: u32, cols: u32, xb: u32, xs: u32, nm: u32, lane: u32, lanes: u32)
         }
         return acc;
     }
-    for (var c0 = lane * 8u; c0 < cols; c0 += lanes * 8u) {
-        let w = w_get8(row, cols, c0);
-        for (var j = 0u; j < 4u; j++) {
-            if (j < nm) {
-                var s = 0.0;
-                for (var i = 0u; i < 8u; i++) {
-                    if (c0 + i < cols) {
-                        s += w[i] * x_at(xb + j * xs + c0 + i);
-                    }
-                }
-                acc[j] += s;
-            }
-        }
-    }
-    return acc;
+    return w_dot4_by_element(row, cols, xb, xs, nm, lane, lanes);
 }

@@ -63,7 +63,9 @@ impl WKind {
             (include_str!("../shaders/weight_quant.wgsl"), include_str!("../shaders/weight_quant_dot.wgsl"));
         let (dense, dense_dot) =
             (include_str!("../shaders/weight_dense.wgsl"), include_str!("../shaders/weight_dense_dot.wgsl"));
-        let with_dot = |base: &str, d: &str| if dot { format!("{base}{d}") } else { base.to_string() };
+        let generic = include_str!("../shaders/weight_dot.wgsl");
+        let with_dot =
+            |base: &str, d: &str| if dot { format!("{base}{d}{generic}") } else { base.to_string() };
         let q = |f: fp4::Format, dec: &str| {
             with_dot(quant, quant_dot)
                 .replace("BLOCK_SIZE", &f.block().to_string())
