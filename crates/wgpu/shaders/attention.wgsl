@@ -5,8 +5,9 @@
 //   the latent cache [S, L + R] (key = whole row, value = its first L entries), shared by heads.
 // A chunk writes its max score m, its sum l of exp(s - m) and Σ exp(s - m) v; the merge
 // rescales the chunks to the global max, as a single softmax over all positions would.
-// The query (d1 + d2 <= ATTN_QMAX) is staged in workgroup memory; when every key offset and
-// width is a multiple of 4 (`p.vec`), scores read keys as 16-byte vectors.
+// The query (d1 + d2 <= ATTN_QMAX) is staged in workgroup memory; ATTN_THREADS / ATTN_CHUNK
+// threads score each key, reading it as 16-byte vectors when every key offset and width is a
+// multiple of 4 (`p.vec`).
 
 struct P {
     t_base: u32, // first query of this dispatch (queries are dispatched in slices)
@@ -37,37 +38,17 @@ struct P {
 
 var<workgroup> sc: array<f32, ATTN_CHUNK>;
 var<workgroup> qs: array<f32, ATTN_QMAX>;
-var<workgroup> red: array<f32, ATTN_CHUNK>;
+var<workgroup> red: array<f32, ATTN_THREADS>;
 
-fn wg_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = ATTN_CHUNK / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
+// Threads of a chunk's workgroup: ATTN_SPLIT per key while scoring, one per value column
+// (dv <= ATTN_THREADS per pass) while summing values.
+const ATTN_SPLIT: u32 = ATTN_THREADS / ATTN_CHUNK;
+
+fn q_vec(d4: u32) -> vec4<f32> {
+    return vec4<f32>(qs[4u * d4], qs[4u * d4 + 1u], qs[4u * d4 + 2u], qs[4u * d4 + 3u]);
 }
 
-fn wg_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = ATTN_CHUNK / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-@compute @workgroup_size(ATTN_CHUNK)
+@compute @workgroup_size(ATTN_THREADS)
 fn attn_chunk(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let lid = lid3.x;
     let chunk = wid.x;
@@ -82,39 +63,54 @@ fn attn_chunk(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
         return;
     }
     let kh = h / p.group;
-    let j = j0 + lid;
+    let width = p.d1 + p.d2;
     let qa = (t * p.hq + h) * p.d1;
     let qb = (t * p.hq + h) * p.d2;
-    for (var d = lid; d < p.d1 + p.d2; d += ATTN_CHUNK) {
+    for (var d = lid; d < width; d += ATTN_THREADS) {
         qs[d] = select(q2[qb + d - p.d1], q1[qa + d], d < p.d1);
     }
     workgroupBarrier();
-    var s = neg_inf();
+    // Scores: ATTN_SPLIT threads per key, interleaved along the key so their loads are adjacent.
+    let key = lid / ATTN_SPLIT;
+    let sp = lid % ATTN_SPLIT;
+    let j = j0 + key;
+    var acc = 0.0;
     if (j < len) {
         let kbase = j * p.k_row + kh * p.k_head;
-        var acc = 0.0;
         if (p.vec != 0u) {
             let kv = kbase / 4u;
-            for (var d = 0u; d < (p.d1 + p.d2) / 4u; d++) {
-                acc += dot(vec4<f32>(qs[4u * d], qs[4u * d + 1u], qs[4u * d + 2u], qs[4u * d + 3u]), kb[kv + d]);
+            for (var d = sp; d < width / 4u; d += ATTN_SPLIT) {
+                acc += dot(q_vec(d), kb[kv + d]);
             }
         } else {
-            for (var d = 0u; d < p.d1 + p.d2; d++) {
+            for (var d = sp; d < width; d += ATTN_SPLIT) {
                 let i = kbase + d;
                 acc += qs[d] * kb[i / 4u][i % 4u];
             }
         }
-        s = acc * p.scale;
     }
-    let m = wg_max(lid, s);
-    var e = 0.0;
-    if (j < len) {
-        e = exp(s - m);
-    }
-    sc[lid] = e;
-    let l = wg_sum(lid, e);
+    red[lid] = acc;
+    workgroupBarrier();
     let nvalid = min(ATTN_CHUNK, len - j0);
-    for (var d = lid; d < p.dv; d += ATTN_CHUNK) {
+    if (lid < nvalid) {
+        var s = 0.0;
+        for (var i = 0u; i < ATTN_SPLIT; i++) {
+            s += red[lid * ATTN_SPLIT + i];
+        }
+        sc[lid] = s * p.scale;
+    }
+    workgroupBarrier();
+    // Max and sum over the chunk's keys in key order (every thread reads the same scores).
+    var m = neg_inf();
+    for (var i = 0u; i < nvalid; i++) {
+        m = max(m, sc[i]);
+    }
+    workgroupBarrier();
+    if (lid < nvalid) {
+        sc[lid] = exp(sc[lid] - m);
+    }
+    workgroupBarrier();
+    for (var d = lid; d < p.dv; d += ATTN_THREADS) {
         var o = 0.0;
         for (var i = 0u; i < nvalid; i++) {
             o += sc[i] * vb[(j0 + i) * p.v_row + kh * p.v_head + d];
@@ -122,6 +118,10 @@ fn attn_chunk(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
         part[pbase + d] = o;
     }
     if (lid == 0u) {
+        var l = 0.0;
+        for (var i = 0u; i < nvalid; i++) {
+            l += sc[i];
+        }
         part[pbase + p.dv] = m;
         part[pbase + p.dv + 1u] = l;
     }

@@ -26,6 +26,8 @@ pub(crate) mod shape {
     pub const ATTN_CHUNK: u32 = 64;
     /// Transposed head products: weight words (8 columns each) per workgroup.
     pub const HEADT_WORDS: u32 = 32;
+    /// Attention: threads of a chunk's workgroup (a multiple of ATTN_CHUNK).
+    pub const ATTN_THREADS: u32 = 256;
     /// Attention: longest query (key width, d1 + d2) staged in workgroup memory.
     pub const ATTN_QMAX: u32 = 1024;
     /// MoE sort: most experts one workgroup can count.
@@ -40,7 +42,7 @@ fn constants() -> String {
     use shape::*;
     format!(
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {GEMV_ROWS}u;\nconst GEMV_LANES: u32 = {GEMV_LANES}u;\n\
-         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
+         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
          const TOPK_WG: u32 = {TOPK_WG}u;\n"
     )
