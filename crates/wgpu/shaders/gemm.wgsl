@@ -1,9 +1,10 @@
 // Linear, prefill path: a GEMM tiled over TILE_M activation rows x NT output columns per
 // workgroup, K in steps of KT. NT is the tile variant (`N_TILE`, from `LinearPath::Prefill`).
-// Weights are decoded once per tile into workgroup memory; 256 threads as 16 x 16, each owning
-// 4 x NT/16 outputs strided by 16 so neighbouring threads read neighbouring words. The outputs
-// live in four vec4 accumulators (one per row; NT = 32 leaves two lanes unused): per-thread
-// arrays indexed in loops went to local memory on the H100 (0.5 TFLOP/s).
+// Weights are decoded once per tile into workgroup memory; 256 threads as 16 x 16, thread (tx, ty)
+// owning rows 4ty..4ty+3 and columns TN*tx..TN*tx+TN-1 (TN = NT/16), so each k step is one
+// 16-byte workgroup load of x and one of w per thread. The outputs live in four vec4
+// accumulators (one per row; NT = 32 leaves two lanes unused): per-thread arrays indexed in
+// loops went to local memory on the H100 (0.5 TFLOP/s).
 
 struct P {
     m: u32,
@@ -23,8 +24,8 @@ struct P {
 const NT: u32 = N_TILEu;
 const KT: u32 = 32u;
 const TN: u32 = NT / 16u;
-var<workgroup> xs: array<f32, TILE_M * KT>; // [KT][TILE_M]
-var<workgroup> ws: array<f32, KT * NT>; // [KT][NT]
+var<workgroup> xs: array<vec4<f32>, TILE_M * KT / 4u>; // [KT][TILE_M], 4 rows a vector
+var<workgroup> ws: array<vec4<f32>, KT * NT / 4u>; // [KT][NT], 4 columns a vector
 
 @compute @workgroup_size(WG)
 fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
@@ -46,7 +47,7 @@ fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             if (m0 + mm < p.m && k0 + kk < p.k) {
                 v = x[(m0 + mm) * p.k + k0 + kk];
             }
-            xs[kk * TILE_M + mm] = v;
+            xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
         }
         for (var e = lid; e < NT * (KT / 8u); e += WG) {
             let nn = e / (KT / 8u);
@@ -55,19 +56,12 @@ fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             if (n0 + nn < p.n) {
                 w = w_get8(n0 + nn, p.k, k0 + kk);
             }
-            ws[(kk + 0u) * NT + nn] = w[0];
-            ws[(kk + 1u) * NT + nn] = w[1];
-            ws[(kk + 2u) * NT + nn] = w[2];
-            ws[(kk + 3u) * NT + nn] = w[3];
-            ws[(kk + 4u) * NT + nn] = w[4];
-            ws[(kk + 5u) * NT + nn] = w[5];
-            ws[(kk + 6u) * NT + nn] = w[6];
-            ws[(kk + 7u) * NT + nn] = w[7];
+            ws_store8(kk, nn, w);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            let a = x_col(kk * TILE_M + ty);
-            let b = ws_row(kk * NT + tx);
+            let a = xs[kk * (TILE_M / 4u) + ty];
+            let b = cols(ws[kk * (NT / 4u) + tx * TN / 4u], tx);
             acc0 += a.x * b;
             acc1 += a.y * b;
             acc2 += a.z * b;
@@ -75,31 +69,39 @@ fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         }
         workgroupBarrier();
     }
-    gemm_store(m0 + ty, n0 + tx, acc0);
-    gemm_store(m0 + ty + 16u, n0 + tx, acc1);
-    gemm_store(m0 + ty + 32u, n0 + tx, acc2);
-    gemm_store(m0 + ty + 48u, n0 + tx, acc3);
+    let n = n0 + TN * tx;
+    gemm_store(m0 + 4u * ty, n, acc0);
+    gemm_store(m0 + 4u * ty + 1u, n, acc1);
+    gemm_store(m0 + 4u * ty + 2u, n, acc2);
+    gemm_store(m0 + 4u * ty + 3u, n, acc3);
 }
 
-// Rows ty, ty + 16, ty + 32, ty + 48 of one k of the activation tile.
-fn x_col(i: u32) -> vec4<f32> {
-    return vec4<f32>(xs[i], xs[i + 16u], xs[i + 32u], xs[i + 48u]);
+// Decoded weights of column nn, k rows kk..kk+8 (unrolled: a per-thread array indexed in a loop
+// goes to local memory).
+fn ws_store8(kk: u32, nn: u32, w: array<f32, 8>) {
+        ws[((kk + 0u) * NT + nn) / 4u][nn % 4u] = w[0];
+        ws[((kk + 1u) * NT + nn) / 4u][nn % 4u] = w[1];
+        ws[((kk + 2u) * NT + nn) / 4u][nn % 4u] = w[2];
+        ws[((kk + 3u) * NT + nn) / 4u][nn % 4u] = w[3];
+        ws[((kk + 4u) * NT + nn) / 4u][nn % 4u] = w[4];
+        ws[((kk + 5u) * NT + nn) / 4u][nn % 4u] = w[5];
+        ws[((kk + 6u) * NT + nn) / 4u][nn % 4u] = w[6];
+        ws[((kk + 7u) * NT + nn) / 4u][nn % 4u] = w[7];
 }
 
-// Columns tx + 16j (j < TN; the rest 0) of one k of the weight tile.
-fn ws_row(i: u32) -> vec4<f32> {
-    var v = vec4<f32>(ws[i], ws[i + 16u], 0.0, 0.0);
-    if (TN > 2u) {
-        v.z = ws[i + 32u];
-        v.w = ws[i + 48u];
+// Thread tx's TN columns of a weight-tile vector (its 4 columns, or the half of them for TN = 2;
+// the rest 0).
+fn cols(v: vec4<f32>, tx: u32) -> vec4<f32> {
+    if (TN == 4u) {
+        return v;
     }
-    return v;
+    return select(vec4<f32>(v.zw, 0.0, 0.0), vec4<f32>(v.xy, 0.0, 0.0), tx % 2u == 0u);
 }
 
 fn gemm_store(m: u32, n: u32, v: vec4<f32>) {
     for (var j = 0u; j < TN; j++) {
-        if (m < p.m && n + 16u * j < p.n) {
-            y[m * p.y_stride + p.n_off + n + 16u * j] = v[j];
+        if (m < p.m && n + j < p.n) {
+            y[m * p.y_stride + p.n_off + n + j] = v[j];
         }
     }
 }

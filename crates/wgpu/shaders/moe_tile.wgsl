@@ -26,9 +26,9 @@ struct P {
 const NT: u32 = N_TILEu;
 const KT: u32 = 32u;
 const TN: u32 = NT / 16u;
-var<workgroup> xs: array<f32, TILE_M * KT>; // [KT][TILE_M]
-var<workgroup> wg: array<f32, KT * NT>; // [KT][NT] gate rows (down: the only weight tile)
-var<workgroup> wu: array<f32, KT * NT>; // [KT][NT] up rows
+var<workgroup> xs: array<vec4<f32>, TILE_M * KT / 4u>; // [KT][TILE_M], 4 rows a vector
+var<workgroup> wg: array<vec4<f32>, KT * NT / 4u>; // [KT][NT] gate rows (down: the only weight tile), 4 columns a vector
+var<workgroup> wu: array<vec4<f32>, KT * NT / 4u>; // [KT][NT] up rows
 
 struct Tile {
     e: u32,
@@ -55,48 +55,33 @@ fn load_weights(dst_gate: bool, row: u32, valid: bool, kdim: u32, k0: u32, nn: u
     }
     // Unrolled: a per-thread array indexed in a loop goes to local memory.
     if (dst_gate) {
-        wg[(kk + 0u) * NT + nn] = w[0];
-        wg[(kk + 1u) * NT + nn] = w[1];
-        wg[(kk + 2u) * NT + nn] = w[2];
-        wg[(kk + 3u) * NT + nn] = w[3];
-        wg[(kk + 4u) * NT + nn] = w[4];
-        wg[(kk + 5u) * NT + nn] = w[5];
-        wg[(kk + 6u) * NT + nn] = w[6];
-        wg[(kk + 7u) * NT + nn] = w[7];
+        wg[((kk + 0u) * NT + nn) / 4u][nn % 4u] = w[0];
+        wg[((kk + 1u) * NT + nn) / 4u][nn % 4u] = w[1];
+        wg[((kk + 2u) * NT + nn) / 4u][nn % 4u] = w[2];
+        wg[((kk + 3u) * NT + nn) / 4u][nn % 4u] = w[3];
+        wg[((kk + 4u) * NT + nn) / 4u][nn % 4u] = w[4];
+        wg[((kk + 5u) * NT + nn) / 4u][nn % 4u] = w[5];
+        wg[((kk + 6u) * NT + nn) / 4u][nn % 4u] = w[6];
+        wg[((kk + 7u) * NT + nn) / 4u][nn % 4u] = w[7];
     } else {
-        wu[(kk + 0u) * NT + nn] = w[0];
-        wu[(kk + 1u) * NT + nn] = w[1];
-        wu[(kk + 2u) * NT + nn] = w[2];
-        wu[(kk + 3u) * NT + nn] = w[3];
-        wu[(kk + 4u) * NT + nn] = w[4];
-        wu[(kk + 5u) * NT + nn] = w[5];
-        wu[(kk + 6u) * NT + nn] = w[6];
-        wu[(kk + 7u) * NT + nn] = w[7];
+        wu[((kk + 0u) * NT + nn) / 4u][nn % 4u] = w[0];
+        wu[((kk + 1u) * NT + nn) / 4u][nn % 4u] = w[1];
+        wu[((kk + 2u) * NT + nn) / 4u][nn % 4u] = w[2];
+        wu[((kk + 3u) * NT + nn) / 4u][nn % 4u] = w[3];
+        wu[((kk + 4u) * NT + nn) / 4u][nn % 4u] = w[4];
+        wu[((kk + 5u) * NT + nn) / 4u][nn % 4u] = w[5];
+        wu[((kk + 6u) * NT + nn) / 4u][nn % 4u] = w[6];
+        wu[((kk + 7u) * NT + nn) / 4u][nn % 4u] = w[7];
     }
 }
 
-// Rows ty, ty + 16, ty + 32, ty + 48 of one k of the activation tile.
-fn x_col(i: u32) -> vec4<f32> {
-    return vec4<f32>(xs[i], xs[i + 16u], xs[i + 32u], xs[i + 48u]);
-}
-
-// Columns tx + 16j (j < TN; the rest 0) of one k of a weight tile.
-fn wg_row(i: u32) -> vec4<f32> {
-    var v = vec4<f32>(wg[i], wg[i + 16u], 0.0, 0.0);
-    if (TN > 2u) {
-        v.z = wg[i + 32u];
-        v.w = wg[i + 48u];
+// Thread tx's TN columns of a weight-tile vector (its 4 columns, or the half of them for TN = 2;
+// the rest 0).
+fn cols(v: vec4<f32>, tx: u32) -> vec4<f32> {
+    if (TN == 4u) {
+        return v;
     }
-    return v;
-}
-
-fn wu_row(i: u32) -> vec4<f32> {
-    var v = vec4<f32>(wu[i], wu[i + 16u], 0.0, 0.0);
-    if (TN > 2u) {
-        v.z = wu[i + 32u];
-        v.w = wu[i + 48u];
-    }
-    return v;
+    return select(vec4<f32>(v.zw, 0.0, 0.0), vec4<f32>(v.xy, 0.0, 0.0), tx % 2u == 0u);
 }
 
 @compute @workgroup_size(WG)
@@ -127,7 +112,7 @@ fn moe_gate_up_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
             if (r < tl.r1 && k0 + kk < p.h) {
                 v = x[(sorted[r] / p.k) * p.h + k0 + kk];
             }
-            xs[kk * TILE_M + mm] = v;
+            xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
         }
         for (var e = lid; e < NT * (KT / 8u); e += WG) {
             let nn = e / (KT / 8u);
@@ -138,9 +123,9 @@ fn moe_gate_up_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            let a = x_col(kk * TILE_M + ty);
-            let bg = wg_row(kk * NT + tx);
-            let bu = wu_row(kk * NT + tx);
+            let a = xs[kk * (TILE_M / 4u) + ty];
+            let bg = cols(wg[kk * (NT / 4u) + tx * TN / 4u], tx);
+            let bu = cols(wu[kk * (NT / 4u) + tx * TN / 4u], tx);
             g0 += a.x * bg;
             g1 += a.y * bg;
             g2 += a.z * bg;
@@ -152,17 +137,18 @@ fn moe_gate_up_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
         }
         workgroupBarrier();
     }
-    gate_up_store(tl, ty, n0 + tx, g0, u0);
-    gate_up_store(tl, ty + 16u, n0 + tx, g1, u1);
-    gate_up_store(tl, ty + 32u, n0 + tx, g2, u2);
-    gate_up_store(tl, ty + 48u, n0 + tx, g3, u3);
+    let n = n0 + TN * tx;
+    gate_up_store(tl, 4u * ty, n, g0, u0);
+    gate_up_store(tl, 4u * ty + 1u, n, g1, u1);
+    gate_up_store(tl, 4u * ty + 2u, n, g2, u2);
+    gate_up_store(tl, 4u * ty + 3u, n, g3, u3);
 }
 
 fn gate_up_store(tl: Tile, i: u32, n: u32, g: vec4<f32>, u: vec4<f32>) {
     let r = tl.r0 + i;
     for (var j = 0u; j < TN; j++) {
-        if (r < tl.r1 && n + 16u * j < p.inter) {
-            out[r * p.inter + n + 16u * j] = g[j] / (1.0 + exp(-g[j])) * u[j];
+        if (r < tl.r1 && n + j < p.inter) {
+            out[r * p.inter + n + j] = g[j] / (1.0 + exp(-g[j])) * u[j];
         }
     }
 }
@@ -191,7 +177,7 @@ fn moe_down_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
             if (r < tl.r1 && k0 + kk < p.inter) {
                 v = x[r * p.inter + k0 + kk];
             }
-            xs[kk * TILE_M + mm] = v;
+            xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
         }
         for (var e = lid; e < NT * (KT / 8u); e += WG) {
             let nn = e / (KT / 8u);
@@ -200,8 +186,8 @@ fn moe_down_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            let a = x_col(kk * TILE_M + ty);
-            let b = wg_row(kk * NT + tx);
+            let a = xs[kk * (TILE_M / 4u) + ty];
+            let b = cols(wg[kk * (NT / 4u) + tx * TN / 4u], tx);
             acc0 += a.x * b;
             acc1 += a.y * b;
             acc2 += a.z * b;
@@ -209,17 +195,18 @@ fn moe_down_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
         }
         workgroupBarrier();
     }
-    down_store(tl, ty, n0 + tx, acc0);
-    down_store(tl, ty + 16u, n0 + tx, acc1);
-    down_store(tl, ty + 32u, n0 + tx, acc2);
-    down_store(tl, ty + 48u, n0 + tx, acc3);
+    let n = n0 + TN * tx;
+    down_store(tl, 4u * ty, n, acc0);
+    down_store(tl, 4u * ty + 1u, n, acc1);
+    down_store(tl, 4u * ty + 2u, n, acc2);
+    down_store(tl, 4u * ty + 3u, n, acc3);
 }
 
 fn down_store(tl: Tile, i: u32, n: u32, v: vec4<f32>) {
     let r = tl.r0 + i;
     for (var j = 0u; j < TN; j++) {
-        if (r < tl.r1 && n + 16u * j < p.h) {
-            out[r * p.h + n + 16u * j] = v[j];
+        if (r < tl.r1 && n + j < p.h) {
+            out[r * p.h + n + j] = v[j];
         }
     }
 }
