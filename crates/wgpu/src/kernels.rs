@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub(crate) mod shape {
     /// Threads of the 1-D elementwise and row kernels.
     pub const WG: u32 = 256;
-    /// GEMV: weight rows per workgroup, and threads per row.
-    pub const GEMV_ROWS: u32 = 8;
+    /// GEMV: threads per weight row (the default of [`super::Cache::gemv_lanes`]; a workgroup
+    /// takes WG / lanes rows).
     pub const GEMV_LANES: u32 = 32;
     /// GEMV: activation rows sharing one read of the weights.
     pub const GEMV_MR: u32 = 4;
@@ -38,10 +38,11 @@ pub(crate) mod shape {
     pub const TOPK_WG: u32 = 256;
 }
 
-fn constants() -> String {
+fn constants(gemv_lanes: u32) -> String {
     use shape::*;
+    let gemv_rows = WG / gemv_lanes;
     format!(
-        "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {GEMV_ROWS}u;\nconst GEMV_LANES: u32 = {GEMV_LANES}u;\n\
+        "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
          const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
          const TOPK_WG: u32 = {TOPK_WG}u;\n"
@@ -175,9 +176,9 @@ impl Variant {
     }
 
     /// The full WGSL text of this variant.
-    pub fn source(&self) -> String {
+    pub fn source(&self, gemv_lanes: u32) -> String {
         let mut s = fp4::codegen::wgsl();
-        s.push_str(&constants());
+        s.push_str(&constants(gemv_lanes));
         s.push_str(include_str!("../shaders/common.wgsl"));
         if let Some(w) = self.weight {
             s.push_str(&w.snippet(self.src.dots_weight()));
@@ -206,7 +207,7 @@ pub fn all_sources() -> Vec<(String, String)> {
         for &weight in &weights {
             for &n_tile in &tiles {
                 let v = Variant { src, weight, n_tile };
-                out.push((format!("{v:?}"), v.source()));
+                out.push((format!("{v:?}"), v.source(shape::GEMV_LANES)));
             }
         }
     }
@@ -221,13 +222,31 @@ pub struct Kernel {
     pub layout: wgpu::BindGroupLayout,
 }
 
-#[derive(Default)]
 pub struct Cache {
+    /// Threads per weight row of the GEMV kernels: a power of two from 4 to WG,
+    /// `FP4MOE_WGPU_GEMV_LANES` or [`shape::GEMV_LANES`].
+    pub gemv_lanes: u32,
     modules: Mutex<HashMap<Variant, Arc<wgpu::ShaderModule>>>,
     kernels: Mutex<HashMap<(Variant, &'static str), Arc<Kernel>>>,
 }
 
+impl Default for Cache {
+    fn default() -> Cache {
+        let gemv_lanes = std::env::var("FP4MOE_WGPU_GEMV_LANES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|l| l.is_power_of_two() && (4..=shape::WG).contains(l))
+            .unwrap_or(shape::GEMV_LANES);
+        Cache { gemv_lanes, modules: Mutex::default(), kernels: Mutex::default() }
+    }
+}
+
 impl Cache {
+    /// Weight rows per GEMV workgroup.
+    pub fn gemv_rows(&self) -> u32 {
+        shape::WG / self.gemv_lanes
+    }
+
     /// The pipeline of `entry` in `variant`, compiled on first use. Compile errors (a kernel
     /// that the driver rejects) come back as device errors naming the entry point.
     pub fn get(
@@ -246,7 +265,7 @@ impl Cache {
                 .or_insert_with(|| {
                     Arc::new(ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(entry),
-                        source: wgpu::ShaderSource::Wgsl(variant.source().into()),
+                        source: wgpu::ShaderSource::Wgsl(variant.source(self.gemv_lanes).into()),
                     }))
                 })
                 .clone()

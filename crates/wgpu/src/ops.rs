@@ -246,7 +246,7 @@ impl WgpuBackend {
                     let (lo, hi) = span(gu, c, 2 * inter)?;
                     let mut b = vec![(1, &x.storage.buf), (2, &ids.storage.buf), (3, &*act)];
                     b.extend(c.bindings());
-                    let g = [u(inter.div_ceil(shape::GEMV_ROWS as usize)), 1, u(pairs)];
+                    let g = [u(inter.div_ceil(self.kernels.gemv_rows() as usize)), 1, u(pairs)];
                     self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
                 }
                 let kd = self.kw(Src::MoeGemv, "moe_down_gemv", dn.kind, None)?;
@@ -254,7 +254,7 @@ impl WgpuBackend {
                     let (lo, hi) = span(dn, c, h)?;
                     let mut b = vec![(1, &*act), (2, &ids.storage.buf), (3, &*y)];
                     b.extend(c.bindings());
-                    let g = [u(h.div_ceil(shape::GEMV_ROWS as usize)), 1, u(pairs)];
+                    let g = [u(h.div_ceil(self.kernels.gemv_rows() as usize)), 1, u(pairs)];
                     self.dispatch(&kd, &params(lo, hi, c.row0), &b, g)?;
                 }
                 Ok((y, None))
@@ -451,7 +451,7 @@ impl Backend for WgpuBackend {
                     [u(gx), u(c.rows.div_ceil(n_tile)), 1]
                 }
                 _ => {
-                    let [gx, gy, _] = grid(c.rows, shape::GEMV_ROWS);
+                    let [gx, gy, _] = grid(c.rows, self.kernels.gemv_rows());
                     [gx, gy, u(m.div_ceil(shape::GEMV_MR as usize))]
                 }
             };
@@ -487,7 +487,7 @@ impl Backend for WgpuBackend {
         let groups = if transpose {
             grid(m * heads * k.div_ceil(8 * shape::HEADT_WORDS as usize), 1)
         } else {
-            grid(m * heads * row_count, shape::GEMV_ROWS)
+            grid(m * heads * row_count, self.kernels.gemv_rows())
         };
         self.dispatch(&kern, &params, &b, groups)?;
         Ok(out)
