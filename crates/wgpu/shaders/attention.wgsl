@@ -145,7 +145,10 @@ fn attn_merge(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
         let cb = base + c * (p.dv + 2u);
         l += part[cb + p.dv + 1u] * exp(part[cb + p.dv] - m);
     }
-    for (var d = lid; d < p.dv; d += ATTN_CHUNK) {
+    // Workgroup x takes value columns x * ATTN_CHUNK .. + ATTN_CHUNK (spread so a wide value,
+    // MLA's 512, is not one workgroup's serial loop).
+    let d = wid.x * ATTN_CHUNK + lid;
+    if (d < p.dv) {
         var o = 0.0;
         for (var c = 0u; c < live; c++) {
             let cb = base + c * (p.dv + 2u);

@@ -199,7 +199,8 @@ impl WgpuBackend {
                 (5, &*part),
             ];
             self.dispatch(&kc, &params, &binds, [u(chunks), u(hq), u(tc)])?;
-            self.dispatch(&km, &params, &[(5, &*part), (6, &out.storage.buf)], [1, u(hq), u(tc)])?;
+            let cols = dv.div_ceil(shape::ATTN_CHUNK as usize);
+            self.dispatch(&km, &params, &[(5, &*part), (6, &out.storage.buf)], [u(cols), u(hq), u(tc)])?;
             t0 += tc;
         }
         Ok(out)
