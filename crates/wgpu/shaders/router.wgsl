@@ -143,40 +143,47 @@ fn route_sigmoid(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
     }
     let base = t * p.e;
     let per = p.e / p.n_group;
-    // Group score (one thread per group): the sum of the group's two best biased scores.
-    for (var g = lid; g < p.n_group; g += WG) {
-        var b1 = Best(0.0, NONE);
-        for (var i = g * per; i < (g + 1u) * per; i++) {
-            b1 = better(b1, Best(sigmoid(logits[base + i]) + bias[i], i));
+    if (p.topk_group >= p.n_group) {
+        // Every group is kept (GLM-4.7-Flash: one group): no group scores needed.
+        for (var g = lid; g < p.n_group; g += WG) {
+            kept[g] = 1u;
         }
-        var sum = 0.0 + b1.v;
-        if (per > 1u) {
-            var b2 = Best(0.0, NONE);
+    } else {
+        // Group score (one thread per group): the sum of the group's two best biased scores.
+        for (var g = lid; g < p.n_group; g += WG) {
+            var b1 = Best(0.0, NONE);
             for (var i = g * per; i < (g + 1u) * per; i++) {
-                let c = Best(sigmoid(logits[base + i]) + bias[i], i);
-                if (ranks_before(b1.v, b1.i, c.v, c.i)) {
-                    b2 = better(b2, c);
-                }
+                b1 = better(b1, Best(sigmoid(logits[base + i]) + bias[i], i));
             }
-            sum += b2.v;
+            var sum = 0.0 + b1.v;
+            if (per > 1u) {
+                var b2 = Best(0.0, NONE);
+                for (var i = g * per; i < (g + 1u) * per; i++) {
+                    let c = Best(sigmoid(logits[base + i]) + bias[i], i);
+                    if (ranks_before(b1.v, b1.i, c.v, c.i)) {
+                        b2 = better(b2, c);
+                    }
+                }
+                sum += b2.v;
+            }
+            gscore[g] = sum;
+            kept[g] = 0u;
         }
-        gscore[g] = sum;
-        kept[g] = 0u;
-    }
-    workgroupBarrier();
-    // Keep the best topk_group groups (few: one thread).
-    if (lid == 0u) {
-        var pg = Best(0.0, NONE);
-        for (var s = 0u; s < p.topk_group; s++) {
-            var bg = Best(0.0, NONE);
-            for (var g = 0u; g < p.n_group; g++) {
-                let c = Best(gscore[g], g);
-                if (pg.i == NONE || ranks_before(pg.v, pg.i, c.v, c.i)) {
-                    bg = better(bg, c);
+        workgroupBarrier();
+        // Keep the best topk_group groups (few: one thread).
+        if (lid == 0u) {
+            var pg = Best(0.0, NONE);
+            for (var s = 0u; s < p.topk_group; s++) {
+                var bg = Best(0.0, NONE);
+                for (var g = 0u; g < p.n_group; g++) {
+                    let c = Best(gscore[g], g);
+                    if (pg.i == NONE || ranks_before(pg.v, pg.i, c.v, c.i)) {
+                        bg = better(bg, c);
+                    }
                 }
+                kept[bg.i] = 1u;
+                pg = bg;
             }
-            kept[bg.i] = 1u;
-            pg = bg;
         }
     }
     workgroupBarrier();

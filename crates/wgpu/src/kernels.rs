@@ -24,8 +24,10 @@ pub(crate) mod shape {
     const _: () = assert!(TILE_M == 64);
     /// Attention: key positions per split-K chunk (= threads of the attention workgroup).
     pub const ATTN_CHUNK: u32 = 64;
-    /// Transposed head products: weight words (8 columns each) per workgroup.
-    pub const HEADT_WORDS: u32 = 32;
+    /// Transposed head products: weight words (8 columns each) per workgroup; the other
+    /// WG / HEADT_WORDS threads split the rows (GLM at one token: 20 heads x 512 columns make
+    /// 160 workgroups of 32 row groups).
+    pub const HEADT_WORDS: u32 = 8;
     /// Attention: threads of a chunk's workgroup (a multiple of ATTN_CHUNK).
     pub const ATTN_THREADS: u32 = 256;
     /// Attention: longest query (key width, d1 + d2) staged in workgroup memory.
