@@ -50,8 +50,11 @@ if has golden; then
 fi
 
 if has kernels; then
-    say "fp4moe bench kernels --backend wgpu"
-    timeout 240 $BIN/fp4moe bench kernels --backend wgpu --json "$OUT/bench_kernels.json" 2>&1 | tail -60 | tee -a "$LOG"
+    # With kernel timestamps on, the table adds each op's device time (device_us) to its wall
+    # time with a wait after every run (time_us).
+    say "FP4MOE_WGPU_TIMESTAMPS=1 fp4moe bench kernels --backend wgpu --tokens 1,8192"
+    FP4MOE_WGPU_TIMESTAMPS=1 timeout 300 $BIN/fp4moe bench kernels --backend wgpu --tokens 1,8192 \
+        --json "$OUT/bench_kernels.json" 2>&1 | tail -60 | tee -a "$LOG"
 fi
 
 if has model; then

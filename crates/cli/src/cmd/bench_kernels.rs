@@ -10,12 +10,20 @@
 //! random with a fixed seed.
 //!
 //! The op code is generic over [`Backend`], so every backend runs the same benchmark.
+//!
+//! `time_us` is wall time with a wait after each run, so on a GPU it includes the submit and
+//! wait latency (tens of µs on wgpu). Where the backend times its kernels on the device
+//! ([`Backend::kernel_stats`]: wgpu with `FP4MOE_WGPU_TIMESTAMPS=1`), `device_us` is their
+//! summed device time per run as well.
 
 use crate::backend::{BackendKind, OnBackend, dispatch};
 use fp4moe_ops::conformance::{Rng, WeightKind, random_weight};
+use fp4moe_ops::profile::OpStats;
 use fp4moe_ops::{Backend, HostTensor, HostWeight, LinearPath, MoePath, MoeWeights, T};
 use serde::Serialize;
+use std::cell::Cell;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -51,6 +59,8 @@ struct Row {
     floor_us: f64,
     gbps: f64,
     gflops: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_us: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -90,11 +100,27 @@ impl OnBackend for Job {
                 gbps
             }
         };
+        let kernels = b.kernel_stats();
         println!(
-            "{:<34} {:>6} {:>11} {:>11} {:>7} {:>8} {:>9}",
-            "name", "tokens", "time_us", "floor_us", "ratio", "GB/s", "GFLOP/s"
+            "{:<34} {:>6} {:>11} {:>11} {:>7} {:>8} {:>9}{}",
+            "name",
+            "tokens",
+            "time_us",
+            "floor_us",
+            "ratio",
+            "GB/s",
+            "GFLOP/s",
+            if kernels.is_some() { "  device_us" } else { "" }
         );
-        let mut bench = Bench { b: &b, bw, quick: args.quick, rng: Rng::new(args.seed), rows: Vec::new() };
+        let mut bench = Bench {
+            b: &b,
+            bw,
+            quick: args.quick,
+            rng: Rng::new(args.seed),
+            rows: Vec::new(),
+            kernels,
+            device_s: Cell::new(None),
+        };
         let linears: &[(WeightKind, usize, usize)] = if args.quick {
             &[(WeightKind::Mxfp4, 2048, 768), (WeightKind::Nvfp4, 2048, 768)]
         } else {
@@ -224,6 +250,10 @@ struct Bench<'a, B: Backend> {
     quick: bool,
     rng: Rng,
     rows: Vec<Row>,
+    /// The backend's per-kernel device times, when it keeps them.
+    kernels: Option<Arc<Mutex<OpStats>>>,
+    /// Device seconds per run of the last [`Bench::time`], when kernels are timed.
+    device_s: Cell<Option<f64>>,
 }
 
 impl<B: Backend> Bench<'_, B> {
@@ -239,6 +269,12 @@ impl<B: Backend> Bench<'_, B> {
             f(i)?;
         }
         self.b.synchronize()?;
+        let device = || {
+            self.kernels
+                .as_ref()
+                .map(|k| std::mem::take(&mut *k.lock().unwrap_or_else(PoisonError::into_inner)))
+        };
+        device();
         let mut ts = Vec::with_capacity(reps);
         for i in 0..reps {
             let t0 = Instant::now();
@@ -246,6 +282,7 @@ impl<B: Backend> Bench<'_, B> {
             self.b.synchronize()?;
             ts.push(t0.elapsed().as_secs_f64());
         }
+        self.device_s.set(device().map(|d| d.total().as_secs_f64() / reps as f64));
         ts.sort_by(f64::total_cmp);
         Ok(ts[ts.len() / 2])
     }
@@ -259,16 +296,18 @@ impl<B: Backend> Bench<'_, B> {
             floor_us: floor * 1e6,
             gbps: bytes / secs / 1e9,
             gflops: flops / secs / 1e9,
+            device_us: self.device_s.take().map(|d| d * 1e6),
         };
         println!(
-            "{:<34} {:>6} {:>11.1} {:>11.1} {:>7.2} {:>8.1} {:>9.1}",
+            "{:<34} {:>6} {:>11.1} {:>11.1} {:>7.2} {:>8.1} {:>9.1}{}",
             row.name,
             row.tokens,
             row.time_us,
             row.floor_us,
             row.time_us / row.floor_us,
             row.gbps,
-            row.gflops
+            row.gflops,
+            row.device_us.map_or(String::new(), |d| format!(" {d:>10.1}"))
         );
         self.rows.push(row);
     }
