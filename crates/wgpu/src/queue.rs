@@ -26,10 +26,6 @@ pub(crate) const SUBMIT_EVERY: usize = 2048;
 /// `FP4MOE_WGPU_SUBMIT_EVERY` overrides either.
 const GPU_SUBMIT_EVERY: usize = 128;
 
-/// Dispatches of the first submit after the host waited (a decode step's first layers), so the
-/// GPU, idle since the wait, starts sooner; `FP4MOE_WGPU_FIRST_SUBMIT` overrides it.
-const GPU_FIRST_SUBMIT: usize = 16;
-
 /// Bytes reserved per dispatch in the params buffer: the largest params struct, rounded up to
 /// the uniform offset alignment every adapter accepts (WebGPU's default limit is 256).
 const PARAMS_STRIDE: usize = 256;
@@ -42,17 +38,12 @@ pub struct Pending(Mutex<State>);
 
 impl Pending {
     pub fn new(timer: Option<Timer>, cpu_adapter: bool) -> Pending {
-        let env = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(default, |n| n.clamp(1, SUBMIT_EVERY))
-        };
-        let (every, first) =
-            if cpu_adapter { (SUBMIT_EVERY, SUBMIT_EVERY) } else { (GPU_SUBMIT_EVERY, GPU_FIRST_SUBMIT) };
-        let submit_every = env("FP4MOE_WGPU_SUBMIT_EVERY", every);
-        let first_submit = env("FP4MOE_WGPU_FIRST_SUBMIT", first.min(submit_every));
-        Pending(Mutex::new(State { timer, submit_every, first_submit, ..State::default() }))
+        let default = if cpu_adapter { SUBMIT_EVERY } else { GPU_SUBMIT_EVERY };
+        let submit_every = std::env::var("FP4MOE_WGPU_SUBMIT_EVERY")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(default, |n| n.clamp(1, SUBMIT_EVERY));
+        Pending(Mutex::new(State { timer, submit_every, ..State::default() }))
     }
 
     /// The per-kernel times, when kernels are timed.
@@ -85,9 +76,8 @@ struct State {
     seg: usize,
     staged: Vec<u8>,
     recorded: usize,
-    /// Dispatches per submit (at most [`SUBMIT_EVERY`]), and of the first submit after a wait.
+    /// Dispatches per submit (at most [`SUBMIT_EVERY`]).
     submit_every: usize,
-    first_submit: usize,
     binds: HashMap<BindKey, wgpu::BindGroup>,
     /// The pool generation the cached bind groups belong to.
     binds_gen: u64,
@@ -219,8 +209,7 @@ impl WgpuBackend {
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         st.recorded += 1;
-        let limit = if st.seg == 0 { st.first_submit } else { st.submit_every };
-        if st.recorded >= limit {
+        if st.recorded >= st.submit_every {
             let enc = st.take(&self.ctx.queue, false).expect("encoder was just used");
             self.submit_encoder(st, enc)?;
         }
