@@ -11,7 +11,7 @@
 #
 # Binaries are built here (the device has no Rust toolchain), stripped and copied to out/wgpu/
 # (git-ignored):
-#   cargo test -p fp4moe-wgpu --release --no-run  -> out/wgpu/conformance, out/wgpu/golden
+#   cargo test -p fp4moe-wgpu --release --no-run  -> out/wgpu/conformance, out/wgpu/golden, out/wgpu/coop
 #   cargo build --release -p fp4moe              -> out/wgpu/fp4moe
 # STAGES selects parts (default: all): "test golden kernels model profile torch".
 set -uo pipefail
@@ -41,6 +41,10 @@ if has test; then
     say "conformance suite (wgpu, Vulkan)"
     timeout 300 $BIN/conformance --test-threads 4 2>&1 | tee "$OUT/conformance.log" |
         grep -E "ok in|skipped|panicked|test result|FAILED|failed" | tee -a "$LOG"
+    if [ -x $BIN/coop ]; then
+        say "cooperative matrices through naga (tests/coop.rs)"
+        timeout 120 $BIN/coop --nocapture 2>&1 | grep -E "exact|skipped|panicked|test result" | tee -a "$LOG"
+    fi
 fi
 
 if has golden; then
