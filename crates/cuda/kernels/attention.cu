@@ -41,7 +41,10 @@ __device__ __forceinline__ void att_merge(float m, float l, const float* acc, in
     if (ml && threadIdx.x == 0) { ml[0] = gm; ml[1] = gl; }
 }
 
-// Online-softmax step of one warp for score s and value row v.
+// Online-softmax step of one warp for score s and the value row this lane holds (elements
+// lane, lane + 32, ... in registers, as lane_load puts them).
+// EXACT: dv is exactly 32 * ATT_MAX_DV_PER_LANE (no per-element bound checks).
+template <bool EXACT>
 __device__ __forceinline__ void att_step(float s, const float* v, int dv, float& m, float& l, float* acc) {
     int lane = threadIdx.x & 31;
     float nm = fmaxf(m, s);
@@ -51,29 +54,26 @@ __device__ __forceinline__ void att_step(float s, const float* v, int dv, float&
 #pragma unroll
     for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) {
         int d = c * 32 + lane;
-        if (d < dv) acc[c] = acc[c] * corr + p * v[d];
+        if (EXACT || d < dv) acc[c] = acc[c] * corr + p * v[c];
     }
     m = nm;
 }
 
 // This lane's share of a row of n <= 32 * N floats (elements lane, lane + 32, ...; 0 past n).
-template <int N>
+// EXACT: the row is exactly 32 * N floats and n is not read.
+template <int N, bool EXACT = false>
 __device__ __forceinline__ void lane_load(const float* p, int n, float* r) {
     int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int c = 0; c < N; c++) r[c] = c * 32 + lane < n ? p[c * 32 + lane] : 0.0f;
+    for (int c = 0; c < N; c++) r[c] = EXACT || c * 32 + lane < n ? p[c * 32 + lane] : 0.0f;
 }
 
-// Lane partial of q . p, with q already in registers (lane_load). The loads of p are independent
-// and unrolled, so they are all in flight at once: loading q and p element by element in a
-// runtime-bounded loop left every key waiting on a chain of dependent global loads.
+// Lane partial of q . p, both this lane's share in registers (lane_load), zero past the row.
 template <int N>
-__device__ __forceinline__ float lane_dot(const float* q, const float* p, int n) {
-    int lane = threadIdx.x & 31;
+__device__ __forceinline__ float lane_dot(const float* q, const float* p) {
     float s = 0.0f;
 #pragma unroll
-    for (int c = 0; c < N; c++)
-        if (c * 32 + lane < n) s += q[c] * p[c * 32 + lane];
+    for (int c = 0; c < N; c++) s += q[c] * p[c];
     return s;
 }
 
@@ -101,20 +101,69 @@ __device__ __forceinline__ void att_keys(int pos0, const unsigned* row_shift, in
 // row once per query head (39 us per Qwen3 decode call at 2k keys); one lane per key straight
 // from global memory turned every load into 32 scattered requests (83 us).
 #define GQA_MAX_THREADS 256
+#define GQA_STAGE_BATCH 8 // loads (of VW floats) each thread has in flight while staging a tile
+
+// Row stride (floats) of the vector kernel's key tile: an odd number of float4s, so the eight
+// lanes of a 16-byte shared load phase, each on its own key row, hit distinct banks. Mirrored by
+// gqa_key_stride in src/backend.rs.
+__device__ __forceinline__ int gqa_key_stride(int d) { return 4 * ((d / 4) | 1); }
+
+// Copies rows jb .. jb + nk of head kh of a cache [S, hkv, width] into dst (row stride ds), the
+// block's threads along the flattened tile in units of VW floats (4: 16-byte loads and stores;
+// width, ds and the cache rows then in whole float4s). Every thread issues GQA_STAGE_BATCH loads
+// before it stores any: a copy loop over rows and columns with runtime bounds waited one memory
+// latency per element (about 20 us per Qwen3 decode call whatever the split length). Positions
+// advance by the block size with a carry instead of a division per element: the first form,
+// with 64-bit index products per float, was half of the kernel's instructions.
+template <int VW> struct Floats { typedef float T; };
+template <> struct Floats<4> { typedef float4 T; };
+template <int VW>
+__device__ __forceinline__ void stage_rows(float* dst, int ds, const float* src, int hkv, int kh, int width, int jb,
+                                           int nk) {
+    typedef typename Floats<VW>::T V;
+    const float* base = src + ((size_t)jb * hkv + kh) * width;
+    const int rs = hkv * width, wv = width / VW, n = nk * wv, step = blockDim.x;
+    const int dr = step / wv, de = step % wv;
+    int r = threadIdx.x / wv, e = threadIdx.x % wv;
+    for (int i0 = threadIdx.x; i0 < n; i0 += GQA_STAGE_BATCH * step) {
+        V val[GQA_STAGE_BATCH];
+        int at[GQA_STAGE_BATCH];
+#pragma unroll
+        for (int u = 0; u < GQA_STAGE_BATCH; u++) {
+            if (i0 + u * step < n) val[u] = *(const V*)(base + (size_t)r * rs + e * VW);
+            at[u] = r * ds + e * VW;
+            r += dr;
+            e += de;
+            if (e >= wv) {
+                e -= wv;
+                r++;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GQA_STAGE_BATCH; u++)
+            if (i0 + u * step < n) *(V*)(dst + at[u]) = val[u];
+    }
+}
+
 
 // q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]. grid (Hkv, T, splits), block of
-// `warps` * 32 <= GQA_MAX_THREADS, dynamic shared memory (tk * (D + 1) + tk * Dv + warps * D)
-// floats, tk <= 32.
+// `warps` * 32 <= GQA_MAX_THREADS, dynamic shared memory (tk * ks + tk * Dv + warps * D) floats
+// with ks = gqa_key_stride(D), tk <= 32.
 // With splits > 1, out is the partial buffer [T, Hq, splits, Dv] (unnormalised) and ml
 // [T, Hq, splits, 2] (max, sum).
-extern "C" __global__ void __launch_bounds__(GQA_MAX_THREADS)
-attention_gqa_f32(const float* q, const float* k, const float* v, float* out, float* ml, int hq, int hkv, int d,
-                  int dv, int tk, int pos0, const unsigned* row_shift, int cache_rows, int split_keys, float scale) {
+// VEC (D and Dv multiples of 4, Dv <= 128): scores from 16-byte shared loads in four partial
+// sums, each lane owning four adjacent value dims. The scalar form (any widths, Dv <= 512) runs
+// one 128-long FMA chain per score and a value loop sized for 512-wide rows, ~3k instructions
+// per warp and tile at two warps per scheduler: 21 us per Qwen3 decode call whatever the split.
+template <bool VEC>
+__device__ __forceinline__ void gqa_decode(const float* q, const float* k, const float* v, float* out, float* ml,
+                                           int hq, int hkv, int d, int dv, int tk, int pos0,
+                                           const unsigned* row_shift, int cache_rows, int split_keys, float scale) {
     pdl_wait(); // no early trigger: see the file comment
     extern __shared__ float smem[];
-    const int ks = d + 1;
+    const int ks = VEC ? gqa_key_stride(d) : d + 1;
     const int warps = blockDim.x >> 5;
-    float* kt = smem;          // [tk][d + 1]
+    float* kt = smem;          // [tk][ks]
     float* vt = kt + tk * ks;  // [tk][dv]
     float* qs = vt + tk * dv;  // [warps][d]
     int kh = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
@@ -122,48 +171,72 @@ attention_gqa_f32(const float* q, const float* k, const float* v, float* out, fl
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     int j0, j1;
     att_keys(pos0, row_shift, cache_rows, split_keys, t, sp, j0, j1);
+    constexpr int NACC = VEC ? 4 : ATT_MAX_DV_PER_LANE;
     for (int h0 = 0; h0 < group; h0 += warps) {
         int nh = min(warps, group - h0);
         __syncthreads(); // the previous pass is done with qs and the tiles
         for (int hh = wid; hh < nh; hh += warps)
             for (int e = lane; e < d; e += 32) qs[hh * d + e] = q[((size_t)t * hq + kh * group + h0 + hh) * d + e];
         bool active = wid < nh;
-        float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
+        float m = ATT_NEG_INF, l = 0.0f, acc[NACC];
 #pragma unroll
-        for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
+        for (int c = 0; c < NACC; c++) acc[c] = 0.0f;
         for (int jb = j0; jb < j1; jb += tk) {
             int nk = min(tk, j1 - jb);
             __syncthreads(); // every warp is done with the previous tile
-            for (int r = wid; r < nk; r += warps) {
-                const float* kr = k + ((size_t)(jb + r) * hkv + kh) * d;
-                const float* vr = v + ((size_t)(jb + r) * hkv + kh) * dv;
-                for (int e = lane; e < d; e += 32) kt[r * ks + e] = kr[e];
-                for (int e = lane; e < dv; e += 32) vt[r * dv + e] = vr[e];
-            }
+            stage_rows<VEC ? 4 : 1>(kt, ks, k, hkv, kh, d, jb, nk);
+            stage_rows<VEC ? 4 : 1>(vt, dv, v, hkv, kh, dv, jb, nk);
             __syncthreads();
             if (!active) continue;
             const float* qh = qs + wid * d;
             float s = ATT_NEG_INF;
             if (lane < nk) {
                 const float* kr = kt + lane * ks;
-                float dot = 0.0f;
+                if constexpr (VEC) {
+                    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 8
-                for (int e = 0; e < d; e++) dot = fmaf(qh[e], kr[e], dot);
-                s = dot * scale;
+                    for (int e = 0; e < d; e += 4) {
+                        const float4 qq = *(const float4*)(qh + e), kk = *(const float4*)(kr + e);
+                        a.x = fmaf(qq.x, kk.x, a.x);
+                        a.y = fmaf(qq.y, kk.y, a.y);
+                        a.z = fmaf(qq.z, kk.z, a.z);
+                        a.w = fmaf(qq.w, kk.w, a.w);
+                    }
+                    s = ((a.x + a.y) + (a.z + a.w)) * scale;
+                } else {
+                    float dot = 0.0f;
+#pragma unroll 8
+                    for (int e = 0; e < d; e++) dot = fmaf(qh[e], kr[e], dot);
+                    s = dot * scale;
+                }
             }
             float nm = fmaxf(m, warp_max(s));
             float corr = m == ATT_NEG_INF ? 0.0f : expf(m - nm);
             float p = lane < nk ? expf(s - nm) : 0.0f;
             l = l * corr + warp_sum(p);
 #pragma unroll
-            for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] *= corr;
-            for (int r = 0; r < nk; r++) {
-                float pr = __shfl_sync(0xffffffffu, p, r);
-                const float* vr = vt + r * dv;
+            for (int c = 0; c < NACC; c++) acc[c] *= corr;
+            if constexpr (VEC) {
+                const bool own = 4 * lane < dv;
+                for (int r = 0; r < nk; r++) {
+                    float pr = __shfl_sync(0xffffffffu, p, r);
+                    if (own) {
+                        const float4 vv = *(const float4*)(vt + r * dv + 4 * lane);
+                        acc[0] = fmaf(pr, vv.x, acc[0]);
+                        acc[1] = fmaf(pr, vv.y, acc[1]);
+                        acc[2] = fmaf(pr, vv.z, acc[2]);
+                        acc[3] = fmaf(pr, vv.w, acc[3]);
+                    }
+                }
+            } else {
+                for (int r = 0; r < nk; r++) {
+                    float pr = __shfl_sync(0xffffffffu, p, r);
+                    const float* vr = vt + r * dv;
 #pragma unroll
-                for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) {
-                    int e = c * 32 + lane;
-                    if (e < dv) acc[c] = fmaf(pr, vr[e], acc[c]);
+                    for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) {
+                        int e = c * 32 + lane;
+                        if (e < dv) acc[c] = fmaf(pr, vr[e], acc[c]);
+                    }
                 }
             }
             m = nm;
@@ -173,8 +246,8 @@ attention_gqa_f32(const float* q, const float* k, const float* v, float* out, fl
         size_t row = ((size_t)t * hq + h) * splits + sp;
         float inv = splits > 1 ? 1.0f : 1.0f / l;
 #pragma unroll
-        for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) {
-            int e = c * 32 + lane;
+        for (int c = 0; c < NACC; c++) {
+            int e = VEC ? 4 * lane + c : c * 32 + lane;
             if (e < dv) out[row * dv + e] = acc[c] * inv;
         }
         if (splits > 1 && lane == 0) {
@@ -183,6 +256,15 @@ attention_gqa_f32(const float* q, const float* k, const float* v, float* out, fl
         }
     }
 }
+
+#define GQA_DECODE(NAME, VEC)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GQA_MAX_THREADS)                                               \
+        NAME(const float* q, const float* k, const float* v, float* out, float* ml, int hq, int hkv, int d,     \
+             int dv, int tk, int pos0, const unsigned* row_shift, int cache_rows, int split_keys, float scale) { \
+        gqa_decode<VEC>(q, k, v, out, ml, hq, hkv, d, dv, tk, pos0, row_shift, cache_rows, split_keys, scale); \
+    }
+GQA_DECODE(attention_gqa_f32, false)
+GQA_DECODE(attention_gqa_vec_f32, true)
 
 // GQA prefill (many queries): FlashAttention-style tiles on the CUDA cores. A block takes FA_BR
 // consecutive queries of one query head and walks the causal keys in tiles of FA_BC; each of
@@ -422,11 +504,16 @@ attention_mla_prefill_f32(const float* q_lat, const float* q_rope, const float* 
 // grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache
 // tiles in shared memory for a group of heads, as GQA does, measured slower here: 35 -> 87 us
 // per GLM decode call, with 16 scores per warp held in registers and reduced one by one; see
-// NOTES.md.)
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, float* out, float* ml, int heads,
-                  int l_dim, int r_dim, int pos0, const unsigned* row_shift, int cache_rows, int split_keys,
-                  float scale) {
+// NOTES.md.) NR: rope floats per lane; EXACT: L = 32 * ATT_MAX_DV_PER_LANE and R = 32 * NR
+// exactly (GLM's 512 + 64), so no load or update checks its bound: with the checks and a
+// three-row register ring a key took 281 instructions, 47 of them bound compares and 55 moves.
+// Each warp walks its keys two at a time, the next row in flight while it scores one: loading
+// a row only when its turn came left every key waiting a full memory latency (27 us per GLM
+// decode call at 64 keys per block, 16 rows in turn per warp).
+template <int NR, bool EXACT>
+__device__ __forceinline__ void mla_decode(const float* q_lat, const float* q_rope, const float* cache, float* out,
+                                           float* ml, int heads, int l_dim, int r_dim, int pos0,
+                                           const unsigned* row_shift, int cache_rows, int split_keys, float scale) {
     pdl_wait(); // no early trigger: see the file comment
     int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
     int wid = threadIdx.x >> 5;
@@ -438,19 +525,46 @@ attention_mla_f32(const float* q_lat, const float* q_rope, const float* cache, f
     float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
 #pragma unroll
     for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
-    float qa[ATT_MAX_DV_PER_LANE], qb[ATT_MAX_ROPE_PER_LANE];
-    lane_load<ATT_MAX_DV_PER_LANE>(a, l_dim, qa);
-    lane_load<ATT_MAX_ROPE_PER_LANE>(b, r_dim, qb);
-    for (int j = j0 + wid; j < j1; j += ATT_WARPS) {
-        const float* row = cache + (size_t)j * w;
-        float s1 = lane_dot<ATT_MAX_DV_PER_LANE>(qa, row, l_dim);
-        float s2 = lane_dot<ATT_MAX_ROPE_PER_LANE>(qb, row + l_dim, r_dim);
+    float qa[ATT_MAX_DV_PER_LANE], qb[NR];
+    lane_load<ATT_MAX_DV_PER_LANE, EXACT>(a, l_dim, qa);
+    lane_load<NR, EXACT>(b, r_dim, qb);
+    float ra[2][ATT_MAX_DV_PER_LANE], rb[2][NR];
+    // Row j into buffer i; past the keys a row in range is read (or nothing, when not EXACT)
+    // and never scored.
+    auto fetch = [&](int j, int i) {
+        const bool live = j < j1;
+        const float* row = cache + (size_t)max(min(j, j1 - 1), 0) * w;
+        lane_load<ATT_MAX_DV_PER_LANE, EXACT>(row, live ? l_dim : 0, ra[i]);
+        lane_load<NR, EXACT>(row + l_dim, live ? r_dim : 0, rb[i]);
+    };
+    auto score = [&](int i) {
+        float s1 = lane_dot<ATT_MAX_DV_PER_LANE>(qa, ra[i]);
+        float s2 = lane_dot<NR>(qb, rb[i]);
         float s = (warp_sum(s1) + warp_sum(s2)) * scale;
-        att_step(s, row, l_dim, m, l, acc);
+        att_step<EXACT>(s, ra[i], l_dim, m, l, acc);
+    };
+    fetch(j0 + wid, 0);
+    for (int j = j0 + wid; j < j1; j += 2 * ATT_WARPS) {
+        fetch(j + ATT_WARPS, 1);
+        score(0);
+        if (j + ATT_WARPS >= j1) break;
+        fetch(j + 2 * ATT_WARPS, 0);
+        score(1);
     }
     size_t r = ((size_t)t * heads + h) * splits + sp;
     att_merge(m, l, acc, l_dim, out + r * l_dim, splits > 1 ? ml + r * 2 : 0);
 }
+
+#define MLA_DECODE(NAME, NR, EXACT)                                                                             \
+    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                 \
+        NAME(const float* q_lat, const float* q_rope, const float* cache, float* out, float* ml, int heads,     \
+             int l_dim, int r_dim, int pos0, const unsigned* row_shift, int cache_rows, int split_keys,          \
+             float scale) {                                                                                      \
+        mla_decode<NR, EXACT>(q_lat, q_rope, cache, out, ml, heads, l_dim, r_dim, pos0, row_shift, cache_rows, \
+                              split_keys, scale);                                                                \
+    }
+MLA_DECODE(attention_mla_f32, ATT_MAX_ROPE_PER_LANE, false)
+MLA_DECODE(attention_mla_l512_r64_f32, 2, true)
 
 // The splits of each (query, head) row, merged: part [rows, splits, dv], ml [rows, splits, 2]
 // -> out [rows, dv], splits <= ATT_MAX_SPLITS. grid (rows, ceil(dv / 32)), block COMBINE_GROUPS

@@ -67,15 +67,57 @@ __device__ __forceinline__ float dot8(u32 word, u32 s2, float4 a, float4 b) {
     return s;
 }
 
+// Bytes of dynamic shared memory this launch was given.
+__device__ __forceinline__ unsigned dyn_smem_bytes() {
+    unsigned r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+
+// Copies x [mcount, kp] (row stride xs; kp a multiple of 32 floats) into sx [mcount, kp] with the
+// float4s of each 32-float
+// chunk c rotated by XOR with c & 7, then waits for the block. A lane reads whole chunks, and the
+// lanes of a warp read consecutive chunks: straight from global memory every 16-byte x load of
+// a warp touched 32 cache lines, which held o_proj's one-row-per-group GEMV at 13 us with L1 82 %
+// busy and DRAM 9 %; from the rotated copy each phase of eight lanes hits eight distinct banks.
+__device__ __forceinline__ void stage_x(float* sx, const float* x, int xs, int kp, int mcount) {
+    const int per_row = kp / 4, n = mcount * per_row;
+    const float4* src = (const float4*)x;
+    float4* dst = (float4*)sx;
+    for (int i0 = threadIdx.x; i0 < n; i0 += 4 * blockDim.x) {
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < n) {
+                const int m = i / per_row;
+                v[u] = src[m * (xs / 4) + (i - m * per_row)];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < n) {
+                const int m = i / per_row, f = i - m * per_row;
+                dst[m * per_row + (f ^ ((f >> 3) & 7))] = v[u];
+            }
+        }
+    }
+    __syncthreads();
+}
+
 // acc[r][m] += W[rows[r], :] . x[m, :] over this lane's chunks (lane `lg` of LPR in its group).
 // rows[r] < 0 is skipped. FP4 weights: x has stride xs >= kp, zero-padded past cols. Dense
 // weights: x has stride xs >= cols. Block scales are applied here; the tensor scale and 2^s_off
 // are the caller's (row_tscale).
 // `wait_inside`: the caller has not yet passed `pdl_wait`; the first weight chunk is loaded
 // before it (weights are never written by earlier kernels), x only after it.
+// `sx`: FP4 only, shared memory for mcount x rows of w.kp floats (stage_x), or null to read x
+// from global memory; every thread of the block must call rows_dot with the same x.
 template <int LPR, int MT, int ROWS = GEMV_ROWS>
 __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const int* rows, const float* x, int xs,
-                                         int mcount, int lg, float (*acc)[MT], bool wait_inside = false) {
+                                         int mcount, int lg, float (*acc)[MT], bool wait_inside = false,
+                                         float* sx = nullptr) {
     if (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4) {
         const int chunks = w.kp / 32;
         const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
@@ -103,14 +145,22 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
         u32 sc[ROWS], scn[ROWS];
         load(lg, q, sc);
         if (wait_inside) pdl_enter();
+        int rot = 0; // float4 j of chunk c sits at j ^ (c & rot)
+        if (sx) {
+            stage_x(sx, x, xs, w.kp, mcount);
+            x = sx;
+            xs = w.kp;
+            rot = 7;
+        }
         for (int c = lg; c < chunks; c += LPR) {
             load(c + LPR, qn, scn);
+            const int sw = c & rot;
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m >= mcount) break;
                 const float4* xv = (const float4*)(x + (size_t)m * xs + c * 32);
-                float4 x0 = xv[0], x1 = xv[1], x2 = xv[2], x3 = xv[3];
-                float4 x4 = xv[4], x5 = xv[5], x6 = xv[6], x7 = xv[7];
+                float4 x0 = xv[0 ^ sw], x1 = xv[1 ^ sw], x2 = xv[2 ^ sw], x3 = xv[3 ^ sw];
+                float4 x4 = xv[4 ^ sw], x5 = xv[5 ^ sw], x6 = xv[6 ^ sw], x7 = xv[7 ^ sw];
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
                     const u32 s_lo = scale_pair(lut, w, sc[r] & 255u), s_hi = scale_pair(lut, w, sc[r] >> 8);
@@ -218,7 +268,10 @@ __device__ void gemv_body(W w, const float* x, int xs, float* y, int m_total) {
     for (int r = 0; r < ROWS; r++)
 #pragma unroll
         for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
-    rows_dot<LPR, MT, ROWS>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc, true);
+    // The host gives x a shared-memory copy (MT rows of kp floats) where it fits.
+    extern __shared__ float4 gemv_sx[];
+    rows_dot<LPR, MT, ROWS>(&lut, w, rows, x + (size_t)m0 * xs, xs, mcount, lg, acc, true,
+                            dyn_smem_bytes() ? (float*)gemv_sx : nullptr);
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
 #pragma unroll
@@ -286,7 +339,9 @@ __device__ void moe_gate_up_body(W w, const float* x, int xs, const u32* ids, in
     float acc[GEMV_ROWS][1];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) acc[r][0] = 0.0f;
-    rows_dot<LPR, 1>(&lut, wk, rows, x + (size_t)t * xs, xs, 1, lg, acc);
+    extern __shared__ float4 moe_sx[]; // x's shared copy, when the host gives room for it
+    rows_dot<LPR, 1>(&lut, wk, rows, x + (size_t)t * xs, xs, 1, lg, acc, false,
+                     dyn_smem_bytes() ? (float*)moe_sx : nullptr);
     float v[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) v[r] = group_sum<LPR>(acc[r][0]);
@@ -334,7 +389,8 @@ __device__ void moe_down_body(W w, const float* act, int act_s, const u32* ids, 
         rows[r] = h0 + r < hidden ? row0 + h0 + r : -1;
         acc[r][0] = 0.0f;
     }
-    rows_dot<LPR, 1>(&lut, wk, rows, a, as, 1, lg, acc);
+    extern __shared__ float4 moe_sx[]; // act's shared copy, when the host gives room for it
+    rows_dot<LPR, 1>(&lut, wk, rows, a, as, 1, lg, acc, false, dyn_smem_bytes() ? (float*)moe_sx : nullptr);
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         float v = group_sum<LPR>(acc[r][0]);

@@ -32,7 +32,9 @@ const ROUTE_SIGMOID_WARPS: u32 = 2;
 /// Attention splits the keys when fewer (query, head) rows than this would each get a block
 /// (about two blocks per SM of an H100 otherwise)...
 const ATT_SPLIT_BELOW_ROWS: usize = 256;
-/// ...into ranges of about this many keys (16 per warp)...
+/// ...into ranges of about this many keys (MLA: 16 per warp; GQA: one tile of GQA_TILE_KEYS, so
+/// a short cache still spreads over several blocks per SM: one block of 64 keys per SM took
+/// 21 us per Qwen3 call at 2k keys, each block a serial chain at two warps per scheduler)...
 const ATT_SPLIT_KEYS: usize = 64;
 /// ...and at most this many ranges (the combine reads them all per output element;
 /// ATT_MAX_SPLITS in attention.cu sizes its weights).
@@ -52,17 +54,33 @@ const FA_MAX_D: usize = 128;
 /// MLA_BR = MLA_BC ((query, head) rows and cache rows per tile) of attention_mla_prefill_f32.
 const MLA_ROWS: usize = 32;
 const ROW_THREADS: u32 = 256;
+/// Dynamic shared memory for a MoE decode launch's activation copy (stage_x in gemv.cu): room
+/// for one row of `kp` floats when every weight the launch reads is FP4 and it fits, else none
+/// (the kernels then read it from global memory).
+fn moe_x_smem(weights: &[&CudaWeight], kp: usize) -> u32 {
+    let fits = kp * 4 <= GEMV_X_SMEM_MAX;
+    if fits && weights.iter().all(|w| w.kind.is_fp4()) { (kp * 4) as u32 } else { 0 }
+}
+/// Key-tile row stride (floats) of attention_gqa_vec_f32: gqa_key_stride in kernels/attention.cu.
+fn gqa_key_stride(d: usize) -> usize {
+    4 * ((d / 4) | 1)
+}
 /// Must match GEMV_THREADS / GEMV_ROWS in kernels/gemv.cu.
 const GEMV_THREADS: u32 = 128;
 const GEMV_ROWS: usize = 4;
 /// Waves of blocks (blocks per SM) below which a one-token GEMV gives each lane group one row
 /// instead of GEMV_ROWS. Measured on the H200 at one wave: Qwen3 k/v (32 blocks) 10.4 -> 7.4 us,
-/// o_proj (128) 17.0 -> 14.6 us, but q_proj (256) 11.8 -> 14.2 us.
-const GEMV_ONE_ROW_BELOW_WAVES: usize = 1;
+/// o_proj (128) 17.0 -> 14.6 us, but q_proj (256) 11.8 -> 14.2 us, when x came from global
+/// memory; with x staged in shared memory (stage_x) q_proj on one row per group is 9.5 -> 8.7 us
+/// on the H100, hence four waves.
+const GEMV_ONE_ROW_BELOW_WAVES: usize = 4;
 /// One-row GEMVs spread a row over two or four warps only up to this many blocks per SM: on the
 /// H100, k/v (512 rows, 256 blocks) 5.9 -> 5.1 us and the routers 4.8 -> 3.3 us, but o_proj
 /// (2048 rows: 2048 blocks of one row) 12.9 -> 14.7 us (ncu, one decode step).
 const GEMV_WIDE_MAX_WAVES: usize = 3;
+/// Largest x copy (activation rows x kp floats, bytes) a GEMV block stages in shared memory;
+/// longer rows read x from global memory.
+const GEMV_X_SMEM_MAX: usize = 48 * 1024;
 /// Must match GEMM_BM / GEMM_THREADS / GemmSmem in kernels/gemm.cu.
 const GEMM_BM: usize = 64;
 const GEMM_BK: usize = 128;
@@ -312,11 +330,18 @@ impl CudaBackend {
             _ => "gemv_l32_m4",
         };
         let rows_per_block = (GEMV_THREADS as usize / lpr) * rows;
-        self.run(
+        // FP4: each block copies its x rows into shared memory when they fit (stage_x in gemv.cu),
+        // unless the block holds only one or two long rows (l64 / l128), where the copy would
+        // outweigh the block's weights.
+        let x_bytes = mt * xs * 4;
+        let stage = w.kind.is_fp4() && lpr <= 32 && x_bytes <= GEMV_X_SMEM_MAX;
+        let smem = if stage { x_bytes as u32 } else { 0 };
+        self.run_smem(
             "gemv.cu",
             name,
             (blocks(w.rows, rows_per_block as u32), m.div_ceil(mt) as u32, 1),
             GEMV_THREADS,
+            smem,
             &[
                 Arg::Raw(w.args()),
                 Arg::Ptr(xp.storage.ptr()),
@@ -481,11 +506,13 @@ impl CudaBackend {
                 Some((sw, si, a)) => (sw.args(), si, a.storage.ptr(), a.shape()[1], n),
                 None => (CudaWeight::null_args(), 0, 0, 0, 0),
             };
-            self.run(
+            let smem = moe_x_smem(&[w, shared.map_or(w, |s| s.0)], xs);
+            self.run_smem(
                 "gemv.cu",
                 name,
                 ((pairs + tokens) as u32, blocks(inter.max(s_inter), per_block as u32), 1),
                 GEMV_THREADS,
+                smem,
                 &[
                     Arg::Raw(w.args()),
                     Arg::Ptr(xp.storage.ptr()),
@@ -534,11 +561,14 @@ impl CudaBackend {
             Some((sd, a)) => (sd.args(), a.storage.ptr(), sd.kp),
             None => (CudaWeight::null_args(), 0, 0),
         };
-        self.run(
+        let shared_down = shared.as_ref().map_or(down, |s| s.0);
+        let smem = moe_x_smem(&[down, shared_down], down.kp.max(shared_down.kp));
+        self.run_smem(
             "gemv.cu",
             name,
             ((n * terms) as u32, blocks(h, per_block as u32), 1),
             GEMV_THREADS,
+            smem,
             &[
                 Arg::Raw(down.args()),
                 Arg::Ptr(act.storage.ptr()),
@@ -747,14 +777,14 @@ impl CudaBackend {
     /// The grid holds as many splits as a cache of `cache_rows` could use; the kernels derive
     /// the ranges from the position on the device (`att_keys`), so a recorded graph replays at
     /// any position.
-    /// `launch` is (grid x, block threads, dynamic shared bytes) of the kernel.
+    /// `launch` is (grid x, block threads, dynamic shared bytes, keys per split) of the kernel.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         kernel: &'static str,
         inputs: [u64; 3],
         [t_n, heads, dv]: [usize; 3],
-        (grid_x, block, smem): (usize, u32, u32),
+        (grid_x, block, smem, split_keys): (usize, u32, u32, usize),
         pos0: usize,
         cache_rows: usize,
         scale: f32,
@@ -765,13 +795,13 @@ impl CudaBackend {
         let splits = if rows >= ATT_SPLIT_BELOW_ROWS {
             1
         } else {
-            cache_rows.div_ceil(ATT_SPLIT_KEYS).clamp(1, ATT_MAX_SPLITS)
+            cache_rows.div_ceil(split_keys).clamp(1, ATT_MAX_SPLITS)
         };
         let keys = [
             Arg::I32(pos0 as i32),
             Arg::Ptr(self.dev.row_shift()),
             Arg::I32(cache_rows as i32),
-            Arg::I32(ATT_SPLIT_KEYS as i32),
+            Arg::I32(split_keys as i32),
             Arg::F32(scale),
         ];
         let mut args: Vec<Arg> = inputs.iter().map(|&p| Arg::Ptr(p)).collect();
@@ -1466,10 +1496,14 @@ impl Backend for CudaBackend {
             )?;
             return Ok(out);
         }
-        // Key and value tiles plus one query row per warp (attention_gqa_f32).
-        let smem = (GQA_TILE_KEYS * (d + 1) + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
-        let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32);
-        self.attention("attention_gqa_f32", ptrs, [t_n, hq, dv], launch, pos0, s, scale, |out, ml| {
+        // Key and value tiles plus one query row per warp (gqa_decode in attention.cu); the
+        // vector form takes widths in whole float4s with at most four value dims per lane.
+        let vec = d % 4 == 0 && dv % 4 == 0 && dv <= 128;
+        let (kernel, ks) =
+            if vec { ("attention_gqa_vec_f32", gqa_key_stride(d)) } else { ("attention_gqa_f32", d + 1) };
+        let smem = (GQA_TILE_KEYS * ks + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
+        let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32, GQA_TILE_KEYS);
+        self.attention(kernel, ptrs, [t_n, hq, dv], launch, pos0, s, scale, |out, ml| {
             vec![
                 Arg::Ptr(out),
                 Arg::Ptr(ml),
@@ -1525,8 +1559,10 @@ impl Backend for CudaBackend {
             )?;
             return Ok(out);
         }
-        let launch = (heads, 128, 0); // ATT_WARPS warps per (query, head) block
-        self.attention("attention_mla_f32", ptrs, [t_n, heads, l], launch, pos0, s, scale, |out, ml| {
+        let launch = (heads, 128, 0, ATT_SPLIT_KEYS); // ATT_WARPS warps per (query, head) block
+        // GLM's widths (latent 512, rope 64) have a kernel without bound checks (mla_decode).
+        let kernel = if (l, r) == (512, 64) { "attention_mla_l512_r64_f32" } else { "attention_mla_f32" };
+        self.attention(kernel, ptrs, [t_n, heads, l], launch, pos0, s, scale, |out, ml| {
             vec![Arg::Ptr(out), Arg::Ptr(ml), Arg::I32(heads as i32), Arg::I32(l as i32), Arg::I32(r as i32)]
         })
     }
