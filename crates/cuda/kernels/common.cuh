@@ -77,6 +77,22 @@ __device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
     return d;
 }
 
+// Two f32 -> bf16x2 (round to nearest even, as f32_to_bf16): lo in bits 0..15, hi in 16..31.
+__device__ __forceinline__ u32 bf16x2_from(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+// D[16 x 8] += A[16 x 16] . B[16 x 8], bf16 inputs, f32 accumulators (PTX fragment layouts).
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));

@@ -431,6 +431,240 @@ MOE_DECODE(8)
 MOE_DECODE(16)
 MOE_DECODE(32)
 
+// ---- Tensor-core decode products (one activation row per block) ----
+// The SIMT row loop above spends about eight instructions per weight element (two-instruction
+// pair decode, the bf16 scale product, widening to f32 and an f32 FMA per element, plus the
+// loop), which held every decode product near 0.5 TB/s on the H100 at 25 % occupancy. Here a
+// warp takes a tile of 16 weight rows as the A operand of `mma.sync.m16n8k16` (bf16, f32
+// accumulators) and x as B: the codes are decoded and scaled exactly as above, and the tensor
+// core does the products and sums. Fragment layouts (PTX ISA, m16n8k16 .bf16): lane = 4 g + t;
+// A regs {row g, k 2t..2t+1}, {row g+8, k 2t..}, {row g, k 2t+8..}, {row g+8, k 2t+8..}; B regs
+// {k 2t..2t+1, col g}, {k 2t+8.., col g}; C {row g, col 2t..2t+1}, {row g+8, col 2t..}.
+// - K runs in steps of TC_STEP columns: lane t of a quad reads the 16-byte code chunk t of the
+//   step (32 columns, one MXFP4 block) of rows g and g+8; word wd of the chunk holds pairs
+//   (wd, i) = columns (8 wd + i, 8 wd + i + 4) that the pair decode yields, and mma j = 2 wd + h
+//   takes pairs 2h (k 2t..) and 2h + 1 (k 2t+8..). The k order inside an mma is a permutation of
+//   the columns, the same for A and B, so the sums are unchanged.
+// - x is exact through three bf16 terms x = t0 + t1 + t2 (as the prefill GEMM's activations)
+//   placed in B's columns 0, 1, 2 (the other five are zero), so one mma computes all three and a
+//   row's value is D[r][0] + D[r][1] + D[r][2]. The block builds every step's B fragments once
+//   into shared memory (tc_build_b); a lane with g < TC_TERMS reads its 8 bytes per mma.
+// - The block's TC_WARPS warps split the steps (warp w takes w, w + TC_WARPS, ...) and add
+//   their row sums in warp order, so results are deterministic.
+#define TC_STEP 128
+#define TC_TERMS 3
+#define TC_WARPS 4
+#define TC_ROWS 16
+
+// B fragments of x [kp] for every step: frag[((s * 8 + j) * TC_TERMS + n) * 4 + t] = the
+// {b0, b1} of mma j of step s for the lane with g = n (term n of x) and tid-in-group t. Ends with
+// a block barrier. (The host sizes the buffer: TC_TERMS * 8 bytes per 4 columns.)
+__device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) {
+    const int entries = kp / 4; // (kp / TC_STEP) steps x 8 mmas x 4 quad lanes
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+        const int t = i & 3, j = (i >> 2) & 7, st = i >> 5;
+        const int c0 = st * TC_STEP + t * 32 + (j >> 1) * 8 + 2 * (j & 1);
+        // b0: columns (c0, c0 + 4) = pair 2h of the word; b1: (c0 + 1, c0 + 5) = pair 2h + 1.
+        float v0 = x[c0], v1 = x[c0 + 4], v2 = x[c0 + 1], v3 = x[c0 + 5];
+        uint2* out = frag + (size_t)(st * 8 + j) * TC_TERMS * 4 + t;
+#pragma unroll
+        for (int n = 0; n < TC_TERMS; n++) {
+            const u32 b0 = bf16x2_from(v0, v1), b1 = bf16x2_from(v2, v3);
+            out[n * 4] = make_uint2(b0, b1);
+            // The remainders are exact in f32 (Sterbenz), so only the last term rounds.
+            v0 -= bf16_lo(b0);
+            v1 -= bf16_hi(b0);
+            v2 -= bf16_lo(b1);
+            v3 -= bf16_hi(b1);
+        }
+    }
+    __syncthreads();
+}
+
+// This warp's share of the products of tile rows r0 (lane group g) and r1 (g + 8) (< 0: zero
+// rows) with x, over steps s0, s0 + ds, ... < kp / TC_STEP. `after_first` runs once the first
+// step's codes are requested (the caller's pdl wait and tc_build_b: weights are never written by
+// earlier kernels, so their loads may precede the wait). Returns the rows' sums, block scales
+// applied (tensor scale and 2^s_off are the caller's: row_tscale), in the lanes with t == 0.
+template <typename F>
+__device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, int r1, const uint2* frag, int s0,
+                                        int ds, float& y0, float& y1, F&& after_first) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int steps = w.kp / TC_STEP, cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
+    const bool nv = w.kind == KIND_NVFP4;
+    auto load = [&](int st, uint4* q, u32* sc) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = h ? r1 : r0;
+            if (r >= 0 && st < steps) {
+                q[h] = ld_stream16(w.codes + (size_t)r * cb + st * (TC_STEP / 2) + t * 16);
+                const u8* sp = w.scales + (size_t)r * nb;
+                const int blk = st * (TC_STEP / 32) + t; // this lane's 32 columns
+                sc[h] = nv ? (u32)__ldg((const unsigned short*)(sp + 2 * blk)) : (u32)sp[blk] * 0x101u;
+            } else {
+                q[h] = make_uint4(0, 0, 0, 0);
+                sc[h] = 0;
+            }
+        }
+    };
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    uint4 q[2], qn[2];
+    u32 sc[2], scn[2];
+    load(s0, q, sc);
+    after_first();
+    for (int st = s0; st < steps; st += ds) {
+        load(st + ds, qn, scn);
+        const uint2* fs = frag + (size_t)st * 8 * TC_TERMS * 4;
+        const u32 lo0 = scale_pair(lut, w, sc[0] & 255u), hi0 = scale_pair(lut, w, sc[0] >> 8);
+        const u32 lo1 = scale_pair(lut, w, sc[1] & 255u), hi1 = scale_pair(lut, w, sc[1] >> 8);
+        const u32 wa[4] = {q[0].x, q[0].y, q[0].z, q[0].w}, wb[4] = {q[1].x, q[1].y, q[1].z, q[1].w};
+#pragma unroll
+        for (int wd = 0; wd < 4; wd++) {
+            const u32 sa = wd < 2 ? lo0 : hi0, sb = wd < 2 ? lo1 : hi1;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                // pair i of a word (columns i, i + 4) comes from the shift bringing nibble i to 3
+                u32 a[4];
+                a[0] = bf16x2_mul(fp4_e2m1_pair_bf16(wa[wd] << (4 * (3 - 2 * h))), sa);
+                a[1] = bf16x2_mul(fp4_e2m1_pair_bf16(wb[wd] << (4 * (3 - 2 * h))), sb);
+                a[2] = bf16x2_mul(fp4_e2m1_pair_bf16(wa[wd] << (4 * (2 - 2 * h))), sa);
+                a[3] = bf16x2_mul(fp4_e2m1_pair_bf16(wb[wd] << (4 * (2 - 2 * h))), sb);
+                const uint2 b = g < TC_TERMS ? fs[((2 * wd + h) * TC_TERMS + g) * 4 + t] : make_uint2(0, 0);
+                mma_bf16(c, a, b.x, b.y);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            q[h] = qn[h];
+            sc[h] = scn[h];
+        }
+    }
+    // Lane t = 0 holds columns 0, 1 (terms 0, 1), lane t = 1 columns 2, 3 (term 2, zero).
+    float v0 = c[0] + c[1], v1 = c[2] + c[3];
+    v0 += __shfl_down_sync(0xffffffffu, v0, 1);
+    v1 += __shfl_down_sync(0xffffffffu, v1, 1);
+    y0 = v0;
+    y1 = v1;
+}
+
+// The tile's row sums of every warp, added in warp order: red[w][i] for tile row i = g (y0) or
+// g + 8 (y1). Ends with a block barrier; the caller reads tile_sum<WARPS>(red, i), i < TC_ROWS.
+__device__ __forceinline__ void tc_collect(float (*red)[TC_ROWS], float y0, float y1) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if ((lane & 3) == 0) {
+        red[warp][lane >> 2] = y0;
+        red[warp][(lane >> 2) + 8] = y1;
+    }
+    __syncthreads();
+}
+template <int WARPS = TC_WARPS>
+__device__ __forceinline__ float tile_sum(const float (*red)[TC_ROWS], int i) {
+    float v = red[0][i];
+#pragma unroll
+    for (int k = 1; k < WARPS; k++) v += red[k][i];
+    return v;
+}
+
+// y [1, N] = x [1, kp] . W^T for FP4 W: one block of WARPS warps per TC_ROWS rows. Outputs with
+// few rows (k/v, o_proj) take wider blocks, so their long rows still spread over enough warps:
+// with four warps per block, 32 blocks of Qwen3's k/v took 8.3 us against 5.5 us for the SIMT
+// kernel on four-warp rows. Dynamic shared memory: the B fragments (TC_TERMS * 2 * kp bytes).
+template <int WARPS>
+__device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y) {
+    __shared__ Fp4Lut lut;
+    __shared__ float red[WARPS][TC_ROWS];
+    extern __shared__ uint2 tc_frag[];
+    lut_init(&lut, w);
+    const int g = (threadIdx.x & 31) >> 2, n0 = blockIdx.x * TC_ROWS;
+    const int r0 = n0 + g < w.rows ? n0 + g : -1, r1 = n0 + g + 8 < w.rows ? n0 + g + 8 : -1;
+    float y0, y1;
+    tc_rows(&lut, w, r0, r1, tc_frag, threadIdx.x >> 5, WARPS, y0, y1, [&] {
+        pdl_enter();
+        tc_build_b(tc_frag, x, w.kp);
+    });
+    tc_collect(red, y0, y1);
+    const int i = threadIdx.x;
+    if (i < TC_ROWS && n0 + i < w.rows) y[n0 + i] = tile_sum<WARPS>(red, i) * row_tscale(w, n0 + i);
+}
+#define GEMV_TC(WARPS)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_tc_w##WARPS(W w, const float* x, float* y) { \
+        gemv_tc_body<WARPS>(w, x, y);                                                                            \
+    }
+GEMV_TC(4)
+GEMV_TC(8)
+GEMV_TC(16)
+
+// MoE decode stage 1 on the tensor cores (as moe_gate_up_l*): block (p, jb) takes intermediate
+// outputs j0 = 8 jb .. j0 + 7 of pair p: tile rows 0..7 their gate rows, 8..15 their up rows, so
+// a tile row and the one 8 below meet in one lane. Blocks past the pairs serve the shared expert.
+// grid (pairs + shared tokens, ceil(max inter / 8)).
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
+    moe_gate_up_tc(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act, int act_s,
+                   int n_experts, int pairs, W ws, int inter_sh, float* act_sh, int act_sh_s) {
+    __shared__ Fp4Lut lut;
+    __shared__ float red[TC_WARPS][TC_ROWS];
+    extern __shared__ uint2 tc_frag[];
+    const int p = blockIdx.x;
+    const bool sh = p >= pairs;
+    const W wk = sh ? ws : w;
+    const int in = sh ? inter_sh : inter;
+    const int j0 = blockIdx.y * 8;
+    if (j0 >= in) return; // the whole block (a shorter shared or routed intermediate)
+    lut_init(&lut, wk);
+    pdl_enter(); // ids and x come from earlier kernels
+    const int t = sh ? p - pairs : p / k_slots;
+    const u32 eid = sh ? 0u : ids[p];
+    // An id out of range (the trait asks callers to validate) reads nothing and shows as NaN.
+    const bool bad = eid >= (u32)n_experts;
+    const int base = (bad ? 0 : (int)eid) * 2 * in;
+    const int g = (threadIdx.x & 31) >> 2;
+    const int r0 = j0 + g < in ? base + j0 + g : -1, r1 = j0 + g < in ? base + in + j0 + g : -1;
+    float y0, y1;
+    tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1,
+            [&] { tc_build_b(tc_frag, x + (size_t)t * xs, wk.kp); });
+    tc_collect(red, y0, y1);
+    const int i = threadIdx.x;
+    if (i < 8 && j0 + i < in) {
+        float* out = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
+        const float gate = tile_sum(red, i) * row_tscale(wk, base + j0 + i);
+        const float up = tile_sum(red, i + 8) * row_tscale(wk, base + in + j0 + i);
+        out[j0 + i] = bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
+    }
+}
+
+// MoE decode stage 2 on the tensor cores (as moe_down_l*): block (t * terms + term, hb) takes
+// hidden rows 16 hb .. + 15 of the term's expert; part[t, term, h] = weight * (down_e[h] . act).
+// grid (tokens * terms, ceil(hidden / 16)).
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
+    moe_down_tc(W w, const float* act, int act_s, const u32* ids, const float* wts, int k_slots, int hidden, W ws,
+                const float* act_sh, int act_sh_s, int has_shared, float* part, int n_experts) {
+    __shared__ Fp4Lut lut;
+    __shared__ float red[TC_WARPS][TC_ROWS];
+    extern __shared__ uint2 tc_frag[];
+    const int terms = k_slots + has_shared;
+    const int t = blockIdx.x / terms, term = blockIdx.x % terms;
+    const bool sh = has_shared && term == 0;
+    const W wk = sh ? ws : w;
+    lut_init(&lut, wk);
+    pdl_enter(); // ids, weights and activations come from earlier kernels
+    const int p = t * k_slots + (term - has_shared);
+    const u32 eid = sh ? 0u : ids[p];
+    const bool bad = !sh && eid >= (u32)n_experts;
+    const int row0 = sh ? 0 : (bad ? 0 : (int)eid) * hidden;
+    const float* a = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
+    const int h0 = blockIdx.y * TC_ROWS, g = (threadIdx.x & 31) >> 2;
+    const int r0 = h0 + g < hidden ? row0 + h0 + g : -1, r1 = h0 + g + 8 < hidden ? row0 + h0 + g + 8 : -1;
+    float y0, y1;
+    tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1, [&] { tc_build_b(tc_frag, a, wk.kp); });
+    tc_collect(red, y0, y1);
+    const int i = threadIdx.x;
+    if (i < TC_ROWS && h0 + i < hidden) {
+        const float wt = sh ? 1.0f : wts[p];
+        part[((size_t)t * terms + term) * hidden + h0 + i] =
+            bad ? __int_as_float(0x7fc00000) : wt * (tile_sum(red, i) * row_tscale(wk, row0 + h0 + i));
+    }
+}
+
 // MLA's absorbed per-head products at decode (Backend::head_linear with few rows), on the GEMV
 // machinery; the per-element `w_at` kernels in attention.cu (one scalar code load and two
 // constant-table lookups per element) took 14 us per GLM call and remain for shapes these do not

@@ -54,6 +54,23 @@ const FA_MAX_D: usize = 128;
 /// MLA_BR = MLA_BC ((query, head) rows and cache rows per tile) of attention_mla_prefill_f32.
 const MLA_ROWS: usize = 32;
 const ROW_THREADS: u32 = 256;
+/// Tensor-core decode (gemv.cu): weight rows per block (one m16n8k16 tile, TC_ROWS) and threads
+/// (TC_WARPS warps splitting K).
+const TC_ROWS: u32 = 16;
+const TC_THREADS: u32 = 128;
+/// K columns per tensor-core step (TC_STEP in gemv.cu).
+const TC_STEP: usize = 128;
+/// A one-row tensor-core GEMV widens its blocks (more warps splitting K) until the grid holds
+/// this many warps per SM.
+const TC_MIN_WARPS_PER_SM: usize = 16;
+/// Largest B-fragment buffer (bytes of dynamic shared memory) a tensor-core decode block takes;
+/// longer rows use the SIMT kernels.
+const TC_FRAG_MAX: u32 = 64 * 1024;
+/// B fragments of one activation row of `kp` floats: TC_TERMS (3) bf16 terms of every element,
+/// 2 bytes each (tc_build_b in gemv.cu).
+fn tc_frag_bytes(kp: usize) -> u32 {
+    (kp * 3 * 2) as u32
+}
 /// Dynamic shared memory for a MoE decode launch's activation copy (stage_x in gemv.cu): room
 /// for one row of `kp` floats when every weight the launch reads is FP4 and it fits, else none
 /// (the kernels then read it from global memory).
@@ -287,11 +304,44 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// The B-fragment bytes of a one-row tensor-core product over `weights` (all FP4, longest
+    /// padded row within TC_FRAG_MAX), or None to take the SIMT kernels.
+    fn tc_smem(&self, weights: &[&CudaWeight]) -> Option<u32> {
+        let kp = weights.iter().map(|w| w.kp).max()?;
+        let ok =
+            self.tc_decode && weights.iter().all(|w| w.kind.is_fp4()) && tc_frag_bytes(kp) <= TC_FRAG_MAX;
+        ok.then(|| tc_frag_bytes(kp))
+    }
+
     /// y `[m, n]` f32 = x · Wᵀ by the decode GEMV.
     fn gemv(&self, x: &CT, m: usize, w: &CudaWeight) -> Result<CT> {
         let (xs, chunks) = if w.kind.is_fp4() { (w.kp, w.kp / 32) } else { (w.cols, w.cols / 8) };
         let xp = self.padded(x, m, w.cols, xs, DType::F32)?;
         let y = self.empty(&[m, w.rows], DType::F32)?;
+        if m == 1 && self.tc_smem(&[w]).is_some() {
+            // The fewest warps per block (of 4, 8, 16; at most one per K step) that give the grid
+            // TC_MIN_WARPS_PER_SM warps per SM.
+            let tiles = w.rows.div_ceil(TC_ROWS as usize);
+            let steps = w.kp / TC_STEP;
+            let warps = [4usize, 8, 16]
+                .into_iter()
+                .find(|&k| k * 2 > steps || tiles * k >= TC_MIN_WARPS_PER_SM * self.dev.sms)
+                .unwrap_or(16);
+            let name = match warps {
+                4 => "gemv_tc_w4",
+                8 => "gemv_tc_w8",
+                _ => "gemv_tc_w16",
+            };
+            self.run_smem(
+                "gemv.cu",
+                name,
+                (tiles as u32, 1, 1),
+                warps as u32 * 32,
+                tc_frag_bytes(w.kp),
+                &[Arg::Raw(w.args()), Arg::Ptr(xp.storage.ptr()), Arg::Ptr(y.storage.ptr())],
+            )?;
+            return Ok(y);
+        }
         let lpr = lanes_per_row(chunks);
         let mt = if m == 1 { 1 } else { 4 };
         // One row per lane group when GEMV_ROWS per group would leave fewer than a few waves of
@@ -494,24 +544,36 @@ impl CudaBackend {
         let lpr_of = |w: &CudaWeight| lanes_per_row(if w.kind.is_fp4() { w.kp / 32 } else { w.cols / 8 });
         // One launch for the routed pairs (pairs > 0, w) and the shared expert's tokens
         // (`shared`: weight, intermediate size, act buffer), when both take the same lane count.
+        // Tensor-core kernels when every weight is FP4 and the B fragments fit (moe_*_tc).
+        let tc = self.tc_smem(
+            &[Some(gu), Some(down), e.shared.map(|s| s.0), e.shared.map(|s| s.1)]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+        );
         let gate_up = |w: &CudaWeight, pairs: usize, shared: Option<(&CudaWeight, usize, &CT)>| {
             let lpr = lpr_of(if pairs > 0 { w } else { shared.map_or(w, |s| s.0) });
-            let name = match lpr {
-                8 => "moe_gate_up_l8",
-                16 => "moe_gate_up_l16",
-                _ => "moe_gate_up_l32",
+            let (name, per_block, block, smem) = match tc {
+                Some(_) => ("moe_gate_up_tc", TC_ROWS as usize / 2, TC_THREADS, tc_frag_bytes(xs)),
+                None => {
+                    let name = match lpr {
+                        8 => "moe_gate_up_l8",
+                        16 => "moe_gate_up_l16",
+                        _ => "moe_gate_up_l32",
+                    };
+                    let smem = moe_x_smem(&[w, shared.map_or(w, |s| s.0)], xs);
+                    (name, (GEMV_THREADS as usize / lpr) * 2, GEMV_THREADS, smem)
+                }
             };
-            let per_block = (GEMV_THREADS as usize / lpr) * 2;
             let (ws, s_inter, act_sh, act_sh_s, tokens) = match shared {
                 Some((sw, si, a)) => (sw.args(), si, a.storage.ptr(), a.shape()[1], n),
                 None => (CudaWeight::null_args(), 0, 0, 0, 0),
             };
-            let smem = moe_x_smem(&[w, shared.map_or(w, |s| s.0)], xs);
             self.run_smem(
                 "gemv.cu",
                 name,
                 ((pairs + tokens) as u32, blocks(inter.max(s_inter), per_block as u32), 1),
-                GEMV_THREADS,
+                block,
                 smem,
                 &[
                     Arg::Raw(w.args()),
@@ -535,7 +597,7 @@ impl CudaBackend {
             Some((sgu, sd)) => {
                 let s_inter = sgu.rows / 2;
                 let act_sh = act_buf(n, s_inter, sd.kp)?;
-                if lpr_of(sgu) == lpr_of(gu) {
+                if tc.is_some() || lpr_of(sgu) == lpr_of(gu) {
                     gate_up(gu, n * k, Some((sgu, s_inter, &act_sh)))?;
                 } else {
                     gate_up(gu, n * k, None)?;
@@ -551,23 +613,33 @@ impl CudaBackend {
         let terms = k + shared.is_some() as usize;
         let part = self.empty(&[n, terms, h], DType::F32)?;
         let lpr = lanes_per_row(if down.kind.is_fp4() { down.kp / 32 } else { down.cols / 8 });
-        let name = match lpr {
-            8 => "moe_down_l8",
-            16 => "moe_down_l16",
-            _ => "moe_down_l32",
-        };
-        let per_block = (GEMV_THREADS as usize / lpr) * GEMV_ROWS;
         let (ws, act_sh_ptr, act_sh_s) = match &shared {
             Some((sd, a)) => (sd.args(), a.storage.ptr(), sd.kp),
             None => (CudaWeight::null_args(), 0, 0),
         };
         let shared_down = shared.as_ref().map_or(down, |s| s.0);
-        let smem = moe_x_smem(&[down, shared_down], down.kp.max(shared_down.kp));
+        let kp = down.kp.max(shared_down.kp);
+        let (name, per_block, block, smem) = match tc {
+            Some(_) => ("moe_down_tc", TC_ROWS as usize, TC_THREADS, tc_frag_bytes(kp)),
+            None => {
+                let name = match lpr {
+                    8 => "moe_down_l8",
+                    16 => "moe_down_l16",
+                    _ => "moe_down_l32",
+                };
+                (
+                    name,
+                    (GEMV_THREADS as usize / lpr) * GEMV_ROWS,
+                    GEMV_THREADS,
+                    moe_x_smem(&[down, shared_down], kp),
+                )
+            }
+        };
         self.run_smem(
             "gemv.cu",
             name,
             ((n * terms) as u32, blocks(h, per_block as u32), 1),
-            GEMV_THREADS,
+            block,
             smem,
             &[
                 Arg::Raw(down.args()),

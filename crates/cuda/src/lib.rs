@@ -102,6 +102,10 @@ pub struct CudaBackend {
     /// RoPE inverse frequencies per (dims, theta bits), uploaded once: an upload waits for the
     /// stream, and one per `rope` call stalled the whole decode pipeline twice per layer.
     inv_freq: Arc<InvFreqCache>,
+    /// One-row FP4 products (decode GEMV, MoE decode) on the tensor cores (`gemv_tc`,
+    /// `moe_*_tc` in gemv.cu); false selects the SIMT row kernels, which the conformance suite
+    /// also runs ([`CudaBackend::with_simt_decode`]). `FP4MOE_CUDA_TC=0` turns it off.
+    tc_decode: bool,
 }
 
 type InvFreqCache =
@@ -130,12 +134,28 @@ impl CudaBackend {
                     .map_err(|e| CudaError::Config { path: path.into(), detail: e.to_string() })?
             }
         };
-        Ok(CudaBackend { dev, config, inv_freq: Arc::default() })
+        let tc_decode = std::env::var_os("FP4MOE_CUDA_TC").is_none_or(|v| v != "0");
+        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode })
     }
 
     /// The same device with another tile configuration (autotune, tests).
     pub fn with_config(&self, config: KernelConfig) -> Self {
-        CudaBackend { dev: self.dev.clone(), config, inv_freq: self.inv_freq.clone() }
+        CudaBackend { config, ..self.clone_handle() }
+    }
+
+    /// The same device with one-row FP4 products on the SIMT row kernels instead of the tensor
+    /// cores (tests, comparisons).
+    pub fn with_simt_decode(&self) -> Self {
+        CudaBackend { tc_decode: false, ..self.clone_handle() }
+    }
+
+    fn clone_handle(&self) -> Self {
+        CudaBackend {
+            dev: self.dev.clone(),
+            config: self.config,
+            inv_freq: self.inv_freq.clone(),
+            tc_decode: self.tc_decode,
+        }
     }
 
     /// Loads a KernelConfig JSON file (as written by `fp4moe autotune`).

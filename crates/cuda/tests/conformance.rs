@@ -2,3 +2,12 @@
 //! reference twin. Without a CUDA device each test prints `skipped: no CUDA device` and passes.
 
 fp4moe_ops::conformance_tests!(fp4moe_cuda::CudaBackend::new().ok(), "CUDA device");
+
+/// The same suite with one-row FP4 products on the SIMT row kernels (the default runs them on
+/// the tensor cores), so both paths stay checked.
+mod simt_decode {
+    fp4moe_ops::conformance_tests!(
+        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_simt_decode()),
+        "CUDA device"
+    );
+}
