@@ -456,6 +456,8 @@ MOE_DECODE(32)
 #define TC_WARPS 4
 #define TC_ROWS 16
 
+extern __shared__ uint2 tc_frag[]; // the B fragments (dynamic shared memory of every _tc kernel)
+
 // B fragments of x [kp] for every step: frag[((s * 8 + j) * TC_TERMS + n) * 4 + t] = the
 // {b0, b1} of mma j of step s for the lane with g = n (term n of x) and tid-in-group t. Ends with
 // a block barrier. (The host sizes the buffer: TC_TERMS * 8 bytes per 4 columns.)
@@ -573,7 +575,6 @@ template <int WARPS>
 __device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y) {
     __shared__ Fp4Lut lut;
     __shared__ float red[WARPS][TC_ROWS];
-    extern __shared__ uint2 tc_frag[];
     lut_init(&lut, w);
     const int g = (threadIdx.x & 31) >> 2, n0 = blockIdx.x * TC_ROWS;
     const int r0 = n0 + g < w.rows ? n0 + g : -1, r1 = n0 + g + 8 < w.rows ? n0 + g + 8 : -1;
@@ -603,7 +604,6 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
                    int n_experts, int pairs, W ws, int inter_sh, float* act_sh, int act_sh_s) {
     __shared__ Fp4Lut lut;
     __shared__ float red[TC_WARPS][TC_ROWS];
-    extern __shared__ uint2 tc_frag[];
     const int p = blockIdx.x;
     const bool sh = p >= pairs;
     const W wk = sh ? ws : w;
@@ -640,7 +640,6 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
                 const float* act_sh, int act_sh_s, int has_shared, float* part, int n_experts) {
     __shared__ Fp4Lut lut;
     __shared__ float red[TC_WARPS][TC_ROWS];
-    extern __shared__ uint2 tc_frag[];
     const int terms = k_slots + has_shared;
     const int t = blockIdx.x / terms, term = blockIdx.x % terms;
     const bool sh = has_shared && term == 0;
