@@ -62,6 +62,57 @@ extern "C" __global__ void rope_f32(const float* x, const u32* pos, const float*
     yh[ib] = b * c + a * s;
 }
 
+// rms_norm_f32 then rope_f32 on every (token, head) row of x [n, H, D] (Backend::norm_rope,
+// Qwen3's q and k), one warp per row: the row in registers for the norm, then in shared memory
+// so each lane can read its element's rotation partner. Two launches fewer per layer.
+// D <= 32 * NORM_ROPE_REG; grid ceil(n * H / NORM_ROPE_WARPS), block NORM_ROPE_WARPS * 32.
+#define NORM_ROPE_REG 8
+#define NORM_ROPE_WARPS 4
+extern "C" __global__ void __launch_bounds__(NORM_ROPE_WARPS * 32)
+    norm_rope_f32(const float* x, const float* w, const u32* pos, const float* inv_freq, float* y, int rows, int heads,
+                  int d, float eps, int offset, int dims, int style) {
+    pdl_enter();
+    __shared__ float normed[NORM_ROPE_WARPS][32 * NORM_ROPE_REG];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int r = blockIdx.x * NORM_ROPE_WARPS + wid;
+    if (r >= rows) return; // the whole warp; nothing below synchronises the block
+    const float* xr = x + (size_t)r * d;
+    float v[NORM_ROPE_REG], s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NORM_ROPE_REG; c++) {
+        const int i = lane + 32 * c;
+        v[c] = i < d ? xr[i] : 0.0f;
+        s += v[c] * v[c];
+    }
+    s = warp_sum(s);
+    const float rs = 1.0f / sqrtf(s / (float)d + eps);
+    float* nr = normed[wid];
+#pragma unroll
+    for (int c = 0; c < NORM_ROPE_REG; c++) {
+        const int i = lane + 32 * c;
+        if (i < d) nr[i] = w[i] * (v[c] * rs);
+    }
+    __syncwarp();
+    const float p = (float)pos[r / heads];
+    const int half = dims / 2;
+    float* yr = y + (size_t)r * d;
+    for (int i = lane; i < d; i += 32) {
+        const int j = i - offset;
+        if (j < 0 || j >= dims) {
+            yr[i] = nr[i];
+            continue;
+        }
+        // pair k = (ia, ib): NeoX (k, k + half), interleaved (2k, 2k + 1); i is ia or ib
+        const int k = style == 0 ? (j < half ? j : j - half) : j >> 1;
+        const bool second = style == 0 ? j >= half : (j & 1);
+        const int ia = offset + (style == 0 ? k : 2 * k), ib = offset + (style == 0 ? k + half : 2 * k + 1);
+        float sn, cs;
+        sincosf(p * inv_freq[k], &sn, &cs);
+        const float a = nr[ia], b = nr[ib];
+        yr[i] = second ? b * cs + a * sn : a * cs - b * sn;
+    }
+}
+
 // Copies the dims RoPE leaves alone (the kernel above writes only the roped ones).
 extern "C" __global__ void rope_passthrough_f32(const float* x, float* y, size_t rows, int d, int offset,
                                                 int dims) {

@@ -54,6 +54,10 @@ const FA_MAX_D: usize = 128;
 /// MLA_BR = MLA_BC ((query, head) rows and cache rows per tile) of attention_mla_prefill_f32.
 const MLA_ROWS: usize = 32;
 const ROW_THREADS: u32 = 256;
+/// norm_rope_f32 (elementwise.cu): rows (warps) per block, and the widest head it holds
+/// (32 * NORM_ROPE_REG); wider heads take rms_norm then rope.
+const NORM_ROPE_WARPS: u32 = 4;
+const NORM_ROPE_MAX_D: usize = 256;
 /// Tensor-core decode (gemv.cu): weight rows per block (one m16n8k16 tile, TC_ROWS) and threads
 /// (TC_WARPS warps splitting K).
 const TC_ROWS: u32 = 16;
@@ -1176,6 +1180,56 @@ impl Backend for CudaBackend {
                 Arg::Ptr(y.storage.ptr()),
                 Arg::I32(d as i32),
                 Arg::F32(eps),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn norm_rope(&self, x: &CT, w: &CT, eps: f32, positions: &CT, spec: Rope) -> Result<CT> {
+        const OP: &str = "norm_rope";
+        for t in [x, w] {
+            self.check(OP, t, &[DType::F32])?;
+        }
+        self.check(OP, positions, &[DType::U32])?;
+        let s = x.shape();
+        if s.len() != 3 || w.shape() != [s[2]] || positions.shape() != [s[0]] {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "x {s:?} (want [n, H, D]), weight {:?}, positions {:?}",
+                    w.shape(),
+                    positions.shape()
+                ),
+            ));
+        }
+        let d = s[2];
+        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
+            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
+        }
+        if d > NORM_ROPE_MAX_D {
+            return self.rope(&self.rms_norm(x, w, eps)?, positions, spec);
+        }
+        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        let y = self.empty(s, DType::F32)?;
+        let rows = s[0] * s[1];
+        self.run(
+            "elementwise.cu",
+            "norm_rope_f32",
+            (blocks(rows, NORM_ROPE_WARPS), 1, 1),
+            NORM_ROPE_WARPS * 32,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::Ptr(positions.storage.ptr()),
+                Arg::Ptr(inv.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(rows as i32),
+                Arg::I32(s[1] as i32),
+                Arg::I32(d as i32),
+                Arg::F32(eps),
+                Arg::I32(spec.offset as i32),
+                Arg::I32(spec.dims as i32),
+                Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
             ],
         )?;
         Ok(y)

@@ -176,6 +176,10 @@ impl<B: Backend> Norm<B> {
     pub fn forward(&self, b: &B, x: &T<B>) -> Result<T<B>> {
         Ok(b.rms_norm(x, &self.weight, self.eps)?)
     }
+    /// `rope(forward(x))` over heads x `[n, H, D]`, as one backend op.
+    pub fn forward_rope(&self, b: &B, x: &T<B>, positions: &T<B>, spec: fp4moe_ops::Rope) -> Result<T<B>> {
+        Ok(b.norm_rope(x, &self.weight, self.eps, positions, spec)?)
+    }
 }
 
 /// Dense SwiGLU MLP: `down · (silu(gate · x) * (up · x))`, gate and up fused at load.

@@ -738,6 +738,56 @@ pub fn check_rope<B: Backend>(b: &B, seed: u64) -> Check {
     Ok(())
 }
 
+fn run_norm_rope<X: Backend>(
+    x: &X,
+    xs: &[f32],
+    shape: &[usize],
+    w: &[f32],
+    eps: f32,
+    pos: &[u32],
+    spec: Rope,
+) -> crate::Result<Out> {
+    let p = up_u(x, pos, &[pos.len()])?;
+    let wt = up(x, w, &[w.len()])?;
+    fetch(x, &x.norm_rope(&up(x, xs, shape)?, &wt, eps, &p, spec)?)
+}
+
+/// The fused per-head norm + RoPE against the reference's two ops: Qwen3's q and k (32 and 4
+/// heads of 128, NeoX on all dims), a head wider than GPU backends hold in one warp's registers,
+/// and partial rotations in both styles.
+pub fn check_norm_rope<B: Backend>(b: &B, seed: u64) -> Check {
+    let mut cx = Ctx::new(seed);
+    let il = RopeStyle::Interleaved;
+    let nx = RopeStyle::NeoX;
+    let cases = [
+        ([1, 32, 128], Rope { style: nx, offset: 0, dims: 128, theta: 1e6 }),
+        ([5, 4, 128], Rope { style: nx, offset: 0, dims: 128, theta: 1e6 }),
+        ([2, 3, 512], Rope { style: nx, offset: 0, dims: 512, theta: 1e4 }),
+        ([3, 3, 10], Rope { style: nx, offset: 2, dims: 6, theta: 1e4 }),
+        ([3, 5, 36], Rope { style: il, offset: 4, dims: 24, theta: 1e4 }),
+    ];
+    for (shape, spec) in cases {
+        let case = format!("norm_rope {shape:?} {spec:?}");
+        let d = shape[2];
+        let mut xs = cx.rng.normals(shape.iter().product(), 3.0);
+        xs[0] = 0.0;
+        let w: Vec<f32> = (0..d).map(|_| cx.rng.range(0.5, 1.5)).collect();
+        let mut pos: Vec<u32> = (0..shape[0]).map(|_| cx.rng.below(32768) as u32).collect();
+        pos[0] = 0;
+        let r = RefBackend;
+        let want = {
+            let p = up_u(&r, &pos, &[pos.len()]).or_fail(&cx, &case)?;
+            let wt = up(&r, &w, &[d]).or_fail(&cx, &case)?;
+            let normed =
+                r.rms_norm(&up(&r, &xs, &shape).or_fail(&cx, &case)?, &wt, 1e-6).or_fail(&cx, &case)?;
+            fetch(&r, &r.rope(&normed, &p, spec).or_fail(&cx, &case)?).or_fail(&cx, &case)?
+        };
+        let got = run_norm_rope(b, &xs, &shape, &w, 1e-6, &pos, spec).or_fail(&cx, &case)?;
+        close(&cx, &case, &got, &want, TOL_ROPE.max(tol_sum(d)))?;
+    }
+    Ok(())
+}
+
 /// Softmax on wide rows, rows whose max would overflow `exp` without max subtraction, and a
 /// row of equal values.
 pub fn check_softmax<B: Backend>(b: &B, seed: u64) -> Check {
@@ -1385,7 +1435,7 @@ macro_rules! conformance_tests {
             check_paths, check_memory, check_cast,
             check_linear_odd_shapes, check_linear_glm_shapes, check_linear_qwen_shapes,
             check_linear_router_shapes, check_head_linear, check_embedding,
-            check_rms_norm, check_rope, check_softmax, check_elementwise, check_data_movement,
+            check_rms_norm, check_rope, check_norm_rope, check_softmax, check_elementwise, check_data_movement,
             check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
             check_moe_routing, check_moe_qwen_shape, check_moe_glm_shape,
             check_attention_gqa, check_attention_mla, check_shape_errors);

@@ -155,6 +155,20 @@ pub trait Backend: Send + Sync {
     /// of each head; other dims pass through. See [`RopeStyle`] for the pairing.
     fn rope(&self, x: &T<Self>, positions: &T<Self>, spec: Rope) -> Result<T<Self>>;
 
+    /// `rope(rms_norm(x, w, eps), positions, spec)` for x `[n, H, D]` with w `[D]`: the per-head
+    /// norm and rotation of Qwen3's queries and keys as one op, so a backend can do both in one
+    /// pass (the default runs the two ops).
+    fn norm_rope(
+        &self,
+        x: &T<Self>,
+        w: &T<Self>,
+        eps: f32,
+        positions: &T<Self>,
+        spec: Rope,
+    ) -> Result<T<Self>> {
+        self.rope(&self.rms_norm(x, w, eps)?, positions, spec)
+    }
+
     /// Softmax over the last dim (f32, max-subtracted).
     fn softmax(&self, x: &T<Self>) -> Result<T<Self>>;
 

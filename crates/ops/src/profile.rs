@@ -117,6 +117,16 @@ impl<B: Backend> Backend for Profiled<B> {
     fn rope(&self, x: &T<Self>, positions: &T<Self>, spec: Rope) -> Result<T<Self>> {
         self.time(|| "rope".into(), || self.inner.rope(x, positions, spec))
     }
+    fn norm_rope(
+        &self,
+        x: &T<Self>,
+        w: &T<Self>,
+        eps: f32,
+        positions: &T<Self>,
+        spec: Rope,
+    ) -> Result<T<Self>> {
+        self.time(|| "norm_rope".into(), || self.inner.norm_rope(x, w, eps, positions, spec))
+    }
     fn softmax(&self, x: &T<Self>) -> Result<T<Self>> {
         self.time(|| "softmax".into(), || self.inner.softmax(x))
     }

@@ -573,6 +573,7 @@ fn suite_catches_biased_router_weights() {
 #[test]
 fn suite_catches_swapped_rope_style() {
     must_fail(Mutation::SwappedRopeStyle, conformance::check_rope);
+    must_fail(Mutation::SwappedRopeStyle, conformance::check_norm_rope);
 }
 
 #[test]
