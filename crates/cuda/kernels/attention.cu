@@ -101,50 +101,77 @@ __device__ __forceinline__ void att_keys(int pos0, const unsigned* row_shift, in
 // row once per query head (39 us per Qwen3 decode call at 2k keys); one lane per key straight
 // from global memory turned every load into 32 scattered requests (83 us).
 #define GQA_MAX_THREADS 256
-#define GQA_STAGE_BATCH 8 // loads (of VW floats) each thread has in flight while staging a tile
+#define GQA_STAGE_BATCH 4 // loads (of VW floats) of keys and of values each thread has in flight while staging
 
 // Row stride (floats) of the vector kernel's key tile: an odd number of float4s, so the eight
 // lanes of a 16-byte shared load phase, each on its own key row, hit distinct banks. Mirrored by
 // gqa_key_stride in src/backend.rs.
 __device__ __forceinline__ int gqa_key_stride(int d) { return 4 * ((d / 4) | 1); }
 
-// Copies rows jb .. jb + nk of head kh of a cache [S, hkv, width] into dst (row stride ds), the
-// block's threads along the flattened tile in units of VW floats (4: 16-byte loads and stores;
-// width, ds and the cache rows then in whole float4s). Every thread issues GQA_STAGE_BATCH loads
-// before it stores any: a copy loop over rows and columns with runtime bounds waited one memory
-// latency per element (about 20 us per Qwen3 decode call whatever the split length). Positions
-// advance by the block size with a carry instead of a division per element: the first form,
-// with 64-bit index products per float, was half of the kernel's instructions.
 template <int VW> struct Floats { typedef float T; };
 template <> struct Floats<4> { typedef float4 T; };
+
+// The block's walk over rows jb .. jb + nk of head kh of a cache [S, hkv, width], in units of VW
+// floats (4: 16-byte loads and stores; width and the rows then in whole float4s): element i of
+// the flattened tile for thread i mod blockDim. Positions advance by the block size with a carry
+// instead of a division per element (the first form, with 64-bit index products per float, was
+// half of the kernel's instructions).
 template <int VW>
-__device__ __forceinline__ void stage_rows(float* dst, int ds, const float* src, int hkv, int kh, int width, int jb,
-                                           int nk) {
-    typedef typename Floats<VW>::T V;
-    const float* base = src + ((size_t)jb * hkv + kh) * width;
-    const int rs = hkv * width, wv = width / VW, n = nk * wv, step = blockDim.x;
-    const int dr = step / wv, de = step % wv;
-    int r = threadIdx.x / wv, e = threadIdx.x % wv;
-    for (int i0 = threadIdx.x; i0 < n; i0 += GQA_STAGE_BATCH * step) {
-        V val[GQA_STAGE_BATCH];
-        int at[GQA_STAGE_BATCH];
-#pragma unroll
-        for (int u = 0; u < GQA_STAGE_BATCH; u++) {
-            if (i0 + u * step < n) val[u] = *(const V*)(base + (size_t)r * rs + e * VW);
-            at[u] = r * ds + e * VW;
-            r += dr;
-            e += de;
-            if (e >= wv) {
-                e -= wv;
-                r++;
-            }
+struct TileWalk {
+    const float* base;
+    int rs, wv, n, dr, de, r, e;
+    __device__ __forceinline__ TileWalk(const float* src, int hkv, int kh, int width, int jb, int nk) {
+        base = src + ((size_t)jb * hkv + kh) * width;
+        rs = hkv * width;
+        wv = width / VW;
+        n = nk * wv;
+        dr = blockDim.x / wv;
+        de = blockDim.x % wv;
+        r = threadIdx.x / wv;
+        e = threadIdx.x % wv;
+    }
+    // the current element (when live), and its offset in a tile of row stride ds; then advance
+    __device__ __forceinline__ typename Floats<VW>::T next(bool live, int ds, int& at) {
+        typedef typename Floats<VW>::T V;
+        V val;
+        if (live) val = *(const V*)(base + (size_t)r * rs + e * VW);
+        at = r * ds + e * VW;
+        r += dr;
+        e += de;
+        if (e >= wv) {
+            e -= wv;
+            r++;
         }
+        return val;
+    }
+};
+
+// Copies the key and value rows jb .. jb + nk of head kh into the shared tiles kt (row stride
+// ks) and vt (row stride dv). Every thread issues its loads of both before it stores any: a copy
+// loop over rows and columns with runtime bounds waited one memory latency per element (about
+// 20 us per Qwen3 decode call), and keys then values waited two.
+template <int VW>
+__device__ __forceinline__ void stage_kv(float* kt, int ks, float* vt, const float* k, const float* v, int hkv, int kh,
+                                         int d, int dv, int jb, int nk) {
+    typedef typename Floats<VW>::T V;
+    constexpr int B = GQA_STAGE_BATCH;
+    TileWalk<VW> wk(k, hkv, kh, d, jb, nk), wvv(v, hkv, kh, dv, jb, nk);
+    const int step = blockDim.x, n = max(wk.n, wvv.n);
+    for (int i0 = threadIdx.x; i0 < n; i0 += B * step) {
+        V a[B], b[B];
+        int ai[B], bi[B];
 #pragma unroll
-        for (int u = 0; u < GQA_STAGE_BATCH; u++)
-            if (i0 + u * step < n) *(V*)(dst + at[u]) = val[u];
+        for (int u = 0; u < B; u++) a[u] = wk.next(i0 + u * step < wk.n, ks, ai[u]);
+#pragma unroll
+        for (int u = 0; u < B; u++) b[u] = wvv.next(i0 + u * step < wvv.n, dv, bi[u]);
+#pragma unroll
+        for (int u = 0; u < B; u++)
+            if (i0 + u * step < wk.n) *(V*)(kt + ai[u]) = a[u];
+#pragma unroll
+        for (int u = 0; u < B; u++)
+            if (i0 + u * step < wvv.n) *(V*)(vt + bi[u]) = b[u];
     }
 }
-
 
 // q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]. grid (Hkv, T, splits), block of
 // `warps` * 32 <= GQA_MAX_THREADS, dynamic shared memory (tk * ks + tk * Dv + warps * D) floats
@@ -175,8 +202,16 @@ __device__ __forceinline__ void gqa_decode(const float* q, const float* k, const
     for (int h0 = 0; h0 < group; h0 += warps) {
         int nh = min(warps, group - h0);
         __syncthreads(); // the previous pass is done with qs and the tiles
-        for (int hh = wid; hh < nh; hh += warps)
-            for (int e = lane; e < d; e += 32) qs[hh * d + e] = q[((size_t)t * hq + kh * group + h0 + hh) * d + e];
+        for (int hh = wid; hh < nh; hh += warps) {
+            const float* qr = q + ((size_t)t * hq + kh * group + h0 + hh) * d;
+            if (VEC) {
+                // one 16-byte load per lane for heads up to 128 wide (a runtime-bounded scalar
+                // loop waited one latency per element)
+                for (int e = 4 * lane; e < d; e += 128) *(float4*)(qs + hh * d + e) = *(const float4*)(qr + e);
+            } else {
+                for (int e = lane; e < d; e += 32) qs[hh * d + e] = qr[e];
+            }
+        }
         bool active = wid < nh;
         float m = ATT_NEG_INF, l = 0.0f, acc[NACC];
 #pragma unroll
@@ -184,8 +219,7 @@ __device__ __forceinline__ void gqa_decode(const float* q, const float* k, const
         for (int jb = j0; jb < j1; jb += tk) {
             int nk = min(tk, j1 - jb);
             __syncthreads(); // every warp is done with the previous tile
-            stage_rows<VEC ? 4 : 1>(kt, ks, k, hkv, kh, d, jb, nk);
-            stage_rows<VEC ? 4 : 1>(vt, dv, v, hkv, kh, dv, jb, nk);
+            stage_kv<VEC ? 4 : 1>(kt, ks, vt, k, v, hkv, kh, d, dv, jb, nk);
             __syncthreads();
             if (!active) continue;
             const float* qh = qs + wid * d;

@@ -305,6 +305,75 @@ GEMV(32, 1, 1, gemv_l32_m1_r1)
 GEMV(64, 1, 1, gemv_l64_m1_r1)
 GEMV(128, 1, 1, gemv_l128_m1_r1)
 
+// What a MoE decode block works on, shared by the SIMT and tensor-core kernels. Built in two
+// parts: the block's role before the programmatic-launch wait (weights only), its expert after
+// it (ids come from the router). An id out of range (the trait asks callers to validate) reads
+// expert 0 and marks the outputs NaN.
+struct GateUpJob {
+    bool sh;     // the shared expert of token t (blocks past the pairs)
+    int p, t;    // pair (routed) and token
+    int in;      // intermediate size of the block's weight
+    W wk;        // the block's weight (routed or shared)
+    float* out;  // the act row to write
+    bool bad;    // after expert(): the id was out of range
+    int base;    // after expert(): the expert's first gate row
+    __device__ __forceinline__ void expert(const u32* ids, int n_experts) {
+        const u32 eid = sh ? 0u : ids[p];
+        bad = eid >= (u32)n_experts;
+        base = (bad ? 0 : (int)eid) * 2 * in;
+    }
+};
+__device__ __forceinline__ GateUpJob gate_up_job(const W& w, int k_slots, int inter, float* act, int act_s,
+                                                 int pairs, const W& ws, int inter_sh, float* act_sh,
+                                                 int act_sh_s) {
+    GateUpJob j;
+    j.p = blockIdx.x;
+    j.sh = j.p >= pairs;
+    j.t = j.sh ? j.p - pairs : j.p / k_slots;
+    j.in = j.sh ? inter_sh : inter;
+    j.wk = j.sh ? ws : w;
+    j.out = j.sh ? act_sh + (size_t)j.t * act_sh_s : act + (size_t)j.p * act_s;
+    j.bad = false;
+    j.base = 0;
+    return j;
+}
+
+// Stage 2: term `term` of token t (term 0 the shared expert when present, then the slots).
+struct DownJob {
+    bool sh;
+    int t, term, terms, p; // p: the routed pair of the term
+    W wk;
+    const float* a;        // the act row
+    int as;                // its stride
+    bool bad;              // after expert()
+    int row0;              // after expert(): the expert's first row
+    float wt;              // after expert(): the router weight (1 for the shared expert)
+    __device__ __forceinline__ void expert(const u32* ids, const float* wts, int n_experts, int hidden) {
+        const u32 eid = sh ? 0u : ids[p];
+        bad = !sh && eid >= (u32)n_experts;
+        row0 = sh ? 0 : (bad ? 0 : (int)eid) * hidden;
+        wt = sh ? 1.0f : wts[p];
+    }
+    // where this term's value of output row h goes
+    __device__ __forceinline__ size_t at(int hidden, int h) const { return ((size_t)t * terms + term) * hidden + h; }
+};
+__device__ __forceinline__ DownJob down_job(const W& w, const float* act, int act_s, int k_slots, const W& ws,
+                                            const float* act_sh, int act_sh_s, int has_shared) {
+    DownJob j;
+    j.terms = k_slots + has_shared;
+    j.t = blockIdx.x / j.terms;
+    j.term = blockIdx.x % j.terms;
+    j.sh = has_shared && j.term == 0;
+    j.p = j.t * k_slots + (j.term - has_shared);
+    j.wk = j.sh ? ws : w;
+    j.a = j.sh ? act_sh + (size_t)j.t * act_sh_s : act + (size_t)j.p * act_s;
+    j.as = j.sh ? act_sh_s : act_s;
+    j.bad = false;
+    j.row0 = 0;
+    j.wt = 1.0f;
+    return j;
+}
+
 // MoE decode, stage 1: act[p, j] = silu(gate_e[j] . x_t) * (up_e[j] . x_t) for the routed pairs
 // p = (t, slot) < pairs, e = ids[p]; blocks past the pairs serve the shared expert (weight ws,
 // act_sh[t]) of token t = p - pairs, in the same launch. gate_up rows per expert are [gate (inter);
@@ -315,22 +384,17 @@ __device__ void moe_gate_up_body(W w, const float* x, int xs, const u32* ids, in
                                  int act_s, int n_experts, int pairs, W ws, int inter_sh, float* act_sh,
                                  int act_sh_s) {
     __shared__ Fp4Lut lut;
-    const int p = blockIdx.x;
-    const bool sh = p >= pairs;
-    const W wk = sh ? ws : w;
+    GateUpJob job = gate_up_job(w, k_slots, inter, act, act_s, pairs, ws, inter_sh, act_sh, act_sh_s);
+    const W& wk = job.wk;
     lut_init(&lut, wk);
     pdl_enter(); // ids and x come from earlier kernels
+    job.expert(ids, n_experts);
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
-    int t = sh ? p - pairs : p / k_slots;
-    u32 eid = sh ? 0u : ids[p];
-    // An id out of range (the trait asks callers to validate) reads nothing and shows as NaN.
-    bool bad = eid >= (u32)n_experts;
-    int e = bad ? 0 : (int)eid;
-    const int in = sh ? inter_sh : inter;
-    float* out = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
+    const int t = job.t, in = job.in, base = job.base;
+    const bool bad = job.bad;
+    float* out = job.out;
     int j0 = (blockIdx.y * groups + g) * 2;
-    int base = e * 2 * in;
     int rows[GEMV_ROWS];
     rows[0] = j0 < in ? base + j0 : -1;
     rows[1] = j0 + 1 < in ? base + j0 + 1 : -1;
@@ -366,22 +430,15 @@ __device__ void moe_down_body(W w, const float* act, int act_s, const u32* ids, 
                               int hidden, W ws, const float* act_sh, int act_sh_s, int has_shared, float* part,
                               int n_experts) {
     __shared__ Fp4Lut lut;
-    const int terms = k_slots + has_shared;
-    const int t = blockIdx.x / terms, term = blockIdx.x % terms;
-    const bool sh = has_shared && term == 0;
-    const W wk = sh ? ws : w;
+    DownJob job = down_job(w, act, act_s, k_slots, ws, act_sh, act_sh_s, has_shared);
+    const W& wk = job.wk;
     lut_init(&lut, wk);
     pdl_enter(); // ids, weights and activations come from earlier kernels
+    job.expert(ids, wts, n_experts, hidden);
     const int groups = GEMV_THREADS / LPR;
     int g = threadIdx.x / LPR, lg = threadIdx.x % LPR;
     int h0 = (blockIdx.y * groups + g) * GEMV_ROWS;
-    const int p = t * k_slots + (term - has_shared);
-    u32 eid = sh ? 0u : ids[p];
-    bool bad = !sh && eid >= (u32)n_experts;
-    int row0 = sh ? 0 : (bad ? 0 : (int)eid) * hidden;
-    float wt = sh ? 1.0f : wts[p];
-    const float* a = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
-    int as = sh ? act_sh_s : act_s;
+    const int row0 = job.row0;
     int rows[GEMV_ROWS];
     float acc[GEMV_ROWS][1];
 #pragma unroll
@@ -390,13 +447,12 @@ __device__ void moe_down_body(W w, const float* act, int act_s, const u32* ids, 
         acc[r][0] = 0.0f;
     }
     extern __shared__ float4 moe_sx[]; // act's shared copy, when the host gives room for it
-    rows_dot<LPR, 1>(&lut, wk, rows, a, as, 1, lg, acc, false, dyn_smem_bytes() ? (float*)moe_sx : nullptr);
+    rows_dot<LPR, 1>(&lut, wk, rows, job.a, job.as, 1, lg, acc, false, dyn_smem_bytes() ? (float*)moe_sx : nullptr);
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         float v = group_sum<LPR>(acc[r][0]);
         if (lg == 0 && rows[r] >= 0)
-            part[((size_t)t * terms + term) * hidden + h0 + r] =
-                bad ? __int_as_float(0x7fc00000) : wt * (v * row_tscale(wk, rows[r]));
+            part[job.at(hidden, h0 + r)] = job.bad ? __int_as_float(0x7fc00000) : job.wt * (v * row_tscale(wk, rows[r]));
     }
 }
 
@@ -604,19 +660,15 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
                    int n_experts, int pairs, W ws, int inter_sh, float* act_sh, int act_sh_s) {
     __shared__ Fp4Lut lut;
     __shared__ float red[TC_WARPS][TC_ROWS];
-    const int p = blockIdx.x;
-    const bool sh = p >= pairs;
-    const W wk = sh ? ws : w;
-    const int in = sh ? inter_sh : inter;
+    GateUpJob job = gate_up_job(w, k_slots, inter, act, act_s, pairs, ws, inter_sh, act_sh, act_sh_s);
+    const W& wk = job.wk;
+    const int in = job.in, t = job.t;
     const int j0 = blockIdx.y * 8;
     if (j0 >= in) return; // the whole block (a shorter shared or routed intermediate)
     lut_init(&lut, wk);
     pdl_enter(); // ids and x come from earlier kernels
-    const int t = sh ? p - pairs : p / k_slots;
-    const u32 eid = sh ? 0u : ids[p];
-    // An id out of range (the trait asks callers to validate) reads nothing and shows as NaN.
-    const bool bad = eid >= (u32)n_experts;
-    const int base = (bad ? 0 : (int)eid) * 2 * in;
+    job.expert(ids, n_experts);
+    const int base = job.base;
     const int g = (threadIdx.x & 31) >> 2;
     const int r0 = j0 + g < in ? base + j0 + g : -1, r1 = j0 + g < in ? base + in + j0 + g : -1;
     float y0, y1;
@@ -625,10 +677,9 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
     tc_collect(red, y0, y1);
     const int i = threadIdx.x;
     if (i < 8 && j0 + i < in) {
-        float* out = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
         const float gate = tile_sum(red, i) * row_tscale(wk, base + j0 + i);
         const float up = tile_sum(red, i + 8) * row_tscale(wk, base + in + j0 + i);
-        out[j0 + i] = bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
+        job.out[j0 + i] = job.bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
     }
 }
 
@@ -640,28 +691,22 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
                 const float* act_sh, int act_sh_s, int has_shared, float* part, int n_experts) {
     __shared__ Fp4Lut lut;
     __shared__ float red[TC_WARPS][TC_ROWS];
-    const int terms = k_slots + has_shared;
-    const int t = blockIdx.x / terms, term = blockIdx.x % terms;
-    const bool sh = has_shared && term == 0;
-    const W wk = sh ? ws : w;
+    DownJob job = down_job(w, act, act_s, k_slots, ws, act_sh, act_sh_s, has_shared);
+    const W& wk = job.wk;
     lut_init(&lut, wk);
     pdl_enter(); // ids, weights and activations come from earlier kernels
-    const int p = t * k_slots + (term - has_shared);
-    const u32 eid = sh ? 0u : ids[p];
-    const bool bad = !sh && eid >= (u32)n_experts;
-    const int row0 = sh ? 0 : (bad ? 0 : (int)eid) * hidden;
-    const float* a = sh ? act_sh + (size_t)t * act_sh_s : act + (size_t)p * act_s;
+    job.expert(ids, wts, n_experts, hidden);
+    const int row0 = job.row0;
     const int h0 = blockIdx.y * TC_ROWS, g = (threadIdx.x & 31) >> 2;
     const int r0 = h0 + g < hidden ? row0 + h0 + g : -1, r1 = h0 + g + 8 < hidden ? row0 + h0 + g + 8 : -1;
     float y0, y1;
-    tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1, [&] { tc_build_b(tc_frag, a, wk.kp); });
+    tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1,
+            [&] { tc_build_b(tc_frag, job.a, wk.kp); });
     tc_collect(red, y0, y1);
     const int i = threadIdx.x;
-    if (i < TC_ROWS && h0 + i < hidden) {
-        const float wt = sh ? 1.0f : wts[p];
-        part[((size_t)t * terms + term) * hidden + h0 + i] =
-            bad ? __int_as_float(0x7fc00000) : wt * (tile_sum(red, i) * row_tscale(wk, row0 + h0 + i));
-    }
+    if (i < TC_ROWS && h0 + i < hidden)
+        part[job.at(hidden, h0 + i)] =
+            job.bad ? __int_as_float(0x7fc00000) : job.wt * (tile_sum(red, i) * row_tscale(wk, row0 + h0 + i));
 }
 
 // MLA's absorbed per-head products at decode (Backend::head_linear with few rows), on the GEMV
