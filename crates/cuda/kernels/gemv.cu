@@ -1,4 +1,7 @@
-// Decode-time products (few activation rows): FP4 and dense GEMV, and the MoE decode path.
+// Decode-time products (few activation rows): FP4 and dense GEMV, and the MoE decode path. One
+// activation row of FP4 weights goes to the tensor-core kernels at the end of this file (gemv_tc,
+// moe_*_tc); the SIMT row kernels below take several rows, dense weights, and one row when the
+// host asks for them.
 //
 // Decode is bound by weight bytes, so the kernels are built around the weight stream:
 // - a group of LPR lanes owns GEMV_ROWS weight rows and walks their K chunks together; each chunk
