@@ -7,6 +7,20 @@
 #define ROUTE_MAX_E 512
 #define ROUTE_FULL 0xffffffffu
 
+// The warp's best (key, index) of the lanes' candidates (bi < 0: none), by ranks_before; every
+// lane ends with it.
+__device__ __forceinline__ void warp_best(float& bk, int& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ok = __shfl_xor_sync(ROUTE_FULL, bk, o);
+        int oi = __shfl_xor_sync(ROUTE_FULL, bi, o);
+        if (oi >= 0 && (bi < 0 || ranks_before(ok, oi, bk, bi))) {
+            bk = ok;
+            bi = oi;
+        }
+    }
+}
+
 // Top k of row (ranks by rank_key, ties to the lower index, masked entries skipped) by a whole
 // warp: each pick is the warp-wide best among the entries that rank
 // after the previous pick. Every lane ends with the same sel.
@@ -22,12 +36,7 @@ __device__ void warp_select_top(const float* row, int e, int k, const bool* allo
             float key = rank_key(row[i]);
             if (ranks_before(pk, pi, key, i) && (bi < 0 || ranks_before(key, i, bk, bi))) { bk = key; bi = i; }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ok = __shfl_xor_sync(ROUTE_FULL, bk, o);
-            int oi = __shfl_xor_sync(ROUTE_FULL, bi, o);
-            if (oi >= 0 && (bi < 0 || ranks_before(ok, oi, bk, bi))) { bk = ok; bi = oi; }
-        }
+        warp_best(bk, bi);
         if (lane == 0) sel[j] = bi < 0 ? 0 : bi;
         pk = bk;
         pi = bi;
@@ -56,12 +65,7 @@ __device__ __forceinline__ void warp_top_regs(const float* key, const bool* ok, 
                 bi = i;
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ok2 = __shfl_xor_sync(ROUTE_FULL, bk, o);
-            int oi = __shfl_xor_sync(ROUTE_FULL, bi, o);
-            if (oi >= 0 && (bi < 0 || ranks_before(ok2, oi, bk, bi))) { bk = ok2; bi = oi; }
-        }
+        warp_best(bk, bi);
         if (lane == 0) sel[j] = bi < 0 ? 0 : bi;
         pk = bk;
         pi = bi;

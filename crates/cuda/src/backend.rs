@@ -1192,19 +1192,9 @@ impl Backend for CudaBackend {
         }
         self.check(OP, positions, &[DType::U32])?;
         let s = x.shape();
-        if s.len() != 3 || w.shape() != [s[2]] || positions.shape() != [s[0]] {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "x {s:?} (want [n, H, D]), weight {:?}, positions {:?}",
-                    w.shape(),
-                    positions.shape()
-                ),
-            ));
-        }
-        let d = s[2];
-        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
-            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
+        let d = fp4moe_ops::check::rope(OP, s, positions.shape(), spec)?;
+        if w.shape() != [d] {
+            return Err(shape_err(OP, format!("x {s:?} with weight {:?}", w.shape())));
         }
         if d > NORM_ROPE_MAX_D {
             return self.rope(&self.rms_norm(x, w, eps)?, positions, spec);
@@ -1240,16 +1230,7 @@ impl Backend for CudaBackend {
         self.check(OP, x, &[DType::F32])?;
         self.check(OP, positions, &[DType::U32])?;
         let s = x.shape();
-        if s.len() != 3 || positions.shape() != [s[0]] {
-            return Err(shape_err(
-                OP,
-                format!("x {s:?} (want [n, H, D]), positions {:?}", positions.shape()),
-            ));
-        }
-        let d = s[2];
-        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
-            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
-        }
+        let d = fp4moe_ops::check::rope(OP, s, positions.shape(), spec)?;
         let inv = self.rope_freqs(spec.dims, spec.theta)?;
         let y = self.empty(s, DType::F32)?;
         let rows = s[0] * s[1];

@@ -148,6 +148,20 @@ pub fn slice_cols(shape: &[usize], start: usize, len: usize) -> Result<(usize, u
     Ok((shape.iter().product::<usize>() / c.max(1), c))
 }
 
+/// [`crate::Backend::rope`] (and the rotation of [`crate::Backend::norm_rope`], named `op` in the
+/// error): x `[n, H, D]` with positions `[n]`, and an even, non-empty run of dims inside the
+/// head. Returns `D`.
+pub fn rope(op: &'static str, x: &[usize], positions: &[usize], spec: crate::Rope) -> Result<usize> {
+    if x.len() != 3 || positions != [x[0]] {
+        return Err(shape_err(op, format!("x {x:?} (want [n, H, D]), positions {positions:?}")));
+    }
+    let d = x[2];
+    if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
+        return Err(shape_err(op, format!("{spec:?} on head dim {d}")));
+    }
+    Ok(d)
+}
+
 /// [`crate::Backend::concat_rows`]: at least one part, all with the same trailing shape and
 /// dtype. Returns `(elements per row, total rows)`.
 pub fn concat_rows<S>(parts: &[&Tensor<S>]) -> Result<(usize, usize)> {

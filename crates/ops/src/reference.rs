@@ -472,16 +472,7 @@ impl Backend for RefBackend {
     fn rope(&self, x: &HostT, positions: &HostT, spec: Rope) -> Result<HostT> {
         const OP: &str = "rope";
         let s = x.shape();
-        if s.len() != 3 || positions.shape() != [s[0]] {
-            return Err(shape_err(
-                OP,
-                format!("x {s:?} (want [n, H, D]), positions {:?}", positions.shape()),
-            ));
-        }
-        let d = s[2];
-        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
-            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
-        }
+        let d = crate::check::rope(OP, s, positions.shape(), spec)?;
         let mut xv = x.f32_vec(OP)?;
         let pos = positions.u32_vec(OP)?;
         let inv = rope_inv_freq(spec.dims, spec.theta);

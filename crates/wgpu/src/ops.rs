@@ -517,16 +517,7 @@ impl Backend for WgpuBackend {
     fn rope(&self, x: &GT, positions: &GT, spec: Rope) -> Result<GT> {
         const OP: &str = "rope";
         let s = x.shape();
-        if s.len() != 3 || positions.shape() != [s[0]] {
-            return Err(shape_err(
-                OP,
-                format!("x {s:?} (want [n, H, D]), positions {:?}", positions.shape()),
-            ));
-        }
-        let d = s[2];
-        if spec.dims == 0 || !spec.dims.is_multiple_of(2) || spec.offset + spec.dims > d {
-            return Err(shape_err(OP, format!("{spec:?} on head dim {d}")));
-        }
+        let d = fp4moe_ops::check::rope(OP, s, positions.shape(), spec)?;
         expect(OP, x, DType::F32)?;
         expect(OP, positions, DType::U32)?;
         let out = self.alloc(s, DType::F32);
