@@ -141,8 +141,8 @@ fn main() {
         let bytes = (n_out * kk) as f64 * 0.5625;
         for (m, path) in [
             (1usize, LinearPath::Decode),
+            (2048, LinearPath::Prefill { n_tile: 256 }),
             (2048, LinearPath::Prefill { n_tile: 128 }),
-            (2048, LinearPath::Prefill { n_tile: 64 }),
         ] {
             if m > 1 && n_out > 8192 {
                 continue;

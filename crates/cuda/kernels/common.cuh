@@ -85,8 +85,11 @@ __device__ __forceinline__ u32 bf16x2_from(float lo, float hi) {
 }
 
 // D[16 x 8] += A[16 x 16] . B[16 x 8], bf16 inputs, f32 accumulators (PTX fragment layouts).
+// Not volatile: the result depends on the operands alone, so the compiler may schedule shared
+// loads of the next step (volatile ldmatrix) ahead of it; each accumulator's order of mma stays
+// fixed by its data dependence.
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -165,4 +168,38 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
+}
+
+// FP4 block scales in bf16, shared by the decode products (gemv.cu) and the prefill GEMM (gemm.cu).
+struct Fp4Lut {
+    u32 scale2[256]; // NVFP4 block-scale code -> bf16 pair (scale * 2^(FP4_BF16_EXP_OFFSET - s_off))
+};
+
+__device__ __forceinline__ void lut_init(Fp4Lut* lut, const W& w) {
+    if (w.kind == KIND_NVFP4) {
+        // 2^(FP4_BF16_EXP_OFFSET - s_off) as an f32 (the exponent is 0..126 for every s_off
+        // src/weight.rs picks), so the product is exact and rounds to bf16 without loss.
+        const float up = __int_as_float((127 + FP4_BF16_EXP_OFFSET - w.s_off) << 23);
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            u32 b = f32_to_bf16(fp4_scale(w.kind, i) * up);
+            lut->scale2[i] = b | (b << 16);
+        }
+    }
+    __syncthreads();
+}
+
+// The bf16 pair of block-scale code `code` (see Fp4Lut). E8M0 needs no table: the bf16 of
+// 2^(c - 127 + FP4_BF16_EXP_OFFSET - s_off) is its exponent field c + FP4_BF16_EXP_OFFSET - s_off
+// alone (within 1..254 for every code src/weight.rs lets through), one multiply-add for both
+// halves; a table load per chunk was the top stall of the MoE kernels.
+__device__ __forceinline__ u32 scale_pair(const Fp4Lut* lut, const W& w, u32 code) {
+    return w.kind == KIND_MXFP4 ? (code + (u32)(FP4_BF16_EXP_OFFSET - w.s_off)) * 0x00800080u : lut->scale2[code];
+}
+
+// The factor the FP4 kernels' sums of row r still need after scale_pair's bf16 scaling: the
+// tensor scale and, for FP4, 2^s_off.
+__device__ __forceinline__ float row_tscale(const W& w, int r) {
+    return (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4)
+               ? w.tscales[r / w.rows_per_ts] * __int_as_float((127 + w.s_off) << 23)
+               : 1.0f;
 }

@@ -2,24 +2,31 @@
 // GEMM for dense weights (routers, embeddings used as heads), which must stay f32-exact.
 //
 // FP4 GEMM, y[m, n] = sum_k A[m, k] * W[n, k] (A bf16, padded to kp columns):
-// - tile BM x BN x BK, 4 warps as 2 x 2, each warp 32 rows x BN/2 columns of m16n8k16 bf16
-//   `mma.sync` with f32 accumulators;
-// - A tiles and raw FP4 code/scale tiles are copied global -> shared with `cp.async`, GEMM_STAGES
-//   deep, so the copy of tile k+2 overlaps the math of tile k;
-// - codes are dequantized in registers right before the mma: one lookup in a 256-entry shared
-//   table (built from the generated fp4.cuh) turns a code byte into the bf16x2 pair the B
-//   fragment needs (element 2j in the low half, exactly the mma's k order), then one bf16x2
-//   multiply by the block scale. (A per-lane replicated nibble table, conflict-free but two
-//   lookups per byte, measured 15-35% slower on the H100.) e2m1 x e4m3 and e2m1 x e8m0
-//   products are exact in bf16, so B carries no rounding; the f32 tensor scale is applied to the
-//   accumulators;
+// - tile GEMM_BM x BN x GEMM_BK, 8 warps side by side, each all 64 rows x BN/8 columns of
+//   m16n8k16 bf16 `mma.sync` with f32 accumulators. Wide tiles because every A element is
+//   reused by BN columns only (the first kernel's 64 x 64 tiles with two A terms fetched ~13 GB
+//   from L2 for one Qwen3 MoE layer at 8192 tokens); 64 rows per warp because each decoded B
+//   fragment then feeds 4 x TERMS mma (ncu: with 32-row warps the loop ran ~10 instructions per
+//   mma, the scheduler issuing 56 % of cycles, the tensor pipe 36 %). 128-row tiles (2 x 4
+//   warps) measured slower in every MoE case: at ~190 registers one block of 8 warps per SM,
+//   where 64 x 128 tiles fit two;
+// - A tiles and raw FP4 code/scale tiles are copied global -> shared with `cp.async`, STAGES
+//   deep (GemmSmem), so the copy of later tiles overlaps the math of this one;
+// - codes are decoded in registers right before the mma, as the decode kernels do (gemv.cu): a
+//   lane's B fragment is elements 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of its weight row, i.e. byte
+//   t of each 8-byte half of the row's 16-column chunk. One byte permute puts byte t of both
+//   halves where fp4_e2m1_pair_bf16 reads (nibbles 3 and 7: the odd elements; shifted by 4, the
+//   even ones), a bf16 multiply by the block scale (scale_pair) makes them exact values, and two
+//   byte permutes pair them up as the mma wants. (A 256-entry shared table per code byte cost
+//   random-bank lookups: about as many shared-memory wavefronts as the mma had cycles.) Row
+//   factors (tensor scale, 2^s_off: row_tscale) are applied to the f32 accumulators;
 // - f32 activations must stay f32-accurate (the conformance tolerance is f32 summation noise),
 //   so the TERMS > 1 variants take A as a sum of bf16 terms, t0 = bf16(x), t1 = bf16(x - t0),
 //   t2 = bf16(x - t0 - t1), and run one mma per term and B fragment. Residual per element:
 //   2^-18 |x| with two terms, 2^-27 |x| (below f32 rounding) with three. bf16 activations use
 //   one term. The B fragment is decoded once for all terms;
-// - shared layouts are XOR-swizzled by 16-byte chunk so ldmatrix and the 8-byte code reads of a
-//   warp hit distinct banks.
+// - shared layouts are XOR-swizzled by 16-byte chunk so ldmatrix and the code reads of a warp
+//   hit distinct banks.
 // The same kernel serves the grouped MoE path: `a_map` gathers A rows (token of each sorted
 // (token, slot) pair), `block_expert` picks each M-block's expert, `gated` fuses SiLU(gate) * up
 // into the epilogue (each warp's columns hold gate and up rows of the same outputs), and
@@ -27,10 +34,11 @@
 #include "common.cuh"
 
 #define GEMM_BM 64
-#define GEMM_BK 128
-#define GEMM_STAGES 3
-#define GEMM_THREADS 128
-#define GEMM_SCALE_BYTES 8 // per row per k-tile: BK/16 NVFP4 codes (MXFP4 uses the first BK/32)
+#define GEMM_BK 64
+#define GEMM_WARPS 8
+#define GEMM_THREADS (GEMM_WARPS * 32)
+#define GEMM_SCALE_BYTES 4 // per row per k-tile: BK/16 NVFP4 codes, or the aligned MXFP4 word holding BK/32
+#define GEMM_SMEM_MAX (200 * 1024)
 
 struct GemmArgs {
     const u16* a;              // bf16 [rows, a_stride] (term 0)
@@ -54,10 +62,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
                  "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(valid ? 8 : 0));
-}
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src),
                  "r"(valid ? 4 : 0));
@@ -74,6 +78,8 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
                  : "r"(smem_u32(p)));
 }
 
+// Shared memory of one block: STAGES x (A tiles, code tile, scale tile), then the NVFP4 scale
+// table. The host's gemm_smem (src/backend.rs) computes the same total.
 template <int BN, int TERMS>
 struct GemmSmem {
     static const int A_TERM = GEMM_BM * GEMM_BK * 2;
@@ -81,29 +87,34 @@ struct GemmSmem {
     static const int B_BYTES = BN * GEMM_BK / 2;
     static const int S_BYTES = BN * GEMM_SCALE_BYTES;
     static const int STAGE = A_BYTES + B_BYTES + S_BYTES;
-    static const int TOTAL = GEMM_STAGES * STAGE + 2 * 256 * 4;
+    static const int STAGES = (GEMM_SMEM_MAX / STAGE) < 4 ? (GEMM_SMEM_MAX / STAGE) : 4;
+    static const int TOTAL = STAGES * STAGE + (int)sizeof(Fp4Lut);
 };
 
-// Weight row feeding local B-tile row r, or -1 (zero fill).
+// Weight row feeding local B-tile row r, or -1 (zero fill). Gated: each warp column's rows are
+// gate rows, then the up rows of the same outputs.
 template <int BN>
-__device__ __forceinline__ int b_row(const GemmArgs& g, int n0_blk, int r, int expert_row0) {
+__device__ __forceinline__ int b_row(const GemmArgs& g, int r, int expert_row0) {
     if (!g.gated) {
-        int n = n0_blk * BN + r;
+        int n = blockIdx.x * BN + r;
         return n < g.n ? expert_row0 + n : -1;
     }
-    const int half = BN / 4; // gate (then up) columns per warp column
-    int wn = r / (BN / 2), rr = r % (BN / 2);
-    int j = n0_blk * (BN / 2) + wn * half + (rr % half);
+    const int WC = BN / GEMM_WARPS, half = WC / 2;
+    int wn = r / WC, rr = r % WC;
+    int j = blockIdx.x * (BN / 2) + wn * half + (rr % half);
     if (j >= g.n) return -1;
     return expert_row0 + (rr < half ? j : g.n + j);
 }
 
 template <int BN, int TERMS>
 __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
+    const int BM = GEMM_BM;
     typedef GemmSmem<BN, TERMS> L;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1;
-    const int m0 = blockIdx.y * GEMM_BM;
+    const int STAGES = L::STAGES;
+    const int WC = BN / GEMM_WARPS;            // columns per warp
+    const int MT = BM / 16, NS = WC / 8;       // m16 tiles and n8 tiles per warp
+    const int tid = threadIdx.x, lane = tid & 31, wn = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const int m0 = blockIdx.y * BM;
     const int m_total = g.m_ptr ? *g.m_ptr : g.m;
     if (m0 >= m_total) return;
     const int expert = g.block_expert ? g.block_expert[blockIdx.y] : 0;
@@ -112,33 +123,28 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
     const int kt_count = w.kp / GEMM_BK;
     const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
 
-    u32* lut2 = (u32*)(smem + GEMM_STAGES * L::STAGE); // code byte -> bf16x2 (element 2j low)
-    u32* scale2 = lut2 + 256;                          // scale code -> bf16x2 (s, s)
-    for (int i = tid; i < 256; i += GEMM_THREADS) {
-        u32 lo = f32_to_bf16(fp4_e2m1(i & 15)), hi = f32_to_bf16(fp4_e2m1(i >> 4));
-        lut2[i] = lo | (hi << 16);
-        u32 s = f32_to_bf16(fp4_scale(w.kind, i));
-        scale2[i] = s | (s << 16);
-    }
+    Fp4Lut* lut = (Fp4Lut*)(smem + STAGES * L::STAGE);
+    lut_init(lut, w);
 
-    // Fixed per-thread copy assignments: A rows (8 per thread) and B rows.
-    long long a_off[8]; // element offset of this thread's A chunk, -1 = zero row
+    // Fixed per-thread copy assignments: A chunks (16 bytes: 8 of a row's 64 columns), code
+    // chunks (a row's 32 bytes are two chunks), one scale word per B row.
+    const int ACH = BM * 8 / GEMM_THREADS, BCH = BN * 2 / GEMM_THREADS;
+    long long a_off[ACH]; // element offset of this thread's A chunk, -1 = zero row
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        int row = tid / 16 + 8 * j;
+    for (int j = 0; j < ACH; j++) {
+        int row = (tid + GEMM_THREADS * j) / 8;
         int gm = m0 + row;
         int ar = gm < m_total ? gm : -1;
         if (ar >= 0 && g.a_map) {
             int v = g.a_map[gm];
             ar = v < 0 ? -1 : v / g.a_div;
         }
-        a_off[j] = ar < 0 ? -1 : (long long)ar * g.a_stride + (tid % 16) * 8;
+        a_off[j] = ar < 0 ? -1 : (long long)ar * g.a_stride + (tid % 8) * 8;
     }
-    const int BCH = BN / 32; // 16-byte code chunks per thread per stage
     int b_src_row[BCH];
 #pragma unroll
-    for (int j = 0; j < BCH; j++) b_src_row[j] = b_row<BN>(g, blockIdx.x, (tid + GEMM_THREADS * j) / 4, expert_row0);
-    const int s_row = tid < BN ? b_row<BN>(g, blockIdx.x, tid, expert_row0) : -1;
+    for (int j = 0; j < BCH; j++) b_src_row[j] = b_row<BN>(g, (tid + GEMM_THREADS * j) / 2, expert_row0);
+    const int s_row = tid < BN ? b_row<BN>(g, tid, expert_row0) : -1;
 
     auto load_stage = [&](int st, int kt) {
         u8* base = smem + st * L::STAGE;
@@ -146,101 +152,118 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
         u8* sb = base + L::A_BYTES;
         u8* ss = sb + L::B_BYTES;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            int row = tid / 16 + 8 * j, ch = tid % 16;
+        for (int j = 0; j < ACH; j++) {
+            int row = (tid + GEMM_THREADS * j) / 8, ch = tid % 8;
             int sw = row * GEMM_BK + ((ch ^ (row & 7)) * 8);
             bool ok = a_off[j] >= 0;
-            cp_async16(sa + sw, ok ? (const void*)(g.a + a_off[j] + kt * GEMM_BK) : (const void*)g.a, ok);
-            if (TERMS >= 2)
-                cp_async16(sa + GEMM_BM * GEMM_BK + sw,
-                           ok ? (const void*)(g.a_lo + a_off[j] + kt * GEMM_BK) : (const void*)g.a_lo, ok);
-            if (TERMS >= 3)
-                cp_async16(sa + 2 * GEMM_BM * GEMM_BK + sw,
-                           ok ? (const void*)(g.a_lo2 + a_off[j] + kt * GEMM_BK) : (const void*)g.a_lo2, ok);
+            size_t off = ok ? a_off[j] + kt * GEMM_BK : 0;
+            cp_async16(sa + sw, g.a + off, ok);
+            if (TERMS >= 2) cp_async16(sa + L::A_TERM / 2 + sw, g.a_lo + off, ok);
+            if (TERMS >= 3) cp_async16(sa + L::A_TERM + sw, g.a_lo2 + off, ok);
         }
 #pragma unroll
         for (int j = 0; j < BCH; j++) {
             int ch = tid + GEMM_THREADS * j;
-            int row = ch / 4, c = ch % 4;
+            int row = ch / 2, c = ch % 2;
             int wr = b_src_row[j];
-            void* dst = sb + row * (GEMM_BK / 2) + ((c ^ ((row >> 1) & 3)) * 16);
+            void* dst = sb + row * (GEMM_BK / 2) + ((c ^ ((row >> 2) & 1)) * 16);
             const u8* src = wr >= 0 ? w.codes + (size_t)wr * cb + kt * (GEMM_BK / 2) + c * 16 : w.codes;
             cp_async16(dst, src, wr >= 0);
         }
         if (tid < BN) {
-            void* dst = ss + tid * GEMM_SCALE_BYTES;
-            if (nv) {
-                const u8* src = s_row >= 0 ? w.scales + (size_t)s_row * nb + kt * (GEMM_BK / 16) : w.scales;
-                cp_async8(dst, src, s_row >= 0);
-            } else {
-                const u8* src = s_row >= 0 ? w.scales + (size_t)s_row * nb + kt * (GEMM_BK / 32) : w.scales;
-                cp_async4(dst, src, s_row >= 0);
-            }
+            // NVFP4: this tile's BK/16 codes. MXFP4: the aligned word of four codes holding this
+            // tile's two (nb is a multiple of 4: kp is a multiple of FP4_KP_ALIGN).
+            int first = nv ? kt * (GEMM_BK / 16) : (kt * (GEMM_BK / 32)) & ~3;
+            const u8* src = s_row >= 0 ? w.scales + (size_t)s_row * nb + first : w.scales;
+            cp_async4(ss + tid * GEMM_SCALE_BYTES, src, s_row >= 0);
         }
     };
 
-    const int NS = BN / 16; // n8 subtiles per warp
-    float acc[2][NS][4];
+    float acc[MT][NS][4];
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < MT; i++)
 #pragma unroll
         for (int s = 0; s < NS; s++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][s][c] = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+    for (int s = 0; s < STAGES - 1; s++) {
         if (s < kt_count) load_stage(s, s);
         cp_async_commit();
     }
-    __syncthreads(); // tables visible
+
+    // Per-lane parts of the fragment addresses, fixed for the whole loop. ldmatrix: lane l gives
+    // row l % 16 of each 16-row tile and 16-byte chunk 2 ks + l / 16, stored at chunk ^ (row & 7)
+    // = (2 ks) ^ a_x. Codes: the lane's row r = wn * WC + s * 8 + gq has (r >> 2) & 1 = b_x.
+    const int a_lane = (lane % 16) * GEMM_BK, a_x = (lane / 16) ^ (lane & 7);
+    const int b_lane = (wn * WC + gq) * (GEMM_BK / 2), b_x = (gq >> 2) & 1;
+    const u32 b_sel = (tq << 4) | ((4 + tq) << 12);
 
     for (int kt = 0; kt < kt_count; kt++) {
-        cp_async_wait<GEMM_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();
-        int nk = kt + GEMM_STAGES - 1;
-        if (nk < kt_count) load_stage(nk % GEMM_STAGES, nk);
+        int nk = kt + STAGES - 1;
+        if (nk < kt_count) load_stage(nk % STAGES, nk);
         cp_async_commit();
 
-        const u8* base = smem + (kt % GEMM_STAGES) * L::STAGE;
+        const u8* base = smem + (kt % STAGES) * L::STAGE;
         const u16* sa = (const u16*)base;
         const u8* sb = base + L::A_BYTES;
-        const u8* ss = sb + L::B_BYTES;
+        const u32* ss = (const u32*)(sb + L::B_BYTES);
+        // Block-scale pairs of this lane's B rows for each 16-column step, looked up once per
+        // tile (NVFP4 through the shared table): MXFP4 uses byte (kt & 1) * 2 + ks / 2 of the
+        // row's scale word, NVFP4 byte ks.
+        u32 sp[NS][GEMM_BK / 16];
+#pragma unroll
+        for (int s = 0; s < NS; s++) {
+            const u32 sw = ss[wn * WC + s * 8 + gq];
+#pragma unroll
+            for (int ks = 0; ks < GEMM_BK / 16; ks++) {
+                const u32 code = nv ? (sw >> (8 * ks)) & 255u : (sw >> ((kt & 1) * 16 + 8 * (ks >> 1))) & 255u;
+                sp[s][ks] = scale_pair(lut, w, code);
+            }
+        }
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK / 16; ks++) {
-            u32 af[TERMS][2][4];
+            u32 af[TERMS][MT][4];
+            const u16* a_step = sa + a_lane + ((a_x ^ (2 * ks)) * 8);
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                int row = wm * 32 + mt * 16 + (lane % 16);
-                int ch = ks * 2 + lane / 16;
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int tm = 0; tm < TERMS; tm++)
-                    ldmatrix_x4(af[tm][mt], sa + tm * GEMM_BM * GEMM_BK + row * GEMM_BK + ((ch ^ (row & 7)) * 8));
-            }
+                for (int tm = 0; tm < TERMS; tm++) ldmatrix_x4(af[tm][mt], a_step + (tm * BM + mt * 16) * GEMM_BK);
+            const u8* b_step = sb + b_lane + (((ks >> 1) ^ b_x) * 16) + (ks & 1) * 8;
+            // Every B fragment of the step first, then the mma in an order where consecutive ones
+            // feed different accumulators (term-inner order chained each mma on the one before).
+            u32 bf[NS][2];
 #pragma unroll
             for (int s = 0; s < NS; s++) {
-                int row = wn * (BN / 2) + s * 8 + lane / 4;
-                const u8* rp = sb + row * (GEMM_BK / 2) + (((ks >> 1) ^ ((row >> 1) & 3)) * 16) + (ks & 1) * 8;
-                uint2 q = *(const uint2*)rp;
-                u32 sc = scale2[ss[row * GEMM_SCALE_BYTES + (nv ? ks : ks >> 1)]];
-                int sh = (lane % 4) * 8;
-                u32 b0 = bf16x2_mul(lut2[(q.x >> sh) & 255u], sc);
-                u32 b1 = bf16x2_mul(lut2[(q.y >> sh) & 255u], sc);
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int tm = 0; tm < TERMS; tm++) mma_bf16(acc[mt][s], af[tm][mt], b0, b1);
+                const uint2 q = *(const uint2*)(b_step + s * 8 * (GEMM_BK / 2));
+                const u32 s2 = sp[s][ks];
+                // byte t of each half at bytes 1 and 3: nibbles 3 and 7 are elements 2t+1, 2t+9;
+                // shifted by 4, elements 2t, 2t+8.
+                const u32 v = __byte_perm(q.x, q.y, b_sel);
+                const u32 odd = bf16x2_mul(fp4_e2m1_pair_bf16(v), s2);
+                const u32 even = bf16x2_mul(fp4_e2m1_pair_bf16(v << 4), s2);
+                bf[s][0] = __byte_perm(even, odd, 0x5410);
+                bf[s][1] = __byte_perm(even, odd, 0x7632);
             }
+#pragma unroll
+            for (int tm = 0; tm < TERMS; tm++)
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                    for (int s = 0; s < NS; s++) mma_bf16(acc[mt][s], af[tm][mt], bf[s][0], bf[s][1]);
         }
     }
     cp_async_wait<0>();
 
     // Epilogue.
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
         for (int hrow = 0; hrow < 2; hrow++) {
-            int m = m0 + wm * 32 + mt * 16 + lane / 4 + hrow * 8;
+            int m = m0 + mt * 16 + gq + hrow * 8;
             if (m >= m_total) continue;
             float rs = 1.0f;
             if (g.row_scale) {
@@ -256,10 +279,9 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
                 for (int s = 0; s < NS; s++) {
 #pragma unroll
                     for (int c = 0; c < 2; c++) {
-                        int n = blockIdx.x * BN + wn * (BN / 2) + s * 8 + (lane % 4) * 2 + c;
+                        int n = blockIdx.x * BN + wn * WC + s * 8 + tq * 2 + c;
                         if (n >= g.n) continue;
-                        int wr = expert_row0 + n;
-                        float v = acc[mt][s][hrow * 2 + c] * w.tscales[wr / w.rows_per_ts];
+                        float v = acc[mt][s][hrow * 2 + c] * row_tscale(w, expert_row0 + n);
                         g.out[(size_t)m * g.out_stride + n] = v * rs;
                     }
                 }
@@ -268,11 +290,10 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
                 for (int s = 0; s < NS / 2; s++) {
 #pragma unroll
                     for (int c = 0; c < 2; c++) {
-                        int j = blockIdx.x * (BN / 2) + wn * (BN / 4) + s * 8 + (lane % 4) * 2 + c;
+                        int j = blockIdx.x * (BN / 2) + wn * (WC / 2) + s * 8 + tq * 2 + c;
                         if (j >= g.n) continue;
-                        float gate = acc[mt][s][hrow * 2 + c] * w.tscales[(expert_row0 + j) / w.rows_per_ts];
-                        float up = acc[mt][s + NS / 2][hrow * 2 + c] *
-                                   w.tscales[(expert_row0 + g.n + j) / w.rows_per_ts];
+                        float gate = acc[mt][s][hrow * 2 + c] * row_tscale(w, expert_row0 + j);
+                        float up = acc[mt][s + NS / 2][hrow * 2 + c] * row_tscale(w, expert_row0 + g.n + j);
                         float v = silu_f(gate) * up * rs;
                         u16 hi = f32_to_bf16(v);
                         g.out_bf16[(size_t)m * g.out_stride + j] = hi;
@@ -284,18 +305,22 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
     }
 }
 
-#define GEMM_FP4(BN, TERMS, NAME)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) NAME(W w, GemmArgs g) {                           \
+// gemm_fp4_t{TERMS}_n{BN}. 128-column tiles with one or two terms fit two blocks per SM
+// (shared memory, 128 registers); the others would spill at 128 registers.
+#define GEMM_MIN_BLOCKS(BN, TERMS) ((BN) == 128 && (TERMS) < 3 ? 2 : 1)
+#define GEMM_FP4(BN, TERMS)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS(BN, TERMS))                       \
+        gemm_fp4_t##TERMS##_n##BN(W w, GemmArgs g) {                                                             \
         extern __shared__ __align__(16) u8 smem[];                                                               \
         pdl_enter();                                                                                             \
         gemm_fp4_body<BN, TERMS>(w, g, smem);                                                                    \
     }
-GEMM_FP4(64, 1, gemm_fp4_bf16_n64)
-GEMM_FP4(128, 1, gemm_fp4_bf16_n128)
-GEMM_FP4(64, 2, gemm_fp4_bf16x2_n64)
-GEMM_FP4(128, 2, gemm_fp4_bf16x2_n128)
-GEMM_FP4(64, 3, gemm_fp4_bf16x3_n64)
-GEMM_FP4(128, 3, gemm_fp4_bf16x3_n128)
+GEMM_FP4(128, 1)
+GEMM_FP4(128, 2)
+GEMM_FP4(128, 3)
+GEMM_FP4(256, 1)
+GEMM_FP4(256, 2)
+GEMM_FP4(256, 3)
 
 // Dense weights: y [M, N] = x [M, K] (f32) . W^T in f32, 64 x 64 tiles, 4 x 4 outputs per thread.
 #define DG_T 64

@@ -22,31 +22,6 @@
 #define GEMV_THREADS 128
 #define GEMV_ROWS 4
 
-struct Fp4Lut {
-    u32 scale2[256]; // NVFP4 block-scale code -> bf16 pair (scale * 2^(FP4_BF16_EXP_OFFSET - s_off))
-};
-
-__device__ __forceinline__ void lut_init(Fp4Lut* lut, const W& w) {
-    if (w.kind == KIND_NVFP4) {
-        // 2^(FP4_BF16_EXP_OFFSET - s_off) as an f32 (the exponent is 0..126 for every s_off
-        // src/weight.rs picks), so the product is exact and rounds to bf16 without loss.
-        const float up = __int_as_float((127 + FP4_BF16_EXP_OFFSET - w.s_off) << 23);
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-            u32 b = f32_to_bf16(fp4_scale(w.kind, i) * up);
-            lut->scale2[i] = b | (b << 16);
-        }
-    }
-    __syncthreads();
-}
-
-// The bf16 pair of block-scale code `code` (see Fp4Lut). E8M0 needs no table: the bf16 of
-// 2^(c - 127 + FP4_BF16_EXP_OFFSET - s_off) is its exponent field c + FP4_BF16_EXP_OFFSET - s_off
-// alone (within 1..254 for every code src/weight.rs lets through), one multiply-add for both
-// halves; a table load per chunk was the top stall of the MoE kernels.
-__device__ __forceinline__ u32 scale_pair(const Fp4Lut* lut, const W& w, u32 code) {
-    return w.kind == KIND_MXFP4 ? (code + (u32)(FP4_BF16_EXP_OFFSET - w.s_off)) * 0x00800080u : lut->scale2[code];
-}
-
 // bf16 halves of a pair, widened to f32.
 __device__ __forceinline__ float bf16_lo(u32 p) { return __uint_as_float(p << 16); }
 __device__ __forceinline__ float bf16_hi(u32 p) { return __uint_as_float(p & 0xffff0000u); }
@@ -244,13 +219,6 @@ __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
     for (int i = 1; i < LPR / 32; i++) t += red[w0 + i];
     return t;
-}
-
-// The factor rows_dot's sums of row r still need: the tensor scale and, for FP4, 2^s_off.
-__device__ __forceinline__ float row_tscale(const W& w, int r) {
-    return (w.kind == KIND_MXFP4 || w.kind == KIND_NVFP4)
-               ? w.tscales[r / w.rows_per_ts] * __int_as_float((127 + w.s_off) << 23)
-               : 1.0f;
 }
 
 // y [M, N] = x [M, xs] . W^T for x rows blockIdx.y*MT ..; grid.x covers N in ROWS-row groups.

@@ -102,13 +102,18 @@ const GEMV_WIDE_MAX_WAVES: usize = 3;
 /// Largest x copy (activation rows x kp floats, bytes) a GEMV block stages in shared memory;
 /// longer rows read x from global memory.
 const GEMV_X_SMEM_MAX: usize = 48 * 1024;
-/// Must match GEMM_BM / GEMM_THREADS / GemmSmem in kernels/gemm.cu.
+/// Must match GEMM_BM / GEMM_BK / GEMM_THREADS / GEMM_SCALE_BYTES / GEMM_SMEM_MAX / GemmSmem in
+/// kernels/gemm.cu.
 const GEMM_BM: usize = 64;
-const GEMM_BK: usize = 128;
-const GEMM_STAGES: usize = 3;
-const GEMM_THREADS: u32 = 128;
-/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_bf16_n{64,128}`).
-pub const GEMM_N_TILES: [usize; 2] = [64, 128];
+const GEMM_BK: usize = 64;
+const GEMM_THREADS: u32 = 256;
+const GEMM_SCALE_BYTES: usize = 4;
+const GEMM_SMEM_MAX: usize = 200 * 1024;
+const GEMM_MAX_STAGES: usize = 4;
+/// Bytes of `Fp4Lut` (common.cuh) after the stages.
+const GEMM_LUT_BYTES: usize = 256 * 4;
+/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_n{128,256}`).
+pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
 /// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
@@ -121,10 +126,12 @@ fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
 }
 
 /// Dynamic shared memory of `gemm_fp4_*` (GemmSmem in gemm.cu): per stage one A tile per bf16
-/// term, the code tile and the scale tile, plus two 256-entry u32 decode tables.
+/// term, the code tile and the scale tile, as many stages as fit GEMM_SMEM_MAX (at most
+/// GEMM_MAX_STAGES), then the NVFP4 scale table.
 fn gemm_smem(n_tile: usize, terms: usize) -> u32 {
-    let stage = terms * GEMM_BM * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * 8;
-    (GEMM_STAGES * stage + 2 * 256 * 4) as u32
+    let stage = terms * GEMM_BM * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * GEMM_SCALE_BYTES;
+    let stages = (GEMM_SMEM_MAX / stage).min(GEMM_MAX_STAGES);
+    (stages * stage + GEMM_LUT_BYTES) as u32
 }
 
 /// Host data as little-endian bytes, with its shape and dtype.
@@ -165,13 +172,13 @@ fn wide_lanes_per_row(chunks: usize) -> usize {
 
 /// Name of the FP4 GEMM kernel for a tile and the number of bf16 terms A is split into.
 fn gemm_name(op: &'static str, backend: &CudaBackend, n_tile: usize, terms: usize) -> Result<&'static str> {
-    Ok(match (n_tile, terms) {
-        (64, 1) => "gemm_fp4_bf16_n64",
-        (128, 1) => "gemm_fp4_bf16_n128",
-        (64, 2) => "gemm_fp4_bf16x2_n64",
-        (128, 2) => "gemm_fp4_bf16x2_n128",
-        (64, 3) => "gemm_fp4_bf16x3_n64",
-        (128, 3) => "gemm_fp4_bf16x3_n128",
+    Ok(match (terms, n_tile) {
+        (1, 128) => "gemm_fp4_t1_n128",
+        (1, 256) => "gemm_fp4_t1_n256",
+        (2, 128) => "gemm_fp4_t2_n128",
+        (2, 256) => "gemm_fp4_t2_n256",
+        (3, 128) => "gemm_fp4_t3_n128",
+        (3, 256) => "gemm_fp4_t3_n256",
         _ => {
             return Err(Error::Unsupported {
                 op,
@@ -696,9 +703,9 @@ impl CudaBackend {
         // two bf16 terms. The MoE output sums H + I products, which averages that residual far
         // below the f32 tolerance (a lone short dot, as `linear` may see, needs three terms).
         const TERMS: usize = 2;
-        let name = gemm_name("moe", self, n_tile, TERMS)?;
         let ne = e.n_experts;
         let pairs = n * k;
+        let name = gemm_name("moe", self, n_tile, TERMS)?;
         // Each expert's rows are padded up to whole GEMM M-blocks.
         let max_rows = (pairs + ne * (GEMM_BM - 1)).div_ceil(GEMM_BM) * GEMM_BM;
         let max_blocks = max_rows / GEMM_BM;
