@@ -315,13 +315,14 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// The B-fragment bytes of a one-row tensor-core product over `weights` (all FP4, longest
-    /// padded row within TC_FRAG_MAX), or None to take the SIMT kernels.
-    fn tc_smem(&self, weights: &[&CudaWeight]) -> Option<u32> {
-        let kp = weights.iter().map(|w| w.kp).max()?;
-        let ok =
-            self.tc_decode && weights.iter().all(|w| w.kind.is_fp4()) && tc_frag_bytes(kp) <= TC_FRAG_MAX;
-        ok.then(|| tc_frag_bytes(kp))
+    /// Whether a one-row product over `weights` takes the tensor-core kernels: all FP4, and the
+    /// B fragments of the longest padded row fit TC_FRAG_MAX (else the SIMT kernels).
+    fn tc_fits(&self, weights: &[&CudaWeight]) -> bool {
+        let kp = weights.iter().map(|w| w.kp).max().unwrap_or(0);
+        self.tc_decode
+            && !weights.is_empty()
+            && weights.iter().all(|w| w.kind.is_fp4())
+            && tc_frag_bytes(kp) <= TC_FRAG_MAX
     }
 
     /// y `[m, n]` f32 = x · Wᵀ by the decode GEMV.
@@ -329,7 +330,7 @@ impl CudaBackend {
         let (xs, chunks) = if w.kind.is_fp4() { (w.kp, w.kp / 32) } else { (w.cols, w.cols / 8) };
         let xp = self.padded(x, m, w.cols, xs, DType::F32)?;
         let y = self.empty(&[m, w.rows], DType::F32)?;
-        if m == 1 && self.tc_smem(&[w]).is_some() {
+        if m == 1 && self.tc_fits(&[w]) {
             // The fewest warps per block (of 4, 8, 16; at most one per K step) that give the grid
             // TC_MIN_WARPS_PER_SM warps per SM.
             let tiles = w.rows.div_ceil(TC_ROWS as usize);
@@ -556,7 +557,7 @@ impl CudaBackend {
         // One launch for the routed pairs (pairs > 0, w) and the shared expert's tokens
         // (`shared`: weight, intermediate size, act buffer), when both take the same lane count.
         // Tensor-core kernels when every weight is FP4 and the B fragments fit (moe_*_tc).
-        let tc = self.tc_smem(
+        let tc = self.tc_fits(
             &[Some(gu), Some(down), e.shared.map(|s| s.0), e.shared.map(|s| s.1)]
                 .into_iter()
                 .flatten()
@@ -564,17 +565,16 @@ impl CudaBackend {
         );
         let gate_up = |w: &CudaWeight, pairs: usize, shared: Option<(&CudaWeight, usize, &CT)>| {
             let lpr = lpr_of(if pairs > 0 { w } else { shared.map_or(w, |s| s.0) });
-            let (name, per_block, block, smem) = match tc {
-                Some(_) => ("moe_gate_up_tc", TC_ROWS as usize / 2, TC_THREADS, tc_frag_bytes(xs)),
-                None => {
-                    let name = match lpr {
-                        8 => "moe_gate_up_l8",
-                        16 => "moe_gate_up_l16",
-                        _ => "moe_gate_up_l32",
-                    };
-                    let smem = moe_x_smem(&[w, shared.map_or(w, |s| s.0)], xs);
-                    (name, (GEMV_THREADS as usize / lpr) * 2, GEMV_THREADS, smem)
-                }
+            let (name, per_block, block, smem) = if tc {
+                ("moe_gate_up_tc", TC_ROWS as usize / 2, TC_THREADS, tc_frag_bytes(xs))
+            } else {
+                let name = match lpr {
+                    8 => "moe_gate_up_l8",
+                    16 => "moe_gate_up_l16",
+                    _ => "moe_gate_up_l32",
+                };
+                let smem = moe_x_smem(&[w, shared.map_or(w, |s| s.0)], xs);
+                (name, (GEMV_THREADS as usize / lpr) * 2, GEMV_THREADS, smem)
             };
             let (ws, s_inter, act_sh, act_sh_s, tokens) = match shared {
                 Some((sw, si, a)) => (sw.args(), si, a.storage.ptr(), a.shape()[1], n),
@@ -608,7 +608,7 @@ impl CudaBackend {
             Some((sgu, sd)) => {
                 let s_inter = sgu.rows / 2;
                 let act_sh = act_buf(n, s_inter, sd.kp)?;
-                if tc.is_some() || lpr_of(sgu) == lpr_of(gu) {
+                if tc || lpr_of(sgu) == lpr_of(gu) {
                     gate_up(gu, n * k, Some((sgu, s_inter, &act_sh)))?;
                 } else {
                     gate_up(gu, n * k, None)?;
@@ -630,21 +630,20 @@ impl CudaBackend {
         };
         let shared_down = shared.as_ref().map_or(down, |s| s.0);
         let kp = down.kp.max(shared_down.kp);
-        let (name, per_block, block, smem) = match tc {
-            Some(_) => ("moe_down_tc", TC_ROWS as usize, TC_THREADS, tc_frag_bytes(kp)),
-            None => {
-                let name = match lpr {
-                    8 => "moe_down_l8",
-                    16 => "moe_down_l16",
-                    _ => "moe_down_l32",
-                };
-                (
-                    name,
-                    (GEMV_THREADS as usize / lpr) * GEMV_ROWS,
-                    GEMV_THREADS,
-                    moe_x_smem(&[down, shared_down], kp),
-                )
-            }
+        let (name, per_block, block, smem) = if tc {
+            ("moe_down_tc", TC_ROWS as usize, TC_THREADS, tc_frag_bytes(kp))
+        } else {
+            let name = match lpr {
+                8 => "moe_down_l8",
+                16 => "moe_down_l16",
+                _ => "moe_down_l32",
+            };
+            (
+                name,
+                (GEMV_THREADS as usize / lpr) * GEMV_ROWS,
+                GEMV_THREADS,
+                moe_x_smem(&[down, shared_down], kp),
+            )
         };
         self.run_smem(
             "gemv.cu",
