@@ -211,35 +211,35 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
         const u16* sa = (const u16*)base;
         const u8* sb = base + L::A_BYTES;
         const u32* ss = (const u32*)(sb + L::B_BYTES);
-        // Block-scale pairs of this lane's B rows for each 16-column step, looked up once per
-        // tile (NVFP4 through the shared table): MXFP4 uses byte (kt & 1) * 2 + ks / 2 of the
-        // row's scale word, NVFP4 byte ks.
-        u32 sp[NS][GEMM_BK / 16];
+        // Block-scale pairs of this lane's B rows for each 16-column step: MXFP4 uses byte
+        // (kt & 1) * 2 + ks / 2 of the row's scale word, NVFP4 byte ks (through the shared
+        // table). Looked up once per tile where registers allow (NS <= 2), else per step.
+        const int SPT = NS <= 2 ? GEMM_BK / 16 : 1;
+        u32 sw[NS], sp[NS][SPT];
+        auto scale_of = [&](u32 word, int ks) {
+            const u32 code = nv ? (word >> (8 * ks)) & 255u : (word >> ((kt & 1) * 16 + 8 * (ks >> 1))) & 255u;
+            return scale_pair(lut, w, code);
+        };
 #pragma unroll
         for (int s = 0; s < NS; s++) {
-            const u32 sw = ss[wn * WC + s * 8 + gq];
+            sw[s] = ss[wn * WC + s * 8 + gq];
+            if (SPT > 1)
 #pragma unroll
-            for (int ks = 0; ks < GEMM_BK / 16; ks++) {
-                const u32 code = nv ? (sw >> (8 * ks)) & 255u : (sw >> ((kt & 1) * 16 + 8 * (ks >> 1))) & 255u;
-                sp[s][ks] = scale_pair(lut, w, code);
-            }
+                for (int ks = 0; ks < SPT; ks++) sp[s][ks] = scale_of(sw[s], ks);
         }
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK / 16; ks++) {
-            u32 af[TERMS][MT][4];
             const u16* a_step = sa + a_lane + ((a_x ^ (2 * ks)) * 8);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int tm = 0; tm < TERMS; tm++) ldmatrix_x4(af[tm][mt], a_step + (tm * BM + mt * 16) * GEMM_BK);
             const u8* b_step = sb + b_lane + (((ks >> 1) ^ b_x) * 16) + (ks & 1) * 8;
-            // Every B fragment of the step first, then the mma in an order where consecutive ones
-            // feed different accumulators (term-inner order chained each mma on the one before).
+            // Every B fragment of the step first, then per term its A fragments and the mma, in
+            // an order where consecutive mma feed different accumulators (term-inner order
+            // chained each mma on the one before). One term's A fragments at a time keeps the
+            // 256-column tiles within 128 registers.
             u32 bf[NS][2];
 #pragma unroll
             for (int s = 0; s < NS; s++) {
                 const uint2 q = *(const uint2*)(b_step + s * 8 * (GEMM_BK / 2));
-                const u32 s2 = sp[s][ks];
+                const u32 s2 = SPT > 1 ? sp[s][ks % SPT] : scale_of(sw[s], ks);
                 // byte t of each half at bytes 1 and 3: nibbles 3 and 7 are elements 2t+1, 2t+9;
                 // shifted by 4, elements 2t, 2t+8.
                 const u32 v = __byte_perm(q.x, q.y, b_sel);
@@ -249,11 +249,15 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
                 bf[s][1] = __byte_perm(even, odd, 0x7632);
             }
 #pragma unroll
-            for (int tm = 0; tm < TERMS; tm++)
+            for (int tm = 0; tm < TERMS; tm++) {
+                u32 af[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) ldmatrix_x4(af[mt], a_step + (tm * BM + mt * 16) * GEMM_BK);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                    for (int s = 0; s < NS; s++) mma_bf16(acc[mt][s], af[tm][mt], bf[s][0], bf[s][1]);
+                    for (int s = 0; s < NS; s++) mma_bf16(acc[mt][s], af[mt], bf[s][0], bf[s][1]);
+            }
         }
     }
     cp_async_wait<0>();
@@ -305,9 +309,9 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
     }
 }
 
-// gemm_fp4_t{TERMS}_n{BN}. 128-column tiles with one or two terms fit two blocks per SM
-// (shared memory, 128 registers); the others would spill at 128 registers.
-#define GEMM_MIN_BLOCKS(BN, TERMS) ((BN) == 128 && (TERMS) < 3 ? 2 : 1)
+// gemm_fp4_t{TERMS}_n{BN}. With one or two terms two blocks fit an SM (shared memory; 128
+// registers, one term's A fragments live at a time); three terms need more shared memory.
+#define GEMM_MIN_BLOCKS(BN, TERMS) ((TERMS) < 3 ? 2 : 1)
 #define GEMM_FP4(BN, TERMS)                                                                                      \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS(BN, TERMS))                       \
         gemm_fp4_t##TERMS##_n##BN(W w, GemmArgs g) {                                                             \
