@@ -112,6 +112,9 @@ const GEMM_SMEM_MAX: usize = 200 * 1024;
 const GEMM_MAX_STAGES: usize = 4;
 /// Bytes of `Fp4Lut` (common.cuh) after the stages.
 const GEMM_LUT_BYTES: usize = 256 * 4;
+/// Must match DG_T / DG_THREADS in kernels/gemm.cu (the dense f32 GEMM).
+const DENSE_GEMM_TILE: u32 = 32;
+const DENSE_GEMM_THREADS: u32 = 256;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_n{128,256}`).
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
@@ -424,8 +427,8 @@ impl CudaBackend {
                 .run(
                     "gemm.cu",
                     "gemm_dense_f32",
-                    (blocks(w.rows, 64), blocks(m, 64), 1),
-                    256,
+                    (blocks(w.rows, DENSE_GEMM_TILE), blocks(m, DENSE_GEMM_TILE), 1),
+                    DENSE_GEMM_THREADS,
                     &[
                         Arg::Raw(w.args()),
                         Arg::Ptr(xf.storage.ptr()),
