@@ -328,10 +328,25 @@ attention_gqa_prefill_f32(const float* q, const float* k, const float* v, float*
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int t0 = blockIdx.x * FA_BR, h = blockIdx.y, kh = h / (hq / hkv);
     const int p0 = pos0 + (int)*row_shift;
-    for (int i = tid; i < FA_BR * d; i += 256) {
-        int r = i / d, e = i % d;
-        int t = t0 + r;
-        qt[e * FA_BR + r] = t < t_n ? q[((size_t)t * hq + h) * d + e] * scale : 0.0f;
+    // Transposed copies: consecutive threads take consecutive rows (queries, keys) of one column
+    // group, so the shared stores hit consecutive banks. Taking consecutive columns of a row
+    // instead made every store of the key tile a 32-way bank conflict (rows 64 floats apart).
+    const bool vec = (d & 3) == 0;
+    if (vec) {
+        for (int i = tid; i < FA_BR * d / 4; i += 256) {
+            int r = i % FA_BR, e = 4 * (i / FA_BR), t = t0 + r;
+            float4 x = t < t_n ? *reinterpret_cast<const float4*>(q + ((size_t)t * hq + h) * d + e)
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            qt[e * FA_BR + r] = x.x * scale;
+            qt[(e + 1) * FA_BR + r] = x.y * scale;
+            qt[(e + 2) * FA_BR + r] = x.z * scale;
+            qt[(e + 3) * FA_BR + r] = x.w * scale;
+        }
+    } else {
+        for (int i = tid; i < FA_BR * d; i += 256) {
+            int r = i % FA_BR, e = i / FA_BR, t = t0 + r;
+            qt[e * FA_BR + r] = t < t_n ? q[((size_t)t * hq + h) * d + e] * scale : 0.0f;
+        }
     }
     float o[4][FA_DV_PER_THREAD], m[4], l[4];
 #pragma unroll
@@ -345,10 +360,21 @@ attention_gqa_prefill_f32(const float* q, const float* k, const float* v, float*
     const int keys = min(p0 + min(t0 + FA_BR, t_n), cache_rows);
     for (int c0 = 0; c0 < keys; c0 += FA_BC) {
         __syncthreads(); // the previous tile is consumed (and qt written, the first time)
-        for (int i = tid; i < FA_BC * d; i += 256) {
-            int c = i / d, e = i % d;
-            int j = c0 + c;
-            kt[e * FA_BC + c] = j < keys ? k[((size_t)j * hkv + kh) * d + e] : 0.0f;
+        if (vec) {
+            for (int i = tid; i < FA_BC * d / 4; i += 256) {
+                int c = i % FA_BC, e = 4 * (i / FA_BC), j = c0 + c;
+                float4 x = j < keys ? *reinterpret_cast<const float4*>(k + ((size_t)j * hkv + kh) * d + e)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                kt[e * FA_BC + c] = x.x;
+                kt[(e + 1) * FA_BC + c] = x.y;
+                kt[(e + 2) * FA_BC + c] = x.z;
+                kt[(e + 3) * FA_BC + c] = x.w;
+            }
+        } else {
+            for (int i = tid; i < FA_BC * d; i += 256) {
+                int c = i % FA_BC, e = i / FA_BC, j = c0 + c;
+                kt[e * FA_BC + c] = j < keys ? k[((size_t)j * hkv + kh) * d + e] : 0.0f;
+            }
         }
         for (int i = tid; i < FA_BC * dv; i += 256) {
             int c = i / dv, e = i % dv;
@@ -454,8 +480,10 @@ attention_mla_prefill_f32(const float* q_lat, const float* q_rope, const float* 
     const int tid = threadIdx.x, tx = tid & 31, ty = tid >> 5;
     const int r0 = blockIdx.x * MLA_BR, rows = t_n * heads;
     const int p0 = pos0 + (int)*row_shift;
+    // Consecutive threads take consecutive rows of one column (conflict-free transposed stores;
+    // consecutive columns of a row put every store of a warp on one bank).
     for (int i = tid; i < MLA_BR * w; i += 256) {
-        int r = i / w, e = i % w;
+        int r = i % MLA_BR, e = i / MLA_BR;
         int row = r0 + r;
         float val = 0.0f;
         if (row < rows) val = e < l_dim ? q_lat[(size_t)row * l_dim + e] : q_rope[(size_t)row * r_dim + e - l_dim];
