@@ -38,7 +38,7 @@
 #define GEMM_WARPS 8
 #define GEMM_THREADS (GEMM_WARPS * 32)
 #define GEMM_SCALE_BYTES 4 // per row per k-tile: BK/16 NVFP4 codes, or the aligned MXFP4 word holding BK/32
-#define GEMM_SMEM_MAX (200 * 1024)
+#define GEMM_SMEM_MAX (110 * 1024) // two blocks per SM
 
 struct GemmArgs {
     const u16* a;              // bf16 [rows, a_stride] (term 0)
@@ -309,11 +309,10 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
     }
 }
 
-// gemm_fp4_t{TERMS}_n{BN}. With one or two terms two blocks fit an SM (shared memory; 128
-// registers, one term's A fragments live at a time); three terms need more shared memory.
-#define GEMM_MIN_BLOCKS(BN, TERMS) ((TERMS) < 3 ? 2 : 1)
+// gemm_fp4_t{TERMS}_n{BN}. Two blocks per SM: at most 128 registers (one term's A fragments
+// live at a time) and GEMM_SMEM_MAX of shared memory each (three-term tiles take 3 stages).
 #define GEMM_FP4(BN, TERMS)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS(BN, TERMS))                       \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)                                                \
         gemm_fp4_t##TERMS##_n##BN(W w, GemmArgs g) {                                                             \
         extern __shared__ __align__(16) u8 smem[];                                                               \
         pdl_enter();                                                                                             \

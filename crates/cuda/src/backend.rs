@@ -108,7 +108,7 @@ const GEMM_BM: usize = 64;
 const GEMM_BK: usize = 64;
 const GEMM_THREADS: u32 = 256;
 const GEMM_SCALE_BYTES: usize = 4;
-const GEMM_SMEM_MAX: usize = 200 * 1024;
+const GEMM_SMEM_MAX: usize = 110 * 1024;
 const GEMM_MAX_STAGES: usize = 4;
 /// Bytes of `Fp4Lut` (common.cuh) after the stages.
 const GEMM_LUT_BYTES: usize = 256 * 4;
