@@ -7,7 +7,7 @@
 //! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s]` prints one JSON object per line.
 
 use fp4::{Format, QuantMatrix};
-use fp4moe_cuda::CudaBackend;
+use fp4moe_cuda::{CudaBackend, GEMM_BLOCK_ROWS};
 use fp4moe_ops::{Backend, HostTensor, HostWeight, LinearPath, MoePath, MoeWeights};
 use std::time::Instant;
 
@@ -83,7 +83,7 @@ fn main() {
         };
         let per_expert = (2 * i * h + h * i) as f64 * 0.5625; // NVFP4: 4.5 bits per element
         let shared_bytes = (3 * si * h) as f64 * 0.5625;
-        for n in [1usize, 8192] {
+        for n in [1usize, 512, 8192] {
             let x: Vec<f32> = (0..n * h).map(|_| rng.f()).collect();
             // Random distinct experts per token.
             let mut ids = Vec::with_capacity(n * k);
@@ -114,19 +114,32 @@ fn main() {
             let floor_tc = flops / tc_rate;
             let paths: Vec<MoePath> =
                 if n == 1 { vec![MoePath::Decode] } else { b.moe_paths()[1..].to_vec() };
-            for path in paths {
+            // Prefill paths on each GEMM tile height (the backend picks one by rows per expert).
+            let runs: Vec<(MoePath, Option<usize>)> = paths
+                .iter()
+                .flat_map(|&p| match p {
+                    MoePath::Prefill { .. } => GEMM_BLOCK_ROWS.iter().map(|&r| (p, Some(r))).collect(),
+                    _ => vec![(p, None)],
+                })
+                .collect();
+            for (path, rows) in runs {
                 let reps = if n == 1 { 200 } else { 5 };
-                let t = time(&b, reps, || {
+                let bb = match rows {
+                    Some(r) => b.with_gemm_block_rows(r),
+                    None => b.with_config(b.config()),
+                };
+                let t = time(&bb, reps, || {
                     let ew = MoeWeights {
                         gate_up: &gu,
                         down: &dn,
                         n_experts: e,
                         shared: shared.as_ref().map(|(a, c)| (a, c)),
                     };
-                    b.moe(&xt, &it, &wt, ew, path).expect("moe");
+                    bb.moe(&xt, &it, &wt, ew, path).expect("moe");
                 });
+                let rows = rows.map_or("null".to_string(), |r| r.to_string());
                 println!(
-                    "{{\"bench\": \"moe\", \"device\": \"{dev}\", \"layer\": \"{name}\", \"tokens\": {n}, \"path\": \"{path:?}\", \"seconds\": {t:.4e}, \"weight_bytes\": {bytes:.0}, \"flops\": {flops:.0}, \"bw_floor_s\": {floor_bw:.4e}, \"tc_floor_s\": {floor_tc:.4e}, \"x_bw_floor\": {:.2}, \"x_tc_floor\": {:.2}, \"gbps\": {:.0}, \"tflops\": {:.1}}}",
+                    "{{\"bench\": \"moe\", \"device\": \"{dev}\", \"layer\": \"{name}\", \"tokens\": {n}, \"path\": \"{path:?}\", \"tile_rows\": {rows}, \"seconds\": {t:.4e}, \"weight_bytes\": {bytes:.0}, \"flops\": {flops:.0}, \"bw_floor_s\": {floor_bw:.4e}, \"tc_floor_s\": {floor_tc:.4e}, \"x_bw_floor\": {:.2}, \"x_tc_floor\": {:.2}, \"gbps\": {:.0}, \"tflops\": {:.1}}}",
                     t / floor_bw,
                     t / floor_tc,
                     bytes / t / 1e9,

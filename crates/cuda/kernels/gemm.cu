@@ -2,7 +2,7 @@
 // GEMM for dense weights (routers, embeddings used as heads), which must stay f32-exact.
 //
 // FP4 GEMM, y[m, n] = sum_k A[m, k] * W[n, k] (A bf16, padded to kp columns):
-// - tile GEMM_BM x BN x GEMM_BK, 8 warps side by side, each all 64 rows x BN/8 columns of
+// - tile BM (32 or 64) x BN x GEMM_BK, 8 warps side by side, each all BM rows x BN/8 columns of
 //   m16n8k16 bf16 `mma.sync` with f32 accumulators. Wide tiles because every A element is
 //   reused by BN columns only (the first kernel's 64 x 64 tiles with two A terms fetched ~13 GB
 //   from L2 for one Qwen3 MoE layer at 8192 tokens); 64 rows per warp because each decoded B
@@ -33,7 +33,6 @@
 // `row_scale` fuses the router weight into the down projection.
 #include "common.cuh"
 
-#define GEMM_BM 64
 #define GEMM_BK 64
 #define GEMM_WARPS 8
 #define GEMM_THREADS (GEMM_WARPS * 32)
@@ -80,9 +79,9 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
 
 // Shared memory of one block: STAGES x (A tiles, code tile, scale tile), then the NVFP4 scale
 // table. The host's gemm_smem (src/backend.rs) computes the same total.
-template <int BN, int TERMS>
+template <int BM, int BN, int TERMS>
 struct GemmSmem {
-    static const int A_TERM = GEMM_BM * GEMM_BK * 2;
+    static const int A_TERM = BM * GEMM_BK * 2;
     static const int A_BYTES = A_TERM * TERMS;
     static const int B_BYTES = BN * GEMM_BK / 2;
     static const int S_BYTES = BN * GEMM_SCALE_BYTES;
@@ -106,10 +105,9 @@ __device__ __forceinline__ int b_row(const GemmArgs& g, int r, int expert_row0) 
     return expert_row0 + (rr < half ? j : g.n + j);
 }
 
-template <int BN, int TERMS>
+template <int BM, int BN, int TERMS>
 __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
-    const int BM = GEMM_BM;
-    typedef GemmSmem<BN, TERMS> L;
+    typedef GemmSmem<BM, BN, TERMS> L;
     const int STAGES = L::STAGES;
     const int WC = BN / GEMM_WARPS;            // columns per warp
     const int MT = BM / 16, NS = WC / 8;       // m16 tiles and n8 tiles per warp
@@ -309,21 +307,22 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
     }
 }
 
-// gemm_fp4_t{TERMS}_n{BN}. Two blocks per SM: at most 128 registers (one term's A fragments
-// live at a time) and GEMM_SMEM_MAX of shared memory each (three-term tiles take 3 stages).
-#define GEMM_FP4(BN, TERMS)                                                                                      \
+// gemm_fp4_t{TERMS}_m{BM}_n{BN}. Two blocks per SM: at most 128 registers (one term's A
+// fragments live at a time) and GEMM_SMEM_MAX of shared memory each (three-term tiles take 3
+// stages). 32-row tiles serve MoE prefills with few rows per expert (each expert's rows are
+// padded to whole tiles) and short inputs.
+#define GEMM_FP4(BM, BN, TERMS)                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2)                                                \
-        gemm_fp4_t##TERMS##_n##BN(W w, GemmArgs g) {                                                             \
+        gemm_fp4_t##TERMS##_m##BM##_n##BN(W w, GemmArgs g) {                                                     \
         extern __shared__ __align__(16) u8 smem[];                                                               \
         pdl_enter();                                                                                             \
-        gemm_fp4_body<BN, TERMS>(w, g, smem);                                                                    \
+        gemm_fp4_body<BM, BN, TERMS>(w, g, smem);                                                                \
     }
-GEMM_FP4(128, 1)
-GEMM_FP4(128, 2)
-GEMM_FP4(128, 3)
-GEMM_FP4(256, 1)
-GEMM_FP4(256, 2)
-GEMM_FP4(256, 3)
+#define GEMM_FP4_TERMS(BM, BN) GEMM_FP4(BM, BN, 1) GEMM_FP4(BM, BN, 2) GEMM_FP4(BM, BN, 3)
+GEMM_FP4_TERMS(32, 128)
+GEMM_FP4_TERMS(32, 256)
+GEMM_FP4_TERMS(64, 128)
+GEMM_FP4_TERMS(64, 256)
 
 // Dense weights (routers): y [M, N] = x [M, K] (f32) . W^T in f32, DG_T x DG_T tiles, 2 x 2
 // outputs per thread, the next K step's loads issued before this one's products. Small tiles

@@ -102,9 +102,8 @@ const GEMV_WIDE_MAX_WAVES: usize = 3;
 /// Largest x copy (activation rows x kp floats, bytes) a GEMV block stages in shared memory;
 /// longer rows read x from global memory.
 const GEMV_X_SMEM_MAX: usize = 48 * 1024;
-/// Must match GEMM_BM / GEMM_BK / GEMM_THREADS / GEMM_SCALE_BYTES / GEMM_SMEM_MAX / GemmSmem in
+/// Must match GEMM_BK / GEMM_THREADS / GEMM_SCALE_BYTES / GEMM_SMEM_MAX / GemmSmem in
 /// kernels/gemm.cu.
-const GEMM_BM: usize = 64;
 const GEMM_BK: usize = 64;
 const GEMM_THREADS: u32 = 256;
 const GEMM_SCALE_BYTES: usize = 4;
@@ -115,7 +114,12 @@ const GEMM_LUT_BYTES: usize = 256 * 4;
 /// Must match DG_T / DG_THREADS in kernels/gemm.cu (the dense f32 GEMM).
 const DENSE_GEMM_TILE: u32 = 32;
 const DENSE_GEMM_THREADS: u32 = 256;
-/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_n{128,256}`).
+/// The FP4 GEMM's tile rows (`gemm_fp4_t*_m{32,64}_*`).
+pub const GEMM_BLOCK_ROWS: [usize; 2] = [32, 64];
+/// Rows per tile (all of a linear's, or one expert's on average) from which 64-row tiles are
+/// used: below it 32-row tiles waste less padding.
+const GEMM_WIDE_ROWS_FROM: usize = 48;
+/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`).
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
@@ -131,8 +135,8 @@ fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
 /// Dynamic shared memory of `gemm_fp4_*` (GemmSmem in gemm.cu): per stage one A tile per bf16
 /// term, the code tile and the scale tile, as many stages as fit GEMM_SMEM_MAX (at most
 /// GEMM_MAX_STAGES), then the NVFP4 scale table.
-fn gemm_smem(n_tile: usize, terms: usize) -> u32 {
-    let stage = terms * GEMM_BM * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * GEMM_SCALE_BYTES;
+fn gemm_smem(block_rows: usize, n_tile: usize, terms: usize) -> u32 {
+    let stage = terms * block_rows * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * GEMM_SCALE_BYTES;
     let stages = (GEMM_SMEM_MAX / stage).min(GEMM_MAX_STAGES);
     (stages * stage + GEMM_LUT_BYTES) as u32
 }
@@ -174,19 +178,33 @@ fn wide_lanes_per_row(chunks: usize) -> usize {
 }
 
 /// Name of the FP4 GEMM kernel for a tile and the number of bf16 terms A is split into.
-fn gemm_name(op: &'static str, backend: &CudaBackend, n_tile: usize, terms: usize) -> Result<&'static str> {
-    Ok(match (terms, n_tile) {
-        (1, 128) => "gemm_fp4_t1_n128",
-        (1, 256) => "gemm_fp4_t1_n256",
-        (2, 128) => "gemm_fp4_t2_n128",
-        (2, 256) => "gemm_fp4_t2_n256",
-        (3, 128) => "gemm_fp4_t3_n128",
-        (3, 256) => "gemm_fp4_t3_n256",
+fn gemm_name(
+    op: &'static str,
+    backend: &CudaBackend,
+    block_rows: usize,
+    n_tile: usize,
+    terms: usize,
+) -> Result<&'static str> {
+    Ok(match (terms, block_rows, n_tile) {
+        (1, 32, 128) => "gemm_fp4_t1_m32_n128",
+        (1, 32, 256) => "gemm_fp4_t1_m32_n256",
+        (1, 64, 128) => "gemm_fp4_t1_m64_n128",
+        (1, 64, 256) => "gemm_fp4_t1_m64_n256",
+        (2, 32, 128) => "gemm_fp4_t2_m32_n128",
+        (2, 32, 256) => "gemm_fp4_t2_m32_n256",
+        (2, 64, 128) => "gemm_fp4_t2_m64_n128",
+        (2, 64, 256) => "gemm_fp4_t2_m64_n256",
+        (3, 32, 128) => "gemm_fp4_t3_m32_n128",
+        (3, 32, 256) => "gemm_fp4_t3_m32_n256",
+        (3, 64, 128) => "gemm_fp4_t3_m64_n128",
+        (3, 64, 256) => "gemm_fp4_t3_m64_n256",
         _ => {
             return Err(Error::Unsupported {
                 op,
                 backend: backend.name(),
-                what: format!("prefill n_tile {n_tile} (have {GEMM_N_TILES:?})"),
+                what: format!(
+                    "prefill tile {block_rows} x {n_tile} (have {GEMM_BLOCK_ROWS:?} x {GEMM_N_TILES:?})"
+                ),
             });
         }
     })
@@ -418,6 +436,12 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
+    /// one expert's on average).
+    fn gemm_block_rows(&self, rows: usize) -> usize {
+        self.gemm_rows.unwrap_or(if rows >= GEMM_WIDE_ROWS_FROM { 64 } else { 32 })
+    }
+
     /// y `[m, n]` f32 = x · Wᵀ by the tensor-core GEMM (FP4) or the f32 SIMT GEMM (dense).
     fn gemm(&self, x: &CT, m: usize, w: &CudaWeight, n_tile: usize) -> Result<CT> {
         let y = self.empty(&[m, w.rows], DType::F32)?;
@@ -441,7 +465,8 @@ impl CudaBackend {
         // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
         // tolerance on short, cancelling dot products).
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
-        let name = gemm_name("linear", self, n_tile, terms)?;
+        let bm = self.gemm_block_rows(m);
+        let name = gemm_name("linear", self, bm, n_tile, terms)?;
         let a = self.gemm_operand(x, m, w.cols, w.kp, terms)?;
         let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
         let args = gemm_args(
@@ -457,9 +482,9 @@ impl CudaBackend {
         self.run_smem(
             "gemm.cu",
             name,
-            (blocks(w.rows, n_tile as u32), blocks(m, GEMM_BM as u32), 1),
+            (blocks(w.rows, n_tile as u32), blocks(m, bm as u32), 1),
             GEMM_THREADS,
-            gemm_smem(n_tile, terms),
+            gemm_smem(bm, n_tile, terms),
             &[Arg::Raw(w.args()), Arg::Raw(args)],
         )?;
         Ok(y)
@@ -707,10 +732,11 @@ impl CudaBackend {
         const TERMS: usize = 2;
         let ne = e.n_experts;
         let pairs = n * k;
-        let name = gemm_name("moe", self, n_tile, TERMS)?;
         // Each expert's rows are padded up to whole GEMM M-blocks.
-        let max_rows = (pairs + ne * (GEMM_BM - 1)).div_ceil(GEMM_BM) * GEMM_BM;
-        let max_blocks = max_rows / GEMM_BM;
+        let bm = self.gemm_block_rows(pairs / ne.max(1));
+        let name = gemm_name("moe", self, bm, n_tile, TERMS)?;
+        let max_rows = (pairs + ne * (bm - 1)).div_ceil(bm) * bm;
+        let max_blocks = max_rows / bm;
         let counts = self.zeroed(&[ne], DType::U32)?;
         let offsets = self.empty(&[ne], DType::U32)?;
         let fill = self.empty(&[ne], DType::U32)?;
@@ -741,7 +767,7 @@ impl CudaBackend {
             &[
                 Arg::Ptr(counts.storage.ptr()),
                 Arg::I32(ne as i32),
-                Arg::I32(GEMM_BM as i32),
+                Arg::I32(bm as i32),
                 Arg::Ptr(offsets.storage.ptr()),
                 Arg::Ptr(fill.storage.ptr()),
                 Arg::Ptr(block_expert.storage.ptr()),
@@ -771,7 +797,7 @@ impl CudaBackend {
         // Zeroed: the pad columns (I..kp) must be 0 for the down GEMM's K tail.
         let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
         let act_lo = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
-        let smem = gemm_smem(n_tile, TERMS);
+        let smem = gemm_smem(bm, n_tile, TERMS);
         let up_args = gemm_args(
             GemmPtrs {
                 a: x_hi.storage.ptr(),

@@ -37,6 +37,7 @@ mod backend;
 mod device;
 mod weight;
 
+pub use backend::GEMM_BLOCK_ROWS;
 pub use device::{KERNEL_FILES, arch_for, compile};
 pub use weight::{CudaWeight, FP4_KP_ALIGN, WeightKind};
 
@@ -109,6 +110,9 @@ pub struct CudaBackend {
     /// `moe_*_tc` in gemv.cu); false selects the SIMT row kernels, which the conformance suite
     /// also runs ([`CudaBackend::with_simt_decode`]). `FP4MOE_CUDA_TC=0` turns it off.
     tc_decode: bool,
+    /// Tile rows of every FP4 prefill GEMM (one of `GEMM_BLOCK_ROWS`), or None to pick them by
+    /// the rows each tile serves ([`CudaBackend::with_gemm_block_rows`]: tests, benchmarks).
+    gemm_rows: Option<usize>,
 }
 
 type InvFreqCache =
@@ -138,7 +142,7 @@ impl CudaBackend {
             }
         };
         let tc_decode = std::env::var_os("FP4MOE_CUDA_TC").is_none_or(|v| v != "0");
-        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode })
+        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode, gemm_rows: None })
     }
 
     /// The same device with another tile configuration (autotune, tests).
@@ -152,12 +156,19 @@ impl CudaBackend {
         CudaBackend { tc_decode: false, ..self.clone_handle() }
     }
 
+    /// The same device with every FP4 prefill GEMM on tiles of `rows` rows (32 or 64), so the
+    /// conformance suite's small shapes also run the tiles large prefills take.
+    pub fn with_gemm_block_rows(&self, rows: usize) -> Self {
+        CudaBackend { gemm_rows: Some(rows), ..self.clone_handle() }
+    }
+
     fn clone_handle(&self) -> Self {
         CudaBackend {
             dev: self.dev.clone(),
             config: self.config,
             inv_freq: self.inv_freq.clone(),
             tc_decode: self.tc_decode,
+            gemm_rows: self.gemm_rows,
         }
     }
 

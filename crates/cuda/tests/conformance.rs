@@ -11,3 +11,12 @@ mod simt_decode {
         "CUDA device"
     );
 }
+
+/// The same suite with every FP4 prefill GEMM on 64-row tiles (the suite's small shapes would
+/// otherwise take the 32-row ones).
+mod gemm_64_rows {
+    fp4moe_ops::conformance_tests!(
+        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(64)),
+        "CUDA device"
+    );
+}
