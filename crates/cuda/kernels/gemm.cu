@@ -52,7 +52,10 @@ struct GemmArgs {
     const float* row_scale;    // nullable: output row m is scaled by row_scale[row_scale_map[m]]
     const int* row_scale_map;  // (or row_scale[m] without a map); map < 0 = padding row, not written
     int a_stride, a_div, m, n; // n: output columns (gated: the intermediate size I)
-    int out_stride, rows_per_expert, gated, pad_;
+    int out_stride, rows_per_expert, gated;
+    // Batched products (grid.z, MLA's per-head products): slice z reads A from element z * a_z,
+    // writes from element z * out_z and uses weight rows from w_row0 + z * w_z.
+    int a_z, out_z, w_z, w_row0, pad_;
 };
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -116,7 +119,8 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
     const int m_total = g.m_ptr ? *g.m_ptr : g.m;
     if (m0 >= m_total) return;
     const int expert = g.block_expert ? g.block_expert[blockIdx.y] : 0;
-    const int expert_row0 = expert * g.rows_per_expert;
+    const int expert_row0 = expert * g.rows_per_expert + g.w_row0 + blockIdx.z * g.w_z;
+    const size_t out_z = (size_t)blockIdx.z * g.out_z;
     const bool nv = w.kind == KIND_NVFP4;
     const int kt_count = w.kp / GEMM_BK;
     const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
@@ -137,7 +141,7 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
             int v = g.a_map[gm];
             ar = v < 0 ? -1 : v / g.a_div;
         }
-        a_off[j] = ar < 0 ? -1 : (long long)ar * g.a_stride + (tid % 8) * 8;
+        a_off[j] = ar < 0 ? -1 : (long long)ar * g.a_stride + (long long)blockIdx.z * g.a_z + (tid % 8) * 8;
     }
     int b_src_row[BCH];
 #pragma unroll
@@ -284,7 +288,7 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
                         int n = blockIdx.x * BN + wn * WC + s * 8 + tq * 2 + c;
                         if (n >= g.n) continue;
                         float v = acc[mt][s][hrow * 2 + c] * row_tscale(w, expert_row0 + n);
-                        g.out[(size_t)m * g.out_stride + n] = v * rs;
+                        g.out[out_z + (size_t)m * g.out_stride + n] = v * rs;
                     }
                 }
             } else {
@@ -298,8 +302,9 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
                         float up = acc[mt][s + NS / 2][hrow * 2 + c] * row_tscale(w, expert_row0 + g.n + j);
                         float v = silu_f(gate) * up * rs;
                         u16 hi = f32_to_bf16(v);
-                        g.out_bf16[(size_t)m * g.out_stride + j] = hi;
-                        if (g.out_bf16_lo) g.out_bf16_lo[(size_t)m * g.out_stride + j] = f32_to_bf16(v - bf16_to_f32(hi));
+                        g.out_bf16[out_z + (size_t)m * g.out_stride + j] = hi;
+                        if (g.out_bf16_lo)
+                            g.out_bf16_lo[out_z + (size_t)m * g.out_stride + j] = f32_to_bf16(v - bf16_to_f32(hi));
                     }
                 }
             }
