@@ -562,6 +562,418 @@ attention_mla_prefill_f32(const float* q_lat, const float* q_rope, const float* 
     }
 }
 
+// ---- Prefill on the tensor cores ---------------------------------------------------------------
+// FlashAttention-2 layout: each warp owns 16 query rows, their scores (16 x TC_BC keys) and
+// output rows live in mma accumulators, and the products are 3xTF32 (common.cuh), which keeps
+// f32 agreement. The score fragment is reused as the value product's A fragment without
+// shuffles: its columns 2t and 2t + 1 are read as k = t and t + 4, so the value tile's B
+// fragment takes keys 2t and 2t + 1 (any key order is a valid reduction order). The f32
+// kernels above remain for widths that are not multiples of 8; on the H100 they ran at ~13
+// TFLOP/s (2.2 ms per Qwen3 layer and 7.0 ms per GLM layer at 2048 tokens).
+// Each block copies the next key tile raw with cp.async while its warps work on the current one
+// (copying with loads and stores serialised a memory latency per element: 2.0 ms per Qwen3 layer,
+// hardly faster than the f32 kernel), then splits it (hi, lo) once into the layout the fragments
+// read, so no warp splits a shared operand again.
+
+// Mask, running max and sum, and probabilities for a warp's two rows (g, g + 8) of one tile of
+// NT * 8 keys. s: score fragments, replaced by probabilities; l: this lane's partial sums (its
+// own columns; the four lanes of a row are summed at the end by tc_row_sum); corr: the factor
+// the output rows take.
+template <int NT>
+__device__ __forceinline__ void tc_softmax(float (*s)[4], int c0, int keys, const int* pos, float* m, float* l,
+                                           float* corr) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float rm = ATT_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int key = c0 + nt * 8 + 2 * t + j;
+                if (key > pos[r] || key >= keys) s[nt][2 * r + j] = ATT_NEG_INF;
+                rm = fmaxf(rm, s[nt][2 * r + j]);
+            }
+        rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, 1));
+        rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, 2));
+        float nm = fmaxf(m[r], rm);
+        corr[r] = m[r] == ATT_NEG_INF ? 0.0f : expf(m[r] - nm);
+        float rs = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                float& x = s[nt][2 * r + j];
+                x = x == ATT_NEG_INF ? 0.0f : expf(x - nm);
+                rs += x;
+            }
+        l[r] = l[r] * corr[r] + rs;
+        m[r] = nm;
+    }
+}
+
+// A fragment (split) of the value product from one 8-key block of probabilities: c0 (g, 2t),
+// c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1) -> a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
+// a3 (g + 8, t + 4).
+__device__ __forceinline__ void tc_p_frag(const float* p, u32* ah, u32* al) {
+    tf32_split(p[0], ah[0], al[0]);
+    tf32_split(p[2], ah[1], al[1]);
+    tf32_split(p[1], ah[2], al[2]);
+    tf32_split(p[3], ah[3], al[3]);
+}
+
+__device__ __forceinline__ float tc_row_sum(float l) {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    return l + __shfl_xor_sync(0xffffffffu, l, 2);
+}
+
+// {hi0, hi1, lo0, lo1}: the B operand pair of two elements as mma_tf32x3 reads it.
+__device__ __forceinline__ float4 tc_split2(float x0, float x1) {
+    u32 h0, l0, h1, l1;
+    tf32_split(x0, h0, l0);
+    tf32_split(x1, h1, l1);
+    return make_float4(__uint_as_float(h0), __uint_as_float(h1), __uint_as_float(l0), __uint_as_float(l1));
+}
+
+#define TCQ_BC 32   // keys per tile
+#define TCQ_NT (TCQ_BC / 8)
+#define TCQ_ROWS 64 // queries per block: 4 warps of 16
+#define TCQ_MAX_D 128
+
+// GQA prefill. q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]; D and Dv multiples
+// of 8, at most TCQ_MAX_D. grid (ceil(T / TCQ_ROWS), Hq), block 128, dynamic shared memory
+// (TCQ_BC * ks + Dv * (TCQ_BC + 8)) float2 + TCQ_BC * (D + Dv + 4) floats, ks = D rounded up to 16,
+// + 8. Split key tile [TCQ_BC][ks] and value tile transposed [Dv][TCQ_BC + 8]: a score B fragment
+// is one 16-byte load (dims 2t, 2t + 1 of key g, read as k = t, t + 4; the query fragments use
+// the same order), ks = 8 mod 16 puts keys g and g + 1 of a quarter warp on different bank
+// halves. Raw tiles: keys [TCQ_BC][D], values [TCQ_BC][Dv + 4] (the pad spreads the transposing
+// reads over the banks). Query fragments stay in registers (unsplit, 64 floats).
+// D_, DV_: the widths at compile time (0: from the arguments); with Qwen3's 128 / 128 every tile
+// loop and index is resolved by the compiler (runtime widths cost a division per copied element).
+template <int D_, int DV_>
+__device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, const float* v, float* out, int hq,
+                                               int hkv, int d_arg, int dv_arg, int t_n, int pos0,
+                                               const unsigned* row_shift, int cache_rows, float scale) {
+    pdl_wait(); // no early trigger: see the file comment
+    const int d = D_ ? D_ : d_arg, dv = DV_ ? DV_ : dv_arg;
+    extern __shared__ float4 tcq_smem[];
+    const int ks = ((d + 15) & ~15) + 8, vs = TCQ_BC + 8, vrs = dv + 4;
+    float2* kt = reinterpret_cast<float2*>(tcq_smem); // [TCQ_BC][ks]
+    float2* vt = kt + TCQ_BC * ks;                    // [dv][vs]
+    float* kr = reinterpret_cast<float*>(vt + dv * vs); // [TCQ_BC][d] raw
+    float* vr = kr + TCQ_BC * d;                        // [TCQ_BC][vrs] raw
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    // The last query tiles see the most keys: launch them first.
+    const int t0 = (gridDim.x - 1 - blockIdx.x) * TCQ_ROWS, h = blockIdx.y, kh = h / (hq / hkv);
+    const int p0 = pos0 + (int)*row_shift;
+    const int keys = min(p0 + min(t0 + TCQ_ROWS, t_n), cache_rows);
+    const int d4 = d / 4, dv4 = dv / 4;
+    // Rows past the keys are zero-filled (the source is not read).
+    auto fetch = [&](int c0) {
+        const float* kb = k + ((size_t)c0 * hkv + kh) * d;
+        const float* vb = v + ((size_t)c0 * hkv + kh) * dv;
+        for (int i = tid; i < TCQ_BC * d4; i += 128) {
+            int c = i / d4, e = 4 * (i % d4);
+            bool ok = c0 + c < keys;
+            cp_async16(kr + 4 * i, ok ? kb + c * hkv * d + e : k, ok);
+        }
+        for (int i = tid; i < TCQ_BC * dv4; i += 128) {
+            int c = i / dv4, e = 4 * (i % dv4);
+            bool ok = c0 + c < keys;
+            cp_async16(vr + c * vrs + e, ok ? vb + c * hkv * dv + e : v, ok);
+        }
+        cp_async_commit();
+    };
+    fetch(0);
+    const int w0 = t0 + warp * 16;
+    const int row[2] = {w0 + g, w0 + g + 8};
+    const int pos[2] = {p0 + row[0], p0 + row[1]};
+    const int nks = d / 8, nvt = dv / 8;
+    float qa[TCQ_MAX_D / 8][4];
+#pragma unroll
+    for (int st = 0; st < TCQ_MAX_D / 8; st++) {
+        float2 x0 = make_float2(0.0f, 0.0f), x1 = x0;
+        if (st < nks) {
+            if (row[0] < t_n) x0 = *reinterpret_cast<const float2*>(q + ((size_t)row[0] * hq + h) * d + 8 * st + 2 * t);
+            if (row[1] < t_n) x1 = *reinterpret_cast<const float2*>(q + ((size_t)row[1] * hq + h) * d + 8 * st + 2 * t);
+        }
+        qa[st][0] = x0.x * scale;
+        qa[st][1] = x1.x * scale;
+        qa[st][2] = x0.y * scale;
+        qa[st][3] = x1.y * scale;
+    }
+    float o[TCQ_MAX_D / 8][4], m[2] = {ATT_NEG_INF, ATT_NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nv = 0; nv < TCQ_MAX_D / 8; nv++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[nv][i] = 0.0f;
+    // Tiles past this warp's last query are skipped (the block's diagonal).
+    const bool live = w0 < t_n;
+    const int last_pos = p0 + min(w0 + 15, t_n - 1);
+    for (int c0 = 0; c0 < keys; c0 += TCQ_BC) {
+        cp_async_wait<0>();
+        __syncthreads(); // the raw tile has landed and the previous split tiles are consumed
+        for (int i = tid; i < TCQ_BC * d4; i += 128) {
+            int c = i / d4, e = 4 * (i % d4);
+            float4 x = *reinterpret_cast<const float4*>(kr + 4 * i);
+            *reinterpret_cast<float4*>(kt + c * ks + e) = tc_split2(x.x, x.y);
+            *reinterpret_cast<float4*>(kt + c * ks + e + 2) = tc_split2(x.z, x.w);
+        }
+        // Keys 2p and 2p + 1 of one value dim side by side (the B pair of a k step); consecutive
+        // threads on consecutive pairs, so the stores of a quarter warp are contiguous.
+        for (int i = tid; i < TCQ_BC / 2 * dv4; i += 128) {
+            int p = i % (TCQ_BC / 2), e = 4 * (i / (TCQ_BC / 2));
+            float4 x0 = *reinterpret_cast<const float4*>(vr + 2 * p * vrs + e);
+            float4 x1 = *reinterpret_cast<const float4*>(vr + (2 * p + 1) * vrs + e);
+            *reinterpret_cast<float4*>(vt + e * vs + 2 * p) = tc_split2(x0.x, x1.x);
+            *reinterpret_cast<float4*>(vt + (e + 1) * vs + 2 * p) = tc_split2(x0.y, x1.y);
+            *reinterpret_cast<float4*>(vt + (e + 2) * vs + 2 * p) = tc_split2(x0.z, x1.z);
+            *reinterpret_cast<float4*>(vt + (e + 3) * vs + 2 * p) = tc_split2(x0.w, x1.w);
+        }
+        __syncthreads(); // split tiles ready; the raw buffers are free for the next tile
+        if (c0 + TCQ_BC < keys) fetch(c0 + TCQ_BC);
+        if (!live || c0 > last_pos) continue;
+        float s[TCQ_NT][4];
+#pragma unroll
+        for (int nt = 0; nt < TCQ_NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+#pragma unroll
+        for (int st = 0; st < TCQ_MAX_D / 8; st++) {
+            if (st >= nks) break;
+            u32 ah[4], al[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
+#pragma unroll
+            for (int nt = 0; nt < TCQ_NT; nt++) {
+                float4 b = *reinterpret_cast<const float4*>(kt + (nt * 8 + g) * ks + 8 * st + 2 * t);
+                mma_tf32x3(s[nt], ah, al, b);
+            }
+        }
+        float corr[2];
+        tc_softmax<TCQ_NT>(s, c0, keys, pos, m, l, corr);
+#pragma unroll
+        for (int nv = 0; nv < TCQ_MAX_D / 8; nv++) {
+            o[nv][0] *= corr[0];
+            o[nv][1] *= corr[0];
+            o[nv][2] *= corr[1];
+            o[nv][3] *= corr[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < TCQ_NT; kk++) {
+            u32 ah[4], al[4];
+            tc_p_frag(s[kk], ah, al);
+#pragma unroll
+            for (int nv = 0; nv < TCQ_MAX_D / 8; nv++) {
+                if (nv >= nvt) break;
+                float4 b = *reinterpret_cast<const float4*>(vt + (nv * 8 + g) * vs + kk * 8 + 2 * t);
+                mma_tf32x3(o[nv], ah, al, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float inv = 1.0f / tc_row_sum(l[r]);
+        if (row[r] >= t_n) continue;
+        float* dst = out + ((size_t)row[r] * hq + h) * dv + 2 * t;
+#pragma unroll
+        for (int nv = 0; nv < TCQ_MAX_D / 8; nv++)
+            if (nv < nvt)
+                *reinterpret_cast<float2*>(dst + nv * 8) = make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
+    }
+}
+
+#define GQA_PREFILL_TC(NAME, D, DV)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                                            \
+        NAME(const float* q, const float* k, const float* v, float* out, int hq, int hkv, int d, int dv, int t_n,  \
+             int pos0, const unsigned* row_shift, int cache_rows, float scale) {                                  \
+        gqa_prefill_tc<D, DV>(q, k, v, out, hq, hkv, d, dv, t_n, pos0, row_shift, cache_rows, scale);             \
+    }
+GQA_PREFILL_TC(attention_gqa_prefill_tc, 0, 0)
+GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128)
+
+#define TCM_BC 16     // cache rows per tile
+#define TCM_NT (TCM_BC / 8)
+#define TCM_ROWS 32   // (query, head) rows per block: 2 row groups of 16 rows
+#define TCM_COLS 4    // column groups: each scores a quarter of the width and owns a quarter of the values
+#define TCM_MAX_KS 18 // score k-steps per column group: L + R <= 576
+#define TCM_MAX_NV 16 // value n-tiles per column group: L <= 512
+
+// MLA prefill (absorbed). q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L]; L
+// and R multiples of 8, L <= 512, L + R <= 576. grid (ceil(T * H / TCM_ROWS)), block 256 (8 warps:
+// row group = warp % 2, column group = warp / 2), dynamic shared memory (TCM_BC * ks * 2 +
+// TCM_BC / 2 * vs + TCM_BC * w + TCM_COLS * TCM_ROWS * (TCM_BC + 8)) floats, w = L + R, ks = w
+// rounded up to 16, + 8, vs = 4 L + 8. A warp's output rows are 16 x L / 4 (64 accumulators), so
+// the four column groups of a row group each score a quarter of the width and add their partial
+// scores through shared memory in a fixed order (every warp of the row group then holds the
+// same probabilities). The cache tile is split into two layouts, one per product: keys
+// [TCM_BC][ks] float2 as GQA's (dims 2t, 2t + 1 of a row side by side), and values as key pairs
+// [TCM_BC / 2][vs] floats with keys 2t, 2t + 1 of a column side by side (vs = 8 mod 32: the
+// quarter warp's four pairs and two columns on distinct banks).
+// L_, R_: the widths at compile time (0: from the arguments), as for GQA (GLM's 512 / 64).
+template <int L_, int R_>
+__device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* q_rope, const float* cache,
+                                               float* out, int heads, int l_arg, int r_arg, int t_n, int pos0,
+                                               const unsigned* row_shift, int cache_rows, float scale) {
+    pdl_wait(); // no early trigger: see the file comment
+    const int l_dim = L_ ? L_ : l_arg, r_dim = R_ ? R_ : r_arg;
+    extern __shared__ float4 tcm_smem[];
+    const int w = l_dim + r_dim, ks = ((w + 15) & ~15) + 8, vs = 4 * l_dim + 8, sps = TCM_BC + 8;
+    float2* kt = reinterpret_cast<float2*>(tcm_smem);  // [TCM_BC][ks] split keys
+    float* vt = reinterpret_cast<float*>(kt + TCM_BC * ks); // [TCM_BC / 2][vs] split values
+    float* raw = vt + (TCM_BC / 2) * vs;                // [TCM_BC][w]
+    float* sp = raw + TCM_BC * w;                       // [TCM_COLS][TCM_ROWS][sps] partial scores
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int rg = warp & 1, cg = warp >> 1;
+    const int rows = t_n * heads;
+    // The last rows see the most keys: launch them first.
+    const int r0 = (gridDim.x - 1 - blockIdx.x) * TCM_ROWS, w0 = r0 + rg * 16;
+    const int p0 = pos0 + (int)*row_shift;
+    const int last = min(r0 + TCM_ROWS, rows) - 1;
+    const int keys = min(p0 + last / heads + 1, cache_rows);
+    const int w4 = w / 4;
+    // Cache rows are contiguous: a tile is TCM_BC * w consecutive floats.
+    auto fetch = [&](int c0) {
+        for (int i = tid; i < TCM_BC * w4; i += 256) {
+            bool ok = c0 + i / w4 < keys;
+            cp_async16(raw + 4 * i, ok ? cache + (size_t)c0 * w + 4 * i : cache, ok);
+        }
+        cp_async_commit();
+    };
+    fetch(0);
+    const int row[2] = {w0 + g, w0 + g + 8};
+    const int pos[2] = {p0 + row[0] / heads, p0 + row[1] / heads};
+    const int nks = w / 8, kpc = (nks + TCM_COLS - 1) / TCM_COLS, ks0 = cg * kpc;
+    const int nvt = l_dim / 8, vpc = (nvt + TCM_COLS - 1) / TCM_COLS, nv0 = cg * vpc;
+    float qa[TCM_MAX_KS][4];
+#pragma unroll
+    for (int st = 0; st < TCM_MAX_KS; st++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float2 x = make_float2(0.0f, 0.0f);
+            const int gs = ks0 + st;
+            if (st < kpc && gs < nks && row[r] < rows) {
+                // l_dim % 8 == 0: e and e + 1 lie on the same side of it.
+                const int e = 8 * gs + 2 * t;
+                x = *reinterpret_cast<const float2*>(e < l_dim ? q_lat + (size_t)row[r] * l_dim + e
+                                                               : q_rope + (size_t)row[r] * r_dim + e - l_dim);
+            }
+            qa[st][r] = x.x * scale;
+            qa[st][2 + r] = x.y * scale;
+        }
+    }
+    float o[TCM_MAX_NV][4], m[2] = {ATT_NEG_INF, ATT_NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nv = 0; nv < TCM_MAX_NV; nv++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[nv][i] = 0.0f;
+    const bool live = w0 < rows;
+    const int last_pos = p0 + min(w0 + 15, rows - 1) / heads;
+    for (int c0 = 0; c0 < keys; c0 += TCM_BC) {
+        cp_async_wait<0>();
+        __syncthreads(); // the raw tile has landed; the previous split tiles and partials are consumed
+        for (int i = tid; i < TCM_BC * (w / 2); i += 256) {
+            int c = i / (w / 2), e = 2 * (i % (w / 2));
+            float2 x = *reinterpret_cast<const float2*>(raw + c * w + e);
+            *reinterpret_cast<float4*>(kt + c * ks + e) = tc_split2(x.x, x.y);
+        }
+        for (int i = tid; i < (TCM_BC / 2) * l_dim; i += 256) {
+            int p = i / l_dim, e = i % l_dim;
+            *reinterpret_cast<float4*>(vt + p * vs + 4 * e) = tc_split2(raw[2 * p * w + e], raw[(2 * p + 1) * w + e]);
+        }
+        __syncthreads(); // split tiles ready; the raw buffer is free for the next tile
+        if (c0 + TCM_BC < keys) fetch(c0 + TCM_BC);
+        // Uniform across a row group's four warps (same rows), as the exchange below needs.
+        const bool work = live && c0 <= last_pos;
+        float s[TCM_NT][4];
+#pragma unroll
+        for (int nt = 0; nt < TCM_NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+        if (work) {
+#pragma unroll
+            for (int st = 0; st < TCM_MAX_KS; st++) {
+                if (st >= kpc || ks0 + st >= nks) break;
+                u32 ah[4], al[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
+#pragma unroll
+                for (int nt = 0; nt < TCM_NT; nt++) {
+                    float4 b = *reinterpret_cast<const float4*>(kt + (nt * 8 + g) * ks + 8 * (ks0 + st) + 2 * t);
+                    mma_tf32x3(s[nt], ah, al, b);
+                }
+            }
+            float* mine = sp + ((size_t)cg * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < TCM_NT; nt++) {
+                *reinterpret_cast<float2*>(mine + nt * 8) = make_float2(s[nt][0], s[nt][1]);
+                *reinterpret_cast<float2*>(mine + 8 * sps + nt * 8) = make_float2(s[nt][2], s[nt][3]);
+            }
+        }
+        __syncthreads();
+        if (!work) continue;
+#pragma unroll
+        for (int nt = 0; nt < TCM_NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < TCM_COLS; c++) {
+            const float* part = sp + ((size_t)c * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < TCM_NT; nt++) {
+                float2 a = *reinterpret_cast<const float2*>(part + nt * 8);
+                float2 b = *reinterpret_cast<const float2*>(part + 8 * sps + nt * 8);
+                s[nt][0] += a.x;
+                s[nt][1] += a.y;
+                s[nt][2] += b.x;
+                s[nt][3] += b.y;
+            }
+        }
+        float corr[2];
+        tc_softmax<TCM_NT>(s, c0, keys, pos, m, l, corr);
+#pragma unroll
+        for (int nv = 0; nv < TCM_MAX_NV; nv++) {
+            o[nv][0] *= corr[0];
+            o[nv][1] *= corr[0];
+            o[nv][2] *= corr[1];
+            o[nv][3] *= corr[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < TCM_NT; kk++) {
+            u32 ah[4], al[4];
+            tc_p_frag(s[kk], ah, al);
+#pragma unroll
+            for (int nv = 0; nv < TCM_MAX_NV; nv++) {
+                if (nv >= vpc || nv0 + nv >= nvt) break;
+                const int col = (nv0 + nv) * 8 + g;
+                float4 b = *reinterpret_cast<const float4*>(vt + (kk * 4 + t) * vs + 4 * col);
+                mma_tf32x3(o[nv], ah, al, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float inv = 1.0f / tc_row_sum(l[r]);
+        if (row[r] >= rows) continue;
+        float* dst = out + (size_t)row[r] * l_dim + 2 * t;
+#pragma unroll
+        for (int nv = 0; nv < TCM_MAX_NV; nv++)
+            if (nv < vpc && nv0 + nv < nvt)
+                *reinterpret_cast<float2*>(dst + (nv0 + nv) * 8) =
+                    make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
+    }
+}
+
+#define MLA_PREFILL_TC(NAME, L, R)                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                            \
+        NAME(const float* q_lat, const float* q_rope, const float* cache, float* out, int heads, int l_dim,       \
+             int r_dim, int t_n, int pos0, const unsigned* row_shift, int cache_rows, float scale) {              \
+        mla_prefill_tc<L, R>(q_lat, q_rope, cache, out, heads, l_dim, r_dim, t_n, pos0, row_shift, cache_rows,    \
+                             scale);                                                                             \
+    }
+MLA_PREFILL_TC(attention_mla_prefill_tc, 0, 0)
+MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64, 512, 64)
+
 // Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
 // grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache
 // tiles in shared memory for a group of heads, as GQA does, measured slower here: 35 -> 87 us

@@ -96,6 +96,61 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// global -> shared copies that do not hold registers (Ampere and later); `valid` false fills
+// zeros without reading.
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// f32 on the tensor cores with f32 agreement ("3xTF32"): x = hi + lo with hi = x truncated to
+// tf32 (10-bit mantissa) and lo = x - hi (exact in f32); a * b ~ hi_a hi_b + hi_a lo_b + lo_a hi_b.
+// The mma reads only a tf32 operand's top 19 bits, so lo is truncated there too: with the dropped
+// lo_a lo_b the product is off by ~2^-20 relative. Single tf32 (~1e-3) would not pass the
+// conformance tolerances, which hold every backend to f32 summation error. (cvt.rna.tf32.f32
+// costs about five instructions on sm_90; a mask and a subtraction do the same job here.)
+__device__ __forceinline__ void tf32_split(float x, u32& hi, u32& lo) {
+    hi = __float_as_uint(x) & 0xffffe000u;
+    lo = __float_as_uint(x - __uint_as_float(hi));
+}
+// The same, kept where it is written: splitting loop-invariant operands (attention's query
+// fragments) inside the loop, which the compiler would otherwise hoist into twice the registers.
+__device__ __forceinline__ void tf32_split_here(float x, u32& hi, u32& lo) {
+    asm volatile("and.b32 %0, %1, 0xffffe000;" : "=r"(hi) : "r"(__float_as_uint(x)));
+    lo = __float_as_uint(x - __uint_as_float(hi));
+}
+
+// D = A * B + C, m16n8k8, tf32 operands, f32 accumulators. Fragments (g = lane / 4, t = lane % 4):
+// a0 (row g, k t), a1 (row g + 8, k t), a2 (row g, k t + 4), a3 (row g + 8, k t + 4);
+// b0 (k t, col g), b1 (k t + 4, col g); c0, c1 (row g, cols 2t, 2t + 1), c2, c3 (row g + 8).
+__device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The three products of a split pair, small terms first. b = {hi0, hi1, lo0, lo1} (b0 and b1 of
+// each term adjacent, as the mma takes them: one 16-byte load, no register moves).
+__device__ __forceinline__ void mma_tf32x3(float* c, const u32* ah, const u32* al, float4 b) {
+    u32 bh0 = __float_as_uint(b.x), bh1 = __float_as_uint(b.y);
+    u32 bl0 = __float_as_uint(b.z), bl1 = __float_as_uint(b.w);
+    mma_tf32(c, al, bh0, bh1);
+    mma_tf32(c, ah, bl0, bl1);
+    mma_tf32(c, ah, bh0, bh1);
+}
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));

@@ -53,6 +53,19 @@ const FA_ROWS: usize = 64;
 const FA_MAX_D: usize = 128;
 /// MLA_BR = MLA_BC ((query, head) rows and cache rows per tile) of attention_mla_prefill_f32.
 const MLA_ROWS: usize = 32;
+/// Tensor-core prefill attention (attention.cu): keys per tile (TCQ_BC, TCM_BC), queries per GQA
+/// block (TCQ_ROWS, 4 warps) and widest GQA key or value (TCQ_MAX_D); (query, head) rows per MLA
+/// block (TCM_ROWS) and its column groups (TCM_COLS, 8 warps in all), widest latent (16 value
+/// n-tiles per column group) and latent + rope width (18 score k-steps per column group). Widths
+/// must be multiples of the mma's 8; others take the f32 kernels.
+const TCQ_KEYS: usize = 32;
+const TCQ_ROWS: usize = 64;
+const TCQ_MAX_D: usize = 128;
+const TCM_KEYS: usize = 16;
+const TCM_ROWS: usize = 32;
+const TCM_COLS: usize = 4;
+const TCM_MAX_L: usize = TCM_COLS * 16 * 8;
+const TCM_MAX_W: usize = TCM_COLS * 18 * 8;
 const ROW_THREADS: u32 = 256;
 /// norm_rope_f32 (elementwise.cu): rows (warps) per block, and the widest head it holds
 /// (32 * NORM_ROPE_REG); wider heads take rms_norm then rope.
@@ -1666,14 +1679,29 @@ impl Backend for CudaBackend {
         }
         let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
         if t_n * hq >= ATT_SPLIT_BELOW_ROWS && d <= FA_MAX_D && dv <= FA_MAX_D {
-            // Many queries: the tiled prefill kernel (attention_gqa_prefill_f32).
+            // Many queries: the tiled prefill kernels, on the tensor cores where the widths are
+            // whole mma steps (attention_gqa_prefill_tc), else in f32 (attention_gqa_prefill_f32).
             let out = self.empty(&[t_n, hq, dv], DType::F32)?;
-            let smem = (2 * d * FA_ROWS + FA_ROWS * dv + FA_ROWS * (FA_ROWS + 1)) * 4;
+            let tc = d % 8 == 0 && dv % 8 == 0 && d <= TCQ_MAX_D && dv <= TCQ_MAX_D;
+            let (kernel, rows, threads, smem) = if tc {
+                // Split tiles (hi, lo pairs) and the raw tiles the next keys are copied into.
+                let ks = d.next_multiple_of(16) + 8;
+                let smem = (TCQ_KEYS * ks + dv * (TCQ_KEYS + 8)) * 8 + TCQ_KEYS * (d + dv + 4) * 4;
+                let name = if (d, dv) == (128, 128) {
+                    "attention_gqa_prefill_tc_d128"
+                } else {
+                    "attention_gqa_prefill_tc"
+                };
+                (name, TCQ_ROWS, 128, smem)
+            } else {
+                let smem = (2 * d * FA_ROWS + FA_ROWS * dv + FA_ROWS * (FA_ROWS + 1)) * 4;
+                ("attention_gqa_prefill_f32", FA_ROWS, 256, smem)
+            };
             self.run_smem(
                 "attention.cu",
-                "attention_gqa_prefill_f32",
-                (t_n.div_ceil(FA_ROWS) as u32, hq as u32, 1),
-                256,
+                kernel,
+                (t_n.div_ceil(rows) as u32, hq as u32, 1),
+                threads,
                 smem as u32,
                 &[
                     Arg::Ptr(ptrs[0]),
@@ -1729,14 +1757,32 @@ impl Backend for CudaBackend {
         }
         let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
         if t_n * heads >= ATT_SPLIT_BELOW_ROWS {
-            // Many queries: the tiled prefill kernel (attention_mla_prefill_f32).
+            // Many queries: the tiled prefill kernels, on the tensor cores where the widths are
+            // whole mma steps (attention_mla_prefill_tc), else in f32 (attention_mla_prefill_f32).
             let out = self.empty(&[t_n, heads, l], DType::F32)?;
             let w = l + r;
-            let smem = (w * MLA_ROWS + MLA_ROWS * (w + 1) + MLA_ROWS * (MLA_ROWS + 1)) * 4;
+            let tc = l % 8 == 0 && r % 8 == 0 && l <= TCM_MAX_L && w <= TCM_MAX_W;
+            let (kernel, rows, smem) = if tc {
+                // Split keys (hi, lo pairs), split values, raw tile, column groups' partial scores.
+                let ks = w.next_multiple_of(16) + 8;
+                let floats = TCM_KEYS * ks * 2
+                    + TCM_KEYS / 2 * (4 * l + 8)
+                    + TCM_KEYS * w
+                    + TCM_COLS * TCM_ROWS * (TCM_KEYS + 8);
+                let name = if (l, r) == (512, 64) {
+                    "attention_mla_prefill_tc_l512_r64"
+                } else {
+                    "attention_mla_prefill_tc"
+                };
+                (name, TCM_ROWS, floats * 4)
+            } else {
+                let smem = (w * MLA_ROWS + MLA_ROWS * (w + 1) + MLA_ROWS * (MLA_ROWS + 1)) * 4;
+                ("attention_mla_prefill_f32", MLA_ROWS, smem)
+            };
             self.run_smem(
                 "attention.cu",
-                "attention_mla_prefill_f32",
-                ((t_n * heads).div_ceil(MLA_ROWS) as u32, 1, 1),
+                kernel,
+                ((t_n * heads).div_ceil(rows) as u32, 1, 1),
                 256,
                 smem as u32,
                 &[

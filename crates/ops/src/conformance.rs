@@ -1299,6 +1299,9 @@ pub fn check_attention_gqa<B: Backend>(b: &B, seed: u64) -> Check {
         (70, 0, 80, 8, 2, 64, 48),
         (9, 3, 20, 32, 4, 192, 64),
         (130, 70, 200, 4, 4, 128, 128),
+        // Many rows with widths that are not whole tensor-core steps (GPU backends keep an f32
+        // prefill kernel for them).
+        (70, 2, 80, 8, 2, 36, 28),
     ];
     for (t, pos0, s, hq, hkv, d, dv) in cases {
         let case = format!("attention_gqa T={t} pos0={pos0} S={s} Hq={hq} Hkv={hkv} D={d} Dv={dv}");
@@ -1349,6 +1352,8 @@ pub fn check_attention_mla<B: Backend>(b: &B, seed: u64) -> Check {
         (20, 0, 24, 20, 512, 64),
         (90, 0, 100, 3, 24, 8),
         (40, 45, 100, 20, 512, 64),
+        // Many rows with widths that are not whole tensor-core steps (the f32 prefill kernel).
+        (90, 1, 100, 3, 20, 6),
     ];
     for (t, pos0, s, h, l, r) in cases {
         let case = format!("attention_mla T={t} pos0={pos0} S={s} H={h} L={l} R={r}");
