@@ -792,7 +792,7 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
 GQA_PREFILL_TC(attention_gqa_prefill_tc, 0, 0)
 GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128)
 
-#define TCM_BC 16     // cache rows per tile
+#define TCM_BC 32     // cache rows per tile
 #define TCM_NT (TCM_BC / 8)
 #define TCM_ROWS 32   // (query, head) rows per block: 2 row groups of 16 rows
 #define TCM_COLS 4    // column groups: each scores a quarter of the width and owns a quarter of the values
@@ -801,15 +801,17 @@ GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128)
 
 // MLA prefill (absorbed). q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L]; L
 // and R multiples of 8, L <= 512, L + R <= 576. grid (ceil(T * H / TCM_ROWS)), block 256 (8 warps:
-// row group = warp % 2, column group = warp / 2), dynamic shared memory (TCM_BC * ks * 2 +
-// TCM_BC / 2 * vs + TCM_BC * w + TCM_COLS * TCM_ROWS * (TCM_BC + 8)) floats, w = L + R, ks = w
-// rounded up to 16, + 8, vs = 4 L + 8. A warp's output rows are 16 x L / 4 (64 accumulators), so
-// the four column groups of a row group each score a quarter of the width and add their partial
-// scores through shared memory in a fixed order (every warp of the row group then holds the
-// same probabilities). The cache tile is split into two layouts, one per product: keys
-// [TCM_BC][ks] float2 as GQA's (dims 2t, 2t + 1 of a row side by side), and values as key pairs
-// [TCM_BC / 2][vs] floats with keys 2t, 2t + 1 of a column side by side (vs = 8 mod 32: the
-// quarter warp's four pairs and two columns on distinct banks).
+// row group = warp % 2, column group = warp / 2), dynamic shared memory (2 * TCM_BC * rs +
+// TCM_COLS * TCM_ROWS * (TCM_BC + 8)) floats, rs = L + R rounded up to 32, + 8. A warp's output
+// rows are 16 x L / 4 (64 accumulators), so the four column groups of a row group each score a
+// quarter of the width and add their partial scores through shared memory in a fixed order
+// (every warp of the row group then holds the same probabilities). Unlike GQA the cache tile
+// stays raw (two buffers: the next tile is copied while this one is used) and each warp splits
+// the elements it reads: split copies of 576-wide rows in both products' layouts left room for
+// only 16 keys per tile, whose fixed costs (the split pass, three barriers, the softmax, the
+// query splits) came to ~8 instructions per mma. Score reads: dims 2t, 2t + 1 of key g (8
+// bytes; rs = 8 mod 32 keeps a half warp on distinct banks); value reads: keys 2t and 2t + 1
+// of column g (two-way conflicts).
 // L_, R_: the widths at compile time (0: from the arguments), as for GQA (GLM's 512 / 64).
 template <int L_, int R_>
 __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* q_rope, const float* cache,
@@ -818,11 +820,9 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
     pdl_wait(); // no early trigger: see the file comment
     const int l_dim = L_ ? L_ : l_arg, r_dim = R_ ? R_ : r_arg;
     extern __shared__ float4 tcm_smem[];
-    const int w = l_dim + r_dim, ks = ((w + 15) & ~15) + 8, vs = 4 * l_dim + 8, sps = TCM_BC + 8;
-    float2* kt = reinterpret_cast<float2*>(tcm_smem);  // [TCM_BC][ks] split keys
-    float* vt = reinterpret_cast<float*>(kt + TCM_BC * ks); // [TCM_BC / 2][vs] split values
-    float* raw = vt + (TCM_BC / 2) * vs;                // [TCM_BC][w]
-    float* sp = raw + TCM_BC * w;                       // [TCM_COLS][TCM_ROWS][sps] partial scores
+    const int w = l_dim + r_dim, rs = ((w + 31) & ~31) + 8, sps = TCM_BC + 8;
+    float* raw = reinterpret_cast<float*>(tcm_smem); // [2][TCM_BC][rs]
+    float* sp = raw + 2 * TCM_BC * rs;                // [TCM_COLS][TCM_ROWS][sps] partial scores
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int rg = warp & 1, cg = warp >> 1;
     const int rows = t_n * heads;
@@ -832,15 +832,17 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
     const int last = min(r0 + TCM_ROWS, rows) - 1;
     const int keys = min(p0 + last / heads + 1, cache_rows);
     const int w4 = w / 4;
-    // Cache rows are contiguous: a tile is TCM_BC * w consecutive floats.
-    auto fetch = [&](int c0) {
+    // Rows past the keys are zero-filled (the source is not read).
+    auto fetch = [&](int c0, int buf) {
+        float* dst = raw + buf * TCM_BC * rs;
         for (int i = tid; i < TCM_BC * w4; i += 256) {
-            bool ok = c0 + i / w4 < keys;
-            cp_async16(raw + 4 * i, ok ? cache + (size_t)c0 * w + 4 * i : cache, ok);
+            int c = i / w4, e = 4 * (i % w4);
+            bool ok = c0 + c < keys;
+            cp_async16(dst + c * rs + e, ok ? cache + (size_t)(c0 + c) * w + e : cache, ok);
         }
         cp_async_commit();
     };
-    fetch(0);
+    fetch(0, 0);
     const int row[2] = {w0 + g, w0 + g + 8};
     const int pos[2] = {p0 + row[0] / heads, p0 + row[1] / heads};
     const int nks = w / 8, kpc = (nks + TCM_COLS - 1) / TCM_COLS, ks0 = cg * kpc;
@@ -869,20 +871,11 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
         for (int i = 0; i < 4; i++) o[nv][i] = 0.0f;
     const bool live = w0 < rows;
     const int last_pos = p0 + min(w0 + 15, rows - 1) / heads;
-    for (int c0 = 0; c0 < keys; c0 += TCM_BC) {
+    for (int c0 = 0, buf = 0; c0 < keys; c0 += TCM_BC, buf ^= 1) {
         cp_async_wait<0>();
-        __syncthreads(); // the raw tile has landed; the previous split tiles and partials are consumed
-        for (int i = tid; i < TCM_BC * (w / 2); i += 256) {
-            int c = i / (w / 2), e = 2 * (i % (w / 2));
-            float2 x = *reinterpret_cast<const float2*>(raw + c * w + e);
-            *reinterpret_cast<float4*>(kt + c * ks + e) = tc_split2(x.x, x.y);
-        }
-        for (int i = tid; i < (TCM_BC / 2) * l_dim; i += 256) {
-            int p = i / l_dim, e = i % l_dim;
-            *reinterpret_cast<float4*>(vt + p * vs + 4 * e) = tc_split2(raw[2 * p * w + e], raw[(2 * p + 1) * w + e]);
-        }
-        __syncthreads(); // split tiles ready; the raw buffer is free for the next tile
-        if (c0 + TCM_BC < keys) fetch(c0 + TCM_BC);
+        __syncthreads(); // this tile has landed; the other buffer and the partials are consumed
+        if (c0 + TCM_BC < keys) fetch(c0 + TCM_BC, buf ^ 1);
+        const float* kb = raw + buf * TCM_BC * rs;
         // Uniform across a row group's four warps (same rows), as the exchange below needs.
         const bool work = live && c0 <= last_pos;
         float s[TCM_NT][4];
@@ -899,8 +892,13 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
                 for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
 #pragma unroll
                 for (int nt = 0; nt < TCM_NT; nt++) {
-                    float4 b = *reinterpret_cast<const float4*>(kt + (nt * 8 + g) * ks + 8 * (ks0 + st) + 2 * t);
-                    mma_tf32x3(s[nt], ah, al, b);
+                    float2 x = *reinterpret_cast<const float2*>(kb + (nt * 8 + g) * rs + 8 * (ks0 + st) + 2 * t);
+                    u32 bh[2], bl[2];
+                    tf32_split(x.x, bh[0], bl[0]);
+                    tf32_split(x.y, bh[1], bl[1]);
+                    mma_tf32(s[nt], al, bh[0], bh[1]);
+                    mma_tf32(s[nt], ah, bl[0], bl[1]);
+                    mma_tf32(s[nt], ah, bh[0], bh[1]);
                 }
             }
             float* mine = sp + ((size_t)cg * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
@@ -942,15 +940,20 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
         for (int kk = 0; kk < TCM_NT; kk++) {
             u32 ah[4], al[4];
             tc_p_frag(s[kk], ah, al);
+            const float* v0 = kb + (kk * 8 + 2 * t) * rs + nv0 * 8 + g;
 #pragma unroll
             for (int nv = 0; nv < TCM_MAX_NV; nv++) {
                 if (nv >= vpc || nv0 + nv >= nvt) break;
-                const int col = (nv0 + nv) * 8 + g;
-                float4 b = *reinterpret_cast<const float4*>(vt + (kk * 4 + t) * vs + 4 * col);
-                mma_tf32x3(o[nv], ah, al, b);
+                u32 bh[2], bl[2];
+                tf32_split(v0[nv * 8], bh[0], bl[0]);
+                tf32_split(v0[rs + nv * 8], bh[1], bl[1]);
+                mma_tf32(o[nv], al, bh[0], bh[1]);
+                mma_tf32(o[nv], ah, bl[0], bl[1]);
+                mma_tf32(o[nv], ah, bh[0], bh[1]);
             }
         }
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float inv = 1.0f / tc_row_sum(l[r]);

@@ -61,7 +61,7 @@ const MLA_ROWS: usize = 32;
 const TCQ_KEYS: usize = 32;
 const TCQ_ROWS: usize = 64;
 const TCQ_MAX_D: usize = 128;
-const TCM_KEYS: usize = 16;
+const TCM_KEYS: usize = 32;
 const TCM_ROWS: usize = 32;
 const TCM_COLS: usize = 4;
 const TCM_MAX_L: usize = TCM_COLS * 16 * 8;
@@ -1763,12 +1763,9 @@ impl Backend for CudaBackend {
             let w = l + r;
             let tc = l % 8 == 0 && r % 8 == 0 && l <= TCM_MAX_L && w <= TCM_MAX_W;
             let (kernel, rows, smem) = if tc {
-                // Split keys (hi, lo pairs), split values, raw tile, column groups' partial scores.
-                let ks = w.next_multiple_of(16) + 8;
-                let floats = TCM_KEYS * ks * 2
-                    + TCM_KEYS / 2 * (4 * l + 8)
-                    + TCM_KEYS * w
-                    + TCM_COLS * TCM_ROWS * (TCM_KEYS + 8);
+                // Two raw cache tiles, the column groups' partial scores.
+                let rs = w.next_multiple_of(32) + 8;
+                let floats = 2 * TCM_KEYS * rs + TCM_COLS * TCM_ROWS * (TCM_KEYS + 8);
                 let name = if (l, r) == (512, 64) {
                     "attention_mla_prefill_tc_l512_r64"
                 } else {
