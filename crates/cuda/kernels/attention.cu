@@ -572,8 +572,7 @@ attention_mla_prefill_f32(const float* q_lat, const float* q_rope, const float* 
 // TFLOP/s (2.2 ms per Qwen3 layer and 7.0 ms per GLM layer at 2048 tokens).
 // Each block copies the next key tile raw with cp.async while its warps work on the current one
 // (copying with loads and stores serialised a memory latency per element: 2.0 ms per Qwen3 layer,
-// hardly faster than the f32 kernel), then splits it (hi, lo) once into the layout the fragments
-// read, so no warp splits a shared operand again.
+// hardly faster than the f32 kernel), and each warp splits the elements it reads.
 
 // Mask, running max and sum, and probabilities for a warp's two rows (g, g + 8) of one tile of
 // NT * 8 keys. s: score fragments, replaced by probabilities; l: this lane's partial sums (its
@@ -627,14 +626,6 @@ __device__ __forceinline__ float tc_row_sum(float l) {
     return l + __shfl_xor_sync(0xffffffffu, l, 2);
 }
 
-// {hi0, hi1, lo0, lo1}: the B operand pair of two elements as mma_tf32x3 reads it.
-__device__ __forceinline__ float4 tc_split2(float x0, float x1) {
-    u32 h0, l0, h1, l1;
-    tf32_split(x0, h0, l0);
-    tf32_split(x1, h1, l1);
-    return make_float4(__uint_as_float(h0), __uint_as_float(h1), __uint_as_float(l0), __uint_as_float(l1));
-}
-
 #define TCQ_BC 32   // keys per tile
 #define TCQ_NT (TCQ_BC / 8)
 #define TCQ_ROWS 64 // queries per block: 4 warps of 16
@@ -642,12 +633,13 @@ __device__ __forceinline__ float4 tc_split2(float x0, float x1) {
 
 // GQA prefill. q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]; D and Dv multiples
 // of 8, at most TCQ_MAX_D. grid (ceil(T / TCQ_ROWS), Hq), block 128, dynamic shared memory
-// (TCQ_BC * ks + Dv * (TCQ_BC + 8)) float2 + TCQ_BC * (D + Dv + 4) floats, ks = D rounded up to 16,
-// + 8. Split key tile [TCQ_BC][ks] and value tile transposed [Dv][TCQ_BC + 8]: a score B fragment
-// is one 16-byte load (dims 2t, 2t + 1 of key g, read as k = t, t + 4; the query fragments use
-// the same order), ks = 8 mod 16 puts keys g and g + 1 of a quarter warp on different bank
-// halves. Raw tiles: keys [TCQ_BC][D], values [TCQ_BC][Dv + 4] (the pad spreads the transposing
-// reads over the banks). Query fragments stay in registers (unsplit, 64 floats).
+// 2 * TCQ_BC * (ks + vs) floats, ks = D rounded up to 32, + 8, vs likewise for Dv. Key and value
+// tiles stay raw (two buffers each: the next tile is copied while this one is used) and each
+// warp splits what it reads, as the MLA kernel does (splitting once per block into fragment
+// layouts cost a pass and a barrier per tile: 0.96 ms per Qwen3 layer at 2048 tokens). Score
+// reads: dims 2t, 2t + 1 of key g (8 bytes; ks = 8 mod 32 keeps a half warp on distinct banks;
+// the query fragments use the same order); value reads: keys 2t and 2t + 1 of column g.
+// Query fragments stay in registers (unsplit, 64 floats).
 // D_, DV_: the widths at compile time (0: from the arguments); with Qwen3's 128 / 128 every tile
 // loop and index is resolved by the compiler (runtime widths cost a division per copied element).
 template <int D_, int DV_>
@@ -657,11 +649,9 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
     pdl_wait(); // no early trigger: see the file comment
     const int d = D_ ? D_ : d_arg, dv = DV_ ? DV_ : dv_arg;
     extern __shared__ float4 tcq_smem[];
-    const int ks = ((d + 15) & ~15) + 8, vs = TCQ_BC + 8, vrs = dv + 4;
-    float2* kt = reinterpret_cast<float2*>(tcq_smem); // [TCQ_BC][ks]
-    float2* vt = kt + TCQ_BC * ks;                    // [dv][vs]
-    float* kr = reinterpret_cast<float*>(vt + dv * vs); // [TCQ_BC][d] raw
-    float* vr = kr + TCQ_BC * d;                        // [TCQ_BC][vrs] raw
+    const int ks = ((d + 31) & ~31) + 8, vs = ((dv + 31) & ~31) + 8;
+    float* kr = reinterpret_cast<float*>(tcq_smem); // [2][TCQ_BC][ks]
+    float* vr = kr + 2 * TCQ_BC * ks;                // [2][TCQ_BC][vs]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     // The last query tiles see the most keys: launch them first.
     const int t0 = (gridDim.x - 1 - blockIdx.x) * TCQ_ROWS, h = blockIdx.y, kh = h / (hq / hkv);
@@ -669,22 +659,24 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
     const int keys = min(p0 + min(t0 + TCQ_ROWS, t_n), cache_rows);
     const int d4 = d / 4, dv4 = dv / 4;
     // Rows past the keys are zero-filled (the source is not read).
-    auto fetch = [&](int c0) {
+    auto fetch = [&](int c0, int buf) {
         const float* kb = k + ((size_t)c0 * hkv + kh) * d;
         const float* vb = v + ((size_t)c0 * hkv + kh) * dv;
+        float* kd = kr + buf * TCQ_BC * ks;
+        float* vd = vr + buf * TCQ_BC * vs;
         for (int i = tid; i < TCQ_BC * d4; i += 128) {
             int c = i / d4, e = 4 * (i % d4);
             bool ok = c0 + c < keys;
-            cp_async16(kr + 4 * i, ok ? kb + c * hkv * d + e : k, ok);
+            cp_async16(kd + c * ks + e, ok ? kb + c * hkv * d + e : k, ok);
         }
         for (int i = tid; i < TCQ_BC * dv4; i += 128) {
             int c = i / dv4, e = 4 * (i % dv4);
             bool ok = c0 + c < keys;
-            cp_async16(vr + c * vrs + e, ok ? vb + c * hkv * dv + e : v, ok);
+            cp_async16(vd + c * vs + e, ok ? vb + c * hkv * dv + e : v, ok);
         }
         cp_async_commit();
     };
-    fetch(0);
+    fetch(0, 0);
     const int w0 = t0 + warp * 16;
     const int row[2] = {w0 + g, w0 + g + 8};
     const int pos[2] = {p0 + row[0], p0 + row[1]};
@@ -710,29 +702,13 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
     // Tiles past this warp's last query are skipped (the block's diagonal).
     const bool live = w0 < t_n;
     const int last_pos = p0 + min(w0 + 15, t_n - 1);
-    for (int c0 = 0; c0 < keys; c0 += TCQ_BC) {
+    for (int c0 = 0, buf = 0; c0 < keys; c0 += TCQ_BC, buf ^= 1) {
         cp_async_wait<0>();
-        __syncthreads(); // the raw tile has landed and the previous split tiles are consumed
-        for (int i = tid; i < TCQ_BC * d4; i += 128) {
-            int c = i / d4, e = 4 * (i % d4);
-            float4 x = *reinterpret_cast<const float4*>(kr + 4 * i);
-            *reinterpret_cast<float4*>(kt + c * ks + e) = tc_split2(x.x, x.y);
-            *reinterpret_cast<float4*>(kt + c * ks + e + 2) = tc_split2(x.z, x.w);
-        }
-        // Keys 2p and 2p + 1 of one value dim side by side (the B pair of a k step); consecutive
-        // threads on consecutive pairs, so the stores of a quarter warp are contiguous.
-        for (int i = tid; i < TCQ_BC / 2 * dv4; i += 128) {
-            int p = i % (TCQ_BC / 2), e = 4 * (i / (TCQ_BC / 2));
-            float4 x0 = *reinterpret_cast<const float4*>(vr + 2 * p * vrs + e);
-            float4 x1 = *reinterpret_cast<const float4*>(vr + (2 * p + 1) * vrs + e);
-            *reinterpret_cast<float4*>(vt + e * vs + 2 * p) = tc_split2(x0.x, x1.x);
-            *reinterpret_cast<float4*>(vt + (e + 1) * vs + 2 * p) = tc_split2(x0.y, x1.y);
-            *reinterpret_cast<float4*>(vt + (e + 2) * vs + 2 * p) = tc_split2(x0.z, x1.z);
-            *reinterpret_cast<float4*>(vt + (e + 3) * vs + 2 * p) = tc_split2(x0.w, x1.w);
-        }
-        __syncthreads(); // split tiles ready; the raw buffers are free for the next tile
-        if (c0 + TCQ_BC < keys) fetch(c0 + TCQ_BC);
+        __syncthreads(); // this tile has landed; the other buffers are consumed
+        if (c0 + TCQ_BC < keys) fetch(c0 + TCQ_BC, buf ^ 1);
         if (!live || c0 > last_pos) continue;
+        const float* kb = kr + buf * TCQ_BC * ks;
+        const float* vb = vr + buf * TCQ_BC * vs;
         float s[TCQ_NT][4];
 #pragma unroll
         for (int nt = 0; nt < TCQ_NT; nt++)
@@ -746,8 +722,8 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
             for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
 #pragma unroll
             for (int nt = 0; nt < TCQ_NT; nt++) {
-                float4 b = *reinterpret_cast<const float4*>(kt + (nt * 8 + g) * ks + 8 * st + 2 * t);
-                mma_tf32x3(s[nt], ah, al, b);
+                float2 x = *reinterpret_cast<const float2*>(kb + (nt * 8 + g) * ks + 8 * st + 2 * t);
+                mma_tf32x3(s[nt], ah, al, x.x, x.y);
             }
         }
         float corr[2];
@@ -763,14 +739,15 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
         for (int kk = 0; kk < TCQ_NT; kk++) {
             u32 ah[4], al[4];
             tc_p_frag(s[kk], ah, al);
+            const float* v0 = vb + (kk * 8 + 2 * t) * vs + g;
 #pragma unroll
             for (int nv = 0; nv < TCQ_MAX_D / 8; nv++) {
                 if (nv >= nvt) break;
-                float4 b = *reinterpret_cast<const float4*>(vt + (nv * 8 + g) * vs + kk * 8 + 2 * t);
-                mma_tf32x3(o[nv], ah, al, b);
+                mma_tf32x3(o[nv], ah, al, v0[nv * 8], v0[vs + nv * 8]);
             }
         }
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float inv = 1.0f / tc_row_sum(l[r]);
@@ -893,12 +870,7 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
 #pragma unroll
                 for (int nt = 0; nt < TCM_NT; nt++) {
                     float2 x = *reinterpret_cast<const float2*>(kb + (nt * 8 + g) * rs + 8 * (ks0 + st) + 2 * t);
-                    u32 bh[2], bl[2];
-                    tf32_split(x.x, bh[0], bl[0]);
-                    tf32_split(x.y, bh[1], bl[1]);
-                    mma_tf32(s[nt], al, bh[0], bh[1]);
-                    mma_tf32(s[nt], ah, bl[0], bl[1]);
-                    mma_tf32(s[nt], ah, bh[0], bh[1]);
+                    mma_tf32x3(s[nt], ah, al, x.x, x.y);
                 }
             }
             float* mine = sp + ((size_t)cg * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
@@ -944,12 +916,7 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
 #pragma unroll
             for (int nv = 0; nv < TCM_MAX_NV; nv++) {
                 if (nv >= vpc || nv0 + nv >= nvt) break;
-                u32 bh[2], bl[2];
-                tf32_split(v0[nv * 8], bh[0], bl[0]);
-                tf32_split(v0[rs + nv * 8], bh[1], bl[1]);
-                mma_tf32(o[nv], al, bh[0], bh[1]);
-                mma_tf32(o[nv], ah, bl[0], bl[1]);
-                mma_tf32(o[nv], ah, bh[0], bh[1]);
+                mma_tf32x3(o[nv], ah, al, v0[nv * 8], v0[rs + nv * 8]);
             }
         }
     }

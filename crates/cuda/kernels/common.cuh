@@ -141,11 +141,11 @@ __device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The three products of a split pair, small terms first. b = {hi0, hi1, lo0, lo1} (b0 and b1 of
-// each term adjacent, as the mma takes them: one 16-byte load, no register moves).
-__device__ __forceinline__ void mma_tf32x3(float* c, const u32* ah, const u32* al, float4 b) {
-    u32 bh0 = __float_as_uint(b.x), bh1 = __float_as_uint(b.y);
-    u32 bl0 = __float_as_uint(b.z), bl1 = __float_as_uint(b.w);
+// c += a * b, a split (ah + al), b = (b0, b1) split here: the three products, small terms first.
+__device__ __forceinline__ void mma_tf32x3(float* c, const u32* ah, const u32* al, float b0, float b1) {
+    u32 bh0, bl0, bh1, bl1;
+    tf32_split(b0, bh0, bl0);
+    tf32_split(b1, bh1, bl1);
     mma_tf32(c, al, bh0, bh1);
     mma_tf32(c, ah, bl0, bl1);
     mma_tf32(c, ah, bh0, bh1);

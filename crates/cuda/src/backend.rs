@@ -1684,9 +1684,9 @@ impl Backend for CudaBackend {
             let out = self.empty(&[t_n, hq, dv], DType::F32)?;
             let tc = d % 8 == 0 && dv % 8 == 0 && d <= TCQ_MAX_D && dv <= TCQ_MAX_D;
             let (kernel, rows, threads, smem) = if tc {
-                // Split tiles (hi, lo pairs) and the raw tiles the next keys are copied into.
-                let ks = d.next_multiple_of(16) + 8;
-                let smem = (TCQ_KEYS * ks + dv * (TCQ_KEYS + 8)) * 8 + TCQ_KEYS * (d + dv + 4) * 4;
+                // Two raw key tiles and two raw value tiles.
+                let (ks, vs) = (d.next_multiple_of(32) + 8, dv.next_multiple_of(32) + 8);
+                let smem = 2 * TCQ_KEYS * (ks + vs) * 4;
                 let name = if (d, dv) == (128, 128) {
                     "attention_gqa_prefill_tc_d128"
                 } else {
