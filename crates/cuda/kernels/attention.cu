@@ -1060,69 +1060,101 @@ extern "C" __global__ void __launch_bounds__(COMBINE_GROUPS * 32)
     }
 }
 
-// MLA's absorbed per-head products (see Backend::head_linear) as one batched tiled GEMM per head:
-// Y_h[m, j] = sum_i X[m, h, i] * A_h(i, j), with
-//   transpose: A_h(i, j) = W[h*rph + row_start + i, j]  (i < row_count, j < cols)
-//   otherwise: A_h(i, j) = W[h*rph + row_start + j, i]  (i < cols, j < row_count).
-// Each W element is decoded once per block into shared memory; every output sums i in order.
-// A thread per output with FP4 decoded per term took ~4.5 ms per call at a 512-token prefill.
-// grid (ceil(J / HL_BN), ceil(M / HL_BM), heads), block 256.
-#define HL_BM 64
-#define HL_BN 64
-#define HL_BK 16
-extern "C" __global__ void __launch_bounds__(256)
-head_linear_tiled(W w, const float* x, float* y, int m_rows, int heads, int rph, int row_start, int row_count,
-                  int transpose) {
+// MLA's absorbed per-head products (see Backend::head_linear) as one batched GEMM per head on the
+// tensor cores: Y_h[m, j] = sum_i X[m, h, i] * A_h(i, j), with the head's weight rows decoded
+// first (head_rows_decode: wd [heads, row_count, cols] = W[h*rph + row_start + r, c]) and
+//   transpose: A_h(i, j) = wd[h, i, j]  (i < row_count, j < cols)
+//   otherwise: A_h(i, j) = wd[h, j, i]  (i < cols, j < row_count).
+// FP4 products without transpose take the FP4 GEMM (head_rows_gemm on the host); this kernel
+// serves the transposed one (GLM's W_UK, whose sums run across the FP4 rows) and dense weights.
+// x and the weights are split for 3xTF32 (common.cuh) when the fragments are read; each warp
+// owns 16 rows x HT_COLS columns. Decoding inside the GEMM (once per element and block) made
+// the decode the cost: 0.9 ms per GLM call at 2048 tokens with either f32 or tensor-core sums.
+// grid (ceil(J / HT_COLS), ceil(M / HT_ROWS), heads), block 128.
+#define HT_ROWS 64  // rows per block: 4 warps of 16
+#define HT_COLS 128 // output columns per block: 16 n-tiles per warp
+#define HT_K 32     // reduction step per stage (4 mma k-steps)
+
+extern "C" __global__ void head_rows_decode(W w, float* wd, int heads, int rph, int row_start, int row_count) {
     pdl_wait(); // no early trigger: see the file comment
-    __shared__ float xs[HL_BK][HL_BM];
-    __shared__ float as[HL_BK][HL_BN + 4];
-    int h = blockIdx.z, m0 = blockIdx.y * HL_BM, j0 = blockIdx.x * HL_BN;
-    int ni = transpose ? row_count : w.cols, nj = transpose ? w.cols : row_count;
-    int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    int wr0 = h * rph + row_start;
-    float acc[4][4];
+    size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)heads * row_count * w.cols) return;
+    int j = (int)(e % w.cols), hr = (int)(e / w.cols);
+    wd[e] = w_at(w, (hr / row_count) * rph + row_start + hr % row_count, j);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+head_linear_tc(const float* wd, const float* x, float* y, int m_rows, int heads, int row_count, int cols,
+               int transpose) {
+    pdl_wait(); // no early trigger: see the file comment
+    // Row strides of 40 floats (8 mod 32): a half warp's 8-byte fragment reads (rows g, dims
+    // 2t, 2t + 1) fall on distinct banks.
+    __shared__ float xs[HT_ROWS][HT_K + 8];
+    __shared__ float ws[HT_COLS][HT_K + 8];
+    const int h = blockIdx.z, m0 = blockIdx.y * HT_ROWS, j0 = blockIdx.x * HT_COLS;
+    const int ni = transpose ? row_count : cols, nj = transpose ? cols : row_count;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const float* wh = wd + (size_t)h * row_count * cols;
+    float acc[HT_COLS / 8][4];
 #pragma unroll
-    for (int r = 0; r < 4; r++)
+    for (int nt = 0; nt < HT_COLS / 8; nt++)
 #pragma unroll
-        for (int c = 0; c < 4; c++) acc[r][c] = 0.0f;
-    for (int i0 = 0; i0 < ni; i0 += HL_BK) {
-        for (int e = tid; e < HL_BM * HL_BK; e += 256) {
-            int mm = e / HL_BK, ii = e % HL_BK;
-            int m = m0 + mm, i = i0 + ii;
-            xs[ii][mm] = (m < m_rows && i < ni) ? x[((size_t)m * heads + h) * ni + i] : 0.0f;
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.0f;
+    constexpr int XN = HT_ROWS * HT_K / 128, WN = HT_K * HT_COLS / 128;
+    for (int i0 = 0; i0 < ni; i0 += HT_K) {
+        // Every load of the step in flight before the stores.
+        float xv[XN], wv[WN];
+#pragma unroll
+        for (int u = 0; u < XN; u++) {
+            int e = tid + 128 * u, m = m0 + e / HT_K, i = i0 + e % HT_K;
+            xv[u] = m < m_rows && i < ni ? x[((size_t)m * heads + h) * ni + i] : 0.0f;
         }
-        for (int e = tid; e < HL_BK * HL_BN; e += 256) {
-            // Consecutive threads walk W's columns: j when transposed, i otherwise.
-            int ii = transpose ? e / HL_BN : e % HL_BK;
-            int jj = transpose ? e % HL_BN : e / HL_BK;
+#pragma unroll
+        for (int u = 0; u < WN; u++) {
+            // Consecutive threads walk wd's rows: j when transposed, i otherwise.
+            int e = tid + 128 * u;
+            int ii = transpose ? e / HT_COLS : e % HT_K, jj = transpose ? e % HT_COLS : e / HT_K;
             int i = i0 + ii, j = j0 + jj;
-            float v = 0.0f;
-            if (i < ni && j < nj) v = transpose ? w_at(w, wr0 + i, j) : w_at(w, wr0 + j, i);
-            as[ii][jj] = v;
+            wv[u] = i < ni && j < nj ? (transpose ? wh[(size_t)i * cols + j] : wh[(size_t)j * cols + i]) : 0.0f;
+        }
+        __syncthreads(); // the previous tiles are consumed
+#pragma unroll
+        for (int u = 0; u < XN; u++) {
+            int e = tid + 128 * u;
+            xs[e / HT_K][e % HT_K] = xv[u];
+        }
+#pragma unroll
+        for (int u = 0; u < WN; u++) {
+            int e = tid + 128 * u;
+            int ii = transpose ? e / HT_COLS : e % HT_K, jj = transpose ? e % HT_COLS : e / HT_K;
+            ws[jj][ii] = wv[u];
         }
         __syncthreads();
 #pragma unroll
-        for (int ii = 0; ii < HL_BK; ii++) {
-            float a[4], b[4];
+        for (int st = 0; st < HT_K / 8; st++) {
+            float2 x0 = *reinterpret_cast<const float2*>(&xs[warp * 16 + g][8 * st + 2 * t]);
+            float2 x1 = *reinterpret_cast<const float2*>(&xs[warp * 16 + g + 8][8 * st + 2 * t]);
+            const float a[4] = {x0.x, x1.x, x0.y, x1.y};
+            u32 ah[4], al[4];
 #pragma unroll
-            for (int r = 0; r < 4; r++) a[r] = xs[ii][ty * 4 + r];
+            for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
 #pragma unroll
-            for (int c = 0; c < 4; c++) b[c] = as[ii][tx * 4 + c];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+            for (int nt = 0; nt < HT_COLS / 8; nt++) {
+                float2 b = *reinterpret_cast<const float2*>(&ws[nt * 8 + g][8 * st + 2 * t]);
+                mma_tf32x3(acc[nt], ah, al, b.x, b.y);
+            }
         }
-        __syncthreads();
     }
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-        int m = m0 + ty * 4 + r;
+    for (int r = 0; r < 2; r++) {
+        const int m = m0 + warp * 16 + g + 8 * r;
         if (m >= m_rows) continue;
+        float* dst = y + ((size_t)m * heads + h) * nj + j0 + 2 * t;
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
-            int j = j0 + tx * 4 + c;
-            if (j < nj) y[((size_t)m * heads + h) * nj + j] = acc[r][c];
+        for (int nt = 0; nt < HT_COLS / 8; nt++) {
+            const int j = j0 + nt * 8 + 2 * t;
+            if (j < nj) dst[nt * 8] = acc[nt][2 * r];
+            if (j + 1 < nj) dst[nt * 8 + 1] = acc[nt][2 * r + 1];
         }
     }
 }

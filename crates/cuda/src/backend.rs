@@ -13,8 +13,9 @@ use std::sync::{Arc, PoisonError};
 type CT = Tensor<CudaStorage>;
 
 const ELEM_THREADS: u32 = 256;
-/// Must match HL_BM / HL_BN in kernels/attention.cu.
-const HEAD_LINEAR_TILE: u32 = 64;
+/// head_linear_tc (kernels/attention.cu): rows (HT_ROWS) and output columns (HT_COLS) per block.
+const HEAD_LINEAR_ROWS: u32 = 64;
+const HEAD_LINEAR_COLS: u32 = 128;
 /// `head_linear` with at most this many rows uses the decode-shaped kernels (a 64-row tile would
 /// idle): per-output warps, or per-column lanes with the sum split over warps.
 const HEAD_LINEAR_SMALL_M: usize = 4;
@@ -1214,12 +1215,37 @@ impl Backend for CudaBackend {
         ];
         let nj = if transpose { k } else { row_count };
         if m > HEAD_LINEAR_SMALL_M {
+            // The heads' weight rows decoded once to f32, then the tensor-core product.
+            let wd = self.empty(&[heads, row_count, k], DType::F32)?;
             self.run(
                 "attention.cu",
-                "head_linear_tiled",
-                (blocks(nj, HEAD_LINEAR_TILE), blocks(m, HEAD_LINEAR_TILE), heads as u32),
-                256,
-                &args,
+                "head_rows_decode",
+                (blocks(heads * row_count * k, ELEM_THREADS), 1, 1),
+                ELEM_THREADS,
+                &[
+                    Arg::Raw(w.args()),
+                    Arg::Ptr(wd.storage.ptr()),
+                    Arg::I32(heads as i32),
+                    Arg::I32(rows_per_head as i32),
+                    Arg::I32(row_start as i32),
+                    Arg::I32(row_count as i32),
+                ],
+            )?;
+            self.run(
+                "attention.cu",
+                "head_linear_tc",
+                (blocks(nj, HEAD_LINEAR_COLS), blocks(m, HEAD_LINEAR_ROWS), heads as u32),
+                128,
+                &[
+                    Arg::Ptr(wd.storage.ptr()),
+                    Arg::Ptr(x.storage.ptr()),
+                    Arg::Ptr(y.storage.ptr()),
+                    Arg::I32(m as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(row_count as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(transpose as i32),
+                ],
             )?;
         } else if transpose && w.kind.is_fp4() && w.kp <= HEAD_COLS_MAX_KP {
             let splits = row_count.div_ceil(HEAD_COLS_ROWS_PER_BLOCK);
