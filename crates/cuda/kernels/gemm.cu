@@ -313,60 +313,109 @@ GEMM_FP4_TERMS(32, 256)
 GEMM_FP4_TERMS(64, 128)
 GEMM_FP4_TERMS(64, 256)
 
-// Dense weights (routers): y [M, N] = x [M, K] (f32) . W^T in f32, DG_T x DG_T tiles, 2 x 2
-// outputs per thread, the next K step's loads issued before this one's products. Small tiles
-// because these outputs are narrow (64-128 router columns): 64 x 64 tiles gave Qwen3's router
-// at 2048 tokens 64 blocks, each waiting a global load per 16-column step (0.38 ms per call,
-// 6 % of a 2048-token prefill).
-#define DG_T 32
-#define DG_K 32
-#define DG_THREADS 256
-extern "C" __global__ void __launch_bounds__(DG_THREADS) gemm_dense_f32(W w, const float* x, float* y, int m_rows) {
+// f32 weights on the tensor cores (3xTF32, common.cuh): dense linears (routers) and MLA's
+// per-head products, batched over H slices. Slice h of y [M, H, J] = x [M, H, I] . A_h, with
+// w_h = w + h * w_rows * cols an f32 [w_rows, cols] matrix and
+//   T false: A_h(i, j) = w_h[j, i]  (J = w_rows, I = cols): a linear, y = x . w_hᵀ
+//   T true:  A_h(i, j) = w_h[i, j]  (I = w_rows, J = cols): MLA's W_UKᵀ (sums across the rows).
+// Each warp owns 16 rows x COLS columns; x and the weights are split when the fragments are read.
+// grid (ceil(J / COLS), ceil(M / FT_ROWS), H), block 128. Weights of other kinds are decoded to
+// f32 first (decode_head_rows): decoding FP4 inside the product, once per element and block,
+// was the whole cost of GLM's W_UK product (0.9 ms per call at 2048 tokens on the CUDA cores or
+// the tensor cores alike). Replaces an f32 SIMT GEMM (routers: 0.15 ms per Qwen3 call at 2048).
+#define FT_ROWS 64 // rows per block: 4 warps of 16
+#define FT_K 32    // reduction step per stage (4 mma k-steps)
+
+template <int COLS, bool T>
+__device__ __forceinline__ void gemm_f32_tc_body(const float* w, const float* x, float* y, int m_rows, int heads,
+                                                 int w_rows, int cols) {
     pdl_enter();
-    __shared__ float sx[DG_K][DG_T + 1];
-    __shared__ float sw[DG_K][DG_T + 1];
-    const int PER = DG_T * DG_K / DG_THREADS; // elements of each tile a thread copies
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    int m0 = blockIdx.y * DG_T, n0 = blockIdx.x * DG_T;
-    float acc[2][2] = {};
-    float nx[PER], nw[PER];
-    auto fetch = [&](int k0) {
+    // Row strides of 40 floats (8 mod 32): a half warp's 8-byte fragment reads (rows g, dims
+    // 2t, 2t + 1) fall on distinct banks.
+    __shared__ float xs[FT_ROWS][FT_K + 8];
+    __shared__ float ws[COLS][FT_K + 8];
+    const int h = blockIdx.z, m0 = blockIdx.y * FT_ROWS, j0 = blockIdx.x * COLS;
+    const int ni = T ? w_rows : cols, nj = T ? cols : w_rows;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const float* wh = w + (size_t)h * w_rows * cols;
+    float acc[COLS / 8][4];
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            int i = threadIdx.x + DG_THREADS * j;
-            int r = i / DG_K, kk = i % DG_K;
-            int gm = m0 + r, gn = n0 + r, gk = k0 + kk;
-            nx[j] = (gm < m_rows && gk < w.cols) ? x[(size_t)gm * w.cols + gk] : 0.0f;
-            nw[j] = (gn < w.rows && gk < w.cols) ? w_at(w, gn, gk) : 0.0f;
+    for (int nt = 0; nt < COLS / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.0f;
+    constexpr int XN = FT_ROWS * FT_K / 128, WN = FT_K * COLS / 128;
+    for (int i0 = 0; i0 < ni; i0 += FT_K) {
+        // Every load of the step in flight before the stores.
+        float xv[XN], wv[WN];
+#pragma unroll
+        for (int u = 0; u < XN; u++) {
+            int e = tid + 128 * u, m = m0 + e / FT_K, i = i0 + e % FT_K;
+            xv[u] = m < m_rows && i < ni ? x[((size_t)m * heads + h) * ni + i] : 0.0f;
         }
-    };
-    fetch(0);
-    for (int k0 = 0; k0 < w.cols; k0 += DG_K) {
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            int i = threadIdx.x + DG_THREADS * j;
-            sx[i % DG_K][i / DG_K] = nx[j];
-            sw[i % DG_K][i / DG_K] = nw[j];
+        for (int u = 0; u < WN; u++) {
+            // Consecutive threads walk w's rows: j when transposed, i otherwise.
+            int e = tid + 128 * u;
+            int i = i0 + (T ? e / COLS : e % FT_K), j = j0 + (T ? e % COLS : e / FT_K);
+            wv[u] = i < ni && j < nj ? (T ? wh[(size_t)i * cols + j] : wh[(size_t)j * cols + i]) : 0.0f;
+        }
+        __syncthreads(); // the previous tiles are consumed
+#pragma unroll
+        for (int u = 0; u < XN; u++) {
+            int e = tid + 128 * u;
+            xs[e / FT_K][e % FT_K] = xv[u];
+        }
+#pragma unroll
+        for (int u = 0; u < WN; u++) {
+            int e = tid + 128 * u;
+            ws[T ? e % COLS : e / FT_K][T ? e / COLS : e % FT_K] = wv[u];
         }
         __syncthreads();
-        if (k0 + DG_K < w.cols) fetch(k0 + DG_K);
 #pragma unroll
-        for (int kk = 0; kk < DG_K; kk++) {
-            float a[2], b[2];
+        for (int st = 0; st < FT_K / 8; st++) {
+            float2 x0 = *reinterpret_cast<const float2*>(&xs[warp * 16 + g][8 * st + 2 * t]);
+            float2 x1 = *reinterpret_cast<const float2*>(&xs[warp * 16 + g + 8][8 * st + 2 * t]);
+            const float a[4] = {x0.x, x1.x, x0.y, x1.y};
+            u32 ah[4], al[4];
 #pragma unroll
-            for (int i = 0; i < 2; i++) { a[i] = sx[kk][ty * 2 + i]; b[i] = sw[kk][tx * 2 + i]; }
+            for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
 #pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int j = 0; j < 2; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            for (int nt = 0; nt < COLS / 8; nt++) {
+                float2 b = *reinterpret_cast<const float2*>(&ws[nt * 8 + g][8 * st + 2 * t]);
+                mma_tf32x3(acc[nt], ah, al, b.x, b.y);
+            }
         }
-        __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int r = 0; r < 2; r++) {
+        const int m = m0 + warp * 16 + g + 8 * r;
+        if (m >= m_rows) continue;
+        float* dst = y + ((size_t)m * heads + h) * nj + j0 + 2 * t;
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            int m = m0 + ty * 2 + i, n = n0 + tx * 2 + j;
-            if (m < m_rows && n < w.rows) y[(size_t)m * w.rows + n] = acc[i][j];
+        for (int nt = 0; nt < COLS / 8; nt++) {
+            const int j = j0 + nt * 8 + 2 * t;
+            if (j < nj) dst[nt * 8] = acc[nt][2 * r];
+            if (j + 1 < nj) dst[nt * 8 + 1] = acc[nt][2 * r + 1];
         }
+    }
+}
+
+#define GEMM_F32_TC(NAME, COLS, T)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                                            \
+        NAME(const float* w, const float* x, float* y, int m_rows, int heads, int w_rows, int cols) {            \
+        gemm_f32_tc_body<COLS, T>(w, x, y, m_rows, heads, w_rows, cols);                                         \
+    }
+// Narrow outputs (routers: 64-128 columns) take 32-column tiles, so the grid still fills the GPU.
+GEMM_F32_TC(gemm_f32_tc_n32, 32, false)
+GEMM_F32_TC(gemm_f32_tc_n128, 128, false)
+GEMM_F32_TC(gemm_f32_tc_t_n128, 128, true)
+
+// Rows h * rph + row_start + r (r < row_count) of every head, decoded to f32:
+// wd [heads, row_count, cols]. One thread per element.
+extern "C" __global__ void decode_head_rows(W w, float* wd, int heads, int rph, int row_start, int row_count) {
+    pdl_enter();
+    size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)heads * row_count * w.cols) return;
+    int j = (int)(e % w.cols), hr = (int)(e / w.cols);
+    wd[e] = w_at(w, (hr / row_count) * rph + row_start + hr % row_count, j);
 }

@@ -13,9 +13,6 @@ use std::sync::{Arc, PoisonError};
 type CT = Tensor<CudaStorage>;
 
 const ELEM_THREADS: u32 = 256;
-/// head_linear_tc (kernels/attention.cu): rows (HT_ROWS) and output columns (HT_COLS) per block.
-const HEAD_LINEAR_ROWS: u32 = 64;
-const HEAD_LINEAR_COLS: u32 = 128;
 /// `head_linear` with at most this many rows uses the decode-shaped kernels (a 64-row tile would
 /// idle): per-output warps, or per-column lanes with the sum split over warps.
 const HEAD_LINEAR_SMALL_M: usize = 4;
@@ -126,8 +123,11 @@ const GEMM_MAX_STAGES: usize = 4;
 /// Bytes of `Fp4Lut` (common.cuh) after the stages.
 const GEMM_LUT_BYTES: usize = 256 * 4;
 /// Must match DG_T / DG_THREADS in kernels/gemm.cu (the dense f32 GEMM).
-const DENSE_GEMM_TILE: u32 = 32;
-const DENSE_GEMM_THREADS: u32 = 256;
+/// gemm_f32_tc (gemm.cu): rows per block (FT_ROWS, 4 warps), and the widest output that takes
+/// the 32-column tiles (routers: 64-128 columns, whose 128-column tiles would leave most SMs idle).
+const GEMM_F32_ROWS: u32 = 64;
+const GEMM_F32_THREADS: u32 = 128;
+const GEMM_F32_NARROW: usize = 128;
 /// The FP4 GEMM's tile rows (`gemm_fp4_t*_m{32,64}_*`).
 pub const GEMM_BLOCK_ROWS: [usize; 2] = [32, 64];
 /// Rows per tile (all of a linear's, or one expert's on average) from which 64-row tiles are
@@ -464,6 +464,74 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// Rows `h * rows_per_head + row_start + r` (r < row_count) of every head decoded to f32:
+    /// `[heads, row_count, cols]`.
+    fn decode_head_rows(
+        &self,
+        w: &CudaWeight,
+        heads: usize,
+        rows_per_head: usize,
+        row_start: usize,
+        row_count: usize,
+    ) -> Result<CT> {
+        let wd = self.empty(&[heads, row_count, w.cols], DType::F32)?;
+        self.run(
+            "gemm.cu",
+            "decode_head_rows",
+            (blocks(heads * row_count * w.cols, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[
+                Arg::Raw(w.args()),
+                Arg::Ptr(wd.storage.ptr()),
+                Arg::I32(heads as i32),
+                Arg::I32(rows_per_head as i32),
+                Arg::I32(row_start as i32),
+                Arg::I32(row_count as i32),
+            ],
+        )?;
+        Ok(wd)
+    }
+
+    /// `gemm_f32_tc` (gemm.cu): slice h of y `[m, batch, J]` = x `[m, batch, I]` (f32) times the
+    /// f32 matrix `w_h` `[w_rows, cols]` at `wd + h * w_rows * cols`, transposed (y = x · w_hᵀ,
+    /// J = w_rows) unless `transpose` (y = x · w_h, I = w_rows).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f32(
+        &self,
+        wd: u64,
+        x: &CT,
+        m: usize,
+        batch: usize,
+        w_rows: usize,
+        cols: usize,
+        transpose: bool,
+    ) -> Result<CT> {
+        let nj = if transpose { cols } else { w_rows };
+        let y = self.empty(&[m, batch, nj], DType::F32)?;
+        // (kernel, output columns per block)
+        let (name, tile) = match (transpose, nj <= GEMM_F32_NARROW) {
+            (true, _) => ("gemm_f32_tc_t_n128", 128),
+            (false, true) => ("gemm_f32_tc_n32", 32),
+            (false, false) => ("gemm_f32_tc_n128", 128),
+        };
+        self.run(
+            "gemm.cu",
+            name,
+            (blocks(nj, tile), blocks(m, GEMM_F32_ROWS), batch as u32),
+            GEMM_F32_THREADS,
+            &[
+                Arg::Ptr(wd),
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(m as i32),
+                Arg::I32(batch as i32),
+                Arg::I32(w_rows as i32),
+                Arg::I32(cols as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
     /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
     /// one expert's on average).
     fn gemm_block_rows(&self, rows: usize) -> usize {
@@ -475,20 +543,15 @@ impl CudaBackend {
         let y = self.empty(&[m, w.rows], DType::F32)?;
         if !w.kind.is_fp4() {
             let xf = self.padded(x, m, w.cols, w.cols, DType::F32)?;
-            return self
-                .run(
-                    "gemm.cu",
-                    "gemm_dense_f32",
-                    (blocks(w.rows, DENSE_GEMM_TILE), blocks(m, DENSE_GEMM_TILE), 1),
-                    DENSE_GEMM_THREADS,
-                    &[
-                        Arg::Raw(w.args()),
-                        Arg::Ptr(xf.storage.ptr()),
-                        Arg::Ptr(y.storage.ptr()),
-                        Arg::I32(m as i32),
-                    ],
-                )
-                .map(|_| y);
+            let decoded;
+            let wd = match w.f32_ptr() {
+                Some(p) => p,
+                None => {
+                    decoded = self.decode_head_rows(w, 1, w.rows, 0, w.rows)?;
+                    decoded.storage.ptr()
+                }
+            };
+            return self.gemm_f32(wd, &xf, m, 1, w.rows, w.cols, false);
         }
         // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
         // tolerance on short, cancelling dot products).
@@ -1201,6 +1264,11 @@ impl Backend for CudaBackend {
         if !transpose && w.kind.is_fp4() && m > HEAD_LINEAR_SMALL_M {
             return self.head_rows_gemm(x, w, spec, m);
         }
+        if m > HEAD_LINEAR_SMALL_M {
+            // The heads' weight rows decoded once to f32, then the tensor-core product.
+            let wd = self.decode_head_rows(w, heads, rows_per_head, row_start, row_count)?;
+            return self.gemm_f32(wd.storage.ptr(), x, m, heads, row_count, k, transpose);
+        }
         let y = self.empty(&[m, heads, ky], DType::F32)?;
         let args = [
             Arg::Raw(w.args()),
@@ -1211,47 +1279,12 @@ impl Backend for CudaBackend {
             Arg::I32(rows_per_head as i32),
             Arg::I32(row_start as i32),
             Arg::I32(row_count as i32),
-            Arg::I32(transpose as i32),
         ];
-        let nj = if transpose { k } else { row_count };
-        if m > HEAD_LINEAR_SMALL_M {
-            // The heads' weight rows decoded once to f32, then the tensor-core product.
-            let wd = self.empty(&[heads, row_count, k], DType::F32)?;
-            self.run(
-                "attention.cu",
-                "head_rows_decode",
-                (blocks(heads * row_count * k, ELEM_THREADS), 1, 1),
-                ELEM_THREADS,
-                &[
-                    Arg::Raw(w.args()),
-                    Arg::Ptr(wd.storage.ptr()),
-                    Arg::I32(heads as i32),
-                    Arg::I32(rows_per_head as i32),
-                    Arg::I32(row_start as i32),
-                    Arg::I32(row_count as i32),
-                ],
-            )?;
-            self.run(
-                "attention.cu",
-                "head_linear_tc",
-                (blocks(nj, HEAD_LINEAR_COLS), blocks(m, HEAD_LINEAR_ROWS), heads as u32),
-                128,
-                &[
-                    Arg::Ptr(wd.storage.ptr()),
-                    Arg::Ptr(x.storage.ptr()),
-                    Arg::Ptr(y.storage.ptr()),
-                    Arg::I32(m as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(row_count as i32),
-                    Arg::I32(k as i32),
-                    Arg::I32(transpose as i32),
-                ],
-            )?;
-        } else if transpose && w.kind.is_fp4() && w.kp <= HEAD_COLS_MAX_KP {
+        if transpose && w.kind.is_fp4() && w.kp <= HEAD_COLS_MAX_KP {
             let splits = row_count.div_ceil(HEAD_COLS_ROWS_PER_BLOCK);
             let part = self.empty(&[splits, m, heads, k], DType::F32)?;
             let done = self.zeroed(&[m, heads], DType::U32)?;
-            let mut a = args[..8].to_vec();
+            let mut a = args.to_vec();
             a.extend([Arg::Ptr(part.storage.ptr()), Arg::Ptr(done.storage.ptr())]);
             self.run(
                 "gemv.cu",
@@ -1266,7 +1299,7 @@ impl Backend for CudaBackend {
                 "head_linear_cols_small",
                 (blocks(k, 32), heads as u32, m as u32),
                 256,
-                &args[..8],
+                &args,
             )?;
         } else if !w.kind.is_fp4() || w.kp == w.cols {
             self.run(
@@ -1274,7 +1307,7 @@ impl Backend for CudaBackend {
                 "head_rows_gemv",
                 (blocks(row_count, HEAD_ROWS_PER_BLOCK), heads as u32, m as u32),
                 GEMV_THREADS,
-                &args[..8],
+                &args,
             )?;
         } else {
             let threads = m * heads * row_count * 32;
@@ -1283,7 +1316,7 @@ impl Backend for CudaBackend {
                 "head_linear_rows_small",
                 (blocks(threads, ELEM_THREADS), 1, 1),
                 ELEM_THREADS,
-                &args[..8],
+                &args,
             )?;
         }
         Ok(y)

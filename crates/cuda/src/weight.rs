@@ -154,6 +154,11 @@ impl CudaWeight {
         b
     }
 
+    /// Device address of an f32 weight's data (the layout `gemm_f32_tc` reads), if it is one.
+    pub fn f32_ptr(&self) -> Option<u64> {
+        (self.kind == WeightKind::F32).then(|| ptr(&self.data))
+    }
+
     /// A zeroed `W` (for an absent optional weight).
     pub fn null_args() -> Vec<u8> {
         vec![0u8; 56]
