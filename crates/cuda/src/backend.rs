@@ -538,7 +538,7 @@ impl CudaBackend {
         self.gemm_rows.unwrap_or(if rows >= GEMM_WIDE_ROWS_FROM { 64 } else { 32 })
     }
 
-    /// y `[m, n]` f32 = x · Wᵀ by the tensor-core GEMM (FP4) or the f32 SIMT GEMM (dense).
+    /// y `[m, n]` f32 = x · Wᵀ by the FP4 tensor-core GEMM, or gemm_f32 (dense weights).
     fn gemm(&self, x: &CT, m: usize, w: &CudaWeight, n_tile: usize) -> Result<CT> {
         let y = self.empty(&[m, w.rows], DType::F32)?;
         if !w.kind.is_fp4() {
@@ -556,7 +556,12 @@ impl CudaBackend {
         // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
         // tolerance on short, cancelling dot products).
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
-        let bm = self.gemm_block_rows(m);
+        let mut bm = self.gemm_block_rows(m);
+        // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) left 64-row tiles with
+        // fewer than two blocks per SM; 32-row tiles double the grid.
+        if self.gemm_rows.is_none() && w.rows.div_ceil(n_tile) * m.div_ceil(bm) < 2 * self.dev.sms {
+            bm = GEMM_BLOCK_ROWS[0];
+        }
         let name = gemm_name("linear", self, bm, n_tile, terms)?;
         let a = self.gemm_operand(x, m, w.cols, w.kp, terms)?;
         let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
