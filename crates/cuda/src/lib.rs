@@ -20,8 +20,11 @@
 //!   into gate/up and the router weight into down, then a slot-ordered sum; Prefill{128|256} sorts
 //!   pairs by expert on the GPU (counts -> padded offsets -> scatter) and runs the same GEMM per
 //!   expert block, then combines in slot order. No float atomics anywhere. Attention: decode
-//!   splits the keys (flash-decoding, ordered combine); many queries take FlashAttention-style
-//!   tiles in shared memory (GQA and MLA).
+//!   splits the keys (flash-decoding, ordered combine); many queries take FlashAttention-2 tiles
+//!   on the tensor cores (GQA and MLA; f32 operands as tf32 hi + lo, three `mma.sync` products,
+//!   which keeps f32 agreement; f32 kernels for widths that are not multiples of 8). Products
+//!   with f32 weights (routers) and MLA's per-head products at prefill use one batched
+//!   tensor-core GEMM of the same kind (`gemm_f32_tc`).
 //! - On sm_90+ every kernel is launched with programmatic stream serialization: it may start
 //!   while the previous one finishes and waits for its inputs in the kernel (`pdl_wait`,
 //!   kernels/common.cuh), so launch latency and the GEMVs' first weight loads overlap the
