@@ -621,6 +621,59 @@ __device__ __forceinline__ void tc_p_frag(const float* p, u32* ah, u32* al) {
     tf32_split(p[3], ah[3], al[3]);
 }
 
+// Scores of a warp's 16 rows against one key tile of NT * 8 keys: s = Q K^T over n k-steps of
+// the query fragments qa (scaled, unsplit; split here, in the loop, so they stay one register
+// each). k: this lane's key (g) at its first dims (2t, 2t + 1), rows rs floats apart.
+template <int NT, int MAXKS>
+__device__ __forceinline__ void tc_scores(float (*s)[4], const float (*qa)[4], const float* k, int rs, int n) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+#pragma unroll
+    for (int st = 0; st < MAXKS; st++) {
+        if (st >= n) break;
+        u32 ah[4], al[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            float2 x = *reinterpret_cast<const float2*>(k + nt * 8 * rs + 8 * st);
+            mma_tf32x3(s[nt], ah, al, x.x, x.y);
+        }
+    }
+}
+
+// One key tile's softmax step and value product for a warp's 16 rows: scores s (NT * 8 keys,
+// replaced by probabilities), the output rows o (MAXNV value tiles, the first n in use) rescaled
+// and accumulated. v: this lane's value column (g) of key 0, rows rs floats apart, tiles 8
+// columns apart.
+template <int NT, int MAXNV>
+__device__ __forceinline__ void tc_softmax_pv(float (*s)[4], float (*o)[4], int c0, int keys, const int* pos,
+                                              float* m, float* l, const float* v, int rs, int n) {
+    float corr[2];
+    tc_softmax<NT>(s, c0, keys, pos, m, l, corr);
+#pragma unroll
+    for (int nv = 0; nv < MAXNV; nv++) {
+        o[nv][0] *= corr[0];
+        o[nv][1] *= corr[0];
+        o[nv][2] *= corr[1];
+        o[nv][3] *= corr[1];
+    }
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int kk = 0; kk < NT; kk++) {
+        u32 ah[4], al[4];
+        tc_p_frag(s[kk], ah, al);
+        const float* v0 = v + (kk * 8 + 2 * t) * rs;
+#pragma unroll
+        for (int nv = 0; nv < MAXNV; nv++) {
+            if (nv >= n) break;
+            mma_tf32x3(o[nv], ah, al, v0[nv * 8], v0[rs + nv * 8]);
+        }
+    }
+}
+
 __device__ __forceinline__ float tc_row_sum(float l) {
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     return l + __shfl_xor_sync(0xffffffffu, l, 2);
@@ -710,42 +763,8 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
         const float* kb = kr + buf * TCQ_BC * ks;
         const float* vb = vr + buf * TCQ_BC * vs;
         float s[TCQ_NT][4];
-#pragma unroll
-        for (int nt = 0; nt < TCQ_NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
-#pragma unroll
-        for (int st = 0; st < TCQ_MAX_D / 8; st++) {
-            if (st >= nks) break;
-            u32 ah[4], al[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
-#pragma unroll
-            for (int nt = 0; nt < TCQ_NT; nt++) {
-                float2 x = *reinterpret_cast<const float2*>(kb + (nt * 8 + g) * ks + 8 * st + 2 * t);
-                mma_tf32x3(s[nt], ah, al, x.x, x.y);
-            }
-        }
-        float corr[2];
-        tc_softmax<TCQ_NT>(s, c0, keys, pos, m, l, corr);
-#pragma unroll
-        for (int nv = 0; nv < TCQ_MAX_D / 8; nv++) {
-            o[nv][0] *= corr[0];
-            o[nv][1] *= corr[0];
-            o[nv][2] *= corr[1];
-            o[nv][3] *= corr[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < TCQ_NT; kk++) {
-            u32 ah[4], al[4];
-            tc_p_frag(s[kk], ah, al);
-            const float* v0 = vb + (kk * 8 + 2 * t) * vs + g;
-#pragma unroll
-            for (int nv = 0; nv < TCQ_MAX_D / 8; nv++) {
-                if (nv >= nvt) break;
-                mma_tf32x3(o[nv], ah, al, v0[nv * 8], v0[vs + nv * 8]);
-            }
-        }
+        tc_scores<TCQ_NT, TCQ_MAX_D / 8>(s, qa, kb + g * ks + 2 * t, ks, nks);
+        tc_softmax_pv<TCQ_NT, TCQ_MAX_D / 8>(s, o, c0, keys, pos, m, l, vb + g, vs, nvt);
     }
     cp_async_wait<0>();
 #pragma unroll
@@ -824,6 +843,9 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
     const int pos[2] = {p0 + row[0] / heads, p0 + row[1] / heads};
     const int nks = w / 8, kpc = (nks + TCM_COLS - 1) / TCM_COLS, ks0 = cg * kpc;
     const int nvt = l_dim / 8, vpc = (nvt + TCM_COLS - 1) / TCM_COLS, nv0 = cg * vpc;
+    // Value tiles of this column group (a compile-time 16 for GLM's widths: with the runtime
+    // bound the 512-wide kernel compiled to 232 registers and ran 12 % slower).
+    const int nvl = L_ && nvt % TCM_COLS == 0 ? vpc : min(vpc, nvt - nv0);
     float qa[TCM_MAX_KS][4];
 #pragma unroll
     for (int st = 0; st < TCM_MAX_KS; st++) {
@@ -856,23 +878,8 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
         // Uniform across a row group's four warps (same rows), as the exchange below needs.
         const bool work = live && c0 <= last_pos;
         float s[TCM_NT][4];
-#pragma unroll
-        for (int nt = 0; nt < TCM_NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
         if (work) {
-#pragma unroll
-            for (int st = 0; st < TCM_MAX_KS; st++) {
-                if (st >= kpc || ks0 + st >= nks) break;
-                u32 ah[4], al[4];
-#pragma unroll
-                for (int i = 0; i < 4; i++) tf32_split_here(qa[st][i], ah[i], al[i]);
-#pragma unroll
-                for (int nt = 0; nt < TCM_NT; nt++) {
-                    float2 x = *reinterpret_cast<const float2*>(kb + (nt * 8 + g) * rs + 8 * (ks0 + st) + 2 * t);
-                    mma_tf32x3(s[nt], ah, al, x.x, x.y);
-                }
-            }
+            tc_scores<TCM_NT, TCM_MAX_KS>(s, qa, kb + g * rs + 8 * ks0 + 2 * t, rs, min(kpc, nks - ks0));
             float* mine = sp + ((size_t)cg * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
 #pragma unroll
             for (int nt = 0; nt < TCM_NT; nt++) {
@@ -899,26 +906,7 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
                 s[nt][3] += b.y;
             }
         }
-        float corr[2];
-        tc_softmax<TCM_NT>(s, c0, keys, pos, m, l, corr);
-#pragma unroll
-        for (int nv = 0; nv < TCM_MAX_NV; nv++) {
-            o[nv][0] *= corr[0];
-            o[nv][1] *= corr[0];
-            o[nv][2] *= corr[1];
-            o[nv][3] *= corr[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < TCM_NT; kk++) {
-            u32 ah[4], al[4];
-            tc_p_frag(s[kk], ah, al);
-            const float* v0 = kb + (kk * 8 + 2 * t) * rs + nv0 * 8 + g;
-#pragma unroll
-            for (int nv = 0; nv < TCM_MAX_NV; nv++) {
-                if (nv >= vpc || nv0 + nv >= nvt) break;
-                mma_tf32x3(o[nv], ah, al, v0[nv * 8], v0[rs + nv * 8]);
-            }
-        }
+        tc_softmax_pv<TCM_NT, TCM_MAX_NV>(s, o, c0, keys, pos, m, l, kb + nv0 * 8 + g, rs, nvl);
     }
     cp_async_wait<0>();
 #pragma unroll
