@@ -563,7 +563,7 @@ attention_mla_prefill_f32(const float* q_lat, const float* q_rope, const float* 
 }
 
 // ---- Prefill on the tensor cores ---------------------------------------------------------------
-// FlashAttention-2 layout: each warp owns 16 query rows, their scores (16 x TC_BC keys) and
+// FlashAttention-2 layout: each warp owns 16 query rows, their scores (16 x 32 keys) and
 // output rows live in mma accumulators, and the products are 3xTF32 (common.cuh), which keeps
 // f32 agreement. The score fragment is reused as the value product's A fragment without
 // shuffles: its columns 2t and 2t + 1 are read as k = t and t + 4, so the value tile's B

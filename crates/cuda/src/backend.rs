@@ -122,7 +122,6 @@ const GEMM_SMEM_MAX: usize = 110 * 1024;
 const GEMM_MAX_STAGES: usize = 4;
 /// Bytes of `Fp4Lut` (common.cuh) after the stages.
 const GEMM_LUT_BYTES: usize = 256 * 4;
-/// Must match DG_T / DG_THREADS in kernels/gemm.cu (the dense f32 GEMM).
 /// gemm_f32_tc (gemm.cu): rows per block (FT_ROWS, 4 warps), and the widest output that takes
 /// the 32-column tiles (routers: 64-128 columns, whose 128-column tiles would leave most SMs idle).
 const GEMM_F32_ROWS: u32 = 64;
