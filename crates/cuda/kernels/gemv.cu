@@ -599,11 +599,11 @@ __device__ __forceinline__ float tile_sum(const float (*red)[TC_ROWS], int i) {
 // with four warps per block, 32 blocks of Qwen3's k/v took 8.3 us against 5.5 us for the SIMT
 // kernel on four-warp rows. Dynamic shared memory: the B fragments (TC_TERMS * 2 * kp bytes).
 template <int WARPS>
-__device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y) {
+__device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y, int tile) {
     __shared__ Fp4Lut lut;
     __shared__ float red[WARPS][TC_ROWS];
     lut_init(&lut, w);
-    const int g = (threadIdx.x & 31) >> 2, n0 = blockIdx.x * TC_ROWS;
+    const int g = (threadIdx.x & 31) >> 2, n0 = tile * TC_ROWS;
     const int r0 = n0 + g < w.rows ? n0 + g : -1, r1 = n0 + g + 8 < w.rows ? n0 + g + 8 : -1;
     float y0, y1;
     tc_rows(&lut, w, r0, r1, tc_frag, threadIdx.x >> 5, WARPS, y0, y1, [&] {
@@ -614,9 +614,23 @@ __device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y) {
     const int i = threadIdx.x;
     if (i < TC_ROWS && n0 + i < w.rows) y[n0 + i] = tile_sum<WARPS>(red, i) * row_tscale(w, n0 + i);
 }
+// Up to three weights sharing one x (Qwen3's q / k / v, GLM's q_a / kv_a) in one launch: blocks
+// [0, t1) take w0's tiles, [t1, t2) w1's, the rest w2's (t2 = gridDim.x for two weights). Each
+// weight's GEMV otherwise waits for the previous one's (programmatic launch) and then for its
+// own weights: separate latency chains of 5-7 us each in a decode step.
 #define GEMV_TC(WARPS)                                                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) gemv_tc_w##WARPS(W w, const float* x, float* y) { \
-        gemv_tc_body<WARPS>(w, x, y);                                                                            \
+        gemv_tc_body<WARPS>(w, x, y, blockIdx.x);                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                     \
+        gemv_tc3_w##WARPS(W w0, W w1, W w2, int t1, int t2, const float* x, float* y0, float* y1, float* y2) {   \
+        const int b = blockIdx.x;                                                                                \
+        if (b < t1)                                                                                              \
+            gemv_tc_body<WARPS>(w0, x, y0, b);                                                                   \
+        else if (b < t2)                                                                                         \
+            gemv_tc_body<WARPS>(w1, x, y1, b - t1);                                                              \
+        else                                                                                                     \
+            gemv_tc_body<WARPS>(w2, x, y2, b - t2);                                                              \
     }
 GEMV_TC(4)
 GEMV_TC(8)

@@ -373,28 +373,28 @@ impl CudaBackend {
             && tc_frag_bytes(kp) <= TC_FRAG_MAX
     }
 
+    /// Warps per block of the one-row tensor-core GEMVs over `tiles` tiles of TC_ROWS rows: the
+    /// fewest (of 4, 8, 16; at most one per K step) that give the grid TC_MIN_WARPS_PER_SM warps
+    /// per SM.
+    fn tc_warps(&self, tiles: usize, kp: usize) -> usize {
+        let steps = kp / TC_STEP;
+        [4usize, 8, 16]
+            .into_iter()
+            .find(|&k| k * 2 > steps || tiles * k >= TC_MIN_WARPS_PER_SM * self.dev.sms)
+            .unwrap_or(16)
+    }
+
     /// y `[m, n]` f32 = x · Wᵀ by the decode GEMV.
     fn gemv(&self, x: &CT, m: usize, w: &CudaWeight) -> Result<CT> {
         let (xs, chunks) = if w.kind.is_fp4() { (w.kp, w.kp / 32) } else { (w.cols, w.cols / 8) };
         let xp = self.padded(x, m, w.cols, xs, DType::F32)?;
         let y = self.empty(&[m, w.rows], DType::F32)?;
         if m == 1 && self.tc_fits(&[w]) {
-            // The fewest warps per block (of 4, 8, 16; at most one per K step) that give the grid
-            // TC_MIN_WARPS_PER_SM warps per SM.
             let tiles = w.rows.div_ceil(TC_ROWS as usize);
-            let steps = w.kp / TC_STEP;
-            let warps = [4usize, 8, 16]
-                .into_iter()
-                .find(|&k| k * 2 > steps || tiles * k >= TC_MIN_WARPS_PER_SM * self.dev.sms)
-                .unwrap_or(16);
-            let name = match warps {
-                4 => "gemv_tc_w4",
-                8 => "gemv_tc_w8",
-                _ => "gemv_tc_w16",
-            };
+            let warps = self.tc_warps(tiles, w.kp);
             self.run_smem(
                 "gemv.cu",
-                name,
+                ["gemv_tc_w4", "gemv_tc_w8", "gemv_tc_w16"][warps.trailing_zeros() as usize - 2],
                 (tiles as u32, 1, 1),
                 warps as u32 * 32,
                 tc_frag_bytes(w.kp),
@@ -1248,6 +1248,63 @@ impl Backend for CudaBackend {
             LinearPath::Prefill { n_tile } => self.gemm(x, m, w, n_tile)?,
         };
         y.reshape(&shape)
+    }
+
+    fn linears(&self, x: &CT, ws: &[&CudaWeight], path: LinearPath) -> Result<Vec<CT>> {
+        const OP: &str = "linears";
+        let separate = || ws.iter().map(|w| self.linear(x, w, path)).collect();
+        let Some(w0) = ws.first() else { return Ok(Vec::new()) };
+        let m = x.rows();
+        let path = match path {
+            LinearPath::Auto => self.config.linear_path(m),
+            p => p,
+        };
+        // One launch (gemv_tc3_*) for up to three one-row tensor-core GEMVs over the same x.
+        let one_launch = (2..=3).contains(&ws.len())
+            && m == 1
+            && !x.shape().is_empty()
+            && x.last_dim() == w0.cols
+            && matches!(path, LinearPath::Decode)
+            && self.tc_fits(ws)
+            && ws.iter().all(|w| w.cols == w0.cols && w.kp == w0.kp);
+        if !one_launch {
+            return separate();
+        }
+        self.check(OP, x, &[DType::F32, DType::BF16])?;
+        let xp = self.padded(x, 1, w0.cols, w0.kp, DType::F32)?;
+        let tiles: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(TC_ROWS as usize)).collect();
+        let total: usize = tiles.iter().sum();
+        let warps = self.tc_warps(total, w0.kp);
+        let ys = ws.iter().map(|w| self.empty(&[1, w.rows], DType::F32)).collect::<Result<Vec<_>>>()?;
+        // Two weights: the third slot repeats the second and gets no blocks (t2 = total).
+        let at = |i: usize| i.min(ws.len() - 1);
+        let (t1, t2) = (tiles[0], if ws.len() == 3 { tiles[0] + tiles[1] } else { total });
+        self.run_smem(
+            "gemv.cu",
+            ["gemv_tc3_w4", "gemv_tc3_w8", "gemv_tc3_w16"][warps.trailing_zeros() as usize - 2],
+            (total as u32, 1, 1),
+            warps as u32 * 32,
+            tc_frag_bytes(w0.kp),
+            &[
+                Arg::Raw(ws[0].args()),
+                Arg::Raw(ws[1].args()),
+                Arg::Raw(ws[at(2)].args()),
+                Arg::I32(t1 as i32),
+                Arg::I32(t2 as i32),
+                Arg::Ptr(xp.storage.ptr()),
+                Arg::Ptr(ys[0].storage.ptr()),
+                Arg::Ptr(ys[1].storage.ptr()),
+                Arg::Ptr(ys[at(2)].storage.ptr()),
+            ],
+        )?;
+        let mut shape = x.shape().to_vec();
+        ys.into_iter()
+            .zip(ws)
+            .map(|(y, w)| {
+                *shape.last_mut().expect("non-empty") = w.rows;
+                y.reshape(&shape)
+            })
+            .collect()
     }
 
     fn head_linear(&self, x: &CT, w: &CudaWeight, spec: HeadLinear) -> Result<CT> {

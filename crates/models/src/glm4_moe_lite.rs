@@ -390,18 +390,24 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         let c = &self.cfg;
         let (n, heads) = (plan.rows(), c.num_heads);
         let (nope, rope, lora, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim);
+        // The query's first product and kv_a both read h: one `linears` call.
+        let first = match &at.q {
+            QProj::LowRank { a, .. } => a,
+            QProj::Full(w) => w,
+        };
+        let [q0, ckv]: [T<B>; 2] = b
+            .linears(h, &[first, &at.kv_a], LinearPath::Auto)?
+            .try_into()
+            .map_err(|_| Error::Invalid("linears: not two outputs for two weights".into()))?;
         let q = match &at.q {
-            QProj::LowRank { a, norm, b: qb } => {
-                let qa = norm.forward(b, &b.linear(h, a, LinearPath::Auto)?)?;
-                b.linear(&qa, qb, LinearPath::Auto)?
-            }
-            QProj::Full(w) => b.linear(h, w, LinearPath::Auto)?,
+            QProj::LowRank { norm, b: qb, .. } => b.linear(&norm.forward(b, &q0)?, qb, LinearPath::Auto)?,
+            QProj::Full(_) => q0,
         }
         .reshape(&[n, heads, nope + rope])?;
         let q_rope = b.rope(&b.slice_cols(&q, nope, rope)?, positions, c.rope())?; // [n, heads, rope]
         let q_lat = b.head_linear(&b.slice_cols(&q, 0, nope)?, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
 
-        let ckv = b.linear(h, &at.kv_a, LinearPath::Auto)?; // [n, lora + rope]
+        // ckv: [n, lora + rope]
         let latent = at.kv_a_norm.forward(b, &b.slice_cols(&ckv, 0, lora)?)?; // [n, lora]
         let k_rope = b.slice_cols(&ckv, lora, rope)?.reshape(&[n, 1, rope])?;
         let k_rope = b.rope(&k_rope, positions, c.rope())?.reshape(&[n, rope])?;

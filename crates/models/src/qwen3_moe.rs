@@ -273,11 +273,13 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         let b = &self.backend;
         let c = &self.cfg;
         let (n, d, hq, hkv) = (plan.rows(), c.head_dim, c.num_heads, c.num_kv_heads);
-        let q = b.linear(h, &at.q_proj, LinearPath::Auto)?.reshape(&[n, hq, d])?;
-        let q = at.q_norm.forward_rope(b, &q, positions, c.rope())?;
-        let k = b.linear(h, &at.k_proj, LinearPath::Auto)?.reshape(&[n, hkv, d])?;
+        let [q, k, v]: [T<B>; 3] = b
+            .linears(h, &[&at.q_proj, &at.k_proj, &at.v_proj], LinearPath::Auto)?
+            .try_into()
+            .map_err(|_| Error::Invalid("linears: not three outputs for three weights".into()))?;
+        let q = at.q_norm.forward_rope(b, &q.reshape(&[n, hq, d])?, positions, c.rope())?;
+        let k = k.reshape(&[n, hkv, d])?;
         let k = at.k_norm.forward_rope(b, &k, positions, c.rope())?.reshape(&[n, hkv * d])?;
-        let v = b.linear(h, &at.v_proj, LinearPath::Auto)?;
         let scale = 1.0 / (d as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {

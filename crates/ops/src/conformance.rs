@@ -552,6 +552,49 @@ pub fn check_linear_odd_shapes<B: Backend>(b: &B, seed: u64) -> Check {
         let case = format!("linear {format:?} block scales {lo}..={hi}");
         linear_case_with(&mut cx, b, &case, &HostWeight::Quant(m), &[1, 3], &[DType::F32])?;
     }
+    // Several weights on one x (`linears`; GPU backends run one-row FP4 products as one launch).
+    for kind in ALL_WEIGHT_KINDS {
+        linears_case(&mut cx, b, kind, &[72, 33, 100], 96, &[1, 3])?;
+    }
+    Ok(())
+}
+
+/// `linears` of one x against weights of `ns` rows (K = k) matches the reference `linear` of each.
+fn linears_case<B: Backend>(
+    cx: &mut Ctx,
+    b: &B,
+    kind: WeightKind,
+    ns: &[usize],
+    k: usize,
+    ms: &[usize],
+) -> Check {
+    let case = format!("linears {kind:?} {ns:?} x {k}");
+    let mut pairs = Vec::new();
+    for &n in ns {
+        let hw = random_weight(&mut cx.rng, kind, n, k).map_err(|e| cx.fail(&case, e))?;
+        pairs.push(both_weights(cx, &case, b, &hw)?);
+    }
+    for &m in ms {
+        let xs = cx.rng.normals(m * k, 1.0);
+        for p in linear_paths_with_auto(b) {
+            let c = format!("{case} M={m} {p:?}");
+            let x = up(b, &xs, &[m, k]).or_fail(cx, &c)?;
+            let ws: Vec<_> = pairs.iter().map(|(wb, _)| wb).collect();
+            let got = b.linears(&x, &ws, p).or_fail(cx, &c)?;
+            if got.len() != ns.len() {
+                return Err(cx.fail(&c, format!("{} outputs for {} weights", got.len(), ns.len())));
+            }
+            for ((y, (_, wr)), &n) in got.iter().zip(&pairs).zip(ns) {
+                let got = fetch(b, y).or_fail(cx, &c)?;
+                let want =
+                    run_linear(&RefBackend, &xs, m, k, DType::F32, wr, LinearPath::Auto).or_fail(cx, &c)?;
+                if got.shape != [m, n] {
+                    return Err(cx.fail(&c, format!("output shape {:?}, expected [{m}, {n}]", got.shape)));
+                }
+                close(cx, &c, &got, &want, tol_sum(k))?;
+            }
+        }
+    }
     Ok(())
 }
 

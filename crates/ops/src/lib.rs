@@ -141,6 +141,13 @@ pub trait Backend: Send + Sync {
     /// `y = x · Wᵀ`: x `[M, K]` (f32 or bf16), W `[N, K]` -> y f32 `[M, N]`.
     fn linear(&self, x: &T<Self>, w: &Self::Weight, path: LinearPath) -> Result<T<Self>>;
 
+    /// `linear` of one x against several weights, in order (the products that read the same
+    /// activations: Qwen3's q / k / v, GLM's q_a / kv_a). A backend may run them as one launch;
+    /// the results are those of the separate calls.
+    fn linears(&self, x: &T<Self>, ws: &[&Self::Weight], path: LinearPath) -> Result<Vec<T<Self>>> {
+        ws.iter().map(|w| self.linear(x, w, path)).collect()
+    }
+
     /// Per-head products against row blocks of one weight (MLA's absorbed `kv_b_proj`).
     /// W is `[heads * rows_per_head, K]`; head h uses rows `h*rows_per_head + row_start ..+ row_count`,
     /// call that block `W_h [row_count, K]`. x is `[M, heads, Kx]`.
