@@ -15,7 +15,8 @@
 //!   the SIMT kernels (16-byte weight loads, several in flight per lane; `FP4MOE_CUDA_TC=0` or
 //!   [`CudaBackend::with_simt_decode`] uses them for one row too); Prefill{128|256} is a tensor-core
 //!   GEMM (`mma.sync` bf16, FP4 dequantized in registers, `cp.async` pipeline; 32- or 64-row
-//!   tiles by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one). `moe` Decode runs
+//!   tiles by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one);
+//!   `linears` runs up to three one-row tensor-core GEMVs on one x as one launch. `moe` Decode runs
 //!   per (token, slot) products, on the tensor cores when every weight is FP4, with SiLU fused
 //!   into gate/up and the router weight into down, then a slot-ordered sum; Prefill{128|256} sorts
 //!   pairs by expert on the GPU (counts -> padded offsets -> scatter) and runs the same GEMM per
