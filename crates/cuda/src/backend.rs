@@ -539,7 +539,6 @@ impl CudaBackend {
 
     /// y `[m, n]` f32 = x · Wᵀ by the FP4 tensor-core GEMM, or gemm_f32 (dense weights).
     fn gemm(&self, x: &CT, m: usize, w: &CudaWeight, n_tile: usize) -> Result<CT> {
-        let y = self.empty(&[m, w.rows], DType::F32)?;
         if !w.kind.is_fp4() {
             let xf = self.padded(x, m, w.cols, w.cols, DType::F32)?;
             let decoded;
@@ -550,8 +549,9 @@ impl CudaBackend {
                     decoded.storage.ptr()
                 }
             };
-            return self.gemm_f32(wd, &xf, m, 1, w.rows, w.cols, false);
+            return self.gemm_f32(wd, &xf, m, 1, w.rows, w.cols, false)?.reshape(&[m, w.rows]);
         }
+        let y = self.empty(&[m, w.rows], DType::F32)?;
         // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
         // tolerance on short, cancelling dot products).
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
