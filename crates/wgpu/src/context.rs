@@ -28,6 +28,10 @@ pub struct Caps {
     pub subgroup_max_size: u32,
     /// Cooperative matrix shapes offered (M, N, K, AB type, CR type), e.g. 16x16x16 f16 -> f32.
     pub cooperative_matrix: Vec<String>,
+    /// What the prefill GEMMs use of them, or None (then they run on the f32 tile kernels):
+    /// 16 x 16 x 16 f16 x f16 -> f32 matrices, a fixed subgroup size of at least 32, and
+    /// [`COOP_ENV`] not `0`.
+    pub coop: Option<crate::kernels::Coop>,
     pub max_storage_binding: u64,
     pub max_workgroup_memory: u32,
     /// Kernels are timed on the device ([`TIMESTAMPS_ENV`] set and the adapter offers
@@ -39,6 +43,10 @@ pub struct Caps {
 /// compute pass with timestamps, and each submit waits for its times: slower, for profiling).
 pub const TIMESTAMPS_ENV: &str = "FP4MOE_WGPU_TIMESTAMPS";
 
+/// Environment variable that, set to `0`, keeps the prefill GEMMs off cooperative matrices
+/// (A/B measurements, or a driver that miscompiles them).
+pub const COOP_ENV: &str = "FP4MOE_WGPU_COOP";
+
 pub(crate) struct Context {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
@@ -46,6 +54,17 @@ pub(crate) struct Context {
     /// Errors wgpu reports outside an error scope (validation, out of memory); the next wait
     /// point turns them into an op error instead of a panic.
     pub errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a wgpu error says: its description (the top-level message is only "Validation Error";
+/// the cause, such as a shader the driver rejects or a binding mismatch, is in the description).
+pub(crate) fn error_text(e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+            description.clone()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Drives a future to completion on this thread.
@@ -68,6 +87,37 @@ fn type_rank(t: wgpu::DeviceType) -> u32 {
         wgpu::DeviceType::Cpu => 3,
         wgpu::DeviceType::Other => 4,
     }
+}
+
+/// The cooperative matrices coop_gemm.wgsl can use on this adapter (see [`Caps::coop`]).
+fn pick_coop(
+    adapter: &wgpu::Adapter,
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+) -> Option<crate::kernels::Coop> {
+    use wgpu::CooperativeScalarType as T;
+    let needed = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+    let sg = info.subgroup_max_size;
+    // The kernel's workgroup is a whole number of subgroups only if their size is fixed.
+    if !features.contains(needed) || sg == 0 || info.subgroup_min_size != sg {
+        return None;
+    }
+    // 16 x 16 only: the kernel's tiling (2S x 2S blocks of a 64 x 128 tile, 256 threads staging
+    // a k step) assumes it. Apple GPUs' 8 x 8 simdgroup matrices would need another tiling, and
+    // no Apple GPU has run it.
+    let s = 16;
+    let offered = adapter.cooperative_matrix_properties().iter().any(|p| {
+        p.ab_type == T::F16 && p.cr_type == T::F32 && p.m_size == s && p.n_size == s && p.k_size == s
+    });
+    let c = crate::kernels::Coop { s, subgroup: sg };
+    let threads = sg * crate::kernels::shape::COOP_SUBGROUPS;
+    (offered
+        && threads >= c.staging_threads()
+        && threads <= limits.max_compute_invocations_per_workgroup
+        && threads <= limits.max_compute_workgroup_size_x
+        && c.workgroup_bytes() <= limits.max_compute_workgroup_storage_size)
+        .then_some(c)
 }
 
 impl Context {
@@ -110,7 +160,7 @@ impl Context {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            sink.lock().unwrap_or_else(PoisonError::into_inner).push(e.to_string());
+            sink.lock().unwrap_or_else(PoisonError::into_inner).push(error_text(&e));
         }));
         let cooperative_matrix = if coop {
             adapter
@@ -121,6 +171,11 @@ impl Context {
         } else {
             Vec::new()
         };
+        let coop = if coop && !std::env::var(COOP_ENV).is_ok_and(|v| v == "0") {
+            pick_coop(&adapter, &info, features, &limits)
+        } else {
+            None
+        };
         let caps = Caps {
             adapter: info.name.clone(),
             cpu_adapter: info.device_type == wgpu::DeviceType::Cpu,
@@ -130,6 +185,7 @@ impl Context {
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
             cooperative_matrix,
+            coop,
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_workgroup_memory: limits.max_compute_workgroup_storage_size,
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),

@@ -38,6 +38,54 @@ pub(crate) mod shape {
     pub const ROUTER_MAX_GROUPS: u32 = 64;
     /// Top-k / argmax workgroup.
     pub const TOPK_WG: u32 = 256;
+    /// Cooperative-matrix GEMM: subgroups per workgroup (coop_gemm.wgsl's 2 x 4 or 4 x 2 grid).
+    pub const COOP_SUBGROUPS: u32 = 8;
+    /// Cooperative-matrix GEMM: k step (one MXFP4 block, two NVFP4 blocks).
+    pub const COOP_BK: u32 = 32;
+    /// Cooperative-matrix GEMM: row stride of its f16 tiles in halves; 80 bytes put 8
+    /// consecutive rows' 16-byte pieces on distinct banks.
+    pub const COOP_STRIDE: u32 = COOP_BK + 8;
+}
+
+/// The adapter's cooperative matrices as the GEMM uses them: S x S x S f16 x f16 -> f32, and the
+/// (fixed) subgroup size that makes a workgroup of [`shape::COOP_SUBGROUPS`] subgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Coop {
+    pub s: u32,
+    pub subgroup: u32,
+}
+
+impl Coop {
+    /// Output columns of one workgroup tile (coop_gemm.wgsl's BN; 128 for S = 16): each subgroup
+    /// owns 2S x 2S of TILE_M rows.
+    pub fn n_tile(self) -> u32 {
+        let sub_rows = shape::TILE_M / (2 * self.s);
+        (shape::COOP_SUBGROUPS / sub_rows) * 2 * self.s
+    }
+
+    /// Threads that stage one k step (coop_gemm.wgsl's `fetch`: one A vector and half a B
+    /// column's codes each).
+    pub fn staging_threads(self) -> u32 {
+        (shape::TILE_M * 4).max(self.n_tile() * 2)
+    }
+
+    /// Workgroup memory coop_gemm.wgsl declares: two f16 A tiles of TILE_M rows and one B tile
+    /// of n_tile rows (row stride COOP_STRIDE halves), two S x S f32 accumulators per subgroup,
+    /// and 3 words per tile row and per B column.
+    pub fn workgroup_bytes(self) -> u32 {
+        let astr = shape::COOP_STRIDE * 2;
+        2 * shape::TILE_M * astr
+            + self.n_tile() * astr
+            + shape::COOP_SUBGROUPS * 2 * self.s * self.s * 4
+            + 3 * 4 * (shape::TILE_M + self.n_tile())
+    }
+}
+
+/// What module text depends on besides the variant: launch constants chosen per device.
+#[derive(Debug, Clone, Copy)]
+pub struct Consts {
+    pub gemv_lanes: u32,
+    pub coop: Option<Coop>,
 }
 
 fn constants(gemv_lanes: u32) -> String {
@@ -47,7 +95,7 @@ fn constants(gemv_lanes: u32) -> String {
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
          const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
-         const TOPK_WG: u32 = {TOPK_WG}u;\n"
+         const TOPK_WG: u32 = {TOPK_WG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
     )
 }
 
@@ -107,10 +155,12 @@ pub enum Src {
     Attention,
     Router,
     TopK,
+    Split,
+    CoopGemm,
 }
 
 impl Src {
-    pub const ALL: [Src; 15] = [
+    pub const ALL: [Src; 17] = [
         Src::Elementwise,
         Src::Copy,
         Src::Norm,
@@ -126,6 +176,8 @@ impl Src {
         Src::Attention,
         Src::Router,
         Src::TopK,
+        Src::Split,
+        Src::CoopGemm,
     ];
 
     fn text(self) -> &'static str {
@@ -145,12 +197,34 @@ impl Src {
             Src::Attention => include_str!("../shaders/attention.wgsl"),
             Src::Router => include_str!("../shaders/router.wgsl"),
             Src::TopK => include_str!("../shaders/topk.wgsl"),
+            Src::Split => include_str!("../shaders/split.wgsl"),
+            Src::CoopGemm => include_str!("../shaders/coop_gemm.wgsl"),
         }
     }
 
     /// Whether the file reads a weight (and so needs a [`WKind`] snippet).
     pub fn reads_weight(self) -> bool {
-        matches!(self, Src::Gemv | Src::Gemm | Src::HeadLinear | Src::Embedding | Src::MoeTile | Src::MoeGemv)
+        matches!(
+            self,
+            Src::Gemv
+                | Src::Gemm
+                | Src::HeadLinear
+                | Src::Embedding
+                | Src::MoeTile
+                | Src::MoeGemv
+                | Src::CoopGemm
+        )
+    }
+
+    /// Weight kinds the file has variants for (FP4 only for the cooperative-matrix GEMM: dense
+    /// weights there would need more than f16).
+    pub fn weight_kinds(self) -> &'static [WKind] {
+        const ALL: [WKind; 5] = [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16];
+        match self {
+            Src::CoopGemm => &ALL[..2],
+            s if s.reads_weight() => &ALL,
+            _ => &[],
+        }
     }
 
     /// Whether the file uses the decode-path dot products of its weight (`w_dot4`).
@@ -177,30 +251,51 @@ impl Variant {
         Variant { src, weight: None, n_tile: None }
     }
 
-    /// The full WGSL text of this variant.
-    pub fn source(&self, gemv_lanes: u32) -> String {
-        let mut s = fp4::codegen::wgsl();
-        s.push_str(&constants(gemv_lanes));
+    /// The full WGSL text of this variant (a cooperative-matrix variant without `consts.coop`
+    /// gets the NVIDIA shape, 16 x 16 matrices and 32-wide subgroups).
+    pub fn source(&self, consts: Consts) -> String {
+        let mut s = String::new();
+        let coop = (self.src == Src::CoopGemm).then(|| consts.coop.unwrap_or(Coop { s: 16, subgroup: 32 }));
+        if coop.is_some() {
+            // Directives come before every declaration.
+            s.push_str("enable f16;\nenable wgpu_cooperative_matrix;\n");
+        }
+        s.push_str(&fp4::codegen::wgsl());
+        s.push_str(&constants(consts.gemv_lanes));
         s.push_str(include_str!("../shaders/common.wgsl"));
         if let Some(w) = self.weight {
             s.push_str(&w.snippet(self.src.dots_weight()));
         }
-        let body = self.src.text();
+        let mut body = self.src.text().to_string();
+        if let Some(c) = coop {
+            body = body
+                .replace("COOP_MAT", &format!("coop_mat{0}x{0}", c.s))
+                .replace("COOP_SIZE", &c.s.to_string())
+                .replace("COOP_THREADS", &format!("{}u", c.subgroup * shape::COOP_SUBGROUPS));
+        }
         match self.n_tile {
             Some(nt) => s.push_str(&body.replace("N_TILE", &nt.to_string())),
-            None => s.push_str(body),
+            None => s.push_str(&body),
         }
         s
     }
 }
 
-/// Every variant's full WGSL text, named, for the translation test (`tests/msl.rs`).
-pub fn all_sources() -> Vec<(String, String)> {
-    let kinds = [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16];
+/// Every variant's full WGSL text, named, for the translation tests (`tests/msl.rs`); the
+/// cooperative-matrix GEMM only with `coop` (it does not run on Metal: see
+/// `context::pick_coop`).
+pub fn all_sources(coop: Option<Coop>) -> Vec<(String, String)> {
+    let consts = Consts { gemv_lanes: shape::GEMV_LANES, coop };
     let mut out = Vec::new();
     for src in Src::ALL {
-        let weights: Vec<Option<WKind>> =
-            if src.reads_weight() { kinds.iter().copied().map(Some).collect() } else { vec![None] };
+        if src == Src::CoopGemm && coop.is_none() {
+            continue;
+        }
+        let weights: Vec<Option<WKind>> = if src.reads_weight() {
+            src.weight_kinds().iter().copied().map(Some).collect()
+        } else {
+            vec![None]
+        };
         let tiles: Vec<Option<u32>> = if src.tiled() {
             crate::ops::PREFILL_TILES.iter().copied().map(Some).collect()
         } else {
@@ -209,7 +304,7 @@ pub fn all_sources() -> Vec<(String, String)> {
         for &weight in &weights {
             for &n_tile in &tiles {
                 let v = Variant { src, weight, n_tile };
-                out.push((format!("{v:?}"), v.source(shape::GEMV_LANES)));
+                out.push((format!("{v:?}"), v.source(consts)));
             }
         }
     }
@@ -228,22 +323,22 @@ pub struct Cache {
     /// Threads per weight row of the GEMV kernels: a power of two from 4 to WG,
     /// `FP4MOE_WGPU_GEMV_LANES` or [`shape::GEMV_LANES`].
     pub gemv_lanes: u32,
+    /// The cooperative matrices the GEMM uses, where the device offers them (see [`Coop`]).
+    pub coop: Option<Coop>,
     modules: Mutex<HashMap<Variant, Arc<wgpu::ShaderModule>>>,
     kernels: Mutex<HashMap<(Variant, &'static str), Arc<Kernel>>>,
 }
 
-impl Default for Cache {
-    fn default() -> Cache {
+impl Cache {
+    pub fn new(coop: Option<Coop>) -> Cache {
         let gemv_lanes = std::env::var("FP4MOE_WGPU_GEMV_LANES")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|l| l.is_power_of_two() && (4..=shape::WG).contains(l))
             .unwrap_or(shape::GEMV_LANES);
-        Cache { gemv_lanes, modules: Mutex::default(), kernels: Mutex::default() }
+        Cache { gemv_lanes, coop, modules: Mutex::default(), kernels: Mutex::default() }
     }
-}
 
-impl Cache {
     /// Weight rows per GEMV workgroup.
     pub fn gemv_rows(&self) -> u32 {
         shape::WG / self.gemv_lanes
@@ -260,6 +355,8 @@ impl Cache {
         if let Some(k) = self.kernels.lock().unwrap_or_else(PoisonError::into_inner).get(&(variant, entry)) {
             return Ok(k.clone());
         }
+        // A driver that rejects a kernel reports an internal error, the WGSL checks validation.
+        let internal = ctx.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = {
             let mut mods = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
@@ -267,7 +364,9 @@ impl Cache {
                 .or_insert_with(|| {
                     Arc::new(ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(entry),
-                        source: wgpu::ShaderSource::Wgsl(variant.source(self.gemv_lanes).into()),
+                        source: wgpu::ShaderSource::Wgsl(
+                            variant.source(Consts { gemv_lanes: self.gemv_lanes, coop: self.coop }).into(),
+                        ),
                     }))
                 })
                 .clone()
@@ -277,11 +376,20 @@ impl Cache {
             layout: None,
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            // The cooperative-matrix GEMM writes all its workgroup memory before reading it; the
+            // zeroing wgpu adds otherwise runs over its ~40 KiB in every workgroup.
+            compilation_options: wgpu::PipelineCompilationOptions {
+                zero_initialize_workgroup_memory: variant.src != Src::CoopGemm,
+                ..Default::default()
+            },
             cache: None,
         });
-        if let Some(e) = block_on(scope.pop()) {
-            return Err(fp4moe_ops::Error::Device(format!("compiling {entry} ({variant:?}): {e}")));
+        let err = block_on(scope.pop());
+        if let Some(e) = err.or(block_on(internal.pop())) {
+            return Err(fp4moe_ops::Error::Device(format!(
+                "compiling {entry} ({variant:?}): {}",
+                crate::context::error_text(&e)
+            )));
         }
         let layout = pipeline.get_bind_group_layout(0);
         let mut name = entry.to_string();

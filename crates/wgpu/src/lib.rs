@@ -28,7 +28,7 @@ mod timing;
 mod weight;
 
 pub use context::{Caps, Error};
-pub use kernels::all_sources as shader_sources;
+pub use kernels::{Coop, all_sources as shader_sources};
 pub use weight::WgpuWeight;
 
 use fp4moe_ops::KernelConfig;
@@ -99,13 +99,13 @@ impl WgpuBackend {
         let limit = ctx.max_binding_bytes();
         let max_chunk_bytes = opts.max_chunk_bytes.map_or(limit, |b| b.min(limit));
         Ok(WgpuBackend {
-            kernels: kernels::Cache::default(),
+            kernels: kernels::Cache::new(ctx.caps.coop),
             queue: queue::Pending::new(
                 ctx.caps.timestamps.then(|| timing::Timer::new(&ctx.device, &ctx.queue, queue::SUBMIT_EVERY)),
                 ctx.caps.cpu_adapter,
             ),
             pool: Arc::default(),
-            config: opts.config,
+            config: opts.config.unwrap_or_else(|| ops::default_config(ctx.caps.coop.is_some())),
             max_chunk_bytes,
             inv_freq: Mutex::new(HashMap::new()),
             ctx,
@@ -135,7 +135,8 @@ impl WgpuBackend {
 /// Construction options.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    pub config: KernelConfig,
+    /// Tile choices; by default the cooperative-matrix GEMMs where the adapter has them.
+    pub config: Option<KernelConfig>,
     /// Split weights into chunks of at most this many bytes per buffer (tests use it to exercise
     /// chunking on small matrices); the device limit applies regardless.
     pub max_chunk_bytes: Option<u64>,

@@ -81,6 +81,7 @@ impl WgpuBackend {
             (Src::Attention, &["attn_chunk", "attn_merge"]),
             (Src::Router, &["route_softmax", "route_sigmoid"]),
             (Src::TopK, &["top_k"]),
+            (Src::Split, &["split"]),
         ];
         for (src, names) in entries {
             for n in *names {
@@ -94,6 +95,9 @@ impl WgpuBackend {
             self.kw(Src::Embedding, "embedding", w, None)?;
             self.kw(Src::MoeGemv, "moe_gate_up_gemv", w, None)?;
             self.kw(Src::MoeGemv, "moe_down_gemv", w, None)?;
+            if self.kernels.coop.is_some() && w.is_fp4() {
+                self.kw(Src::CoopGemm, "coop_gemm", w, None)?;
+            }
             for nt in PREFILL_TILES {
                 self.kw(Src::Gemm, "gemm", w, Some(nt))?;
                 self.kw(Src::MoeTile, "moe_gate_up_tile", w, Some(nt))?;
@@ -206,6 +210,26 @@ impl WgpuBackend {
         Ok(out)
     }
 
+    /// `out[m, n] = x[m, :] · W[n, :]` on cooperative matrices (x f32 `[m, k]`).
+    fn coop_linear(&self, x: &GT, w: &WgpuWeight, out: &GT, m: usize) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        let gx = m.div_ceil(shape::TILE_M as usize);
+        if gx > MAX_GROUPS_PER_DIM {
+            return Err(unsupported("linear", format!("{m} rows in one prefill GEMM")));
+        }
+        let (kern, bn) = self.coop_kernel(w.kind)?;
+        let (hi, lo, rf, kv) = self.coop_split(&x.storage.buf, m, k)?;
+        let unused = self.scratch(1);
+        for c in &w.chunks {
+            let params = [MODE_LINEAR, m, c.rows, k, kv, c.row0, n, 1, 0, 0, 0, 0].map(u);
+            let mut b =
+                vec![(1, &*hi), (2, &*lo), (3, &*rf), (4, &out.storage.buf), (5, &*unused), (6, &*unused)];
+            b.extend(c.coop_bindings());
+            self.dispatch(&kern, &params, &b, [u(gx), u(c.rows.div_ceil(bn as usize)), 1])?;
+        }
+        Ok(())
+    }
+
     /// Runs the two expert GEMMs of one MoE path over every chunk of the stacked weights.
     #[allow(clippy::too_many_arguments)]
     fn moe_experts(
@@ -261,13 +285,52 @@ impl WgpuBackend {
                 Ok((y, None))
             }
             MoePath::Prefill { n_tile } => {
-                let nt = tile_variant(OP, n_tile)?;
+                let tiles_kind = self.tiles(OP, n_tile, &[gu.kind, dn.kind])?;
                 let sorted = self.scratch(pairs);
                 let pos = self.scratch(pairs);
                 let tiles = self.scratch(3 * max_tiles);
                 let ks = self.k(Src::Moe, "moe_sort")?;
                 let b = [(1, &ids.storage.buf), (2, &*sorted), (3, &*pos), (4, &*tiles)];
                 self.dispatch(&ks, &params(0, e_n, 0), &b, [1, 1, 1])?;
+                let nt = match tiles_kind {
+                    Tiles::Simt(nt) => nt,
+                    Tiles::Coop => {
+                        // Gate/up reads token rows through `sorted`; down reads act in sorted order.
+                        let coop = |mode, n_out, (e_lo, e_hi), row0, kdim, kv| {
+                            [mode, pairs, n_out, kdim, kv, 0, 0, k, e_lo, e_hi, row0, max_tiles].map(u)
+                        };
+                        let (kg, bn) = self.coop_kernel(gu.kind)?;
+                        let (xh, xl, xr, kv) = self.coop_split(&x.storage.buf, x.rows(), h)?;
+                        for c in &gu.chunks {
+                            let p = coop(MODE_GATE_UP, inter, span(gu, c, 2 * inter)?, c.row0, h, kv);
+                            let mut b = vec![
+                                (1, &*xh),
+                                (2, &*xl),
+                                (3, &*xr),
+                                (4, &*act),
+                                (5, &*sorted),
+                                (6, &*tiles),
+                            ];
+                            b.extend(c.coop_bindings());
+                            self.dispatch(
+                                &kg,
+                                &p,
+                                &b,
+                                [u(max_tiles), u(inter.div_ceil(bn as usize / 2)), 1],
+                            )?;
+                        }
+                        let (kd, bn) = self.coop_kernel(dn.kind)?;
+                        let (ah, al, ar, kv) = self.coop_split(&act, pairs, inter)?;
+                        for c in &dn.chunks {
+                            let p = coop(MODE_DOWN, h, span(dn, c, h)?, c.row0, inter, kv);
+                            let mut b =
+                                vec![(1, &*ah), (2, &*al), (3, &*ar), (4, &*y), (5, &*sorted), (6, &*tiles)];
+                            b.extend(c.coop_bindings());
+                            self.dispatch(&kd, &p, &b, [u(max_tiles), u(h.div_ceil(bn as usize)), 1])?;
+                        }
+                        return Ok((y, Some(pos)));
+                    }
+                };
                 let kg = self.kw(Src::MoeTile, "moe_gate_up_tile", gu.kind, Some(nt))?;
                 for c in &gu.chunks {
                     let (lo, hi) = span(gu, c, 2 * inter)?;
@@ -292,8 +355,45 @@ impl WgpuBackend {
     }
 }
 
-/// N tiles of the prefill GEMMs (`LinearPath::Prefill` / `MoePath::Prefill`).
+/// N tiles of the f32 prefill GEMMs (`LinearPath::Prefill` / `MoePath::Prefill`).
 pub(crate) const PREFILL_TILES: [u32; 2] = [32, 64];
+
+/// The prefill path id of the cooperative-matrix GEMMs (coop_gemm.wgsl; their real tile is
+/// [`crate::Coop::n_tile`]: 128 columns with 16 x 16 matrices). Dense weights, which need more
+/// than f16, take the f32 tiles of [`SIMT_FALLBACK_TILE`] there.
+pub(crate) const COOP_N_TILE: u32 = 128;
+const SIMT_FALLBACK_TILE: u32 = 64;
+
+/// coop_gemm.wgsl's `p.mode`.
+const MODE_LINEAR: usize = 0;
+const MODE_GATE_UP: usize = 1;
+const MODE_DOWN: usize = 2;
+
+/// Tile choices when the caller gives none: the cooperative-matrix GEMMs where the adapter has
+/// them.
+pub(crate) fn default_config(coop: bool) -> fp4moe_ops::KernelConfig {
+    let mut c = fp4moe_ops::KernelConfig::default();
+    if coop {
+        c.linear_n_tile = COOP_N_TILE as usize;
+        c.moe_n_tile = COOP_N_TILE as usize;
+    }
+    c
+}
+
+/// How one prefill product runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tiles {
+    /// f32 SIMT tiles of this many columns (gemm.wgsl, moe_tile.wgsl).
+    Simt(u32),
+    /// Cooperative matrices (split.wgsl + coop_gemm.wgsl).
+    Coop,
+}
+
+impl WKind {
+    fn is_fp4(self) -> bool {
+        matches!(self, WKind::Mxfp4 | WKind::Nvfp4)
+    }
+}
 
 /// Words of scratch one attention dispatch may use for its per-chunk partials; longer prefills
 /// are dispatched in query slices.
@@ -305,6 +405,42 @@ fn tile_variant(op: &'static str, n_tile: usize) -> Result<u32> {
         .copied()
         .find(|&t| t as usize == n_tile)
         .ok_or_else(|| unsupported(op, format!("prefill tile {n_tile} (have {PREFILL_TILES:?})")))
+}
+
+impl WgpuBackend {
+    /// Prefill path ids this adapter runs: the f32 tiles, and the cooperative matrices if any.
+    fn prefill_tiles(&self) -> impl Iterator<Item = u32> {
+        PREFILL_TILES.into_iter().chain(self.kernels.coop.map(|_| COOP_N_TILE))
+    }
+
+    /// The prefill tiles of `n_tile` for weights of these kinds.
+    fn tiles(&self, op: &'static str, n_tile: usize, kinds: &[WKind]) -> Result<Tiles> {
+        if n_tile != COOP_N_TILE as usize {
+            return tile_variant(op, n_tile).map(Tiles::Simt);
+        }
+        if self.kernels.coop.is_none() {
+            return Err(unsupported(
+                op,
+                format!("prefill tile {n_tile}: the adapter has no cooperative matrices"),
+            ));
+        }
+        Ok(if kinds.iter().all(|k| k.is_fp4()) { Tiles::Coop } else { Tiles::Simt(SIMT_FALLBACK_TILE) })
+    }
+
+    /// split.wgsl: f32 rows `[rows, k]` as two f16 terms `[rows, kv * 8]` and row factors.
+    /// Returns (hi, lo, factors, kv).
+    fn coop_split(&self, x: &wgpu::Buffer, rows: usize, k: usize) -> Result<(GpuBuf, GpuBuf, GpuBuf, usize)> {
+        let kv = k.div_ceil(shape::COOP_BK as usize) * shape::COOP_BK as usize / 8;
+        let (hi, lo, rf) = (self.scratch(rows * kv * 4), self.scratch(rows * kv * 4), self.scratch(rows));
+        let b = [(1, x), (2, &*hi), (3, &*lo), (4, &*rf)];
+        self.dispatch(&self.k(Src::Split, "split")?, &[rows, k, kv, 0].map(u), &b, grid(rows, 1))?;
+        Ok((hi, lo, rf, kv))
+    }
+
+    fn coop_kernel(&self, kind: WKind) -> Result<(Arc<Kernel>, u32)> {
+        let c = self.kernels.coop.ok_or_else(|| unsupported("coop_gemm", "no cooperative matrices"))?;
+        Ok((self.kw(Src::CoopGemm, "coop_gemm", kind, None)?, c.n_tile()))
+    }
 }
 
 struct AttnDims {
@@ -391,13 +527,13 @@ impl Backend for WgpuBackend {
 
     fn linear_paths(&self) -> Vec<LinearPath> {
         let mut v = vec![LinearPath::Decode];
-        v.extend(PREFILL_TILES.iter().map(|&t| LinearPath::Prefill { n_tile: t as usize }));
+        v.extend(self.prefill_tiles().map(|t| LinearPath::Prefill { n_tile: t as usize }));
         v
     }
 
     fn moe_paths(&self) -> Vec<MoePath> {
         let mut v = vec![MoePath::Decode];
-        v.extend(PREFILL_TILES.iter().map(|&t| MoePath::Prefill { n_tile: t as usize }));
+        v.extend(self.prefill_tiles().map(|t| MoePath::Prefill { n_tile: t as usize }));
         v
     }
 
@@ -431,6 +567,16 @@ impl Backend for WgpuBackend {
         let out = self.alloc(&shape, DType::F32);
         let path = match path {
             LinearPath::Auto => self.config.linear_path(m),
+            p => p,
+        };
+        let path = match path {
+            LinearPath::Prefill { n_tile } => match self.tiles(OP, n_tile, &[w.kind])? {
+                Tiles::Coop => {
+                    self.coop_linear(&x, w, &out, m)?;
+                    return Ok(out);
+                }
+                Tiles::Simt(nt) => LinearPath::Prefill { n_tile: nt as usize },
+            },
             p => p,
         };
         let kernel = match path {

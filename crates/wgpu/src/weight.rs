@@ -27,12 +27,32 @@ pub(crate) struct Chunk {
     /// FP4: codes `[rows, cols/2]` bytes, scales `[rows, cols/B]` bytes, tensor scales `[rows]` f32.
     /// Dense: the rows (16-bit rows padded to an even length).
     bufs: Vec<wgpu::Buffer>,
+    /// FP4, for the cooperative-matrix GEMM: each row's largest finite E8M0 scale code `[rows]`
+    /// i32 (MXFP4; zeros for NVFP4), which sets the row's f16 range there (coop_gemm.wgsl).
+    row_exp: Option<wgpu::Buffer>,
 }
 
 impl Chunk {
     pub fn bindings(&self) -> impl Iterator<Item = (u32, &wgpu::Buffer)> {
         self.bufs.iter().enumerate().map(|(i, b)| (8 + i as u32, b))
     }
+
+    /// [`Chunk::bindings`] and the row exponents at binding 11 (coop_gemm.wgsl).
+    pub fn coop_bindings(&self) -> impl Iterator<Item = (u32, &wgpu::Buffer)> {
+        self.bindings().chain(self.row_exp.iter().map(|b| (11, b)))
+    }
+}
+
+/// Largest finite E8M0 code (not 255, the NaN code) of each MXFP4 row; zeros for NVFP4.
+fn row_exponents(q: &fp4::QuantMatrix, rows: std::ops::Range<usize>) -> Vec<u32> {
+    let nb = q.cols / q.format.block();
+    rows.map(|r| match q.format {
+        fp4::Format::Mxfp4 => {
+            q.scales[r * nb..(r + 1) * nb].iter().copied().filter(|&c| c != 255).max().unwrap_or(0) as u32
+        }
+        fp4::Format::Nvfp4 => 0,
+    })
+    .collect()
 }
 
 /// Rows per chunk for rows of `row_bytes` under `limit` bytes.
@@ -85,7 +105,10 @@ impl WgpuBackend {
                         self.ctx.buffer_init(q.scales[row0 * nb..(row0 + n) * nb].to_vec(), usage),
                         self.ctx.buffer_init(crate::bytes_of_f32(&ts), usage),
                     ];
-                    chunks.push(Chunk { row0, rows: n, bufs });
+                    let row_exp = self.ctx.caps.coop.map(|_| {
+                        self.ctx.buffer_init(crate::bytes_of_u32(&row_exponents(q, row0..row0 + n)), usage)
+                    });
+                    chunks.push(Chunk { row0, rows: n, bufs, row_exp });
                     row0 += n.max(1);
                 }
                 Ok(WgpuWeight { rows, cols, kind, chunks, _release: crate::pool::Release(self.pool.clone()) })
@@ -112,7 +135,12 @@ impl WgpuBackend {
                         data.extend_from_slice(&bytes[r * cols * sz..(r + 1) * cols * sz]);
                         data.resize(data.len() + (padded - cols) * sz, 0);
                     }
-                    chunks.push(Chunk { row0, rows: n, bufs: vec![self.ctx.buffer_init(data, usage)] });
+                    chunks.push(Chunk {
+                        row0,
+                        rows: n,
+                        bufs: vec![self.ctx.buffer_init(data, usage)],
+                        row_exp: None,
+                    });
                     row0 += n.max(1);
                 }
                 Ok(WgpuWeight { rows, cols, kind, chunks, _release: crate::pool::Release(self.pool.clone()) })

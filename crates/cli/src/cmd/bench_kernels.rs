@@ -12,7 +12,7 @@
 //! The op code is generic over [`Backend`], so every backend runs the same benchmark.
 //!
 //! `time_us` is wall time with a wait after each run, so on a GPU it includes the submit and
-//! wait latency (tens of µs on wgpu). Where the backend times its kernels on the device
+//! wait latency (tens of µs on wgpu); `min_us` is the fastest run. Where the backend times its kernels on the device
 //! ([`Backend::kernel_stats`]: wgpu with `FP4MOE_WGPU_TIMESTAMPS=1`), `device_us` is their
 //! summed device time per run as well.
 
@@ -43,10 +43,18 @@ pub struct Args {
     /// Fixed seed for weights, inputs and routing.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Only the ops whose name contains one of these (e.g. `moe,linear_nvfp4_4096x2048`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Timed runs per op (default: 9, or 27 for small ops; 3 / 9 with --quick).
+    #[arg(long)]
+    repeats: Option<usize>,
 }
 
 /// Weight copies are added until they hold at least this many bytes (4x a 32 MiB L3).
 const ROTATE_BYTES: usize = 128 << 20;
+/// Seconds of warm-up runs before an op is timed (see [`Bench::time`]).
+const WARMUP_SECS: f64 = 0.3;
 /// Bytes read to measure memory bandwidth (quick mode reads a quarter).
 const BANDWIDTH_BYTES: usize = 1 << 30;
 
@@ -56,6 +64,8 @@ struct Row {
     name: String,
     tokens: usize,
     time_us: f64,
+    /// Fastest run: on a shared or clock-changing GPU the median can carry interference.
+    min_us: f64,
     floor_us: f64,
     gbps: f64,
     gflops: f64,
@@ -102,10 +112,11 @@ impl OnBackend for Job {
         };
         let kernels = b.kernel_stats();
         println!(
-            "{:<34} {:>6} {:>11} {:>11} {:>7} {:>8} {:>9}{}",
+            "{:<34} {:>6} {:>11} {:>11} {:>11} {:>7} {:>8} {:>9}{}",
             "name",
             "tokens",
             "time_us",
+            "min_us",
             "floor_us",
             "ratio",
             "GB/s",
@@ -115,6 +126,8 @@ impl OnBackend for Job {
         let mut bench = Bench {
             b: &b,
             bw,
+            only: args.only,
+            repeats: args.repeats,
             quick: args.quick,
             rng: Rng::new(args.seed),
             rows: Vec::new(),
@@ -247,6 +260,10 @@ fn deep_copy(w: &HostWeight) -> anyhow::Result<HostWeight> {
 struct Bench<'a, B: Backend> {
     b: &'a B,
     bw: f64,
+    /// `--only`: name filters (empty: every op).
+    only: Vec<String>,
+    /// `--repeats`.
+    repeats: Option<usize>,
     quick: bool,
     rng: Rng,
     rows: Vec<Row>,
@@ -258,17 +275,29 @@ struct Bench<'a, B: Backend> {
 
 impl<B: Backend> Bench<'_, B> {
     fn repeats(&self, est_bytes: usize) -> usize {
+        if let Some(r) = self.repeats {
+            return r.max(1);
+        }
         let base = if self.quick { 3 } else { 9 };
         // Small ops are noisy: more repeats when one run is short.
         if est_bytes < (8 << 20) { base * 3 } else { base }
     }
 
-    /// Median seconds of `f(i)` over the repeats, after two warm-up runs.
-    fn time(&self, reps: usize, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<f64> {
-        for i in 0..2 {
+    /// Median and fastest seconds of `f(i)` over the repeats, after warm-up runs: at least two,
+    /// and for [`WARMUP_SECS`] (a GPU that idled while the host prepared the op runs at low
+    /// clocks for a while; seen on the H100 through Vulkan as 3x slower medians).
+    fn time(
+        &self,
+        reps: usize,
+        mut f: impl FnMut(usize) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let mut i = 0;
+        while i < 2 || t0.elapsed().as_secs_f64() < WARMUP_SECS {
             f(i)?;
+            self.b.synchronize()?;
+            i += 1;
         }
-        self.b.synchronize()?;
         let device = || {
             self.kernels
                 .as_ref()
@@ -276,33 +305,39 @@ impl<B: Backend> Bench<'_, B> {
         };
         device();
         let mut ts = Vec::with_capacity(reps);
-        for i in 0..reps {
+        for r in 0..reps {
             let t0 = Instant::now();
-            f(i + 2)?;
+            f(i + r)?;
             self.b.synchronize()?;
             ts.push(t0.elapsed().as_secs_f64());
         }
         self.device_s.set(device().map(|d| d.total().as_secs_f64() / reps as f64));
         ts.sort_by(f64::total_cmp);
-        Ok(ts[ts.len() / 2])
+        Ok((ts[ts.len() / 2], ts[0]))
     }
 
-    fn record(&mut self, name: String, tokens: usize, secs: f64, bytes: f64, flops: f64) {
+    fn wanted(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| name.contains(f.as_str()))
+    }
+
+    fn record(&mut self, name: String, tokens: usize, (secs, min): (f64, f64), bytes: f64, flops: f64) {
         let floor = bytes / (self.bw * 1e9);
         let row = Row {
             name,
             tokens,
             time_us: secs * 1e6,
+            min_us: min * 1e6,
             floor_us: floor * 1e6,
             gbps: bytes / secs / 1e9,
             gflops: flops / secs / 1e9,
             device_us: self.device_s.take().map(|d| d * 1e6),
         };
         println!(
-            "{:<34} {:>6} {:>11.1} {:>11.1} {:>7.2} {:>8.1} {:>9.1}{}",
+            "{:<34} {:>6} {:>11.1} {:>11.1} {:>11.1} {:>7.2} {:>8.1} {:>9.1}{}",
             row.name,
             row.tokens,
             row.time_us,
+            row.min_us,
             row.floor_us,
             row.time_us / row.floor_us,
             row.gbps,
@@ -323,6 +358,9 @@ impl<B: Backend> Bench<'_, B> {
         let host = random_weight(&mut self.rng, kind, n, k).map_err(anyhow::Error::msg)?;
         let ws = self.copies(&host)?;
         let name = format!("linear_{}_{k}x{n}", kind_name(kind));
+        if !self.wanted(&name) {
+            return Ok(());
+        }
         for &t in tokens {
             let x = self.b.upload(HostTensor::F32(&self.rng.normals(t * k, 1.0), &[t, k]))?;
             let bytes = (host.nbytes() + 4 * t * (k + n)) as f64;
@@ -348,6 +386,9 @@ impl<B: Backend> Bench<'_, B> {
         shared: bool,
         tokens: &[usize],
     ) -> anyhow::Result<()> {
+        if !self.wanted(name) {
+            return Ok(());
+        }
         let kind = WeightKind::Mxfp4;
         let gu_host = random_weight(&mut self.rng, kind, e * 2 * inter, h).map_err(anyhow::Error::msg)?;
         let d_host = random_weight(&mut self.rng, kind, e * h, inter).map_err(anyhow::Error::msg)?;
