@@ -76,7 +76,7 @@ impl WgpuBackend {
             (Src::Copy, &["copy32", "copy16"]),
             (Src::Norm, &["rms_norm", "softmax"]),
             (Src::Rope, &["rope"]),
-            (Src::Moe, &["moe_sort"]),
+            (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
             (Src::MoeCombine, &["moe_combine"]),
             (Src::Attention, &["attn_chunk", "attn_merge"]),
             (Src::Router, &["route_softmax", "route_sigmoid"]),
@@ -230,6 +230,19 @@ impl WgpuBackend {
         Ok(())
     }
 
+    /// moe.wgsl's sort of the (token, slot) pairs by expert: `sorted`, `pos` and the tile table.
+    fn moe_sort(&self, ids: &GT, params: &[u32], pairs: usize, experts: usize, out: [&GpuBuf; 3]) -> Result<()> {
+        let [sorted, pos, tiles] = out;
+        let chunks = grid(pairs, shape::WG);
+        let rows = self.scratch(pairs.div_ceil(shape::WG as usize) * experts);
+        let b = [(1, &ids.storage.buf), (5, &*rows)];
+        self.dispatch(&self.k(Src::Moe, "moe_count")?, params, &b, chunks)?;
+        let b = [(4, &**tiles), (5, &*rows)];
+        self.dispatch(&self.k(Src::Moe, "moe_offsets")?, params, &b, [1, 1, 1])?;
+        let b = [(1, &ids.storage.buf), (2, &**sorted), (3, &**pos), (5, &*rows)];
+        self.dispatch(&self.k(Src::Moe, "moe_scatter")?, params, &b, chunks)
+    }
+
     /// Runs the two expert GEMMs of one MoE path over every chunk of the stacked weights.
     #[allow(clippy::too_many_arguments)]
     fn moe_experts(
@@ -289,9 +302,7 @@ impl WgpuBackend {
                 let sorted = self.scratch(pairs);
                 let pos = self.scratch(pairs);
                 let tiles = self.scratch(3 * max_tiles);
-                let ks = self.k(Src::Moe, "moe_sort")?;
-                let b = [(1, &ids.storage.buf), (2, &*sorted), (3, &*pos), (4, &*tiles)];
-                self.dispatch(&ks, &params(0, e_n, 0), &b, [1, 1, 1])?;
+                self.moe_sort(ids, &params(0, e_n, 0), pairs, e_n, [&sorted, &pos, &tiles])?;
                 let nt = match tiles_kind {
                     Tiles::Simt(nt) => nt,
                     Tiles::Coop => {
