@@ -231,7 +231,14 @@ impl WgpuBackend {
     }
 
     /// moe.wgsl's sort of the (token, slot) pairs by expert: `sorted`, `pos` and the tile table.
-    fn moe_sort(&self, ids: &GT, params: &[u32], pairs: usize, experts: usize, out: [&GpuBuf; 3]) -> Result<()> {
+    fn moe_sort(
+        &self,
+        ids: &GT,
+        params: &[u32],
+        pairs: usize,
+        experts: usize,
+        out: [&GpuBuf; 3],
+    ) -> Result<()> {
         let [sorted, pos, tiles] = out;
         let chunks = grid(pairs, shape::WG);
         let rows = self.scratch(pairs.div_ceil(shape::WG as usize) * experts);
