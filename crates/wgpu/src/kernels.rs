@@ -32,6 +32,16 @@ pub(crate) mod shape {
     pub const ATTN_THREADS: u32 = 256;
     /// Attention: longest query (key width, d1 + d2) staged in workgroup memory.
     pub const ATTN_QMAX: u32 = 1024;
+    /// Tiled prefill attention: queries per workgroup (each owns ATTN_THREADS / ATTN_TILE_Q = 32
+    /// threads for its output row).
+    pub const ATTN_TILE_Q: u32 = 8;
+    /// Tiled prefill attention: 16-byte vectors of keys (and values) staged per tile, 18 KiB:
+    /// 8 MLA latent rows of 576, or 16 GQA keys and values of 128, key rows padded by one
+    /// vector (within the 32 KiB of workgroup memory that lavapipe and Metal offer).
+    pub const ATTN_TILE_VEC4: u32 = 8 * (576 / 4 + 1);
+    /// Tiled prefill attention: widest value row, in 16-byte vectors (four per output thread).
+    pub const ATTN_TILE_DV4: u32 = 128;
+    const _: () = assert!(ATTN_TILE_Q * 32 == ATTN_THREADS && ATTN_TILE_DV4 == 4 * 32);
     /// MoE sort: most experts one workgroup can count.
     pub const MOE_MAX_EXPERTS: u32 = 1024;
     /// Sigmoid router: most expert groups.
@@ -93,7 +103,7 @@ fn constants(gemv_lanes: u32) -> String {
     let gemv_rows = WG / gemv_lanes;
     format!(
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
-         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
+         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_Q: u32 = {ATTN_TILE_Q}u;\nconst ATTN_TILE_VEC4: u32 = {ATTN_TILE_VEC4}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
          const TOPK_WG: u32 = {TOPK_WG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
     )

@@ -78,7 +78,7 @@ impl WgpuBackend {
             (Src::Rope, &["rope"]),
             (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
             (Src::MoeCombine, &["moe_combine"]),
-            (Src::Attention, &["attn_chunk", "attn_merge"]),
+            (Src::Attention, &["attn_chunk", "attn_merge", "attn_tile"]),
             (Src::Router, &["route_softmax", "route_sigmoid"]),
             (Src::TopK, &["top_k"]),
             (Src::Split, &["split"]),
@@ -166,6 +166,47 @@ impl WgpuBackend {
                 format!("keys of {} elements (at most {})", d1 + d2, shape::ATTN_QMAX),
             ));
         }
+        let q2b = q2.unwrap_or(q1);
+        // MLA: the values are the first dv entries of the key rows (one latent cache).
+        let shared_v =
+            Arc::ptr_eq(&kb.storage, &vb.storage) && (v_row, v_head) == (k_row, k_head) && dv <= d1 + d2;
+        let vec4_all = [d1, d2, dv, k_row, k_head, v_row, v_head].iter().all(|v| v % 4 == 0);
+        if let Some(tk) = attn_tile_k(t_n, (d1 + d2) / 4, if shared_v { 0 } else { dv / 4 })
+            .filter(|_| vec4_all && dv <= 4 * shape::ATTN_TILE_DV4 as usize)
+        {
+            let groups = t_n.div_ceil(shape::ATTN_TILE_Q as usize);
+            if groups <= MAX_GROUPS_PER_DIM {
+                let (kr, kh, vr, vh) = (u(k_row), u(k_head), u(v_row), u(v_head));
+                let (bits, vec) = (scale.to_bits(), 1 + u32::from(shared_v));
+                let params = [
+                    0,
+                    u(hq),
+                    u(group),
+                    u(d1),
+                    u(d2),
+                    u(dv),
+                    u(pos0),
+                    bits,
+                    kr,
+                    kh,
+                    vr,
+                    vh,
+                    0,
+                    u(t_n),
+                    vec,
+                    u(tk),
+                ];
+                let binds = [
+                    (3, &kb.storage.buf),
+                    (7, &vb.storage.buf),
+                    (8, &q1.storage.buf),
+                    (9, &q2b.storage.buf),
+                    (6, &out.storage.buf),
+                ];
+                self.dispatch(&self.k(Src::Attention, "attn_tile")?, &params, &binds, [u(groups), u(hq), 1])?;
+                return Ok(out);
+            }
+        }
         let vec = [d1, d2, k_row, k_head].iter().all(|v| v % 4 == 0);
         let chunks = (pos0 + t_n).div_ceil(shape::ATTN_CHUNK as usize);
         let per_query = hq * chunks * (dv + 2);
@@ -173,7 +214,6 @@ impl WgpuBackend {
         let part = self.scratch(slice * per_query);
         let kc = self.k(Src::Attention, "attn_chunk")?;
         let km = self.k(Src::Attention, "attn_merge")?;
-        let q2b = q2.unwrap_or(q1);
         let mut t0 = 0;
         while t0 < t_n {
             let tc = slice.min(t_n - t0);
@@ -459,6 +499,22 @@ impl WgpuBackend {
         let c = self.kernels.coop.ok_or_else(|| unsupported("coop_gemm", "no cooperative matrices"))?;
         Ok((self.kw(Src::CoopGemm, "coop_gemm", kind, None)?, c.n_tile()))
     }
+}
+
+/// Queries from which attention takes the tiled kernel (attn_tile): below it, the split-K
+/// chunks spread a long context over more workgroups.
+const ATTN_TILE_MIN_QUERIES: usize = 2 * shape::ATTN_TILE_Q as usize;
+
+/// Keys per tile of attn_tile for key rows of `k4` (staged with one vector of padding) and value
+/// rows of `v4` 16-byte vectors (`v4` 0 when the values are the keys' prefix), or None where it
+/// does not apply.
+fn attn_tile_k(t_n: usize, k4: usize, v4: usize) -> Option<usize> {
+    if t_n < ATTN_TILE_MIN_QUERIES || k4 == 0 {
+        return None;
+    }
+    let max_k = (shape::ATTN_THREADS / shape::ATTN_TILE_Q) as usize;
+    let fit = shape::ATTN_TILE_VEC4 as usize / (k4 + 1 + v4);
+    (fit >= 1).then(|| 1usize << fit.min(max_k).ilog2())
 }
 
 struct AttnDims {
