@@ -1,6 +1,6 @@
 // FP4 GEMMs on cooperative matrices (tensor cores through Vulkan's VK_KHR_cooperative_matrix):
-// the prefill linear and both grouped MoE GEMMs in one kernel, `p.mode` choosing the rows and
-// the epilogue. Only f16 x f16 -> f32 is offered everywhere, so:
+// the prefill linear, MLA's per-head products and both grouped MoE GEMMs in one kernel, `p.mode`
+// choosing the rows and the epilogue. Only f16 x f16 -> f32 is offered everywhere, so:
 // - A (activations) arrives as two f16 terms and a row factor from split.wgsl; both terms are
 //   multiplied into the same accumulator;
 // - B (weights) is decoded per k step into workgroup memory as exact f16 values. NVFP4's E4M3
@@ -31,11 +31,18 @@ struct P {
     e_hi: u32,
     row0: u32,
     max_tiles: u32,
+    heads: u32, // per-head products: heads (grid z), weight rows per head, first row used
+    head_rows: u32,
+    head_row0: u32,
+    _pad: u32,
 }
 
 const MODE_LINEAR: u32 = 0u;
 const MODE_GATE_UP: u32 = 1u;
 const MODE_DOWN: u32 = 2u;
+// y[m, z, n] = x[m, z, :] . W[z * head_rows + head_row0 + n, :]: a linear per head z, its rows
+// m * heads + z of x and of y (y_stride = n).
+const MODE_HEADS: u32 = 3u;
 const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -194,7 +201,9 @@ fn coop_gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
     var r0 = wid.x * TILE_M;
     var r1 = p.m;
     var wbase = 0u;
-    if (p.mode != MODE_LINEAR) {
+    if (p.mode == MODE_HEADS) {
+        wbase = wid.z * p.head_rows + p.head_row0;
+    } else if (p.mode != MODE_LINEAR) {
         if (lid == 0u) {
             tile_wg = tile(wid.x);
         }
@@ -209,15 +218,17 @@ fn coop_gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
     for (var i = lid; i < TILE_M; i += COOP_THREADS) {
         let r = r0 + i;
         var a = NONE;
+        var o = NONE;
         if (r < r1) {
-            a = select(r, sorted[r] / p.topk, p.mode == MODE_GATE_UP);
+            o = select(r, r * p.heads + wid.z, p.mode == MODE_HEADS);
+            a = select(o, sorted[r] / p.topk, p.mode == MODE_GATE_UP);
         }
         var f = 0.0;
         if (a != NONE) {
             f = a_rf[a];
         }
         arow[i] = a;
-        orow[i] = select(NONE, r, r < r1);
+        orow[i] = o;
         ras[i] = f;
     }
     // Gate/up: B columns alternate S gate rows and the S up rows of the same outputs, so each
@@ -307,7 +318,7 @@ fn coop_gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
                         y[out * p.n + o] = g / (1.0 + exp(-g)) * u;
                     }
                 } else {
-                    let base = select(out * p.n, out * p.y_stride + p.n_off, p.mode == MODE_LINEAR) + n0;
+                    let base = select(out * p.n, out * p.y_stride + p.n_off, p.mode != MODE_DOWN) + n0;
                     if (wrow[c0] != NONE) {
                         y[base + c0] = v0 * rowf[c0];
                     }

@@ -258,14 +258,28 @@ impl WgpuBackend {
             return Err(unsupported("linear", format!("{m} rows in one prefill GEMM")));
         }
         let (kern, bn) = self.coop_kernel(w.kind)?;
-        let (hi, lo, rf, kv) = self.coop_split(&x.storage.buf, m, k)?;
-        let unused = self.scratch(1);
+        let a = self.coop_split(&x.storage.buf, m, k)?;
         for c in &w.chunks {
-            let params = [MODE_LINEAR, m, c.rows, k, kv, c.row0, n, 1, 0, 0, 0, 0].map(u);
-            let mut b =
-                vec![(1, &*hi), (2, &*lo), (3, &*rf), (4, &out.storage.buf), (5, &*unused), (6, &*unused)];
-            b.extend(c.coop_bindings());
-            self.dispatch(&kern, &params, &b, [u(gx), u(c.rows.div_ceil(bn as usize)), 1])?;
+            let p = CoopParams {
+                mode: MODE_LINEAR,
+                m,
+                n: c.rows,
+                k,
+                kv: a.kv,
+                n_off: c.row0,
+                y_stride: n,
+                topk: 1,
+                ..Default::default()
+            };
+            self.coop_dispatch(
+                &kern,
+                &a,
+                &out.storage.buf,
+                None,
+                c,
+                p,
+                [u(gx), u(c.rows.div_ceil(bn as usize)), 1],
+            )?;
         }
         Ok(())
     }
@@ -354,37 +368,33 @@ impl WgpuBackend {
                     Tiles::Simt(nt) => nt,
                     Tiles::Coop => {
                         // Gate/up reads token rows through `sorted`; down reads act in sorted order.
-                        let coop = |mode, n_out, (e_lo, e_hi), row0, kdim, kv| {
-                            [mode, pairs, n_out, kdim, kv, 0, 0, k, e_lo, e_hi, row0, max_tiles].map(u)
+                        let coop = |mode, n, (e_lo, e_hi), row0, k, kv| CoopParams {
+                            mode,
+                            m: pairs,
+                            n,
+                            k,
+                            kv,
+                            topk: dims.k,
+                            e_lo,
+                            e_hi,
+                            row0,
+                            max_tiles,
+                            ..Default::default()
                         };
+                        let sort = Some((&sorted, &tiles));
                         let (kg, bn) = self.coop_kernel(gu.kind)?;
-                        let (xh, xl, xr, kv) = self.coop_split(&x.storage.buf, x.rows(), h)?;
+                        let xs = self.coop_split(&x.storage.buf, x.rows(), h)?;
                         for c in &gu.chunks {
-                            let p = coop(MODE_GATE_UP, inter, span(gu, c, 2 * inter)?, c.row0, h, kv);
-                            let mut b = vec![
-                                (1, &*xh),
-                                (2, &*xl),
-                                (3, &*xr),
-                                (4, &*act),
-                                (5, &*sorted),
-                                (6, &*tiles),
-                            ];
-                            b.extend(c.coop_bindings());
-                            self.dispatch(
-                                &kg,
-                                &p,
-                                &b,
-                                [u(max_tiles), u(inter.div_ceil(bn as usize / 2)), 1],
-                            )?;
+                            let p = coop(MODE_GATE_UP, inter, span(gu, c, 2 * inter)?, c.row0, h, xs.kv);
+                            let g = [u(max_tiles), u(inter.div_ceil(bn as usize / 2)), 1];
+                            self.coop_dispatch(&kg, &xs, &act, sort, c, p, g)?;
                         }
                         let (kd, bn) = self.coop_kernel(dn.kind)?;
-                        let (ah, al, ar, kv) = self.coop_split(&act, pairs, inter)?;
+                        let acts = self.coop_split(&act, pairs, inter)?;
                         for c in &dn.chunks {
-                            let p = coop(MODE_DOWN, h, span(dn, c, h)?, c.row0, inter, kv);
-                            let mut b =
-                                vec![(1, &*ah), (2, &*al), (3, &*ar), (4, &*y), (5, &*sorted), (6, &*tiles)];
-                            b.extend(c.coop_bindings());
-                            self.dispatch(&kd, &p, &b, [u(max_tiles), u(h.div_ceil(bn as usize)), 1])?;
+                            let p = coop(MODE_DOWN, h, span(dn, c, h)?, c.row0, inter, acts.kv);
+                            let g = [u(max_tiles), u(h.div_ceil(bn as usize)), 1];
+                            self.coop_dispatch(&kd, &acts, &y, sort, c, p, g)?;
                         }
                         return Ok((y, Some(pos)));
                     }
@@ -426,6 +436,57 @@ const SIMT_FALLBACK_TILE: u32 = 64;
 const MODE_LINEAR: usize = 0;
 const MODE_GATE_UP: usize = 1;
 const MODE_DOWN: usize = 2;
+const MODE_HEADS: usize = 3;
+/// coop_gemm.wgsl's `P` (see there for each field).
+#[derive(Debug, Clone, Copy, Default)]
+struct CoopParams {
+    mode: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    kv: usize,
+    n_off: usize,
+    y_stride: usize,
+    topk: usize,
+    e_lo: usize,
+    e_hi: usize,
+    row0: usize,
+    max_tiles: usize,
+    heads: usize,
+    head_rows: usize,
+    head_row0: usize,
+}
+
+impl CoopParams {
+    fn words(self) -> [u32; 16] {
+        let CoopParams {
+            mode,
+            m,
+            n,
+            k,
+            kv,
+            n_off,
+            y_stride,
+            topk,
+            e_lo,
+            e_hi,
+            row0,
+            max_tiles,
+            heads,
+            head_rows,
+            head_row0,
+        } = self;
+        [
+            mode, m, n, k, kv, n_off, y_stride, topk, e_lo, e_hi, row0, max_tiles, heads, head_rows,
+            head_row0, 0,
+        ]
+        .map(u)
+    }
+}
+
+/// `head_linear` (without transpose) with more rows than this takes the cooperative-matrix
+/// GEMM where there is one (a 64-row tile would mostly hold padding below it).
+const HEAD_LINEAR_SMALL_M: usize = 4;
 
 /// Tile choices when the caller gives none: the cooperative-matrix GEMMs where the adapter has
 /// them.
@@ -436,6 +497,15 @@ pub(crate) fn default_config(coop: bool) -> fp4moe_ops::KernelConfig {
         c.moe_n_tile = COOP_N_TILE as usize;
     }
     c
+}
+
+/// Activations as split.wgsl leaves them for coop_gemm.wgsl: two f16 terms `[rows, kv]` of
+/// 8-half vectors and the row factors.
+struct Split {
+    hi: GpuBuf,
+    lo: GpuBuf,
+    rf: GpuBuf,
+    kv: usize,
 }
 
 /// How one prefill product runs.
@@ -486,13 +556,32 @@ impl WgpuBackend {
     }
 
     /// split.wgsl: f32 rows `[rows, k]` as two f16 terms `[rows, kv * 8]` and row factors.
-    /// Returns (hi, lo, factors, kv).
-    fn coop_split(&self, x: &wgpu::Buffer, rows: usize, k: usize) -> Result<(GpuBuf, GpuBuf, GpuBuf, usize)> {
+    fn coop_split(&self, x: &wgpu::Buffer, rows: usize, k: usize) -> Result<Split> {
         let kv = k.div_ceil(shape::COOP_BK as usize) * shape::COOP_BK as usize / 8;
         let (hi, lo, rf) = (self.scratch(rows * kv * 4), self.scratch(rows * kv * 4), self.scratch(rows));
         let b = [(1, x), (2, &*hi), (3, &*lo), (4, &*rf)];
         self.dispatch(&self.k(Src::Split, "split")?, &[rows, k, kv, 0].map(u), &b, grid(rows, 1))?;
-        Ok((hi, lo, rf, kv))
+        Ok(Split { hi, lo, rf, kv })
+    }
+
+    /// One coop_gemm.wgsl dispatch over weight chunk `c`; `sort`: the MoE paths' `sorted` and
+    /// tile table.
+    #[allow(clippy::too_many_arguments)]
+    fn coop_dispatch(
+        &self,
+        kern: &Arc<Kernel>,
+        a: &Split,
+        y: &wgpu::Buffer,
+        sort: Option<(&GpuBuf, &GpuBuf)>,
+        c: &crate::weight::Chunk,
+        p: CoopParams,
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let unused = self.scratch(1);
+        let (sorted, tiles) = sort.unwrap_or((&unused, &unused));
+        let mut b = vec![(1, &*a.hi), (2, &*a.lo), (3, &*a.rf), (4, y), (5, &**sorted), (6, &**tiles)];
+        b.extend(c.coop_bindings());
+        self.dispatch(kern, &p.words(), &b, groups)
     }
 
     fn coop_kernel(&self, kind: WKind) -> Result<(Arc<Kernel>, u32)> {
@@ -700,6 +789,29 @@ impl Backend for WgpuBackend {
         let m = s[0];
         let ky = if transpose { k } else { row_count };
         let out = self.alloc(&[m, heads, ky], DType::F32);
+        let gx = m.div_ceil(shape::TILE_M as usize);
+        let coop = self.kernels.coop.is_some() && w.kind.is_fp4() && gx <= MAX_GROUPS_PER_DIM;
+        if !transpose && m > HEAD_LINEAR_SMALL_M && coop {
+            let (kern, bn) = self.coop_kernel(w.kind)?;
+            let a = self.coop_split(&x.storage.buf, m * heads, k)?;
+            let (head_rows, head_row0) = (rows_per_head, row_start);
+            let p = CoopParams {
+                mode: MODE_HEADS,
+                m,
+                n: row_count,
+                k,
+                kv: a.kv,
+                y_stride: row_count,
+                topk: 1,
+                heads,
+                head_rows,
+                head_row0,
+                ..Default::default()
+            };
+            let groups = [u(gx), u(row_count.div_ceil(bn as usize)), u(heads)];
+            self.coop_dispatch(&kern, &a, &out.storage.buf, None, &w.chunks[0], p, groups)?;
+            return Ok(out);
+        }
         let entry = if transpose { "head_linear_t" } else { "head_linear" };
         let kern = self.kw(Src::HeadLinear, entry, w.kind, None)?;
         let mut b = vec![(1, &x.storage.buf), (2, &out.storage.buf)];
