@@ -3,7 +3,10 @@
 //!
 //! How it is put together:
 //! - [`context`]: adapter and device, with `SHADER_F16`, `SUBGROUP` and cooperative matrices
-//!   requested when offered (no kernel needs them: each is an optional fast path).
+//!   requested when offered. Only the cooperative-matrix GEMM (`coop_gemm.wgsl`: FP4 prefill
+//!   linears, MoE and per-head products on tensor cores) uses them, where the adapter has
+//!   16x16 f16 matrices and a fixed subgroup size (`Caps::coop`); everything else, and every
+//!   adapter without them, runs the f32 kernels.
 //! - [`kernels`]: WGSL sources under `crates/wgpu/shaders/`, assembled as
 //!   `fp4::codegen::wgsl()` (the generated E2M1/E8M0/E4M3 decode) + shared helpers + the
 //!   weight-access snippet of the weight's format + the kernel; pipelines are compiled once per
