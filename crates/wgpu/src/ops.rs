@@ -167,6 +167,29 @@ impl WgpuBackend {
             ));
         }
         let q2b = q2.unwrap_or(q1);
+        // attention.wgsl's `P`.
+        let params = |t_base: usize, n_chunks: usize, t_count: usize, vec: u32, tile_k: usize| {
+            let (kr, kh, vr, vh) = (u(k_row), u(k_head), u(v_row), u(v_head));
+            let (bits, chunks, count) = (scale.to_bits(), u(n_chunks), u(t_count));
+            [
+                u(t_base),
+                u(hq),
+                u(group),
+                u(d1),
+                u(d2),
+                u(dv),
+                u(pos0),
+                bits,
+                kr,
+                kh,
+                vr,
+                vh,
+                chunks,
+                count,
+                vec,
+                u(tile_k),
+            ]
+        };
         // MLA: the values are the first dv entries of the key rows (one latent cache).
         let shared_v =
             Arc::ptr_eq(&kb.storage, &vb.storage) && (v_row, v_head) == (k_row, k_head) && dv <= d1 + d2;
@@ -176,26 +199,7 @@ impl WgpuBackend {
         {
             let groups = t_n.div_ceil(shape::ATTN_TILE_Q as usize);
             if groups <= MAX_GROUPS_PER_DIM {
-                let (kr, kh, vr, vh) = (u(k_row), u(k_head), u(v_row), u(v_head));
-                let (bits, vec) = (scale.to_bits(), 1 + u32::from(shared_v));
-                let params = [
-                    0,
-                    u(hq),
-                    u(group),
-                    u(d1),
-                    u(d2),
-                    u(dv),
-                    u(pos0),
-                    bits,
-                    kr,
-                    kh,
-                    vr,
-                    vh,
-                    0,
-                    u(t_n),
-                    vec,
-                    u(tk),
-                ];
+                let params = params(0, 0, t_n, 1 + u32::from(shared_v), tk);
                 let binds = [
                     (3, &kb.storage.buf),
                     (7, &vb.storage.buf),
@@ -217,24 +221,7 @@ impl WgpuBackend {
         let mut t0 = 0;
         while t0 < t_n {
             let tc = slice.min(t_n - t0);
-            let params = [
-                u(t0),
-                u(hq),
-                u(group),
-                u(d1),
-                u(d2),
-                u(dv),
-                u(pos0),
-                scale.to_bits(),
-                u(k_row),
-                u(k_head),
-                u(v_row),
-                u(v_head),
-                u(chunks),
-                u(tc),
-                u32::from(vec),
-                0,
-            ];
+            let params = params(t0, chunks, tc, u32::from(vec), 0);
             let binds = [
                 (1, &q1.storage.buf),
                 (2, &q2b.storage.buf),
