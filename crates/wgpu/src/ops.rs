@@ -471,6 +471,9 @@ impl CoopParams {
     }
 }
 
+/// Dense weights with at most this many rows take the GEMV at any row count (see `linear`).
+const DENSE_GEMV_MAX_ROWS: usize = 256;
+
 /// `head_linear` (without transpose) with more rows than this takes the cooperative-matrix
 /// GEMM where there is one (a 64-row tile would mostly hold padding below it).
 const HEAD_LINEAR_SMALL_M: usize = 4;
@@ -716,7 +719,20 @@ impl Backend for WgpuBackend {
         *shape.last_mut().expect("non-empty") = n;
         let out = self.alloc(&shape, DType::F32);
         let path = match path {
-            LinearPath::Auto => self.config.linear_path(m),
+            LinearPath::Auto => match self.config.linear_path(m) {
+                // Dense weights never take the cooperative matrices, and with few output rows
+                // (the routers: 64 or 128) the f32 tile GEMM has a handful of workgroups (16 for
+                // a 128-row router at 512 tokens: 1.2 ms on the H100), while the GEMV reads the
+                // small weight from cache once per GEMV_MR activation rows.
+                LinearPath::Prefill { .. }
+                    if !w.kind.is_fp4()
+                        && n <= DENSE_GEMV_MAX_ROWS
+                        && m.div_ceil(shape::GEMV_MR as usize) <= MAX_GROUPS_PER_DIM =>
+                {
+                    LinearPath::Decode
+                }
+                p => p,
+            },
             p => p,
         };
         let path = match path {
