@@ -333,22 +333,22 @@ pub struct Cache {
     /// Threads per weight row of the GEMV kernels: a power of two from 4 to WG,
     /// `FP4MOE_WGPU_GEMV_LANES` or [`shape::GEMV_LANES`].
     pub gemv_lanes: u32,
-    /// The cooperative matrices the GEMM uses, where the device offers them (see [`Coop`]).
-    pub coop: Option<Coop>,
     modules: Mutex<HashMap<Variant, Arc<wgpu::ShaderModule>>>,
     kernels: Mutex<HashMap<(Variant, &'static str), Arc<Kernel>>>,
 }
 
-impl Cache {
-    pub fn new(coop: Option<Coop>) -> Cache {
+impl Default for Cache {
+    fn default() -> Cache {
         let gemv_lanes = std::env::var("FP4MOE_WGPU_GEMV_LANES")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|l| l.is_power_of_two() && (4..=shape::WG).contains(l))
             .unwrap_or(shape::GEMV_LANES);
-        Cache { gemv_lanes, coop, modules: Mutex::default(), kernels: Mutex::default() }
+        Cache { gemv_lanes, modules: Mutex::default(), kernels: Mutex::default() }
     }
+}
 
+impl Cache {
     /// Weight rows per GEMV workgroup.
     pub fn gemv_rows(&self) -> u32 {
         shape::WG / self.gemv_lanes
@@ -372,12 +372,16 @@ impl Cache {
             let mut mods = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
             mods.entry(variant)
                 .or_insert_with(|| {
-                    Arc::new(ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(entry),
-                        source: wgpu::ShaderSource::Wgsl(
-                            variant.source(Consts { gemv_lanes: self.gemv_lanes, coop: self.coop }).into(),
-                        ),
-                    }))
+                    Arc::new(
+                        ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(entry),
+                            source: wgpu::ShaderSource::Wgsl(
+                                variant
+                                    .source(Consts { gemv_lanes: self.gemv_lanes, coop: ctx.caps.coop })
+                                    .into(),
+                            ),
+                        }),
+                    )
                 })
                 .clone()
         };

@@ -102,7 +102,7 @@ impl WgpuBackend {
         let limit = ctx.max_binding_bytes();
         let max_chunk_bytes = opts.max_chunk_bytes.map_or(limit, |b| b.min(limit));
         Ok(WgpuBackend {
-            kernels: kernels::Cache::new(ctx.caps.coop),
+            kernels: kernels::Cache::default(),
             queue: queue::Pending::new(
                 ctx.caps.timestamps.then(|| timing::Timer::new(&ctx.device, &ctx.queue, queue::SUBMIT_EVERY)),
                 ctx.caps.cpu_adapter,

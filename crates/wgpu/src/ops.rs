@@ -95,7 +95,7 @@ impl WgpuBackend {
             self.kw(Src::Embedding, "embedding", w, None)?;
             self.kw(Src::MoeGemv, "moe_gate_up_gemv", w, None)?;
             self.kw(Src::MoeGemv, "moe_down_gemv", w, None)?;
-            if self.kernels.coop.is_some() && w.is_fp4() {
+            if self.ctx.caps.coop.is_some() && w.is_fp4() {
                 self.kw(Src::CoopGemm, "coop_gemm", w, None)?;
             }
             for nt in PREFILL_TILES {
@@ -528,7 +528,7 @@ fn tile_variant(op: &'static str, n_tile: usize) -> Result<u32> {
 impl WgpuBackend {
     /// Prefill path ids this adapter runs: the f32 tiles, and the cooperative matrices if any.
     fn prefill_tiles(&self) -> impl Iterator<Item = u32> {
-        PREFILL_TILES.into_iter().chain(self.kernels.coop.map(|_| COOP_N_TILE))
+        PREFILL_TILES.into_iter().chain(self.ctx.caps.coop.map(|_| COOP_N_TILE))
     }
 
     /// The prefill tiles of `n_tile` for weights of these kinds.
@@ -536,7 +536,7 @@ impl WgpuBackend {
         if n_tile != COOP_N_TILE as usize {
             return tile_variant(op, n_tile).map(Tiles::Simt);
         }
-        if self.kernels.coop.is_none() {
+        if self.ctx.caps.coop.is_none() {
             return Err(unsupported(
                 op,
                 format!("prefill tile {n_tile}: the adapter has no cooperative matrices"),
@@ -575,7 +575,7 @@ impl WgpuBackend {
     }
 
     fn coop_kernel(&self, kind: WKind) -> Result<(Arc<Kernel>, u32)> {
-        let c = self.kernels.coop.ok_or_else(|| unsupported("coop_gemm", "no cooperative matrices"))?;
+        let c = self.ctx.caps.coop.ok_or_else(|| unsupported("coop_gemm", "no cooperative matrices"))?;
         Ok((self.kw(Src::CoopGemm, "coop_gemm", kind, None)?, c.n_tile()))
     }
 }
@@ -793,7 +793,7 @@ impl Backend for WgpuBackend {
         let ky = if transpose { k } else { row_count };
         let out = self.alloc(&[m, heads, ky], DType::F32);
         let gx = m.div_ceil(shape::TILE_M as usize);
-        let coop = self.kernels.coop.is_some() && w.kind.is_fp4() && gx <= MAX_GROUPS_PER_DIM;
+        let coop = self.ctx.caps.coop.is_some() && w.kind.is_fp4() && gx <= MAX_GROUPS_PER_DIM;
         if !transpose && m > HEAD_LINEAR_SMALL_M && coop {
             let (kern, bn) = self.coop_kernel(w.kind)?;
             let a = self.coop_split(&x.storage.buf, m * heads, k)?;

@@ -355,12 +355,13 @@ impl<B: Backend> Bench<'_, B> {
     }
 
     fn linear(&mut self, kind: WeightKind, k: usize, n: usize, tokens: &[usize]) -> anyhow::Result<()> {
+        // Drawn even when filtered out, so the ops that run see the same weights either way.
         let host = random_weight(&mut self.rng, kind, n, k).map_err(anyhow::Error::msg)?;
-        let ws = self.copies(&host)?;
         let name = format!("linear_{}_{k}x{n}", kind_name(kind));
         if !self.wanted(&name) {
             return Ok(());
         }
+        let ws = self.copies(&host)?;
         for &t in tokens {
             let x = self.b.upload(HostTensor::F32(&self.rng.normals(t * k, 1.0), &[t, k]))?;
             let bytes = (host.nbytes() + 4 * t * (k + n)) as f64;
