@@ -8,10 +8,8 @@
 // The query (d1 + d2 <= ATTN_QMAX) is staged in workgroup memory; ATTN_THREADS / ATTN_CHUNK
 // threads score each key, reading it as 16-byte vectors when every key offset and width is a
 // multiple of 4 (`p.vec`).
-// Prefill (many queries) takes `attn_tile` instead: a workgroup per ATTN_TILE_Q queries of a
-// head walks the keys in tiles staged in workgroup memory, so a tile of keys (and values) is
-// read once for all those queries instead of once per query, and keeps a running (online)
-// softmax: max m, sum l and the output rows rescaled as m grows.
+// Prefill (many queries) takes `attn_tile` / `attn_tile_wide` instead (below): key tiles staged
+// once for a block of up to 64 (query, head) rows, with an online softmax.
 
 struct P {
     t_base: u32, // first query of this dispatch (queries are dispatched in slices)
@@ -29,7 +27,6 @@ struct P {
     n_chunks: u32,
     t_count: u32,
     vec: u32,
-    tile_k: u32, // attn_tile: keys per tile (power of two, ATTN_TILE_Q * tile_k <= ATTN_THREADS)
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -162,154 +159,449 @@ fn attn_merge(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
     }
 }
 
-// ---- attn_tile ---------------------------------------------------------------------------------
-// Needs every width, offset and stride a multiple of 4 (16-byte vectors) and dv <= 128 *
-// ATTN_TILE_COLS; the host checks. When the values are the keys' first dv entries (MLA: one
-// latent cache, `p.vec == 2`) only the keys are staged.
+// ---- attn_tile, attn_tile_wide --------------------------------------------------------------
+// Prefill, FlashAttention-style. A workgroup takes a block of (query, head) rows of one kv head:
+// rows run over the queries with the kv head's query heads fastest (GQA: the heads of its group;
+// MLA: every head), so one staged key tile serves 64 (or 32) rows and the causal limit moves
+// slowly across a block. It walks the keys in tiles of FT_K with an online softmax: running
+// max m and sum l per row, the output rows rescaled as m grows.
+// - Scores: queries and keys staged in chunks of FT_DC vectors (any key width), each thread
+//   4 keys (sk + 8j) of 2 rows (sr, sr + 32) or, in the wide kernel, of 1 row.
+// - Values: staged in sub-tiles of ATTN_THREADS * 4 / ATTN_TILE_ROWS keys; each thread holds 8
+//   rows (orow + 8i or + 4i) of one value vector (narrow: dv <= 4 * ATTN_TILE_DV4, 64 rows) or
+//   two (wide: dv <= 4 * ATTN_WIDE_DV4, 32 rows, MLA's 512).
+// Needs every width, offset and stride a multiple of 4 (16-byte vectors); the host checks. When
+// the values are the keys' first dv entries (MLA: one latent cache, `p.vec == 2`) they are read
+// from the key buffer.
 @group(0) @binding(7) var<storage, read> vb4: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> q1v: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read> q2v: array<vec4<f32>>;
 
-const TQ: u32 = ATTN_TILE_Q;
-// Key rows are padded by one vector: at 512 bytes (GQA's 128 floats) every row started on the
-// same bank and the 16 keys a warp scores read as a 16-way conflict.
-var<workgroup> kvs: array<vec4<f32>, ATTN_TILE_VEC4>; // [tile_k][width / 4 + 1] keys, then [tile_k][dv / 4] values
-var<workgroup> tsc: array<f32, ATTN_THREADS>; // [TQ][tile_k] scores, then probabilities
-var<workgroup> tm: array<f32, ATTN_TILE_Q>; // running max per query
-var<workgroup> tl: array<f32, ATTN_TILE_Q>; // running sum per query
-var<workgroup> ta: array<f32, ATTN_TILE_Q>; // this tile's rescale of the output rows
+const FT_K: u32 = ATTN_FT_K;
+const FT_DC: u32 = ATTN_FT_DC;
+// Row stride (vectors) of staged chunks: odd, so the 8 keys a subgroup reads at once sit on
+// distinct banks.
+const FT_S: u32 = FT_DC + 1u;
+// Row stride (vectors) of the score / probability tile.
+const FT_PS: u32 = FT_K / 4u + 1u;
+const FT_KOFF: u32 = ATTN_TILE_ROWS * FT_S;
+const FT_UNION: u32 = ATTN_FT_UNION;
+var<workgroup> fu: array<vec4<f32>, FT_UNION>;
+var<workgroup> fs: array<vec4<f32>, ATTN_TILE_ROWS * FT_PS>; // [rows][FT_PS] scores, then probabilities
+var<workgroup> fm: array<f32, ATTN_TILE_ROWS * 2u>; // running max per row, two slots (tile parity)
+var<workgroup> fl: array<f32, ATTN_TILE_ROWS>; // running sum per row
+var<workgroup> fa: array<f32, ATTN_TILE_ROWS>; // this tile's rescale per row
+
+// Query vector d of block row r (zero past the rows or the width).
+fn ft_q(r: u32, d: u32, nrows: u32, kh: u32) -> vec4<f32> {
+    let w4 = (p.d1 + p.d2) / 4u;
+    let a4 = p.d1 / 4u;
+    if (r >= nrows || d >= w4) {
+        return vec4<f32>(0.0);
+    }
+    let row = (r / p.group) * p.hq + kh * p.group + r % p.group;
+    if (d < a4) {
+        return q1v[row * a4 + d];
+    }
+    return q2v[row * (w4 - a4) + d - a4];
+}
+
+fn ft_k(j: u32, d: u32, kend: u32, kh: u32) -> vec4<f32> {
+    if (j >= kend || d >= (p.d1 + p.d2) / 4u) {
+        return vec4<f32>(0.0);
+    }
+    return kb[(j * p.k_row + kh * p.k_head) / 4u + d];
+}
+
+// A thread's share of one staged value sub-tile (count keys from jb, at fu[key * dv4 + c]):
+// vectors lid + ATTN_THREADS i, loaded into registers before they are stored, so the loads are
+// in flight while the workgroup finishes what it is doing.
+struct FtV {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+}
+
+fn ft_v(e: u32, jb: u32, count: u32, kend: u32, kh: u32) -> vec4<f32> {
+    let dv4 = p.dv / 4u;
+    let j = jb + e / dv4;
+    if (e >= count * dv4 || j >= kend) {
+        return vec4<f32>(0.0);
+    }
+    if (p.vec == 2u) {
+        return kb[(j * p.k_row + kh * p.k_head) / 4u + e % dv4];
+    }
+    return vb4[(j * p.v_row + kh * p.v_head) / 4u + e % dv4];
+}
+
+fn ft_load_v(lid: u32, jb: u32, count: u32, kend: u32, kh: u32) -> FtV {
+    return FtV(
+        ft_v(lid, jb, count, kend, kh),
+        ft_v(lid + ATTN_THREADS, jb, count, kend, kh),
+        ft_v(lid + 2u * ATTN_THREADS, jb, count, kend, kh),
+        ft_v(lid + 3u * ATTN_THREADS, jb, count, kend, kh),
+    );
+}
+
+fn ft_store_v(lid: u32, v: FtV) {
+    fu[lid] = v.v0;
+    fu[lid + ATTN_THREADS] = v.v1;
+    fu[lid + 2u * ATTN_THREADS] = v.v2;
+    fu[lid + 3u * ATTN_THREADS] = v.v3;
+}
+
+// A thread's share of query / key chunk c: query vector lid % FT_DC of block rows i and i + 32
+// (i = lid / FT_DC; the second only with 64 rows) and of key j0 + i.
+struct FtQK {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    k: vec4<f32>,
+}
+
+fn ft_load_qk(lid: u32, c: u32, r0: u32, nq: u32, nrows: u32, j0: u32, kend: u32, kh: u32) -> FtQK {
+    let d = c * FT_DC + lid % FT_DC;
+    let i = lid / FT_DC;
+    var q1 = vec4<f32>(0.0);
+    if (i + FT_K < nq) {
+        q1 = ft_q(r0 + i + FT_K, d, nrows, kh);
+    }
+    return FtQK(ft_q(r0 + i, d, nrows, kh), q1, ft_k(j0 + i, d, kend, kh));
+}
+
+fn ft_store_qk(lid: u32, nq: u32, v: FtQK) {
+    let i = lid / FT_DC;
+    let d = lid % FT_DC;
+    fu[i * FT_S + d] = v.q0;
+    if (i + FT_K < nq) {
+        fu[(i + FT_K) * FT_S + d] = v.q1;
+    }
+    fu[FT_KOFF + i * FT_S + d] = v.k;
+}
+
+// Score products of one key tile: the query / key chunks in turn, each staged from registers
+// loaded while the previous chunk's products ran. `next` holds chunk 0 of this tile on entry and
+// chunk 0 of the next tile on return.
+struct FtScores {
+    s0: vec4<f32>,
+    s1: vec4<f32>,
+    next: FtQK,
+}
+
+fn ft_tile_scores(lid: u32, b: FtBlock, nq: u32, j0: u32, kh: u32, first: FtQK) -> FtScores {
+    let nch = ((p.d1 + p.d2) / 4u + FT_DC - 1u) / FT_DC;
+    let sr = lid / 8u;
+    let sk = lid % 8u;
+    var st = first;
+    var s0 = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    for (var c = 0u; c < nch; c++) {
+        workgroupBarrier();
+        ft_store_qk(lid, nq, st);
+        workgroupBarrier();
+        if (c + 1u < nch) {
+            st = ft_load_qk(lid, c + 1u, b.r0, nq, b.nrows, j0, b.kend, kh);
+        } else {
+            st = ft_load_qk(lid, 0u, b.r0, nq, b.nrows, j0 + FT_K, b.kend, kh);
+        }
+        s0 = ft_dots(s0, sr, sk);
+        if (nq > FT_K) {
+            s1 = ft_dots(s1, sr + FT_K, sk);
+        }
+    }
+    return FtScores(s0, s1, st);
+}
+
+// Adds chunk products of query row lr (staged) with keys sk + 8j.
+fn ft_dots(s: vec4<f32>, lr: u32, sk: u32) -> vec4<f32> {
+    var acc = s;
+    for (var d = 0u; d < FT_DC; d++) {
+        let q = fu[lr * FT_S + d];
+        let kr = FT_KOFF + sk * FT_S + d;
+        acc += vec4<f32>(
+            dot(q, fu[kr]),
+            dot(q, fu[kr + 8u * FT_S]),
+            dot(q, fu[kr + 16u * FT_S]),
+            dot(q, fu[kr + 24u * FT_S]),
+        );
+    }
+    return acc;
+}
+
+// Scaled scores of block row lr (global row r0 + lr) for keys j0 + sk + 8j, -inf past the
+// row's causal limit.
+fn ft_scores(lr: u32, r0: u32, nrows: u32, sk: u32, j0: u32, s: vec4<f32>) {
+    let last = p.pos0 + min(r0 + lr, nrows - 1u) / p.group;
+    for (var j = 0u; j < 4u; j++) {
+        let key = sk + 8u * j;
+        fs[lr * FT_PS + key / 4u][key % 4u] = select(neg_inf(), s[j] * p.scale, j0 + key <= last);
+    }
+}
+
+// Online softmax over the score tile of nq rows, ATTN_THREADS / nq threads per row (every one
+// reads the row's maximum, each turns 32 / (ATTN_THREADS / nq) scores into probabilities).
+// Value sub-tile 0 (loaded by the caller) is staged between the two halves. Ends at a barrier:
+// probabilities, fa and fl are ready.
+fn ft_softmax(lid: u32, nq: u32, slot: u32, v: FtV) {
+    let tpr = ATTN_THREADS / nq;
+    let row = lid / tpr;
+    let nv = (FT_K / 4u) / tpr;
+    let at = row * FT_PS + (lid % tpr) * nv;
+    let m_old = fm[(slot ^ 1u) * ATTN_TILE_ROWS + row];
+    var mx = fs[row * FT_PS];
+    for (var v = 1u; v < FT_K / 4u; v++) {
+        mx = max(mx, fs[row * FT_PS + v]);
+    }
+    let m = max(m_old, max(max(mx.x, mx.y), max(mx.z, mx.w)));
+    let pa = exp(fs[at] - m);
+    var pb = vec4<f32>(0.0);
+    if (nv == 2u) {
+        pb = exp(fs[at + 1u] - m);
+    }
+    let ones = vec4<f32>(1.0);
+    red[lid] = dot(pa, ones) + dot(pb, ones);
+    if (lid % tpr == 0u) {
+        fm[slot * ATTN_TILE_ROWS + row] = m;
+        fa[row] = exp(m_old - m);
+    }
+    workgroupBarrier();
+    ft_store_v(lid, v);
+    fs[at] = pa;
+    if (nv == 2u) {
+        fs[at + 1u] = pb;
+    }
+    if (lid % tpr == 0u) {
+        var l = 0.0;
+        for (var i = 0u; i < tpr; i++) {
+            l += red[row * tpr + i];
+        }
+        fl[row] = fl[row] * fa[row] + l;
+    }
+    workgroupBarrier();
+}
+
+// o + Σ_k p[row, kq * 4 + k] v_k over four staged keys.
+fn ft_pv(o: vec4<f32>, row: u32, kq: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
+    let pr = fs[row * FT_PS + kq];
+    return o + pr.x * v0 + pr.y * v1 + pr.z * v2 + pr.w * v3;
+}
+
+// Block geometry: rows r0.. (block x, longest first: late queries see the most keys), the keys
+// its last row sees, and the first-tile state of the softmax.
+struct FtBlock {
+    r0: u32,
+    nrows: u32,
+    kend: u32,
+}
+
+fn ft_block(lid: u32, bx: u32, nq: u32) -> FtBlock {
+    let nrows = p.t_count * p.group;
+    let nblk = (nrows + nq - 1u) / nq;
+    let r0 = (nblk - 1u - bx) * nq;
+    if (lid < nq) {
+        fm[ATTN_TILE_ROWS + lid] = neg_inf();
+        fl[lid] = 0.0;
+    }
+    return FtBlock(r0, nrows, p.pos0 + (min(r0 + nq, nrows) - 1u) / p.group + 1u);
+}
+
+fn ft_store(b: FtBlock, kh: u32, lr: u32, c4: u32, o: vec4<f32>) {
+    let r = b.r0 + lr;
+    if (r < b.nrows) {
+        let row = (r / p.group) * p.hq + kh * p.group + r % p.group;
+        tile_store(row * p.dv + 4u * c4, c4, p.dv / 4u, o / fl[lr]);
+    }
+}
 
 @compute @workgroup_size(ATTN_THREADS)
 fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let lid = lid3.x;
-    let h = wid.y;
-    let kh = h / p.group;
-    let tq0 = wid.x * TQ;
-    let nq = min(TQ, p.t_count - tq0);
-    let w4 = (p.d1 + p.d2) / 4u;
-    let ks = w4 + 1u;
-    let a4 = p.d1 / 4u;
+    let kh = wid.y;
+    let nq = ATTN_TILE_ROWS;
+    let b = ft_block(lid, wid.x, nq);
+    let sr = lid / 8u;
+    let sk = lid % 8u;
+    let orow = lid / ATTN_TILE_DV4;
+    let oc = lid % ATTN_TILE_DV4;
     let dv4 = p.dv / 4u;
-    let tk = p.tile_k;
-    let shared_v = p.vec == 2u;
-    let vbase = select(tk * ks, 0u, shared_v);
-    let vstride = select(dv4, ks, shared_v);
-    let parts = ATTN_THREADS / (TQ * tk);
-    if (lid < TQ) {
-        tm[lid] = neg_inf();
-        tl[lid] = 0.0;
-    }
-    // Output rows: thread (oq, cg) holds columns 4 (cg + 32 i), i < ATTN_TILE_COLS.
-    let oq = lid / 32u;
-    let cg = lid % 32u;
     var o0 = vec4<f32>(0.0);
     var o1 = vec4<f32>(0.0);
     var o2 = vec4<f32>(0.0);
     var o3 = vec4<f32>(0.0);
-    // Keys the block's last query sees (queries are t = 0.., keys j <= pos0 + t).
-    let kend = p.pos0 + tq0 + nq;
-    for (var j0 = 0u; j0 < kend; j0 += tk) {
-        for (var e = lid; e < tk * w4; e += ATTN_THREADS) {
-            let j = j0 + e / w4;
-            var v = vec4<f32>(0.0);
-            if (j < kend) {
-                v = kb[(j * p.k_row + kh * p.k_head) / 4u + e % w4];
-            }
-            kvs[(e / w4) * ks + e % w4] = v;
-        }
-        if (!shared_v) {
-            for (var e = lid; e < tk * dv4; e += ATTN_THREADS) {
-                let j = j0 + e / dv4;
-                var v = vec4<f32>(0.0);
-                if (j < kend) {
-                    v = vb4[(j * p.v_row + kh * p.v_head) / 4u + e % dv4];
-                }
-                kvs[vbase + e] = v;
-            }
-        }
+    var o4 = vec4<f32>(0.0);
+    var o5 = vec4<f32>(0.0);
+    var o6 = vec4<f32>(0.0);
+    var o7 = vec4<f32>(0.0);
+    var slot = 0u;
+    var next = ft_load_qk(lid, 0u, b.r0, nq, b.nrows, 0u, b.kend, kh);
+    for (var j0 = 0u; j0 < b.kend; j0 += FT_K) {
+        let sc = ft_tile_scores(lid, b, nq, j0, kh, next);
+        next = sc.next;
+        let v = ft_load_v(lid, j0, FT_K, b.kend, kh);
+        ft_scores(sr, b.r0, b.nrows, sk, j0, sc.s0);
+        ft_scores(sr + FT_K, b.r0, b.nrows, sk, j0, sc.s1);
         workgroupBarrier();
-        // Scores: `parts` threads per (query, key), interleaved along the key.
-        let pair = lid / parts;
-        let part = lid % parts;
-        let qi = pair / tk;
-        var acc = 0.0;
-        if (qi < nq) {
-            let row = (tq0 + qi) * p.hq + h;
-            let kr = (pair % tk) * ks;
-            for (var d = part; d < w4; d += parts) {
-                var q: vec4<f32>;
-                if (d < a4) {
-                    q = q1v[row * a4 + d];
-                } else {
-                    q = q2v[row * (w4 - a4) + d - a4];
-                }
-                acc += dot(q, kvs[kr + d]);
-            }
+        ft_softmax(lid, nq, slot, v);
+        o0 *= fa[orow];
+        o1 *= fa[orow + 8u];
+        o2 *= fa[orow + 16u];
+        o3 *= fa[orow + 24u];
+        o4 *= fa[orow + 32u];
+        o5 *= fa[orow + 40u];
+        o6 *= fa[orow + 48u];
+        o7 *= fa[orow + 56u];
+        // Past dv4 the reads stay inside the staging area (oc < 32, keys < 32) and are unused.
+        for (var k = 0u; k < FT_K; k += 4u) {
+            let v0 = fu[k * dv4 + oc];
+            let v1 = fu[(k + 1u) * dv4 + oc];
+            let v2 = fu[(k + 2u) * dv4 + oc];
+            let v3 = fu[(k + 3u) * dv4 + oc];
+            o0 = ft_pv(o0, orow, k / 4u, v0, v1, v2, v3);
+            o1 = ft_pv(o1, orow + 8u, k / 4u, v0, v1, v2, v3);
+            o2 = ft_pv(o2, orow + 16u, k / 4u, v0, v1, v2, v3);
+            o3 = ft_pv(o3, orow + 24u, k / 4u, v0, v1, v2, v3);
+            o4 = ft_pv(o4, orow + 32u, k / 4u, v0, v1, v2, v3);
+            o5 = ft_pv(o5, orow + 40u, k / 4u, v0, v1, v2, v3);
+            o6 = ft_pv(o6, orow + 48u, k / 4u, v0, v1, v2, v3);
+            o7 = ft_pv(o7, orow + 56u, k / 4u, v0, v1, v2, v3);
         }
-        red[lid] = acc;
-        workgroupBarrier();
-        if (lid < TQ * tk) {
-            var s = 0.0;
-            for (var i = 0u; i < parts; i++) {
-                s += red[lid * parts + i];
-            }
-            let q = lid / tk;
-            let visible = q < nq && j0 + lid % tk <= p.pos0 + tq0 + q;
-            tsc[lid] = select(neg_inf(), s * p.scale, visible);
-        }
-        workgroupBarrier();
-        if (lid < nq) {
-            let m0 = tm[lid];
-            var m = m0;
-            for (var k = 0u; k < tk; k++) {
-                m = max(m, tsc[lid * tk + k]);
-            }
-            // Key 0 is in the first tile and visible to every query, so m is finite from there on.
-            var l = 0.0;
-            for (var k = 0u; k < tk; k++) {
-                let e = exp(tsc[lid * tk + k] - m);
-                tsc[lid * tk + k] = e;
-                l += e;
-            }
-            let a = exp(m0 - m);
-            tl[lid] = tl[lid] * a + l;
-            tm[lid] = m;
-            ta[lid] = a;
-        }
-        workgroupBarrier();
-        if (oq < nq) {
-            let a = ta[oq];
-            o0 *= a;
-            o1 *= a;
-            o2 *= a;
-            o3 *= a;
-            for (var k = 0u; k < tk; k++) {
-                let pk = tsc[oq * tk + k];
-                let vr = vbase + k * vstride + cg;
-                if (cg < dv4) {
-                    o0 += pk * kvs[vr];
-                }
-                if (cg + 32u < dv4) {
-                    o1 += pk * kvs[vr + 32u];
-                }
-                if (cg + 64u < dv4) {
-                    o2 += pk * kvs[vr + 64u];
-                }
-                if (cg + 96u < dv4) {
-                    o3 += pk * kvs[vr + 96u];
-                }
-            }
-        }
-        workgroupBarrier();
+        slot ^= 1u;
     }
-    if (oq < nq) {
-        let inv = 1.0 / tl[oq];
-        let ob = ((tq0 + oq) * p.hq + h) * p.dv + 4u * cg;
-        tile_store(ob, cg, dv4, o0 * inv);
-        tile_store(ob + 128u, cg + 32u, dv4, o1 * inv);
-        tile_store(ob + 256u, cg + 64u, dv4, o2 * inv);
-        tile_store(ob + 384u, cg + 96u, dv4, o3 * inv);
+    ft_store(b, kh, orow, oc, o0);
+    ft_store(b, kh, orow + 8u, oc, o1);
+    ft_store(b, kh, orow + 16u, oc, o2);
+    ft_store(b, kh, orow + 24u, oc, o3);
+    ft_store(b, kh, orow + 32u, oc, o4);
+    ft_store(b, kh, orow + 40u, oc, o5);
+    ft_store(b, kh, orow + 48u, oc, o6);
+    ft_store(b, kh, orow + 56u, oc, o7);
+}
+
+@compute @workgroup_size(ATTN_THREADS)
+fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lid = lid3.x;
+    let kh = wid.y;
+    let nq = ATTN_WIDE_ROWS;
+    let b = ft_block(lid, wid.x, nq);
+    let sr = lid / 8u;
+    let sk = lid % 8u;
+    // Outputs: rows orow + 4i, vectors oc and oc + ATTN_WIDE_DV4 / 2.
+    let hv = ATTN_WIDE_DV4 / 2u;
+    let orow = lid / hv;
+    let oc = lid % hv;
+    let dv4 = p.dv / 4u;
+    let vk = FT_UNION / ATTN_WIDE_DV4;
+    var o0 = vec4<f32>(0.0);
+    var o1 = vec4<f32>(0.0);
+    var o2 = vec4<f32>(0.0);
+    var o3 = vec4<f32>(0.0);
+    var o4 = vec4<f32>(0.0);
+    var o5 = vec4<f32>(0.0);
+    var o6 = vec4<f32>(0.0);
+    var o7 = vec4<f32>(0.0);
+    var u0 = vec4<f32>(0.0);
+    var u1 = vec4<f32>(0.0);
+    var u2 = vec4<f32>(0.0);
+    var u3 = vec4<f32>(0.0);
+    var u4 = vec4<f32>(0.0);
+    var u5 = vec4<f32>(0.0);
+    var u6 = vec4<f32>(0.0);
+    var u7 = vec4<f32>(0.0);
+    var slot = 0u;
+    var next = ft_load_qk(lid, 0u, b.r0, nq, b.nrows, 0u, b.kend, kh);
+    for (var j0 = 0u; j0 < b.kend; j0 += FT_K) {
+        let sc = ft_tile_scores(lid, b, nq, j0, kh, next);
+        next = sc.next;
+        let v = ft_load_v(lid, j0, vk, b.kend, kh);
+        ft_scores(sr, b.r0, b.nrows, sk, j0, sc.s0);
+        workgroupBarrier();
+        ft_softmax(lid, nq, slot, v);
+        let a0 = fa[orow];
+        let a1 = fa[orow + 4u];
+        let a2 = fa[orow + 8u];
+        let a3 = fa[orow + 12u];
+        let a4 = fa[orow + 16u];
+        let a5 = fa[orow + 20u];
+        let a6 = fa[orow + 24u];
+        let a7 = fa[orow + 28u];
+        o0 *= a0;
+        o1 *= a1;
+        o2 *= a2;
+        o3 *= a3;
+        o4 *= a4;
+        o5 *= a5;
+        o6 *= a6;
+        o7 *= a7;
+        u0 *= a0;
+        u1 *= a1;
+        u2 *= a2;
+        u3 *= a3;
+        u4 *= a4;
+        u5 *= a5;
+        u6 *= a6;
+        u7 *= a7;
+        var sub = 0u;
+        loop {
+            // The next value sub-tile is loaded while this one's products run.
+            let more = sub + vk < FT_K;
+            var nv: FtV;
+            if (more) {
+                nv = ft_load_v(lid, j0 + sub + vk, vk, b.kend, kh);
+            }
+            // Past dv4 the reads stay inside the staging area (oc + hv < 128, keys < vk).
+            for (var k = 0u; k < vk; k += 4u) {
+                let kq = (sub + k) / 4u;
+                var v0 = fu[k * dv4 + oc];
+                var v1 = fu[(k + 1u) * dv4 + oc];
+                var v2 = fu[(k + 2u) * dv4 + oc];
+                var v3 = fu[(k + 3u) * dv4 + oc];
+                o0 = ft_pv(o0, orow, kq, v0, v1, v2, v3);
+                o1 = ft_pv(o1, orow + 4u, kq, v0, v1, v2, v3);
+                o2 = ft_pv(o2, orow + 8u, kq, v0, v1, v2, v3);
+                o3 = ft_pv(o3, orow + 12u, kq, v0, v1, v2, v3);
+                o4 = ft_pv(o4, orow + 16u, kq, v0, v1, v2, v3);
+                o5 = ft_pv(o5, orow + 20u, kq, v0, v1, v2, v3);
+                o6 = ft_pv(o6, orow + 24u, kq, v0, v1, v2, v3);
+                o7 = ft_pv(o7, orow + 28u, kq, v0, v1, v2, v3);
+                v0 = fu[k * dv4 + oc + hv];
+                v1 = fu[(k + 1u) * dv4 + oc + hv];
+                v2 = fu[(k + 2u) * dv4 + oc + hv];
+                v3 = fu[(k + 3u) * dv4 + oc + hv];
+                u0 = ft_pv(u0, orow, kq, v0, v1, v2, v3);
+                u1 = ft_pv(u1, orow + 4u, kq, v0, v1, v2, v3);
+                u2 = ft_pv(u2, orow + 8u, kq, v0, v1, v2, v3);
+                u3 = ft_pv(u3, orow + 12u, kq, v0, v1, v2, v3);
+                u4 = ft_pv(u4, orow + 16u, kq, v0, v1, v2, v3);
+                u5 = ft_pv(u5, orow + 20u, kq, v0, v1, v2, v3);
+                u6 = ft_pv(u6, orow + 24u, kq, v0, v1, v2, v3);
+                u7 = ft_pv(u7, orow + 28u, kq, v0, v1, v2, v3);
+            }
+            if (!more) {
+                break;
+            }
+            workgroupBarrier();
+            ft_store_v(lid, nv);
+            workgroupBarrier();
+            sub += vk;
+        }
+        slot ^= 1u;
     }
+    ft_store(b, kh, orow, oc, o0);
+    ft_store(b, kh, orow + 4u, oc, o1);
+    ft_store(b, kh, orow + 8u, oc, o2);
+    ft_store(b, kh, orow + 12u, oc, o3);
+    ft_store(b, kh, orow + 16u, oc, o4);
+    ft_store(b, kh, orow + 20u, oc, o5);
+    ft_store(b, kh, orow + 24u, oc, o6);
+    ft_store(b, kh, orow + 28u, oc, o7);
+    ft_store(b, kh, orow, oc + hv, u0);
+    ft_store(b, kh, orow + 4u, oc + hv, u1);
+    ft_store(b, kh, orow + 8u, oc + hv, u2);
+    ft_store(b, kh, orow + 12u, oc + hv, u3);
+    ft_store(b, kh, orow + 16u, oc + hv, u4);
+    ft_store(b, kh, orow + 20u, oc + hv, u5);
+    ft_store(b, kh, orow + 24u, oc + hv, u6);
+    ft_store(b, kh, orow + 28u, oc + hv, u7);
 }
 
 fn tile_store(at: u32, c4: u32, dv4: u32, v: vec4<f32>) {

@@ -5,6 +5,7 @@
 // 16-byte workgroup load of x and one of w per thread. The outputs live in four vec4
 // accumulators (one per row; NT = 32 leaves two lanes unused): per-thread arrays indexed in
 // loops went to local memory on the H100 (0.5 TFLOP/s).
+// `gemm_heads_t` is MLA's transposed per-head product at prefill on the same tiles (below).
 
 struct P {
     m: u32,
@@ -12,9 +13,10 @@ struct P {
     k: u32,
     n_off: u32,
     y_stride: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // gemm_heads_t: heads (grid z), weight rows per head, first row used in each head.
+    heads: u32,
+    head_rows: u32,
+    head_row0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -35,10 +37,7 @@ fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let ty = lid / 16u;
     let m0 = wid.x * TILE_M;
     let n0 = wid.y * NT;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 < p.k; k0 += KT) {
         for (var e = lid; e < TILE_M * KT; e += WG) {
             let mm = e / KT;
@@ -59,21 +58,78 @@ fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
             ws_store8(kk, nn, w);
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < KT; kk++) {
-            let a = xs[kk * (TILE_M / 4u) + ty];
-            let b = cols(ws[kk * (NT / 4u) + tx * TN / 4u], tx);
-            acc0 += a.x * b;
-            acc1 += a.y * b;
-            acc2 += a.z * b;
-            acc3 += a.w * b;
-        }
+        acc = tile_products(acc, tx, ty);
         workgroupBarrier();
     }
-    let n = n0 + TN * tx;
-    gemm_store(m0 + 4u * ty, n, acc0);
-    gemm_store(m0 + 4u * ty + 1u, n, acc1);
-    gemm_store(m0 + 4u * ty + 2u, n, acc2);
-    gemm_store(m0 + 4u * ty + 3u, n, acc3);
+    tile_store(m0 + 4u * ty, n0 + TN * tx, p.n_off, acc);
+}
+
+// y[m, h, c] = Σ_r W_h[r, c] x[m, h, r] for head h = grid z (rows h * head_rows + head_row0 +
+// r, r < p.k; x [m, heads, p.k]; y [m, heads, p.n]): the reduction runs over the weight's
+// rows, so a k step's weight tile is KT rows of NT columns, each thread decoding one word (8
+// columns under one scale) into two vectors.
+@compute @workgroup_size(WG)
+fn gemm_heads_t(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lid = lid3.x;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let h = wid.z;
+    let m0 = wid.x * TILE_M;
+    let n0 = wid.y * NT;
+    var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k0 = 0u; k0 < p.k; k0 += KT) {
+        for (var e = lid; e < TILE_M * KT; e += WG) {
+            let mm = e / KT;
+            let kk = e % KT;
+            var v = 0.0;
+            if (m0 + mm < p.m && k0 + kk < p.k) {
+                v = x[((m0 + mm) * p.heads + h) * p.k + k0 + kk];
+            }
+            xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
+        }
+        for (var e = lid; e < KT * (NT / 8u); e += WG) {
+            let kk = e / (NT / 8u);
+            let c8 = (e % (NT / 8u)) * 8u;
+            var w: array<f32, 8>;
+            if (k0 + kk < p.k) {
+                w = w_get8(h * p.head_rows + p.head_row0 + k0 + kk, p.n, n0 + c8);
+            }
+            ws[(kk * NT + c8) / 4u] = vec4<f32>(w[0], w[1], w[2], w[3]);
+            ws[(kk * NT + c8) / 4u + 1u] = vec4<f32>(w[4], w[5], w[6], w[7]);
+        }
+        workgroupBarrier();
+        acc = tile_products(acc, tx, ty);
+        workgroupBarrier();
+    }
+    tile_store(m0 + 4u * ty, n0 + TN * tx, h * p.n, acc);
+}
+
+// The four accumulators of a thread: rows 4ty + i, its TN columns.
+struct Acc {
+    a0: vec4<f32>,
+    a1: vec4<f32>,
+    a2: vec4<f32>,
+    a3: vec4<f32>,
+}
+
+fn tile_products(acc: Acc, tx: u32, ty: u32) -> Acc {
+    var r = acc;
+    for (var kk = 0u; kk < KT; kk++) {
+        let a = xs[kk * (TILE_M / 4u) + ty];
+        let b = cols(ws[kk * (NT / 4u) + tx * TN / 4u], tx);
+        r.a0 += a.x * b;
+        r.a1 += a.y * b;
+        r.a2 += a.z * b;
+        r.a3 += a.w * b;
+    }
+    return r;
+}
+
+fn tile_store(m: u32, n: u32, off: u32, acc: Acc) {
+    gemm_store(m, n, off, acc.a0);
+    gemm_store(m + 1u, n, off, acc.a1);
+    gemm_store(m + 2u, n, off, acc.a2);
+    gemm_store(m + 3u, n, off, acc.a3);
 }
 
 // Decoded weights of column nn, k rows kk..kk+8 (unrolled: a per-thread array indexed in a loop
@@ -98,10 +154,10 @@ fn cols(v: vec4<f32>, tx: u32) -> vec4<f32> {
     return select(vec4<f32>(v.zw, 0.0, 0.0), vec4<f32>(v.xy, 0.0, 0.0), tx % 2u == 0u);
 }
 
-fn gemm_store(m: u32, n: u32, v: vec4<f32>) {
+fn gemm_store(m: u32, n: u32, off: u32, v: vec4<f32>) {
     for (var j = 0u; j < TN; j++) {
         if (m < p.m && n + j < p.n) {
-            y[m * p.y_stride + p.n_off + n + j] = v[j];
+            y[m * p.y_stride + off + n + j] = v[j];
         }
     }
 }

@@ -32,16 +32,30 @@ pub(crate) mod shape {
     pub const ATTN_THREADS: u32 = 256;
     /// Attention: longest query (key width, d1 + d2) staged in workgroup memory.
     pub const ATTN_QMAX: u32 = 1024;
-    /// Tiled prefill attention: queries per workgroup (each owns ATTN_THREADS / ATTN_TILE_Q = 32
-    /// threads for its output row).
-    pub const ATTN_TILE_Q: u32 = 8;
-    /// Tiled prefill attention: 16-byte vectors of keys (and values) staged per tile, 18 KiB:
-    /// 8 MLA latent rows of 576, or 16 GQA keys and values of 128, key rows padded by one
-    /// vector (within the 32 KiB of workgroup memory that lavapipe and Metal offer).
-    pub const ATTN_TILE_VEC4: u32 = 8 * (576 / 4 + 1);
-    /// Tiled prefill attention: widest value row, in 16-byte vectors (four per output thread).
-    pub const ATTN_TILE_DV4: u32 = 128;
-    const _: () = assert!(ATTN_TILE_Q * 32 == ATTN_THREADS && ATTN_TILE_DV4 == 4 * 32);
+    /// Tiled prefill attention (attn_tile): (query, head) rows per workgroup, each thread 8 rows
+    /// of one value vector of at most ATTN_TILE_DV4 (dv <= 128).
+    pub const ATTN_TILE_ROWS: u32 = 64;
+    pub const ATTN_TILE_DV4: u32 = 32;
+    /// attn_tile_wide: 32 rows, each thread 8 rows of two value vectors (dv <= 512, MLA).
+    pub const ATTN_WIDE_ROWS: u32 = 32;
+    pub const ATTN_WIDE_DV4: u32 = 128;
+    /// Tiled prefill attention: keys per tile, and 16-byte vectors per staged key / query chunk.
+    pub const ATTN_FT_K: u32 = 32;
+    pub const ATTN_FT_DC: u32 = 8;
+    /// Tiled prefill attention: vectors of the staging area (16 KiB; with the score tile ~26
+    /// KiB of workgroup memory, within the 32 KiB of lavapipe and Metal): a query chunk of
+    /// ATTN_TILE_ROWS rows and a key chunk (rows padded by one vector), or one value sub-tile.
+    pub const ATTN_FT_UNION: u32 = 1024;
+    const _: () = {
+        // Eight output vectors per thread; the staging threads cover a key chunk exactly.
+        assert!(ATTN_TILE_ROWS * ATTN_TILE_DV4 == 8 * ATTN_THREADS);
+        assert!(ATTN_WIDE_ROWS * ATTN_WIDE_DV4 == 16 * ATTN_THREADS);
+        assert!(ATTN_THREADS / ATTN_FT_DC == ATTN_FT_K && ATTN_WIDE_ROWS * 2 == ATTN_TILE_ROWS);
+        assert!(ATTN_FT_UNION >= (ATTN_TILE_ROWS + ATTN_FT_K) * (ATTN_FT_DC + 1));
+        assert!(ATTN_FT_UNION >= ATTN_FT_K * ATTN_TILE_DV4);
+        // attn_tile_wide stages values in sub-tiles of whole 4-key steps.
+        assert!((ATTN_FT_UNION / ATTN_WIDE_DV4).is_multiple_of(4));
+    };
     /// MoE sort: most experts one workgroup can count.
     pub const MOE_MAX_EXPERTS: u32 = 1024;
     /// Sigmoid router: most expert groups.
@@ -103,7 +117,7 @@ fn constants(gemv_lanes: u32) -> String {
     let gemv_rows = WG / gemv_lanes;
     format!(
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
-         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_Q: u32 = {ATTN_TILE_Q}u;\nconst ATTN_TILE_VEC4: u32 = {ATTN_TILE_VEC4}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
+         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_ROWS: u32 = {ATTN_TILE_ROWS}u;\nconst ATTN_TILE_DV4: u32 = {ATTN_TILE_DV4}u;\nconst ATTN_WIDE_ROWS: u32 = {ATTN_WIDE_ROWS}u;\nconst ATTN_WIDE_DV4: u32 = {ATTN_WIDE_DV4}u;\nconst ATTN_FT_K: u32 = {ATTN_FT_K}u;\nconst ATTN_FT_DC: u32 = {ATTN_FT_DC}u;\nconst ATTN_FT_UNION: u32 = {ATTN_FT_UNION}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
          const TOPK_WG: u32 = {TOPK_WG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
     )
@@ -333,22 +347,22 @@ pub struct Cache {
     /// Threads per weight row of the GEMV kernels: a power of two from 4 to WG,
     /// `FP4MOE_WGPU_GEMV_LANES` or [`shape::GEMV_LANES`].
     pub gemv_lanes: u32,
+    /// wgpu's runtime checks in every kernel (see [`Cache::get`]).
+    pub checks: bool,
     modules: Mutex<HashMap<Variant, Arc<wgpu::ShaderModule>>>,
     kernels: Mutex<HashMap<(Variant, &'static str), Arc<Kernel>>>,
 }
 
-impl Default for Cache {
-    fn default() -> Cache {
+impl Cache {
+    pub fn new(checks: bool) -> Cache {
         let gemv_lanes = std::env::var("FP4MOE_WGPU_GEMV_LANES")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|l| l.is_power_of_two() && (4..=shape::WG).contains(l))
             .unwrap_or(shape::GEMV_LANES);
-        Cache { gemv_lanes, modules: Mutex::default(), kernels: Mutex::default() }
+        Cache { gemv_lanes, checks, modules: Mutex::default(), kernels: Mutex::default() }
     }
-}
 
-impl Cache {
     /// Weight rows per GEMV workgroup.
     pub fn gemv_rows(&self) -> u32 {
         shape::WG / self.gemv_lanes
@@ -372,16 +386,27 @@ impl Cache {
             let mut mods = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
             mods.entry(variant)
                 .or_insert_with(|| {
-                    Arc::new(
-                        ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(entry),
-                            source: wgpu::ShaderSource::Wgsl(
-                                variant
-                                    .source(Consts { gemv_lanes: self.gemv_lanes, coop: ctx.caps.coop })
-                                    .into(),
-                            ),
-                        }),
-                    )
+                    let desc = wgpu::ShaderModuleDescriptor {
+                        label: Some(entry),
+                        source: wgpu::ShaderSource::Wgsl(
+                            variant
+                                .source(Consts { gemv_lanes: self.gemv_lanes, coop: ctx.caps.coop })
+                                .into(),
+                        ),
+                    };
+                    let checks = if self.checks {
+                        wgpu::ShaderRuntimeChecks::checked()
+                    } else {
+                        wgpu::ShaderRuntimeChecks::unchecked()
+                    };
+                    // SAFETY: these are the project's own kernels, not user input. Their loops end
+                    // (bounds from uniforms, no data-dependent exits), every index into a buffer or
+                    // workgroup array is guarded or in range by construction, and no divisor is
+                    // zero (the host rejects empty shapes before dispatching); the conformance
+                    // suite runs them in both modes. Checked, naga adds a clamp to every index,
+                    // a guard to every division and a counter to every loop, which also keeps the
+                    // driver from unrolling the loops.
+                    Arc::new(unsafe { ctx.device.create_shader_module_trusted(desc, checks) })
                 })
                 .clone()
         };

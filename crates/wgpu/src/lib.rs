@@ -102,7 +102,10 @@ impl WgpuBackend {
         let limit = ctx.max_binding_bytes();
         let max_chunk_bytes = opts.max_chunk_bytes.map_or(limit, |b| b.min(limit));
         Ok(WgpuBackend {
-            kernels: kernels::Cache::default(),
+            kernels: kernels::Cache::new(
+                opts.runtime_checks
+                    .unwrap_or_else(|| std::env::var("FP4MOE_WGPU_CHECKS").is_ok_and(|v| v == "1")),
+            ),
             queue: queue::Pending::new(
                 ctx.caps.timestamps.then(|| timing::Timer::new(&ctx.device, &ctx.queue, queue::SUBMIT_EVERY)),
                 ctx.caps.cpu_adapter,
@@ -143,6 +146,10 @@ pub struct Options {
     /// Split weights into chunks of at most this many bytes per buffer (tests use it to exercise
     /// chunking on small matrices); the device limit applies regardless.
     pub max_chunk_bytes: Option<u64>,
+    /// wgpu's runtime checks in the kernels (index clamps, division guards, loop counters):
+    /// by default off unless `FP4MOE_WGPU_CHECKS=1`. The kernels are written to need none; the
+    /// conformance suite runs both ways.
+    pub runtime_checks: Option<bool>,
 }
 
 fn bytes_of_f32(v: &[f32]) -> Vec<u8> {

@@ -98,6 +98,7 @@ impl WgpuBackend {
             if self.ctx.caps.coop.is_some() && w.is_fp4() {
                 self.kw(Src::CoopGemm, "coop_gemm", w, None)?;
             }
+            self.kw(Src::Gemm, "gemm_heads_t", w, Some(HEADS_T_TILE))?;
             for nt in PREFILL_TILES {
                 self.kw(Src::Gemm, "gemm", w, Some(nt))?;
                 self.kw(Src::MoeTile, "moe_gate_up_tile", w, Some(nt))?;
@@ -168,7 +169,7 @@ impl WgpuBackend {
         }
         let q2b = q2.unwrap_or(q1);
         // attention.wgsl's `P`.
-        let params = |t_base: usize, n_chunks: usize, t_count: usize, vec: u32, tile_k: usize| {
+        let params = |t_base: usize, n_chunks: usize, t_count: usize, vec: u32| {
             let (kr, kh, vr, vh) = (u(k_row), u(k_head), u(v_row), u(v_head));
             let (bits, chunks, count) = (scale.to_bits(), u(n_chunks), u(t_count));
             [
@@ -187,19 +188,16 @@ impl WgpuBackend {
                 chunks,
                 count,
                 vec,
-                u(tile_k),
             ]
         };
         // MLA: the values are the first dv entries of the key rows (one latent cache).
         let shared_v =
             Arc::ptr_eq(&kb.storage, &vb.storage) && (v_row, v_head) == (k_row, k_head) && dv <= d1 + d2;
         let vec4_all = [d1, d2, dv, k_row, k_head, v_row, v_head].iter().all(|v| v % 4 == 0);
-        if let Some(tk) = attn_tile_k(t_n, (d1 + d2) / 4, if shared_v { 0 } else { dv / 4 })
-            .filter(|_| vec4_all && dv <= 4 * shape::ATTN_TILE_DV4 as usize)
-        {
-            let groups = t_n.div_ceil(shape::ATTN_TILE_Q as usize);
-            if groups <= MAX_GROUPS_PER_DIM {
-                let params = params(0, 0, t_n, 1 + u32::from(shared_v), tk);
+        if let Some((entry, rows)) = attn_tile_kernel(t_n, dv).filter(|_| vec4_all) {
+            let blocks = (t_n * group).div_ceil(rows);
+            if blocks <= MAX_GROUPS_PER_DIM {
+                let params = params(0, 0, t_n, 1 + u32::from(shared_v));
                 let binds = [
                     (3, &kb.storage.buf),
                     (7, &vb.storage.buf),
@@ -207,7 +205,8 @@ impl WgpuBackend {
                     (9, &q2b.storage.buf),
                     (6, &out.storage.buf),
                 ];
-                self.dispatch(&self.k(Src::Attention, "attn_tile")?, &params, &binds, [u(groups), u(hq), 1])?;
+                let grid = [u(blocks), u(hq / group), 1];
+                self.dispatch(&self.k(Src::Attention, entry)?, &params, &binds, grid)?;
                 return Ok(out);
             }
         }
@@ -221,7 +220,7 @@ impl WgpuBackend {
         let mut t0 = 0;
         while t0 < t_n {
             let tc = slice.min(t_n - t0);
-            let params = params(t0, chunks, tc, u32::from(vec), 0);
+            let params = params(t0, chunks, tc, u32::from(vec));
             let binds = [
                 (1, &q1.storage.buf),
                 (2, &q2b.storage.buf),
@@ -474,9 +473,13 @@ impl CoopParams {
 /// Dense weights with at most this many rows take the GEMV at any row count (see `linear`).
 const DENSE_GEMV_MAX_ROWS: usize = 256;
 
-/// `head_linear` (without transpose) with more rows than this takes the cooperative-matrix
-/// GEMM where there is one (a 64-row tile would mostly hold padding below it).
+/// `head_linear` with more rows than this takes a tile GEMM: the cooperative matrices without
+/// transpose (where the adapter has them), the f32 tiles transposed (a 64-row tile would mostly
+/// hold padding below it).
 const HEAD_LINEAR_SMALL_M: usize = 4;
+
+/// Column tile of the transposed per-head product at prefill (gemm_heads_t).
+const HEADS_T_TILE: u32 = 64;
 
 /// Tile choices when the caller gives none: the cooperative-matrix GEMMs where the adapter has
 /// them.
@@ -580,20 +583,22 @@ impl WgpuBackend {
     }
 }
 
-/// Queries from which attention takes the tiled kernel (attn_tile): below it, the split-K
-/// chunks spread a long context over more workgroups.
-const ATTN_TILE_MIN_QUERIES: usize = 2 * shape::ATTN_TILE_Q as usize;
+/// Queries from which attention takes the tiled kernels: below it, the split-K chunks spread a
+/// long context over more workgroups.
+const ATTN_TILE_MIN_QUERIES: usize = 16;
 
-/// Keys per tile of attn_tile for key rows of `k4` (staged with one vector of padding) and value
-/// rows of `v4` 16-byte vectors (`v4` 0 when the values are the keys' prefix), or None where it
-/// does not apply.
-fn attn_tile_k(t_n: usize, k4: usize, v4: usize) -> Option<usize> {
-    if t_n < ATTN_TILE_MIN_QUERIES || k4 == 0 {
-        return None;
+/// The tiled prefill attention kernel for value rows of `dv` and its (query, head) rows per
+/// workgroup, or None where the split-K chunks serve.
+fn attn_tile_kernel(t_n: usize, dv: usize) -> Option<(&'static str, usize)> {
+    if t_n < ATTN_TILE_MIN_QUERIES || dv == 0 {
+        None
+    } else if dv <= 4 * shape::ATTN_TILE_DV4 as usize {
+        Some(("attn_tile", shape::ATTN_TILE_ROWS as usize))
+    } else if dv <= 4 * shape::ATTN_WIDE_DV4 as usize {
+        Some(("attn_tile_wide", shape::ATTN_WIDE_ROWS as usize))
+    } else {
+        None
     }
-    let max_k = (shape::ATTN_THREADS / shape::ATTN_TILE_Q) as usize;
-    let fit = shape::ATTN_TILE_VEC4 as usize / (k4 + 1 + v4);
-    (fit >= 1).then(|| 1usize << fit.min(max_k).ilog2())
 }
 
 struct AttnDims {
@@ -813,6 +818,18 @@ impl Backend for WgpuBackend {
             };
             let groups = [u(gx), u(row_count.div_ceil(bn as usize)), u(heads)];
             self.coop_dispatch(&kern, &a, &out.storage.buf, None, &w.chunks[0], p, groups)?;
+            return Ok(out);
+        }
+        if transpose && m > HEAD_LINEAR_SMALL_M && gx <= MAX_GROUPS_PER_DIM {
+            // The f32 tile GEMM with the reduction over the weight's rows (gemm.wgsl); the
+            // GEMV-shaped kernel below re-reads each weight row once per token.
+            let nt = HEADS_T_TILE;
+            let kern = self.kw(Src::Gemm, "gemm_heads_t", w.kind, Some(nt))?;
+            let mut b = vec![(1, &x.storage.buf), (2, &out.storage.buf)];
+            b.extend(w.chunks[0].bindings());
+            let params = [m, k, row_count, 0, heads * k, heads, rows_per_head, row_start].map(u);
+            let groups = [u(gx), u(k.div_ceil(nt as usize)), u(heads)];
+            self.dispatch(&kern, &params, &b, groups)?;
             return Ok(out);
         }
         let entry = if transpose { "head_linear_t" } else { "head_linear" };

@@ -8,7 +8,7 @@
 //! odd-shape, routing and attention cases exercise the same kernels on every change.
 
 use fp4moe_ops::conformance_tests;
-use fp4moe_wgpu::WgpuBackend;
+use fp4moe_wgpu::{Options, WgpuBackend};
 
 fn any_adapter() -> Option<WgpuBackend> {
     WgpuBackend::new().ok()
@@ -28,3 +28,20 @@ conformance_tests!(@each any_adapter(), "wgpu adapter";
 conformance_tests!(@each hardware_adapter(),
     "hardware wgpu adapter (full-shape case; over 10 minutes on a CPU adapter such as lavapipe)";
     check_linear_glm_shapes, check_linear_qwen_shapes, check_moe_qwen_shape, check_moe_glm_shape);
+
+/// The kernels run without wgpu's runtime checks (index clamps, division guards, loop
+/// counters) by default; the suite again with them on (`FP4MOE_WGPU_CHECKS=1`, wgpu's own
+/// default), so both compilations of every kernel are held to the reference.
+mod runtime_checks {
+    use super::*;
+
+    fn checked_adapter() -> Option<WgpuBackend> {
+        WgpuBackend::with_options(Options { runtime_checks: Some(true), ..Options::default() }).ok()
+    }
+
+    conformance_tests!(@each checked_adapter(), "wgpu adapter";
+        check_linear_odd_shapes, check_linear_router_shapes, check_head_linear, check_embedding,
+        check_rms_norm, check_rope, check_norm_rope, check_softmax, check_elementwise, check_data_movement,
+        check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
+        check_moe_routing, check_attention_gqa, check_attention_mla);
+}
