@@ -160,16 +160,18 @@ fn attn_merge(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
 }
 
 // ---- attn_tile, attn_tile_wide --------------------------------------------------------------
-// Prefill, FlashAttention-style. A workgroup takes a block of (query, head) rows of one kv head:
-// rows run over the queries with the kv head's query heads fastest (GQA: the heads of its group;
-// MLA: every head), so one staged key tile serves 64 (or 32) rows and the causal limit moves
-// slowly across a block. It walks the keys in tiles of FT_K with an online softmax: running
-// max m and sum l per row, the output rows rescaled as m grows.
-// - Scores: queries and keys staged in chunks of FT_DC vectors (any key width), each thread
-//   4 keys (sk + 8j) of 2 rows (sr, sr + 32) or, in the wide kernel, of 1 row.
-// - Values: staged in sub-tiles of ATTN_THREADS * 4 / ATTN_TILE_ROWS keys; each thread holds 8
-//   rows (orow + 8i or + 4i) of one value vector (narrow: dv <= 4 * ATTN_TILE_DV4, 64 rows) or
-//   two (wide: dv <= 4 * ATTN_WIDE_DV4, 32 rows, MLA's 512).
+// Prefill, FlashAttention-style. A workgroup takes a block of nq (query, head) rows of one kv
+// head: rows run over the queries with the kv head's query heads fastest (GQA: the heads of its
+// group; MLA: every head), so one staged key tile serves all nq rows and the causal limit moves
+// slowly across a block. It walks the keys in tiles of kt with an online softmax: running max m
+// and sum l per row, the output rows rescaled as m grows.
+// - `attn_tile`: dv <= 4 ATTN_TILE_DV4 (128), nq = 64, kt = 32; `attn_tile_wide`: dv <= 4
+//   ATTN_WIDE_DV4 (MLA's 512), nq = 32, kt = 64.
+// - Scores: queries and keys staged in chunks of FT_DC vectors (any key width; the next chunk
+//   is loaded into registers during the current one's products); each thread 2 rows x 4 keys
+//   (keys sk + ks j, ks = kt / 4), so one key vector feeds two rows.
+// - Values: staged in sub-tiles of FT_UNION / max dv4 keys; each thread holds 8 rows of one
+//   value vector (attn_tile) or of two (attn_tile_wide).
 // Needs every width, offset and stride a multiple of 4 (16-byte vectors); the host checks. When
 // the values are the keys' first dv entries (MLA: one latent cache, `p.vec == 2`) they are read
 // from the key buffer.
@@ -177,20 +179,30 @@ fn attn_merge(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
 @group(0) @binding(8) var<storage, read> q1v: array<vec4<f32>>;
 @group(0) @binding(9) var<storage, read> q2v: array<vec4<f32>>;
 
-const FT_K: u32 = ATTN_FT_K;
 const FT_DC: u32 = ATTN_FT_DC;
 // Row stride (vectors) of staged chunks: odd, so the 8 keys a subgroup reads at once sit on
 // distinct banks.
 const FT_S: u32 = FT_DC + 1u;
-// Row stride (vectors) of the score / probability tile.
-const FT_PS: u32 = FT_K / 4u + 1u;
-const FT_KOFF: u32 = ATTN_TILE_ROWS * FT_S;
+// Rows (or keys) one staging pass covers: FT_DC threads per row.
+const FT_PASS: u32 = ATTN_THREADS / FT_DC;
 const FT_UNION: u32 = ATTN_FT_UNION;
 var<workgroup> fu: array<vec4<f32>, FT_UNION>;
-var<workgroup> fs: array<vec4<f32>, ATTN_TILE_ROWS * FT_PS>; // [rows][FT_PS] scores, then probabilities
+// [rows][kt / 4 + 1] scores, then probabilities (64 x 9 or 32 x 17 vectors).
+var<workgroup> fs: array<vec4<f32>, ATTN_TILE_ROWS * (ATTN_TILE_KEYS / 4u + 1u)>;
 var<workgroup> fm: array<f32, ATTN_TILE_ROWS * 2u>; // running max per row, two slots (tile parity)
 var<workgroup> fl: array<f32, ATTN_TILE_ROWS>; // running sum per row
 var<workgroup> fa: array<f32, ATTN_TILE_ROWS>; // this tile's rescale per row
+
+// One kernel's tiling: rows per block, keys per tile.
+struct FtShape {
+    nq: u32,
+    kt: u32,
+}
+
+// Row stride (vectors) of the score tile.
+fn ft_ps(f: FtShape) -> u32 {
+    return f.kt / 4u + 1u;
+}
 
 // Query vector d of block row r (zero past the rows or the width).
 fn ft_q(r: u32, d: u32, nrows: u32, kh: u32) -> vec4<f32> {
@@ -251,115 +263,119 @@ fn ft_store_v(lid: u32, v: FtV) {
     fu[lid + 3u * ATTN_THREADS] = v.v3;
 }
 
-// A thread's share of query / key chunk c: query vector lid % FT_DC of block rows i and i + 32
-// (i = lid / FT_DC; the second only with 64 rows) and of key j0 + i.
+// A thread's share of query / key chunk c: vector lid % FT_DC of block rows i and i + FT_PASS
+// and of keys j0 + i and j0 + i + FT_PASS (i = lid / FT_DC; the second ones where nq or kt
+// reach them). Keys are staged after the block's nq query rows.
 struct FtQK {
     q0: vec4<f32>,
     q1: vec4<f32>,
-    k: vec4<f32>,
+    k0: vec4<f32>,
+    k1: vec4<f32>,
 }
 
-fn ft_load_qk(lid: u32, c: u32, r0: u32, nq: u32, nrows: u32, j0: u32, kend: u32, kh: u32) -> FtQK {
+fn ft_load_qk(lid: u32, f: FtShape, c: u32, b: FtBlock, j0: u32, kh: u32) -> FtQK {
     let d = c * FT_DC + lid % FT_DC;
     let i = lid / FT_DC;
-    var q1 = vec4<f32>(0.0);
-    if (i + FT_K < nq) {
-        q1 = ft_q(r0 + i + FT_K, d, nrows, kh);
+    var v = FtQK(ft_q(b.r0 + i, d, b.nrows, kh), vec4<f32>(0.0), ft_k(j0 + i, d, b.kend, kh), vec4<f32>(0.0));
+    if (i + FT_PASS < f.nq) {
+        v.q1 = ft_q(b.r0 + i + FT_PASS, d, b.nrows, kh);
     }
-    return FtQK(ft_q(r0 + i, d, nrows, kh), q1, ft_k(j0 + i, d, kend, kh));
+    if (i + FT_PASS < f.kt) {
+        v.k1 = ft_k(j0 + i + FT_PASS, d, b.kend, kh);
+    }
+    return v;
 }
 
-fn ft_store_qk(lid: u32, nq: u32, v: FtQK) {
+fn ft_store_qk(lid: u32, f: FtShape, v: FtQK) {
     let i = lid / FT_DC;
     let d = lid % FT_DC;
+    let koff = f.nq * FT_S;
     fu[i * FT_S + d] = v.q0;
-    if (i + FT_K < nq) {
-        fu[(i + FT_K) * FT_S + d] = v.q1;
+    fu[koff + i * FT_S + d] = v.k0;
+    if (i + FT_PASS < f.nq) {
+        fu[(i + FT_PASS) * FT_S + d] = v.q1;
     }
-    fu[FT_KOFF + i * FT_S + d] = v.k;
+    if (i + FT_PASS < f.kt) {
+        fu[koff + (i + FT_PASS) * FT_S + d] = v.k1;
+    }
 }
 
-// Score products of one key tile: the query / key chunks in turn, each staged from registers
-// loaded while the previous chunk's products ran. `next` holds chunk 0 of this tile on entry and
-// chunk 0 of the next tile on return.
+// Scores of a thread (rows sr and sr + ATTN_THREADS / ks, keys sk + ks j) for one key tile. `next`
+// holds chunk 0 of this tile on entry and chunk 0 of the next tile on return.
 struct FtScores {
     s0: vec4<f32>,
     s1: vec4<f32>,
     next: FtQK,
 }
 
-fn ft_tile_scores(lid: u32, b: FtBlock, nq: u32, j0: u32, kh: u32, first: FtQK) -> FtScores {
+fn ft_tile_scores(lid: u32, f: FtShape, b: FtBlock, j0: u32, kh: u32, first: FtQK) -> FtScores {
     let nch = ((p.d1 + p.d2) / 4u + FT_DC - 1u) / FT_DC;
-    let sr = lid / 8u;
-    let sk = lid % 8u;
+    let ks = f.kt / 4u;
+    let ra = lid / ks;
+    let rb = ra + ATTN_THREADS / ks;
+    let kr0 = f.nq * FT_S + (lid % ks) * FT_S;
     var st = first;
     var s0 = vec4<f32>(0.0);
     var s1 = vec4<f32>(0.0);
     for (var c = 0u; c < nch; c++) {
         workgroupBarrier();
-        ft_store_qk(lid, nq, st);
+        ft_store_qk(lid, f, st);
         workgroupBarrier();
         if (c + 1u < nch) {
-            st = ft_load_qk(lid, c + 1u, b.r0, nq, b.nrows, j0, b.kend, kh);
+            st = ft_load_qk(lid, f, c + 1u, b, j0, kh);
         } else {
-            st = ft_load_qk(lid, 0u, b.r0, nq, b.nrows, j0 + FT_K, b.kend, kh);
+            st = ft_load_qk(lid, f, 0u, b, j0 + f.kt, kh);
         }
-        s0 = ft_dots(s0, sr, sk);
-        if (nq > FT_K) {
-            s1 = ft_dots(s1, sr + FT_K, sk);
+        for (var d = 0u; d < FT_DC; d++) {
+            let qa = fu[ra * FT_S + d];
+            let qb = fu[rb * FT_S + d];
+            let kr = kr0 + d;
+            let k0 = fu[kr];
+            let k1 = fu[kr + ks * FT_S];
+            let k2 = fu[kr + 2u * ks * FT_S];
+            let k3 = fu[kr + 3u * ks * FT_S];
+            s0 += vec4<f32>(dot(qa, k0), dot(qa, k1), dot(qa, k2), dot(qa, k3));
+            s1 += vec4<f32>(dot(qb, k0), dot(qb, k1), dot(qb, k2), dot(qb, k3));
         }
     }
     return FtScores(s0, s1, st);
 }
 
-// Adds chunk products of query row lr (staged) with keys sk + 8j.
-fn ft_dots(s: vec4<f32>, lr: u32, sk: u32) -> vec4<f32> {
-    var acc = s;
-    for (var d = 0u; d < FT_DC; d++) {
-        let q = fu[lr * FT_S + d];
-        let kr = FT_KOFF + sk * FT_S + d;
-        acc += vec4<f32>(
-            dot(q, fu[kr]),
-            dot(q, fu[kr + 8u * FT_S]),
-            dot(q, fu[kr + 16u * FT_S]),
-            dot(q, fu[kr + 24u * FT_S]),
-        );
-    }
-    return acc;
-}
-
-// Scaled scores of block row lr (global row r0 + lr) for keys j0 + sk + 8j, -inf past the
+// Scaled scores of block row lr (global row r0 + lr) for keys j0 + sk + ks j, -inf past the
 // row's causal limit.
-fn ft_scores(lr: u32, r0: u32, nrows: u32, sk: u32, j0: u32, s: vec4<f32>) {
-    let last = p.pos0 + min(r0 + lr, nrows - 1u) / p.group;
+fn ft_row_scores(f: FtShape, b: FtBlock, lr: u32, sk: u32, j0: u32, s: vec4<f32>) {
+    let ks = f.kt / 4u;
+    let last = p.pos0 + min(b.r0 + lr, b.nrows - 1u) / p.group;
     for (var j = 0u; j < 4u; j++) {
-        let key = sk + 8u * j;
-        fs[lr * FT_PS + key / 4u][key % 4u] = select(neg_inf(), s[j] * p.scale, j0 + key <= last);
+        let key = sk + ks * j;
+        fs[lr * ft_ps(f) + key / 4u][key % 4u] = select(neg_inf(), s[j] * p.scale, j0 + key <= last);
     }
 }
 
-// Online softmax over the score tile of nq rows, ATTN_THREADS / nq threads per row (every one
-// reads the row's maximum, each turns 32 / (ATTN_THREADS / nq) scores into probabilities).
-// Value sub-tile 0 (loaded by the caller) is staged between the two halves. Ends at a barrier:
-// probabilities, fa and fl are ready.
-fn ft_softmax(lid: u32, nq: u32, slot: u32, v: FtV) {
-    let tpr = ATTN_THREADS / nq;
+fn ft_scores(lid: u32, f: FtShape, b: FtBlock, j0: u32, s: FtScores) {
+    let ks = f.kt / 4u;
+    ft_row_scores(f, b, lid / ks, lid % ks, j0, s.s0);
+    ft_row_scores(f, b, lid / ks + ATTN_THREADS / ks, lid % ks, j0, s.s1);
+}
+
+// Online softmax over the score tile, ATTN_THREADS / nq threads per row (every one reads the
+// row's maximum, each turns two vectors of scores into probabilities). Value sub-tile 0 (loaded
+// by the caller) is staged between the two halves. Ends at a barrier: probabilities, fa and fl
+// are ready.
+fn ft_softmax(lid: u32, f: FtShape, slot: u32, v: FtV) {
+    let tpr = ATTN_THREADS / f.nq;
     let row = lid / tpr;
-    let nv = (FT_K / 4u) / tpr;
-    let at = row * FT_PS + (lid % tpr) * nv;
+    let ps = ft_ps(f);
+    let at = row * ps + (lid % tpr) * 2u;
     let m_old = fm[(slot ^ 1u) * ATTN_TILE_ROWS + row];
-    var mx = fs[row * FT_PS];
-    for (var v = 1u; v < FT_K / 4u; v++) {
-        mx = max(mx, fs[row * FT_PS + v]);
+    var mx = fs[row * ps];
+    for (var i = 1u; i < f.kt / 4u; i++) {
+        mx = max(mx, fs[row * ps + i]);
     }
     let m = max(m_old, max(max(mx.x, mx.y), max(mx.z, mx.w)));
     let pa = exp(fs[at] - m);
-    var pb = vec4<f32>(0.0);
-    if (nv == 2u) {
-        pb = exp(fs[at + 1u] - m);
-    }
-    let ones = vec4<f32>(1.0);
-    red[lid] = dot(pa, ones) + dot(pb, ones);
+    let pb = exp(fs[at + 1u] - m);
+    red[lid] = dot(pa + pb, vec4<f32>(1.0));
     if (lid % tpr == 0u) {
         fm[slot * ATTN_TILE_ROWS + row] = m;
         fa[row] = exp(m_old - m);
@@ -367,9 +383,7 @@ fn ft_softmax(lid: u32, nq: u32, slot: u32, v: FtV) {
     workgroupBarrier();
     ft_store_v(lid, v);
     fs[at] = pa;
-    if (nv == 2u) {
-        fs[at + 1u] = pb;
-    }
+    fs[at + 1u] = pb;
     if (lid % tpr == 0u) {
         var l = 0.0;
         for (var i = 0u; i < tpr; i++) {
@@ -380,14 +394,14 @@ fn ft_softmax(lid: u32, nq: u32, slot: u32, v: FtV) {
     workgroupBarrier();
 }
 
-// o + Σ_k p[row, kq * 4 + k] v_k over four staged keys.
-fn ft_pv(o: vec4<f32>, row: u32, kq: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
-    let pr = fs[row * FT_PS + kq];
+// o + Σ_k p[row, 4 kq + k] v_k over four staged keys.
+fn ft_pv(o: vec4<f32>, ps: u32, row: u32, kq: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
+    let pr = fs[row * ps + kq];
     return o + pr.x * v0 + pr.y * v1 + pr.z * v2 + pr.w * v3;
 }
 
-// Block geometry: rows r0.. (block x, longest first: late queries see the most keys), the keys
-// its last row sees, and the first-tile state of the softmax.
+// Block geometry: rows r0.. (block x, longest first: late queries see the most keys) and the keys
+// its last row sees; also sets the first tile's softmax state.
 struct FtBlock {
     r0: u32,
     nrows: u32,
@@ -417,10 +431,10 @@ fn ft_store(b: FtBlock, kh: u32, lr: u32, c4: u32, o: vec4<f32>) {
 fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let lid = lid3.x;
     let kh = wid.y;
-    let nq = ATTN_TILE_ROWS;
-    let b = ft_block(lid, wid.x, nq);
-    let sr = lid / 8u;
-    let sk = lid % 8u;
+    let f = FtShape(ATTN_TILE_ROWS, ATTN_TILE_KEYS);
+    let ps = ft_ps(f);
+    let b = ft_block(lid, wid.x, f.nq);
+    // Outputs: rows orow + 8i, vector oc.
     let orow = lid / ATTN_TILE_DV4;
     let oc = lid % ATTN_TILE_DV4;
     let dv4 = p.dv / 4u;
@@ -433,15 +447,14 @@ fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
     var o6 = vec4<f32>(0.0);
     var o7 = vec4<f32>(0.0);
     var slot = 0u;
-    var next = ft_load_qk(lid, 0u, b.r0, nq, b.nrows, 0u, b.kend, kh);
-    for (var j0 = 0u; j0 < b.kend; j0 += FT_K) {
-        let sc = ft_tile_scores(lid, b, nq, j0, kh, next);
+    var next = ft_load_qk(lid, f, 0u, b, 0u, kh);
+    for (var j0 = 0u; j0 < b.kend; j0 += f.kt) {
+        let sc = ft_tile_scores(lid, f, b, j0, kh, next);
         next = sc.next;
-        let v = ft_load_v(lid, j0, FT_K, b.kend, kh);
-        ft_scores(sr, b.r0, b.nrows, sk, j0, sc.s0);
-        ft_scores(sr + FT_K, b.r0, b.nrows, sk, j0, sc.s1);
+        let v = ft_load_v(lid, j0, f.kt, b.kend, kh);
+        ft_scores(lid, f, b, j0, sc);
         workgroupBarrier();
-        ft_softmax(lid, nq, slot, v);
+        ft_softmax(lid, f, slot, v);
         o0 *= fa[orow];
         o1 *= fa[orow + 8u];
         o2 *= fa[orow + 16u];
@@ -451,19 +464,19 @@ fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
         o6 *= fa[orow + 48u];
         o7 *= fa[orow + 56u];
         // Past dv4 the reads stay inside the staging area (oc < 32, keys < 32) and are unused.
-        for (var k = 0u; k < FT_K; k += 4u) {
+        for (var k = 0u; k < f.kt; k += 4u) {
             let v0 = fu[k * dv4 + oc];
             let v1 = fu[(k + 1u) * dv4 + oc];
             let v2 = fu[(k + 2u) * dv4 + oc];
             let v3 = fu[(k + 3u) * dv4 + oc];
-            o0 = ft_pv(o0, orow, k / 4u, v0, v1, v2, v3);
-            o1 = ft_pv(o1, orow + 8u, k / 4u, v0, v1, v2, v3);
-            o2 = ft_pv(o2, orow + 16u, k / 4u, v0, v1, v2, v3);
-            o3 = ft_pv(o3, orow + 24u, k / 4u, v0, v1, v2, v3);
-            o4 = ft_pv(o4, orow + 32u, k / 4u, v0, v1, v2, v3);
-            o5 = ft_pv(o5, orow + 40u, k / 4u, v0, v1, v2, v3);
-            o6 = ft_pv(o6, orow + 48u, k / 4u, v0, v1, v2, v3);
-            o7 = ft_pv(o7, orow + 56u, k / 4u, v0, v1, v2, v3);
+            o0 = ft_pv(o0, ps, orow, k / 4u, v0, v1, v2, v3);
+            o1 = ft_pv(o1, ps, orow + 8u, k / 4u, v0, v1, v2, v3);
+            o2 = ft_pv(o2, ps, orow + 16u, k / 4u, v0, v1, v2, v3);
+            o3 = ft_pv(o3, ps, orow + 24u, k / 4u, v0, v1, v2, v3);
+            o4 = ft_pv(o4, ps, orow + 32u, k / 4u, v0, v1, v2, v3);
+            o5 = ft_pv(o5, ps, orow + 40u, k / 4u, v0, v1, v2, v3);
+            o6 = ft_pv(o6, ps, orow + 48u, k / 4u, v0, v1, v2, v3);
+            o7 = ft_pv(o7, ps, orow + 56u, k / 4u, v0, v1, v2, v3);
         }
         slot ^= 1u;
     }
@@ -481,10 +494,9 @@ fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
 fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let lid = lid3.x;
     let kh = wid.y;
-    let nq = ATTN_WIDE_ROWS;
-    let b = ft_block(lid, wid.x, nq);
-    let sr = lid / 8u;
-    let sk = lid % 8u;
+    let f = FtShape(ATTN_WIDE_ROWS, ATTN_WIDE_KEYS);
+    let ps = ft_ps(f);
+    let b = ft_block(lid, wid.x, f.nq);
     // Outputs: rows orow + 4i, vectors oc and oc + ATTN_WIDE_DV4 / 2.
     let hv = ATTN_WIDE_DV4 / 2u;
     let orow = lid / hv;
@@ -508,14 +520,14 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
     var u6 = vec4<f32>(0.0);
     var u7 = vec4<f32>(0.0);
     var slot = 0u;
-    var next = ft_load_qk(lid, 0u, b.r0, nq, b.nrows, 0u, b.kend, kh);
-    for (var j0 = 0u; j0 < b.kend; j0 += FT_K) {
-        let sc = ft_tile_scores(lid, b, nq, j0, kh, next);
+    var next = ft_load_qk(lid, f, 0u, b, 0u, kh);
+    for (var j0 = 0u; j0 < b.kend; j0 += f.kt) {
+        let sc = ft_tile_scores(lid, f, b, j0, kh, next);
         next = sc.next;
         let v = ft_load_v(lid, j0, vk, b.kend, kh);
-        ft_scores(sr, b.r0, b.nrows, sk, j0, sc.s0);
+        ft_scores(lid, f, b, j0, sc);
         workgroupBarrier();
-        ft_softmax(lid, nq, slot, v);
+        ft_softmax(lid, f, slot, v);
         let a0 = fa[orow];
         let a1 = fa[orow + 4u];
         let a2 = fa[orow + 8u];
@@ -543,7 +555,7 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
         var sub = 0u;
         loop {
             // The next value sub-tile is loaded while this one's products run.
-            let more = sub + vk < FT_K;
+            let more = sub + vk < f.kt;
             var nv: FtV;
             if (more) {
                 nv = ft_load_v(lid, j0 + sub + vk, vk, b.kend, kh);
@@ -555,26 +567,26 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
                 var v1 = fu[(k + 1u) * dv4 + oc];
                 var v2 = fu[(k + 2u) * dv4 + oc];
                 var v3 = fu[(k + 3u) * dv4 + oc];
-                o0 = ft_pv(o0, orow, kq, v0, v1, v2, v3);
-                o1 = ft_pv(o1, orow + 4u, kq, v0, v1, v2, v3);
-                o2 = ft_pv(o2, orow + 8u, kq, v0, v1, v2, v3);
-                o3 = ft_pv(o3, orow + 12u, kq, v0, v1, v2, v3);
-                o4 = ft_pv(o4, orow + 16u, kq, v0, v1, v2, v3);
-                o5 = ft_pv(o5, orow + 20u, kq, v0, v1, v2, v3);
-                o6 = ft_pv(o6, orow + 24u, kq, v0, v1, v2, v3);
-                o7 = ft_pv(o7, orow + 28u, kq, v0, v1, v2, v3);
+                o0 = ft_pv(o0, ps, orow, kq, v0, v1, v2, v3);
+                o1 = ft_pv(o1, ps, orow + 4u, kq, v0, v1, v2, v3);
+                o2 = ft_pv(o2, ps, orow + 8u, kq, v0, v1, v2, v3);
+                o3 = ft_pv(o3, ps, orow + 12u, kq, v0, v1, v2, v3);
+                o4 = ft_pv(o4, ps, orow + 16u, kq, v0, v1, v2, v3);
+                o5 = ft_pv(o5, ps, orow + 20u, kq, v0, v1, v2, v3);
+                o6 = ft_pv(o6, ps, orow + 24u, kq, v0, v1, v2, v3);
+                o7 = ft_pv(o7, ps, orow + 28u, kq, v0, v1, v2, v3);
                 v0 = fu[k * dv4 + oc + hv];
                 v1 = fu[(k + 1u) * dv4 + oc + hv];
                 v2 = fu[(k + 2u) * dv4 + oc + hv];
                 v3 = fu[(k + 3u) * dv4 + oc + hv];
-                u0 = ft_pv(u0, orow, kq, v0, v1, v2, v3);
-                u1 = ft_pv(u1, orow + 4u, kq, v0, v1, v2, v3);
-                u2 = ft_pv(u2, orow + 8u, kq, v0, v1, v2, v3);
-                u3 = ft_pv(u3, orow + 12u, kq, v0, v1, v2, v3);
-                u4 = ft_pv(u4, orow + 16u, kq, v0, v1, v2, v3);
-                u5 = ft_pv(u5, orow + 20u, kq, v0, v1, v2, v3);
-                u6 = ft_pv(u6, orow + 24u, kq, v0, v1, v2, v3);
-                u7 = ft_pv(u7, orow + 28u, kq, v0, v1, v2, v3);
+                u0 = ft_pv(u0, ps, orow, kq, v0, v1, v2, v3);
+                u1 = ft_pv(u1, ps, orow + 4u, kq, v0, v1, v2, v3);
+                u2 = ft_pv(u2, ps, orow + 8u, kq, v0, v1, v2, v3);
+                u3 = ft_pv(u3, ps, orow + 12u, kq, v0, v1, v2, v3);
+                u4 = ft_pv(u4, ps, orow + 16u, kq, v0, v1, v2, v3);
+                u5 = ft_pv(u5, ps, orow + 20u, kq, v0, v1, v2, v3);
+                u6 = ft_pv(u6, ps, orow + 24u, kq, v0, v1, v2, v3);
+                u7 = ft_pv(u7, ps, orow + 28u, kq, v0, v1, v2, v3);
             }
             if (!more) {
                 break;

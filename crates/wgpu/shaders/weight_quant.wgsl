@@ -10,10 +10,15 @@ fn w_word(i: u32) -> u32 {
     return w_codes[i / 4u][i % 4u];
 }
 
+// Block scale of element `col` of `row`.
+fn w_bscale(row: u32, cols: u32, col: u32) -> f32 {
+    let i = row * (cols / W_BLOCK) + col / W_BLOCK;
+    return SCALE_DECODE((w_scales[i / 4u] >> (8u * (i & 3u))) & 255u);
+}
+
 // Block scale times tensor scale of element `col` of `row`, multiplied first as the reference does.
 fn w_scale(row: u32, cols: u32, col: u32) -> f32 {
-    let i = row * (cols / W_BLOCK) + col / W_BLOCK;
-    return SCALE_DECODE((w_scales[i / 4u] >> (8u * (i & 3u))) & 255u) * w_tscale[row];
+    return w_bscale(row, cols, col) * w_tscale[row];
 }
 
 fn w_at(row: u32, cols: u32, col: u32) -> f32 {

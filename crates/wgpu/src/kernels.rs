@@ -32,29 +32,39 @@ pub(crate) mod shape {
     pub const ATTN_THREADS: u32 = 256;
     /// Attention: longest query (key width, d1 + d2) staged in workgroup memory.
     pub const ATTN_QMAX: u32 = 1024;
-    /// Tiled prefill attention (attn_tile): (query, head) rows per workgroup, each thread 8 rows
-    /// of one value vector of at most ATTN_TILE_DV4 (dv <= 128).
+    /// Tiled prefill attention (attn_tile): (query, head) rows per workgroup and keys per tile;
+    /// each thread holds 8 rows of one value vector of at most ATTN_TILE_DV4 (dv <= 128).
     pub const ATTN_TILE_ROWS: u32 = 64;
+    pub const ATTN_TILE_KEYS: u32 = 32;
     pub const ATTN_TILE_DV4: u32 = 32;
-    /// attn_tile_wide: 32 rows, each thread 8 rows of two value vectors (dv <= 512, MLA).
+    /// attn_tile_wide: 32 rows, 64 keys, each thread 8 rows of two value vectors (dv <= 512, MLA).
     pub const ATTN_WIDE_ROWS: u32 = 32;
+    pub const ATTN_WIDE_KEYS: u32 = 64;
     pub const ATTN_WIDE_DV4: u32 = 128;
-    /// Tiled prefill attention: keys per tile, and 16-byte vectors per staged key / query chunk.
-    pub const ATTN_FT_K: u32 = 32;
+    /// Tiled prefill attention: 16-byte vectors per staged key / query chunk.
     pub const ATTN_FT_DC: u32 = 8;
     /// Tiled prefill attention: vectors of the staging area (16 KiB; with the score tile ~26
-    /// KiB of workgroup memory, within the 32 KiB of lavapipe and Metal): a query chunk of
-    /// ATTN_TILE_ROWS rows and a key chunk (rows padded by one vector), or one value sub-tile.
+    /// KiB of workgroup memory, within the 32 KiB of lavapipe and Metal): a query and a key
+    /// chunk (rows padded by one vector), or one value sub-tile.
     pub const ATTN_FT_UNION: u32 = 1024;
     const _: () = {
-        // Eight output vectors per thread; the staging threads cover a key chunk exactly.
+        let pass = ATTN_THREADS / ATTN_FT_DC;
+        // Eight output vectors per thread (attn_tile), sixteen (wide).
         assert!(ATTN_TILE_ROWS * ATTN_TILE_DV4 == 8 * ATTN_THREADS);
         assert!(ATTN_WIDE_ROWS * ATTN_WIDE_DV4 == 16 * ATTN_THREADS);
-        assert!(ATTN_THREADS / ATTN_FT_DC == ATTN_FT_K && ATTN_WIDE_ROWS * 2 == ATTN_TILE_ROWS);
-        assert!(ATTN_FT_UNION >= (ATTN_TILE_ROWS + ATTN_FT_K) * (ATTN_FT_DC + 1));
-        assert!(ATTN_FT_UNION >= ATTN_FT_K * ATTN_TILE_DV4);
-        // attn_tile_wide stages values in sub-tiles of whole 4-key steps.
+        // Two rows x four keys of scores per thread, two probability vectors per thread.
+        assert!(ATTN_TILE_ROWS * ATTN_TILE_KEYS == 8 * ATTN_THREADS);
+        assert!(ATTN_WIDE_ROWS * ATTN_WIDE_KEYS == 8 * ATTN_THREADS);
+        // Staging: at most two passes of rows and of keys; chunks and value sub-tiles fit.
+        assert!(ATTN_TILE_ROWS <= 2 * pass && ATTN_WIDE_KEYS <= 2 * pass && ATTN_TILE_KEYS >= pass);
+        assert!(ATTN_WIDE_ROWS >= pass && ATTN_WIDE_ROWS <= ATTN_TILE_ROWS);
+        assert!(ATTN_FT_UNION >= (ATTN_TILE_ROWS + ATTN_TILE_KEYS) * (ATTN_FT_DC + 1));
+        assert!(ATTN_FT_UNION >= (ATTN_WIDE_ROWS + ATTN_WIDE_KEYS) * (ATTN_FT_DC + 1));
+        assert!(ATTN_FT_UNION == ATTN_TILE_KEYS * ATTN_TILE_DV4 && ATTN_FT_UNION == 4 * ATTN_THREADS);
+        // attn_tile_wide stages values in sub-tiles of whole 4-key steps; its score tile fits
+        // attn_tile's.
         assert!((ATTN_FT_UNION / ATTN_WIDE_DV4).is_multiple_of(4));
+        assert!(ATTN_WIDE_ROWS * (ATTN_WIDE_KEYS / 4 + 1) <= ATTN_TILE_ROWS * (ATTN_TILE_KEYS / 4 + 1));
     };
     /// MoE sort: most experts one workgroup can count.
     pub const MOE_MAX_EXPERTS: u32 = 1024;
@@ -117,7 +127,7 @@ fn constants(gemv_lanes: u32) -> String {
     let gemv_rows = WG / gemv_lanes;
     format!(
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
-         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_ROWS: u32 = {ATTN_TILE_ROWS}u;\nconst ATTN_TILE_DV4: u32 = {ATTN_TILE_DV4}u;\nconst ATTN_WIDE_ROWS: u32 = {ATTN_WIDE_ROWS}u;\nconst ATTN_WIDE_DV4: u32 = {ATTN_WIDE_DV4}u;\nconst ATTN_FT_K: u32 = {ATTN_FT_K}u;\nconst ATTN_FT_DC: u32 = {ATTN_FT_DC}u;\nconst ATTN_FT_UNION: u32 = {ATTN_FT_UNION}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
+         const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_ROWS: u32 = {ATTN_TILE_ROWS}u;\nconst ATTN_TILE_DV4: u32 = {ATTN_TILE_DV4}u;\nconst ATTN_WIDE_ROWS: u32 = {ATTN_WIDE_ROWS}u;\nconst ATTN_WIDE_DV4: u32 = {ATTN_WIDE_DV4}u;\nconst ATTN_TILE_KEYS: u32 = {ATTN_TILE_KEYS}u;\nconst ATTN_WIDE_KEYS: u32 = {ATTN_WIDE_KEYS}u;\nconst ATTN_FT_DC: u32 = {ATTN_FT_DC}u;\nconst ATTN_FT_UNION: u32 = {ATTN_FT_UNION}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
          const TOPK_WG: u32 = {TOPK_WG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
     )
