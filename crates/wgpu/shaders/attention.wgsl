@@ -427,6 +427,66 @@ fn ft_store(b: FtBlock, kh: u32, lr: u32, c4: u32, o: vec4<f32>) {
     }
 }
 
+// Eight output rows of one value vector: rows r0 + rs i.
+struct FtAcc {
+    a0: vec4<f32>,
+    a1: vec4<f32>,
+    a2: vec4<f32>,
+    a3: vec4<f32>,
+    a4: vec4<f32>,
+    a5: vec4<f32>,
+    a6: vec4<f32>,
+    a7: vec4<f32>,
+}
+
+fn ft_acc_zero() -> FtAcc {
+    let z = vec4<f32>(0.0);
+    return FtAcc(z, z, z, z, z, z, z, z);
+}
+
+// The rows rescaled by this tile's max update (fa).
+fn ft_acc_rescale(a: FtAcc, r0: u32, rs: u32) -> FtAcc {
+    return FtAcc(a.a0 * fa[r0], a.a1 * fa[r0 + rs], a.a2 * fa[r0 + 2u * rs], a.a3 * fa[r0 + 3u * rs],
+                 a.a4 * fa[r0 + 4u * rs], a.a5 * fa[r0 + 5u * rs], a.a6 * fa[r0 + 6u * rs], a.a7 * fa[r0 + 7u * rs]);
+}
+
+// Adds four staged keys' values (v0..v3 at probability vector kq) to every row.
+fn ft_acc_pv(a: FtAcc, ps: u32, r0: u32, rs: u32, kq: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> FtAcc {
+    return FtAcc(
+        ft_pv(a.a0, ps, r0, kq, v0, v1, v2, v3),
+        ft_pv(a.a1, ps, r0 + rs, kq, v0, v1, v2, v3),
+        ft_pv(a.a2, ps, r0 + 2u * rs, kq, v0, v1, v2, v3),
+        ft_pv(a.a3, ps, r0 + 3u * rs, kq, v0, v1, v2, v3),
+        ft_pv(a.a4, ps, r0 + 4u * rs, kq, v0, v1, v2, v3),
+        ft_pv(a.a5, ps, r0 + 5u * rs, kq, v0, v1, v2, v3),
+        ft_pv(a.a6, ps, r0 + 6u * rs, kq, v0, v1, v2, v3),
+        ft_pv(a.a7, ps, r0 + 7u * rs, kq, v0, v1, v2, v3),
+    );
+}
+
+fn ft_acc_store(b: FtBlock, kh: u32, r0: u32, rs: u32, c4: u32, a: FtAcc) {
+    ft_store(b, kh, r0, c4, a.a0);
+    ft_store(b, kh, r0 + rs, c4, a.a1);
+    ft_store(b, kh, r0 + 2u * rs, c4, a.a2);
+    ft_store(b, kh, r0 + 3u * rs, c4, a.a3);
+    ft_store(b, kh, r0 + 4u * rs, c4, a.a4);
+    ft_store(b, kh, r0 + 5u * rs, c4, a.a5);
+    ft_store(b, kh, r0 + 6u * rs, c4, a.a6);
+    ft_store(b, kh, r0 + 7u * rs, c4, a.a7);
+}
+
+// Four consecutive staged value rows' vector c (value sub-tile layout [key][dv4]).
+struct FtV4 {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+}
+
+fn ft_v4(k: u32, dv4: u32, c: u32) -> FtV4 {
+    return FtV4(fu[k * dv4 + c], fu[(k + 1u) * dv4 + c], fu[(k + 2u) * dv4 + c], fu[(k + 3u) * dv4 + c]);
+}
+
 @compute @workgroup_size(ATTN_THREADS)
 fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let lid = lid3.x;
@@ -434,18 +494,12 @@ fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
     let f = FtShape(ATTN_TILE_ROWS, ATTN_TILE_KEYS);
     let ps = ft_ps(f);
     let b = ft_block(lid, wid.x, f.nq);
-    // Outputs: rows orow + 8i, vector oc.
+    // Outputs: rows orow + rs i, vector oc.
+    let rs = ATTN_THREADS / ATTN_TILE_DV4;
     let orow = lid / ATTN_TILE_DV4;
     let oc = lid % ATTN_TILE_DV4;
     let dv4 = p.dv / 4u;
-    var o0 = vec4<f32>(0.0);
-    var o1 = vec4<f32>(0.0);
-    var o2 = vec4<f32>(0.0);
-    var o3 = vec4<f32>(0.0);
-    var o4 = vec4<f32>(0.0);
-    var o5 = vec4<f32>(0.0);
-    var o6 = vec4<f32>(0.0);
-    var o7 = vec4<f32>(0.0);
+    var o = ft_acc_zero();
     var slot = 0u;
     var next = ft_load_qk(lid, f, 0u, b, 0u, kh);
     for (var j0 = 0u; j0 < b.kend; j0 += f.kt) {
@@ -455,39 +509,15 @@ fn attn_tile(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
         ft_scores(lid, f, b, j0, sc);
         workgroupBarrier();
         ft_softmax(lid, f, slot, v);
-        o0 *= fa[orow];
-        o1 *= fa[orow + 8u];
-        o2 *= fa[orow + 16u];
-        o3 *= fa[orow + 24u];
-        o4 *= fa[orow + 32u];
-        o5 *= fa[orow + 40u];
-        o6 *= fa[orow + 48u];
-        o7 *= fa[orow + 56u];
+        o = ft_acc_rescale(o, orow, rs);
         // Past dv4 the reads stay inside the staging area (oc < 32, keys < 32) and are unused.
         for (var k = 0u; k < f.kt; k += 4u) {
-            let v0 = fu[k * dv4 + oc];
-            let v1 = fu[(k + 1u) * dv4 + oc];
-            let v2 = fu[(k + 2u) * dv4 + oc];
-            let v3 = fu[(k + 3u) * dv4 + oc];
-            o0 = ft_pv(o0, ps, orow, k / 4u, v0, v1, v2, v3);
-            o1 = ft_pv(o1, ps, orow + 8u, k / 4u, v0, v1, v2, v3);
-            o2 = ft_pv(o2, ps, orow + 16u, k / 4u, v0, v1, v2, v3);
-            o3 = ft_pv(o3, ps, orow + 24u, k / 4u, v0, v1, v2, v3);
-            o4 = ft_pv(o4, ps, orow + 32u, k / 4u, v0, v1, v2, v3);
-            o5 = ft_pv(o5, ps, orow + 40u, k / 4u, v0, v1, v2, v3);
-            o6 = ft_pv(o6, ps, orow + 48u, k / 4u, v0, v1, v2, v3);
-            o7 = ft_pv(o7, ps, orow + 56u, k / 4u, v0, v1, v2, v3);
+            let v4 = ft_v4(k, dv4, oc);
+            o = ft_acc_pv(o, ps, orow, rs, k / 4u, v4.v0, v4.v1, v4.v2, v4.v3);
         }
         slot ^= 1u;
     }
-    ft_store(b, kh, orow, oc, o0);
-    ft_store(b, kh, orow + 8u, oc, o1);
-    ft_store(b, kh, orow + 16u, oc, o2);
-    ft_store(b, kh, orow + 24u, oc, o3);
-    ft_store(b, kh, orow + 32u, oc, o4);
-    ft_store(b, kh, orow + 40u, oc, o5);
-    ft_store(b, kh, orow + 48u, oc, o6);
-    ft_store(b, kh, orow + 56u, oc, o7);
+    ft_acc_store(b, kh, orow, rs, oc, o);
 }
 
 @compute @workgroup_size(ATTN_THREADS)
@@ -497,28 +527,15 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
     let f = FtShape(ATTN_WIDE_ROWS, ATTN_WIDE_KEYS);
     let ps = ft_ps(f);
     let b = ft_block(lid, wid.x, f.nq);
-    // Outputs: rows orow + 4i, vectors oc and oc + ATTN_WIDE_DV4 / 2.
+    // Outputs: rows orow + rs i, vectors oc (o) and oc + ATTN_WIDE_DV4 / 2 (u).
     let hv = ATTN_WIDE_DV4 / 2u;
+    let rs = ATTN_THREADS / hv;
     let orow = lid / hv;
     let oc = lid % hv;
     let dv4 = p.dv / 4u;
     let vk = FT_UNION / ATTN_WIDE_DV4;
-    var o0 = vec4<f32>(0.0);
-    var o1 = vec4<f32>(0.0);
-    var o2 = vec4<f32>(0.0);
-    var o3 = vec4<f32>(0.0);
-    var o4 = vec4<f32>(0.0);
-    var o5 = vec4<f32>(0.0);
-    var o6 = vec4<f32>(0.0);
-    var o7 = vec4<f32>(0.0);
-    var u0 = vec4<f32>(0.0);
-    var u1 = vec4<f32>(0.0);
-    var u2 = vec4<f32>(0.0);
-    var u3 = vec4<f32>(0.0);
-    var u4 = vec4<f32>(0.0);
-    var u5 = vec4<f32>(0.0);
-    var u6 = vec4<f32>(0.0);
-    var u7 = vec4<f32>(0.0);
+    var o = ft_acc_zero();
+    var u = ft_acc_zero();
     var slot = 0u;
     var next = ft_load_qk(lid, f, 0u, b, 0u, kh);
     for (var j0 = 0u; j0 < b.kend; j0 += f.kt) {
@@ -528,30 +545,8 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
         ft_scores(lid, f, b, j0, sc);
         workgroupBarrier();
         ft_softmax(lid, f, slot, v);
-        let a0 = fa[orow];
-        let a1 = fa[orow + 4u];
-        let a2 = fa[orow + 8u];
-        let a3 = fa[orow + 12u];
-        let a4 = fa[orow + 16u];
-        let a5 = fa[orow + 20u];
-        let a6 = fa[orow + 24u];
-        let a7 = fa[orow + 28u];
-        o0 *= a0;
-        o1 *= a1;
-        o2 *= a2;
-        o3 *= a3;
-        o4 *= a4;
-        o5 *= a5;
-        o6 *= a6;
-        o7 *= a7;
-        u0 *= a0;
-        u1 *= a1;
-        u2 *= a2;
-        u3 *= a3;
-        u4 *= a4;
-        u5 *= a5;
-        u6 *= a6;
-        u7 *= a7;
+        o = ft_acc_rescale(o, orow, rs);
+        u = ft_acc_rescale(u, orow, rs);
         var sub = 0u;
         loop {
             // The next value sub-tile is loaded while this one's products run.
@@ -563,30 +558,10 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
             // Past dv4 the reads stay inside the staging area (oc + hv < 128, keys < vk).
             for (var k = 0u; k < vk; k += 4u) {
                 let kq = (sub + k) / 4u;
-                var v0 = fu[k * dv4 + oc];
-                var v1 = fu[(k + 1u) * dv4 + oc];
-                var v2 = fu[(k + 2u) * dv4 + oc];
-                var v3 = fu[(k + 3u) * dv4 + oc];
-                o0 = ft_pv(o0, ps, orow, kq, v0, v1, v2, v3);
-                o1 = ft_pv(o1, ps, orow + 4u, kq, v0, v1, v2, v3);
-                o2 = ft_pv(o2, ps, orow + 8u, kq, v0, v1, v2, v3);
-                o3 = ft_pv(o3, ps, orow + 12u, kq, v0, v1, v2, v3);
-                o4 = ft_pv(o4, ps, orow + 16u, kq, v0, v1, v2, v3);
-                o5 = ft_pv(o5, ps, orow + 20u, kq, v0, v1, v2, v3);
-                o6 = ft_pv(o6, ps, orow + 24u, kq, v0, v1, v2, v3);
-                o7 = ft_pv(o7, ps, orow + 28u, kq, v0, v1, v2, v3);
-                v0 = fu[k * dv4 + oc + hv];
-                v1 = fu[(k + 1u) * dv4 + oc + hv];
-                v2 = fu[(k + 2u) * dv4 + oc + hv];
-                v3 = fu[(k + 3u) * dv4 + oc + hv];
-                u0 = ft_pv(u0, ps, orow, kq, v0, v1, v2, v3);
-                u1 = ft_pv(u1, ps, orow + 4u, kq, v0, v1, v2, v3);
-                u2 = ft_pv(u2, ps, orow + 8u, kq, v0, v1, v2, v3);
-                u3 = ft_pv(u3, ps, orow + 12u, kq, v0, v1, v2, v3);
-                u4 = ft_pv(u4, ps, orow + 16u, kq, v0, v1, v2, v3);
-                u5 = ft_pv(u5, ps, orow + 20u, kq, v0, v1, v2, v3);
-                u6 = ft_pv(u6, ps, orow + 24u, kq, v0, v1, v2, v3);
-                u7 = ft_pv(u7, ps, orow + 28u, kq, v0, v1, v2, v3);
+                let va = ft_v4(k, dv4, oc);
+                o = ft_acc_pv(o, ps, orow, rs, kq, va.v0, va.v1, va.v2, va.v3);
+                let vb = ft_v4(k, dv4, oc + hv);
+                u = ft_acc_pv(u, ps, orow, rs, kq, vb.v0, vb.v1, vb.v2, vb.v3);
             }
             if (!more) {
                 break;
@@ -598,22 +573,8 @@ fn attn_tile_wide(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgr
         }
         slot ^= 1u;
     }
-    ft_store(b, kh, orow, oc, o0);
-    ft_store(b, kh, orow + 4u, oc, o1);
-    ft_store(b, kh, orow + 8u, oc, o2);
-    ft_store(b, kh, orow + 12u, oc, o3);
-    ft_store(b, kh, orow + 16u, oc, o4);
-    ft_store(b, kh, orow + 20u, oc, o5);
-    ft_store(b, kh, orow + 24u, oc, o6);
-    ft_store(b, kh, orow + 28u, oc, o7);
-    ft_store(b, kh, orow, oc + hv, u0);
-    ft_store(b, kh, orow + 4u, oc + hv, u1);
-    ft_store(b, kh, orow + 8u, oc + hv, u2);
-    ft_store(b, kh, orow + 12u, oc + hv, u3);
-    ft_store(b, kh, orow + 16u, oc + hv, u4);
-    ft_store(b, kh, orow + 20u, oc + hv, u5);
-    ft_store(b, kh, orow + 24u, oc + hv, u6);
-    ft_store(b, kh, orow + 28u, oc + hv, u7);
+    ft_acc_store(b, kh, orow, rs, oc, o);
+    ft_acc_store(b, kh, orow, rs, oc + hv, u);
 }
 
 fn tile_store(at: u32, c4: u32, dv4: u32, v: vec4<f32>) {

@@ -37,3 +37,14 @@ fn ranks_before(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
     let b = rank_key(vb);
     return a > b || (a == b && ia < ib);
 }
+
+// sin and cos of an angle of any size: GPU sin/cos are only accurate on [-pi, pi], and angles
+// reach pos * 1 rad, so reduce by 2*pi first. 2*pi is split into three f32 parts (the first
+// with few significant bits) so that k * part is exact or nearly so for the k seen here.
+fn sincos(a: f32) -> vec2<f32> {
+    let k = round(a * 0.15915493667125702);
+    var r = fma(-k, 6.28125, a);
+    r = fma(-k, 0.0019353071693331003, r);
+    r = fma(-k, 1.0253131677018246e-11, r);
+    return vec2<f32>(sin(r), cos(r));
+}

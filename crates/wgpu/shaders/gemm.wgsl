@@ -39,15 +39,7 @@ fn gemm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     let n0 = wid.y * NT;
     var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 < p.k; k0 += KT) {
-        for (var e = lid; e < TILE_M * KT; e += WG) {
-            let mm = e / KT;
-            let kk = e % KT;
-            var v = 0.0;
-            if (m0 + mm < p.m && k0 + kk < p.k) {
-                v = x[(m0 + mm) * p.k + k0 + kk];
-            }
-            xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
-        }
+        stage_x(lid, m0, k0, p.k, 0u);
         for (var e = lid; e < NT * (KT / 8u); e += WG) {
             let nn = e / (KT / 8u);
             let kk = (e % (KT / 8u)) * 8u;
@@ -78,15 +70,7 @@ fn gemm_heads_t(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgrou
     let n0 = wid.y * NT;
     var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 < p.k; k0 += KT) {
-        for (var e = lid; e < TILE_M * KT; e += WG) {
-            let mm = e / KT;
-            let kk = e % KT;
-            var v = 0.0;
-            if (m0 + mm < p.m && k0 + kk < p.k) {
-                v = x[((m0 + mm) * p.heads + h) * p.k + k0 + kk];
-            }
-            xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
-        }
+        stage_x(lid, m0, k0, p.heads * p.k, h * p.k);
         for (var e = lid; e < KT * (NT / 8u); e += WG) {
             let kk = e / (NT / 8u);
             let c8 = (e % (NT / 8u)) * 8u;
@@ -102,6 +86,19 @@ fn gemm_heads_t(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgrou
         workgroupBarrier();
     }
     tile_store(m0 + 4u * ty, n0 + TN * tx, h * p.n, acc);
+}
+
+// x tile of the k step from k0: rows m0.. (row m at x[m * stride + off]) as [KT][TILE_M].
+fn stage_x(lid: u32, m0: u32, k0: u32, stride: u32, off: u32) {
+    for (var e = lid; e < TILE_M * KT; e += WG) {
+        let mm = e / KT;
+        let kk = e % KT;
+        var v = 0.0;
+        if (m0 + mm < p.m && k0 + kk < p.k) {
+            v = x[(m0 + mm) * stride + off + k0 + kk];
+        }
+        xs[(kk * TILE_M + mm) / 4u][mm % 4u] = v;
+    }
 }
 
 // The four accumulators of a thread: rows 4ty + i, its TN columns.

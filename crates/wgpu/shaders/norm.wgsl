@@ -1,9 +1,14 @@
-// Row reductions: RMSNorm and softmax, one workgroup per row.
+// Row reductions: RMSNorm (alone and followed by RoPE) and softmax, one workgroup per row.
 
 struct P {
     rows: u32,
     d: u32,
     eps: f32,
+    // norm_rope: heads per token (rows are [n, heads]) and the rotation (see rope.wgsl).
+    heads: u32,
+    offset: u32,
+    dims: u32,
+    interleaved: u32,
     _pad: u32,
 }
 
@@ -11,6 +16,8 @@ struct P {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> pos: array<u32>;
+@group(0) @binding(5) var<storage, read> inv_freq: array<f32>;
 var<workgroup> red: array<f32, WG>;
 
 fn reduce_sum(lid: u32, v: f32) -> f32 {
@@ -58,6 +65,54 @@ fn rms_norm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id
     let r = 1.0 / sqrt(ms + p.eps);
     for (var i = lid; i < p.d; i += WG) {
         out[base + i] = w[i] * (x[base + i] * r);
+    }
+}
+
+// rope(rms_norm(x, w, eps)) per head row (Qwen3's q and k): one dispatch instead of two. The
+// rotation's partner element is normalized again from x (the same expression) rather than
+// exchanged through workgroup memory.
+@compute @workgroup_size(WG)
+fn norm_rope(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = flat_wg(wid, nwg);
+    let lid = lid3.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.d;
+    var s = 0.0;
+    for (var i = lid; i < p.d; i += WG) {
+        s += x[base + i] * x[base + i];
+    }
+    let r = 1.0 / sqrt(reduce_sum(lid, s) / f32(p.d) + p.eps);
+    let t = row / p.heads;
+    for (var c = lid; c < p.d; c += WG) {
+        let y = w[c] * (x[base + c] * r);
+        if (c < p.offset || c >= p.offset + p.dims) {
+            out[base + c] = y;
+            continue;
+        }
+        let i = c - p.offset;
+        let half = p.dims / 2u;
+        var f: u32;
+        var first: bool;
+        var pc: u32;
+        if (p.interleaved != 0u) {
+            f = i / 2u;
+            first = (i & 1u) == 0u;
+            pc = select(c - 1u, c + 1u, first);
+        } else {
+            first = i < half;
+            f = select(i - half, i, first);
+            pc = select(c - half, c + half, first);
+        }
+        let yp = w[pc] * (x[base + pc] * r);
+        let sc = sincos(f32(pos[t]) * inv_freq[f]);
+        if (first) {
+            out[base + c] = y * sc.y - yp * sc.x;
+        } else {
+            out[base + c] = y * sc.y + yp * sc.x;
+        }
     }
 }
 

@@ -20,17 +20,6 @@ struct P {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 
-// sin and cos of an angle of any size: GPU sin/cos are only accurate on [-pi, pi], and angles
-// reach pos * 1 rad, so reduce by 2*pi first. 2*pi is split into three f32 parts (the first
-// with few significant bits) so that k * part is exact or nearly so for the k seen here.
-fn sincos(a: f32) -> vec2<f32> {
-    let k = round(a * 0.15915493667125702);
-    var r = fma(-k, 6.28125, a);
-    r = fma(-k, 0.0019353071693331003, r);
-    r = fma(-k, 1.0253131677018246e-11, r);
-    return vec2<f32>(sin(r), cos(r));
-}
-
 @compute @workgroup_size(WG)
 fn rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -74,7 +74,7 @@ impl WgpuBackend {
         let entries: &[(Src, &[&'static str])] = &[
             (Src::Elementwise, &["add", "silu_mul", "to_bf16", "from_bf16"]),
             (Src::Copy, &["copy32", "copy16"]),
-            (Src::Norm, &["rms_norm", "softmax"]),
+            (Src::Norm, &["rms_norm", "norm_rope", "softmax"]),
             (Src::Rope, &["rope"]),
             (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
             (Src::MoeCombine, &["moe_combine"]),
@@ -859,7 +859,7 @@ impl Backend for WgpuBackend {
         let b = [(1, &x.storage.buf), (2, &w.storage.buf), (3, &out.storage.buf)];
         self.dispatch(
             &self.k(Src::Norm, "rms_norm")?,
-            &[u(rows), u(d), eps.to_bits(), 0],
+            &[u(rows), u(d), eps.to_bits(), 0, 0, 0, 0, 0],
             &b,
             grid(rows, 1),
         )?;
@@ -881,6 +881,35 @@ impl Backend for WgpuBackend {
         Ok(out)
     }
 
+    fn norm_rope(&self, x: &GT, w: &GT, eps: f32, positions: &GT, spec: Rope) -> Result<GT> {
+        const OP: &str = "norm_rope";
+        let s = x.shape();
+        let d = fp4moe_ops::check::rope(OP, s, positions.shape(), spec)?;
+        if w.shape() != [d] {
+            return Err(shape_err(OP, format!("x {s:?} with weight {:?}", w.shape())));
+        }
+        expect(OP, x, DType::F32)?;
+        expect(OP, w, DType::F32)?;
+        expect(OP, positions, DType::U32)?;
+        let out = self.alloc(s, DType::F32);
+        let rows = s[0] * s[1];
+        if rows == 0 {
+            return Ok(out);
+        }
+        let inv = self.inv_freq(spec.dims, spec.theta);
+        let inter = u32::from(spec.style == RopeStyle::Interleaved);
+        let params = [u(rows), u(d), eps.to_bits(), u(s[1]), u(spec.offset), u(spec.dims), inter, 0];
+        let b = [
+            (1, &x.storage.buf),
+            (2, &w.storage.buf),
+            (3, &out.storage.buf),
+            (4, &positions.storage.buf),
+            (5, &*inv),
+        ];
+        self.dispatch(&self.k(Src::Norm, "norm_rope")?, &params, &b, grid(rows, 1))?;
+        Ok(out)
+    }
+
     fn softmax(&self, x: &GT) -> Result<GT> {
         const OP: &str = "softmax";
         if x.shape().is_empty() {
@@ -890,7 +919,7 @@ impl Backend for WgpuBackend {
         let out = self.alloc(x.shape(), DType::F32);
         let (rows, d) = (x.rows(), x.last_dim());
         let b = [(1, &x.storage.buf), (3, &out.storage.buf)];
-        self.dispatch(&self.k(Src::Norm, "softmax")?, &[u(rows), u(d), 0, 0], &b, grid(rows, 1))?;
+        self.dispatch(&self.k(Src::Norm, "softmax")?, &[u(rows), u(d), 0, 0, 0, 0, 0, 0], &b, grid(rows, 1))?;
         Ok(out)
     }
 
