@@ -1,7 +1,8 @@
 // Routers, one workgroup per token: each thread scores the experts lid, lid + WG, ...; the
-// softmax max and sum and each top-k pick are workgroup reductions. Top-k picks repeatedly the
-// best entry ranked after the previous pick in the order "descending value, ties to the lower
-// id" (`ranks_before`), so no selected-set is kept.
+// softmax max and sum are workgroup reductions. The top k come from ranks: an expert's rank in
+// the order "descending value, ties to the lower id" (`ranks_before`) is the number of experts
+// ranked before it, counted by its thread over the scores staged in workgroup memory (one pass
+// and one barrier; k sequential picks took k reductions of log2(WG) barriers each).
 
 struct P {
     n: u32,
@@ -28,7 +29,9 @@ struct Best {
 }
 
 var<workgroup> rv: array<f32, WG>;
-var<workgroup> ri: array<u32, WG>;
+var<workgroup> sv: array<f32, MOE_MAX_EXPERTS>; // the ranked score of every expert
+var<workgroup> sk: array<f32, MOE_MAX_EXPERTS>; // the selected scores by rank
+var<workgroup> si: array<u32, MOE_MAX_EXPERTS>; // the selected ids by rank
 var<workgroup> gscore: array<f32, ROUTER_MAX_GROUPS>;
 var<workgroup> kept: array<u32, ROUTER_MAX_GROUPS>;
 
@@ -40,22 +43,24 @@ fn better(a: Best, b: Best) -> Best {
     return a;
 }
 
-// The workgroup's best entry; every thread gets it.
-fn wg_best(lid: u32, b: Best) -> Best {
-    rv[lid] = b.v;
-    ri[lid] = b.i;
+// The top k of sv[0..e) into sk / si by rank, and ids[at + rank]. Ends at a barrier.
+fn wg_top_k(lid: u32, e: u32, k: u32, at: u32) {
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            let w = better(Best(rv[lid], ri[lid]), Best(rv[lid + s], ri[lid + s]));
-            rv[lid] = w.v;
-            ri[lid] = w.i;
+    for (var i = lid; i < e; i += WG) {
+        let v = sv[i];
+        var rank = 0u;
+        for (var j = 0u; j < e; j++) {
+            if (ranks_before(sv[j], j, v, i)) {
+                rank++;
+            }
         }
-        workgroupBarrier();
+        if (rank < k) {
+            sk[rank] = v;
+            si[rank] = i;
+            ids[at + rank] = i;
+        }
     }
-    let r = Best(rv[0], ri[0]);
     workgroupBarrier();
-    return r;
 }
 
 fn wg_sum(lid: u32, v: f32) -> f32 {
@@ -105,26 +110,18 @@ fn route_softmax(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
         part += exp(logits[base + i] - m);
     }
     let sum = wg_sum(lid, part);
-    var prev = Best(0.0, NONE);
-    var sel_sum = 0.0;
-    for (var s = 0u; s < p.k; s++) {
-        var b = Best(0.0, NONE);
-        for (var i = lid; i < p.e; i += WG) {
-            let c = Best(exp(logits[base + i] - m) / sum, i);
-            if (prev.i == NONE || ranks_before(prev.v, prev.i, c.v, c.i)) {
-                b = better(b, c);
-            }
-        }
-        prev = wg_best(lid, b);
-        if (lid == 0u) {
-            ids[t * p.k + s] = prev.i;
-            wts[t * p.k + s] = prev.v;
-        }
-        sel_sum += prev.v;
+    for (var i = lid; i < p.e; i += WG) {
+        sv[i] = exp(logits[base + i] - m) / sum;
     }
-    if (lid == 0u && p.renormalize != 0u) {
+    wg_top_k(lid, p.e, p.k, t * p.k);
+    // The selected sum in pick order, as the reference folds it.
+    if (lid == 0u) {
+        var sel_sum = 0.0;
         for (var s = 0u; s < p.k; s++) {
-            wts[t * p.k + s] = wts[t * p.k + s] / sel_sum;
+            sel_sum += sk[s];
+        }
+        for (var s = 0u; s < p.k; s++) {
+            wts[t * p.k + s] = select(sk[s], sk[s] / sel_sum, p.renormalize != 0u);
         }
     }
 }
@@ -187,31 +184,23 @@ fn route_sigmoid(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
         }
     }
     workgroupBarrier();
-    // Top k of the biased scores among the kept groups' experts (others rank as -inf).
-    var prev = Best(0.0, NONE);
-    var sel_sum = 0.0;
-    for (var s = 0u; s < p.k; s++) {
-        var b = Best(0.0, NONE);
-        for (var i = lid; i < p.e; i += WG) {
-            var c = Best(neg_inf(), i);
-            if (kept[i / per] != 0u) {
-                c.v = sigmoid(logits[base + i]) + bias[i];
-            }
-            if (prev.i == NONE || ranks_before(prev.v, prev.i, c.v, c.i)) {
-                b = better(b, c);
-            }
+    // Top k of the biased scores among the kept groups' experts (others rank as -inf); the
+    // weights are the unbiased scores.
+    for (var i = lid; i < p.e; i += WG) {
+        var v = neg_inf();
+        if (kept[i / per] != 0u) {
+            v = sigmoid(logits[base + i]) + bias[i];
         }
-        prev = wg_best(lid, b);
-        let score = sigmoid(logits[base + prev.i]);
-        if (lid == 0u) {
-            ids[t * p.k + s] = prev.i;
-            wts[t * p.k + s] = score;
-        }
-        sel_sum += score;
+        sv[i] = v;
     }
+    wg_top_k(lid, p.e, p.k, t * p.k);
     if (lid == 0u) {
+        var sel_sum = 0.0;
         for (var s = 0u; s < p.k; s++) {
-            var w = wts[t * p.k + s];
+            sel_sum += sigmoid(logits[base + si[s]]);
+        }
+        for (var s = 0u; s < p.k; s++) {
+            var w = sigmoid(logits[base + si[s]]);
             if (p.renormalize != 0u) {
                 w = w / (sel_sum + 1e-20);
             }

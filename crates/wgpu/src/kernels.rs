@@ -66,7 +66,7 @@ pub(crate) mod shape {
         assert!((ATTN_FT_UNION / ATTN_WIDE_DV4).is_multiple_of(4));
         assert!(ATTN_WIDE_ROWS * (ATTN_WIDE_KEYS / 4 + 1) <= ATTN_TILE_ROWS * (ATTN_TILE_KEYS / 4 + 1));
     };
-    /// MoE sort: most experts one workgroup can count.
+    /// MoE sort and routers: most experts one workgroup can count (and rank).
     pub const MOE_MAX_EXPERTS: u32 = 1024;
     /// Sigmoid router: most expert groups.
     pub const ROUTER_MAX_GROUPS: u32 = 64;

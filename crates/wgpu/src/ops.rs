@@ -583,6 +583,14 @@ impl WgpuBackend {
     }
 }
 
+/// Routers stage every expert's score in workgroup memory (router.wgsl).
+fn router_experts(op: &'static str, e: usize) -> Result<()> {
+    if e > shape::MOE_MAX_EXPERTS as usize {
+        return Err(unsupported(op, format!("{e} experts (at most {})", shape::MOE_MAX_EXPERTS)));
+    }
+    Ok(())
+}
+
 /// Queries from which attention takes the tiled kernels: below it, the split-K chunks spread a
 /// long context over more workgroups.
 const ATTN_TILE_MIN_QUERIES: usize = 16;
@@ -1041,6 +1049,7 @@ impl Backend for WgpuBackend {
         let s = logits.shape();
         expect(OP, logits, DType::F32)?;
         let (n, e) = (s[0], s[1]);
+        router_experts(OP, e)?;
         let ids = self.alloc(&[n, k], DType::U32);
         let wts = self.alloc(&[n, k], DType::F32);
         let params = [u(n), u(e), u(k), u32::from(renormalize), 0, 0, 0, 0];
@@ -1057,6 +1066,7 @@ impl Backend for WgpuBackend {
         if n_group > shape::ROUTER_MAX_GROUPS as usize {
             return Err(unsupported(OP, format!("{n_group} expert groups")));
         }
+        router_experts(OP, s[1])?;
         expect(OP, logits, DType::F32)?;
         expect(OP, bias, DType::F32)?;
         let (n, e) = (s[0], s[1]);
