@@ -48,3 +48,28 @@ fn sincos(a: f32) -> vec2<f32> {
     r = fma(-k, 1.0253131677018246e-11, r);
     return vec2<f32>(sin(r), cos(r));
 }
+
+// RoPE pairing of rotated dim i of `dims` (see `fp4moe_ops::Rope`): its frequency index,
+// whether it is its pair's first element, and the distance to its partner.
+struct RopePair {
+    f: u32,
+    first: bool,
+    dist: u32,
+}
+
+fn rope_pair(i: u32, dims: u32, interleaved: bool) -> RopePair {
+    if (interleaved) {
+        return RopePair(i / 2u, (i & 1u) == 0u, 1u);
+    }
+    let half = dims / 2u;
+    let first = i < half;
+    return RopePair(select(i - half, i, first), first, half);
+}
+
+// Element y rotated with its partner yp by the angle whose (sin, cos) is sc.
+fn rope_rotate(y: f32, yp: f32, first: bool, sc: vec2<f32>) -> f32 {
+    if (first) {
+        return y * sc.y - yp * sc.x;
+    }
+    return y * sc.y + yp * sc.x;
+}

@@ -48,6 +48,15 @@ fn reduce_max(lid: u32, v: f32) -> f32 {
     return r;
 }
 
+// 1 / sqrt(mean(x²) + eps) of the row at base (every thread gets it).
+fn row_rms_inv(lid: u32, base: u32) -> f32 {
+    var s = 0.0;
+    for (var i = lid; i < p.d; i += WG) {
+        s += x[base + i] * x[base + i];
+    }
+    return 1.0 / sqrt(reduce_sum(lid, s) / f32(p.d) + p.eps);
+}
+
 @compute @workgroup_size(WG)
 fn rms_norm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
             @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -57,12 +66,7 @@ fn rms_norm(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id
         return;
     }
     let base = row * p.d;
-    var s = 0.0;
-    for (var i = lid; i < p.d; i += WG) {
-        s += x[base + i] * x[base + i];
-    }
-    let ms = reduce_sum(lid, s) / f32(p.d);
-    let r = 1.0 / sqrt(ms + p.eps);
+    let r = row_rms_inv(lid, base);
     for (var i = lid; i < p.d; i += WG) {
         out[base + i] = w[i] * (x[base + i] * r);
     }
@@ -80,11 +84,7 @@ fn norm_rope(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
         return;
     }
     let base = row * p.d;
-    var s = 0.0;
-    for (var i = lid; i < p.d; i += WG) {
-        s += x[base + i] * x[base + i];
-    }
-    let r = 1.0 / sqrt(reduce_sum(lid, s) / f32(p.d) + p.eps);
+    let r = row_rms_inv(lid, base);
     let t = row / p.heads;
     for (var c = lid; c < p.d; c += WG) {
         let y = w[c] * (x[base + c] * r);
@@ -92,27 +92,10 @@ fn norm_rope(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
             out[base + c] = y;
             continue;
         }
-        let i = c - p.offset;
-        let half = p.dims / 2u;
-        var f: u32;
-        var first: bool;
-        var pc: u32;
-        if (p.interleaved != 0u) {
-            f = i / 2u;
-            first = (i & 1u) == 0u;
-            pc = select(c - 1u, c + 1u, first);
-        } else {
-            first = i < half;
-            f = select(i - half, i, first);
-            pc = select(c - half, c + half, first);
-        }
+        let rp = rope_pair(c - p.offset, p.dims, p.interleaved != 0u);
+        let pc = select(c - rp.dist, c + rp.dist, rp.first);
         let yp = w[pc] * (x[base + pc] * r);
-        let sc = sincos(f32(pos[t]) * inv_freq[f]);
-        if (first) {
-            out[base + c] = y * sc.y - yp * sc.x;
-        } else {
-            out[base + c] = y * sc.y + yp * sc.x;
-        }
+        out[base + c] = rope_rotate(y, yp, rp.first, sincos(f32(pos[t]) * inv_freq[rp.f]));
     }
 }
 

@@ -33,24 +33,7 @@ fn rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         out[e] = x[e];
         return;
     }
-    let i = c - p.offset;
-    let half = p.dims / 2u;
-    var f: u32;
-    var first: bool;
-    var partner: u32;
-    if (p.interleaved != 0u) {
-        f = i / 2u;
-        first = (i & 1u) == 0u;
-        partner = select(e - 1u, e + 1u, first);
-    } else {
-        first = i < half;
-        f = select(i - half, i, first);
-        partner = select(e - half, e + half, first);
-    }
-    let sc = sincos(f32(pos[t]) * inv_freq[f]);
-    if (first) {
-        out[e] = x[e] * sc.y - x[partner] * sc.x;
-    } else {
-        out[e] = x[e] * sc.y + x[partner] * sc.x;
-    }
+    let rp = rope_pair(c - p.offset, p.dims, p.interleaved != 0u);
+    let partner = select(e - rp.dist, e + rp.dist, rp.first);
+    out[e] = rope_rotate(x[e], x[partner], rp.first, sincos(f32(pos[t]) * inv_freq[rp.f]));
 }
