@@ -78,7 +78,7 @@ impl WgpuBackend {
             (Src::Rope, &["rope"]),
             (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
             (Src::MoeCombine, &["moe_combine"]),
-            (Src::Attention, &["attn_chunk", "attn_merge", "attn_tile"]),
+            (Src::Attention, &["attn_chunk", "attn_merge", "attn_tile", "attn_tile_wide"]),
             (Src::Router, &["route_softmax", "route_sigmoid"]),
             (Src::TopK, &["top_k"]),
             (Src::Split, &["split"]),
