@@ -45,3 +45,19 @@ mod runtime_checks {
         check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
         check_moe_routing, check_attention_gqa, check_attention_mla);
 }
+
+/// Every kernel variant becomes a pipeline on the adapter's driver (naga accepting a kernel
+/// does not mean the driver does: see the cooperative-matrix notes), in both check modes.
+#[test]
+fn every_variant_compiles() {
+    for checks in [false, true] {
+        let opts = Options { runtime_checks: Some(checks), ..Options::default() };
+        let Ok(b) = WgpuBackend::with_options(opts) else {
+            println!("every_variant_compiles: skipped: no wgpu adapter");
+            return;
+        };
+        let t = std::time::Instant::now();
+        b.compile_all().unwrap_or_else(|e| panic!("runtime checks {checks}: {e}"));
+        println!("every_variant_compiles (runtime checks {checks}): {:.1?}", t.elapsed());
+    }
+}
