@@ -111,10 +111,34 @@ fn attn_chunk(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
         sc[lid] = exp(sc[lid] - m);
     }
     workgroupBarrier();
+    // Values: eight keys' loads issued before their products (one at a time, each waited a
+    // full memory latency), summed in key order as before.
     for (var d = lid; d < p.dv; d += ATTN_THREADS) {
+        let vbase = j0 * p.v_row + kh * p.v_head + d;
+        let vr = p.v_row;
         var o = 0.0;
-        for (var i = 0u; i < nvalid; i++) {
-            o += sc[i] * vb[(j0 + i) * p.v_row + kh * p.v_head + d];
+        var i = 0u;
+        for (; i + 8u <= nvalid; i += 8u) {
+            let r = vbase + i * vr;
+            let v0 = vb[r];
+            let v1 = vb[r + vr];
+            let v2 = vb[r + 2u * vr];
+            let v3 = vb[r + 3u * vr];
+            let v4 = vb[r + 4u * vr];
+            let v5 = vb[r + 5u * vr];
+            let v6 = vb[r + 6u * vr];
+            let v7 = vb[r + 7u * vr];
+            o += sc[i] * v0;
+            o += sc[i + 1u] * v1;
+            o += sc[i + 2u] * v2;
+            o += sc[i + 3u] * v3;
+            o += sc[i + 4u] * v4;
+            o += sc[i + 5u] * v5;
+            o += sc[i + 6u] * v6;
+            o += sc[i + 7u] * v7;
+        }
+        for (; i < nvalid; i++) {
+            o += sc[i] * vb[vbase + i * vr];
         }
         part[pbase + d] = o;
     }
