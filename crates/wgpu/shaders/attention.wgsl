@@ -228,6 +228,12 @@ fn ft_ps(f: FtShape) -> u32 {
     return f.kt / 4u + 1u;
 }
 
+// Row of q / out (layout [T, hq, ...]) of block row r of kv head kh: query r / group, head
+// kh * group + r % group.
+fn ft_row(r: u32, kh: u32) -> u32 {
+    return (r / p.group) * p.hq + kh * p.group + r % p.group;
+}
+
 // Query vector d of block row r (zero past the rows or the width).
 fn ft_q(r: u32, d: u32, nrows: u32, kh: u32) -> vec4<f32> {
     let w4 = (p.d1 + p.d2) / 4u;
@@ -235,7 +241,7 @@ fn ft_q(r: u32, d: u32, nrows: u32, kh: u32) -> vec4<f32> {
     if (r >= nrows || d >= w4) {
         return vec4<f32>(0.0);
     }
-    let row = (r / p.group) * p.hq + kh * p.group + r % p.group;
+    let row = ft_row(r, kh);
     if (d < a4) {
         return q1v[row * a4 + d];
     }
@@ -446,7 +452,7 @@ fn ft_block(lid: u32, bx: u32, nq: u32) -> FtBlock {
 fn ft_store(b: FtBlock, kh: u32, lr: u32, c4: u32, o: vec4<f32>) {
     let r = b.r0 + lr;
     if (r < b.nrows) {
-        let row = (r / p.group) * p.hq + kh * p.group + r % p.group;
+        let row = ft_row(r, kh);
         tile_store(row * p.dv + 4u * c4, c4, p.dv / 4u, o / fl[lr]);
     }
 }
