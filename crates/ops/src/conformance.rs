@@ -1028,10 +1028,14 @@ fn grouped_row(rng: &mut Rng, bias: &[f32], spec: GroupedRouter) -> Option<Vec<f
     Some(l)
 }
 
+/// Draws of router rows before check_route_sigmoid_grouped gives up finding one the bias
+/// matters on.
+const BIAS_DRAWS: usize = 100;
+
 /// Sigmoid router with correction bias and group-limited top-k: GLM-4.7-Flash (64 experts,
 /// 1 group, top-4, ×1.8, renormalised), DeepSeek-style groups (8 groups, 4 kept), and no
-/// renormalisation. The bias is large enough to change selections — the check verifies that it
-/// does on the generated data, so the unbiased-weights rule is really exercised.
+/// renormalisation. The bias is large enough to change selections, and the check draws rows
+/// until it changes at least one, so the unbiased-weights rule is really exercised.
 pub fn check_route_sigmoid_grouped<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
     let specs = [
@@ -1044,18 +1048,7 @@ pub fn check_route_sigmoid_grouped<B: Backend>(b: &B, seed: u64) -> Check {
     for (e, spec) in specs {
         let case = format!("route_sigmoid_grouped E={e} {spec:?}");
         let bias: Vec<f32> = (0..e).map(|_| cx.rng.range(-0.3, 0.3)).collect();
-        let mut l = Vec::with_capacity(n * e);
-        for _ in 0..n {
-            let row = loop {
-                if let Some(r) = grouped_row(&mut cx.rng, &bias, spec) {
-                    break r;
-                }
-            };
-            l.extend(row);
-        }
-        let (wi, ww) = run_route_sigmoid(&RefBackend, &l, &bias, n, spec).or_fail(&cx, &case)?;
         let zero = vec![0.0; e];
-        let (ui, _) = run_route_sigmoid(&RefBackend, &l, &zero, n, spec).or_fail(&cx, &case)?;
         let sets = |o: &OutU| -> Vec<Vec<u32>> {
             o.v.chunks(spec.k)
                 .map(|c| {
@@ -1065,9 +1058,31 @@ pub fn check_route_sigmoid_grouped<B: Backend>(b: &B, seed: u64) -> Check {
                 })
                 .collect()
         };
-        if sets(&ui) == sets(&wi) {
-            return Err(cx.fail(&case, "suite bug: the bias changed no selection on this data"));
+        // Rows on which the bias changes at least one selection (with few experts and k = 1 a
+        // random draw sometimes has none: then the bias would go untested, so draw again).
+        let mut drawn = None;
+        for _ in 0..BIAS_DRAWS {
+            let mut l = Vec::with_capacity(n * e);
+            for _ in 0..n {
+                let row = loop {
+                    if let Some(r) = grouped_row(&mut cx.rng, &bias, spec) {
+                        break r;
+                    }
+                };
+                l.extend(row);
+            }
+            let (wi, ww) = run_route_sigmoid(&RefBackend, &l, &bias, n, spec).or_fail(&cx, &case)?;
+            let (ui, _) = run_route_sigmoid(&RefBackend, &l, &zero, n, spec).or_fail(&cx, &case)?;
+            if sets(&ui) != sets(&wi) {
+                drawn = Some((l, wi, ww));
+                break;
+            }
         }
+        let Some((l, wi, ww)) = drawn else {
+            return Err(
+                cx.fail(&case, format!("suite bug: the bias changed no selection in {BIAS_DRAWS} draws"))
+            );
+        };
         let (gi, gw) = run_route_sigmoid(b, &l, &bias, n, spec).or_fail(&cx, &case)?;
         exact_u(&cx, &format!("{case} ids"), &gi, &wi)?;
         close(&cx, &format!("{case} weights"), &gw, &ww, TOL_ROUTER)?;
