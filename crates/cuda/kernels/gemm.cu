@@ -92,34 +92,31 @@ __device__ __forceinline__ int b_row(const GemmArgs& g, int r, int expert_row0) 
     return expert_row0 + (rr < half ? j : g.n + j);
 }
 
-template <int BM, int BN, int TERMS>
-__device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
-    typedef GemmSmem<BM, BN, TERMS> L;
-    const int STAGES = L::STAGES;
-    const int WC = BN / GEMM_WARPS;            // columns per warp
-    const int MT = BM / 16, NS = WC / 8;       // m16 tiles and n8 tiles per warp
-    const int tid = threadIdx.x, lane = tid & 31, wn = tid >> 5, gq = lane >> 2, tq = lane & 3;
-    const int m0 = blockIdx.y * BM;
-    const int m_total = g.m_ptr ? *g.m_ptr : g.m;
-    if (m0 >= m_total) return;
-    const int expert = g.block_expert ? g.block_expert[blockIdx.y] : 0;
-    const int expert_row0 = expert * g.rows_per_expert + g.w_row0 + blockIdx.z * g.w_z;
-    const size_t out_z = (size_t)blockIdx.z * g.out_z;
-    const bool nv = w.kind == KIND_NVFP4;
-    const int kt_count = w.kp / GEMM_BK;
-    const int cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
+// This block's rows: the first (blockIdx.y * bm) and the valid count (on the device for the
+// grouped path), its expert's first weight row and its batch slice's output offset. Blocks
+// at or past the count return before reading further.
+struct GemmTile {
+    int m0, m_total, expert_row0;
+    size_t out_z;
+};
+__device__ __forceinline__ GemmTile gemm_tile(const GemmArgs& g, int bm) {
+    GemmTile t;
+    t.m0 = blockIdx.y * bm;
+    t.m_total = g.m_ptr ? *g.m_ptr : g.m;
+    const int expert = g.block_expert && t.m0 < t.m_total ? g.block_expert[blockIdx.y] : 0;
+    t.expert_row0 = expert * g.rows_per_expert + g.w_row0 + blockIdx.z * g.w_z;
+    t.out_z = (size_t)blockIdx.z * g.out_z;
+    return t;
+}
 
-    Fp4Lut* lut = (Fp4Lut*)(smem + STAGES * L::STAGE);
-    lut_init(lut, w);
-
-    // Fixed per-thread copy assignments: A chunks (16 bytes: 8 of a row's 64 columns), code
-    // chunks (a row's 32 bytes are two chunks), one scale word per B row.
-    const int ACH = BM * 8 / GEMM_THREADS, BCH = BN * 2 / GEMM_THREADS;
-    long long a_off[ACH]; // element offset of this thread's A chunk, -1 = zero row
+// Element offsets of a thread's A chunks (16 bytes: 8 of a row's GEMM_BK columns; chunk j is
+// row (tid + GEMM_THREADS j) / 8, column group tid % 8), -1 for a zero row. `a_map` gathers rows.
+template <int ACH>
+__device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_total, long long (&a_off)[ACH]) {
+    const int tid = threadIdx.x;
 #pragma unroll
     for (int j = 0; j < ACH; j++) {
-        int row = (tid + GEMM_THREADS * j) / 8;
-        int gm = m0 + row;
+        int gm = m0 + (tid + GEMM_THREADS * j) / 8;
         int ar = gm < m_total ? gm : -1;
         if (ar >= 0 && g.a_map) {
             int v = g.a_map[gm];
@@ -127,6 +124,108 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
         }
         a_off[j] = ar < 0 ? -1 : (long long)ar * g.a_stride + (long long)blockIdx.z * g.a_z + (tid % 8) * 8;
     }
+}
+
+// k-tile kt of every A term into `sa` (term t at t * BM rows), 16-byte chunk c of row r at
+// chunk c ^ (r & 7): bank-conflict-free ldmatrix, and the 128-byte swizzle wgmma reads.
+template <int BM, int TERMS, int ACH>
+__device__ __forceinline__ void gemm_load_a(const GemmArgs& g, const long long (&a_off)[ACH], u16* sa, int kt) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < ACH; j++) {
+        int row = (tid + GEMM_THREADS * j) / 8, ch = tid % 8;
+        int sw = row * GEMM_BK + ((ch ^ (row & 7)) * 8);
+        bool ok = a_off[j] >= 0;
+        size_t off = ok ? a_off[j] + kt * GEMM_BK : 0;
+        cp_async16(sa + sw, g.a + off, ok);
+        if (TERMS >= 2) cp_async16(sa + BM * GEMM_BK + sw, g.a_lo + off, ok);
+        if (TERMS >= 3) cp_async16(sa + 2 * BM * GEMM_BK + sw, g.a_lo2 + off, ok);
+    }
+}
+
+// Byte offset in a stage's code tile of 16-byte half h of B row r: the halves of rows 4..7 of
+// every 8 swapped, so the 8-byte fragment reads of a warp's 8 rows hit distinct banks.
+__device__ __forceinline__ int gemm_code_off(int r, int h) { return r * (GEMM_BK / 2) + ((h ^ ((r >> 2) & 1)) * 16); }
+
+// Byte offset of this tile's block-scale word for the B row whose weight row is `wr` (NVFP4:
+// the tile's BK/16 codes; MXFP4: the aligned word of four codes holding its two, nb being a
+// multiple of 4 as kp is a multiple of FP4_KP_ALIGN), and the code of 16-column step ks in it.
+__device__ __forceinline__ size_t gemm_scale_src(const W& w, int wr, int kt) {
+    const bool nv = w.kind == KIND_NVFP4;
+    int first = nv ? kt * (GEMM_BK / 16) : (kt * (GEMM_BK / 32)) & ~3;
+    return (size_t)wr * (w.kp / fp4_block(w.kind)) + first;
+}
+__device__ __forceinline__ u32 gemm_scale_code(const W& w, u32 word, int kt, int ks) {
+    return w.kind == KIND_NVFP4 ? (word >> (8 * ks)) & 255u : (word >> ((kt & 1) * 16 + 8 * (ks >> 1))) & 255u;
+}
+
+// One weight row's part of a 16-column step for lane (g, t) of an mma fragment: elements 2t,
+// 2t + 1 (lo) and 2t + 8, 2t + 9 (hi) as scaled bf16 pairs, from the row's 8 code bytes q.
+// b_sel = (t << 4) | ((4 + t) << 12) puts byte t of each half at bytes 1 and 3: nibbles 3 and 7
+// are then elements 2t + 1, 2t + 9; shifted by 4, elements 2t, 2t + 8 (fp4_e2m1_pair_bf16).
+__device__ __forceinline__ void fp4_frag16(uint2 q, u32 s2, u32 b_sel, u32& lo, u32& hi) {
+    const u32 v = __byte_perm(q.x, q.y, b_sel);
+    const u32 odd = bf16x2_mul(fp4_e2m1_pair_bf16(v), s2);
+    const u32 even = bf16x2_mul(fp4_e2m1_pair_bf16(v << 4), s2);
+    lo = __byte_perm(even, odd, 0x5410);
+    hi = __byte_perm(even, odd, 0x7632);
+}
+
+// Epilogue: whether output row m is written, and its factor (the router weight, fused into the
+// down projection).
+__device__ __forceinline__ bool gemm_out_row(const GemmArgs& g, int m, int m_total, float& rs) {
+    rs = 1.0f;
+    if (m >= m_total) return false;
+    if (g.row_scale) {
+        int idx = m;
+        if (g.row_scale_map) {
+            idx = g.row_scale_map[m];
+            if (idx < 0) return false;
+        }
+        rs = g.row_scale[idx];
+    }
+    return true;
+}
+// Output (m, n) of a plain product: the accumulator times the row factors.
+__device__ __forceinline__ void gemm_out(const GemmArgs& g, const W& w, int expert_row0, size_t out_z, int m, int n,
+                                         float acc, float rs) {
+    if (n >= g.n) return;
+    g.out[out_z + (size_t)m * g.out_stride + n] = acc * row_tscale(w, expert_row0 + n) * rs;
+}
+// Output (m, j) of the gated product, SiLU(gate) * up, as bf16 (and its residual term).
+__device__ __forceinline__ void gemm_out_gated(const GemmArgs& g, const W& w, int expert_row0, size_t out_z, int m,
+                                               int j, float gate_acc, float up_acc, float rs) {
+    if (j >= g.n) return;
+    float gate = gate_acc * row_tscale(w, expert_row0 + j);
+    float up = up_acc * row_tscale(w, expert_row0 + g.n + j);
+    float v = silu_f(gate) * up * rs;
+    u16 hi = f32_to_bf16(v);
+    g.out_bf16[out_z + (size_t)m * g.out_stride + j] = hi;
+    if (g.out_bf16_lo) g.out_bf16_lo[out_z + (size_t)m * g.out_stride + j] = f32_to_bf16(v - bf16_to_f32(hi));
+}
+
+template <int BM, int BN, int TERMS>
+__device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
+    typedef GemmSmem<BM, BN, TERMS> L;
+    const int STAGES = L::STAGES;
+    const int WC = BN / GEMM_WARPS;            // columns per warp
+    const int MT = BM / 16, NS = WC / 8;       // m16 tiles and n8 tiles per warp
+    const int tid = threadIdx.x, lane = tid & 31, wn = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const GemmTile tile = gemm_tile(g, BM);
+    if (tile.m0 >= tile.m_total) return;
+    const int m0 = tile.m0, m_total = tile.m_total, expert_row0 = tile.expert_row0;
+    const size_t out_z = tile.out_z;
+    const int kt_count = w.kp / GEMM_BK;
+    const int cb = w.kp / 2;
+
+    Fp4Lut* lut = (Fp4Lut*)(smem + STAGES * L::STAGE);
+    lut_init(lut, w);
+
+    // Fixed per-thread copy assignments: A chunks, code chunks (a row's 32 bytes are two
+    // chunks), one scale word per B row.
+    const int ACH = BM * 8 / GEMM_THREADS, BCH = BN * 2 / GEMM_THREADS;
+    long long a_off[ACH];
+    gemm_a_offsets(g, m0, m_total, a_off);
     int b_src_row[BCH];
 #pragma unroll
     for (int j = 0; j < BCH; j++) b_src_row[j] = b_row<BN>(g, (tid + GEMM_THREADS * j) / 2, expert_row0);
@@ -137,30 +236,18 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
         u16* sa = (u16*)base;
         u8* sb = base + L::A_BYTES;
         u8* ss = sb + L::B_BYTES;
-#pragma unroll
-        for (int j = 0; j < ACH; j++) {
-            int row = (tid + GEMM_THREADS * j) / 8, ch = tid % 8;
-            int sw = row * GEMM_BK + ((ch ^ (row & 7)) * 8);
-            bool ok = a_off[j] >= 0;
-            size_t off = ok ? a_off[j] + kt * GEMM_BK : 0;
-            cp_async16(sa + sw, g.a + off, ok);
-            if (TERMS >= 2) cp_async16(sa + L::A_TERM / 2 + sw, g.a_lo + off, ok);
-            if (TERMS >= 3) cp_async16(sa + L::A_TERM + sw, g.a_lo2 + off, ok);
-        }
+        gemm_load_a<BM, TERMS>(g, a_off, sa, kt);
 #pragma unroll
         for (int j = 0; j < BCH; j++) {
             int ch = tid + GEMM_THREADS * j;
             int row = ch / 2, c = ch % 2;
             int wr = b_src_row[j];
-            void* dst = sb + row * (GEMM_BK / 2) + ((c ^ ((row >> 2) & 1)) * 16);
+            void* dst = sb + gemm_code_off(row, c);
             const u8* src = wr >= 0 ? w.codes + (size_t)wr * cb + kt * (GEMM_BK / 2) + c * 16 : w.codes;
             cp_async16(dst, src, wr >= 0);
         }
         if (tid < BN) {
-            // NVFP4: this tile's BK/16 codes. MXFP4: the aligned word of four codes holding this
-            // tile's two (nb is a multiple of 4: kp is a multiple of FP4_KP_ALIGN).
-            int first = nv ? kt * (GEMM_BK / 16) : (kt * (GEMM_BK / 32)) & ~3;
-            const u8* src = s_row >= 0 ? w.scales + (size_t)s_row * nb + first : w.scales;
+            const u8* src = s_row >= 0 ? w.scales + gemm_scale_src(w, s_row, kt) : w.scales;
             cp_async4(ss + tid * GEMM_SCALE_BYTES, src, s_row >= 0);
         }
     };
@@ -202,10 +289,7 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
         // table). Looked up once per tile where registers allow (NS <= 2), else per step.
         const int SPT = NS <= 2 ? GEMM_BK / 16 : 1;
         u32 sw[NS], sp[NS][SPT];
-        auto scale_of = [&](u32 word, int ks) {
-            const u32 code = nv ? (word >> (8 * ks)) & 255u : (word >> ((kt & 1) * 16 + 8 * (ks >> 1))) & 255u;
-            return scale_pair(lut, w, code);
-        };
+        auto scale_of = [&](u32 word, int ks) { return scale_pair(lut, w, gemm_scale_code(w, word, kt, ks)); };
 #pragma unroll
         for (int s = 0; s < NS; s++) {
             sw[s] = ss[wn * WC + s * 8 + gq];
@@ -225,14 +309,7 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
 #pragma unroll
             for (int s = 0; s < NS; s++) {
                 const uint2 q = *(const uint2*)(b_step + s * 8 * (GEMM_BK / 2));
-                const u32 s2 = SPT > 1 ? sp[s][ks % SPT] : scale_of(sw[s], ks);
-                // byte t of each half at bytes 1 and 3: nibbles 3 and 7 are elements 2t+1, 2t+9;
-                // shifted by 4, elements 2t, 2t+8.
-                const u32 v = __byte_perm(q.x, q.y, b_sel);
-                const u32 odd = bf16x2_mul(fp4_e2m1_pair_bf16(v), s2);
-                const u32 even = bf16x2_mul(fp4_e2m1_pair_bf16(v << 4), s2);
-                bf[s][0] = __byte_perm(even, odd, 0x5410);
-                bf[s][1] = __byte_perm(even, odd, 0x7632);
+                fp4_frag16(q, SPT > 1 ? sp[s][ks % SPT] : scale_of(sw[s], ks), b_sel, bf[s][0], bf[s][1]);
             }
 #pragma unroll
             for (int tm = 0; tm < TERMS; tm++) {
@@ -254,43 +331,22 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
 #pragma unroll
         for (int hrow = 0; hrow < 2; hrow++) {
             int m = m0 + mt * 16 + gq + hrow * 8;
-            if (m >= m_total) continue;
-            float rs = 1.0f;
-            if (g.row_scale) {
-                int idx = m;
-                if (g.row_scale_map) {
-                    idx = g.row_scale_map[m];
-                    if (idx < 0) continue;
-                }
-                rs = g.row_scale[idx];
-            }
+            float rs;
+            if (!gemm_out_row(g, m, m_total, rs)) continue;
+            const int n0 = blockIdx.x * BN + wn * WC + tq * 2, j0 = blockIdx.x * (BN / 2) + wn * (WC / 2) + tq * 2;
             if (!g.gated) {
 #pragma unroll
-                for (int s = 0; s < NS; s++) {
+                for (int s = 0; s < NS; s++)
 #pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        int n = blockIdx.x * BN + wn * WC + s * 8 + tq * 2 + c;
-                        if (n >= g.n) continue;
-                        float v = acc[mt][s][hrow * 2 + c] * row_tscale(w, expert_row0 + n);
-                        g.out[out_z + (size_t)m * g.out_stride + n] = v * rs;
-                    }
-                }
+                    for (int c = 0; c < 2; c++)
+                        gemm_out(g, w, expert_row0, out_z, m, n0 + s * 8 + c, acc[mt][s][hrow * 2 + c], rs);
             } else {
 #pragma unroll
-                for (int s = 0; s < NS / 2; s++) {
+                for (int s = 0; s < NS / 2; s++)
 #pragma unroll
-                    for (int c = 0; c < 2; c++) {
-                        int j = blockIdx.x * (BN / 2) + wn * (WC / 2) + s * 8 + tq * 2 + c;
-                        if (j >= g.n) continue;
-                        float gate = acc[mt][s][hrow * 2 + c] * row_tscale(w, expert_row0 + j);
-                        float up = acc[mt][s + NS / 2][hrow * 2 + c] * row_tscale(w, expert_row0 + g.n + j);
-                        float v = silu_f(gate) * up * rs;
-                        u16 hi = f32_to_bf16(v);
-                        g.out_bf16[out_z + (size_t)m * g.out_stride + j] = hi;
-                        if (g.out_bf16_lo)
-                            g.out_bf16_lo[out_z + (size_t)m * g.out_stride + j] = f32_to_bf16(v - bf16_to_f32(hi));
-                    }
-                }
+                    for (int c = 0; c < 2; c++)
+                        gemm_out_gated(g, w, expert_row0, out_z, m, j0 + s * 8 + c, acc[mt][s][hrow * 2 + c],
+                                       acc[mt][s + NS / 2][hrow * 2 + c], rs);
             }
         }
     }
@@ -312,6 +368,266 @@ GEMM_FP4_TERMS(32, 128)
 GEMM_FP4_TERMS(32, 256)
 GEMM_FP4_TERMS(64, 128)
 GEMM_FP4_TERMS(64, 256)
+
+// ---- The same product on Hopper's warpgroup MMA (`wgmma`, sm_90a) ------------------------------
+// mma.sync tops out well below the tensor cores' rate on the H100: the kernel above spends ~10
+// instructions per mma and its tensor pipe sat at 36 % (seventh session). Here the roles turn
+// around, so the weights never pass through shared memory decoded: y^T = W . A^T, with
+// - the weights as wgmma's A operand *from registers*: each warpgroup owns 64 weight rows (a
+//   block 128: WR_ROWS), and each warp decodes its 16 rows' fragments for a 16-column step from
+//   the raw codes in shared memory exactly as the mma.sync kernel decodes its B fragments
+//   (fp4_frag16: the m16n8k16 A layout is two such rows);
+// - the activations as the B operand from shared memory: BM tokens x GEMM_BK columns, copied
+//   by cp.async in gemm_load_a's layout (16-byte chunk c of row r at c ^ (r & 7), 128-byte
+//   rows), which is wgmma's 128-byte swizzle when the tile starts 1024-byte aligned;
+// - m64nBMk16 per step and term, accumulators in registers: register 4 s + i holds weight row
+//   16 wq + gq (+ 8 for i >= 2) of the warpgroup's 64, token 8 s + 2 tq + (i & 1);
+// - wgmma runs asynchronously: the warps decode k-tile kt + 1 (into the other of two fragment
+//   sets) while tile kt's products run, and wait only for tile kt - 1's. Copies run
+//   AHEAD = STAGES - 2 tiles ahead so that none lands in a stage an unfinished wgmma still reads.
+// Gated (MoE gate/up) blocks put in each warp's 16 rows 8 gate rows, then the 8 up rows of the
+// same outputs, so a thread holds both factors of its outputs (rows g and g + 8).
+// Measured on the H100 (eleventh session): dense linears at 2048 tokens 12-45 % faster than the
+// mma.sync kernel (f32 input 0.28 ms against 0.32-0.40 for 4096 x 2048), but the grouped MoE
+// slower (Qwen3 at 8192 tokens 5.67 against 4.85 ms), so the MoE stays on mma.sync
+// (MOE_ON_WGMMA, src/backend.rs). With 8 warps per SM the loop is bound by the warps' own
+// instructions per k-tile (copies, decode, barrier), not by the tensor cores; a producer warp
+// (TMA for the activations) is the next step. A first version that decoded the weights into a
+// bf16 tile in shared memory for wgmma to read ran no faster than mma.sync.
+#define WR_ROWS 128 // weight rows per block: 64 per warpgroup
+#define WG_MAX_STAGES 8
+#define WG_SMEM_MAX (227 * 1024) // one block per SM
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WGMMA_OK 1
+#endif
+
+// Shared-memory matrix descriptor of a K-major bf16 tile with 128-byte rows and the 128-byte
+// swizzle: start address, leading offset (unused by this layout: 1), stride 1024 bytes between
+// groups of 8 rows, swizzle mode 1 in bits 62-63. A k step of 16 columns is 32 bytes further.
+__device__ __forceinline__ u64 wg_desc(const void* p) {
+    const u64 a = smem_u32(p);
+    return ((a & 0x3FFFF) >> 4) | (1ull << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() {
+#ifdef WGMMA_OK
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef WGMMA_OK
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#ifdef WGMMA_OK
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving other instructions that define the accumulators into the
+// span where wgmma owns them (ptxas would then serialize the wgmma: warning C7515).
+template <int N>
+__device__ __forceinline__ void wg_fence_operands(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// D (m64nNk16, f32) += A (registers: this thread's 4 bf16 pairs) . B (shared, descriptor), with
+// the accumulators as N / 2 "+f" operands.
+#define WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define WG_D32(i) WG_D8(i), WG_D8(i + 8), WG_D8(i + 16), WG_D8(i + 24)
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const u32 (&a)[4], u64 desc_b) {
+#ifdef WGMMA_OK
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
+        : WG_D32(0)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#endif
+}
+
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const u32 (&a)[4], u64 desc_b) {
+#ifdef WGMMA_OK
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+        : WG_D32(0), WG_D32(32)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 desc_b) {
+    if constexpr (N == 64) wgmma_rs_n64(d, a, desc_b);
+    else wgmma_rs_n128(d, a, desc_b);
+}
+
+// Shared memory of gemm_fp4_wg (after aligning the base to 1024 bytes): the NVFP4 scale table,
+// then STAGES x (activation tiles, code tile, scale tile; rounded to 1024 bytes), as many stages
+// as fit (at most WG_MAX_STAGES). The host's gemm_wg_smem (src/backend.rs) computes the same.
+template <int BM, int TERMS>
+struct WgSmem {
+    static const int A_TERM = BM * GEMM_BK * 2;
+    static const int A_BYTES = A_TERM * TERMS;
+    static const int C_BYTES = WR_ROWS * GEMM_BK / 2;
+    static const int STAGE = (A_BYTES + C_BYTES + WR_ROWS * GEMM_SCALE_BYTES + 1023) / 1024 * 1024;
+    static const int FIXED = 1024 + 1024; // alignment slack, Fp4Lut (rounded up)
+    static const int FIT = (WG_SMEM_MAX - FIXED) / STAGE;
+    static const int STAGES = FIT < WG_MAX_STAGES ? FIT : WG_MAX_STAGES;
+    static const int AHEAD = STAGES - 2;
+    static const int TOTAL = FIXED + STAGES * STAGE;
+};
+
+// Weight row of local row r (0..WR_ROWS), or -1 (zero fill). Gated: 16-row warp slice q holds
+// gate rows of outputs 8 q .. 8 q + 7 of the block, then their up rows.
+__device__ __forceinline__ int wg_w_row(const GemmArgs& g, int r, int expert_row0) {
+    if (!g.gated) {
+        int n = blockIdx.x * WR_ROWS + r;
+        return n < g.n ? expert_row0 + n : -1;
+    }
+    int j = blockIdx.x * (WR_ROWS / 2) + (r >> 4) * 8 + (r & 7);
+    if (j >= g.n) return -1;
+    return expert_row0 + ((r & 8) ? g.n + j : j);
+}
+
+template <int BM, int TERMS>
+__device__ void gemm_fp4_wg_body(W w, GemmArgs g, u8* smem_raw) {
+    typedef WgSmem<BM, TERMS> L;
+    static_assert(L::AHEAD >= 1, "shared memory for at least three stages");
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wq = (tid >> 5) & 3;
+    const int gq = lane >> 2, tq = lane & 3;
+    const GemmTile tile = gemm_tile(g, BM);
+    if (tile.m0 >= tile.m_total) return;
+    const int m0 = tile.m0, m_total = tile.m_total, expert_row0 = tile.expert_row0;
+    const size_t out_z = tile.out_z;
+    const int kt_count = w.kp / GEMM_BK; // even: kp is a multiple of FP4_KP_ALIGN (128)
+    // Aligned by an offset from the shared pointer itself, so the compiler keeps shared accesses.
+    u8* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+    Fp4Lut* lut = (Fp4Lut*)smem;
+    u8* stages = smem + 1024;
+    lut_init(lut, w);
+
+    const int ACH = BM * 8 / GEMM_THREADS;
+    long long a_off[ACH];
+    gemm_a_offsets(g, m0, m_total, a_off);
+    // One 16-byte code chunk per thread (row tid / 2, half tid % 2), one scale word per row.
+    const int c_row = wg_w_row(g, tid >> 1, expert_row0);
+    const u8* c_src = c_row >= 0 ? w.codes + (size_t)c_row * (w.kp / 2) + (tid & 1) * 16 : w.codes;
+    const int s_row = tid < WR_ROWS ? wg_w_row(g, tid, expert_row0) : -1;
+
+    auto load_stage = [&](int kt) {
+        u8* base = stages + (kt % L::STAGES) * L::STAGE;
+        gemm_load_a<BM, TERMS>(g, a_off, (u16*)base, kt);
+        u8* sc = base + L::A_BYTES;
+        const int row = tid >> 1, c = tid & 1;
+        cp_async16(sc + gemm_code_off(row, c), c_src + kt * (GEMM_BK / 2), c_row >= 0);
+        if (tid < WR_ROWS) {
+            const u8* src = s_row >= 0 ? w.scales + gemm_scale_src(w, s_row, kt) : w.scales;
+            cp_async4(sc + L::C_BYTES + tid * GEMM_SCALE_BYTES, src, s_row >= 0);
+        }
+    };
+
+    // This thread's fragment rows: r and r + 8 of the block's WR_ROWS (the same gemm_code_off
+    // swap, as (r + 8) >> 2 has the parity of r >> 2).
+    const int r = wg * 64 + wq * 16 + gq;
+    const u32 b_sel = (tq << 4) | ((4 + tq) << 12);
+    // A fragments of one k-tile: 4 steps of m64k16, registers (row r, k 2t..), (r + 8, 2t..),
+    // (r, 2t + 8..), (r + 8, 2t + 8..).
+    auto decode_tile = [&](int kt, u32(&af)[GEMM_BK / 16][4]) {
+        const u8* sc = stages + (kt % L::STAGES) * L::STAGE + L::A_BYTES;
+        const u32* ss = (const u32*)(sc + L::C_BYTES);
+        const u32 w0 = ss[r], w1 = ss[r + 8];
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK / 16; ks++) {
+            const u8* p = sc + gemm_code_off(r, ks >> 1) + (ks & 1) * 8;
+            const uint2 q0 = *(const uint2*)p, q1 = *(const uint2*)(p + 8 * (GEMM_BK / 2));
+            fp4_frag16(q0, scale_pair(lut, w, gemm_scale_code(w, w0, kt, ks)), b_sel, af[ks][0], af[ks][2]);
+            fp4_frag16(q1, scale_pair(lut, w, gemm_scale_code(w, w1, kt, ks)), b_sel, af[ks][1], af[ks][3]);
+        }
+    };
+
+    float acc[BM / 2];
+#pragma unroll
+    for (int i = 0; i < BM / 2; i++) acc[i] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < L::AHEAD; s++) {
+        if (s < kt_count) load_stage(s);
+        cp_async_commit();
+    }
+
+    auto step = [&](int kt, u32(&af)[GEMM_BK / 16][4]) {
+        // Tile kt has landed, and every warpgroup has passed its wait for tile kt - 1's wgmma,
+        // so tile kt - 2's stage and fragment set are free.
+        // No proxy fence before the wgmma reads of cp.async data (CUTLASS's cp.async + GMMA
+        // mainloop has none either): fence.proxy.async compiles to MEMBAR.ALL.CTA, which waits
+        // for every copy still in flight and so serialized the copy pipeline.
+        cp_async_wait<L::AHEAD - 1>();
+        __syncthreads();
+        if (kt + L::AHEAD < kt_count) load_stage(kt + L::AHEAD);
+        cp_async_commit();
+        decode_tile(kt, af);
+        const u8* base = stages + (kt % L::STAGES) * L::STAGE;
+        wg_fence_operands(acc);
+        wg_fence();
+        const u64 db = wg_desc(base);
+#pragma unroll
+        for (int ks = 0; ks < GEMM_BK / 16; ks++)
+#pragma unroll
+            for (int tm = 0; tm < TERMS; tm++) wgmma_rs<BM>(acc, af[ks], db + ((tm * L::A_TERM + ks * 32) >> 4));
+        wg_commit();
+        wg_wait<1>();
+        wg_fence_operands(acc);
+    };
+    // Two tiles per trip, so each fragment set is a fixed set of registers. A do-while leaves no
+    // zero-trip path joining the wgmma pipeline (ptxas then serialized every wgmma: C7515).
+    u32 af0[GEMM_BK / 16][4], af1[GEMM_BK / 16][4];
+    int kt = 0;
+    do {
+        step(kt, af0);
+        step(kt + 1, af1);
+        kt += 2;
+    } while (kt < kt_count);
+    wg_wait<0>();
+    wg_fence_operands(acc);
+    cp_async_wait<0>();
+
+    // Epilogue: token m0 + 8 s + 2 tq + c, weight row r (+ 8): acc[4 s + c] (acc[4 s + 2 + c]).
+    const int n0 = blockIdx.x * WR_ROWS + r, j = blockIdx.x * (WR_ROWS / 2) + (wg * 4 + wq) * 8 + gq;
+#pragma unroll
+    for (int s = 0; s < BM / 8; s++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int m = m0 + s * 8 + tq * 2 + c;
+            float rs;
+            if (!gemm_out_row(g, m, m_total, rs)) continue;
+            if (!g.gated) {
+                gemm_out(g, w, expert_row0, out_z, m, n0, acc[s * 4 + c], rs);
+                gemm_out(g, w, expert_row0, out_z, m, n0 + 8, acc[s * 4 + 2 + c], rs);
+            } else {
+                gemm_out_gated(g, w, expert_row0, out_z, m, j, acc[s * 4 + c], acc[s * 4 + 2 + c], rs);
+            }
+        }
+}
+
+// gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x 128 weight rows, one block per SM.
+#define GEMM_FP4_WG(BM, TERMS)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_fp4_wg_t##TERMS##_m##BM(W w, GemmArgs g) { \
+        extern __shared__ __align__(16) u8 smem[];                                                               \
+        pdl_enter();                                                                                             \
+        gemm_fp4_wg_body<BM, TERMS>(w, g, smem);                                                                 \
+    }
+#define GEMM_FP4_WG_TERMS(BM) GEMM_FP4_WG(BM, 1) GEMM_FP4_WG(BM, 2) GEMM_FP4_WG(BM, 3)
+GEMM_FP4_WG_TERMS(64)
+GEMM_FP4_WG_TERMS(128)
 
 // f32 weights on the tensor cores (3xTF32, common.cuh): dense linears (routers) and MLA's
 // per-head products, batched over H slices. Slice h of y [M, H, J] = x [M, H, I] . A_h, with

@@ -127,12 +127,20 @@ const GEMM_LUT_BYTES: usize = 256 * 4;
 const GEMM_F32_ROWS: u32 = 64;
 const GEMM_F32_THREADS: u32 = 128;
 const GEMM_F32_NARROW: usize = 128;
-/// The FP4 GEMM's tile rows (`gemm_fp4_t*_m{32,64}_*`).
-pub const GEMM_BLOCK_ROWS: [usize; 2] = [32, 64];
+/// The FP4 GEMM's tile rows (activation rows per block): `gemm_fp4_t*_m{32,64}_*` on mma.sync,
+/// `gemm_fp4_wg_t*_m{64,128}` on wgmma (Hopper). 128 exists on wgmma only.
+pub const GEMM_BLOCK_ROWS: [usize; 3] = [32, 64, 128];
 /// Rows per tile (all of a linear's, or one expert's on average) from which 64-row tiles are
 /// used: below it 32-row tiles waste less padding.
 const GEMM_WIDE_ROWS_FROM: usize = 48;
-/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`).
+/// The same for 128-row tiles (wgmma only).
+const GEMM_TALL_ROWS_FROM: usize = 192;
+/// Whether the grouped MoE GEMM may take the wgmma kernel. Not yet: on the H100 (bench_layers,
+/// 8192 tokens) its best tile took 5.67 ms (Qwen3) / 6.38 ms (GLM) against mma.sync's 4.86 /
+/// 6.10 ms, while the dense linears gained 12-45 % (crates/cuda/NOTES.md, eleventh session).
+pub const MOE_ON_WGMMA: bool = false;
+/// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
+/// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
@@ -190,36 +198,74 @@ fn wide_lanes_per_row(chunks: usize) -> usize {
     }
 }
 
-/// Name of the FP4 GEMM kernel for a tile and the number of bf16 terms A is split into.
-fn gemm_name(
+/// Must match WR_ROWS / WG_MAX_STAGES / WG_SMEM_MAX in kernels/gemm.cu.
+const GEMM_WG_W_ROWS: usize = 128;
+const GEMM_WG_MAX_STAGES: usize = 8;
+const GEMM_WG_SMEM_MAX: usize = 227 * 1024;
+
+/// Dynamic shared memory of `gemm_fp4_wg_*` (WgSmem in gemm.cu): 1024 bytes of alignment slack
+/// and the NVFP4 scale table (rounded to 1024), then as many stages of (activation tiles, code
+/// tile, scale tile; rounded to 1024 bytes) as fit GEMM_WG_SMEM_MAX, at most GEMM_WG_MAX_STAGES.
+fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
+    let stage = (terms * block_rows * GEMM_BK * 2 + GEMM_WG_W_ROWS * (GEMM_BK / 2 + GEMM_SCALE_BYTES))
+        .next_multiple_of(1024);
+    let fixed = 2048;
+    let stages = ((GEMM_WG_SMEM_MAX - fixed) / stage).min(GEMM_WG_MAX_STAGES);
+    (fixed + stages * stage) as u32
+}
+
+/// An FP4 GEMM launch: kernel, dynamic shared memory, and the weight rows each block covers
+/// (the grid's x tile).
+struct GemmKernel {
+    name: &'static str,
+    smem: u32,
+    n_tile: usize,
+}
+
+/// The FP4 GEMM kernel for a tile and the number of bf16 terms A is split into: the wgmma
+/// kernel for tiles of 64 rows or more where the backend uses it (GEMM_WG_W_ROWS weight rows per
+/// block, whatever `n_tile` asks), else the mma.sync one.
+fn gemm_kernel(
     op: &'static str,
     backend: &CudaBackend,
     block_rows: usize,
     n_tile: usize,
     terms: usize,
-) -> Result<&'static str> {
-    Ok(match (terms, block_rows, n_tile) {
-        (1, 32, 128) => "gemm_fp4_t1_m32_n128",
-        (1, 32, 256) => "gemm_fp4_t1_m32_n256",
-        (1, 64, 128) => "gemm_fp4_t1_m64_n128",
-        (1, 64, 256) => "gemm_fp4_t1_m64_n256",
-        (2, 32, 128) => "gemm_fp4_t2_m32_n128",
-        (2, 32, 256) => "gemm_fp4_t2_m32_n256",
-        (2, 64, 128) => "gemm_fp4_t2_m64_n128",
-        (2, 64, 256) => "gemm_fp4_t2_m64_n256",
-        (3, 32, 128) => "gemm_fp4_t3_m32_n128",
-        (3, 32, 256) => "gemm_fp4_t3_m32_n256",
-        (3, 64, 128) => "gemm_fp4_t3_m64_n128",
-        (3, 64, 256) => "gemm_fp4_t3_m64_n256",
+) -> Result<GemmKernel> {
+    let wg = backend.gemm_on_wgmma(op) && block_rows >= 64;
+    let name = match (wg, terms, block_rows, n_tile) {
+        (true, 1, 64, _) => "gemm_fp4_wg_t1_m64",
+        (true, 2, 64, _) => "gemm_fp4_wg_t2_m64",
+        (true, 3, 64, _) => "gemm_fp4_wg_t3_m64",
+        (true, 1, 128, _) => "gemm_fp4_wg_t1_m128",
+        (true, 2, 128, _) => "gemm_fp4_wg_t2_m128",
+        (true, 3, 128, _) => "gemm_fp4_wg_t3_m128",
+        (false, 1, 32, 128) => "gemm_fp4_t1_m32_n128",
+        (false, 1, 32, 256) => "gemm_fp4_t1_m32_n256",
+        (false, 1, 64, 128) => "gemm_fp4_t1_m64_n128",
+        (false, 1, 64, 256) => "gemm_fp4_t1_m64_n256",
+        (false, 2, 32, 128) => "gemm_fp4_t2_m32_n128",
+        (false, 2, 32, 256) => "gemm_fp4_t2_m32_n256",
+        (false, 2, 64, 128) => "gemm_fp4_t2_m64_n128",
+        (false, 2, 64, 256) => "gemm_fp4_t2_m64_n256",
+        (false, 3, 32, 128) => "gemm_fp4_t3_m32_n128",
+        (false, 3, 32, 256) => "gemm_fp4_t3_m32_n256",
+        (false, 3, 64, 128) => "gemm_fp4_t3_m64_n128",
+        (false, 3, 64, 256) => "gemm_fp4_t3_m64_n256",
         _ => {
             return Err(Error::Unsupported {
                 op,
                 backend: backend.name(),
                 what: format!(
-                    "prefill tile {block_rows} x {n_tile} (have {GEMM_BLOCK_ROWS:?} x {GEMM_N_TILES:?})"
+                    "prefill tile {block_rows} x {n_tile}, {terms} terms (have {GEMM_BLOCK_ROWS:?} x {GEMM_N_TILES:?})"
                 ),
             });
         }
+    };
+    Ok(if wg {
+        GemmKernel { name, smem: gemm_wg_smem(block_rows, terms), n_tile: GEMM_WG_W_ROWS }
+    } else {
+        GemmKernel { name, smem: gemm_smem(block_rows, n_tile, terms), n_tile }
     })
 }
 
@@ -533,8 +579,22 @@ impl CudaBackend {
 
     /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
     /// one expert's on average).
-    fn gemm_block_rows(&self, rows: usize) -> usize {
-        self.gemm_rows.unwrap_or(if rows >= GEMM_WIDE_ROWS_FROM { 64 } else { 32 })
+    /// Whether `op`'s FP4 GEMM takes the wgmma kernel (64 rows and more).
+    fn gemm_on_wgmma(&self, op: &'static str) -> bool {
+        self.wgmma && (op != "moe" || MOE_ON_WGMMA)
+    }
+
+    /// 128-row tiles only where they exist (wgmma); a forced 128 falls back to 64 elsewhere.
+    fn gemm_block_rows(&self, op: &'static str, rows: usize) -> usize {
+        let largest = if self.gemm_on_wgmma(op) { 128 } else { 64 };
+        let pick = if rows >= GEMM_TALL_ROWS_FROM {
+            128
+        } else if rows >= GEMM_WIDE_ROWS_FROM {
+            64
+        } else {
+            32
+        };
+        self.gemm_rows.unwrap_or(pick).min(largest)
     }
 
     /// y `[m, n]` f32 = x · Wᵀ by the FP4 tensor-core GEMM, or gemm_f32 (dense weights).
@@ -555,13 +615,17 @@ impl CudaBackend {
         // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
         // tolerance on short, cancelling dot products).
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
-        let mut bm = self.gemm_block_rows(m);
+        let mut bm = self.gemm_block_rows("linear", m);
+        let mut k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) left 64-row tiles with
-        // fewer than two blocks per SM; 32-row tiles double the grid.
-        if self.gemm_rows.is_none() && w.rows.div_ceil(n_tile) * m.div_ceil(bm) < 2 * self.dev.sms {
-            bm = GEMM_BLOCK_ROWS[0];
+        // fewer than two blocks per SM; smaller tiles multiply the grid.
+        while self.gemm_rows.is_none()
+            && bm > GEMM_BLOCK_ROWS[0]
+            && w.rows.div_ceil(k.n_tile) * m.div_ceil(bm) < 2 * self.dev.sms
+        {
+            bm /= 2;
+            k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         }
-        let name = gemm_name("linear", self, bm, n_tile, terms)?;
         let a = self.gemm_operand(x, m, w.cols, w.kp, terms)?;
         let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
         let args = gemm_args(
@@ -577,10 +641,10 @@ impl CudaBackend {
         );
         self.run_smem(
             "gemm.cu",
-            name,
-            (blocks(w.rows, n_tile as u32), blocks(m, bm as u32), 1),
+            k.name,
+            (blocks(w.rows, k.n_tile as u32), blocks(m, bm as u32), 1),
             GEMM_THREADS,
-            gemm_smem(bm, n_tile, terms),
+            k.smem,
             &[Arg::Raw(w.args()), Arg::Raw(args)],
         )?;
         Ok(y)
@@ -593,8 +657,8 @@ impl CudaBackend {
         let HeadLinear { heads, rows_per_head, row_start, row_count, .. } = spec;
         const TERMS: usize = 3;
         let n_tile = self.config.linear_n_tile;
-        let bm = self.gemm_block_rows(m);
-        let name = gemm_name("head_linear", self, bm, n_tile, TERMS)?;
+        let bm = self.gemm_block_rows("head_linear", m);
+        let k = gemm_kernel("head_linear", self, bm, n_tile, TERMS)?;
         let y = self.empty(&[m, heads, row_count], DType::F32)?;
         // Term rows are (token, head) pairs: token t of head z at row t * heads + z.
         let a = self.gemm_operand(x, m * heads, w.cols, w.kp, TERMS)?;
@@ -612,10 +676,10 @@ impl CudaBackend {
         );
         self.run_smem(
             "gemm.cu",
-            name,
-            (blocks(row_count, n_tile as u32), blocks(m, bm as u32), heads as u32),
+            k.name,
+            (blocks(row_count, k.n_tile as u32), blocks(m, bm as u32), heads as u32),
             GEMM_THREADS,
-            gemm_smem(bm, n_tile, TERMS),
+            k.smem,
             &[Arg::Raw(w.args()), Arg::Raw(args)],
         )?;
         Ok(y)
@@ -864,8 +928,8 @@ impl CudaBackend {
         let ne = e.n_experts;
         let pairs = n * k;
         // Each expert's rows are padded up to whole GEMM M-blocks.
-        let bm = self.gemm_block_rows(pairs / ne.max(1));
-        let name = gemm_name("moe", self, bm, n_tile, TERMS)?;
+        let bm = self.gemm_block_rows("moe", pairs / ne.max(1));
+        let gk = gemm_kernel("moe", self, bm, n_tile, TERMS)?;
         let max_rows = (pairs + ne * (bm - 1)).div_ceil(bm) * bm;
         let max_blocks = max_rows / bm;
         let counts = self.zeroed(&[ne], DType::U32)?;
@@ -928,7 +992,6 @@ impl CudaBackend {
         // Zeroed: the pad columns (I..kp) must be 0 for the down GEMM's K tail.
         let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
         let act_lo = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
-        let smem = gemm_smem(bm, n_tile, TERMS);
         let up_args = gemm_args(
             GemmPtrs {
                 a: x_hi.storage.ptr(),
@@ -951,10 +1014,10 @@ impl CudaBackend {
         );
         self.run_smem(
             "gemm.cu",
-            name,
-            (blocks(inter, (n_tile / 2) as u32), max_blocks as u32, 1),
+            gk.name,
+            (blocks(inter, (gk.n_tile / 2) as u32), max_blocks as u32, 1),
             GEMM_THREADS,
-            smem,
+            gk.smem,
             &[Arg::Raw(gu.args()), Arg::Raw(up_args)],
         )?;
         let y = self.empty(&[max_rows, h], DType::F32)?;
@@ -980,10 +1043,10 @@ impl CudaBackend {
         );
         self.run_smem(
             "gemm.cu",
-            name,
-            (blocks(h, n_tile as u32), max_blocks as u32, 1),
+            gk.name,
+            (blocks(h, gk.n_tile as u32), max_blocks as u32, 1),
             GEMM_THREADS,
-            smem,
+            gk.smem,
             &[Arg::Raw(down.args()), Arg::Raw(down_args)],
         )?;
         let shared = match e.shared {

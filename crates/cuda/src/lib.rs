@@ -14,8 +14,11 @@
 //!   rows as the A operand of `mma.sync`, x as B in three exact bf16 terms), for several rows on
 //!   the SIMT kernels (16-byte weight loads, several in flight per lane; `FP4MOE_CUDA_TC=0` or
 //!   [`CudaBackend::with_simt_decode`] uses them for one row too); Prefill{128|256} is a tensor-core
-//!   GEMM (`mma.sync` bf16, FP4 dequantized in registers, `cp.async` pipeline; 32- or 64-row
-//!   tiles by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one);
+//!   GEMM (FP4 dequantized in registers, `cp.async` pipeline; tiles of 32 to 256 activation rows
+//!   by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one): `mma.sync`
+//!   bf16, or on Hopper, for tiles of 64 rows and more, `wgmma` with the decoded weights as
+//!   its register operand (dense linears and MLA's head products; `FP4MOE_CUDA_WGMMA=0` or
+//!   [`CudaBackend::with_mma_gemm`] turns it off);
 //!   `linears` runs up to three one-row tensor-core GEMVs on one x as one launch. `moe` Decode runs
 //!   per (token, slot) products, on the tensor cores when every weight is FP4, with SiLU fused
 //!   into gate/up and the router weight into down, then a slot-ordered sum; Prefill{128|256} sorts
@@ -42,7 +45,7 @@ mod backend;
 mod device;
 mod weight;
 
-pub use backend::GEMM_BLOCK_ROWS;
+pub use backend::{GEMM_BLOCK_ROWS, MOE_ON_WGMMA};
 pub use device::{KERNEL_FILES, arch_for, compile};
 pub use weight::{CudaWeight, FP4_KP_ALIGN, WeightKind};
 
@@ -118,6 +121,11 @@ pub struct CudaBackend {
     /// Tile rows of every FP4 prefill GEMM (one of `GEMM_BLOCK_ROWS`), or None to pick them by
     /// the rows each tile serves ([`CudaBackend::with_gemm_block_rows`]: tests, benchmarks).
     gemm_rows: Option<usize>,
+    /// FP4 prefill GEMM tiles of 64 rows and more on Hopper's warpgroup MMA (`gemm_fp4_wg_*`,
+    /// sm_90a only; dense linears and MLA's head products, not the grouped MoE: MOE_ON_WGMMA)
+    /// instead of `mma.sync` (`gemm_fp4_t*`). `FP4MOE_CUDA_WGMMA=0` or
+    /// [`CudaBackend::with_mma_gemm`] selects `mma.sync`, which the conformance suite also runs.
+    wgmma: bool,
 }
 
 type InvFreqCache =
@@ -147,7 +155,8 @@ impl CudaBackend {
             }
         };
         let tc_decode = std::env::var_os("FP4MOE_CUDA_TC").is_none_or(|v| v != "0");
-        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode, gemm_rows: None })
+        let wgmma = dev.arch == "sm_90a" && std::env::var_os("FP4MOE_CUDA_WGMMA").is_none_or(|v| v != "0");
+        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode, gemm_rows: None, wgmma })
     }
 
     /// The same device with another tile configuration (autotune, tests).
@@ -167,6 +176,16 @@ impl CudaBackend {
         CudaBackend { gemm_rows: Some(rows), ..self.clone_handle() }
     }
 
+    /// The same device with every FP4 prefill GEMM on `mma.sync` (tests, comparisons).
+    pub fn with_mma_gemm(&self) -> Self {
+        CudaBackend { wgmma: false, ..self.clone_handle() }
+    }
+
+    /// Whether prefill GEMM tiles of 64 rows and more run on wgmma.
+    pub fn wgmma(&self) -> bool {
+        self.wgmma
+    }
+
     fn clone_handle(&self) -> Self {
         CudaBackend {
             dev: self.dev.clone(),
@@ -174,6 +193,7 @@ impl CudaBackend {
             inv_freq: self.inv_freq.clone(),
             tc_decode: self.tc_decode,
             gemm_rows: self.gemm_rows,
+            wgmma: self.wgmma,
         }
     }
 
