@@ -10,6 +10,8 @@
 #                                                    out/cuda/graph
 #   cargo build --release -p fp4moe               -> out/cuda/fp4moe
 #   cargo build --release -p fp4moe-cuda --example bench_layers -> out/cuda/bench_layers
+# Three separate commands: with `--example`, cargo builds only that example, so adding
+# `-p fp4moe` to the last one leaves a stale out/cuda/fp4moe (this voided four calls' A/Bs once).
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
 #   STAGES="test golden sanitize torch layers kernels model profile ncu autotune" (default: all but
 #   ncu and autotune; autotune writes $OUT/autotune_<model>.json to compare with configs/, ncu
