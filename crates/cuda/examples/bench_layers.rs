@@ -7,7 +7,7 @@
 //! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s]` prints one JSON object per line.
 
 use fp4::{Format, QuantMatrix};
-use fp4moe_cuda::{CudaBackend, GEMM_BLOCK_ROWS, MOE_ON_WGMMA};
+use fp4moe_cuda::CudaBackend;
 use fp4moe_ops::{Backend, HostTensor, HostWeight, LinearPath, MoePath, MoeWeights};
 use std::time::Instant;
 
@@ -118,11 +118,7 @@ fn main() {
             let runs: Vec<(MoePath, Option<usize>)> = paths
                 .iter()
                 .flat_map(|&p| match p {
-                    MoePath::Prefill { .. } => GEMM_BLOCK_ROWS
-                        .iter()
-                        .filter(|&&r| r <= 64 || (b.wgmma() && MOE_ON_WGMMA))
-                        .map(|&r| (p, Some(r)))
-                        .collect(),
+                    MoePath::Prefill { .. } => b.moe_block_rows().iter().map(|&r| (p, Some(r))).collect(),
                     _ => vec![(p, None)],
                 })
                 .collect();

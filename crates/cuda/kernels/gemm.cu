@@ -567,9 +567,9 @@ __device__ void gemm_fp4_wg_body(W w, GemmArgs g, u8* smem_raw) {
     auto step = [&](int kt, u32(&af)[GEMM_BK / 16][4]) {
         // Tile kt has landed, and every warpgroup has passed its wait for tile kt - 1's wgmma,
         // so tile kt - 2's stage and fragment set are free.
-        // No proxy fence before the wgmma reads of cp.async data (CUTLASS's cp.async + GMMA
-        // mainloop has none either): fence.proxy.async compiles to MEMBAR.ALL.CTA, which waits
-        // for every copy still in flight and so serialized the copy pipeline.
+        // No proxy fence before the wgmma reads of cp.async data: CUTLASS's cp.async + GMMA
+        // mainloop has none either, and with one (fence.proxy.async, MEMBAR.ALL.CTA in SASS) the
+        // kernel measured the same (NOTES.md, eleventh session).
         cp_async_wait<L::AHEAD - 1>();
         __syncthreads();
         if (kt + L::AHEAD < kt_count) load_stage(kt + L::AHEAD);

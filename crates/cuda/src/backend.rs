@@ -136,9 +136,9 @@ const GEMM_WIDE_ROWS_FROM: usize = 48;
 /// The same for 128-row tiles (wgmma only).
 const GEMM_TALL_ROWS_FROM: usize = 192;
 /// Whether the grouped MoE GEMM may take the wgmma kernel. Not yet: on the H100 (bench_layers,
-/// 8192 tokens) its best tile took 5.67 ms (Qwen3) / 6.38 ms (GLM) against mma.sync's 4.86 /
-/// 6.10 ms, while the dense linears gained 12-45 % (crates/cuda/NOTES.md, eleventh session).
-pub const MOE_ON_WGMMA: bool = false;
+/// 8192 tokens) its best tile took 5.67 ms (Qwen3) / 6.38 ms (GLM) against mma.sync's 4.85 /
+/// 6.03-6.10 ms, while the dense linears gained 12-45 % (crates/cuda/NOTES.md, eleventh session).
+const MOE_ON_WGMMA: bool = false;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
@@ -209,7 +209,7 @@ const GEMM_WG_SMEM_MAX: usize = 227 * 1024;
 fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
     let stage = (terms * block_rows * GEMM_BK * 2 + GEMM_WG_W_ROWS * (GEMM_BK / 2 + GEMM_SCALE_BYTES))
         .next_multiple_of(1024);
-    let fixed = 2048;
+    let fixed = 1024 + GEMM_LUT_BYTES.next_multiple_of(1024);
     let stages = ((GEMM_WG_SMEM_MAX - fixed) / stage).min(GEMM_WG_MAX_STAGES);
     (fixed + stages * stage) as u32
 }
@@ -577,16 +577,21 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
-    /// one expert's on average).
+    /// The tile heights `op`'s FP4 GEMM has kernels for.
+    pub(crate) fn gemm_block_rows_for(&self, op: &'static str) -> &'static [usize] {
+        if self.gemm_on_wgmma(op) { &GEMM_BLOCK_ROWS } else { &GEMM_BLOCK_ROWS[..2] }
+    }
+
     /// Whether `op`'s FP4 GEMM takes the wgmma kernel (64 rows and more).
     fn gemm_on_wgmma(&self, op: &'static str) -> bool {
         self.wgmma && (op != "moe" || MOE_ON_WGMMA)
     }
 
-    /// 128-row tiles only where they exist (wgmma); a forced 128 falls back to 64 elsewhere.
+    /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
+    /// one expert's on average). 128-row tiles only where they exist (wgmma); a forced 128
+    /// falls back to 64 elsewhere.
     fn gemm_block_rows(&self, op: &'static str, rows: usize) -> usize {
-        let largest = if self.gemm_on_wgmma(op) { 128 } else { 64 };
+        let largest = self.gemm_block_rows_for(op).last().copied().unwrap_or(GEMM_BLOCK_ROWS[0]);
         let pick = if rows >= GEMM_TALL_ROWS_FROM {
             128
         } else if rows >= GEMM_WIDE_ROWS_FROM {

@@ -14,7 +14,7 @@
 //!   rows as the A operand of `mma.sync`, x as B in three exact bf16 terms), for several rows on
 //!   the SIMT kernels (16-byte weight loads, several in flight per lane; `FP4MOE_CUDA_TC=0` or
 //!   [`CudaBackend::with_simt_decode`] uses them for one row too); Prefill{128|256} is a tensor-core
-//!   GEMM (FP4 dequantized in registers, `cp.async` pipeline; tiles of 32 to 256 activation rows
+//!   GEMM (FP4 dequantized in registers, `cp.async` pipeline; tiles of 32 to 128 activation rows
 //!   by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one): `mma.sync`
 //!   bf16, or on Hopper, for tiles of 64 rows and more, `wgmma` with the decoded weights as
 //!   its register operand (dense linears and MLA's head products; `FP4MOE_CUDA_WGMMA=0` or
@@ -45,7 +45,7 @@ mod backend;
 mod device;
 mod weight;
 
-pub use backend::{GEMM_BLOCK_ROWS, MOE_ON_WGMMA};
+pub use backend::GEMM_BLOCK_ROWS;
 pub use device::{KERNEL_FILES, arch_for, compile};
 pub use weight::{CudaWeight, FP4_KP_ALIGN, WeightKind};
 
@@ -181,9 +181,10 @@ impl CudaBackend {
         CudaBackend { wgmma: false, ..self.clone_handle() }
     }
 
-    /// Whether prefill GEMM tiles of 64 rows and more run on wgmma.
-    pub fn wgmma(&self) -> bool {
-        self.wgmma
+    /// The tile heights (`GEMM_BLOCK_ROWS`) the grouped MoE GEMM can take on this backend, for
+    /// benchmarks that force each one.
+    pub fn moe_block_rows(&self) -> &'static [usize] {
+        self.gemm_block_rows_for("moe")
     }
 
     fn clone_handle(&self) -> Self {
