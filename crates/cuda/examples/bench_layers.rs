@@ -4,7 +4,8 @@
 //! setup is quick); timing is wall time over many enqueued calls after warm-up, one synchronize
 //! at the end, median of 5 batches.
 //!
-//! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s]` prints one JSON object per line.
+//! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s] [--decode]` prints one JSON object per line;
+//! `--decode` times only the one-token shapes.
 
 use fp4::{Format, QuantMatrix};
 use fp4moe_cuda::CudaBackend;
@@ -55,6 +56,7 @@ fn main() {
     let args: Vec<f64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let copy_bw = args.first().copied().unwrap_or(3.0e12);
     let tc_rate = args.get(1).copied().unwrap_or(780e12);
+    let decode_only = std::env::args().any(|a| a == "--decode");
     let b = match CudaBackend::new() {
         Ok(b) => b,
         Err(e) => {
@@ -84,6 +86,9 @@ fn main() {
         let per_expert = (2 * i * h + h * i) as f64 * 0.5625; // NVFP4: 4.5 bits per element
         let shared_bytes = (3 * si * h) as f64 * 0.5625;
         for n in [1usize, 512, 8192] {
+            if decode_only && n > 1 {
+                continue;
+            }
             let x: Vec<f32> = (0..n * h).map(|_| rng.f()).collect();
             // Random distinct experts per token.
             let mut ids = Vec::with_capacity(n * k);
@@ -157,7 +162,7 @@ fn main() {
             (2048, LinearPath::Prefill { n_tile: 256 }),
             (2048, LinearPath::Prefill { n_tile: 128 }),
         ] {
-            if m > 1 && n_out > 8192 {
+            if m > 1 && (n_out > 8192 || decode_only) {
                 continue;
             }
             for bf16 in [false, true] {

@@ -473,21 +473,25 @@ MOE_DECODE(32)
 //   takes pairs 2h (k 2t..) and 2h + 1 (k 2t+8..). The k order inside an mma is a permutation of
 //   the columns, the same for A and B, so the sums are unchanged.
 // - x is exact through three bf16 terms x = t0 + t1 + t2 (as the prefill GEMM's activations)
-//   placed in B's columns 0, 1, 2 (the other five are zero), so one mma computes all three and a
-//   row's value is D[r][0] + D[r][1] + D[r][2]. The block builds every step's B fragments once
-//   into shared memory (tc_build_b); a lane with g < TC_TERMS reads its 8 bytes per mma.
+//   placed in B's columns 0, 1, 2, and a zero term in column 3 (columns 4..7 repeat 0..3: their
+//   products land in D columns no lane reads), so one mma computes all three and a row's value is
+//   D[r][0] + D[r][1] + D[r][2] + D[r][3]. The block builds every step's B fragments once into
+//   shared memory (tc_build_b), the zero term included, so every lane reads its 8 bytes per mma
+//   unconditionally (a predicated read and a zeroing move per mma cost ~16 instructions a step).
 // - The block's TC_WARPS warps split the steps (warp w takes w, w + TC_WARPS, ...) and add
 //   their row sums in warp order, so results are deterministic.
 #define TC_STEP 128
 #define TC_TERMS 3
+#define TC_SLOTS 4 // TC_TERMS and the zero term
 #define TC_WARPS 4
 #define TC_ROWS 16
 
 extern __shared__ uint2 tc_frag[]; // the B fragments (dynamic shared memory of every _tc kernel)
 
-// B fragments of x [kp] for every step: frag[((s * 8 + j) * TC_TERMS + n) * 4 + t] = the
-// {b0, b1} of mma j of step s for the lane with g = n (term n of x) and tid-in-group t. Ends with
-// a block barrier. (The host sizes the buffer: TC_TERMS * 8 bytes per 4 columns.)
+// B fragments of x [kp] for every step: frag[((s * 8 + j) * TC_SLOTS + n) * 4 + t] = the
+// {b0, b1} of mma j of step s for lanes with g & 3 = n (term n of x; n = TC_TERMS: zero) and
+// tid-in-group t. Ends with a block barrier. (The host sizes the buffer: TC_SLOTS * 8 bytes per 4
+// columns.)
 __device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) {
     const int entries = kp / 4; // (kp / TC_STEP) steps x 8 mmas x 4 quad lanes
     for (int i = threadIdx.x; i < entries; i += blockDim.x) {
@@ -495,7 +499,7 @@ __device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) 
         const int c0 = st * TC_STEP + t * 32 + (j >> 1) * 8 + 2 * (j & 1);
         // b0: columns (c0, c0 + 4) = pair 2h of the word; b1: (c0 + 1, c0 + 5) = pair 2h + 1.
         float v0 = x[c0], v1 = x[c0 + 4], v2 = x[c0 + 1], v3 = x[c0 + 5];
-        uint2* out = frag + (size_t)(st * 8 + j) * TC_TERMS * 4 + t;
+        uint2* out = frag + (size_t)(st * 8 + j) * TC_SLOTS * 4 + t;
 #pragma unroll
         for (int n = 0; n < TC_TERMS; n++) {
             const u32 b0 = bf16x2_from(v0, v1), b1 = bf16x2_from(v2, v3);
@@ -506,6 +510,7 @@ __device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) 
             v2 -= bf16_lo(b1);
             v3 -= bf16_hi(b1);
         }
+        out[TC_TERMS * 4] = make_uint2(0, 0);
     }
     __syncthreads();
 }
@@ -515,12 +520,15 @@ __device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) 
 // step's codes are requested (the caller's pdl wait and tc_build_b: weights are never written by
 // earlier kernels, so their loads may precede the wait). Returns the rows' sums, block scales
 // applied (tensor scale and 2^s_off are the caller's: row_tscale), in the lanes with t == 0.
-template <typename F>
-__device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, int r1, const uint2* frag, int s0,
-                                        int ds, float& y0, float& y1, F&& after_first) {
+// KIND is the weight's kind, fixed so the scale code has one path (tc_rows picks it): with the
+// kind a runtime value both kinds' scale code ran in the loop (moe_gate_up_tc: ~295 -> ~240
+// instructions a step, gemv_tc_w16 ~370 -> ~220, SASS of the NVRTC cubins).
+template <int KIND, typename F>
+__device__ __forceinline__ void tc_rows_kind(const Fp4Lut* lut, W w, int r0, int r1, const uint2* frag, int s0,
+                                             int ds, float& y0, float& y1, F&& after_first) {
+    w.kind = KIND;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int steps = w.kp / TC_STEP, cb = w.kp / 2, nb = w.kp / fp4_block(w.kind);
-    const bool nv = w.kind == KIND_NVFP4;
+    const int steps = w.kp / TC_STEP, cb = w.kp / 2, nb = w.kp / fp4_block(KIND);
     auto load = [&](int st, uint4* q, u32* sc) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
@@ -529,21 +537,24 @@ __device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, i
                 q[h] = ld_stream16(w.codes + (size_t)r * cb + st * (TC_STEP / 2) + t * 16);
                 const u8* sp = w.scales + (size_t)r * nb;
                 const int blk = st * (TC_STEP / 32) + t; // this lane's 32 columns
-                sc[h] = nv ? (u32)__ldg((const unsigned short*)(sp + 2 * blk)) : (u32)sp[blk] * 0x101u;
+                sc[h] = KIND == KIND_NVFP4 ? (u32)__ldg((const unsigned short*)(sp + 2 * blk)) : (u32)sp[blk] * 0x101u;
             } else {
                 q[h] = make_uint4(0, 0, 0, 0);
                 sc[h] = 0;
             }
         }
     };
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Two accumulators (mma h = 0 and h = 1 of each word), so consecutive mma do not wait on
+    // each other's results.
+    float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     uint4 q[2], qn[2];
     u32 sc[2], scn[2];
+    const uint2* fl = frag + (g & 3) * 4 + t; // this lane's term (or the zero slot)
     load(s0, q, sc);
     after_first();
     for (int st = s0; st < steps; st += ds) {
         load(st + ds, qn, scn);
-        const uint2* fs = frag + (size_t)st * 8 * TC_TERMS * 4;
+        const uint2* fs = fl + (size_t)st * 8 * TC_SLOTS * 4;
         const u32 lo0 = scale_pair(lut, w, sc[0] & 255u), hi0 = scale_pair(lut, w, sc[0] >> 8);
         const u32 lo1 = scale_pair(lut, w, sc[1] & 255u), hi1 = scale_pair(lut, w, sc[1] >> 8);
         const u32 wa[4] = {q[0].x, q[0].y, q[0].z, q[0].w}, wb[4] = {q[1].x, q[1].y, q[1].z, q[1].w};
@@ -558,8 +569,8 @@ __device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, i
                 a[1] = bf16x2_mul(fp4_e2m1_pair_bf16(wb[wd] << (4 * (3 - 2 * h))), sb);
                 a[2] = bf16x2_mul(fp4_e2m1_pair_bf16(wa[wd] << (4 * (2 - 2 * h))), sa);
                 a[3] = bf16x2_mul(fp4_e2m1_pair_bf16(wb[wd] << (4 * (2 - 2 * h))), sb);
-                const uint2 b = g < TC_TERMS ? fs[((2 * wd + h) * TC_TERMS + g) * 4 + t] : make_uint2(0, 0);
-                mma_bf16(c, a, b.x, b.y);
+                const uint2 b = fs[(2 * wd + h) * TC_SLOTS * 4];
+                mma_bf16(c[h], a, b.x, b.y);
             }
         }
 #pragma unroll
@@ -569,11 +580,17 @@ __device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, i
         }
     }
     // Lane t = 0 holds columns 0, 1 (terms 0, 1), lane t = 1 columns 2, 3 (term 2, zero).
-    float v0 = c[0] + c[1], v1 = c[2] + c[3];
+    float v0 = (c[0][0] + c[1][0]) + (c[0][1] + c[1][1]), v1 = (c[0][2] + c[1][2]) + (c[0][3] + c[1][3]);
     v0 += __shfl_down_sync(0xffffffffu, v0, 1);
     v1 += __shfl_down_sync(0xffffffffu, v1, 1);
     y0 = v0;
     y1 = v1;
+}
+template <typename F>
+__device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, int r1, const uint2* frag, int s0,
+                                        int ds, float& y0, float& y1, F&& after_first) {
+    if (w.kind == KIND_NVFP4) tc_rows_kind<KIND_NVFP4>(lut, w, r0, r1, frag, s0, ds, y0, y1, after_first);
+    else tc_rows_kind<KIND_MXFP4>(lut, w, r0, r1, frag, s0, ds, y0, y1, after_first);
 }
 
 // The tile's row sums of every warp, added in warp order: red[w][i] for tile row i = g (y0) or
@@ -597,7 +614,7 @@ __device__ __forceinline__ float tile_sum(const float (*red)[TC_ROWS], int i) {
 // y [1, N] = x [1, kp] . W^T for FP4 W: one block of WARPS warps per TC_ROWS rows. Outputs with
 // few rows (k/v, o_proj) take wider blocks, so their long rows still spread over enough warps:
 // with four warps per block, 32 blocks of Qwen3's k/v took 8.3 us against 5.5 us for the SIMT
-// kernel on four-warp rows. Dynamic shared memory: the B fragments (TC_TERMS * 2 * kp bytes).
+// kernel on four-warp rows. Dynamic shared memory: the B fragments (TC_SLOTS * 2 * kp bytes).
 template <int WARPS>
 __device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y, int tile) {
     __shared__ Fp4Lut lut;
@@ -640,7 +657,7 @@ GEMV_TC(16)
 // outputs j0 = 8 jb .. j0 + 7 of pair p: tile rows 0..7 their gate rows, 8..15 their up rows, so
 // a tile row and the one 8 below meet in one lane. Blocks past the pairs serve the shared expert.
 // grid (pairs + shared tokens, ceil(max inter / 8)).
-extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32, 8) // 64 registers: the grid in one wave
     moe_gate_up_tc(W w, const float* x, int xs, const u32* ids, int k_slots, int inter, float* act, int act_s,
                    int n_experts, int pairs, W ws, int inter_sh, float* act_sh, int act_sh_s) {
     __shared__ Fp4Lut lut;
@@ -679,14 +696,19 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
     DownJob job = down_job(w, act, act_s, k_slots, ws, act_sh, act_sh_s, has_shared);
     const W& wk = job.wk;
     lut_init(&lut, wk);
-    pdl_enter(); // ids, weights and activations come from earlier kernels
+    // Ids and router weights before the wait, so the first weight loads overlap the gate/up
+    // kernel: they were written two launches back (moe_gate_up_tc runs between, and this grid
+    // starts only once every block of it has passed its own wait or exited, block (0, 0) always
+    // waiting), so they are complete and visible here. act comes from gate/up: after the wait.
     job.expert(ids, wts, n_experts, hidden);
     const int row0 = job.row0;
     const int h0 = blockIdx.y * TC_ROWS, g = (threadIdx.x & 31) >> 2;
     const int r0 = h0 + g < hidden ? row0 + h0 + g : -1, r1 = h0 + g + 8 < hidden ? row0 + h0 + g + 8 : -1;
     float y0, y1;
-    tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1,
-            [&] { tc_build_b(tc_frag, job.a, wk.kp); });
+    tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1, [&] {
+        pdl_enter();
+        tc_build_b(tc_frag, job.a, wk.kp);
+    });
     tc_collect(red, y0, y1);
     const int i = threadIdx.x;
     if (i < TC_ROWS && h0 + i < hidden)

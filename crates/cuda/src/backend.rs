@@ -79,12 +79,12 @@ const TC_STEP: usize = 128;
 /// this many warps per SM.
 const TC_MIN_WARPS_PER_SM: usize = 16;
 /// Largest B-fragment buffer (bytes of dynamic shared memory) a tensor-core decode block takes;
-/// longer rows use the SIMT kernels.
-const TC_FRAG_MAX: u32 = 64 * 1024;
-/// B fragments of one activation row of `kp` floats: TC_TERMS (3) bf16 terms of every element,
-/// 2 bytes each (tc_build_b in gemv.cu).
+/// longer rows (beyond 12288 columns) use the SIMT kernels.
+const TC_FRAG_MAX: u32 = 96 * 1024;
+/// B fragments of one activation row of `kp` floats: TC_SLOTS (4: three bf16 terms of every
+/// element and a zero term) of 2 bytes each (tc_build_b in gemv.cu).
 fn tc_frag_bytes(kp: usize) -> u32 {
-    (kp * 3 * 2) as u32
+    (kp * 4 * 2) as u32
 }
 /// Dynamic shared memory for a MoE decode launch's activation copy (stage_x in gemv.cu): room
 /// for one row of `kp` floats when every weight the launch reads is FP4 and it fits, else none
