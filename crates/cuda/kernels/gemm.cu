@@ -204,8 +204,9 @@ __device__ __forceinline__ void gemm_out_gated(const GemmArgs& g, const W& w, in
     if (g.out_bf16_lo) g.out_bf16_lo[out_z + (size_t)m * g.out_stride + j] = f32_to_bf16(v - bf16_to_f32(hi));
 }
 
-template <int BM, int BN, int TERMS>
-__device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
+template <int BM, int BN, int TERMS, int KIND>
+__device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
+    w.kind = KIND; // gemm_fp4_body's dispatch: every kind test below folds
     typedef GemmSmem<BM, BN, TERMS> L;
     const int STAGES = L::STAGES;
     const int WC = BN / GEMM_WARPS;            // columns per warp
@@ -350,6 +351,14 @@ __device__ void gemm_fp4_body(W w, GemmArgs g, u8* smem) {
             }
         }
     }
+}
+
+// One copy of the kernel body per weight kind: with the kind a runtime value, the scale code
+// of both kinds (E8M0 computed, E4M3 from the shared table) ran in the k loop side by side.
+template <int BM, int BN, int TERMS>
+__device__ void gemm_fp4_body(const W& w, const GemmArgs& g, u8* smem) {
+    if (w.kind == KIND_NVFP4) gemm_fp4_body_k<BM, BN, TERMS, KIND_NVFP4>(w, g, smem);
+    else gemm_fp4_body_k<BM, BN, TERMS, KIND_MXFP4>(w, g, smem);
 }
 
 // gemm_fp4_t{TERMS}_m{BM}_n{BN}. Two blocks per SM: at most 128 registers (one term's A
@@ -498,8 +507,9 @@ __device__ __forceinline__ int wg_w_row(const GemmArgs& g, int r, int expert_row
     return expert_row0 + ((r & 8) ? g.n + j : j);
 }
 
-template <int BM, int TERMS>
-__device__ void gemm_fp4_wg_body(W w, GemmArgs g, u8* smem_raw) {
+template <int BM, int TERMS, int KIND>
+__device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
+    w.kind = KIND; // as gemm_fp4_body_k
     typedef WgSmem<BM, TERMS> L;
     static_assert(L::AHEAD >= 1, "shared memory for at least three stages");
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wq = (tid >> 5) & 3;
@@ -616,6 +626,12 @@ __device__ void gemm_fp4_wg_body(W w, GemmArgs g, u8* smem_raw) {
                 gemm_out_gated(g, w, expert_row0, out_z, m, j, acc[s * 4 + c], acc[s * 4 + 2 + c], rs);
             }
         }
+}
+
+template <int BM, int TERMS>
+__device__ void gemm_fp4_wg_body(const W& w, const GemmArgs& g, u8* smem_raw) {
+    if (w.kind == KIND_NVFP4) gemm_fp4_wg_body_k<BM, TERMS, KIND_NVFP4>(w, g, smem_raw);
+    else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4>(w, g, smem_raw);
 }
 
 // gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x 128 weight rows, one block per SM.
