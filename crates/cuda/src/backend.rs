@@ -136,8 +136,10 @@ const GEMM_WIDE_ROWS_FROM: usize = 48;
 /// The same for 128-row tiles (wgmma only).
 const GEMM_TALL_ROWS_FROM: usize = 192;
 /// Whether the grouped MoE GEMM may take the wgmma kernel. Not yet: on the H100 (bench_layers,
-/// 8192 tokens) its best tile took 5.67 ms (Qwen3) / 6.38 ms (GLM) against mma.sync's 4.85 /
-/// 6.03-6.10 ms, while the dense linears gained 12-45 % (crates/cuda/NOTES.md, eleventh session).
+/// 8192 tokens, twelfth session, one body per weight kind) its best tile took 5.26 ms (Qwen3) /
+/// 5.89 ms (GLM) against mma.sync's 4.85 / 6.12 ms, and with it the 2048-token prefill of both
+/// synthetic models was slower (Qwen3 12.4-12.6k against 13.4k tok/s); the dense linears gain
+/// 12-45 % on it (crates/cuda/NOTES.md, eleventh and twelfth sessions).
 const MOE_ON_WGMMA: bool = false;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
