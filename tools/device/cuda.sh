@@ -18,6 +18,10 @@
 #   prints each kernel's GPU time in one decode step via tools/ncu_step.py). `profile` runs
 #   `bench model --profile` (time per op kind). `layers` (the backend's own
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
+#   `ab` compares a previous build with this one in the same call: copy the previous commit's
+#   fp4moe and bench_layers to out/cuda/base_fp4moe and out/cuda/base_bench_layers first; it
+#   runs `bench model` on both models AB_ROUNDS times (default 2) alternating the two binaries,
+#   then both bench_layers (LAYERS_ARGS="--decode" for the one-token shapes only).
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4moe-cuda-out}
 mkdir -p "$OUT"
@@ -114,5 +118,33 @@ if has layers; then
     say "bench_layers (cuda backend: MoE layers, GEMV, GEMM)"
     CEIL=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["copy_bytes_per_s"], d["bf16_gemm_flops_per_s"])' "$OUT/torch_moe.json" 2>/dev/null)
     timeout 240 $BIN/bench_layers $CEIL 2>&1 | tee "$OUT/bench_layers.jsonl" | tee -a "$LOG"
+fi
+if has ab; then
+    say "A/B: base_fp4moe (previous build) against fp4moe, alternating, prefill $PREFILL"
+    for i in $(seq ${AB_ROUNDS:-2}); do
+        for b in base_fp4moe fp4moe; do
+            for m in qwen3-30b-a3b glm-4.7-flash; do
+                r=$(timeout 200 $BIN/$b bench model --backend cuda --synthetic $m --prefill $PREFILL --decode-tokens 64 2>&1 |
+                    grep -E '^prefill|^decode \(' | sed -E 's/ *\([0-9]+ (tokens|steps) in .*//' | tr -s ' ' | paste -sd '|')
+                echo "$b $m: $r" | tee -a "$LOG"
+            done
+        done
+    done
+    CEIL=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["copy_bytes_per_s"], d["bf16_gemm_flops_per_s"])' "$OUT/torch_moe.json" 2>/dev/null)
+    for b in base_bench_layers bench_layers; do
+        say "$b ${LAYERS_ARGS:-}"
+        timeout 240 $BIN/$b $CEIL ${LAYERS_ARGS:-} 2>&1 | tee "$OUT/$b.jsonl" | python3 -c '
+import json, sys
+for l in sys.stdin:
+    try:
+        d = json.loads(l)
+    except ValueError:
+        continue
+    if "seconds" not in d:
+        print(d)
+        continue
+    what = d.get("layer") or "%sx%s m%s %s" % (d.get("n"), d.get("k"), d.get("m"), d.get("x"))
+    print(d.get("bench"), what, d.get("tokens", ""), d.get("path", ""), d.get("tile_rows", ""), "%.2f us" % (d["seconds"] * 1e6))' | tee -a "$LOG"
+    done
 fi
 say "done"
