@@ -31,6 +31,10 @@ PREFILL=${PREFILL:-512}
 LOG=$OUT/summary.log
 : >"$LOG"
 say() { echo "== $*" | tee -a "$LOG"; }
+# The copy and bf16 GEMM ceilings `torch` measured in this call, as bench_layers' arguments.
+ceilings() {
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["copy_bytes_per_s"], d["bf16_gemm_flops_per_s"])' "$OUT/torch_moe.json" 2>/dev/null
+}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # libcuda comes with the driver; NVRTC (and its builtins) from the toolkit or the pip wheels.
@@ -116,7 +120,7 @@ if has torch; then
 fi
 if has layers; then
     say "bench_layers (cuda backend: MoE layers, GEMV, GEMM)"
-    CEIL=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["copy_bytes_per_s"], d["bf16_gemm_flops_per_s"])' "$OUT/torch_moe.json" 2>/dev/null)
+    CEIL=$(ceilings)
     timeout 240 $BIN/bench_layers $CEIL 2>&1 | tee "$OUT/bench_layers.jsonl" | tee -a "$LOG"
 fi
 if has ab; then
@@ -130,7 +134,7 @@ if has ab; then
             done
         done
     done
-    CEIL=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["copy_bytes_per_s"], d["bf16_gemm_flops_per_s"])' "$OUT/torch_moe.json" 2>/dev/null)
+    CEIL=$(ceilings)
     for b in base_bench_layers bench_layers; do
         say "$b ${LAYERS_ARGS:-}"
         timeout 240 $BIN/$b $CEIL ${LAYERS_ARGS:-} 2>&1 | tee "$OUT/$b.jsonl" | python3 -c '
