@@ -48,7 +48,7 @@ def runtime_include():
     return None
 
 
-def compile_file(nvrtc, path, arch, includes):
+def compile_file(nvrtc, path, arch, includes, defines=()):
     src = open(path, "rb").read()
     prog = ctypes.c_void_p()
     name = os.path.basename(path).encode()
@@ -57,6 +57,7 @@ def compile_file(nvrtc, path, arch, includes):
         return False, f"nvrtcCreateProgram error {r}", 0
     opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"-lineinfo"]
     opts += [b"-I" + d.encode() for d in includes]
+    opts += [b"-D" + d.encode() for d in defines]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     r = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -98,9 +99,13 @@ def main():
         return 2
     print(f"nvrtc {major.value}.{minor.value} ({lib}), arch {args.arch}")
     failed = 0
-    for f in files:
-        ok, log, cubin = compile_file(nvrtc, f, args.arch, includes)
-        rel = os.path.relpath(f, ROOT)
+    # The replay-timeline instrumentation (FP4MOE_CUDA_TRACE, in common.cuh's wait) is shared by
+    # every file: one file compiled with it checks it. The cap's value is the host's (device.rs).
+    jobs = [(f, "", ()) for f in files]
+    jobs.append((os.path.join(KERNELS, "elementwise.cu"), " (traced)", ("FP4MOE_TRACE_CAP=8192",)))
+    for f, tag, defines in jobs:
+        ok, log, cubin = compile_file(nvrtc, f, args.arch, includes, defines)
+        rel = os.path.relpath(f, ROOT) + tag
         if ok:
             print(f"OK   {rel} ({cubin} bytes cubin)" + (f"\n{log}" if log else ""))
         else:

@@ -13,8 +13,8 @@
 # Three separate commands: with `--example`, cargo builds only that example, so adding
 # `-p fp4moe` to the last one leaves a stale out/cuda/fp4moe (this voided four calls' A/Bs once).
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
-#   STAGES="test golden sanitize torch layers kernels model profile ncu autotune" (default: all but
-#   ncu and autotune; autotune writes $OUT/autotune_<model>.json to compare with configs/, ncu
+#   STAGES="test golden sanitize torch layers kernels model profile ncu trace autotune" (default: all
+#   but ncu, trace and autotune; `trace` prints each kernel's share of a replayed decode step; autotune writes $OUT/autotune_<model>.json to compare with configs/, ncu
 #   prints each kernel's GPU time in one decode step via tools/ncu_step.py). `profile` runs
 #   `bench model --profile` (time per op kind). `layers` (the backend's own
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
@@ -104,6 +104,20 @@ if has ncu; then
             $BIN/fp4moe bench model --backend cuda --synthetic $m --layers 2 --prefill 2048 --decode-tokens 1 \
             >"$OUT/ncu_$m.csv" 2>/dev/null
         python3 tools/ncu_step.py "$OUT/ncu_$m.csv" 2>&1 | tail -60 | tee -a "$LOG"
+    done
+fi
+
+if has trace; then
+    # Each kernel's share of a replayed decode step, from the instants the kernels passed their
+    # waits (FP4MOE_CUDA_TRACE=1, device.rs): what the graph really spends per kernel, PDL
+    # overlap included, unlike ncu's isolated launches.
+    # TRACE_BINS: the binaries under out/cuda to trace in turn (default fp4moe).
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        for b in ${TRACE_BINS:-fp4moe}; do
+            say "replay timeline (FP4MOE_CUDA_TRACE=1) of $b, synthetic $m, context $PREFILL"
+            FP4MOE_CUDA_TRACE=1 timeout 200 $BIN/$b bench model --backend cuda --synthetic $m --prefill $PREFILL \
+                --decode-tokens 32 2>&1 | sed -n '/^decode (/p; /decode GPU kernels/,$p' | tee -a "$LOG"
+        done
     done
 fi
 

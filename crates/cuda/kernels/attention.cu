@@ -185,8 +185,8 @@ __device__ __forceinline__ void stage_kv(float* kt, int ks, float* vt, const flo
 template <bool VEC>
 __device__ __forceinline__ void gqa_decode(const float* q, const float* k, const float* v, float* out, float* ml,
                                            int hq, int hkv, int d, int dv, int tk, int pos0,
-                                           const unsigned* row_shift, int cache_rows, int split_keys, float scale) {
-    pdl_wait(); // no early trigger: see the file comment
+                                           const unsigned* row_shift, int cache_rows, int split_keys, float scale,
+                                           int settled) {
     extern __shared__ float smem[];
     const int ks = VEC ? gqa_key_stride(d) : d + 1;
     const int warps = blockDim.x >> 5;
@@ -198,10 +198,18 @@ __device__ __forceinline__ void gqa_decode(const float* q, const float* k, const
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     int j0, j1;
     att_keys(pos0, row_shift, cache_rows, split_keys, t, sp, j0, j1);
+    // The first tile, when every row of it lies below the step's first position and the host
+    // says those rows are settled (`settled`: the kernel just before did not write them; in a
+    // decode step they were written by earlier steps), is staged before the wait, so its DRAM
+    // reads overlap the kernel before. The key range and the row shift may be read before the
+    // wait: the shift is set before a replay starts.
+    const bool early = settled && j0 < j1 && j0 + min(tk, j1 - j0) <= pos0 + (int)*row_shift;
+    if (early) stage_kv<VEC ? 4 : 1>(kt, ks, vt, k, v, hkv, kh, d, dv, j0, min(tk, j1 - j0));
+    pdl_wait(); // no early trigger: see the file comment
     constexpr int NACC = VEC ? 4 : ATT_MAX_DV_PER_LANE;
     for (int h0 = 0; h0 < group; h0 += warps) {
         int nh = min(warps, group - h0);
-        __syncthreads(); // the previous pass is done with qs and the tiles
+        if (h0 > 0) __syncthreads(); // the previous pass is done with qs and the tiles
         for (int hh = wid; hh < nh; hh += warps) {
             const float* qr = q + ((size_t)t * hq + kh * group + h0 + hh) * d;
             if (VEC) {
@@ -218,8 +226,10 @@ __device__ __forceinline__ void gqa_decode(const float* q, const float* k, const
         for (int c = 0; c < NACC; c++) acc[c] = 0.0f;
         for (int jb = j0; jb < j1; jb += tk) {
             int nk = min(tk, j1 - jb);
-            __syncthreads(); // every warp is done with the previous tile
-            stage_kv<VEC ? 4 : 1>(kt, ks, vt, k, v, hkv, kh, d, dv, jb, nk);
+            if (!(early && h0 == 0 && jb == j0)) {
+                __syncthreads(); // every warp is done with the previous tile
+                stage_kv<VEC ? 4 : 1>(kt, ks, vt, k, v, hkv, kh, d, dv, jb, nk);
+            }
             __syncthreads();
             if (!active) continue;
             const float* qh = qs + wid * d;
@@ -294,8 +304,10 @@ __device__ __forceinline__ void gqa_decode(const float* q, const float* k, const
 #define GQA_DECODE(NAME, VEC)                                                                                 \
     extern "C" __global__ void __launch_bounds__(GQA_MAX_THREADS)                                               \
         NAME(const float* q, const float* k, const float* v, float* out, float* ml, int hq, int hkv, int d,     \
-             int dv, int tk, int pos0, const unsigned* row_shift, int cache_rows, int split_keys, float scale) { \
-        gqa_decode<VEC>(q, k, v, out, ml, hq, hkv, d, dv, tk, pos0, row_shift, cache_rows, split_keys, scale); \
+             int dv, int tk, int pos0, const unsigned* row_shift, int cache_rows, int split_keys, float scale,   \
+             int settled) {                                                                                    \
+        gqa_decode<VEC>(q, k, v, out, ml, hq, hkv, d, dv, tk, pos0, row_shift, cache_rows, split_keys, scale,  \
+                        settled);                                                                              \
     }
 GQA_DECODE(attention_gqa_f32, false)
 GQA_DECODE(attention_gqa_vec_f32, true)
@@ -945,8 +957,8 @@ MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64, 512, 64)
 template <int NR, bool EXACT>
 __device__ __forceinline__ void mla_decode(const float* q_lat, const float* q_rope, const float* cache, float* out,
                                            float* ml, int heads, int l_dim, int r_dim, int pos0,
-                                           const unsigned* row_shift, int cache_rows, int split_keys, float scale) {
-    pdl_wait(); // no early trigger: see the file comment
+                                           const unsigned* row_shift, int cache_rows, int split_keys, float scale,
+                                           int settled) {
     int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
     int wid = threadIdx.x >> 5;
     int w = l_dim + r_dim;
@@ -957,10 +969,7 @@ __device__ __forceinline__ void mla_decode(const float* q_lat, const float* q_ro
     float m = ATT_NEG_INF, l = 0.0f, acc[ATT_MAX_DV_PER_LANE];
 #pragma unroll
     for (int c = 0; c < ATT_MAX_DV_PER_LANE; c++) acc[c] = 0.0f;
-    float qa[ATT_MAX_DV_PER_LANE], qb[NR];
-    lane_load<ATT_MAX_DV_PER_LANE, EXACT>(a, l_dim, qa);
-    lane_load<NR, EXACT>(b, r_dim, qb);
-    float ra[2][ATT_MAX_DV_PER_LANE], rb[2][NR];
+    float qa[ATT_MAX_DV_PER_LANE], qb[NR], ra[2][ATT_MAX_DV_PER_LANE], rb[2][NR];
     // Row j into buffer i; past the keys a row in range is read (or nothing, when not EXACT)
     // and never scored.
     auto fetch = [&](int j, int i) {
@@ -975,7 +984,14 @@ __device__ __forceinline__ void mla_decode(const float* q_lat, const float* q_ro
         float s = (warp_sum(s1) + warp_sum(s2)) * scale;
         att_step<EXACT>(s, ra[i], l_dim, m, l, acc);
     };
-    fetch(j0 + wid, 0);
+    // The warp's first row, when it lies below the step's first position and is settled, is read
+    // before the wait (as in gqa_decode).
+    const bool early = settled && j0 + wid < pos0 + (int)*row_shift;
+    if (early) fetch(j0 + wid, 0);
+    pdl_wait(); // no early trigger: see the file comment
+    if (!early) fetch(j0 + wid, 0);
+    lane_load<ATT_MAX_DV_PER_LANE, EXACT>(a, l_dim, qa);
+    lane_load<NR, EXACT>(b, r_dim, qb);
     for (int j = j0 + wid; j < j1; j += 2 * ATT_WARPS) {
         fetch(j + ATT_WARPS, 1);
         score(0);
@@ -991,9 +1007,9 @@ __device__ __forceinline__ void mla_decode(const float* q_lat, const float* q_ro
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                 \
         NAME(const float* q_lat, const float* q_rope, const float* cache, float* out, float* ml, int heads,     \
              int l_dim, int r_dim, int pos0, const unsigned* row_shift, int cache_rows, int split_keys,          \
-             float scale) {                                                                                      \
+             float scale, int settled) {                                                                         \
         mla_decode<NR, EXACT>(q_lat, q_rope, cache, out, ml, heads, l_dim, r_dim, pos0, row_shift, cache_rows, \
-                              split_keys, scale);                                                                \
+                              split_keys, scale, settled);                                                       \
     }
 MLA_DECODE(attention_mla_f32, ATT_MAX_ROPE_PER_LANE, false)
 MLA_DECODE(attention_mla_l512_r64_f32, 2, true)
@@ -1007,7 +1023,7 @@ MLA_DECODE(attention_mla_l512_r64_f32, 2, true)
 // call, 57 us for MLA's 512-wide rows), and one block per row walking all splits for its columns
 // in turn left GLM's 20 rows at 11 us. (The weights sat in dynamic shared memory of exactly
 // `splits` floats, and compute-sanitizer caught an unrolled loop reading past the last one.)
-#define ATT_MAX_SPLITS 64
+#define ATT_MAX_SPLITS 128
 #define COMBINE_GROUPS 4
 extern "C" __global__ void __launch_bounds__(COMBINE_GROUPS * 32)
     attention_combine(const float* part, const float* ml, float* out, int splits, int dv) {

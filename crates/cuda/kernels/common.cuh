@@ -12,9 +12,26 @@
 // tail. `pdl_trigger` lets the next kernel start once every block has passed it: issued right
 // after the wait, so at most one kernel waits ahead of the running one. Both are no-ops on older
 // GPUs and when the launch did not ask for it.
+#ifdef FP4MOE_TRACE_CAP
+// Timeline of a replayed graph (FP4MOE_CUDA_TRACE=1; the host defines the entry cap, see
+// device.rs `Trace`): thread 0 of block 0 of every kernel appends the %globaltimer instant it
+// passed its wait, i.e. when the kernels before it had finished. [0] counts entries; the host
+// points each module's copy at one buffer.
+extern "C" {
+__device__ unsigned long long* fp4moe_trace;
+}
+#endif
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef FP4MOE_TRACE_CAP
+    if (fp4moe_trace && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        const unsigned long long i = atomicAdd(fp4moe_trace, 1ull);
+        if (i < FP4MOE_TRACE_CAP) fp4moe_trace[1 + i] = t;
+    }
 #endif
 }
 __device__ __forceinline__ void pdl_trigger() {
@@ -25,6 +42,16 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void pdl_enter() {
     pdl_wait();
     pdl_trigger();
+}
+
+// Asks L2 for the 128-byte lines of [p, p + bytes), spread over the block's threads. Kernels issue
+// it before `pdl_wait` for inputs that are normally weights (norm weights, RoPE frequencies): a
+// prefetch reads nothing into registers, so it is correct even when such an input was written
+// by an earlier kernel (L2 is where every SM's writes meet), and the load after the wait then
+// finds the line in L2 instead of waiting on DRAM.
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+    for (size_t o = (size_t)threadIdx.x * 128; o < bytes; o += (size_t)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
 }
 
 typedef unsigned char u8;

@@ -44,31 +44,42 @@ __device__ void warp_select_top(const float* row, int e, int k, const bool* allo
     __syncwarp();
 }
 
+// A rank key as an unsigned integer of the same order (ranks_before's, with -0 equal to +0), so a
+// warp takes its maximum in one `redux.sync`; 0 is below every key (-inf maps to 0x007fffff).
+__device__ __forceinline__ u32 rank_bits(float k) {
+    const u32 u = __float_as_uint(k == 0.0f ? 0.0f : k);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // Top k of the row this warp holds in registers (entry lane + 32 c as key[c] = rank_key(value),
-// c < N; entries at or past e, or with ok[c] false, are not candidates), by the same picks as
-// warp_select_top. Every lane ends with the same sel. Reading the entries from shared memory at
-// every pick, with the softmax's sums and the group scores around it, took 8.5 us per decode
-// call (one warp, every step a dependent chain).
+// c < N; entries at or past e, or with ok[c] false, are not candidates), picked in rank order
+// with ties to the lower index as warp_select_top. Every lane ends with the same sel. Each pick
+// is a warp maximum of the keys' bits and a warp minimum of the indices holding it (two
+// `redux.sync`), and the picked entry leaves its lane's candidates: a shuffle tree of (key,
+// index) pairs per pick was a chain of ten shuffles, 8 of them per Qwen3 decode call. Reading
+// the entries from shared memory at every pick, with the softmax's sums and the group scores
+// around it, took 8.5 us per decode call (one warp, every step a dependent chain).
 template <int N>
 __device__ __forceinline__ void warp_top_regs(const float* key, const bool* ok, int e, int k, int* sel) {
     const int lane = threadIdx.x & 31;
-    float pk = __int_as_float(0x7f800000);
-    int pi = -1;
-    for (int j = 0; j < k; j++) {
-        float bk = 0.0f;
-        int bi = -1;
+    u32 kb[N];
 #pragma unroll
-        for (int c = 0; c < N; c++) {
-            const int i = lane + 32 * c;
-            if (i < e && ok[c] && ranks_before(pk, pi, key[c], i) && (bi < 0 || ranks_before(key[c], i, bk, bi))) {
-                bk = key[c];
-                bi = i;
+    for (int c = 0; c < N; c++) kb[c] = lane + 32 * c < e && ok[c] ? rank_bits(key[c]) : 0u;
+    for (int j = 0; j < k; j++) {
+        u32 lb = 0u;
+        int li = 0;
+#pragma unroll
+        for (int c = 0; c < N; c++) // strictly greater: the lane's lowest index among equal keys
+            if (kb[c] > lb) {
+                lb = kb[c];
+                li = lane + 32 * c;
             }
-        }
-        warp_best(bk, bi);
-        if (lane == 0) sel[j] = bi < 0 ? 0 : bi;
-        pk = bk;
-        pi = bi;
+        const u32 m = __reduce_max_sync(ROUTE_FULL, lb);
+        const u32 bi = __reduce_min_sync(ROUTE_FULL, m != 0u && lb == m ? (u32)li : 0xffffffffu);
+        if (lane == 0) sel[j] = m == 0u ? 0 : (int)bi; // none left: 0, as warp_select_top
+#pragma unroll
+        for (int c = 0; c < N; c++)
+            if ((u32)(lane + 32 * c) == bi) kb[c] = 0u;
     }
     __syncwarp();
 }

@@ -35,8 +35,10 @@ const ATT_SPLIT_BELOW_ROWS: usize = 256;
 /// 21 us per Qwen3 call at 2k keys, each block a serial chain at two warps per scheduler)...
 const ATT_SPLIT_KEYS: usize = 64;
 /// ...and at most this many ranges (the combine reads them all per output element;
-/// ATT_MAX_SPLITS in attention.cu sizes its weights).
-const ATT_MAX_SPLITS: usize = 64;
+/// ATT_MAX_SPLITS in attention.cu sizes its weights). 128: a 2k-key cache of a few more rows
+/// than 64 tiles then still gets one tile per GQA block (at 64, 2083 rows made every block
+/// stage a second tile of one or two keys).
+const ATT_MAX_SPLITS: usize = 128;
 /// attention_combine: value columns per block (one warp's lanes) and threads per block
 /// (COMBINE_GROUPS warps in attention.cu, each summing every COMBINE_GROUPS-th split).
 const COMBINE_COLS: usize = 32;
@@ -1111,12 +1113,16 @@ impl CudaBackend {
         } else {
             cache_rows.div_ceil(split_keys).clamp(1, ATT_MAX_SPLITS)
         };
+        // The decode kernels read cache rows below pos0 before their wait unless the kernel just
+        // before wrote some of them (Device::rows_settled).
+        let settled = self.dev.rows_settled(&inputs[1..], pos0);
         let keys = [
             Arg::I32(pos0 as i32),
             Arg::Ptr(self.dev.row_shift()),
             Arg::I32(cache_rows as i32),
             Arg::I32(split_keys as i32),
             Arg::F32(scale),
+            Arg::I32(settled as i32),
         ];
         let mut args: Vec<Arg> = inputs.iter().map(|&p| Arg::Ptr(p)).collect();
         if splits == 1 {
@@ -1241,6 +1247,10 @@ impl Backend for CudaBackend {
         let graph = graph?;
         self.dev.launch_graph(&graph)?;
         Ok(Some(Graph(Box::new(RecordedGraph { graph, shift, _arena: arena }))))
+    }
+
+    fn kernel_stats(&self) -> Option<std::sync::Arc<std::sync::Mutex<fp4moe_ops::profile::OpStats>>> {
+        self.dev.trace_stats()
     }
 
     fn replay(&self, graph: &Graph, shift: usize) -> Result<()> {
@@ -1708,7 +1718,9 @@ impl Backend for CudaBackend {
             col0,
         )?;
         // Same stream, so a src that shares dst's storage was fully produced before this copy.
-        self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0, true)
+        self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0, true)?;
+        self.dev.note_row_write(dst.storage.ptr(), row0);
+        Ok(())
     }
 
     fn route_softmax(&self, logits: &CT, k: usize, renormalize: bool) -> Result<(CT, CT)> {

@@ -4,6 +4,7 @@
 use crate::CudaError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, result, sys};
 use cudarc::nvrtc::Ptx;
+use fp4moe_ops::profile::OpStats;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_void};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -37,9 +38,9 @@ fn drv(e: impl std::fmt::Debug) -> CudaError {
     CudaError::Driver(format!("{e:?}"))
 }
 
-/// Compiled images per (device ordinal, arch, file), shared by every backend in the process so
-/// that tests and benchmarks compile each file once.
-type CubinCache = Mutex<HashMap<(usize, String, &'static str), Arc<Vec<u8>>>>;
+/// Compiled images per (device ordinal, arch, file, traced), shared by every backend in the
+/// process so that tests and benchmarks compile each file once.
+type CubinCache = Mutex<HashMap<(usize, String, &'static str, bool), Arc<Vec<u8>>>>;
 fn cubin_cache() -> &'static CubinCache {
     static CACHE: OnceLock<CubinCache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
@@ -51,8 +52,19 @@ pub fn arch_for(major: i32, minor: i32) -> String {
     if (major, minor) == (9, 0) { "sm_90a".into() } else { format!("sm_{major}{minor}") }
 }
 
-/// Compile one kernel file to a CUBIN for `arch`.
-pub fn compile(file: &'static str, src: &str, arch: &str) -> Result<Vec<u8>, CudaError> {
+/// Set to 1, every replayed graph records when each of its kernels passed its wait (the
+/// programmatic-launch wait, so when the kernels before it had finished), and
+/// `Backend::kernel_stats` reports each kernel's share of the replay: the time from its own
+/// instant to the next kernel's. Kernels are compiled with `FP4MOE_TRACE_CAP` defined
+/// (kernels/common.cuh), so nothing of it exists in an ordinary run.
+pub const TRACE_ENV: &str = "FP4MOE_CUDA_TRACE";
+
+/// Entries a traced replay can record (kernels per graph; a Qwen3 decode step has ~900).
+const TRACE_CAP: usize = 8192;
+
+/// Compile one kernel file to a CUBIN for `arch`; `traced`: with the replay timeline's
+/// instrumentation ([`TRACE_ENV`]).
+pub fn compile(file: &'static str, src: &str, arch: &str, traced: bool) -> Result<Vec<u8>, CudaError> {
     use cudarc::nvrtc::sys as nv;
     let hdrs = headers();
     let cerr = |what: &str, log: String| CudaError::Compile { file, log: format!("{what}: {log}") };
@@ -62,10 +74,11 @@ pub fn compile(file: &'static str, src: &str, arch: &str) -> Result<Vec<u8>, Cud
     let hname: Vec<CString> = hdrs.iter().map(|(n, _)| CString::new(*n).unwrap_or_default()).collect();
     let hsrc_p: Vec<*const std::ffi::c_char> = hsrc.iter().map(|s| s.as_ptr()).collect();
     let hname_p: Vec<*const std::ffi::c_char> = hname.iter().map(|s| s.as_ptr()).collect();
-    let opts: Vec<CString> = [format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into()]
-        .into_iter()
-        .map(|o| CString::new(o).unwrap_or_default())
-        .collect();
+    let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into()];
+    if traced {
+        opts.push(format!("-DFP4MOE_TRACE_CAP={TRACE_CAP}"));
+    }
+    let opts: Vec<CString> = opts.into_iter().map(|o| CString::new(o).unwrap_or_default()).collect();
     let opts_p: Vec<*const std::ffi::c_char> = opts.iter().map(|s| s.as_ptr()).collect();
     let check = |r: nv::nvrtcResult, what: &str| -> Result<(), CudaError> {
         if r == nv::nvrtcResult::NVRTC_SUCCESS { Ok(()) } else { Err(cerr(what, format!("{r:?}"))) }
@@ -129,6 +142,24 @@ pub(crate) struct Device {
     /// zero buffer outside recording, the graph's own shift while recording (Backend::replay).
     row_shift: Mutex<u64>,
     zero_row_shift: OnceLock<Buf>,
+    /// The replay timeline, when [`TRACE_ENV`] asks for it.
+    trace: Option<Trace>,
+    /// Kernels launched so far, and (launch count after it, buffer, first row) of the last cache
+    /// row write (`Backend::write_rows`): see [`Device::rows_settled`].
+    launches: std::sync::atomic::AtomicU64,
+    last_row_write: Mutex<(u64, u64, usize)>,
+}
+
+/// What a traced run keeps: the device buffer the kernels append to (`[count, instant...]`,
+/// u64), kernel names by function handle, the launches of the graph being recorded, and the
+/// per-kernel totals of every replay so far.
+struct Trace {
+    buf: Buf,
+    names: Mutex<HashMap<usize, &'static str>>,
+    recording: Mutex<Option<Vec<String>>>,
+    stats: Arc<Mutex<OpStats>>,
+    /// Replays whose entry count did not match the graph's kernels (reported once).
+    mismatched: std::sync::atomic::AtomicBool,
 }
 
 /// A loaded kernel and the dynamic shared memory it is opted into.
@@ -249,11 +280,28 @@ impl Device {
             }),
             row_shift: Mutex::new(0),
             zero_row_shift: OnceLock::new(),
+            trace: None,
+            launches: 0.into(),
+            last_row_write: Mutex::new((0, 0, 0)),
         };
         let zero = dev.alloc_exact(4)?;
         dev.set_u32(zero.ptr, 0)?;
         let _ = dev.zero_row_shift.set(zero);
-        Ok(dev)
+        let traced = std::env::var_os(TRACE_ENV).is_some_and(|v| v == "1");
+        let trace = if traced {
+            let buf = dev.alloc_exact(8 * (1 + TRACE_CAP))?;
+            dev.memset(buf.ptr, 0, buf.bytes)?;
+            Some(Trace {
+                buf,
+                names: Mutex::default(),
+                recording: Mutex::default(),
+                stats: Arc::default(),
+                mismatched: false.into(),
+            })
+        } else {
+            None
+        };
+        Ok(Device { trace, ..dev })
     }
 
     /// The device u32 added to cache rows by the ops enqueued now (see `row_shift`).
@@ -303,17 +351,23 @@ impl Device {
             .find(|(n, _)| *n == file)
             .map(|(_, s)| *s)
             .ok_or(CudaError::Compile { file, log: "unknown kernel file".into() })?;
-        let key = (self.ctx.ordinal(), self.arch.clone(), file);
+        let traced = self.trace.is_some();
+        let key = (self.ctx.ordinal(), self.arch.clone(), file, traced);
         let cached = cubin_cache().lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
         let cubin = match cached {
             Some(c) => c,
             None => {
-                let c = Arc::new(compile(file, src, &self.arch)?);
+                let c = Arc::new(compile(file, src, &self.arch, traced)?);
                 cubin_cache().lock().unwrap_or_else(PoisonError::into_inner).insert(key, c.clone());
                 c
             }
         };
         let m = self.ctx.load_module(Ptx::from_binary(cubin.to_vec())).map_err(drv)?;
+        if let Some(t) = &self.trace {
+            let global = m.get_global("fp4moe_trace", &self.stream).map_err(drv)?;
+            let (ptr, _sync) = global.device_ptr(&self.stream);
+            self.copy_into(ptr, &t.buf.ptr.to_le_bytes())?;
+        }
         mods.insert(file, m.clone());
         Ok(m)
     }
@@ -324,7 +378,16 @@ impl Device {
         let mut funcs = self.funcs.lock().unwrap_or_else(PoisonError::into_inner);
         let (f, opted) = match funcs.get(&(file, name)) {
             Some(entry) => entry.clone(),
-            None => (self.module(file)?.load_function(name).map_err(drv)?, 48 * 1024),
+            None => {
+                let f = self.module(file)?.load_function(name).map_err(drv)?;
+                if let Some(t) = &self.trace {
+                    t.names
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(f.cu_function() as usize, name);
+                }
+                (f, 48 * 1024)
+            }
         };
         let opted = if smem > opted {
             // SAFETY: f is a valid function of a loaded module.
@@ -356,6 +419,14 @@ impl Device {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        if let Some(t) = &self.trace
+            && let Some(log) = t.recording.lock().unwrap_or_else(PoisonError::into_inner).as_mut()
+        {
+            let names = t.names.lock().unwrap_or_else(PoisonError::into_inner);
+            let name = names.get(&(f.cu_function() as usize)).copied().unwrap_or("?");
+            log.push(format!("{name} {}x{}x{}", grid.0, grid.1, grid.2));
+        }
+        self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut store: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
         let mut params: Vec<*mut c_void> = store.iter_mut().map(|b| b.as_mut_ptr() as *mut c_void).collect();
         self.ctx.bind_to_thread().map_err(drv)?;
@@ -424,18 +495,72 @@ impl Device {
         // lookups); no other thread enqueues on this backend while it records (Backend::capture).
         self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(drv)?;
         *self.pool.recording.lock().unwrap_or_else(PoisonError::into_inner) = Some(arena.clone());
+        if let Some(t) = &self.trace {
+            *t.recording.lock().unwrap_or_else(PoisonError::into_inner) = Some(Vec::new());
+        }
         Ok(arena)
     }
 
     /// Stops recording and instantiates the graph (always ends the capture, also on error).
     pub fn end_capture(&self) -> Result<DeviceGraph, CudaError> {
         *self.pool.recording.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let kernels = match &self.trace {
+            Some(t) => t.recording.lock().unwrap_or_else(PoisonError::into_inner).take().unwrap_or_default(),
+            None => Vec::new(),
+        };
         let g = self.stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv)?;
-        g.map(DeviceGraph).ok_or_else(|| CudaError::Driver("graph recording produced no graph".into()))
+        g.map(|g| DeviceGraph(g, kernels))
+            .ok_or_else(|| CudaError::Driver("graph recording produced no graph".into()))
     }
 
     pub fn launch_graph(&self, g: &DeviceGraph) -> Result<(), CudaError> {
-        g.0.launch().map_err(drv)
+        let Some(t) = &self.trace else {
+            return g.0.launch().map_err(drv);
+        };
+        self.memset(t.buf.ptr, 0, 8)?;
+        g.0.launch().map_err(drv)?;
+        let raw = self.download(&t.buf, t.buf.bytes)?;
+        let word = |i: usize| u64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap_or_default());
+        let count = word(0) as usize;
+        if count != g.1.len() || count > TRACE_CAP {
+            if !t.mismatched.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "{TRACE_ENV}: a replay recorded {count} kernel instants for {} kernels; its timeline is left out",
+                    g.1.len()
+                );
+            }
+            return Ok(());
+        }
+        // Kernel i's share: from its instant to the next kernel's (the last one has no end).
+        let mut stats = t.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        for i in 0..count.saturating_sub(1) {
+            let dt = word(2 + i).saturating_sub(word(1 + i));
+            let e = stats.by_op.entry(g.1[i].clone()).or_default();
+            e.0 += 1;
+            e.1 += std::time::Duration::from_nanos(dt);
+        }
+        Ok(())
+    }
+
+    /// Records that the kernel just enqueued wrote rows `row0..` of the buffer at `ptr` (a cache).
+    pub fn note_row_write(&self, ptr: u64, row0: usize) {
+        let n = self.launches.load(std::sync::atomic::Ordering::Relaxed);
+        *self.last_row_write.lock().unwrap_or_else(PoisonError::into_inner) = (n, ptr, row0);
+    }
+
+    /// Whether the rows below `row` of the buffers at `ptrs` may be read before a kernel's
+    /// programmatic-launch wait: true unless the kernel just enqueued wrote some of them. A kernel
+    /// starts only once the one before it has passed its own wait, so every kernel before that
+    /// one has finished and its writes are visible; only the last one's may still be running.
+    pub fn rows_settled(&self, ptrs: &[u64], row: usize) -> bool {
+        let n = self.launches.load(std::sync::atomic::Ordering::Relaxed);
+        let (at, ptr, row0) = *self.last_row_write.lock().unwrap_or_else(PoisonError::into_inner);
+        !(at == n && ptrs.contains(&ptr) && row0 < row)
+    }
+
+    /// Each kernel's share of the traced replays ([`TRACE_ENV`]), when tracing.
+    pub fn trace_stats(&self) -> Option<Arc<Mutex<OpStats>>> {
+        self.trace.as_ref().map(|t| t.stats.clone())
     }
 
     pub fn alloc_zeros(&self, bytes: usize) -> Result<Buf, CudaError> {
@@ -565,8 +690,9 @@ impl std::fmt::Debug for Buf {
     }
 }
 
-/// An instantiated graph of recorded stream work.
-pub(crate) struct DeviceGraph(cudarc::driver::CudaGraph);
+/// An instantiated graph of recorded stream work, and its kernels in launch order ("name grid";
+/// traced runs only).
+pub(crate) struct DeviceGraph(cudarc::driver::CudaGraph, Vec<String>);
 
 // SAFETY: the graph is only launched on the device's one stream, and the driver's graph calls are
 // thread-safe; cudarc does not mark it Send/Sync because it holds raw driver handles.

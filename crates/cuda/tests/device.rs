@@ -21,9 +21,14 @@ fn every_kernel_file_compiles_on_the_device() {
         return;
     };
     for (file, src) in KERNEL_FILES {
-        let cubin = fp4moe_cuda::compile(file, src, b.arch()).unwrap_or_else(|e| panic!("{e}"));
+        let cubin = fp4moe_cuda::compile(file, src, b.arch(), false).unwrap_or_else(|e| panic!("{e}"));
         assert!(!cubin.is_empty(), "{file}: empty cubin");
     }
+    // The replay-timeline instrumentation lives in common.cuh's wait, which every file shares:
+    // one file compiled with it checks it.
+    let (file, src) = KERNEL_FILES[0];
+    let cubin = fp4moe_cuda::compile(file, src, b.arch(), true).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!cubin.is_empty(), "{file} (traced): empty cubin");
     b.warm_up().unwrap();
 }
 
