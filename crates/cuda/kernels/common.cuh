@@ -59,6 +59,23 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Whether this block is the last of `n` blocks to call this with the same counter (zero before
+// the first call; the last block sets it back to zero for the next launch). Every write the
+// other blocks made before their call is then visible to this block through L2 (read it with
+// __ldcg: L1 is not coherent). Every thread of the block must call it.
+__device__ __forceinline__ bool last_block(u32* counter, u32 n) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1u) == n - 1;
+        if (last) *counter = 0u;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // Weight kinds; the host enum `WeightKind` in src/weight.rs has the same numbering.
 #define KIND_MXFP4 0
 #define KIND_NVFP4 1

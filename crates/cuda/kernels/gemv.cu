@@ -753,9 +753,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
 // Block (h, m, z) takes rows z * HEAD_COL_GROUPS .. + HEAD_COL_GROUPS, one per 16-lane group;
 // lane lg owns the 32 columns of chunk lg. The two groups of a warp are added with a shuffle,
 // the warps' column sums in warp order, and the blocks' sums (part [splits, m, h, 512]) by the
-// last block of each (h, m) to finish (an atomic count, reset by that block), in z order, so the
-// result is deterministic. One block per (h, m) walking every row used 20 of the SMs: 12-14 us
-// per GLM call.
+// last block of each (h, m) to finish (last_block), in z order, so the result is deterministic.
+// One block per (h, m) walking every row used 20 of the SMs: 12-14 us per GLM call.
 // grid (heads, m_rows, splits = ceil(row_count / HEAD_COL_GROUPS)), block HEAD_COL_GROUPS * 16.
 #define HEAD_COL_GROUPS 32
 extern "C" __global__ void __launch_bounds__(HEAD_COL_GROUPS * 16)
@@ -763,7 +762,6 @@ extern "C" __global__ void __launch_bounds__(HEAD_COL_GROUPS * 16)
                    float* part, u32* done) {
     __shared__ Fp4Lut lut;
     __shared__ float red[HEAD_COL_GROUPS / 2][16 * 32];
-    __shared__ bool last;
     lut_init(&lut, w);
     const int g = threadIdx.x / 16, lg = threadIdx.x % 16;
     const int h = blockIdx.x, m = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
@@ -814,16 +812,10 @@ extern "C" __global__ void __launch_bounds__(HEAD_COL_GROUPS * 16)
         part[z * plane + row * w.cols + j] = t;
     }
     // The last block of this (h, m) adds the splits in order.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&done[row], 1u) == (u32)splits - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block(&done[row], (u32)splits)) return;
     for (int j = threadIdx.x; j < w.cols; j += blockDim.x) {
         float t = 0.0f;
         for (int zz = 0; zz < splits; zz++) t += __ldcg(&part[zz * plane + row * w.cols + j]);
         y[row * w.cols + j] = t;
     }
-    if (threadIdx.x == 0) done[row] = 0;
 }

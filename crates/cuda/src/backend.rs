@@ -1159,6 +1159,20 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// The head width of a `norm_rope` input, after checking x `[n, H, D]`, w `[D]` and the
+    /// positions.
+    fn norm_rope_width(&self, op: &'static str, x: &CT, w: &CT, positions: &CT, spec: Rope) -> Result<usize> {
+        for t in [x, w] {
+            self.check(op, t, &[DType::F32])?;
+        }
+        self.check(op, positions, &[DType::U32])?;
+        let d = fp4moe_ops::check::rope(op, x.shape(), positions.shape(), spec)?;
+        if w.shape() != [d] {
+            return Err(shape_err(op, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
+        }
+        Ok(d)
+    }
+
     fn rope_freqs(&self, dims: usize, theta: f32) -> Result<CT> {
         let key = (dims, theta.to_bits());
         if let Some(t) = self.inv_freq.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
@@ -1490,15 +1504,8 @@ impl Backend for CudaBackend {
 
     fn norm_rope(&self, x: &CT, w: &CT, eps: f32, positions: &CT, spec: Rope) -> Result<CT> {
         const OP: &str = "norm_rope";
-        for t in [x, w] {
-            self.check(OP, t, &[DType::F32])?;
-        }
-        self.check(OP, positions, &[DType::U32])?;
+        let d = self.norm_rope_width(OP, x, w, positions, spec)?;
         let s = x.shape();
-        let d = fp4moe_ops::check::rope(OP, s, positions.shape(), spec)?;
-        if w.shape() != [d] {
-            return Err(shape_err(OP, format!("x {s:?} with weight {:?}", w.shape())));
-        }
         if d > NORM_ROPE_MAX_D {
             return self.rope(&self.rms_norm(x, w, eps)?, positions, spec);
         }
@@ -1526,6 +1533,44 @@ impl Backend for CudaBackend {
             ],
         )?;
         Ok(y)
+    }
+
+    fn norm_ropes(&self, xs: &[(&CT, &CT, f32)], positions: &CT, spec: Rope) -> Result<Vec<CT>> {
+        const OP: &str = "norm_ropes";
+        let separate = || xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect();
+        let &[(x0, w0, eps0), (x1, w1, eps1)] = xs else { return separate() };
+        let d = self.norm_rope_width(OP, x0, w0, positions, spec)?;
+        if d > NORM_ROPE_MAX_D || self.norm_rope_width(OP, x1, w1, positions, spec)? != d {
+            return separate();
+        }
+        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        let (y0, y1) = (self.empty(x0.shape(), DType::F32)?, self.empty(x1.shape(), DType::F32)?);
+        let rows = |x: &CT| x.shape()[0] * x.shape()[1];
+        let blocks0 = blocks(rows(x0), NORM_ROPE_WARPS);
+        let part = |x: &CT, w: &CT, y: &CT, eps: f32| {
+            [
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(rows(x) as i32),
+                Arg::I32(x.shape()[1] as i32),
+                Arg::F32(eps),
+            ]
+        };
+        let mut args = part(x0, w0, &y0, eps0).to_vec();
+        args.extend(part(x1, w1, &y1, eps1));
+        args.extend([
+            Arg::I32(blocks0 as i32),
+            Arg::Ptr(positions.storage.ptr()),
+            Arg::Ptr(inv.storage.ptr()),
+            Arg::I32(d as i32),
+            Arg::I32(spec.offset as i32),
+            Arg::I32(spec.dims as i32),
+            Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
+        ]);
+        let grid = blocks0 + blocks(rows(x1), NORM_ROPE_WARPS);
+        self.run("elementwise.cu", "norm_rope2_f32", (grid, 1, 1), NORM_ROPE_WARPS * 32, &args)?;
+        Ok(vec![y0, y1])
     }
 
     fn rope(&self, x: &CT, positions: &CT, spec: Rope) -> Result<CT> {

@@ -176,9 +176,9 @@ impl<B: Backend> Norm<B> {
     pub fn forward(&self, b: &B, x: &T<B>) -> Result<T<B>> {
         Ok(b.rms_norm(x, &self.weight, self.eps)?)
     }
-    /// `rope(forward(x))` over heads x `[n, H, D]`, as one backend op.
-    pub fn forward_rope(&self, b: &B, x: &T<B>, positions: &T<B>, spec: fp4moe_ops::Rope) -> Result<T<B>> {
-        Ok(b.norm_rope(x, &self.weight, self.eps, positions, spec)?)
+    /// This norm over heads x `[n, H, D]` as an input of `Backend::norm_ropes` (`rope(forward(x))`).
+    pub fn rope_input<'a>(&'a self, x: &'a T<B>) -> (&'a T<B>, &'a T<B>, f32) {
+        (x, &self.weight, self.eps)
     }
 }
 

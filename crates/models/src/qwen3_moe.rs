@@ -277,9 +277,12 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
             .linears(h, &[&at.q_proj, &at.k_proj, &at.v_proj], LinearPath::Auto)?
             .try_into()
             .map_err(|_| Error::Invalid("linears: not three outputs for three weights".into()))?;
-        let q = at.q_norm.forward_rope(b, &q.reshape(&[n, hq, d])?, positions, c.rope())?;
-        let k = k.reshape(&[n, hkv, d])?;
-        let k = at.k_norm.forward_rope(b, &k, positions, c.rope())?.reshape(&[n, hkv * d])?;
+        let (q, k) = (q.reshape(&[n, hq, d])?, k.reshape(&[n, hkv, d])?);
+        let [q, k]: [T<B>; 2] = b
+            .norm_ropes(&[at.q_norm.rope_input(&q), at.k_norm.rope_input(&k)], positions, c.rope())?
+            .try_into()
+            .map_err(|_| Error::Invalid("norm_ropes: not two outputs for two inputs".into()))?;
+        let k = k.reshape(&[n, hkv * d])?;
         let scale = 1.0 / (d as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {

@@ -828,6 +828,33 @@ pub fn check_norm_rope<B: Backend>(b: &B, seed: u64) -> Check {
         let got = run_norm_rope(b, &xs, &shape, &w, 1e-6, &pos, spec).or_fail(&cx, &case)?;
         close(&cx, &case, &got, &want, TOL_ROPE.max(tol_sum(d)))?;
     }
+    // norm_ropes: Qwen3's q and k at one and at three tokens (one launch on GPU backends), and
+    // a pair too wide for that (each input on its own), every output against norm_rope.
+    let pairs = [(1usize, 32usize, 4usize, 128usize, 1e6f32), (3, 32, 4, 128, 1e6), (2, 3, 2, 512, 1e4)];
+    for (n, h0, h1, d, theta) in pairs {
+        let case = format!("norm_ropes [{n}, {h0} | {h1}, {d}]");
+        let spec = Rope { style: nx, offset: 0, dims: d, theta };
+        let xs: Vec<Vec<f32>> = [h0, h1].iter().map(|h| cx.rng.normals(n * h * d, 3.0)).collect();
+        let ws: Vec<Vec<f32>> = (0..2).map(|_| (0..d).map(|_| cx.rng.range(0.5, 1.5)).collect()).collect();
+        let eps = [1e-6f32, 1e-5];
+        let pos: Vec<u32> = (0..n).map(|_| cx.rng.below(32768) as u32).collect();
+        let got = (|| -> crate::Result<Vec<Out>> {
+            let p = up_u(b, &pos, &[n])?;
+            let x = [up(b, &xs[0], &[n, h0, d])?, up(b, &xs[1], &[n, h1, d])?];
+            let w = [up(b, &ws[0], &[d])?, up(b, &ws[1], &[d])?];
+            let ys = b.norm_ropes(&[(&x[0], &w[0], eps[0]), (&x[1], &w[1], eps[1])], &p, spec)?;
+            ys.iter().map(|y| fetch(b, y)).collect()
+        })()
+        .or_fail(&cx, &case)?;
+        if got.len() != 2 {
+            return Err(cx.fail(&case, format!("{} outputs for two inputs", got.len())));
+        }
+        for (i, h) in [h0, h1].into_iter().enumerate() {
+            let want = run_norm_rope(&RefBackend, &xs[i], &[n, h, d], &ws[i], eps[i], &pos, spec)
+                .or_fail(&cx, &case)?;
+            close(&cx, &format!("{case} output {i}"), &got[i], &want, TOL_ROPE.max(tol_sum(d)))?;
+        }
+    }
     Ok(())
 }
 

@@ -176,6 +176,18 @@ pub trait Backend: Send + Sync {
         self.rope(&self.rms_norm(x, w, eps)?, positions, spec)
     }
 
+    /// `norm_rope` of several `(x, w, eps)` at the same positions and spec (Qwen3's queries and
+    /// keys), in order. A backend may run them as one launch; the results are those of the
+    /// separate calls.
+    fn norm_ropes(
+        &self,
+        xs: &[(&T<Self>, &T<Self>, f32)],
+        positions: &T<Self>,
+        spec: Rope,
+    ) -> Result<Vec<T<Self>>> {
+        xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect()
+    }
+
     /// Softmax over the last dim (f32, max-subtracted).
     fn softmax(&self, x: &T<Self>) -> Result<T<Self>>;
 

@@ -127,6 +127,14 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<T<Self>> {
         self.time(|| "norm_rope".into(), || self.inner.norm_rope(x, w, eps, positions, spec))
     }
+    fn norm_ropes(
+        &self,
+        xs: &[(&T<Self>, &T<Self>, f32)],
+        positions: &T<Self>,
+        spec: Rope,
+    ) -> Result<Vec<T<Self>>> {
+        self.time(|| "norm_rope".into(), || self.inner.norm_ropes(xs, positions, spec))
+    }
     fn softmax(&self, x: &T<Self>) -> Result<T<Self>> {
         self.time(|| "softmax".into(), || self.inner.softmax(x))
     }
