@@ -1034,6 +1034,16 @@ extern "C" __global__ void __launch_bounds__(COMBINE_GROUPS * 32)
     const size_t r = blockIdx.x;
     const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
     const float* pm = ml + r * splits * 2;
+    // This lane's values of its warp's splits, all requested before the weights are known (in
+    // the loop below they came four at a time after the barrier: four more L2 round trips).
+    constexpr int PER = ATT_MAX_SPLITS / COMBINE_GROUPS;
+    const int d = blockIdx.y * 32 + lane;
+    float pv[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const int s = g + i * COMBINE_GROUPS;
+        pv[i] = s < splits && d < dv ? part[(r * splits + s) * dv + d] : 0.0f;
+    }
     if (g == 0) {
         float gm = ATT_NEG_INF;
         for (int s = lane; s < splits; s += 32) gm = fmaxf(gm, pm[2 * s]);
@@ -1048,11 +1058,11 @@ extern "C" __global__ void __launch_bounds__(COMBINE_GROUPS * 32)
         if (lane == 0) total = gl;
     }
     __syncthreads();
-    const int d = blockIdx.y * 32 + lane;
     float v = 0.0f;
-    if (d < dv) {
-#pragma unroll 4
-        for (int s = g; s < splits; s += COMBINE_GROUPS) v += part[(r * splits + s) * dv + d] * wsplit[s];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const int s = g + i * COMBINE_GROUPS;
+        if (s < splits) v += pv[i] * wsplit[s];
     }
     sums[g][lane] = v;
     __syncthreads();
