@@ -6,7 +6,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::Ptx;
 use fp4moe_ops::profile::OpStats;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::{CStr, CString, OsString, c_void};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 /// Every kernel file, by name. Sources are embedded so the binary needs no files at run time.
@@ -46,6 +47,76 @@ fn cubin_cache() -> &'static CubinCache {
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// Compiled kernels are kept on disk between runs, so NVRTC runs once per kernel file, card
+/// architecture and build rather than in every process (all files take about a minute of NVRTC
+/// time on the 2-core development machine, paid before the first token). The directory: this variable (`off`: no cache),
+/// else `$XDG_CACHE_HOME/fp4moe/cuda`, else `$HOME/.cache/fp4moe/cuda`.
+pub const CACHE_ENV: &str = "FP4MOE_CUDA_CACHE";
+
+/// The cache directory from the values of CACHE_ENV, XDG_CACHE_HOME and HOME (empty = unset).
+fn disk_cache_dir(env: Option<OsString>, xdg: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    let set = |v: Option<OsString>| v.filter(|v| !v.is_empty());
+    match set(env) {
+        Some(v) if v == "off" => None,
+        Some(v) => Some(v.into()),
+        None => set(xdg)
+            .map(|x| PathBuf::from(x).join("fp4moe/cuda"))
+            .or_else(|| set(home).map(|h| PathBuf::from(h).join(".cache/fp4moe/cuda"))),
+    }
+}
+
+/// The cache file of one compiled image: named by the kernel file and arch, with a hash of
+/// everything that shapes the image (the source and the headers it includes, the options, the
+/// NVRTC version, this crate's version). A hash of another Rust release only misses.
+fn cache_file(dir: &Path, file: &str, arch: &str, traced: bool, src: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    src.hash(&mut h);
+    for (name, text) in headers() {
+        (name, text).hash(&mut h);
+    }
+    (nvrtc_options(arch, traced), nvrtc_version(), env!("CARGO_PKG_VERSION")).hash(&mut h);
+    let tag = if traced { "-traced" } else { "" };
+    dir.join(format!("{}-{arch}{tag}-{:016x}.cubin", file.trim_end_matches(".cu"), h.finish()))
+}
+
+fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers; only called once the library is known to load.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (major, minor)
+}
+
+/// The bytes of the file at `path` when it can be read, else `make()`'s, written there (through
+/// a temporary name, so a reader never sees half a file; a failed write only loses the cache).
+/// Also says whether the bytes came from the file.
+fn read_or_make(
+    path: Option<&Path>,
+    make: impl FnOnce() -> Result<Vec<u8>, CudaError>,
+) -> Result<(Vec<u8>, bool), CudaError> {
+    if let Some(bytes) = path.and_then(|p| std::fs::read(p).ok()).filter(|b| !b.is_empty()) {
+        return Ok((bytes, true));
+    }
+    let bytes = make()?;
+    if let Some(p) = path {
+        store(p, &bytes);
+    }
+    Ok((bytes, false))
+}
+
+fn store(path: &Path, bytes: &[u8]) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    let written = path.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+        && std::fs::write(&tmp, bytes).is_ok()
+        && std::fs::rename(&tmp, path).is_ok();
+    if !written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!("{CACHE_ENV}: could not write {}", path.display());
+    }
+}
+
 /// NVRTC target for a compute capability: `sm_90a` on Hopper (the `a` unlocks wgmma/setmaxnreg),
 /// plain `sm_XY` elsewhere.
 pub fn arch_for(major: i32, minor: i32) -> String {
@@ -59,8 +130,16 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 /// (kernels/common.cuh), so nothing of it exists in an ordinary run.
 pub const TRACE_ENV: &str = "FP4MOE_CUDA_TRACE";
 
-/// Entries a traced replay can record (kernels per graph; a Qwen3 decode step has ~900).
+/// Entries a traced replay can record (kernels per graph; a Qwen3 decode step has ~780).
 const TRACE_CAP: usize = 8192;
+
+fn nvrtc_options(arch: &str, traced: bool) -> Vec<String> {
+    let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into()];
+    if traced {
+        opts.push(format!("-DFP4MOE_TRACE_CAP={TRACE_CAP}"));
+    }
+    opts
+}
 
 /// Compile one kernel file to a CUBIN for `arch`; `traced`: with the replay timeline's
 /// instrumentation ([`TRACE_ENV`]).
@@ -74,11 +153,8 @@ pub fn compile(file: &'static str, src: &str, arch: &str, traced: bool) -> Resul
     let hname: Vec<CString> = hdrs.iter().map(|(n, _)| CString::new(*n).unwrap_or_default()).collect();
     let hsrc_p: Vec<*const std::ffi::c_char> = hsrc.iter().map(|s| s.as_ptr()).collect();
     let hname_p: Vec<*const std::ffi::c_char> = hname.iter().map(|s| s.as_ptr()).collect();
-    let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-lineinfo".into()];
-    if traced {
-        opts.push(format!("-DFP4MOE_TRACE_CAP={TRACE_CAP}"));
-    }
-    let opts: Vec<CString> = opts.into_iter().map(|o| CString::new(o).unwrap_or_default()).collect();
+    let opts: Vec<CString> =
+        nvrtc_options(arch, traced).into_iter().map(|o| CString::new(o).unwrap_or_default()).collect();
     let opts_p: Vec<*const std::ffi::c_char> = opts.iter().map(|s| s.as_ptr()).collect();
     let check = |r: nv::nvrtcResult, what: &str| -> Result<(), CudaError> {
         if r == nv::nvrtcResult::NVRTC_SUCCESS { Ok(()) } else { Err(cerr(what, format!("{r:?}"))) }
@@ -354,15 +430,35 @@ impl Device {
         let traced = self.trace.is_some();
         let key = (self.ctx.ordinal(), self.arch.clone(), file, traced);
         let cached = cubin_cache().lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
-        let cubin = match cached {
-            Some(c) => c,
+        let load = |c: &[u8]| self.ctx.load_module(Ptx::from_binary(c.to_vec()));
+        let (cubin, m) = match cached {
+            Some(c) => {
+                let m = load(&c).map_err(drv)?;
+                (c, m)
+            }
             None => {
-                let c = Arc::new(compile(file, src, &self.arch, traced)?);
-                cubin_cache().lock().unwrap_or_else(PoisonError::into_inner).insert(key, c.clone());
-                c
+                let env = |k| std::env::var_os(k);
+                let path = disk_cache_dir(env(CACHE_ENV), env("XDG_CACHE_HOME"), env("HOME"))
+                    .map(|d| cache_file(&d, file, &self.arch, traced, src));
+                let (c, from_disk) =
+                    read_or_make(path.as_deref(), || compile(file, src, &self.arch, traced))?;
+                let (c, m) = match load(&c) {
+                    Ok(m) => (c, m),
+                    // A cached image the driver refuses (damaged on disk): compiled again.
+                    Err(_) if from_disk => {
+                        let c = compile(file, src, &self.arch, traced)?;
+                        if let Some(p) = &path {
+                            store(p, &c);
+                        }
+                        let m = load(&c).map_err(drv)?;
+                        (c, m)
+                    }
+                    Err(e) => return Err(drv(e)),
+                };
+                (Arc::new(c), m)
             }
         };
-        let m = self.ctx.load_module(Ptx::from_binary(cubin.to_vec())).map_err(drv)?;
+        cubin_cache().lock().unwrap_or_else(PoisonError::into_inner).insert(key, cubin);
         if let Some(t) = &self.trace {
             let global = m.get_global("fp4moe_trace", &self.stream).map_err(drv)?;
             let (ptr, _sync) = global.device_ptr(&self.stream);
@@ -717,5 +813,42 @@ impl Arg {
             Arg::F32(v) => v.to_le_bytes().to_vec(),
             Arg::Raw(b) => b.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dir_follows_the_variable_then_xdg_then_home() {
+        let s = |v: &str| Some(OsString::from(v));
+        assert_eq!(disk_cache_dir(s("/c"), s("/x"), s("/h")), Some(PathBuf::from("/c")));
+        assert_eq!(disk_cache_dir(s("off"), s("/x"), s("/h")), None);
+        assert_eq!(disk_cache_dir(None, s("/x"), s("/h")), Some(PathBuf::from("/x/fp4moe/cuda")));
+        assert_eq!(disk_cache_dir(s(""), s(""), s("/h")), Some(PathBuf::from("/h/.cache/fp4moe/cuda")));
+        assert_eq!(disk_cache_dir(None, None, None), None);
+    }
+
+    #[test]
+    fn cached_images_are_made_once_then_read() {
+        let dir = std::env::temp_dir().join(format!("fp4moe-cache-test-{}", std::process::id()));
+        let path = dir.join("a").join("k.cubin");
+        let made = std::cell::Cell::new(0);
+        let make = || {
+            made.set(made.get() + 1);
+            Ok(vec![1u8, 2, 3])
+        };
+        assert_eq!(read_or_make(Some(&path), make).unwrap(), (vec![1, 2, 3], false));
+        assert_eq!(read_or_make(Some(&path), make).unwrap(), (vec![1, 2, 3], true));
+        assert_eq!(made.get(), 1, "the second call must read the file");
+        // A failed compile is the caller's error and writes nothing.
+        let other = dir.join("b.cubin");
+        let failed = read_or_make(Some(&other), || Err(CudaError::Driver("no".into())));
+        assert!(failed.is_err() && !other.exists());
+        // Without a directory every call makes the image.
+        assert_eq!(read_or_make(None, make).unwrap(), (vec![1, 2, 3], false));
+        assert_eq!(made.get(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
