@@ -493,8 +493,8 @@ impl Checkpoint {
         [rows_each, cols]: [usize; 2],
         policy: QuantPolicy,
     ) -> Result<HostWeight> {
-        let parts: Vec<HostWeight> =
-            modules.par_iter().map(|m| self.linear(m, [rows_each, cols], policy)).collect::<Result<_>>()?;
+        let parts =
+            in_order(modules.par_iter().map(|m| self.linear(m, [rows_each, cols], policy)).collect())?;
         concat_weights(modules, &parts)
     }
 
@@ -613,15 +613,24 @@ fn apply_policy_parts(
         )));
     }
     let part_bytes = rows_per_part * cols * dtype.size();
-    let parts: Vec<QuantMatrix> = (0..rows / rows_per_part)
-        .into_par_iter()
-        .map(|p| {
-            let data = dense_to_f32(&bytes[p * part_bytes..(p + 1) * part_bytes], *dtype);
-            quantize_f32(&format!("{name}[part {p}]"), &data, rows_per_part, *cols, format)
-        })
-        .collect::<Result<_>>()?;
+    let parts: Vec<QuantMatrix> = in_order(
+        (0..rows / rows_per_part)
+            .into_par_iter()
+            .map(|p| {
+                let data = dense_to_f32(&bytes[p * part_bytes..(p + 1) * part_bytes], *dtype);
+                quantize_f32(&format!("{name}[part {p}]"), &data, rows_per_part, *cols, format)
+            })
+            .collect(),
+    )?;
     let refs: Vec<&QuantMatrix> = parts.iter().collect();
     QuantMatrix::concat_rows(&refs).map(HostWeight::Quant).map_err(|e| Error::fp4(name, e))
+}
+
+/// The results of a parallel map, or the first error in item order: rayon's `collect` into a
+/// `Result` returns whichever error it meets first in time, so with several bad items the
+/// message changed from run to run.
+fn in_order<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    results.into_iter().collect()
 }
 
 /// Quantizes `data [rows, cols]`; identical to [`fp4::quantize`]. MXFP4 rows are independent,
