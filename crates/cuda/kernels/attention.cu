@@ -1034,8 +1034,8 @@ extern "C" __global__ void __launch_bounds__(COMBINE_GROUPS * 32)
     const size_t r = blockIdx.x;
     const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
     const float* pm = ml + r * splits * 2;
-    // This lane's values of its warp's splits, all requested before the weights are known (in
-    // the loop below they came four at a time after the barrier: four more L2 round trips).
+    // This lane's values of its warp's splits, all requested before the weights are known (loaded
+    // in the sum after the barrier, four at a time, they cost four more L2 round trips).
     constexpr int PER = ATT_MAX_SPLITS / COMBINE_GROUPS;
     const int d = blockIdx.y * 32 + lane;
     float pv[PER];
