@@ -14,8 +14,9 @@
 # `-p fp4moe` to the last one leaves a stale out/cuda/fp4moe (this voided four calls' A/Bs once).
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
 #   STAGES="test golden sanitize torch layers kernels model profile ncu trace autotune" (default: all
-#   but ncu, trace and autotune; `trace` prints each kernel's share of a replayed decode step; autotune writes $OUT/autotune_<model>.json to compare with configs/, ncu
-#   prints each kernel's GPU time in one decode step via tools/ncu_step.py). `profile` runs
+#   but ncu, trace and autotune; autotune writes $OUT/autotune_<model>.json to compare with
+#   configs/, ncu prints each kernel's GPU time in one decode step via tools/ncu_step.py, trace
+#   each kernel's share of a replayed decode step, of every binary in TRACE_BINS). `profile` runs
 #   `bench model --profile` (time per op kind). `layers` (the backend's own
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
 #   `ab` compares a previous build with this one in the same call: copy the previous commit's
