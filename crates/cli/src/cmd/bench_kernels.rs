@@ -15,6 +15,10 @@
 //! wait latency (tens of µs on wgpu); `min_us` is the fastest run. Where the backend times its kernels on the device
 //! ([`Backend::kernel_stats`]: wgpu with `FP4MOE_WGPU_TIMESTAMPS=1`), `device_us` is their
 //! summed device time per run as well.
+//!
+//! `chain_add` is a chain of [`CHAIN_OPS`] dependent one-row adds: what one op costs where the
+//! work is nothing, which bounds a decode step of ~1000 small ops. Its `host_us` is the time the
+//! host spends recording each op (before the wait), its `time_us` the whole chain per op.
 
 use crate::backend::{BackendKind, OnBackend, dispatch};
 use fp4moe_ops::conformance::{Rng, WeightKind, random_weight};
@@ -55,6 +59,8 @@ pub struct Args {
 const ROTATE_BYTES: usize = 128 << 20;
 /// Seconds of warm-up runs before an op is timed (see [`Bench::time`]).
 const WARMUP_SECS: f64 = 0.3;
+/// Dependent ops in one run of the op chain.
+const CHAIN_OPS: usize = 1000;
 /// Bytes read to measure memory bandwidth (quick mode reads a quarter).
 const BANDWIDTH_BYTES: usize = 1 << 30;
 
@@ -71,6 +77,9 @@ struct Row {
     gflops: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     device_us: Option<f64>,
+    /// Host seconds per op spent recording it (chain rows only), in µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_us: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -134,6 +143,7 @@ impl OnBackend for Job {
             kernels,
             device_s: Cell::new(None),
         };
+        bench.chain()?;
         let linears: &[(WeightKind, usize, usize)] = if args.quick {
             &[(WeightKind::Mxfp4, 2048, 768), (WeightKind::Nvfp4, 2048, 768)]
         } else {
@@ -331,6 +341,7 @@ impl<B: Backend> Bench<'_, B> {
             gbps: bytes / secs / 1e9,
             gflops: flops / secs / 1e9,
             device_us: self.device_s.take().map(|d| d * 1e6),
+            host_us: None,
         };
         println!(
             "{:<34} {:>6} {:>11.1} {:>11.1} {:>11.1} {:>7.2} {:>8.1} {:>9.1}{}",
@@ -345,6 +356,40 @@ impl<B: Backend> Bench<'_, B> {
             row.device_us.map_or(String::new(), |d| format!(" {d:>10.1}"))
         );
         self.rows.push(row);
+    }
+
+    /// [`CHAIN_OPS`] dependent adds of one 2048-wide row, timed per op: the whole chain with the
+    /// wait, and the host's recording alone.
+    fn chain(&mut self) -> anyhow::Result<()> {
+        let name = "chain_add";
+        if !self.wanted(name) {
+            return Ok(());
+        }
+        let h = 2048;
+        let a = self.b.upload(HostTensor::F32(&self.rng.normals(h, 1.0), &[1, h]))?;
+        let d = self.b.upload(HostTensor::F32(&self.rng.normals(h, 1.0), &[1, h]))?;
+        let mut host = Vec::new();
+        let (secs, min) = self.time(self.repeats(0), |_| {
+            let t0 = Instant::now();
+            let mut x = self.b.add(&a, &d)?;
+            for _ in 1..CHAIN_OPS {
+                x = self.b.add(&x, &d)?;
+            }
+            host.push(t0.elapsed().as_secs_f64());
+            drop(x);
+            Ok(())
+        })?;
+        let reps = self.repeats(0).min(host.len());
+        let mut timed = host.split_off(host.len() - reps);
+        timed.sort_by(f64::total_cmp);
+        let per = CHAIN_OPS as f64;
+        self.record(name.to_string(), 1, (secs / per, min / per), (12 * h) as f64, h as f64);
+        let host_us = timed[timed.len() / 2] / per * 1e6;
+        println!("{:<34} {:>6} {host_us:>11.1}  (host recording per op, median)", "", "");
+        if let Some(row) = self.rows.last_mut() {
+            row.host_us = Some(host_us);
+        }
+        Ok(())
     }
 
     /// Uploads copies of `host` until they exceed [`ROTATE_BYTES`] (at least one). Each copy
