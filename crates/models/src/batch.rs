@@ -237,11 +237,20 @@ fn logits<B: Backend, M: Stack<B>>(
     let b = m.backend();
     let w = m.weights();
     let mut x = b.embedding(&w.embed, ids)?;
+    let Some(first) = w.layers.first() else {
+        return plan.logits(b, &x, &w.norm, w.lm_head.as_ref().unwrap_or(&w.embed));
+    };
+    // Each residual add runs with the norm that reads its sum (the next layer's input norm
+    // after a layer's FFN); the last layer's sum is normed on the logits rows only.
+    let mut normed = first.input_norm.forward(b, &x)?;
     for (l, layer) in w.layers.iter().enumerate() {
-        let a = m.attention(l, &layer.attn, &layer.input_norm.forward(b, &x)?, positions, plan, states)?;
-        x = b.add(&x, &a)?;
-        let f = m.ffn(&layer.ffn, &layer.post_norm.forward(b, &x)?)?;
-        x = b.add(&x, &f)?;
+        let a = m.attention(l, &layer.attn, &normed, positions, plan, states)?;
+        let (sum, post) = layer.post_norm.add_forward(b, &x, &a)?;
+        let f = m.ffn(&layer.ffn, &post)?;
+        match w.layers.get(l + 1) {
+            Some(next) => (x, normed) = next.input_norm.add_forward(b, &sum, &f)?,
+            None => x = b.add(&sum, &f)?,
+        }
     }
     plan.logits(b, &x, &w.norm, w.lm_head.as_ref().unwrap_or(&w.embed))
 }

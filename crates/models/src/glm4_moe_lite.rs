@@ -416,8 +416,8 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {
             let cache = &states[i].cache[l];
-            b.write_rows(cache, &plan.rows_of(b, &latent, i)?, span.pos0, 0)?;
-            b.write_rows(cache, &plan.rows_of(b, &k_rope, i)?, span.pos0, lora)?;
+            let (lat, kr) = (plan.rows_of(b, &latent, i)?, plan.rows_of(b, &k_rope, i)?);
+            b.write_rows_many(&[(cache, &lat, span.pos0, 0), (cache, &kr, span.pos0, lora)])?;
             let (ql, qr) = (plan.rows_of(b, &q_lat, i)?, plan.rows_of(b, &q_rope, i)?);
             outs.push(b.attention_mla(&ql, &qr, cache, span.pos0, scale)?);
         }

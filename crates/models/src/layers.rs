@@ -176,6 +176,11 @@ impl<B: Backend> Norm<B> {
     pub fn forward(&self, b: &B, x: &T<B>) -> Result<T<B>> {
         Ok(b.rms_norm(x, &self.weight, self.eps)?)
     }
+    /// `(x + a, forward(x + a))` as one op (`Backend::add_rms_norm`): a layer's residual add and
+    /// the norm that reads the sum.
+    pub fn add_forward(&self, b: &B, x: &T<B>, a: &T<B>) -> Result<(T<B>, T<B>)> {
+        Ok(b.add_rms_norm(x, a, &self.weight, self.eps)?)
+    }
     /// This norm over heads x `[n, H, D]` as an input of `Backend::norm_ropes` (`rope(forward(x))`).
     pub fn rope_input<'a>(&'a self, x: &'a T<B>) -> (&'a T<B>, &'a T<B>, f32) {
         (x, &self.weight, self.eps)

@@ -288,8 +288,9 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         for (i, span) in plan.spans.iter().enumerate() {
             let (kc, vc) = (&states[i].k[l], &states[i].v[l]);
             let cap = kc.shape()[0];
-            b.write_rows(&kc.reshape(&[cap, hkv * d])?, &plan.rows_of(b, &k, i)?, span.pos0, 0)?;
-            b.write_rows(&vc.reshape(&[cap, hkv * d])?, &plan.rows_of(b, &v, i)?, span.pos0, 0)?;
+            let (k2, v2) = (kc.reshape(&[cap, hkv * d])?, vc.reshape(&[cap, hkv * d])?);
+            let (kr, vr) = (plan.rows_of(b, &k, i)?, plan.rows_of(b, &v, i)?);
+            b.write_rows_many(&[(&k2, &kr, span.pos0, 0), (&v2, &vr, span.pos0, 0)])?;
             outs.push(b.attention_gqa(&plan.rows_of(b, &q, i)?, kc, vc, span.pos0, scale)?);
         }
         let o = plan.stack(b, outs)?.reshape(&[n, hq * d])?;

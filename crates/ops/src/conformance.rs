@@ -718,7 +718,7 @@ fn unary<X: Backend>(
 }
 
 /// RMSNorm at every norm width of both models (2048 hidden, 768 q_a, 512 kv_a, per-head 128) and
-/// an odd one; eps of both models.
+/// an odd one; eps of both models. The same shapes through `add_rms_norm` (both of its outputs).
 pub fn check_rms_norm<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
     // [2, 5000]: wider than GPU backends hold in registers (their strided fallback).
@@ -745,6 +745,25 @@ pub fn check_rms_norm<B: Backend>(b: &B, seed: u64) -> Check {
         let wt = up(b, &w, &[d]).or_fail(&cx, &case)?;
         let got = unary(b, &xs, shape, |x, t| x.rms_norm(t, &wt, eps)).or_fail(&cx, &case)?;
         close(&cx, &case, &got, &want, tol_sum(d))?;
+
+        // add_rms_norm: the residual sum and its norm, against add then rms_norm.
+        let case = format!("add_rms_norm {shape:?} eps {eps}");
+        let ys = cx.rng.normals(n, 3.0);
+        let (want_sum, want_norm) = {
+            let r = RefBackend;
+            let sum =
+                r.add(&up(&r, &xs, shape).or_fail(&cx, &case)?, &up(&r, &ys, shape).or_fail(&cx, &case)?);
+            let sum = sum.or_fail(&cx, &case)?;
+            let normed = r.rms_norm(&sum, &up(&r, &w, &[d]).or_fail(&cx, &case)?, eps).or_fail(&cx, &case)?;
+            (fetch(&r, &sum).or_fail(&cx, &case)?, fetch(&r, &normed).or_fail(&cx, &case)?)
+        };
+        let (got_sum, got_norm) = (|| -> crate::Result<(Out, Out)> {
+            let (sum, normed) = b.add_rms_norm(&up(b, &xs, shape)?, &up(b, &ys, shape)?, &wt, eps)?;
+            Ok((fetch(b, &sum)?, fetch(b, &normed)?))
+        })()
+        .or_fail(&cx, &case)?;
+        close(&cx, &format!("{case} sum"), &got_sum, &want_sum, TOL_ELEMENTWISE)?;
+        close(&cx, &format!("{case} norm"), &got_norm, &want_norm, tol_sum(d))?;
     }
     Ok(())
 }
@@ -952,7 +971,47 @@ pub fn check_data_movement<B: Backend>(b: &B, seed: u64) -> Check {
         b.write_rows(&dt, &up(b, &s, sshape).or_fail(&cx, &case)?, row0, col0).or_fail(&cx, &case)?;
         exact(&cx, &case, &fetch(b, &dt).or_fail(&cx, &case)?, &want)?;
     }
+    // write_rows_many: Qwen3's key and value caches (two destinations) and GLM's latent and
+    // rotary key into one cache row (one destination, two column ranges), against write_rows.
+    for same_dst in [false, true] {
+        let case = format!("write_rows_many, one destination {same_dst}");
+        let (dshape, parts) = ([9usize, 20], [([2usize, 12], 5usize, 0usize), ([2, 8], 5, 12)]);
+        let d0: Vec<Vec<f32>> = (0..2).map(|_| cx.rng.normals(180, 1.0)).collect();
+        let srcs: Vec<Vec<f32>> = parts.iter().map(|(s, ..)| cx.rng.normals(s[0] * s[1], 1.0)).collect();
+        let want =
+            write_pair(&RefBackend, &d0, &srcs, &dshape, &parts, same_dst, false).or_fail(&cx, &case)?;
+        let got = write_pair(b, &d0, &srcs, &dshape, &parts, same_dst, true).or_fail(&cx, &case)?;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            exact(&cx, &format!("{case}, destination {i}"), g, w)?;
+        }
+    }
     Ok(())
+}
+
+/// Writes `srcs` (shapes, rows and columns in `parts`) into fresh caches from `d0` (the first for
+/// both when `same_dst`), with `write_rows_many` when `many`, else one `write_rows` each; returns
+/// the caches.
+fn write_pair<X: Backend>(
+    x: &X,
+    d0: &[Vec<f32>],
+    srcs: &[Vec<f32>],
+    dshape: &[usize],
+    parts: &[([usize; 2], usize, usize); 2],
+    same_dst: bool,
+    many: bool,
+) -> crate::Result<Vec<Out>> {
+    let dsts = [up(x, &d0[0], dshape)?, up(x, &d0[1], dshape)?];
+    let ss = [up(x, &srcs[0], &parts[0].0)?, up(x, &srcs[1], &parts[1].0)?];
+    let d1 = if same_dst { &dsts[0] } else { &dsts[1] };
+    let writes = [(&dsts[0], &ss[0], parts[0].1, parts[0].2), (d1, &ss[1], parts[1].1, parts[1].2)];
+    if many {
+        x.write_rows_many(&writes)?;
+    } else {
+        for (d, s, r, c) in writes {
+            x.write_rows(d, s, r, c)?;
+        }
+    }
+    dsts.iter().map(|d| fetch(x, d)).collect()
 }
 
 // ---- checks: routers, top_k, argmax --------------------------------------------------------------
@@ -1292,6 +1351,24 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
         for (c, shared) in &cases {
             moe_compare(&mut cx, b, kind, inter, *shared, c)?;
         }
+    }
+    // Rows long enough for the decode products' unrolled steps (GPU backends take several
+    // 8-element words per lane per step) and a remainder after them: H 1152, I 1088.
+    for (n, kind) in [(1usize, WeightKind::Mxfp4), (3, WeightKind::Nvfp4)] {
+        let (h, e, k) = (1152, 4, 2);
+        let rng = &mut cx.rng;
+        let ids: Vec<u32> = (0..n).flat_map(|_| rng.distinct(e, k)).map(|i| i as u32).collect();
+        let c = MoeCase {
+            name: format!("long rows, {n} tokens"),
+            n,
+            h,
+            k,
+            e,
+            x: rng.normals(n * h, 1.0),
+            ids,
+            w: route_weights(rng, n * k),
+        };
+        moe_compare(&mut cx, b, kind, 1088, Some(1088), &c)?;
     }
     Ok(())
 }

@@ -158,6 +158,14 @@ pub trait Backend: Send + Sync {
     /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * w`, w f32 `[D]`.
     fn rms_norm(&self, x: &T<Self>, w: &T<Self>, eps: f32) -> Result<T<Self>>;
 
+    /// `(a + b, rms_norm(a + b, w, eps))`: a residual add and the norm that reads its sum (every
+    /// layer boundary), so a backend can do both in one pass (the default runs the two ops).
+    fn add_rms_norm(&self, a: &T<Self>, b: &T<Self>, w: &T<Self>, eps: f32) -> Result<(T<Self>, T<Self>)> {
+        let sum = self.add(a, b)?;
+        let normed = self.rms_norm(&sum, w, eps)?;
+        Ok((sum, normed))
+    }
+
     /// Rotary embedding of x `[n, H, D]` at u32 `positions [n]` on dims `spec.offset ..+ spec.dims`
     /// of each head; other dims pass through. See [`RopeStyle`] for the pairing.
     fn rope(&self, x: &T<Self>, positions: &T<Self>, spec: Rope) -> Result<T<Self>>;
@@ -212,6 +220,12 @@ pub trait Backend: Send + Sync {
     /// In place: `dst[row0 + i, col0 + j] = src[i, j]` with dst `[S, C]`, src `[n, c]` viewed 2-D
     /// (leading dims flattened). This is how KV caches are written.
     fn write_rows(&self, dst: &T<Self>, src: &T<Self>, row0: usize, col0: usize) -> Result<()>;
+
+    /// `write_rows` of several `(dst, src, row0, col0)`, in order (a layer's two cache writes). A
+    /// backend may run them as one launch; the result is that of the separate calls.
+    fn write_rows_many(&self, writes: &[(&T<Self>, &T<Self>, usize, usize)]) -> Result<()> {
+        writes.iter().try_for_each(|&(dst, src, row0, col0)| self.write_rows(dst, src, row0, col0))
+    }
 
     /// Softmax router (Qwen3-MoE): probs = softmax(logits `[n, E]`) in f32, take the top k
     /// (ties to the lower expert id), and divide by their sum when `renormalize`.

@@ -114,6 +114,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn rms_norm(&self, x: &T<Self>, w: &T<Self>, eps: f32) -> Result<T<Self>> {
         self.time(|| "rms_norm".into(), || self.inner.rms_norm(x, w, eps))
     }
+    fn add_rms_norm(&self, a: &T<Self>, b: &T<Self>, w: &T<Self>, eps: f32) -> Result<(T<Self>, T<Self>)> {
+        self.time(|| "add_rms_norm".into(), || self.inner.add_rms_norm(a, b, w, eps))
+    }
     fn rope(&self, x: &T<Self>, positions: &T<Self>, spec: Rope) -> Result<T<Self>> {
         self.time(|| "rope".into(), || self.inner.rope(x, positions, spec))
     }
@@ -158,6 +161,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn write_rows(&self, dst: &T<Self>, src: &T<Self>, row0: usize, col0: usize) -> Result<()> {
         self.time(|| "write_rows".into(), || self.inner.write_rows(dst, src, row0, col0))
+    }
+    fn write_rows_many(&self, writes: &[(&T<Self>, &T<Self>, usize, usize)]) -> Result<()> {
+        self.time(|| "write_rows".into(), || self.inner.write_rows_many(writes))
     }
     fn route_softmax(&self, logits: &T<Self>, k: usize, renormalize: bool) -> Result<(T<Self>, T<Self>)> {
         self.time(|| "route_softmax".into(), || self.inner.route_softmax(logits, k, renormalize))

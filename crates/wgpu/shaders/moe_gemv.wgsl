@@ -59,8 +59,7 @@ fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
     if (j < p.inter) {
         let base = e * 2u * p.inter - p.row0;
         let xb = (pair / p.k) * p.h;
-        v = vec2<f32>(w_dot4(base + j, p.h, xb, 0u, 1u, lane, GEMV_LANES).x,
-                      w_dot4(base + p.inter + j, p.h, xb, 0u, 1u, lane, GEMV_LANES).x);
+        v = w_dot2(base + j, base + p.inter + j, p.h, xb, lane, GEMV_LANES);
     }
     let r = lane_reduce(lid, lane, v);
     if (lane == 0u && j < p.inter) {

@@ -10,28 +10,54 @@ fn w_pairs(a: u32, b: u32) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(a), unpack2x16float(b));
 }
 
+// One 16-byte vector of a row (8 16-bit or 4 f32 elements) times x from vector xv.
+fn w_vec_dot(v: vec4<u32>, xv: u32) -> f32 {
+    if (W_DENSE == 0u) {
+        return dot(bitcast<vec4<f32>>(v), x_vec(xv));
+    }
+    return dot(w_pairs(v.x, v.y), x_vec(xv)) + dot(w_pairs(v.z, v.w), x_vec(xv + 1u));
+}
+
 // Lane `lane` of `lanes`: its share of W[row, :] · x for up to four activation rows starting at
-// elements xb, xb + xs, ... (nm of them). Each step reads one 16-byte vector of the row (8
-// 16-bit or 4 f32 elements) when rows and x rows start on 16 bytes; else element by element.
+// elements xb, xb + xs, ... (nm of them). Each step reads four 16-byte vectors of the row
+// (`lanes` apart, all loaded before use, as the FP4 path does) when rows and x rows start on 16
+// bytes; else element by element.
 fn w_dot4(row: u32, cols: u32, xb: u32, xs: u32, nm: u32, lane: u32, lanes: u32) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
     let per = select(8u, 4u, W_DENSE == 0u);
     if (cols % per == 0u && xb % 4u == 0u && xs % 4u == 0u) {
         let nq = cols / per;
-        for (var q = lane; q < nq; q += lanes) {
-            let v = w_data[row * nq + q];
+        let rq = row * nq;
+        let step = per / 4u; // x vectors per weight vector
+        var q = lane;
+        for (; q + 3u * lanes < nq; q += 4u * lanes) {
+            let v0 = w_data[rq + q];
+            let v1 = w_data[rq + q + lanes];
+            let v2 = w_data[rq + q + 2u * lanes];
+            let v3 = w_data[rq + q + 3u * lanes];
             for (var j = 0u; j < 4u; j++) {
                 if (j < nm) {
-                    let xv = (xb + j * xs) / 4u + q * (per / 4u);
-                    if (W_DENSE == 0u) {
-                        acc[j] += dot(bitcast<vec4<f32>>(v), x_vec(xv));
-                    } else {
-                        acc[j] += dot(w_pairs(v.x, v.y), x_vec(xv)) + dot(w_pairs(v.z, v.w), x_vec(xv + 1u));
-                    }
+                    let xv = (xb + j * xs) / 4u + q * step;
+                    acc[j] += w_vec_dot(v0, xv) + w_vec_dot(v1, xv + lanes * step)
+                        + w_vec_dot(v2, xv + 2u * lanes * step) + w_vec_dot(v3, xv + 3u * lanes * step);
+                }
+            }
+        }
+        for (; q < nq; q += lanes) {
+            let v = w_data[rq + q];
+            for (var j = 0u; j < 4u; j++) {
+                if (j < nm) {
+                    acc[j] += w_vec_dot(v, (xb + j * xs) / 4u + q * step);
                 }
             }
         }
         return acc;
     }
     return w_dot4_by_element(row, cols, xb, xs, nm, lane, lanes);
+}
+
+// Rows ra and rb of W times one activation row at element xb (the FP4 snippet loads the two rows
+// together; dense MoE weights are a test path).
+fn w_dot2(ra: u32, rb: u32, cols: u32, xb: u32, lane: u32, lanes: u32) -> vec2<f32> {
+    return vec2<f32>(w_dot4(ra, cols, xb, 0u, 1u, lane, lanes).x, w_dot4(rb, cols, xb, 0u, 1u, lane, lanes).x);
 }

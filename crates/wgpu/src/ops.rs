@@ -25,6 +25,63 @@ fn u(v: usize) -> u32 {
     v as u32
 }
 
+/// One 2-D strided copy of copy.wgsl (in elements).
+struct Copy2d<'a> {
+    src: &'a wgpu::Buffer,
+    dst: &'a wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    src_off: usize,
+    src_stride: usize,
+    dst_off: usize,
+    dst_stride: usize,
+}
+
+impl<'a> Copy2d<'a> {
+    /// The copy of `write_rows(dst, src, row0, col0)`.
+    fn write_rows((dst, src, row0, col0): (&'a GT, &'a GT, usize, usize)) -> Result<Self> {
+        let ([_, c], [n, sc]) = fp4moe_ops::check::write_rows(
+            (dst.shape(), dst.dtype()),
+            (src.shape(), src.dtype()),
+            row0,
+            col0,
+        )?;
+        Ok(Copy2d {
+            src: &src.storage.buf,
+            dst: &dst.storage.buf,
+            rows: n,
+            cols: sc,
+            src_off: 0,
+            src_stride: sc,
+            dst_off: row0 * c + col0,
+            dst_stride: c,
+        })
+    }
+
+    /// The same buffers, nothing copied (the unused second copy of a dispatch).
+    fn empty(&self) -> Self {
+        Copy2d { rows: 0, ..*self }
+    }
+
+    fn words(&self) -> [u32; 6] {
+        [self.rows, self.cols, self.src_off, self.src_stride, self.dst_off, self.dst_stride].map(u)
+    }
+}
+
+/// copy.wgsl's `P`: the first copy, the second copy (8 words each), words per row (copy16).
+fn copy_params(a: &Copy2d<'_>, words_per_row: usize, b: &Copy2d<'_>) -> [u32; 20] {
+    let mut p = [0; 20];
+    p[..6].copy_from_slice(&a.words());
+    p[8..14].copy_from_slice(&b.words());
+    p[16] = u(words_per_row);
+    p
+}
+
+/// Params of norm.wgsl's row kernels other than `norm_rope` (its `P`, 12 words).
+fn norm_params(rows: usize, d: usize, eps: f32) -> [u32; 12] {
+    [u(rows), u(d), eps.to_bits(), 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
 /// Workgroups for `n` items of `per` each: x up to the per-dimension limit, then y.
 fn grid(n: usize, per: u32) -> [u32; 3] {
     let groups = n.div_ceil(per as usize);
@@ -60,6 +117,64 @@ impl WgpuBackend {
         self.pool.take(&self.ctx.device, (words.max(1) * 4) as u64)
     }
 
+    /// `norm_rope` of one or two inputs `(x [n, H, D], w [D], eps)` at the same positions in one
+    /// dispatch (norm.wgsl's `norm_rope`; one input binds itself as the second, with no rows).
+    fn norm_rope_launch<const N: usize>(
+        &self,
+        xs: [(&GT, &GT, f32); N],
+        positions: &GT,
+        spec: Rope,
+    ) -> Result<[GT; N]> {
+        const OP: &str = "norm_rope";
+        let mut d = 0;
+        for (x, w, _) in xs {
+            d = fp4moe_ops::check::rope(OP, x.shape(), positions.shape(), spec)?;
+            if w.shape() != [d] || x.last_dim() != xs[0].0.last_dim() {
+                return Err(shape_err(OP, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
+            }
+            expect(OP, x, DType::F32)?;
+            expect(OP, w, DType::F32)?;
+        }
+        expect(OP, positions, DType::U32)?;
+        let outs = xs.map(|(x, _, _)| self.alloc(x.shape(), DType::F32));
+        let rows = |x: &GT| x.shape()[0] * x.shape()[1];
+        let (first, second) = (xs[0], xs[N - 1]);
+        let rows0 = rows(first.0);
+        let total = if N == 1 { rows0 } else { rows0 + rows(second.0) };
+        if total == 0 {
+            return Ok(outs);
+        }
+        let inv = self.inv_freq(spec.dims, spec.theta);
+        let inter = u32::from(spec.style == RopeStyle::Interleaved);
+        let heads = |x: &GT| u(x.shape()[1]);
+        let params = [
+            u(total),
+            u(d),
+            first.2.to_bits(),
+            heads(first.0),
+            u(spec.offset),
+            u(spec.dims),
+            inter,
+            u(rows0),
+            second.2.to_bits(),
+            heads(second.0),
+            0,
+            0,
+        ];
+        let b = [
+            (1, &first.0.storage.buf),
+            (2, &first.1.storage.buf),
+            (3, &outs[0].storage.buf),
+            (4, &positions.storage.buf),
+            (5, &*inv),
+            (8, &second.0.storage.buf),
+            (9, &second.1.storage.buf),
+            (10, &outs[N - 1].storage.buf),
+        ];
+        self.dispatch(&self.k(Src::Norm, "norm_rope")?, &params, &b, grid(total, 1))?;
+        Ok(outs)
+    }
+
     fn k(&self, src: Src, entry: &'static str) -> Result<Arc<Kernel>> {
         self.kernels.get(&self.ctx, Variant::plain(src), entry)
     }
@@ -74,7 +189,7 @@ impl WgpuBackend {
         let entries: &[(Src, &[&'static str])] = &[
             (Src::Elementwise, &["add", "silu_mul", "to_bf16", "from_bf16"]),
             (Src::Copy, &["copy32", "copy16"]),
-            (Src::Norm, &["rms_norm", "norm_rope", "softmax"]),
+            (Src::Norm, &["rms_norm", "add_rms_norm", "norm_rope", "softmax"]),
             (Src::Rope, &["rope"]),
             (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
             (Src::MoeCombine, &["moe_combine"]),
@@ -131,17 +246,28 @@ impl WgpuBackend {
         dst_off: usize,
         dst_stride: usize,
     ) -> Result<()> {
-        if rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        let wpr = cols / 2 + 1;
-        let params = [rows, cols, src_off, src_stride, dst_off, dst_stride, wpr, 0].map(u);
-        let binds = [(1, src), (2, dst)];
+        let c = Copy2d { src, dst, rows, cols, src_off, src_stride, dst_off, dst_stride };
         if dtype == DType::BF16 {
+            if rows == 0 || cols == 0 {
+                return Ok(());
+            }
+            let wpr = cols / 2 + 1;
+            let params = copy_params(&c, wpr, &c.empty());
+            let binds = [(1, src), (2, dst), (3, src), (4, dst)];
             self.dispatch(&self.k(Src::Copy, "copy16")?, &params, &binds, grid(rows * wpr, shape::WG))
         } else {
-            self.dispatch(&self.k(Src::Copy, "copy32")?, &params, &binds, grid(rows * cols, shape::WG))
+            self.copy32(&c, &c.empty())
         }
+    }
+
+    /// Two 4-byte-element copies in one dispatch (copy.wgsl's `copy32`), `b` after `a`.
+    fn copy32(&self, a: &Copy2d<'_>, b: &Copy2d<'_>) -> Result<()> {
+        let n = a.rows * a.cols + b.rows * b.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let binds = [(1, a.src), (2, a.dst), (3, b.src), (4, b.dst)];
+        self.dispatch(&self.k(Src::Copy, "copy32")?, &copy_params(a, 0, b), &binds, grid(n, shape::WG))
     }
 
     /// Shared part of the two attention ops (see attention.wgsl).
@@ -865,13 +991,39 @@ impl Backend for WgpuBackend {
         let out = self.alloc(x.shape(), DType::F32);
         let rows = x.rows();
         let b = [(1, &x.storage.buf), (2, &w.storage.buf), (3, &out.storage.buf)];
+        self.dispatch(&self.k(Src::Norm, "rms_norm")?, &norm_params(rows, d, eps), &b, grid(rows, 1))?;
+        Ok(out)
+    }
+
+    fn add_rms_norm(&self, a: &GT, b: &GT, w: &GT, eps: f32) -> Result<(GT, GT)> {
+        const OP: &str = "add_rms_norm";
+        let d = a.last_dim();
+        if a.shape().is_empty() || a.shape() != b.shape() || w.shape() != [d] {
+            return Err(shape_err(
+                OP,
+                format!("{:?} + {:?} with weight {:?}", a.shape(), b.shape(), w.shape()),
+            ));
+        }
+        for t in [a, b, w] {
+            expect(OP, t, DType::F32)?;
+        }
+        let sum = self.alloc(a.shape(), DType::F32);
+        let out = self.alloc(a.shape(), DType::F32);
+        let rows = a.rows();
+        let binds = [
+            (1, &a.storage.buf),
+            (2, &w.storage.buf),
+            (3, &out.storage.buf),
+            (6, &b.storage.buf),
+            (7, &sum.storage.buf),
+        ];
         self.dispatch(
-            &self.k(Src::Norm, "rms_norm")?,
-            &[u(rows), u(d), eps.to_bits(), 0, 0, 0, 0, 0],
-            &b,
+            &self.k(Src::Norm, "add_rms_norm")?,
+            &norm_params(rows, d, eps),
+            &binds,
             grid(rows, 1),
         )?;
-        Ok(out)
+        Ok((sum, out))
     }
 
     fn rope(&self, x: &GT, positions: &GT, spec: Rope) -> Result<GT> {
@@ -890,32 +1042,15 @@ impl Backend for WgpuBackend {
     }
 
     fn norm_rope(&self, x: &GT, w: &GT, eps: f32, positions: &GT, spec: Rope) -> Result<GT> {
-        const OP: &str = "norm_rope";
-        let s = x.shape();
-        let d = fp4moe_ops::check::rope(OP, s, positions.shape(), spec)?;
-        if w.shape() != [d] {
-            return Err(shape_err(OP, format!("x {s:?} with weight {:?}", w.shape())));
+        let [y] = self.norm_rope_launch([(x, w, eps)], positions, spec)?;
+        Ok(y)
+    }
+
+    fn norm_ropes(&self, xs: &[(&GT, &GT, f32)], positions: &GT, spec: Rope) -> Result<Vec<GT>> {
+        match *xs {
+            [a, b] => Ok(self.norm_rope_launch([a, b], positions, spec)?.into()),
+            _ => xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect(),
         }
-        expect(OP, x, DType::F32)?;
-        expect(OP, w, DType::F32)?;
-        expect(OP, positions, DType::U32)?;
-        let out = self.alloc(s, DType::F32);
-        let rows = s[0] * s[1];
-        if rows == 0 {
-            return Ok(out);
-        }
-        let inv = self.inv_freq(spec.dims, spec.theta);
-        let inter = u32::from(spec.style == RopeStyle::Interleaved);
-        let params = [u(rows), u(d), eps.to_bits(), u(s[1]), u(spec.offset), u(spec.dims), inter, 0];
-        let b = [
-            (1, &x.storage.buf),
-            (2, &w.storage.buf),
-            (3, &out.storage.buf),
-            (4, &positions.storage.buf),
-            (5, &*inv),
-        ];
-        self.dispatch(&self.k(Src::Norm, "norm_rope")?, &params, &b, grid(rows, 1))?;
-        Ok(out)
     }
 
     fn softmax(&self, x: &GT) -> Result<GT> {
@@ -927,7 +1062,7 @@ impl Backend for WgpuBackend {
         let out = self.alloc(x.shape(), DType::F32);
         let (rows, d) = (x.rows(), x.last_dim());
         let b = [(1, &x.storage.buf), (3, &out.storage.buf)];
-        self.dispatch(&self.k(Src::Norm, "softmax")?, &[u(rows), u(d), 0, 0, 0, 0, 0, 0], &b, grid(rows, 1))?;
+        self.dispatch(&self.k(Src::Norm, "softmax")?, &norm_params(rows, d, 0.0), &b, grid(rows, 1))?;
         Ok(out)
     }
 
@@ -1041,6 +1176,17 @@ impl Backend for WgpuBackend {
             src
         };
         self.copy2d(dst.dtype(), &src.storage.buf, &dst.storage.buf, n, sc, 0, sc, row0 * c + col0, c)
+    }
+
+    fn write_rows_many(&self, writes: &[(&GT, &GT, usize, usize)]) -> Result<()> {
+        let separate = || writes.iter().try_for_each(|&(d, s, r, c)| self.write_rows(d, s, r, c));
+        let &[w0, w1] = writes else { return separate() };
+        let aliased =
+            [w0, w1].iter().any(|w| [w0, w1].iter().any(|d| Arc::ptr_eq(&d.0.storage, &w.1.storage)));
+        if aliased || [w0, w1].iter().any(|w| w.0.dtype() == DType::BF16) {
+            return separate();
+        }
+        self.copy32(&Copy2d::write_rows(w0)?, &Copy2d::write_rows(w1)?)
     }
 
     fn route_softmax(&self, logits: &GT, k: usize, renormalize: bool) -> Result<(GT, GT)> {
