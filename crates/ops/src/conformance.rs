@@ -553,8 +553,10 @@ pub fn check_linear_odd_shapes<B: Backend>(b: &B, seed: u64) -> Check {
         linear_case_with(&mut cx, b, &case, &HostWeight::Quant(m), &[1, 3], &[DType::F32])?;
     }
     // Several weights on one x (`linears`; GPU backends run one-row FP4 products as one launch).
+    // Two weights with rows long enough for the unrolled decode steps and a remainder (K 1152).
     for kind in ALL_WEIGHT_KINDS {
         linears_case(&mut cx, b, kind, &[72, 33, 100], 96, &[1, 3])?;
+        linears_case(&mut cx, b, kind, &[40, 24], 1152, &[1, 2])?;
     }
     Ok(())
 }

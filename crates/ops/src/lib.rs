@@ -122,6 +122,13 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Nanoseconds the host has spent blocked waiting for the device, for a backend that keeps
+    /// count (wgpu): a shared counter, so a benchmark can tell a step the host's recording
+    /// bounds from one the device bounds. `None` where the backend does not count.
+    fn host_waits(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        None
+    }
+
     /// Uploads a weight matrix `[rows, cols]` (FP4 or dense) once.
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Weight>;
     /// `[rows, cols]` of an uploaded weight.

@@ -88,6 +88,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn kernel_stats(&self) -> Option<Arc<Mutex<OpStats>>> {
         self.inner.kernel_stats()
     }
+    fn host_waits(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        self.inner.host_waits()
+    }
     fn upload_weight(&self, w: &HostWeight) -> Result<Self::Weight> {
         self.inner.upload_weight(w)
     }

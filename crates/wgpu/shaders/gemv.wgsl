@@ -10,6 +10,11 @@ struct P {
     k: u32,
     n_off: u32,
     y_stride: u32,
+    // gemv_multi: rows of the second and third weights, row blocks of the first and second.
+    n1: u32,
+    n2: u32,
+    blocks0: u32,
+    blocks1: u32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -29,6 +34,19 @@ fn x_at(i: u32) -> f32 {
 
 var<workgroup> red: array<vec4<f32>, WG>;
 
+// The sum of the GEMV_LANES lanes' partial sums of this thread's row (valid in lane 0).
+fn lane_sum(lid: u32, lane: u32, acc: vec4<f32>) -> vec4<f32> {
+    red[lid] = acc;
+    workgroupBarrier();
+    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return red[lid];
+}
+
 @compute @workgroup_size(WG)
 fn gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -41,16 +59,8 @@ fn gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
     if (r < p.n) {
         acc = w_dot4(r, p.k, m0 * p.k, p.k, nm, lane, GEMV_LANES);
     }
-    red[lid] = acc;
-    workgroupBarrier();
-    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
+    let v = lane_sum(lid, lane, acc);
     if (lane == 0u && r < p.n) {
-        let v = red[lid];
         for (var mi = 0u; mi < nm; mi++) {
             y[(m0 + mi) * p.y_stride + p.n_off + r] = v[mi];
         }

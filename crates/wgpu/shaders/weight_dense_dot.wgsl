@@ -20,8 +20,8 @@ fn w_vec_dot(v: vec4<u32>, xv: u32) -> f32 {
 
 // Lane `lane` of `lanes`: its share of W[row, :] · x for up to four activation rows starting at
 // elements xb, xb + xs, ... (nm of them). Each step reads four 16-byte vectors of the row
-// (`lanes` apart, all loaded before use, as the FP4 path does) when rows and x rows start on 16
-// bytes; else element by element.
+// (`lanes` apart, all loaded before use; past the row they re-read its last vector and count
+// zero, as the FP4 path does) when rows and x rows start on 16 bytes; else element by element.
 fn w_dot4(row: u32, cols: u32, xb: u32, xs: u32, nm: u32, lane: u32, lanes: u32) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
     let per = select(8u, 4u, W_DENSE == 0u);
@@ -29,25 +29,19 @@ fn w_dot4(row: u32, cols: u32, xb: u32, xs: u32, nm: u32, lane: u32, lanes: u32)
         let nq = cols / per;
         let rq = row * nq;
         let step = per / 4u; // x vectors per weight vector
-        var q = lane;
-        for (; q + 3u * lanes < nq; q += 4u * lanes) {
-            let v0 = w_data[rq + q];
-            let v1 = w_data[rq + q + lanes];
-            let v2 = w_data[rq + q + 2u * lanes];
-            let v3 = w_data[rq + q + 3u * lanes];
+        for (var q = lane; q < nq; q += 4u * lanes) {
+            let at = vec4<u32>(q) + vec4<u32>(0u, 1u, 2u, 3u) * lanes;
+            let qi = min(at, vec4<u32>(nq - 1u));
+            let live = select(vec4<f32>(0.0), vec4<f32>(1.0), at < vec4<u32>(nq));
+            let v0 = w_data[rq + qi.x];
+            let v1 = w_data[rq + qi.y];
+            let v2 = w_data[rq + qi.z];
+            let v3 = w_data[rq + qi.w];
             for (var j = 0u; j < 4u; j++) {
                 if (j < nm) {
-                    let xv = (xb + j * xs) / 4u + q * step;
-                    acc[j] += w_vec_dot(v0, xv) + w_vec_dot(v1, xv + lanes * step)
-                        + w_vec_dot(v2, xv + 2u * lanes * step) + w_vec_dot(v3, xv + 3u * lanes * step);
-                }
-            }
-        }
-        for (; q < nq; q += lanes) {
-            let v = w_data[rq + q];
-            for (var j = 0u; j < 4u; j++) {
-                if (j < nm) {
-                    acc[j] += w_vec_dot(v, (xb + j * xs) / 4u + q * step);
+                    let xv = (xb + j * xs) / 4u;
+                    acc[j] += w_vec_dot(v0, xv + qi.x * step) * live.x + w_vec_dot(v1, xv + qi.y * step) * live.y
+                        + w_vec_dot(v2, xv + qi.z * step) * live.z + w_vec_dot(v3, xv + qi.w * step) * live.w;
                 }
             }
         }

@@ -27,83 +27,65 @@ fn w8_dot(w: W8, x: u32) -> f32 {
 // element.
 //
 // A lane takes four words (`lanes` apart) per step, loading all four before using any: with one
-// word per step, each lane waits out a memory round trip per 4-byte load (decode GEMVs of 0.5-4
-// MB ran at a fraction of the bandwidth on the H100).
+// word per step each lane waits out a memory round trip per 4-byte load (decode GEMVs of 0.5-4
+// MB ran at a fraction of the bandwidth on the H100). The last step's words past the row re-read
+// its last word and count zero, so every step is the same straight-line code (K = 768, Qwen3's
+// expert down, is one step; a word-at-a-time remainder loop made it three round trips, and
+// private arrays indexed in loops went to slow local memory).
+const STEP4: vec4<u32> = vec4<u32>(0u, 1u, 2u, 3u);
+
 fn w_dot4(row: u32, cols: u32, xb: u32, xs: u32, nm: u32, lane: u32, lanes: u32) -> vec4<f32> {
     var acc = vec4<f32>(0.0);
     if (xb % 4u == 0u && xs % 4u == 0u) {
         let nw = cols / 8u;
         let rw = row * nw;
-        var w = lane;
-        for (; w + 3u * lanes < nw; w += 4u * lanes) {
-            let c = vec4<u32>(w_word(rw + w), w_word(rw + w + lanes), w_word(rw + w + 2u * lanes),
-                              w_word(rw + w + 3u * lanes));
-            let s = vec4<f32>(w_bscale(row, cols, 8u * w), w_bscale(row, cols, 8u * (w + lanes)),
-                              w_bscale(row, cols, 8u * (w + 2u * lanes)),
-                              w_bscale(row, cols, 8u * (w + 3u * lanes))) * FP4_F16_SCALE;
-            let d0 = w_decode8(c.x);
-            let d1 = w_decode8(c.y);
-            let d2 = w_decode8(c.z);
-            let d3 = w_decode8(c.w);
+        for (var w = lane; w < nw; w += 4u * lanes) {
+            let at = vec4<u32>(w) + STEP4 * lanes;
+            let wi = min(at, vec4<u32>(nw - 1u));
+            let d0 = w_decode8(w_word(rw + wi.x));
+            let d1 = w_decode8(w_word(rw + wi.y));
+            let d2 = w_decode8(w_word(rw + wi.z));
+            let d3 = w_decode8(w_word(rw + wi.w));
+            let sc = vec4<f32>(w_bscale(row, cols, 8u * wi.x), w_bscale(row, cols, 8u * wi.y),
+                               w_bscale(row, cols, 8u * wi.z), w_bscale(row, cols, 8u * wi.w));
+            let s = select(vec4<f32>(0.0), sc, at < vec4<u32>(nw));
             for (var j = 0u; j < 4u; j++) {
                 if (j < nm) {
-                    let xw = (xb + j * xs) / 4u + 2u * w;
-                    acc[j] += w8_dot(d0, xw) * s.x + w8_dot(d1, xw + 2u * lanes) * s.y
-                        + w8_dot(d2, xw + 4u * lanes) * s.z + w8_dot(d3, xw + 6u * lanes) * s.w;
+                    let xw = (xb + j * xs) / 4u;
+                    acc[j] += w8_dot(d0, xw + 2u * wi.x) * s.x + w8_dot(d1, xw + 2u * wi.y) * s.y
+                        + w8_dot(d2, xw + 2u * wi.z) * s.z + w8_dot(d3, xw + 2u * wi.w) * s.w;
                 }
             }
         }
-        for (; w < nw; w += lanes) {
-            let d = w_decode8(w_word(rw + w));
-            let s = w_bscale(row, cols, 8u * w) * FP4_F16_SCALE;
-            for (var j = 0u; j < 4u; j++) {
-                if (j < nm) {
-                    acc[j] += w8_dot(d, (xb + j * xs) / 4u + 2u * w) * s;
-                }
-            }
-        }
-        return acc * w_tscale[row];
+        return acc * (FP4_F16_SCALE * w_row_tscale(row));
     }
     return w_dot4_by_element(row, cols, xb, xs, nm, lane, lanes);
 }
 
+// Row r's four-word step at word w against the x vectors from xw (one activation row).
+fn w_step_dot(r: u32, cols: u32, rw: u32, at: vec4<u32>, wi: vec4<u32>, nw: u32, xw: u32) -> f32 {
+    let sc = vec4<f32>(w_bscale(r, cols, 8u * wi.x), w_bscale(r, cols, 8u * wi.y),
+                       w_bscale(r, cols, 8u * wi.z), w_bscale(r, cols, 8u * wi.w));
+    let s = select(vec4<f32>(0.0), sc, at < vec4<u32>(nw));
+    return w8_dot(w_decode8(w_word(rw + wi.x)), xw + 2u * wi.x) * s.x
+        + w8_dot(w_decode8(w_word(rw + wi.y)), xw + 2u * wi.y) * s.y
+        + w8_dot(w_decode8(w_word(rw + wi.z)), xw + 2u * wi.z) * s.z
+        + w8_dot(w_decode8(w_word(rw + wi.w)), xw + 2u * wi.w) * s.w;
+}
+
 // Lane `lane` of `lanes`: its shares of rows ra and rb of W times one activation row at element
-// xb (MoE gate and up rows): four words of each row per step, all eight loaded before use, and
-// the x vectors read once for both rows.
+// xb (MoE gate and up rows), in the steps of `w_dot4`, both rows' words in one step.
 fn w_dot2(ra: u32, rb: u32, cols: u32, xb: u32, lane: u32, lanes: u32) -> vec2<f32> {
     if (xb % 4u != 0u) {
         return vec2<f32>(w_dot4(ra, cols, xb, 0u, 1u, lane, lanes).x, w_dot4(rb, cols, xb, 0u, 1u, lane, lanes).x);
     }
     let nw = cols / 8u;
-    let wa = ra * nw;
-    let wb = rb * nw;
     var acc = vec2<f32>(0.0);
-    var w = lane;
-    for (; w + 3u * lanes < nw; w += 4u * lanes) {
-        var ca: array<u32, 4>;
-        var cb: array<u32, 4>;
-        var sa: array<f32, 4>;
-        var sb: array<f32, 4>;
-        for (var i = 0u; i < 4u; i++) {
-            let wi = w + i * lanes;
-            ca[i] = w_word(wa + wi);
-            cb[i] = w_word(wb + wi);
-            sa[i] = w_bscale(ra, cols, 8u * wi);
-            sb[i] = w_bscale(rb, cols, 8u * wi);
-        }
-        for (var i = 0u; i < 4u; i++) {
-            let xw = xb / 4u + 2u * (w + i * lanes);
-            let xl = x_vec(xw);
-            let xh = x_vec(xw + 1u);
-            let da = w_decode8(ca[i]);
-            let db = w_decode8(cb[i]);
-            acc += vec2<f32>((dot(da.lo, xl) + dot(da.hi, xh)) * sa[i], (dot(db.lo, xl) + dot(db.hi, xh)) * sb[i]);
-        }
+    for (var w = lane; w < nw; w += 4u * lanes) {
+        let at = vec4<u32>(w) + STEP4 * lanes;
+        let wi = min(at, vec4<u32>(nw - 1u));
+        acc += vec2<f32>(w_step_dot(ra, cols, ra * nw, at, wi, nw, xb / 4u),
+                         w_step_dot(rb, cols, rb * nw, at, wi, nw, xb / 4u));
     }
-    for (; w < nw; w += lanes) {
-        let xw = xb / 4u + 2u * w;
-        acc += vec2<f32>(w8_dot(w_decode8(w_word(wa + w)), xw) * w_bscale(ra, cols, 8u * w),
-                         w8_dot(w_decode8(w_word(wb + w)), xw) * w_bscale(rb, cols, 8u * w));
-    }
-    return acc * FP4_F16_SCALE * vec2<f32>(w_tscale[ra], w_tscale[rb]);
+    return acc * FP4_F16_SCALE * vec2<f32>(w_row_tscale(ra), w_row_tscale(rb));
 }

@@ -179,6 +179,8 @@ pub enum Src {
     Norm,
     Rope,
     Gemv,
+    /// gemv.wgsl + gemv_multi.wgsl, reading up to three weights (weight_quant_multi.wgsl).
+    GemvMulti,
     Gemm,
     HeadLinear,
     Embedding,
@@ -194,12 +196,13 @@ pub enum Src {
 }
 
 impl Src {
-    pub const ALL: [Src; 17] = [
+    pub const ALL: [Src; 18] = [
         Src::Elementwise,
         Src::Copy,
         Src::Norm,
         Src::Rope,
         Src::Gemv,
+        Src::GemvMulti,
         Src::Gemm,
         Src::HeadLinear,
         Src::Embedding,
@@ -221,6 +224,9 @@ impl Src {
             Src::Norm => include_str!("../shaders/norm.wgsl"),
             Src::Rope => include_str!("../shaders/rope.wgsl"),
             Src::Gemv => include_str!("../shaders/gemv.wgsl"),
+            Src::GemvMulti => {
+                concat!(include_str!("../shaders/gemv.wgsl"), include_str!("../shaders/gemv_multi.wgsl"))
+            }
             Src::Gemm => include_str!("../shaders/gemm.wgsl"),
             Src::HeadLinear => include_str!("../shaders/head_linear.wgsl"),
             Src::Embedding => include_str!("../shaders/embedding.wgsl"),
@@ -241,6 +247,7 @@ impl Src {
         matches!(
             self,
             Src::Gemv
+                | Src::GemvMulti
                 | Src::Gemm
                 | Src::HeadLinear
                 | Src::Embedding
@@ -255,7 +262,7 @@ impl Src {
     pub fn weight_kinds(self) -> &'static [WKind] {
         const ALL: [WKind; 5] = [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16];
         match self {
-            Src::CoopGemm => &ALL[..2],
+            Src::CoopGemm | Src::GemvMulti => &ALL[..2],
             s if s.reads_weight() => &ALL,
             _ => &[],
         }
@@ -263,7 +270,7 @@ impl Src {
 
     /// Whether the file uses the decode-path dot products of its weight (`w_dot4`).
     pub fn dots_weight(self) -> bool {
-        matches!(self, Src::Gemv | Src::MoeGemv | Src::HeadLinear)
+        matches!(self, Src::Gemv | Src::GemvMulti | Src::MoeGemv | Src::HeadLinear)
     }
 
     /// Whether the file has an `N_TILE` parameter.
@@ -298,7 +305,12 @@ impl Variant {
         s.push_str(&constants(consts.gemv_lanes));
         s.push_str(include_str!("../shaders/common.wgsl"));
         if let Some(w) = self.weight {
-            s.push_str(&w.snippet(self.src.dots_weight()));
+            let snippet = w.snippet(self.src.dots_weight());
+            if self.src == Src::GemvMulti {
+                s.push_str(&multi_weight_access(&snippet));
+            } else {
+                s.push_str(&snippet);
+            }
         }
         let mut body = self.src.text().to_string();
         if let Some(c) = coop {
@@ -312,6 +324,25 @@ impl Variant {
             None => s.push_str(&body),
         }
         s
+    }
+}
+
+/// An FP4 weight snippet with its access block (bindings and accessors) replaced by
+/// weight_quant_multi.wgsl's, which reads one of three weights.
+fn multi_weight_access(snippet: &str) -> String {
+    const BEGIN: &str = "// BEGIN WEIGHT ACCESS";
+    const END: &str = "// END WEIGHT ACCESS";
+    match (snippet.find(BEGIN), snippet.find(END)) {
+        (Some(b), Some(e)) => {
+            format!(
+                "{}{}{}",
+                &snippet[..b],
+                include_str!("../shaders/weight_quant_multi.wgsl"),
+                &snippet[e + END.len()..]
+            )
+        }
+        // Only FP4 snippets have the block (GemvMulti has no other weight kinds).
+        _ => snippet.to_string(),
     }
 }
 

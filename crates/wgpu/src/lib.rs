@@ -91,7 +91,15 @@ pub struct WgpuBackend {
     max_chunk_bytes: u64,
     /// RoPE inverse frequencies by (dims, theta bits), uploaded on first use.
     inv_freq: Mutex<HashMap<(usize, u32), Arc<wgpu::Buffer>>>,
+    /// `linears` runs as one dispatch (gemv_multi.wgsl): the adapter allows its
+    /// [`MULTI_GEMV_BUFFERS`] storage buffers in one kernel, and `FP4MOE_WGPU_MULTI_GEMV` is not 0.
+    multi_gemv: bool,
+    /// Nanoseconds the host has spent blocked in waits for the GPU (`Backend::host_waits`).
+    waited: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Storage buffers of gemv_multi.wgsl: x, three outputs, three FP4 weights of three buffers.
+const MULTI_GEMV_BUFFERS: u32 = 13;
 
 impl WgpuBackend {
     /// The first suitable adapter (discrete GPU first), or [`Error::NoAdapter`].
@@ -116,6 +124,9 @@ impl WgpuBackend {
             config: opts.config.unwrap_or_else(|| ops::default_config(ctx.caps.coop.is_some())),
             max_chunk_bytes,
             inv_freq: Mutex::new(HashMap::new()),
+            multi_gemv: ctx.device.limits().max_storage_buffers_per_shader_stage >= MULTI_GEMV_BUFFERS
+                && !std::env::var("FP4MOE_WGPU_MULTI_GEMV").is_ok_and(|v| v == "0"),
+            waited: Arc::default(),
             ctx,
         })
     }

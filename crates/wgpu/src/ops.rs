@@ -205,6 +205,9 @@ impl WgpuBackend {
         }
         for w in [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16] {
             self.kw(Src::Gemv, "gemv", w, None)?;
+            if w.is_fp4() {
+                self.kw(Src::GemvMulti, "gemv_multi", w, None)?;
+            }
             self.kw(Src::HeadLinear, "head_linear", w, None)?;
             self.kw(Src::HeadLinear, "head_linear_t", w, None)?;
             self.kw(Src::Embedding, "embedding", w, None)?;
@@ -809,6 +812,10 @@ impl Backend for WgpuBackend {
         WgpuBackend::kernel_stats(self)
     }
 
+    fn host_waits(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        Some(self.waited.clone())
+    }
+
     fn upload_weight(&self, w: &HostWeight) -> Result<WgpuWeight> {
         self.upload_weight_impl(w)
     }
@@ -891,7 +898,8 @@ impl Backend for WgpuBackend {
             _ => self.kw(Src::Gemv, "gemv", w.kind, None)?,
         };
         for c in &w.chunks {
-            let params = [m, c.rows, k, c.row0, n, 0, 0, 0].map(u);
+            // gemv.wgsl's P (12 words; its gemv_multi fields unused).
+            let params = [m, c.rows, k, c.row0, n, 0, 0, 0, 0, 0, 0, 0].map(u);
             let mut b = vec![(1, &x.storage.buf), (2, &out.storage.buf)];
             b.extend(c.bindings());
             let groups = match path {
@@ -910,6 +918,51 @@ impl Backend for WgpuBackend {
             self.dispatch(&kernel, &params, &b, groups)?;
         }
         Ok(out)
+    }
+
+    fn linears(&self, x: &GT, ws: &[&WgpuWeight], path: LinearPath) -> Result<Vec<GT>> {
+        const OP: &str = "linears";
+        let separate = || ws.iter().map(|w| self.linear(x, w, path)).collect();
+        let Some(w0) = ws.first() else { return Ok(Vec::new()) };
+        let (k, m) = (w0.cols, x.rows());
+        let decode = match path {
+            LinearPath::Auto => matches!(self.config.linear_path(m), LinearPath::Decode),
+            p => p == LinearPath::Decode,
+        };
+        let one_kernel = (2..=3).contains(&ws.len())
+            && decode
+            && self.multi_gemv
+            && x.last_dim() == k
+            && !x.shape().is_empty()
+            && ws.iter().all(|w| w.kind == w0.kind && w.kind.is_fp4() && w.cols == k && w.chunks.len() == 1);
+        if !one_kernel {
+            return separate();
+        }
+        let x = self.as_f32(OP, x)?;
+        let outs: Vec<GT> = ws
+            .iter()
+            .map(|w| {
+                let mut shape = x.shape().to_vec();
+                *shape.last_mut().expect("non-empty") = w.rows;
+                self.alloc(&shape, DType::F32)
+            })
+            .collect();
+        let rows_per = self.kernels.gemv_rows() as usize;
+        let n = |i: usize| ws.get(i).map_or(0, |w| w.rows);
+        let (b0, b1) = (n(0).div_ceil(rows_per), n(1).div_ceil(rows_per));
+        let blocks = b0 + b1 + n(2).div_ceil(rows_per);
+        let params = [m, n(0), k, 0, n(0), n(1), n(2), b0, b1, 0, 0, 0].map(u);
+        // A third weight and output that are absent bind the second's (no rows read them).
+        let last = ws.len() - 1;
+        let mut b = vec![(1, &x.storage.buf), (2, &outs[0].storage.buf), (3, &outs[1].storage.buf)];
+        b.push((4, &outs[last].storage.buf));
+        for (i, slot) in [0, 1, last].into_iter().enumerate() {
+            b.extend(ws[slot].chunks[0].bindings().map(|(bi, buf)| (bi + 3 * i as u32, buf)));
+        }
+        let [gx, gy, _] = grid(blocks, 1);
+        let groups = [gx, gy, u(m.div_ceil(shape::GEMV_MR as usize))];
+        self.dispatch(&self.kw(Src::GemvMulti, "gemv_multi", w0.kind, None)?, &params, &b, groups)?;
+        Ok(outs)
     }
 
     fn head_linear(&self, x: &GT, w: &WgpuWeight, spec: HeadLinear) -> Result<GT> {

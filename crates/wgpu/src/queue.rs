@@ -255,12 +255,18 @@ impl WgpuBackend {
         self.ctx.take_errors()
     }
 
+    /// Blocks until the GPU has run everything submitted, counting the time (`waited`).
+    fn poll_wait(&self) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let r = self.ctx.device.poll(wgpu::PollType::wait_indefinitely());
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.waited.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+        r.map(|_| ()).map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))
+    }
+
     pub(crate) fn wait(&self) -> Result<()> {
         self.submit(true)?;
-        self.ctx
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))?;
+        self.poll_wait()?;
         self.ctx.take_errors()
     }
 
@@ -285,10 +291,7 @@ impl WgpuBackend {
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.ctx
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))?;
+        self.poll_wait()?;
         self.ctx.take_errors()?;
         rx.recv()
             .map_err(|_| Error::Device("buffer map callback was dropped".into()))?

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
@@ -268,6 +269,8 @@ struct Built {
     stats: Option<Arc<Mutex<OpStats>>>,
     /// Device time per kernel, on backends that time kernels (wgpu with timestamps on).
     kernels: Option<Arc<Mutex<OpStats>>>,
+    /// Host time blocked on the device, on backends that count it (wgpu).
+    waits: Option<Arc<AtomicU64>>,
 }
 
 impl OnBackend for BuildForBench {
@@ -276,6 +279,7 @@ impl OnBackend for BuildForBench {
         let name = backend.name();
         let device_gbps = gpu_bandwidth(&backend)?;
         let kernels = backend.kernel_stats();
+        let waits = backend.host_waits();
         let (arch, layers, format) = (self.arch, self.layers, self.format);
         let (model, stats) = if self.profile {
             let p = Profiled::new(backend);
@@ -284,7 +288,7 @@ impl OnBackend for BuildForBench {
         } else {
             (fp4moe_models::synthetic(backend, arch, layers, format, SYNTHETIC_WEIGHT_SEED)?, None)
         };
-        Ok(Built { model, backend: name, device_gbps, stats, kernels })
+        Ok(Built { model, backend: name, device_gbps, stats, kernels, waits })
     }
 }
 
@@ -298,6 +302,8 @@ const FIRST_DECODE_STEPS: usize = 2;
 struct Timings {
     prefill_s: f64,
     decode_s: f64,
+    /// Seconds of the timed decode the host spent blocked on the device (where counted).
+    decode_wait_s: Option<f64>,
     decode_steps: usize,
     /// Timed decode steps that replayed a recorded graph.
     graph_replays: u64,
@@ -319,6 +325,7 @@ fn time_model(
     decode: usize,
     stats: &Option<Arc<Mutex<OpStats>>>,
     kernels: &Option<Arc<Mutex<OpStats>>>,
+    waits: &Option<Arc<AtomicU64>>,
 ) -> anyhow::Result<Timings> {
     let info = model.info();
     let prompt = prompt_ids(prefill, info.vocab_size);
@@ -352,13 +359,17 @@ fn time_model(
     take(stats);
     take(kernels);
     let replays = fp4moe_models::decode_graph_replays();
+    let waited = || waits.as_ref().map(|w| w.load(Ordering::Relaxed));
+    let waited0 = waited();
     let start = Instant::now();
     for _ in 0..decode {
         let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
         next = sampler.sample(&logits[0])?;
     }
     let decode_s = start.elapsed().as_secs_f64();
+    let decode_wait_s = waited().zip(waited0).map(|(b, a)| (b - a) as f64 * 1e-9);
     Ok(Timings {
+        decode_wait_s,
         prefill_s,
         decode_s,
         decode_steps: decode,
@@ -427,7 +438,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         info.num_layers, args.prefill
     );
 
-    let t = time_model(model.as_ref(), args.prefill, args.decode_tokens, &built.stats, &built.kernels)?;
+    let t = time_model(
+        model.as_ref(),
+        args.prefill,
+        args.decode_tokens,
+        &built.stats,
+        &built.kernels,
+        &built.waits,
+    )?;
     let prefill_tok_s = args.prefill as f64 / t.prefill_s;
     let decode_tok_s = t.decode_steps as f64 / t.decode_s;
     // The cache grows during the timed decode; the floor uses its mean length.
@@ -455,6 +473,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s)", args.prefill, t.prefill_s);
     println!("decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s)", t.decode_steps, t.decode_s);
+    if let Some(w) = t.decode_wait_s {
+        // Near zero: the host's recording (or its sampling) bounds the step, not the device.
+        println!(
+            "host waits       {:.2} ms per decode step ({:.0}% of it blocked on the device)",
+            w * 1e3 / t.decode_steps as f64,
+            100.0 * w / t.decode_s
+        );
+    }
     let first: Vec<String> = t.first_steps_ms.iter().map(|ms| format!("{ms:.1} ms")).collect();
     println!(
         "decode graph     {} of {} timed steps replayed (untimed first steps: {})",
