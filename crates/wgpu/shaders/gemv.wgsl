@@ -1,8 +1,8 @@
 // Linear, decode path: `y[m, n_off + r] = W[r, :] · x[m, :]` for the rows r of one weight chunk.
 // A workgroup takes GEMV_ROWS weight rows with GEMV_LANES threads each and up to GEMV_MR activation
-// rows, so each weight vector is read once per GEMV_MR rows; lanes stride K by 16-byte vectors
-// (`w_dot4`, coalesced), and the lane partial sums meet in workgroup memory (no subgroup size
-// is assumed).
+// rows, so each weight vector is read once per GEMV_MR rows; lanes stride K by words / 16-byte
+// vectors (`w_dot4`, coalesced), and the lane partial sums meet in workgroup memory
+// (`lane_sum`, weight_dot.wgsl).
 
 struct P {
     m: u32,
@@ -30,21 +30,6 @@ fn x_vec(i: u32) -> vec4<f32> {
 
 fn x_at(i: u32) -> f32 {
     return x[i / 4u][i % 4u];
-}
-
-var<workgroup> red: array<vec4<f32>, WG>;
-
-// The sum of the GEMV_LANES lanes' partial sums of this thread's row (valid in lane 0).
-fn lane_sum(lid: u32, lane: u32, acc: vec4<f32>) -> vec4<f32> {
-    red[lid] = acc;
-    workgroupBarrier();
-    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    return red[lid];
 }
 
 @compute @workgroup_size(WG)

@@ -42,16 +42,9 @@ fn head_linear(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup
         let row = (mh % p.heads) * p.rows_per_head + p.row_start + r;
         v = w_dot4(row, p.k, mh * p.k, 0u, 1u, lane, GEMV_LANES);
     }
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
+    let r = lane_sum(lid, lane, v);
     if (lane == 0u && live) {
-        y[i] = red[lid].x;
+        y[i] = r.x;
     }
 }
 

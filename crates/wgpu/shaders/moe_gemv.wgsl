@@ -30,20 +30,6 @@ fn x_at(i: u32) -> f32 {
     return x[i / 4u][i % 4u];
 }
 
-var<workgroup> red: array<vec2<f32>, WG>;
-
-fn lane_reduce(lid: u32, lane: u32, v: vec2<f32>) -> vec2<f32> {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    return red[lid];
-}
-
 // Workgroup (x: row block, z: pair). Rows j < I: gate row j and up row I + j of the expert.
 @compute @workgroup_size(WG)
 fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -61,7 +47,7 @@ fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
         let xb = (pair / p.k) * p.h;
         v = w_dot2(base + j, base + p.inter + j, p.h, xb, lane, GEMV_LANES);
     }
-    let r = lane_reduce(lid, lane, v);
+    let r = lane_sum(lid, lane, vec4<f32>(v, 0.0, 0.0)).xy;
     if (lane == 0u && j < p.inter) {
         out[pair * p.inter + j] = r.x / (1.0 + exp(-r.x)) * r.y;
     }
@@ -81,7 +67,7 @@ fn moe_down_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
     if (n < p.h) {
         v.x = w_dot4(e * p.h - p.row0 + n, p.inter, pair * p.inter, 0u, 1u, lane, GEMV_LANES).x;
     }
-    let r = lane_reduce(lid, lane, v);
+    let r = lane_sum(lid, lane, vec4<f32>(v, 0.0, 0.0)).xy;
     if (lane == 0u && n < p.h) {
         out[pair * p.h + n] = r.x;
     }

@@ -18,3 +18,21 @@ fn w_dot4_by_element(row: u32, cols: u32, xb: u32, xs: u32, nm: u32, lane: u32, 
     }
     return acc;
 }
+
+// The decode products' lane partial sums: a row's GEMV_LANES lanes (consecutive invocations)
+// add theirs up here (no subgroup size is assumed).
+var<workgroup> lane_red: array<vec4<f32>, WG>;
+
+// The sum over the GEMV_LANES lanes of this thread's row (valid in each row's lane 0). Every
+// invocation of the workgroup calls it (it holds barriers).
+fn lane_sum(lid: u32, lane: u32, acc: vec4<f32>) -> vec4<f32> {
+    lane_red[lid] = acc;
+    workgroupBarrier();
+    for (var s = GEMV_LANES / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            lane_red[lid] += lane_red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return lane_red[lid];
+}

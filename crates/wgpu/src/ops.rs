@@ -237,29 +237,17 @@ impl WgpuBackend {
 
     /// `dst[dst_off + i*dst_stride + j] = src[src_off + i*src_stride + j]` (elements).
     #[allow(clippy::too_many_arguments)]
-    fn copy2d(
-        &self,
-        dtype: DType,
-        src: &wgpu::Buffer,
-        dst: &wgpu::Buffer,
-        rows: usize,
-        cols: usize,
-        src_off: usize,
-        src_stride: usize,
-        dst_off: usize,
-        dst_stride: usize,
-    ) -> Result<()> {
-        let c = Copy2d { src, dst, rows, cols, src_off, src_stride, dst_off, dst_stride };
+    fn copy2d(&self, dtype: DType, c: &Copy2d<'_>) -> Result<()> {
         if dtype == DType::BF16 {
-            if rows == 0 || cols == 0 {
+            if c.rows == 0 || c.cols == 0 {
                 return Ok(());
             }
-            let wpr = cols / 2 + 1;
-            let params = copy_params(&c, wpr, &c.empty());
-            let binds = [(1, src), (2, dst), (3, src), (4, dst)];
-            self.dispatch(&self.k(Src::Copy, "copy16")?, &params, &binds, grid(rows * wpr, shape::WG))
+            let wpr = c.cols / 2 + 1;
+            let params = copy_params(c, wpr, &c.empty());
+            let binds = [(1, c.src), (2, c.dst), (3, c.src), (4, c.dst)];
+            self.dispatch(&self.k(Src::Copy, "copy16")?, &params, &binds, grid(c.rows * wpr, shape::WG))
         } else {
-            self.copy32(&c, &c.empty())
+            self.copy32(c, &c.empty())
         }
     }
 
@@ -1155,7 +1143,19 @@ impl Backend for WgpuBackend {
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = len;
         let out = self.alloc(&shape, x.dtype());
-        self.copy2d(x.dtype(), &x.storage.buf, &out.storage.buf, x.rows(), len, start, c, 0, len)?;
+        self.copy2d(
+            x.dtype(),
+            &Copy2d {
+                src: &x.storage.buf,
+                dst: &out.storage.buf,
+                rows: x.rows(),
+                cols: len,
+                src_off: start,
+                src_stride: c,
+                dst_off: 0,
+                dst_stride: len,
+            },
+        )?;
         Ok(out)
     }
 
@@ -1166,7 +1166,19 @@ impl Backend for WgpuBackend {
         let mut shape = s.to_vec();
         shape[0] = len;
         let out = self.alloc(&shape, x.dtype());
-        self.copy2d(x.dtype(), &x.storage.buf, &out.storage.buf, len, per, start * per, per, 0, per)?;
+        self.copy2d(
+            x.dtype(),
+            &Copy2d {
+                src: &x.storage.buf,
+                dst: &out.storage.buf,
+                rows: len,
+                cols: per,
+                src_off: start * per,
+                src_stride: per,
+                dst_off: 0,
+                dst_stride: per,
+            },
+        )?;
         Ok(out)
     }
 
@@ -1179,7 +1191,19 @@ impl Backend for WgpuBackend {
         let mut r0 = 0;
         for p in parts {
             let n = p.shape()[0];
-            self.copy2d(dtype, &p.storage.buf, &out.storage.buf, n, per, 0, per, r0 * per, per)?;
+            self.copy2d(
+                dtype,
+                &Copy2d {
+                    src: &p.storage.buf,
+                    dst: &out.storage.buf,
+                    rows: n,
+                    cols: per,
+                    src_off: 0,
+                    src_stride: per,
+                    dst_off: r0 * per,
+                    dst_stride: per,
+                },
+            )?;
             r0 += n;
         }
         Ok(out)
@@ -1191,7 +1215,19 @@ impl Backend for WgpuBackend {
         match (x.dtype(), dtype) {
             (DType::F32, DType::F32) | (DType::BF16, DType::BF16) => {
                 let out = self.alloc(x.shape(), dtype);
-                self.copy2d(dtype, &x.storage.buf, &out.storage.buf, 1, n, 0, n, 0, n)?;
+                self.copy2d(
+                    dtype,
+                    &Copy2d {
+                        src: &x.storage.buf,
+                        dst: &out.storage.buf,
+                        rows: 1,
+                        cols: n,
+                        src_off: 0,
+                        src_stride: n,
+                        dst_off: 0,
+                        dst_stride: n,
+                    },
+                )?;
                 Ok(out)
             }
             (DType::F32, DType::BF16) => {
@@ -1213,14 +1249,8 @@ impl Backend for WgpuBackend {
     }
 
     fn write_rows(&self, dst: &GT, src: &GT, row0: usize, col0: usize) -> Result<()> {
-        let ([_, c], [n, sc]) = fp4moe_ops::check::write_rows(
-            (dst.shape(), dst.dtype()),
-            (src.shape(), src.dtype()),
-            row0,
-            col0,
-        )?;
         // A buffer cannot be bound for reading and writing in one dispatch: copy an aliasing
-        // source out first.
+        // source out first (shapes are checked after, before anything is written to dst).
         let tmp;
         let src = if Arc::ptr_eq(&dst.storage, &src.storage) {
             tmp = self.slice_rows(&src.reshape(&[src.numel()])?, 0, src.numel())?.reshape(src.shape())?;
@@ -1228,7 +1258,7 @@ impl Backend for WgpuBackend {
         } else {
             src
         };
-        self.copy2d(dst.dtype(), &src.storage.buf, &dst.storage.buf, n, sc, 0, sc, row0 * c + col0, c)
+        self.copy2d(dst.dtype(), &Copy2d::write_rows((dst, src, row0, col0))?)
     }
 
     fn write_rows_many(&self, writes: &[(&GT, &GT, usize, usize)]) -> Result<()> {
@@ -1352,7 +1382,19 @@ impl Backend for WgpuBackend {
         if k == 0 {
             // No routed experts: the output is the shared expert alone (or zeros).
             if let Some(so) = &shared_out {
-                self.copy2d(DType::F32, &so.storage.buf, &out.storage.buf, 1, n * h, 0, n * h, 0, n * h)?;
+                self.copy2d(
+                    DType::F32,
+                    &Copy2d {
+                        src: &so.storage.buf,
+                        dst: &out.storage.buf,
+                        rows: 1,
+                        cols: n * h,
+                        src_off: 0,
+                        src_stride: n * h,
+                        dst_off: 0,
+                        dst_stride: n * h,
+                    },
+                )?;
             }
             return Ok(out);
         }
