@@ -518,6 +518,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "backend": format!("{:?}", args.backend).to_lowercase(),
             "decode_tok_s": decode_tok_s,
             "decode_graph_replays": t.graph_replays,
+            "decode_host_wait_ms_per_step": t.decode_wait_s.map(|w| w * 1e3 / t.decode_steps as f64),
             "first_decode_steps_ms": t.first_steps_ms,
             "prefill_tok_s": prefill_tok_s,
             "floor_decode_tok_s": floor_decode_tok_s,
