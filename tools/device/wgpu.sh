@@ -13,7 +13,11 @@
 # (git-ignored):
 #   cargo test -p fp4moe-wgpu --release --no-run  -> out/wgpu/conformance, out/wgpu/golden, out/wgpu/coop
 #   cargo build --release -p fp4moe              -> out/wgpu/fp4moe
-# STAGES selects parts (default: all): "test golden kernels model profile torch".
+# STAGES selects parts (default: all but ab): "test golden kernels model profile torch ab".
+# `ab` compares a previous build with this one in the same call (decode through Vulkan moves by
+# up to 10 % between processes): copy the previous commit's fp4moe to out/wgpu/base_fp4moe
+# first; it runs `bench model` on both models AB_ROUNDS times (default 2), alternating the two
+# binaries, with AB_ARGS (default "--prefill 2048 --decode-tokens 128").
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4moe-wgpu-out}
 mkdir -p "$OUT"
@@ -75,6 +79,21 @@ if has profile; then
         say "FP4MOE_WGPU_TIMESTAMPS=1 fp4moe bench model --backend wgpu --synthetic $m"
         FP4MOE_WGPU_TIMESTAMPS=1 timeout 200 $BIN/fp4moe bench model --backend wgpu --synthetic $m \
             --decode-tokens 8 --json "$OUT/kernels_$m.json" 2>&1 | tail -60 | tee -a "$LOG"
+    done
+fi
+
+if has ab; then
+    say "A/B: base_fp4moe (previous build) against fp4moe, alternating (${AB_ARGS:=--prefill 2048 --decode-tokens 128})"
+    for i in $(seq "${AB_ROUNDS:-2}"); do
+        for m in qwen3-30b-a3b glm-4.7-flash; do
+            for b in base_fp4moe fp4moe; do
+                # shellcheck disable=SC2086 # AB_ARGS is a list of flags
+                r=$(timeout 200 $BIN/$b bench model --backend wgpu --synthetic $m $AB_ARGS 2>&1 |
+                    grep -E '^prefill|^decode \(|^host waits' | sed -E 's/ *\([0-9]+ (tokens|steps) in .*//' |
+                    tr -s ' ' | paste -sd '|')
+                echo "$b $m: $r" | tee -a "$LOG"
+            done
+        done
     done
 fi
 
