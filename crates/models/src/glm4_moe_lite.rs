@@ -404,13 +404,18 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
             QProj::Full(_) => q0,
         }
         .reshape(&[n, heads, nope + rope])?;
-        let q_rope = b.rope(&b.slice_cols(&q, nope, rope)?, positions, c.rope())?; // [n, heads, rope]
-        let q_lat = b.head_linear(&b.slice_cols(&q, 0, nope)?, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
+        let (q_nope, q_rope) = b.split_rope(&q, nope, None, positions, c.rope())?; // [n, heads, nope | rope]
+        let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
 
-        // ckv: [n, lora + rope]
-        let latent = at.kv_a_norm.forward(b, &b.slice_cols(&ckv, 0, lora)?)?; // [n, lora]
-        let k_rope = b.slice_cols(&ckv, lora, rope)?.reshape(&[n, 1, rope])?;
-        let k_rope = b.rope(&k_rope, positions, c.rope())?.reshape(&[n, rope])?;
+        // ckv: [n, lora + rope] -> the normed latent [n, lora] and the rotated key part [n, rope]
+        let (latent, k_rope) = b.split_rope(
+            &ckv.reshape(&[n, 1, lora + rope])?,
+            lora,
+            Some(at.kv_a_norm.parts()),
+            positions,
+            c.rope(),
+        )?;
+        let (latent, k_rope) = (latent.reshape(&[n, lora])?, k_rope.reshape(&[n, rope])?);
 
         let scale = 1.0 / (c.qk_head_dim() as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());

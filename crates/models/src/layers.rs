@@ -176,6 +176,10 @@ impl<B: Backend> Norm<B> {
     pub fn forward(&self, b: &B, x: &T<B>) -> Result<T<B>> {
         Ok(b.rms_norm(x, &self.weight, self.eps)?)
     }
+    /// (weight, eps), for ops that fuse the norm into something else.
+    pub fn parts(&self) -> (&T<B>, f32) {
+        (&self.weight, self.eps)
+    }
     /// `(x + a, forward(x + a))` as one op (`Backend::add_rms_norm`): a layer's residual add and
     /// the norm that reads the sum.
     pub fn add_forward(&self, b: &B, x: &T<B>, a: &T<B>) -> Result<(T<B>, T<B>)> {

@@ -162,6 +162,31 @@ pub fn rope(op: &'static str, x: &[usize], positions: &[usize], spec: crate::Rop
     Ok(d)
 }
 
+/// [`crate::Backend::split_rope`]: x `[n, H, D]` split at 0 < a < D, the rotation valid on the
+/// `D - a` columns after it, a norm weight (if any) `[a]`. Returns `[n, H, D]`.
+pub fn split_rope(
+    x: &[usize],
+    a: usize,
+    norm: Option<&[usize]>,
+    positions: &[usize],
+    spec: crate::Rope,
+) -> Result<[usize; 3]> {
+    const OP: &str = "split_rope";
+    let &[n, h, d] = x else {
+        return Err(shape_err(OP, format!("x {x:?} (want [n, H, D])")));
+    };
+    if a == 0 || a >= d {
+        return Err(shape_err(OP, format!("split at {a} of x {x:?} (want 0 < a < D)")));
+    }
+    rope(OP, &[n, h, d - a], positions, spec)?;
+    if let Some(w) = norm
+        && w != [a]
+    {
+        return Err(shape_err(OP, format!("first part {a} wide with weight {w:?}")));
+    }
+    Ok([n, h, d])
+}
+
 /// [`crate::Backend::concat_rows`]: at least one part, all with the same trailing shape and
 /// dtype. Returns `(elements per row, total rows)`.
 pub fn concat_rows<S>(parts: &[&Tensor<S>]) -> Result<(usize, usize)> {

@@ -837,7 +837,10 @@ pub fn check_norm_rope<B: Backend>(b: &B, seed: u64) -> Check {
         xs[0] = 0.0;
         let w: Vec<f32> = (0..d).map(|_| cx.rng.range(0.5, 1.5)).collect();
         let mut pos: Vec<u32> = (0..shape[0]).map(|_| cx.rng.below(32768) as u32).collect();
-        pos[0] = 0;
+        // Position 0 (no rotation) too, but not as a one-token case's only position.
+        if pos.len() > 1 {
+            pos[0] = 0;
+        }
         let r = RefBackend;
         let want = {
             let p = up_u(&r, &pos, &[pos.len()]).or_fail(&cx, &case)?;
@@ -875,6 +878,57 @@ pub fn check_norm_rope<B: Backend>(b: &B, seed: u64) -> Check {
                 .or_fail(&cx, &case)?;
             close(&cx, &format!("{case} output {i}"), &got[i], &want, TOL_ROPE.max(tol_sum(d)))?;
         }
+    }
+    Ok(())
+}
+
+/// MLA's split + norm + RoPE against the reference's slices, norm and rotation: GLM's query
+/// heads (20 x 256 at 192, no norm) and its kv row (576 at 512, normed), at one and three
+/// tokens; a partial rotation in both styles; a row too wide for GPU backends' one-pass kernels.
+pub fn check_split_rope<B: Backend>(b: &B, seed: u64) -> Check {
+    let mut cx = Ctx::new(seed);
+    let il = RopeStyle::Interleaved;
+    let nx = RopeStyle::NeoX;
+    let glm = Rope { style: il, offset: 0, dims: 64, theta: 1e6 };
+    let cases = [
+        ([1usize, 20usize, 256usize], 192usize, false, glm),
+        ([3, 20, 256], 192, false, glm),
+        ([1, 1, 576], 512, true, glm),
+        ([3, 1, 576], 512, true, glm),
+        ([3, 3, 14], 4, true, Rope { style: nx, offset: 2, dims: 6, theta: 1e4 }),
+        ([2, 2, 14], 5, false, Rope { style: il, offset: 1, dims: 6, theta: 1e4 }),
+        ([2, 1, 2112], 2048, true, Rope { style: nx, offset: 0, dims: 64, theta: 1e4 }),
+    ];
+    for (shape, a, normed, spec) in cases {
+        let case = format!("split_rope {shape:?} at {a}, norm {normed}, {spec:?}");
+        let mut xs = cx.rng.normals(shape.iter().product(), 3.0);
+        xs[0] = 0.0;
+        let w: Vec<f32> = (0..a).map(|_| cx.rng.range(0.5, 1.5)).collect();
+        let mut pos: Vec<u32> = (0..shape[0]).map(|_| cx.rng.below(32768) as u32).collect();
+        // Position 0 (no rotation) too, but not as a one-token case's only position.
+        if pos.len() > 1 {
+            pos[0] = 0;
+        }
+        let split = |r: &B| -> crate::Result<[Out; 2]> {
+            let p = up_u(r, &pos, &[pos.len()])?;
+            let wt = up(r, &w, &[a])?;
+            let norm = normed.then_some((&wt, 1e-6f32));
+            let (first, rest) = r.split_rope(&up(r, &xs, &shape)?, a, norm, &p, spec)?;
+            Ok([fetch(r, &first)?, fetch(r, &rest)?])
+        };
+        let want = (|| -> crate::Result<[Out; 2]> {
+            let r = RefBackend;
+            let p = up_u(&r, &pos, &[pos.len()])?;
+            let x = up(&r, &xs, &shape)?;
+            let first = r.slice_cols(&x, 0, a)?;
+            let first = if normed { r.rms_norm(&first, &up(&r, &w, &[a])?, 1e-6)? } else { first };
+            let rest = r.rope(&r.slice_cols(&x, a, shape[2] - a)?, &p, spec)?;
+            Ok([fetch(&r, &first)?, fetch(&r, &rest)?])
+        })()
+        .or_fail(&cx, &case)?;
+        let got = split(b).or_fail(&cx, &case)?;
+        close(&cx, &format!("{case}, first part"), &got[0], &want[0], TOL_ROPE.max(tol_sum(a)))?;
+        close(&cx, &format!("{case}, rotated part"), &got[1], &want[1], TOL_ROPE)?;
     }
     Ok(())
 }
@@ -1604,7 +1658,7 @@ macro_rules! conformance_tests {
             check_paths, check_memory, check_cast,
             check_linear_odd_shapes, check_linear_glm_shapes, check_linear_qwen_shapes,
             check_linear_router_shapes, check_head_linear, check_embedding,
-            check_rms_norm, check_rope, check_norm_rope, check_softmax, check_elementwise, check_data_movement,
+            check_rms_norm, check_rope, check_norm_rope, check_split_rope, check_softmax, check_elementwise, check_data_movement,
             check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
             check_moe_routing, check_moe_qwen_shape, check_moe_glm_shape,
             check_attention_gqa, check_attention_mla, check_shape_errors);

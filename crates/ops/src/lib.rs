@@ -203,6 +203,21 @@ pub trait Backend: Send + Sync {
         xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect()
     }
 
+    /// MLA's split of each head of x `[n, H, C]` at column `a`: `(x[.., :a], rope(x[.., a:],
+    /// positions, spec))`, the first part normed when `norm = Some((w [a], eps))`. GLM's query
+    /// heads (no norm) and its compressed kv row (H = 1, kv_a_layernorm), so a backend can do
+    /// the two slices, the norm and the rotation in one pass (the default runs them apart).
+    fn split_rope(
+        &self,
+        x: &T<Self>,
+        a: usize,
+        norm: Option<(&T<Self>, f32)>,
+        positions: &T<Self>,
+        spec: Rope,
+    ) -> Result<(T<Self>, T<Self>)> {
+        split_rope_separately(self, x, a, norm, positions, spec)
+    }
+
     /// Softmax over the last dim (f32, max-subtracted).
     fn softmax(&self, x: &T<Self>) -> Result<T<Self>>;
 
@@ -295,4 +310,24 @@ pub trait Backend: Send + Sync {
     /// The k largest values per row, descending (ties to the lower index):
     /// `[n, V]` -> (values f32 `[n, k]`, ids u32 `[n, k]`).
     fn top_k(&self, x: &T<Self>, k: usize) -> Result<(T<Self>, T<Self>)>;
+}
+
+/// [`Backend::split_rope`] as its separate ops (two slices, the norm, the rotation): the trait's
+/// default, and what a backend falls back to where its one-pass kernel does not fit.
+pub fn split_rope_separately<B: Backend + ?Sized>(
+    b: &B,
+    x: &T<B>,
+    a: usize,
+    norm: Option<(&T<B>, f32)>,
+    positions: &T<B>,
+    spec: Rope,
+) -> Result<(T<B>, T<B>)> {
+    let c = x.shape().last().copied().unwrap_or(0);
+    let first = b.slice_cols(x, 0, a)?;
+    let first = match norm {
+        Some((w, eps)) => b.rms_norm(&first, w, eps)?,
+        None => first,
+    };
+    let rest = b.rope(&b.slice_cols(x, a, c.saturating_sub(a))?, positions, spec)?;
+    Ok((first, rest))
 }

@@ -141,6 +141,16 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<Vec<T<Self>>> {
         self.time(|| "norm_rope".into(), || self.inner.norm_ropes(xs, positions, spec))
     }
+    fn split_rope(
+        &self,
+        x: &T<Self>,
+        a: usize,
+        norm: Option<(&T<Self>, f32)>,
+        positions: &T<Self>,
+        spec: Rope,
+    ) -> Result<(T<Self>, T<Self>)> {
+        self.time(|| "split_rope".into(), || self.inner.split_rope(x, a, norm, positions, spec))
+    }
     fn softmax(&self, x: &T<Self>) -> Result<T<Self>> {
         self.time(|| "softmax".into(), || self.inner.softmax(x))
     }

@@ -539,6 +539,7 @@ fn unmutated_wrapper_passes() {
         conformance::check_attention_mla::<Mutant>,
         conformance::check_route_sigmoid_grouped::<Mutant>,
         conformance::check_rope::<Mutant>,
+        conformance::check_split_rope::<Mutant>,
         conformance::check_embedding::<Mutant>,
     ] {
         check(&b, seed).unwrap();
@@ -574,6 +575,7 @@ fn suite_catches_biased_router_weights() {
 fn suite_catches_swapped_rope_style() {
     must_fail(Mutation::SwappedRopeStyle, conformance::check_rope);
     must_fail(Mutation::SwappedRopeStyle, conformance::check_norm_rope);
+    must_fail(Mutation::SwappedRopeStyle, conformance::check_split_rope);
 }
 
 #[test]

@@ -14,8 +14,9 @@ struct P {
     rows0: u32,
     eps1: f32,
     heads1: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // split_rope: the first part's width, and whether it is normed.
+    split: u32,
+    normed: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -27,7 +28,7 @@ struct P {
 // add_rms_norm: the second addend and the sum.
 @group(0) @binding(6) var<storage, read> xb: array<f32>;
 @group(0) @binding(7) var<storage, read_write> sum_out: array<f32>;
-// norm_rope: the second input, its weight and its output.
+// norm_rope: the second input, its weight and its output (split_rope: out1, the rotated part).
 @group(0) @binding(8) var<storage, read> x1: array<f32>;
 @group(0) @binding(9) var<storage, read> w1: array<f32>;
 @group(0) @binding(10) var<storage, read_write> out1: array<f32>;
@@ -208,6 +209,47 @@ fn norm_rope(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_i
         } else {
             out[base + c] = y;
         }
+    }
+}
+
+// MLA's split of each head row at p.split (Backend::split_rope): out = x[.., :split], normed
+// when p.normed (GLM's kv row; its query heads are not), out1 = x[.., split:] rotated on its
+// dims offset .. offset + dims. One dispatch for two slices, a norm and a rotation.
+@compute @workgroup_size(WG)
+fn split_rope(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = flat_wg(wid, nwg);
+    let lid = lid3.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let a = p.split;
+    let rl = p.d - a;
+    let base = row * p.d;
+    var r = 1.0;
+    if (p.normed != 0u) {
+        var s = 0.0;
+        for (var i = lid; i < a; i += WG) {
+            s += x[base + i] * x[base + i];
+        }
+        r = 1.0 / sqrt(reduce_sum(lid, s) / f32(a) + p.eps);
+    }
+    for (var i = lid; i < a; i += WG) {
+        var y = x[base + i];
+        if (p.normed != 0u) {
+            y = w[i] * (y * r);
+        }
+        out[row * a + i] = y;
+    }
+    let t = row / p.heads;
+    for (var c = lid; c < rl; c += WG) {
+        var y = x[base + a + c];
+        if (c >= p.offset && c < p.offset + p.dims) {
+            let rp = rope_pair(c - p.offset, p.dims, p.interleaved != 0u);
+            let pc = select(c - rp.dist, c + rp.dist, rp.first);
+            y = rope_rotate(y, x[base + a + pc], rp.first, sincos(f32(pos[t]) * inv_freq[rp.f]));
+        }
+        out1[row * rl + c] = y;
     }
 }
 

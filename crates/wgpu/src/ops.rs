@@ -189,7 +189,7 @@ impl WgpuBackend {
         let entries: &[(Src, &[&'static str])] = &[
             (Src::Elementwise, &["add", "silu_mul", "to_bf16", "from_bf16"]),
             (Src::Copy, &["copy32", "copy16"]),
-            (Src::Norm, &["rms_norm", "add_rms_norm", "norm_rope", "softmax"]),
+            (Src::Norm, &["rms_norm", "add_rms_norm", "norm_rope", "split_rope", "softmax"]),
             (Src::Rope, &["rope"]),
             (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
             (Src::MoeCombine, &["moe_combine"]),
@@ -1092,6 +1092,64 @@ impl Backend for WgpuBackend {
             [a, b] => Ok(self.norm_rope_launch([a, b], positions, spec)?.into()),
             _ => xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect(),
         }
+    }
+
+    fn split_rope(
+        &self,
+        x: &GT,
+        a: usize,
+        norm: Option<(&GT, f32)>,
+        positions: &GT,
+        spec: Rope,
+    ) -> Result<(GT, GT)> {
+        const OP: &str = "split_rope";
+        expect(OP, x, DType::F32)?;
+        expect(OP, positions, DType::U32)?;
+        if let Some((w, _)) = norm {
+            expect(OP, w, DType::F32)?;
+        }
+        let [n, h, d] = fp4moe_ops::check::split_rope(
+            x.shape(),
+            a,
+            norm.map(|(w, _)| w.shape()),
+            positions.shape(),
+            spec,
+        )?;
+        let first = self.alloc(&[n, h, a], DType::F32);
+        let rest = self.alloc(&[n, h, d - a], DType::F32);
+        let rows = n * h;
+        if rows == 0 {
+            return Ok((first, rest));
+        }
+        let inv = self.inv_freq(spec.dims, spec.theta);
+        let inter = u32::from(spec.style == RopeStyle::Interleaved);
+        let eps = norm.map_or(0.0, |(_, eps)| eps);
+        let params = [
+            u(rows),
+            u(d),
+            eps.to_bits(),
+            u(h),
+            u(spec.offset),
+            u(spec.dims),
+            inter,
+            0,
+            0,
+            0,
+            u(a),
+            u32::from(norm.is_some()),
+        ];
+        // Without a norm the weight binding is unread; x stands in for it.
+        let w = norm.map_or(&x.storage.buf, |(w, _)| &w.storage.buf);
+        let b = [
+            (1, &x.storage.buf),
+            (2, w),
+            (3, &first.storage.buf),
+            (4, &positions.storage.buf),
+            (5, &*inv),
+            (10, &rest.storage.buf),
+        ];
+        self.dispatch(&self.k(Src::Norm, "split_rope")?, &params, &b, grid(rows, 1))?;
+        Ok((first, rest))
     }
 
     fn softmax(&self, x: &GT) -> Result<GT> {
