@@ -10,6 +10,8 @@
 #                                                    out/cuda/graph
 #   cargo build --release -p fp4moe               -> out/cuda/fp4moe
 #   cargo build --release -p fp4moe-cuda --example bench_layers -> out/cuda/bench_layers
+# Optionally the compiled kernels too, so the call's first process skips NVRTC (~1 min):
+#   FP4MOE_CUDA_CACHE=out/cuda/cache target/release/examples/fill_cache sm_90a (needs NVRTC only)
 # Three separate commands: with `--example`, cargo builds only that example, so adding
 # `-p fp4moe` to the last one leaves a stale out/cuda/fp4moe (this voided four calls' A/Bs once).
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
@@ -43,6 +45,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
+[ -d "$BIN/cache" ] && export FP4MOE_CUDA_CACHE="$PWD/$BIN/cache"
 say "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 ls -la $BIN 2>&1 | tee -a "$LOG"
@@ -150,7 +153,8 @@ if has ab; then
         done
     done
     CEIL=$(ceilings)
-    for b in base_bench_layers bench_layers; do
+    [ -x $BIN/base_bench_layers ] || say "no base_bench_layers: layer timings skipped"
+    [ -x $BIN/base_bench_layers ] && for b in base_bench_layers bench_layers; do
         say "$b ${LAYERS_ARGS:-}"
         timeout 240 $BIN/$b $CEIL ${LAYERS_ARGS:-} 2>&1 | tee "$OUT/$b.jsonl" | python3 -c '
 import json, sys

@@ -9,13 +9,17 @@
 // asked of L2 before the wait and loaded with x: loaded after the block sum, it added a DRAM
 // latency to every decode norm (3.8 us per call in the replayed Qwen3 step).
 #define NORM_REG 16
-extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
-                                        float* __restrict__ y, int d, float eps) {
+// The row's norm into y; with `b` non-null x + b first, that sum also written to `sum` (the
+// residual add and the norm that reads it in one launch: Backend::add_rms_norm).
+__device__ __forceinline__ void rms_norm_row(const float* __restrict__ x, const float* __restrict__ b,
+                                             const float* __restrict__ w, float* __restrict__ sum,
+                                             float* __restrict__ y, int d, float eps) {
     if (blockIdx.x == 0) prefetch_l2(w, (size_t)d * sizeof(float));
     pdl_enter();
     __shared__ float red[32];
-    const float* xr = x + (size_t)blockIdx.x * d;
-    float* yr = y + (size_t)blockIdx.x * d;
+    const size_t r0 = (size_t)blockIdx.x * d;
+    const float* xr = x + r0;
+    float* yr = y + r0;
     float s = 0.0f;
     if (d <= NORM_REG * (int)blockDim.x) {
         float v[NORM_REG], wv[NORM_REG];
@@ -23,6 +27,7 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
         for (int c = 0; c < NORM_REG; c++) {
             int i = threadIdx.x + c * blockDim.x;
             v[c] = i < d ? xr[i] : 0.0f;
+            if (b) v[c] += i < d ? b[r0 + i] : 0.0f;
             wv[c] = i < d ? w[i] : 0.0f;
         }
 #pragma unroll
@@ -32,14 +37,36 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
 #pragma unroll
         for (int c = 0; c < NORM_REG; c++) {
             int i = threadIdx.x + c * blockDim.x;
-            if (i < d) yr[i] = wv[c] * (v[c] * r);
+            if (i >= d) continue;
+            if (b) sum[r0 + i] = v[c];
+            yr[i] = wv[c] * (v[c] * r);
         }
         return;
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * xr[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i];
+        if (b) {
+            v += b[r0 + i];
+            sum[r0 + i] = v;
+        }
+        s += v * v;
+    }
+    // Each thread reads back only the sums it wrote itself, so no barrier is needed before.
+    const float* vr = b ? sum + r0 : xr;
     s = block_sum(s, red);
     float r = 1.0f / sqrtf(s / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = w[i] * (xr[i] * r);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = w[i] * (vr[i] * r);
+}
+
+extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                        float* __restrict__ y, int d, float eps) {
+    rms_norm_row(x, nullptr, w, nullptr, y, d, eps);
+}
+
+extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ a, const float* __restrict__ b,
+                                            const float* __restrict__ w, float* __restrict__ sum,
+                                            float* __restrict__ y, int d, float eps) {
+    rms_norm_row(a, b, w, sum, y, d, eps);
 }
 
 // One thread per (token, head, pair). inv_freq [dims/2] comes from the host, computed as the
@@ -149,6 +176,62 @@ extern "C" __global__ void __launch_bounds__(NORM_ROPE_WARPS * 32)
         norm_rope_rows(x1, w1, pos, inv_freq, y1, rows1, heads1, d, eps1, offset, dims, style, b - blocks0);
 }
 
+// Backend::split_rope, one block per (token, head) row of x [n, H, d]: first [.., a] = x[.., :a]
+// (times w / rms when w is non-null), rest [.., d - a] = rope(x[.., a:]) on its dims offset ..
+// offset + dims. Rows of up to SPLIT_ROPE_REG * SPLIT_ROPE_THREADS values, loaded at once into
+// registers and shared memory (each rotated value reads its partner there). GLM's query heads
+// and its kv row: two slices, a norm and a rotation were four launches for the kv row alone.
+#define SPLIT_ROPE_THREADS 128
+#define SPLIT_ROPE_REG 8
+extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
+    split_rope_f32(const float* __restrict__ x, const float* __restrict__ w, float eps, const u32* __restrict__ pos,
+                   const float* __restrict__ inv_freq, float* __restrict__ first, float* __restrict__ rest, int heads,
+                   int d, int a, int offset, int dims, int style) {
+    if (blockIdx.x == 0) {
+        if (w) prefetch_l2(w, (size_t)a * sizeof(float));
+        prefetch_l2(inv_freq, (size_t)(dims / 2) * sizeof(float));
+    }
+    pdl_enter();
+    __shared__ float red[32];
+    __shared__ float row[SPLIT_ROPE_THREADS * SPLIT_ROPE_REG];
+    const int r = blockIdx.x, half = dims / 2, rl = d - a;
+    const float* xr = x + (size_t)r * d;
+    const float p = (float)pos[r / heads];
+    float v[SPLIT_ROPE_REG], f[SPLIT_ROPE_REG], s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < SPLIT_ROPE_REG; c++) {
+        const int i = threadIdx.x + SPLIT_ROPE_THREADS * c, j = i - a - offset;
+        v[c] = i < d ? xr[i] : 0.0f;
+        // first part: the norm weight; rotated dims: the pair's frequency (pairs as in norm_rope_rows)
+        const int k = style == 0 ? (j < half ? j : j - half) : j >> 1;
+        f[c] = i < a ? (w ? w[i] : 1.0f) : (i < d && j >= 0 && j < dims ? inv_freq[k] : 0.0f);
+        if (i < a) s += v[c] * v[c];
+        row[i] = v[c];
+    }
+    float rs = 1.0f;
+    if (w) rs = 1.0f / sqrtf(block_sum(s, red) / (float)a + eps); // block_sum's barriers publish `row`
+    else __syncthreads();
+#pragma unroll
+    for (int c = 0; c < SPLIT_ROPE_REG; c++) {
+        const int i = threadIdx.x + SPLIT_ROPE_THREADS * c, j = i - a - offset;
+        if (i >= d) break;
+        if (i < a) {
+            first[(size_t)r * a + i] = w ? f[c] * (v[c] * rs) : v[c];
+            continue;
+        }
+        float y = v[c];
+        if (j >= 0 && j < dims) {
+            const int k = style == 0 ? (j < half ? j : j - half) : j >> 1;
+            const bool second = style == 0 ? j >= half : (j & 1);
+            const int ia = a + offset + (style == 0 ? k : 2 * k), ib = a + offset + (style == 0 ? k + half : 2 * k + 1);
+            float sn, cs;
+            sincosf(p * f[c], &sn, &cs);
+            y = second ? row[ib] * cs + row[ia] * sn : row[ia] * cs - row[ib] * sn;
+        }
+        rest[(size_t)r * rl + (i - a)] = y;
+    }
+}
+
 // Copies the dims RoPE leaves alone (the kernel above writes only the roped ones).
 extern "C" __global__ void rope_passthrough_f32(const float* x, float* y, size_t rows, int d, int offset,
                                                 int dims) {
@@ -194,30 +277,36 @@ extern "C" __global__ void silu_mul_f32(const float* x, float* y, size_t rows, i
 // dst[(row0 + *row_shift + r) * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c] for
 // r < rows, c < cols, elements of 2 or 4 bytes; destination rows past dst_rows are not written.
 // Serves slice_cols, write_rows (whose row0 a replayed graph shifts: Backend::replay) and row
-// padding.
-extern "C" __global__ void copy2d_u32(const u32* src, u32* dst, size_t rows, int cols, int src_stride,
-                                      int src_col0, int dst_cols, size_t row0, const unsigned* row_shift,
-                                      size_t dst_rows, int col0) {
-    pdl_enter();
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= rows * cols) return;
-    size_t r = idx / cols;
-    int c = (int)(idx % cols);
-    size_t dr = row0 + *row_shift + r;
-    if (dr < dst_rows) dst[dr * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
+// padding. The host's `Copy2d` (src/backend.rs) has this layout.
+struct Copy2d {
+    const void* src;
+    void* dst;
+    size_t rows, row0, dst_rows;
+    int cols, src_stride, src_col0, dst_cols, col0, pad_;
+};
+
+template <typename E>
+__device__ __forceinline__ void copy2d_at(const Copy2d& a, const unsigned* row_shift, size_t idx) {
+    if (idx >= a.rows * a.cols) return;
+    size_t r = idx / a.cols;
+    int c = (int)(idx % a.cols);
+    size_t dr = a.row0 + *row_shift + r;
+    if (dr < a.dst_rows) ((E*)a.dst)[dr * a.dst_cols + a.col0 + c] = ((const E*)a.src)[r * a.src_stride + a.src_col0 + c];
 }
 
-extern "C" __global__ void copy2d_u16(const u16* src, u16* dst, size_t rows, int cols, int src_stride,
-                                      int src_col0, int dst_cols, size_t row0, const unsigned* row_shift,
-                                      size_t dst_rows, int col0) {
-    pdl_enter();
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= rows * cols) return;
-    size_t r = idx / cols;
-    int c = (int)(idx % cols);
-    size_t dr = row0 + *row_shift + r;
-    if (dr < dst_rows) dst[dr * dst_cols + col0 + c] = src[r * src_stride + src_col0 + c];
-}
+// One copy, or two in one launch (blockIdx.y picks; Backend::write_rows_many: a layer's two
+// cache writes), the grid sized for the larger.
+#define COPY2D(E, NAME)                                                                                          \
+    extern "C" __global__ void NAME(Copy2d a, const unsigned* row_shift) {                                        \
+        pdl_enter();                                                                                             \
+        copy2d_at<E>(a, row_shift, (size_t)blockIdx.x * blockDim.x + threadIdx.x);                               \
+    }                                                                                                            \
+    extern "C" __global__ void NAME##_pair(Copy2d a, Copy2d b, const unsigned* row_shift) {                      \
+        pdl_enter();                                                                                             \
+        copy2d_at<E>(blockIdx.y == 0 ? a : b, row_shift, (size_t)blockIdx.x * blockDim.x + threadIdx.x);         \
+    }
+COPY2D(u32, copy2d_u32)
+COPY2D(u16, copy2d_u16)
 
 extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {
     pdl_enter();

@@ -71,6 +71,10 @@ const ROW_THREADS: u32 = 256;
 /// (32 * NORM_ROPE_REG); wider heads take rms_norm then rope.
 const NORM_ROPE_WARPS: u32 = 4;
 const NORM_ROPE_MAX_D: usize = 256;
+/// split_rope_f32's block (elementwise.cu: SPLIT_ROPE_THREADS) and widest row
+/// (SPLIT_ROPE_THREADS * SPLIT_ROPE_REG).
+const SPLIT_ROPE_THREADS: u32 = 128;
+const SPLIT_ROPE_MAX_D: usize = 1024;
 /// Tensor-core decode (gemv.cu): weight rows per block (one m16n8k16 tile, TC_ROWS) and threads
 /// (TC_WARPS warps splitting K).
 const TC_ROWS: u32 = 16;
@@ -216,6 +220,49 @@ fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
     let fixed = 1024 + GEMM_LUT_BYTES.next_multiple_of(1024);
     let stages = ((GEMM_WG_SMEM_MAX - fixed) / stage).min(GEMM_WG_MAX_STAGES);
     (fixed + stages * stage) as u32
+}
+
+/// `dst[row0 + r, col0 + c] = src[r * src_stride + src_col0 + c]` for r < rows, c < cols
+/// (elementwise.cu's copy2d kernels; `args` is its `Copy2d`).
+struct Copy2d<'a> {
+    src: &'a CT,
+    dst: &'a CT,
+    rows: usize,
+    cols: usize,
+    src_stride: usize,
+    src_col0: usize,
+    dst_cols: usize,
+    row0: usize,
+    col0: usize,
+}
+
+impl Copy2d<'_> {
+    /// elementwise.cu's `Copy2d`: two pointers, three sizes, five ints and a pad (64 bytes).
+    fn args(&self) -> Vec<u8> {
+        let dst_rows = self.dst.numel() / self.dst_cols.max(1);
+        let mut b = Vec::with_capacity(64);
+        for v in [self.src.storage.ptr(), self.dst.storage.ptr()] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [self.rows, self.row0, dst_rows] {
+            b.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+        for v in [self.cols, self.src_stride, self.src_col0, self.dst_cols, self.col0, 0] {
+            b.extend_from_slice(&(v as i32).to_le_bytes());
+        }
+        b
+    }
+
+    /// Whether running both copies at once could differ from running them in order: one writes
+    /// what the other reads, or both write the same elements.
+    fn overlaps(&self, b: &Copy2d<'_>) -> bool {
+        let (ad, bd) = (self.dst.storage.ptr(), b.dst.storage.ptr());
+        if ad == b.src.storage.ptr() || bd == self.src.storage.ptr() {
+            return true;
+        }
+        let meets = |a0: usize, an: usize, b0: usize, bn: usize| a0 < b0 + bn && b0 < a0 + an;
+        ad == bd && meets(self.row0, self.rows, b.row0, b.rows) && meets(self.col0, self.cols, b.col0, b.cols)
+    }
 }
 
 /// An FP4 GEMM launch: kernel, dynamic shared memory, and the weight rows each block covers
@@ -720,44 +767,54 @@ impl CudaBackend {
         Ok(t)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    /// `dst[row0 + r, col0 + c] = src[r, src_col0 + c]` (see copy2d_* in elementwise.cu); with
-    /// `shifted`, row0 also moves by the row shift of a replayed graph (cache writes only).
-    #[allow(clippy::too_many_arguments)]
-    fn copy2d(
-        &self,
-        src: &CT,
-        dst: &CT,
-        rows: usize,
-        cols: usize,
-        src_stride: usize,
-        src_col0: usize,
-        dst_cols: usize,
-        row0: usize,
-        col0: usize,
-        shifted: bool,
-    ) -> Result<()> {
-        let name = if src.dtype().size() == 2 { "copy2d_u16" } else { "copy2d_u32" };
+    /// The row width of a norm of x by w (both f32, w `[D]`).
+    fn norm_width(&self, op: &'static str, x: &CT, w: &CT) -> Result<usize> {
+        self.check(op, x, &[DType::F32])?;
+        self.check(op, w, &[DType::F32])?;
+        let d = x.last_dim();
+        if x.shape().is_empty() || w.shape() != [d] {
+            return Err(shape_err(op, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
+        }
+        Ok(d)
+    }
+
+    /// The copies of `cs` (one or two, same element size) as one launch of elementwise.cu's
+    /// copy2d kernels; `shifted`: row0 also moves by the row shift of a replayed graph (cache
+    /// writes only).
+    fn copy2d(&self, cs: &[Copy2d], shifted: bool) -> Result<()> {
+        let size = cs[0].src.dtype().size();
+        debug_assert!(cs.len() <= 2 && cs.iter().all(|c| c.src.dtype().size() == size));
+        let name = match (size, cs.len()) {
+            (2, 1) => "copy2d_u16",
+            (2, _) => "copy2d_u16_pair",
+            (_, 1) => "copy2d_u32",
+            _ => "copy2d_u32_pair",
+        };
         let shift = if shifted { self.dev.row_shift() } else { self.dev.no_row_shift() };
+        let most = cs.iter().map(|c| c.rows * c.cols).max().unwrap_or(0);
+        let mut args: Vec<Arg> = cs.iter().map(|c| Arg::Raw(c.args())).collect();
+        args.push(Arg::Ptr(shift));
         self.run(
             "elementwise.cu",
             name,
-            (blocks(rows * cols, ELEM_THREADS), 1, 1),
+            (blocks(most, ELEM_THREADS), cs.len() as u32, 1),
             ELEM_THREADS,
-            &[
-                Arg::Ptr(src.storage.ptr()),
-                Arg::Ptr(dst.storage.ptr()),
-                Arg::Usize(rows as u64),
-                Arg::I32(cols as i32),
-                Arg::I32(src_stride as i32),
-                Arg::I32(src_col0 as i32),
-                Arg::I32(dst_cols as i32),
-                Arg::Usize(row0 as u64),
-                Arg::Ptr(shift),
-                Arg::Usize((dst.numel() / dst_cols.max(1)) as u64),
-                Arg::I32(col0 as i32),
-            ],
+            &args,
         )
+    }
+
+    /// A checked cache write (Backend::write_rows) as a copy.
+    fn row_write<'a>(&self, dst: &'a CT, src: &'a CT, row0: usize, col0: usize) -> Result<Copy2d<'a>> {
+        const OP: &str = "write_rows";
+        self.check(OP, dst, &[DType::F32, DType::BF16, DType::U32])?;
+        self.check(OP, src, &[dst.dtype()])?;
+        let ([_, c], [n, sc]) = fp4moe_ops::check::write_rows(
+            (dst.shape(), dst.dtype()),
+            (src.shape(), src.dtype()),
+            row0,
+            col0,
+        )?;
+        Ok(Copy2d { src, dst, rows: n, cols: sc, src_stride: sc, src_col0: 0, dst_cols: c, row0, col0 })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1478,28 +1535,37 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CT, w: &CT, eps: f32) -> Result<CT> {
-        const OP: &str = "rms_norm";
-        self.check(OP, x, &[DType::F32])?;
-        self.check(OP, w, &[DType::F32])?;
-        let d = x.last_dim();
-        if x.shape().is_empty() || w.shape() != [d] {
-            return Err(shape_err(OP, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
-        }
+        let d = self.norm_width("rms_norm", x, w)?;
         let y = self.empty(x.shape(), DType::F32)?;
+        let args = [x, w, &y].map(|t| Arg::Ptr(t.storage.ptr()));
         self.run(
             "elementwise.cu",
             "rms_norm_f32",
             (x.rows() as u32, 1, 1),
             ROW_THREADS,
-            &[
-                Arg::Ptr(x.storage.ptr()),
-                Arg::Ptr(w.storage.ptr()),
-                Arg::Ptr(y.storage.ptr()),
-                Arg::I32(d as i32),
-                Arg::F32(eps),
-            ],
+            &[&args[..], &[Arg::I32(d as i32), Arg::F32(eps)]].concat(),
         )?;
         Ok(y)
+    }
+
+    fn add_rms_norm(&self, a: &CT, b: &CT, w: &CT, eps: f32) -> Result<(CT, CT)> {
+        const OP: &str = "add_rms_norm";
+        let d = self.norm_width(OP, a, w)?;
+        self.check(OP, b, &[DType::F32])?;
+        if a.shape() != b.shape() {
+            return Err(shape_err(OP, format!("{:?} + {:?}", a.shape(), b.shape())));
+        }
+        let sum = self.empty(a.shape(), DType::F32)?;
+        let y = self.empty(a.shape(), DType::F32)?;
+        let args = [a, b, w, &sum, &y].map(|t| Arg::Ptr(t.storage.ptr()));
+        self.run(
+            "elementwise.cu",
+            "add_rms_norm_f32",
+            (a.rows() as u32, 1, 1),
+            ROW_THREADS,
+            &[&args[..], &[Arg::I32(d as i32), Arg::F32(eps)]].concat(),
+        )?;
+        Ok((sum, y))
     }
 
     fn norm_rope(&self, x: &CT, w: &CT, eps: f32, positions: &CT, spec: Rope) -> Result<CT> {
@@ -1640,6 +1706,58 @@ impl Backend for CudaBackend {
         Ok(y)
     }
 
+    fn split_rope(
+        &self,
+        x: &CT,
+        a: usize,
+        norm: Option<(&CT, f32)>,
+        positions: &CT,
+        spec: Rope,
+    ) -> Result<(CT, CT)> {
+        const OP: &str = "split_rope";
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, positions, &[DType::U32])?;
+        if let Some((w, _)) = norm {
+            self.check(OP, w, &[DType::F32])?;
+        }
+        let [n, h, d] = fp4moe_ops::check::split_rope(
+            x.shape(),
+            a,
+            norm.map(|(w, _)| w.shape()),
+            positions.shape(),
+            spec,
+        )?;
+        if d > SPLIT_ROPE_MAX_D {
+            return fp4moe_ops::split_rope_separately(self, x, a, norm, positions, spec);
+        }
+        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        let first = self.empty(&[n, h, a], DType::F32)?;
+        let rest = self.empty(&[n, h, d - a], DType::F32)?;
+        let (w, eps) = norm.map_or((0, 0.0), |(w, eps)| (w.storage.ptr(), eps));
+        self.run(
+            "elementwise.cu",
+            "split_rope_f32",
+            ((n * h) as u32, 1, 1),
+            SPLIT_ROPE_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(w),
+                Arg::F32(eps),
+                Arg::Ptr(positions.storage.ptr()),
+                Arg::Ptr(inv.storage.ptr()),
+                Arg::Ptr(first.storage.ptr()),
+                Arg::Ptr(rest.storage.ptr()),
+                Arg::I32(h as i32),
+                Arg::I32(d as i32),
+                Arg::I32(a as i32),
+                Arg::I32(spec.offset as i32),
+                Arg::I32(spec.dims as i32),
+                Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
+            ],
+        )?;
+        Ok((first, rest))
+    }
+
     fn add(&self, a: &CT, b: &CT) -> Result<CT> {
         const OP: &str = "add";
         self.check(OP, a, &[DType::F32])?;
@@ -1696,7 +1814,18 @@ impl Backend for CudaBackend {
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = len;
         let y = self.empty(&shape, x.dtype())?;
-        self.copy2d(x, &y, x.rows(), len, c, start, len, 0, 0, false)?;
+        let copy = Copy2d {
+            src: x,
+            dst: &y,
+            rows: x.rows(),
+            cols: len,
+            src_stride: c,
+            src_col0: start,
+            dst_cols: len,
+            row0: 0,
+            col0: 0,
+        };
+        self.copy2d(&[copy], false)?;
         Ok(y)
     }
 
@@ -1753,18 +1882,28 @@ impl Backend for CudaBackend {
     }
 
     fn write_rows(&self, dst: &CT, src: &CT, row0: usize, col0: usize) -> Result<()> {
-        const OP: &str = "write_rows";
-        self.check(OP, dst, &[DType::F32, DType::BF16, DType::U32])?;
-        self.check(OP, src, &[dst.dtype()])?;
-        let ([_, c], [n, sc]) = fp4moe_ops::check::write_rows(
-            (dst.shape(), dst.dtype()),
-            (src.shape(), src.dtype()),
-            row0,
-            col0,
-        )?;
-        // Same stream, so a src that shares dst's storage was fully produced before this copy.
-        self.copy2d(src, dst, n, sc, sc, 0, c, row0, col0, true)?;
-        self.dev.note_row_write(dst.storage.ptr(), row0);
+        self.write_rows_many(&[(dst, src, row0, col0)])
+    }
+
+    fn write_rows_many(&self, writes: &[(&CT, &CT, usize, usize)]) -> Result<()> {
+        let copies = writes
+            .iter()
+            .map(|&(dst, src, row0, col0)| self.row_write(dst, src, row0, col0))
+            .collect::<Result<Vec<_>>>()?;
+        // Same stream, so a src that shares dst's storage was fully produced before these
+        // copies. Two copies of one element size share a launch, and in order: a later write
+        // to the same elements would race the earlier in one launch, so such pairs run apart.
+        let mut rest = &copies[..];
+        while let Some(first) = rest.first() {
+            let pair = rest
+                .get(1)
+                .is_some_and(|b| b.src.dtype().size() == first.src.dtype().size() && !first.overlaps(b));
+            let n = if pair { 2 } else { 1 };
+            self.copy2d(&rest[..n], true)?;
+            rest = &rest[n..];
+        }
+        let written: Vec<(u64, usize)> = copies.iter().map(|c| (c.dst.storage.ptr(), c.row0)).collect();
+        self.dev.note_row_writes(&written);
         Ok(())
     }
 

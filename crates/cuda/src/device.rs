@@ -80,6 +80,23 @@ fn cache_file(dir: &Path, file: &str, arch: &str, traced: bool, src: &str) -> Pa
     dir.join(format!("{}-{arch}{tag}-{:016x}.cubin", file.trim_end_matches(".cu"), h.finish()))
 }
 
+/// Compiles every kernel file for `arch` into the disk cache (the directory the runtime would
+/// use), where it is not there yet; needs NVRTC but no GPU. Returns each image's path and whether
+/// it was already cached. So a device's first process can skip NVRTC (a minute on an H100 host).
+pub fn fill_disk_cache(arch: &str, traced: bool) -> Result<Vec<(PathBuf, bool)>, CudaError> {
+    let env = |k| std::env::var_os(k);
+    let dir = disk_cache_dir(env(CACHE_ENV), env("XDG_CACHE_HOME"), env("HOME"))
+        .ok_or_else(|| CudaError::Compile { file: "", log: format!("no cache directory ({CACHE_ENV} is off)") })?;
+    KERNEL_FILES
+        .iter()
+        .map(|&(file, src)| {
+            let path = cache_file(&dir, file, arch, traced, src);
+            let (_, cached) = read_or_make(Some(&path), || compile(file, src, arch, traced))?;
+            Ok((path, cached))
+        })
+        .collect()
+}
+
 fn nvrtc_version() -> (i32, i32) {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two valid out-pointers; only called once the library is known to load.
@@ -220,10 +237,11 @@ pub(crate) struct Device {
     zero_row_shift: OnceLock<Buf>,
     /// The replay timeline, when [`TRACE_ENV`] asks for it.
     trace: Option<Trace>,
-    /// Kernels launched so far, and (launch count after it, buffer, first row) of the last cache
-    /// row write (`Backend::write_rows`): see [`Device::rows_settled`].
+    /// Kernels launched so far, and the launch count after the last cache row write
+    /// (`Backend::write_rows`) with the (buffer, first row) of each cache it wrote: see
+    /// [`Device::rows_settled`].
     launches: std::sync::atomic::AtomicU64,
-    last_row_write: Mutex<(u64, u64, usize)>,
+    last_row_write: Mutex<(u64, Vec<(u64, usize)>)>,
 }
 
 /// What a traced run keeps: the device buffer the kernels append to (`[count, instant...]`,
@@ -358,7 +376,7 @@ impl Device {
             zero_row_shift: OnceLock::new(),
             trace: None,
             launches: 0.into(),
-            last_row_write: Mutex::new((0, 0, 0)),
+            last_row_write: Mutex::new((0, Vec::new())),
         };
         let zero = dev.alloc_exact(4)?;
         dev.set_u32(zero.ptr, 0)?;
@@ -638,10 +656,11 @@ impl Device {
         Ok(())
     }
 
-    /// Records that the kernel just enqueued wrote rows `row0..` of the buffer at `ptr` (a cache).
-    pub fn note_row_write(&self, ptr: u64, row0: usize) {
+    /// Records that the kernels just enqueued wrote rows `row0..` of each `(ptr, row0)` buffer
+    /// (caches); listing one written by an earlier launch only makes the check stricter.
+    pub fn note_row_writes(&self, writes: &[(u64, usize)]) {
         let n = self.launches.load(std::sync::atomic::Ordering::Relaxed);
-        *self.last_row_write.lock().unwrap_or_else(PoisonError::into_inner) = (n, ptr, row0);
+        *self.last_row_write.lock().unwrap_or_else(PoisonError::into_inner) = (n, writes.to_vec());
     }
 
     /// Whether the rows below `row` of the buffers at `ptrs` may be read before a kernel's
@@ -650,8 +669,8 @@ impl Device {
     /// one has finished and its writes are visible; only the last one's may still be running.
     pub fn rows_settled(&self, ptrs: &[u64], row: usize) -> bool {
         let n = self.launches.load(std::sync::atomic::Ordering::Relaxed);
-        let (at, ptr, row0) = *self.last_row_write.lock().unwrap_or_else(PoisonError::into_inner);
-        !(at == n && ptrs.contains(&ptr) && row0 < row)
+        let last = self.last_row_write.lock().unwrap_or_else(PoisonError::into_inner);
+        !(last.0 == n && last.1.iter().any(|&(ptr, row0)| ptrs.contains(&ptr) && row0 < row))
     }
 
     /// Each kernel's share of the traced replays ([`TRACE_ENV`]), when tracing.

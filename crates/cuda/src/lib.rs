@@ -46,7 +46,7 @@ mod device;
 mod weight;
 
 pub use backend::GEMM_BLOCK_ROWS;
-pub use device::{KERNEL_FILES, arch_for, compile};
+pub use device::{KERNEL_FILES, arch_for, compile, fill_disk_cache};
 pub use weight::{CudaWeight, FP4_KP_ALIGN, WeightKind};
 
 use device::{Buf, Device};
