@@ -1236,13 +1236,27 @@ pub fn check_route_sigmoid_grouped<B: Backend>(b: &B, seed: u64) -> Check {
 /// on rows with exact ties.
 pub fn check_argmax_top_k<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
-    for (n, v) in [(2usize, 151936usize), (4, 10), (3, 1)] {
+    for (n, v) in [(4usize, 151936usize), (4, 10), (3, 1)] {
         let mut xs = cx.rng.normals(n * v, 3.0);
         if v >= 10 {
             // Row 1: ties everywhere.
             for (i, x) in xs[v..2 * v].iter_mut().enumerate() {
                 *x = (i % 3) as f32;
             }
+        }
+        if v > 100_000 {
+            // Logits-wide rows, which GPU backends may split into chunks. Row 0: NaN here and
+            // there and its largest value twice, far apart (the lower index wins); row 2: only
+            // -inf and NaN (index 0 wins); row 3: its largest value last.
+            for i in (0..v).step_by(997) {
+                xs[i] = f32::NAN;
+            }
+            xs[v - 5] = 50.0;
+            xs[70_001] = 50.0;
+            for (i, x) in xs[2 * v..3 * v].iter_mut().enumerate() {
+                *x = if i % 7 == 3 { f32::NAN } else { f32::NEG_INFINITY };
+            }
+            xs[4 * v - 1] = 60.0;
         }
         let shape = [n, v];
         let case = format!("argmax {shape:?}");

@@ -189,10 +189,23 @@ pub fn rope_inv_freq(dims: usize, theta: f32) -> Vec<f32> {
 /// every number so that a NaN logit is never selected over a real one.
 pub fn top_k_indices(row: &[f32], k: usize) -> Vec<usize> {
     let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    // Descending key, then ascending index (the tie rule): a total order, so selecting the k
+    // first and sorting them gives what sorting the whole row would (a greedy step's 151936
+    // logits need one pass, not a sort).
+    // (partial_cmp: -0 and +0 are equal, as on the GPUs; no NaN is left to compare.)
+    let order = |a: &usize, b: &usize| {
+        key(row[*b]).partial_cmp(&key(row[*a])).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b))
+    };
+    let k = k.min(row.len());
+    if k == 1 {
+        return vec![(1..row.len()).fold(0, |best, i| if order(&i, &best).is_lt() { i } else { best })];
+    }
     let mut idx: Vec<usize> = (0..row.len()).collect();
-    // Stable sort: equal keys keep ascending index order, which is the tie rule.
-    idx.sort_by(|&a, &b| key(row[b]).partial_cmp(&key(row[a])).unwrap_or(std::cmp::Ordering::Equal));
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+    }
     idx.truncate(k);
+    idx.sort_unstable_by(order);
     idx
 }
 

@@ -113,6 +113,22 @@ fn head_linear_by_hand() {
 }
 
 #[test]
+fn top_k_indices_by_hand() {
+    use fp4moe_ops::reference::top_k_indices;
+    let nan = f32::NAN;
+    // Ties to the lower index, -0 equal to +0, NaN below -inf.
+    let row = [1.0, nan, 3.0, -0.0, 3.0, f32::NEG_INFINITY, 0.0];
+    assert_eq!(top_k_indices(&row, 1), [2]);
+    assert_eq!(top_k_indices(&row, 4), [2, 4, 0, 3]);
+    assert_eq!(top_k_indices(&row, 7), [2, 4, 0, 3, 6, 1, 5]);
+    assert_eq!(top_k_indices(&row, 9), [2, 4, 0, 3, 6, 1, 5]);
+    assert!(top_k_indices(&row, 0).is_empty());
+    // Only NaN and -inf: the lowest index, whichever it is.
+    assert_eq!(top_k_indices(&[nan, f32::NEG_INFINITY, nan], 1), [0]);
+    assert_eq!(top_k_indices(&[nan, f32::NEG_INFINITY, nan], 2), [0, 1]);
+}
+
+#[test]
 fn rms_norm_by_hand() {
     let y = RefBackend.rms_norm(&t(&[3.0, 4.0], &[1, 2]), &t(&[1.0, 2.0], &[2]), 0.0).unwrap();
     let r = 12.5f64.sqrt();

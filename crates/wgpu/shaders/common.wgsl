@@ -23,9 +23,10 @@ fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
 
-// Ranking key of top-k selections: NaN ranks below every number (as in the reference).
+// Ranking key of top-k selections: NaN ranks below every number (as in the reference). NaN is
+// found from its bits: shader compilers may fold `v != v` to false (lavapipe's does).
 fn rank_key(v: f32) -> f32 {
-    if (v != v) {
+    if ((bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u) {
         return neg_inf();
     }
     return v;
