@@ -373,18 +373,15 @@ extern "C" __global__ void embedding(W w, const u32* ids, float* y, int n) {
     y[idx] = id < (u32)w.rows ? w_at(w, (int)id, c) : __int_as_float(0x7fc00000);
 }
 
-// One block per row: index of the largest value, ties to the lower index, NaN never wins.
-extern "C" __global__ void argmax_f32(const float* x, u32* out, int v) {
-    pdl_enter();
+// Index of the largest value per row, ties to the lower index, NaN never wins, in two launches:
+// argmax_part_f32 takes blockIdx.y's row in chunks of `chunk` (grid x), each block's best to
+// (pk, pi); argmax_final_f32 (one block per row) keeps the best of the row's `parts` and writes
+// its index (and, with vals non-null, its value: top_k with k = 1). One block scanning a whole
+// 151936-wide logits row waited out an L2 round trip per ~4 elements per thread.
+#define ARGMAX_THREADS 256
+__device__ __forceinline__ void argmax_block(float& bk, int& bi) {
     __shared__ float kv[32];
     __shared__ int ki[32];
-    const float* xr = x + (size_t)blockIdx.x * v;
-    float bk = -__int_as_float(0x7f800000);
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        float k = rank_key(xr[i]);
-        if (ranks_before(k, i, bk, bi)) { bk = k; bi = i; }
-    }
     for (int o = 16; o > 0; o >>= 1) {
         float ok = __shfl_xor_sync(0xffffffffu, bk, o);
         int oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -393,11 +390,45 @@ extern "C" __global__ void argmax_f32(const float* x, u32* out, int v) {
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     if (lane == 0) { kv[wid] = bk; ki[wid] = bi; }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0)
         for (int w2 = 1; w2 < (int)(blockDim.x >> 5); w2++)
             if (ranks_before(kv[w2], ki[w2], bk, bi)) { bk = kv[w2]; bi = ki[w2]; }
+}
+
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_part_f32(const float* __restrict__ x, int v, int chunk, float* __restrict__ pk, int* __restrict__ pi) {
+    pdl_enter();
+    const float* xr = x + (size_t)blockIdx.y * v;
+    const int i0 = blockIdx.x * chunk, i1 = min(v, i0 + chunk);
+    float bk = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+#pragma unroll 8
+    for (int i = i0 + threadIdx.x; i < i1; i += ARGMAX_THREADS) {
+        float k = rank_key(xr[i]);
+        if (ranks_before(k, i, bk, bi)) { bk = k; bi = i; }
+    }
+    argmax_block(bk, bi);
+    if (threadIdx.x == 0) {
+        pk[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = bk;
+        pi[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = bi;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_final_f32(const float* __restrict__ x, int v, const float* __restrict__ pk, const int* __restrict__ pi,
+                     int parts, float* __restrict__ vals, u32* __restrict__ ids) {
+    pdl_enter();
+    const size_t r = blockIdx.x;
+    float bk = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    for (int j = threadIdx.x; j < parts; j += ARGMAX_THREADS)
+        if (ranks_before(pk[r * parts + j], pi[r * parts + j], bk, bi)) { bk = pk[r * parts + j]; bi = pi[r * parts + j]; }
+    argmax_block(bk, bi);
+    if (threadIdx.x == 0) {
         // A row of only NaN / -inf keeps index 0 (the reference's stable order does the same).
-        out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
+        const int i = bi == 0x7fffffff ? 0 : bi;
+        ids[r] = (u32)i;
+        if (vals) vals[r] = x[r * v + i];
     }
 }
 

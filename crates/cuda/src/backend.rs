@@ -75,6 +75,10 @@ const NORM_ROPE_MAX_D: usize = 256;
 /// (SPLIT_ROPE_THREADS * SPLIT_ROPE_REG).
 const SPLIT_ROPE_THREADS: u32 = 128;
 const SPLIT_ROPE_MAX_D: usize = 1024;
+/// argmax_part_f32's block (elementwise.cu: ARGMAX_THREADS) and the row elements each block
+/// takes: a 151936-wide logits row in 75 blocks.
+const ARGMAX_THREADS: u32 = 256;
+const ARGMAX_CHUNK: usize = 2048;
 /// Tensor-core decode (gemv.cu): weight rows per block (one m16n8k16 tile, TC_ROWS) and threads
 /// (TC_WARPS warps splitting K).
 const TC_ROWS: u32 = 16;
@@ -765,6 +769,46 @@ impl CudaBackend {
             ],
         )?;
         Ok(t)
+    }
+
+    /// Per row of x (f32, checked by the caller), the index of its largest value into `ids` and,
+    /// with `vals`, the value (elementwise.cu's two-launch argmax).
+    fn argmax_rows(&self, x: &CT, vals: Option<&CT>, ids: &CT) -> Result<()> {
+        let (rows, v) = (x.rows(), x.last_dim());
+        if rows == 0 {
+            return Ok(());
+        }
+        let parts = v.div_ceil(ARGMAX_CHUNK);
+        let pk = self.empty(&[rows, parts], DType::F32)?;
+        let pi = self.empty(&[rows, parts], DType::U32)?;
+        self.run(
+            "elementwise.cu",
+            "argmax_part_f32",
+            (parts as u32, rows as u32, 1),
+            ARGMAX_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::I32(v as i32),
+                Arg::I32(ARGMAX_CHUNK as i32),
+                Arg::Ptr(pk.storage.ptr()),
+                Arg::Ptr(pi.storage.ptr()),
+            ],
+        )?;
+        self.run(
+            "elementwise.cu",
+            "argmax_final_f32",
+            (rows as u32, 1, 1),
+            ARGMAX_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::I32(v as i32),
+                Arg::Ptr(pk.storage.ptr()),
+                Arg::Ptr(pi.storage.ptr()),
+                Arg::I32(parts as i32),
+                Arg::Ptr(vals.map_or(0, |t| t.storage.ptr())),
+                Arg::Ptr(ids.storage.ptr()),
+            ],
+        )
     }
 
     /// The row width of a norm of x by w (both f32, w `[D]`).
@@ -2201,13 +2245,7 @@ impl Backend for CudaBackend {
             return Err(shape_err(OP, format!("input {s:?}")));
         }
         let y = self.empty(&s[..s.len() - 1], DType::U32)?;
-        self.run(
-            "elementwise.cu",
-            "argmax_f32",
-            (x.rows() as u32, 1, 1),
-            ROW_THREADS,
-            &[Arg::Ptr(x.storage.ptr()), Arg::Ptr(y.storage.ptr()), Arg::I32(x.last_dim() as i32)],
-        )?;
+        self.argmax_rows(x, None, &y)?;
         Ok(y)
     }
 
@@ -2220,7 +2258,9 @@ impl Backend for CudaBackend {
         }
         let vals = self.empty(&[s[0], k], DType::F32)?;
         let ids = self.empty(&[s[0], k], DType::U32)?;
-        if k > 0 {
+        if k == 1 {
+            self.argmax_rows(x, Some(&vals), &ids)?;
+        } else if k > 0 {
             self.run(
                 "elementwise.cu",
                 "top_k_f32",

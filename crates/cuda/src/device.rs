@@ -85,8 +85,9 @@ fn cache_file(dir: &Path, file: &str, arch: &str, traced: bool, src: &str) -> Pa
 /// it was already cached. So a device's first process can skip NVRTC (a minute on an H100 host).
 pub fn fill_disk_cache(arch: &str, traced: bool) -> Result<Vec<(PathBuf, bool)>, CudaError> {
     let env = |k| std::env::var_os(k);
-    let dir = disk_cache_dir(env(CACHE_ENV), env("XDG_CACHE_HOME"), env("HOME"))
-        .ok_or_else(|| CudaError::Compile { file: "", log: format!("no cache directory ({CACHE_ENV} is off)") })?;
+    let dir = disk_cache_dir(env(CACHE_ENV), env("XDG_CACHE_HOME"), env("HOME")).ok_or_else(|| {
+        CudaError::Compile { file: "", log: format!("no cache directory ({CACHE_ENV} is off)") }
+    })?;
     KERNEL_FILES
         .iter()
         .map(|&(file, src)| {
