@@ -235,10 +235,32 @@ impl SequenceState {
 
     /// Samples the next token from `logits` and advances the output and stop conditions.
     pub fn step(&mut self, logits: &[f32]) -> Result<Step> {
-        if self.finish.is_some() {
-            return Err(Error::InvalidRequest("step on a finished sequence".into()));
-        }
+        self.check_running()?;
         let token = self.sampler.sample(logits)?;
+        self.push(token)
+    }
+
+    /// [`Self::after_forward`] for a forward reduced to the greedy pick `(id, logit)`
+    /// ([`LanguageModel::forward_greedy`]; see [`Sampler::greedy_limit`]).
+    pub fn after_forward_greedy(&mut self, consumed: usize, pick: (u32, f32)) -> Result<Option<Step>> {
+        self.fed += consumed;
+        if self.is_prefilling() {
+            return Ok(None);
+        }
+        self.check_running()?;
+        let token = self.sampler.take_greedy(pick)?;
+        self.push(token).map(Some)
+    }
+
+    fn check_running(&self) -> Result<()> {
+        match self.finish {
+            Some(_) => Err(Error::InvalidRequest("step on a finished sequence".into())),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends the chosen token and advances the output and stop conditions.
+    fn push(&mut self, token: u32) -> Result<Step> {
         self.sampler.accept(token);
         self.generated.push(token);
 
@@ -283,6 +305,7 @@ pub fn forward_batch(
     states: &mut [&mut SequenceState],
     prefill_chunk: usize,
 ) -> Result<Vec<Option<Step>>> {
+    let greedy: Vec<Option<usize>> = states.iter().map(|s| s.sampler.greedy_limit()).collect();
     let mut fed: Vec<Option<usize>> = Vec::with_capacity(states.len());
     let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(states.len());
     for state in states.iter_mut() {
@@ -296,6 +319,32 @@ pub fn forward_batch(
     }
     if batch.is_empty() {
         return Ok(vec![None; states.len()]);
+    }
+    // When every sequence fed picks greedily from the same vocabulary (or is still prefilling),
+    // the model reduces its logits on the device.
+    let limits: Vec<Option<usize>> =
+        greedy.into_iter().zip(&fed).filter(|(_, n)| n.is_some()).map(|(l, _)| l).collect();
+    if let Some(Some(limit)) = limits.first()
+        && limits.iter().all(|l| *l == Some(*limit))
+    {
+        let picks = model.forward_greedy(&mut batch, *limit).map_err(|e| Error::Model(e.to_string()))?;
+        drop(batch);
+        if picks.len() != limits.len() {
+            return Err(Error::BadLogits(format!(
+                "forward returned {} picks for a batch of {}",
+                picks.len(),
+                limits.len()
+            )));
+        }
+        let mut picks = picks.into_iter();
+        return states
+            .iter_mut()
+            .zip(fed)
+            .map(|(state, n)| match n {
+                Some(n) => state.after_forward_greedy(n, picks.next().expect("count checked above")),
+                None => Ok(None),
+            })
+            .collect();
     }
     let logits = model.forward(&mut batch, false).map_err(|e| Error::Model(e.to_string()))?;
     drop(batch);
@@ -467,6 +516,10 @@ pub(crate) mod tests {
         /// A token whose appearance in the history makes `eos` the favourite.
         pub eos_after: Option<u32>,
         pub calls: Mutex<Vec<Vec<usize>>>,
+        /// Forwards that came through `forward_greedy`, and the pick's logit it reports (None:
+        /// the real one).
+        pub greedy_calls: Mutex<usize>,
+        pub greedy_logit: Option<f32>,
     }
 
     impl FakeModel {
@@ -485,6 +538,8 @@ pub(crate) mod tests {
                 favoured_range: 128,
                 eos_after: None,
                 calls: Mutex::new(Vec::new()),
+                greedy_calls: Mutex::new(0),
+                greedy_logit: None,
             }
         }
 
@@ -531,6 +586,23 @@ pub(crate) mod tests {
             }
             Ok(out)
         }
+
+        fn forward_greedy(
+            &self,
+            batch: &mut [(&mut Sequence, &[u32])],
+            vocab_limit: usize,
+        ) -> fp4moe_models::Result<Vec<(u32, f32)>> {
+            *self.greedy_calls.lock().unwrap() += 1;
+            let rows = self.forward(batch, false)?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let row = &row[..vocab_limit];
+                    let id = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                    (id as u32, self.greedy_logit.unwrap_or(row[id]))
+                })
+                .collect())
+        }
     }
 
     fn tok() -> Arc<Tokenizer> {
@@ -556,6 +628,31 @@ pub(crate) mod tests {
         send_sync::<SequenceState>();
         send_sync::<Tokenizer>();
         send_sync::<Request>();
+    }
+
+    /// Greedy requests without penalties take `forward_greedy` (the device's reduction), others
+    /// the full logits; both pick the same tokens, and a pick whose logit says every logit was
+    /// NaN fails as the host sampler does.
+    #[test]
+    fn greedy_requests_reduce_on_the_model_side() {
+        let model = FakeModel::new(300, 1024);
+        let prompt: Vec<u32> = (0..9).collect();
+        let fast = run(&model, &prompt, &greedy(10), 4);
+        assert!(*model.greedy_calls.lock().unwrap() >= 10, "greedy forwards not taken");
+        *model.greedy_calls.lock().unwrap() = 0;
+        // A penalty too small to move the favourite (10.0 against at most 0.6) needs the logits.
+        let mut p = SamplingParams::greedy();
+        p.repetition_penalty = 1.0001;
+        let full = run(&model, &prompt, &Request::new(p, 10), 4);
+        assert_eq!(*model.greedy_calls.lock().unwrap(), 0, "a penalized request took the greedy forward");
+        assert_eq!(fast.tokens, full.tokens);
+
+        let nan = FakeModel { greedy_logit: Some(f32::NAN), ..FakeModel::new(300, 1024) };
+        let err = Generator::new(&nan, tok())
+            .unwrap()
+            .generate(&prompt, &greedy(3), |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert!(matches!(err, Error::BadLogits(_)), "{err}");
     }
 
     #[test]

@@ -228,6 +228,35 @@ impl Sampler {
         self.seed
     }
 
+    /// Whether the next pick is the plain argmax of the first `vocab_limit` logits (greedy, no
+    /// penalty moves any logit), which the model can reduce on the device
+    /// ([`fp4moe_models::LanguageModel::forward_greedy`]); [`Sampler::take_greedy`] takes it.
+    pub fn greedy_limit(&self) -> Option<usize> {
+        let p = &self.params;
+        let penalties =
+            p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        (p.is_greedy() && !penalties).then_some(self.vocab_limit)
+    }
+
+    /// The token of a greedy pick made elsewhere: `(id, logit)` of the best logit. A logit that
+    /// is NaN or -inf means every logit was (the pick ranks NaN below -inf), as [`Sampler::sample`]
+    /// reports.
+    pub fn take_greedy(&self, (id, logit): (u32, f32)) -> Result<u32> {
+        if self.greedy_limit().is_none() {
+            return Err(Error::InvalidSampling("a greedy pick for a sampler that is not greedy".into()));
+        }
+        if logit.is_nan() || logit == f32::NEG_INFINITY {
+            return Err(Error::BadLogits("every logit is NaN or -inf".into()));
+        }
+        if id as usize >= self.vocab_limit {
+            return Err(Error::BadLogits(format!(
+                "greedy pick {id} past the vocabulary ({})",
+                self.vocab_limit
+            )));
+        }
+        Ok(id)
+    }
+
     /// Records prompt tokens for the repetition penalty.
     pub fn observe_prompt(&mut self, ids: &[u32]) {
         if self.params.repetition_penalty != 1.0 {

@@ -263,20 +263,54 @@ pub(crate) fn forward<B: Backend, M: Stack<B>>(
     batch: &mut [(&mut Sequence, &[u32])],
     all_logits: bool,
 ) -> Result<Vec<Vec<f32>>> {
+    run(m, batch, all_logits, |plan, logits| {
+        let logits = m.backend().download(logits)?.into_f32()?;
+        Ok(plan.split(&logits, m.vocab()))
+    })
+}
+
+/// `LanguageModel::forward_greedy` for any [`Stack`]: [`forward`]'s logits reduced to each
+/// row's best (id, logit) on the device, so a greedy step downloads 8 bytes per sequence instead
+/// of its vocabulary (~600 KB, then a host scan of it, while the device idles).
+pub(crate) fn forward_greedy<B: Backend, M: Stack<B>>(
+    m: &M,
+    batch: &mut [(&mut Sequence, &[u32])],
+    vocab_limit: usize,
+) -> Result<Vec<(u32, f32)>> {
+    let limit = vocab_limit.min(m.vocab());
+    if limit == 0 {
+        return Err(Error::Invalid("forward_greedy: a vocabulary limit of 0".into()));
+    }
+    run(m, batch, false, |_, logits| {
+        let b = m.backend();
+        let logits = if limit < m.vocab() { b.slice_cols(logits, 0, limit)? } else { logits.clone() };
+        let (vals, ids) = b.top_k(&logits, 1)?;
+        let ids = b.download(&ids)?.into_u32()?;
+        let vals = b.download(&vals)?.into_f32()?;
+        Ok(ids.into_iter().zip(vals).collect())
+    })
+}
+
+/// Plans and validates the batch, runs the stack to its logits tensor (`[rows, V]`) and hands it
+/// to `read`; each sequence advances only once `read` succeeded.
+fn run<B: Backend, M: Stack<B>, R>(
+    m: &M,
+    batch: &mut [(&mut Sequence, &[u32])],
+    all_logits: bool,
+    read: impl FnOnce(&BatchPlan, &T<B>) -> Result<Vec<R>>,
+) -> Result<Vec<R>> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
     let plan = BatchPlan::new(batch, m.vocab(), all_logits)?;
     let states =
         batch.iter().map(|(s, _)| state_of::<M::State>(s, M::MODEL_TYPE)).collect::<Result<Vec<_>>>()?;
-    let b = m.backend();
     let logits = if plan.rows() == 1 && graphs_enabled() {
         M::decode_graph(states[0]).step(m, &plan, &states)?
     } else {
         eager(m, &plan, &states)?
     };
-    let logits = b.download(&logits)?.into_f32()?;
-    let out = plan.split(&logits, m.vocab());
+    let out = read(&plan, &logits)?;
     for (seq, tokens) in batch.iter_mut() {
         seq.len += tokens.len();
     }

@@ -472,6 +472,14 @@ impl<B: Backend + 'static> LanguageModel for Glm4MoeLite<B> {
         batch::forward(self, batch, all_logits)
     }
 
+    fn forward_greedy(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        vocab_limit: usize,
+    ) -> Result<Vec<(u32, f32)>> {
+        batch::forward_greedy(self, batch, vocab_limit)
+    }
+
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {
         Some(self.cfg.cache_values_per_token())
     }

@@ -128,6 +128,33 @@ pub fn check_paths(model: &dyn LanguageModel, fixture: &str) -> Result<f64, Stri
     }
     judge("token-by-token decode vs full forward".into(), rel_err(&stepped, &full_a))?;
 
+    // Greedy decode (LanguageModel::forward_greedy, reduced on the device): the same steps, each
+    // step's (id, logit) that of the row above; odd steps limited to the ids below the winner.
+    let mut seq = model.new_sequence(a.len()).map_err(|e| e.to_string())?;
+    for (i, t) in a.iter().enumerate() {
+        let row = &stepped[i * vocab..(i + 1) * vocab];
+        let best = argmax(row);
+        let limit = if i % 2 == 1 && best > 0 { best } else { vocab };
+        let want = argmax(&row[..limit]);
+        let got = model
+            .forward_greedy(&mut [(&mut seq, std::slice::from_ref(t))], limit)
+            .map_err(|e| e.to_string())?;
+        let close = |g: f32| (g - row[want]).abs() <= 1e-5 * row[want].abs().max(1.0);
+        if got.len() != 1 || got[0].0 as usize != want || !close(got[0].1) {
+            return Err(format!(
+                "{fixture}: greedy step {i} (ids below {limit}): got {got:?}, want ({want}, {})",
+                row[want]
+            ));
+        }
+    }
+    if seq.len != a.len() {
+        return Err(format!(
+            "{fixture}: greedy decode left {} tokens in the cache, want {}",
+            seq.len,
+            a.len()
+        ));
+    }
+
     // Chunked prefill: the second chunk attends to the first through the cache.
     let cut = a.len() / 2;
     let mut seq = model.new_sequence(a.len()).map_err(|e| e.to_string())?;

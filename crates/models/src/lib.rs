@@ -70,6 +70,26 @@ pub trait LanguageModel: Send + Sync {
     /// Token ids are checked against the vocabulary and lengths against each sequence's capacity
     /// before any work is enqueued; on error no sequence is changed.
     fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>>;
+    /// [`LanguageModel::forward`] for greedy decoding: per sequence, the id of the largest of the
+    /// first `vocab_limit` logits of its last new token (ties to the lower id, NaN never wins;
+    /// a row of only NaN / -inf gives id 0) and that logit. Models reduce on the device, so only
+    /// those cross to the host; this default reduces the downloaded rows.
+    fn forward_greedy(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        vocab_limit: usize,
+    ) -> Result<Vec<(u32, f32)>> {
+        let rows = self.forward(batch, false)?;
+        rows.iter()
+            .map(|row| {
+                let row = &row[..vocab_limit.min(row.len())];
+                let id = *fp4moe_ops::reference::top_k_indices(row, 1)
+                    .first()
+                    .ok_or_else(|| Error::Invalid("forward_greedy: empty logits".into()))?;
+                Ok((id as u32, row[id]))
+            })
+            .collect()
+    }
     /// f32 values the cache holds per token per layer (GQA: 2 · kv_heads · head_dim; MLA: latent
     /// + rope key), for memory budgets and bandwidth floors. `None` when a model does not say.
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {

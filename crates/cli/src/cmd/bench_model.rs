@@ -339,21 +339,25 @@ fn time_model(
     let mut seq = model.new_sequence(prefill + FIRST_DECODE_STEPS + decode + 1)?;
     take(stats);
     take(kernels);
+    // Greedy, over the whole vocabulary: the routing then follows the model's own output. Each
+    // pick is reduced on the device, as the engine does for greedy requests.
+    let sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
+    let forward = |seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
+        let picks = model.forward_greedy(&mut [(seq, tokens)], info.vocab_size)?;
+        let pick = *picks.first().ok_or_else(|| anyhow::anyhow!("forward returned no pick"))?;
+        Ok(sampler.take_greedy(pick)?)
+    };
     let start = Instant::now();
-    let logits = model.forward(&mut [(&mut seq, &prompt[..])], false)?;
+    let mut next = forward(&mut seq, &prompt[..])?;
     let prefill_s = start.elapsed().as_secs_f64();
     let prefill_ops = take(stats);
     let prefill_kernels = take(kernels);
-    // Greedy, over the whole vocabulary: the routing then follows the model's own output.
-    let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
-    let mut next = sampler.sample(&logits[0])?;
     // The sequence's first decode steps are untimed and reported apart: the first runs op by op,
     // the second records the decode graph on backends that record one (batch::DecodeGraph).
     let mut first_steps_ms = Vec::new();
     for _ in 0..FIRST_DECODE_STEPS {
         let start = Instant::now();
-        let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
-        next = sampler.sample(&logits[0])?;
+        next = forward(&mut seq, &[next])?;
         first_steps_ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
     take(stats);
@@ -363,8 +367,7 @@ fn time_model(
     let waited0 = waited();
     let start = Instant::now();
     for _ in 0..decode {
-        let logits = model.forward(&mut [(&mut seq, &[next][..])], false)?;
-        next = sampler.sample(&logits[0])?;
+        next = forward(&mut seq, &[next])?;
     }
     let decode_s = start.elapsed().as_secs_f64();
     let decode_wait_s = waited().zip(waited0).map(|(b, a)| (b - a) as f64 * 1e-9);
