@@ -373,13 +373,20 @@ extern "C" __global__ void embedding(W w, const u32* ids, float* y, int n) {
     y[idx] = id < (u32)w.rows ? w_at(w, (int)id, c) : __int_as_float(0x7fc00000);
 }
 
-// Index of the largest value per row, ties to the lower index, NaN never wins, in two launches:
-// argmax_part_f32 takes blockIdx.y's row in chunks of `chunk` (grid x), each block's best to
-// (pk, pi); argmax_final_f32 (one block per row) keeps the best of the row's `parts` and writes
-// its index (and, with vals non-null, its value: top_k with k = 1). One block scanning a whole
-// 151936-wide logits row waited out an L2 round trip per ~4 elements per thread.
-#define ARGMAX_THREADS 256
-__device__ __forceinline__ void argmax_block(float& bk, int& bi) {
+// The k best of each row (descending, ties to the lower index, NaN ranked below -inf) in two
+// launches, for k up to TOPK_MAX: top_k_part_f32 takes blockIdx.y's row in chunks of
+// TOPK_THREADS * TOPK_REG (grid x), each block's k best to (pk, pi) [rows, parts, k] (a chunk
+// with fewer leaves (-inf, INT_MAX) entries); top_k_final_f32 (one block per row) keeps the k
+// best of the row's parts * k and writes their indices and, with vals non-null, values.
+// argmax is k = 1. One block scanning a whole 151936-wide logits row (the kernel below) waited
+// out an L2 round trip per ~4 elements per thread, and once more per k.
+#define TOPK_THREADS 256
+#define TOPK_REG 8
+#define TOPK_NONE 0x7fffffff
+
+// The block's best (key, index) ranked strictly after (pk_, pi_) among each thread's (bk, bi),
+// returned to every thread.
+__device__ __forceinline__ void topk_block_best(float& bk, int& bi) {
     __shared__ float kv[32];
     __shared__ int ki[32];
     for (int o = 16; o > 0; o >>= 1) {
@@ -390,45 +397,66 @@ __device__ __forceinline__ void argmax_block(float& bk, int& bi) {
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     if (lane == 0) { kv[wid] = bk; ki[wid] = bi; }
     __syncthreads();
-    if (threadIdx.x == 0)
-        for (int w2 = 1; w2 < (int)(blockDim.x >> 5); w2++)
-            if (ranks_before(kv[w2], ki[w2], bk, bi)) { bk = kv[w2]; bi = ki[w2]; }
+    bk = kv[0];
+    bi = ki[0];
+    for (int w2 = 1; w2 < (int)(blockDim.x >> 5); w2++)
+        if (ranks_before(kv[w2], ki[w2], bk, bi)) { bk = kv[w2]; bi = ki[w2]; }
+    __syncthreads(); // kv / ki are written again by the next call
 }
 
-extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
-    argmax_part_f32(const float* __restrict__ x, int v, int chunk, float* __restrict__ pk, int* __restrict__ pi) {
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    top_k_part_f32(const float* __restrict__ x, int v, int k, float* __restrict__ pk, int* __restrict__ pi) {
     pdl_enter();
     const float* xr = x + (size_t)blockIdx.y * v;
-    const int i0 = blockIdx.x * chunk, i1 = min(v, i0 + chunk);
-    float bk = -__int_as_float(0x7f800000);
-    int bi = 0x7fffffff;
-#pragma unroll 8
-    for (int i = i0 + threadIdx.x; i < i1; i += ARGMAX_THREADS) {
-        float k = rank_key(xr[i]);
-        if (ranks_before(k, i, bk, bi)) { bk = k; bi = i; }
+    const int i0 = blockIdx.x * (TOPK_THREADS * TOPK_REG);
+    float key[TOPK_REG];
+#pragma unroll
+    for (int c = 0; c < TOPK_REG; c++) {
+        const int i = i0 + threadIdx.x + TOPK_THREADS * c;
+        key[c] = i < v ? rank_key(xr[i]) : -__int_as_float(0x7f800000);
     }
-    argmax_block(bk, bi);
-    if (threadIdx.x == 0) {
-        pk[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = bk;
-        pi[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = bi;
+    const size_t out = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * k;
+    float prev_k = __int_as_float(0x7f800000);
+    int prev_i = -1;
+    for (int j = 0; j < k; j++) {
+        float bk = -__int_as_float(0x7f800000);
+        int bi = TOPK_NONE;
+#pragma unroll
+        for (int c = 0; c < TOPK_REG; c++) {
+            const int i = i0 + threadIdx.x + TOPK_THREADS * c;
+            if (i < v && ranks_before(prev_k, prev_i, key[c], i) && ranks_before(key[c], i, bk, bi)) { bk = key[c]; bi = i; }
+        }
+        topk_block_best(bk, bi);
+        if (threadIdx.x == 0) { pk[out + j] = bk; pi[out + j] = bi; }
+        prev_k = bk;
+        prev_i = bi;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
-    argmax_final_f32(const float* __restrict__ x, int v, const float* __restrict__ pk, const int* __restrict__ pi,
-                     int parts, float* __restrict__ vals, u32* __restrict__ ids) {
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    top_k_final_f32(const float* __restrict__ x, int v, const float* __restrict__ pk, const int* __restrict__ pi, int m,
+                    int k, float* __restrict__ vals, u32* __restrict__ ids) {
     pdl_enter();
     const size_t r = blockIdx.x;
-    float bk = -__int_as_float(0x7f800000);
-    int bi = 0x7fffffff;
-    for (int j = threadIdx.x; j < parts; j += ARGMAX_THREADS)
-        if (ranks_before(pk[r * parts + j], pi[r * parts + j], bk, bi)) { bk = pk[r * parts + j]; bi = pi[r * parts + j]; }
-    argmax_block(bk, bi);
-    if (threadIdx.x == 0) {
-        // A row of only NaN / -inf keeps index 0 (the reference's stable order does the same).
-        const int i = bi == 0x7fffffff ? 0 : bi;
-        ids[r] = (u32)i;
-        if (vals) vals[r] = x[r * v + i];
+    float prev_k = __int_as_float(0x7f800000);
+    int prev_i = -1;
+    for (int j = 0; j < k; j++) {
+        float bk = -__int_as_float(0x7f800000);
+        int bi = TOPK_NONE;
+        for (int c = threadIdx.x; c < m; c += TOPK_THREADS) {
+            const float ck = pk[r * m + c];
+            const int ci = pi[r * m + c];
+            if (ci != TOPK_NONE && ranks_before(prev_k, prev_i, ck, ci) && ranks_before(ck, ci, bk, bi)) { bk = ck; bi = ci; }
+        }
+        topk_block_best(bk, bi);
+        if (threadIdx.x == 0) {
+            // None is left only for a row of fewer than k values, which the host rejects.
+            const int i = bi == TOPK_NONE ? 0 : bi;
+            ids[r * k + j] = (u32)i;
+            if (vals) vals[r * k + j] = x[r * v + i];
+        }
+        prev_k = bk;
+        prev_i = bi;
     }
 }
 

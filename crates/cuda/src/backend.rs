@@ -75,10 +75,12 @@ const NORM_ROPE_MAX_D: usize = 256;
 /// (SPLIT_ROPE_THREADS * SPLIT_ROPE_REG).
 const SPLIT_ROPE_THREADS: u32 = 128;
 const SPLIT_ROPE_MAX_D: usize = 1024;
-/// argmax_part_f32's block (elementwise.cu: ARGMAX_THREADS) and the row elements each block
-/// takes: a 151936-wide logits row in 75 blocks.
-const ARGMAX_THREADS: u32 = 256;
-const ARGMAX_CHUNK: usize = 2048;
+/// top_k_part_f32's block (elementwise.cu: TOPK_THREADS) and the row elements each block takes
+/// (TOPK_THREADS * TOPK_REG: a 151936-wide logits row in 75 blocks); the largest k it serves
+/// (larger k take top_k_f32, one block per row).
+const TOPK_THREADS: u32 = 256;
+const TOPK_CHUNK: usize = 2048;
+const TOPK_MAX: usize = 64;
 /// Tensor-core decode (gemv.cu): weight rows per block (one m16n8k16 tile, TC_ROWS) and threads
 /// (TC_WARPS warps splitting K).
 const TC_ROWS: u32 = 16;
@@ -771,40 +773,42 @@ impl CudaBackend {
         Ok(t)
     }
 
-    /// Per row of x (f32, checked by the caller), the index of its largest value into `ids` and,
-    /// with `vals`, the value (elementwise.cu's two-launch argmax).
-    fn argmax_rows(&self, x: &CT, vals: Option<&CT>, ids: &CT) -> Result<()> {
+    /// Per row of x (f32, checked by the caller; k <= TOPK_MAX and the row width), the indices
+    /// of its k largest values into `ids` `[rows, k]` and, with `vals`, the values
+    /// (elementwise.cu's two-launch top-k).
+    fn top_k_rows(&self, x: &CT, k: usize, vals: Option<&CT>, ids: &CT) -> Result<()> {
         let (rows, v) = (x.rows(), x.last_dim());
         if rows == 0 {
             return Ok(());
         }
-        let parts = v.div_ceil(ARGMAX_CHUNK);
-        let pk = self.empty(&[rows, parts], DType::F32)?;
-        let pi = self.empty(&[rows, parts], DType::U32)?;
+        let parts = v.div_ceil(TOPK_CHUNK);
+        let pk = self.empty(&[rows, parts, k], DType::F32)?;
+        let pi = self.empty(&[rows, parts, k], DType::U32)?;
         self.run(
             "elementwise.cu",
-            "argmax_part_f32",
+            "top_k_part_f32",
             (parts as u32, rows as u32, 1),
-            ARGMAX_THREADS,
+            TOPK_THREADS,
             &[
                 Arg::Ptr(x.storage.ptr()),
                 Arg::I32(v as i32),
-                Arg::I32(ARGMAX_CHUNK as i32),
+                Arg::I32(k as i32),
                 Arg::Ptr(pk.storage.ptr()),
                 Arg::Ptr(pi.storage.ptr()),
             ],
         )?;
         self.run(
             "elementwise.cu",
-            "argmax_final_f32",
+            "top_k_final_f32",
             (rows as u32, 1, 1),
-            ARGMAX_THREADS,
+            TOPK_THREADS,
             &[
                 Arg::Ptr(x.storage.ptr()),
                 Arg::I32(v as i32),
                 Arg::Ptr(pk.storage.ptr()),
                 Arg::Ptr(pi.storage.ptr()),
-                Arg::I32(parts as i32),
+                Arg::I32((parts * k) as i32),
+                Arg::I32(k as i32),
                 Arg::Ptr(vals.map_or(0, |t| t.storage.ptr())),
                 Arg::Ptr(ids.storage.ptr()),
             ],
@@ -2245,7 +2249,7 @@ impl Backend for CudaBackend {
             return Err(shape_err(OP, format!("input {s:?}")));
         }
         let y = self.empty(&s[..s.len() - 1], DType::U32)?;
-        self.argmax_rows(x, None, &y)?;
+        self.top_k_rows(x, 1, None, &y)?;
         Ok(y)
     }
 
@@ -2258,8 +2262,8 @@ impl Backend for CudaBackend {
         }
         let vals = self.empty(&[s[0], k], DType::F32)?;
         let ids = self.empty(&[s[0], k], DType::U32)?;
-        if k == 1 {
-            self.argmax_rows(x, Some(&vals), &ids)?;
+        if (1..=TOPK_MAX).contains(&k) {
+            self.top_k_rows(x, k, Some(&vals), &ids)?;
         } else if k > 0 {
             self.run(
                 "elementwise.cu",

@@ -70,8 +70,9 @@ pub(crate) mod shape {
     pub const MOE_MAX_EXPERTS: u32 = 1024;
     /// Sigmoid router: most expert groups.
     pub const ROUTER_MAX_GROUPS: u32 = 64;
-    /// Top-k / argmax workgroup.
+    /// Top-k / argmax workgroup, and the row values each thread of `top_k_part` takes.
     pub const TOPK_WG: u32 = 256;
+    pub const TOPK_REG: u32 = 8;
     /// Cooperative-matrix GEMM: subgroups per workgroup (coop_gemm.wgsl's 2 x 4 or 4 x 2 grid).
     pub const COOP_SUBGROUPS: u32 = 8;
     /// Cooperative-matrix GEMM: k step (one MXFP4 block, two NVFP4 blocks).
@@ -129,7 +130,7 @@ fn constants(gemv_lanes: u32) -> String {
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
          const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_ROWS: u32 = {ATTN_TILE_ROWS}u;\nconst ATTN_TILE_DV4: u32 = {ATTN_TILE_DV4}u;\nconst ATTN_WIDE_ROWS: u32 = {ATTN_WIDE_ROWS}u;\nconst ATTN_WIDE_DV4: u32 = {ATTN_WIDE_DV4}u;\nconst ATTN_TILE_KEYS: u32 = {ATTN_TILE_KEYS}u;\nconst ATTN_WIDE_KEYS: u32 = {ATTN_WIDE_KEYS}u;\nconst ATTN_FT_DC: u32 = {ATTN_FT_DC}u;\nconst ATTN_FT_UNION: u32 = {ATTN_FT_UNION}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
          const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
-         const TOPK_WG: u32 = {TOPK_WG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
+         const TOPK_WG: u32 = {TOPK_WG}u;\nconst TOPK_REG: u32 = {TOPK_REG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
     )
 }
 

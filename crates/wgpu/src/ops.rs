@@ -90,6 +90,10 @@ fn grid(n: usize, per: u32) -> [u32; 3] {
 }
 
 const MAX_GROUPS_PER_DIM: usize = 65535;
+/// topk.wgsl's two-dispatch top-k: row values per chunk (one workgroup), and the largest k it
+/// serves (larger k take one workgroup per row).
+const TOPK_CHUNK: usize = (shape::TOPK_WG * shape::TOPK_REG) as usize;
+const TOPK_MAX: usize = 64;
 
 fn expect(op: &'static str, t: &GT, dtype: DType) -> Result<()> {
     if t.dtype() != dtype {
@@ -195,7 +199,7 @@ impl WgpuBackend {
             (Src::MoeCombine, &["moe_combine"]),
             (Src::Attention, &["attn_chunk", "attn_merge", "attn_tile", "attn_tile_wide"]),
             (Src::Router, &["route_softmax", "route_sigmoid"]),
-            (Src::TopK, &["top_k"]),
+            (Src::TopK, &["top_k", "top_k_part", "top_k_final"]),
             (Src::Split, &["split"]),
         ];
         for (src, names) in entries {
@@ -1525,7 +1529,25 @@ impl Backend for WgpuBackend {
         let vals = self.alloc(&[s[0], k], DType::F32);
         let ids = self.alloc(&[s[0], k], DType::U32);
         let b = [(1, &x.storage.buf), (2, &vals.storage.buf), (3, &ids.storage.buf)];
-        self.dispatch(&self.k(Src::TopK, "top_k")?, &[u(s[0]), u(s[1]), u(k), 0], &b, grid(s[0], 1))?;
+        if !(1..=TOPK_MAX).contains(&k) || s[0] == 0 {
+            self.dispatch(&self.k(Src::TopK, "top_k")?, &[u(s[0]), u(s[1]), u(k), 0], &b, grid(s[0], 1))?;
+            return Ok((vals, ids));
+        }
+        // Two dispatches (topk.wgsl): each chunk's k best, then the row's.
+        let parts = s[1].div_ceil(TOPK_CHUNK);
+        let pk = self.alloc(&[s[0], parts, k], DType::F32);
+        let pi = self.alloc(&[s[0], parts, k], DType::U32);
+        let params = [u(s[0]), u(s[1]), u(k), u(parts)];
+        let b = [(1, &x.storage.buf), (4, &pk.storage.buf), (5, &pi.storage.buf)];
+        self.dispatch(&self.k(Src::TopK, "top_k_part")?, &params, &b, grid(s[0] * parts, 1))?;
+        let b = [
+            (1, &x.storage.buf),
+            (2, &vals.storage.buf),
+            (3, &ids.storage.buf),
+            (4, &pk.storage.buf),
+            (5, &pi.storage.buf),
+        ];
+        self.dispatch(&self.k(Src::TopK, "top_k_final")?, &params, &b, grid(s[0], 1))?;
         Ok((vals, ids))
     }
 }
