@@ -240,15 +240,15 @@ impl SequenceState {
         self.push(token)
     }
 
-    /// [`Self::after_forward`] for a forward reduced to the greedy pick `(id, logit)`
-    /// ([`LanguageModel::forward_greedy`]; see [`Sampler::greedy_limit`]).
-    pub fn after_forward_greedy(&mut self, consumed: usize, pick: (u32, f32)) -> Result<Option<Step>> {
+    /// [`Self::after_forward`] for a forward reduced to the best logits `top`, most likely
+    /// first ([`LanguageModel::forward_top_k`]; see [`Sampler::device_top_k`]).
+    pub fn after_forward_top(&mut self, consumed: usize, top: &[(u32, f32)]) -> Result<Option<Step>> {
         self.fed += consumed;
         if self.is_prefilling() {
             return Ok(None);
         }
         self.check_running()?;
-        let token = self.sampler.take_greedy(pick)?;
+        let token = self.sampler.sample_top(top)?;
         self.push(token).map(Some)
     }
 
@@ -305,7 +305,7 @@ pub fn forward_batch(
     states: &mut [&mut SequenceState],
     prefill_chunk: usize,
 ) -> Result<Vec<Option<Step>>> {
-    let greedy: Vec<Option<usize>> = states.iter().map(|s| s.sampler.greedy_limit()).collect();
+    let tops: Vec<Option<(usize, usize)>> = states.iter().map(|s| s.sampler.device_top_k()).collect();
     let mut fed: Vec<Option<usize>> = Vec::with_capacity(states.len());
     let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(states.len());
     for state in states.iter_mut() {
@@ -320,20 +320,21 @@ pub fn forward_batch(
     if batch.is_empty() {
         return Ok(vec![None; states.len()]);
     }
-    // When every sequence fed picks greedily from the same vocabulary (or is still prefilling),
-    // the model reduces its logits on the device.
-    let limits: Vec<Option<usize>> =
-        greedy.into_iter().zip(&fed).filter(|(_, n)| n.is_some()).map(|(l, _)| l).collect();
-    if let Some(Some(limit)) = limits.first()
-        && limits.iter().all(|l| *l == Some(*limit))
+    // When every sequence fed needs only its best logits (greedy, top-k) of the same vocabulary,
+    // the model reduces them on the device: the largest k any of them asks for.
+    let tops: Vec<Option<(usize, usize)>> =
+        tops.into_iter().zip(&fed).filter(|(_, n)| n.is_some()).map(|(t, _)| t).collect();
+    if let Some(Some((_, limit))) = tops.first()
+        && tops.iter().all(|t| t.is_some_and(|(_, l)| l == *limit))
     {
-        let picks = model.forward_greedy(&mut batch, *limit).map_err(|e| Error::Model(e.to_string()))?;
+        let k = tops.iter().flatten().map(|&(k, _)| k).max().unwrap_or(1);
+        let picks = model.forward_top_k(&mut batch, k, *limit).map_err(|e| Error::Model(e.to_string()))?;
         drop(batch);
-        if picks.len() != limits.len() {
+        if picks.len() != tops.len() {
             return Err(Error::BadLogits(format!(
-                "forward returned {} picks for a batch of {}",
+                "forward returned {} rows for a batch of {}",
                 picks.len(),
-                limits.len()
+                tops.len()
             )));
         }
         let mut picks = picks.into_iter();
@@ -341,7 +342,7 @@ pub fn forward_batch(
             .iter_mut()
             .zip(fed)
             .map(|(state, n)| match n {
-                Some(n) => state.after_forward_greedy(n, picks.next().expect("count checked above")),
+                Some(n) => state.after_forward_top(n, &picks.next().expect("count checked above")),
                 None => Ok(None),
             })
             .collect();
@@ -516,8 +517,8 @@ pub(crate) mod tests {
         /// A token whose appearance in the history makes `eos` the favourite.
         pub eos_after: Option<u32>,
         pub calls: Mutex<Vec<Vec<usize>>>,
-        /// Forwards that came through `forward_greedy`, and the pick's logit it reports (None:
-        /// the real one).
+        /// Forwards that came through `forward_top_k`, and the logit it reports for every pick
+        /// (None: the real ones).
         pub greedy_calls: Mutex<usize>,
         pub greedy_logit: Option<f32>,
     }
@@ -587,19 +588,21 @@ pub(crate) mod tests {
             Ok(out)
         }
 
-        fn forward_greedy(
+        fn forward_top_k(
             &self,
             batch: &mut [(&mut Sequence, &[u32])],
+            k: usize,
             vocab_limit: usize,
-        ) -> fp4moe_models::Result<Vec<(u32, f32)>> {
+        ) -> fp4moe_models::Result<Vec<Vec<(u32, f32)>>> {
             *self.greedy_calls.lock().unwrap() += 1;
             let rows = self.forward(batch, false)?;
             Ok(rows
                 .iter()
                 .map(|row| {
                     let row = &row[..vocab_limit];
-                    let id = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
-                    (id as u32, self.greedy_logit.unwrap_or(row[id]))
+                    let mut ids: Vec<usize> = (0..row.len()).collect();
+                    ids.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+                    ids[..k].iter().map(|&i| (i as u32, self.greedy_logit.unwrap_or(row[i]))).collect()
                 })
                 .collect())
         }
@@ -646,6 +649,20 @@ pub(crate) mod tests {
         let full = run(&model, &prompt, &Request::new(p, 10), 4);
         assert_eq!(*model.greedy_calls.lock().unwrap(), 0, "a penalized request took the greedy forward");
         assert_eq!(fast.tokens, full.tokens);
+
+        // Top-k sampling takes it too; plain temperature sampling needs every logit.
+        let mut p =
+            SamplingParams { temperature: 0.8, top_k: 20, seed: Some(3), ..SamplingParams::default() };
+        run(&model, &prompt, &Request::new(p.clone(), 4), 4);
+        assert!(*model.greedy_calls.lock().unwrap() >= 4, "top-k forwards not taken");
+        *model.greedy_calls.lock().unwrap() = 0;
+        p.top_k = 0;
+        run(&model, &prompt, &Request::new(p, 4), 4);
+        assert_eq!(
+            *model.greedy_calls.lock().unwrap(),
+            0,
+            "a full-vocabulary request took the top-k forward"
+        );
 
         let nan = FakeModel { greedy_logit: Some(f32::NAN), ..FakeModel::new(300, 1024) };
         let err = Generator::new(&nan, tok())

@@ -184,6 +184,10 @@ pub fn clock_seed() -> u64 {
 /// nearly all mass in a handful of tokens, so sorting the whole vocabulary is usually wasted.
 const TOP_P_FIRST_WINDOW: usize = 64;
 
+/// Largest top-k a sampler asks the model to reduce to on the device (GPU backends run it as
+/// k selection passes per 2048 logits, so a larger k costs more than reading the whole row).
+pub const MAX_DEVICE_TOP_K: usize = 64;
+
 /// Per-sequence sampler: parameters, PRNG state, and the token history penalties look at.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -228,33 +232,40 @@ impl Sampler {
         self.seed
     }
 
-    /// Whether the next pick is the plain argmax of the first `vocab_limit` logits (greedy, no
-    /// penalty moves any logit), which the model can reduce on the device
-    /// ([`fp4moe_models::LanguageModel::forward_greedy`]); [`Sampler::take_greedy`] takes it.
-    pub fn greedy_limit(&self) -> Option<usize> {
+    /// `(k, vocab_limit)` when the next pick needs only the `k` largest of the first
+    /// `vocab_limit` logits: greedy (k = 1), or top-k sampling with k up to
+    /// [`MAX_DEVICE_TOP_K`], and no penalty moving any logit. The model can then reduce its
+    /// logits on the device ([`fp4moe_models::LanguageModel::forward_top_k`]);
+    /// [`Sampler::sample_top`] picks from what it returns.
+    pub fn device_top_k(&self) -> Option<(usize, usize)> {
         let p = &self.params;
-        let penalties =
-            p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        (p.is_greedy() && !penalties).then_some(self.vocab_limit)
+        if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            return None;
+        }
+        let k = if p.is_greedy() { 1 } else { p.top_k };
+        (1..=MAX_DEVICE_TOP_K).contains(&k).then_some((k, self.vocab_limit))
     }
 
-    /// The token of a greedy pick made elsewhere: `(id, logit)` of the best logit. A logit that
-    /// is NaN or -inf means every logit was (the pick ranks NaN below -inf), as [`Sampler::sample`]
-    /// reports.
-    pub fn take_greedy(&self, (id, logit): (u32, f32)) -> Result<u32> {
-        if self.greedy_limit().is_none() {
-            return Err(Error::InvalidSampling("a greedy pick for a sampler that is not greedy".into()));
+    /// [`Sampler::sample`] from the best logits only: `top` holds at least the
+    /// [`Sampler::device_top_k`] largest `(id, logit)`, most likely first (ties to the lower id,
+    /// NaN ranked last). The same pick as from the whole row.
+    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> Result<u32> {
+        let Some((k, limit)) = self.device_top_k() else {
+            return Err(Error::InvalidSampling("a top-k pick for a sampler that needs every logit".into()));
+        };
+        let top = &top[..k.min(top.len())];
+        if let Some(&(id, _)) = top.iter().find(|(id, _)| *id as usize >= limit) {
+            return Err(Error::BadLogits(format!("top-k pick {id} past the vocabulary ({limit})")));
         }
-        if logit.is_nan() || logit == f32::NEG_INFINITY {
+        let key = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+        let max = top.first().map_or(f32::NEG_INFINITY, |&(_, l)| key(l));
+        if max == f32::NEG_INFINITY {
             return Err(Error::BadLogits("every logit is NaN or -inf".into()));
         }
-        if id as usize >= self.vocab_limit {
-            return Err(Error::BadLogits(format!(
-                "greedy pick {id} past the vocabulary ({})",
-                self.vocab_limit
-            )));
+        if self.params.is_greedy() {
+            return Ok(top[0].0);
         }
-        Ok(id)
+        self.sample_from(max, top.iter().map(|&(id, l)| (id, key(l))))
     }
 
     /// Records prompt tokens for the repetition penalty.
@@ -308,19 +319,28 @@ impl Sampler {
     }
 
     fn sample_filtered(&mut self) -> Result<u32> {
-        let p = self.params.clone();
         let max = self.scratch.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             return Err(Error::BadLogits("every logit is NaN or -inf".into()));
         }
+        let scratch = std::mem::take(&mut self.scratch);
+        let picked = self.sample_from(max, scratch.iter().enumerate().map(|(id, &l)| (id as u32, l)));
+        self.scratch = scratch;
+        picked
+    }
+
+    /// Temperature, min-p, top-k and top-p over `(id, logit)` pairs (NaN already -inf) whose
+    /// largest logit is `max`, then one draw.
+    fn sample_from(&mut self, max: f32, logits: impl Iterator<Item = (u32, f32)>) -> Result<u32> {
+        let p = self.params.clone();
         // Weights relative to the best token (which gets 1), so min-p is a plain threshold.
         let inv_t = 1.0 / p.temperature;
         let min_weight = p.min_p;
         self.candidates.clear();
-        for (id, &l) in self.scratch.iter().enumerate() {
+        for (id, l) in logits {
             let w = ((l - max) * inv_t).exp();
             if w > 0.0 && w >= min_weight {
-                self.candidates.push((id as u32, w));
+                self.candidates.push((id, w));
             }
         }
         let cands = &mut self.candidates;
@@ -328,9 +348,14 @@ impl Sampler {
         let by_weight_desc = |a: &(u32, f32), b: &(u32, f32)| {
             b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0))
         };
-        if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_weight_desc);
-            cands.truncate(p.top_k);
+        if p.top_k > 0 {
+            if p.top_k < cands.len() {
+                cands.select_nth_unstable_by(p.top_k - 1, by_weight_desc);
+                cands.truncate(p.top_k);
+            }
+            // In one order whichever side chose the k (the whole row here, or the device:
+            // sample_top), so a seed draws the same token from either.
+            cands.sort_unstable_by(by_weight_desc);
         }
         if p.top_p < 1.0 {
             let total: f64 = cands.iter().map(|c| f64::from(c.1)).sum();
@@ -483,6 +508,59 @@ mod tests {
         let h = histogram(params(|p| p.top_k = 2), &logits, 5_000);
         assert!(h[1] > 0.0 && h[2] > 0.0);
         assert_eq!(h[0] + h[3] + h[4], 0.0);
+    }
+
+    /// The pick from the k best logits (as a device reduces them) equals the pick from the
+    /// whole row, draw for draw, with ties at the boundary and NaN in the row; without top-k,
+    /// or with a penalty, the whole row is needed.
+    #[test]
+    fn sampling_from_the_best_logits_matches_the_whole_row() {
+        let mut rng = Rng::new(7);
+        let mut row: Vec<f32> = (0..1000).map(|_| (rng.next_f64() * 8.0) as f32).collect();
+        row[3] = f32::NAN;
+        row[10] = 9.0;
+        row[20] = 9.0;
+        let top = |k: usize, limit: usize| -> Vec<(u32, f32)> {
+            let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+            let mut ids: Vec<usize> = (0..limit).collect();
+            ids.sort_by(|&a, &b| key(row[b]).partial_cmp(&key(row[a])).unwrap().then(a.cmp(&b)));
+            ids[..k].iter().map(|&i| (i as u32, row[i])).collect()
+        };
+        for (temperature, top_k, top_p, min_p) in
+            [(0.0, 0, 1.0, 0.0), (0.7, 20, 1.0, 0.0), (1.0, 5, 0.9, 0.0), (1.3, 64, 0.95, 0.05)]
+        {
+            let p = params(|p| {
+                p.temperature = temperature;
+                p.top_k = top_k;
+                p.top_p = top_p;
+                p.min_p = min_p;
+                p.seed = Some(11);
+            });
+            let (mut whole, mut best) =
+                (Sampler::new(p.clone(), 900).unwrap(), Sampler::new(p, 900).unwrap());
+            let (k, limit) = best.device_top_k().expect("greedy / top-k without penalties");
+            assert_eq!((k, limit), (top_k.max(1), 900));
+            for draw in 0..300 {
+                let want = whole.sample(&row).unwrap();
+                assert_eq!(
+                    best.sample_top(&top(k, limit)).unwrap(),
+                    want,
+                    "t {temperature} k {top_k} draw {draw}"
+                );
+            }
+        }
+        assert!(Sampler::new(params(|p| p.top_k = 0), 9).unwrap().device_top_k().is_none());
+        assert!(
+            Sampler::new(params(|p| p.top_k = MAX_DEVICE_TOP_K + 1), 9).unwrap().device_top_k().is_none()
+        );
+        let penalized = params(|p| {
+            p.temperature = 0.0;
+            p.presence_penalty = 0.5;
+        });
+        assert!(Sampler::new(penalized, 9).unwrap().device_top_k().is_none());
+        let mut greedy = Sampler::new(SamplingParams::greedy(), 9).unwrap();
+        assert!(matches!(greedy.sample_top(&[(2, f32::NAN)]), Err(Error::BadLogits(_))));
+        assert!(matches!(greedy.sample_top(&[(9, 1.0)]), Err(Error::BadLogits(_))));
     }
 
     #[test]

@@ -269,25 +269,30 @@ pub(crate) fn forward<B: Backend, M: Stack<B>>(
     })
 }
 
-/// `LanguageModel::forward_greedy` for any [`Stack`]: [`forward`]'s logits reduced to each
-/// row's best (id, logit) on the device, so a greedy step downloads 8 bytes per sequence instead
-/// of its vocabulary (~600 KB, then a host scan of it, while the device idles).
-pub(crate) fn forward_greedy<B: Backend, M: Stack<B>>(
+/// `LanguageModel::forward_top_k` for any [`Stack`]: [`forward`]'s logits reduced to each row's
+/// k best (id, logit) on the device, so a greedy or top-k step downloads a few bytes per sequence
+/// instead of its vocabulary (~600 KB, then a host scan of it, while the device idles).
+pub(crate) fn forward_top_k<B: Backend, M: Stack<B>>(
     m: &M,
     batch: &mut [(&mut Sequence, &[u32])],
+    k: usize,
     vocab_limit: usize,
-) -> Result<Vec<(u32, f32)>> {
+) -> Result<Vec<Vec<(u32, f32)>>> {
     let limit = vocab_limit.min(m.vocab());
-    if limit == 0 {
-        return Err(Error::Invalid("forward_greedy: a vocabulary limit of 0".into()));
+    if k == 0 || k > limit {
+        return Err(Error::Invalid(format!("forward_top_k: top {k} of {limit} logits")));
     }
     run(m, batch, false, |_, logits| {
         let b = m.backend();
         let logits = if limit < m.vocab() { b.slice_cols(logits, 0, limit)? } else { logits.clone() };
-        let (vals, ids) = b.top_k(&logits, 1)?;
+        let (vals, ids) = b.top_k(&logits, k)?;
         let ids = b.download(&ids)?.into_u32()?;
         let vals = b.download(&vals)?.into_f32()?;
-        Ok(ids.into_iter().zip(vals).collect())
+        Ok(ids
+            .chunks(k)
+            .zip(vals.chunks(k))
+            .map(|(i, v)| i.iter().copied().zip(v.iter().copied()).collect())
+            .collect())
     })
 }
 

@@ -472,12 +472,13 @@ impl<B: Backend + 'static> LanguageModel for Glm4MoeLite<B> {
         batch::forward(self, batch, all_logits)
     }
 
-    fn forward_greedy(
+    fn forward_top_k(
         &self,
         batch: &mut [(&mut Sequence, &[u32])],
+        k: usize,
         vocab_limit: usize,
-    ) -> Result<Vec<(u32, f32)>> {
-        batch::forward_greedy(self, batch, vocab_limit)
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        batch::forward_top_k(self, batch, k, vocab_limit)
     }
 
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {

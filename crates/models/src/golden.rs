@@ -128,28 +128,33 @@ pub fn check_paths(model: &dyn LanguageModel, fixture: &str) -> Result<f64, Stri
     }
     judge("token-by-token decode vs full forward".into(), rel_err(&stepped, &full_a))?;
 
-    // Greedy decode (LanguageModel::forward_greedy, reduced on the device): the same steps, each
-    // step's (id, logit) that of the row above; odd steps limited to the ids below the winner.
+    // The same steps reduced on the device (LanguageModel::forward_top_k): each step's best
+    // (id, logit) pairs are those of the row above; steps alternate k = 1 and 5, and every third
+    // is limited to the ids below the row's winner.
     let mut seq = model.new_sequence(a.len()).map_err(|e| e.to_string())?;
     for (i, t) in a.iter().enumerate() {
         let row = &stepped[i * vocab..(i + 1) * vocab];
         let best = argmax(row);
-        let limit = if i % 2 == 1 && best > 0 { best } else { vocab };
-        let want = argmax(&row[..limit]);
+        let limit = if i % 3 == 1 && best > 0 { best } else { vocab };
+        let k = if i % 2 == 0 { 1 } else { 5.min(limit) };
+        let want: Vec<(u32, f32)> = fp4moe_ops::reference::top_k_indices(&row[..limit], k)
+            .into_iter()
+            .map(|j| (j as u32, row[j]))
+            .collect();
         let got = model
-            .forward_greedy(&mut [(&mut seq, std::slice::from_ref(t))], limit)
+            .forward_top_k(&mut [(&mut seq, std::slice::from_ref(t))], k, limit)
             .map_err(|e| e.to_string())?;
-        let close = |g: f32| (g - row[want]).abs() <= 1e-5 * row[want].abs().max(1.0);
-        if got.len() != 1 || got[0].0 as usize != want || !close(got[0].1) {
+        let close =
+            |g: &(u32, f32), w: &(u32, f32)| g.0 == w.0 && (g.1 - w.1).abs() <= 1e-5 * w.1.abs().max(1.0);
+        if got.len() != 1 || got[0].len() != k || !got[0].iter().zip(&want).all(|(g, w)| close(g, w)) {
             return Err(format!(
-                "{fixture}: greedy step {i} (ids below {limit}): got {got:?}, want ({want}, {})",
-                row[want]
+                "{fixture}: top-{k} step {i} (ids below {limit}): got {got:?}, want {want:?}"
             ));
         }
     }
     if seq.len != a.len() {
         return Err(format!(
-            "{fixture}: greedy decode left {} tokens in the cache, want {}",
+            "{fixture}: top-k decode left {} tokens in the cache, want {}",
             seq.len,
             a.len()
         ));

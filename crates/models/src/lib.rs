@@ -70,25 +70,28 @@ pub trait LanguageModel: Send + Sync {
     /// Token ids are checked against the vocabulary and lengths against each sequence's capacity
     /// before any work is enqueued; on error no sequence is changed.
     fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>>;
-    /// [`LanguageModel::forward`] for greedy decoding: per sequence, the id of the largest of the
-    /// first `vocab_limit` logits of its last new token (ties to the lower id, NaN never wins;
-    /// a row of only NaN / -inf gives id 0) and that logit. Models reduce on the device, so only
-    /// those cross to the host; this default reduces the downloaded rows.
-    fn forward_greedy(
+    /// [`LanguageModel::forward`] for samplers that need only the best logits (greedy: k = 1):
+    /// per sequence, the `k` largest of the first `vocab_limit` logits of its last new token as
+    /// `(id, logit)`, most likely first (ties to the lower id, NaN ranked below -inf). Models
+    /// reduce on the device, so only those cross to the host; this default reduces the
+    /// downloaded rows.
+    fn forward_top_k(
         &self,
         batch: &mut [(&mut Sequence, &[u32])],
+        k: usize,
         vocab_limit: usize,
-    ) -> Result<Vec<(u32, f32)>> {
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        if k == 0 || vocab_limit == 0 {
+            return Err(Error::Invalid(format!("forward_top_k: top {k} of {vocab_limit} logits")));
+        }
         let rows = self.forward(batch, false)?;
-        rows.iter()
+        Ok(rows
+            .iter()
             .map(|row| {
                 let row = &row[..vocab_limit.min(row.len())];
-                let id = *fp4moe_ops::reference::top_k_indices(row, 1)
-                    .first()
-                    .ok_or_else(|| Error::Invalid("forward_greedy: empty logits".into()))?;
-                Ok((id as u32, row[id]))
+                fp4moe_ops::reference::top_k_indices(row, k).into_iter().map(|i| (i as u32, row[i])).collect()
             })
-            .collect()
+            .collect())
     }
     /// f32 values the cache holds per token per layer (GQA: 2 · kv_heads · head_dim; MLA: latent
     /// + rope key), for memory budgets and bandwidth floors. `None` when a model does not say.

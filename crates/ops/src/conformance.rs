@@ -1253,6 +1253,12 @@ pub fn check_argmax_top_k<B: Backend>(b: &B, seed: u64) -> Check {
             }
             xs[v - 5] = 50.0;
             xs[70_001] = 50.0;
+            // Large values on both sides of power-of-two boundaries (chunk edges of GPU
+            // kernels), two of them equal across one.
+            for (j, i) in [1023usize, 1024, 2047, 2048, 4095, 4096, 8191, 8192].into_iter().enumerate() {
+                xs[i] = 40.0 + j as f32;
+            }
+            xs[2048] = xs[2047];
             for (i, x) in xs[2 * v..3 * v].iter_mut().enumerate() {
                 *x = if i % 7 == 3 { f32::NAN } else { f32::NEG_INFINITY };
             }

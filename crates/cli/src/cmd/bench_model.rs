@@ -341,11 +341,11 @@ fn time_model(
     take(kernels);
     // Greedy, over the whole vocabulary: the routing then follows the model's own output. Each
     // pick is reduced on the device, as the engine does for greedy requests.
-    let sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
-    let forward = |seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
-        let picks = model.forward_greedy(&mut [(seq, tokens)], info.vocab_size)?;
-        let pick = *picks.first().ok_or_else(|| anyhow::anyhow!("forward returned no pick"))?;
-        Ok(sampler.take_greedy(pick)?)
+    let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
+    let mut forward = |seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
+        let picks = model.forward_top_k(&mut [(seq, tokens)], 1, info.vocab_size)?;
+        let top = picks.first().ok_or_else(|| anyhow::anyhow!("forward returned no pick"))?;
+        Ok(sampler.sample_top(top)?)
     };
     let start = Instant::now();
     let mut next = forward(&mut seq, &prompt[..])?;
