@@ -460,46 +460,27 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     }
 }
 
-// One block per row: the k best in the total order above, one pass per rank. Pass j finds the
-// best element ranked strictly after pass j-1's pick, so no membership set is needed.
+// One block per row (k past TOPK_MAX): the k best in the total order above, one pass per rank.
+// Pass j finds the best element ranked strictly after pass j-1's pick, so no membership set is
+// needed.
 extern "C" __global__ void top_k_f32(const float* x, float* vals, u32* ids, int v, int k) {
     pdl_enter();
-    __shared__ float kv[32];
-    __shared__ int ki[32];
-    __shared__ float prev_k;
-    __shared__ int prev_i;
     const float* xr = x + (size_t)blockIdx.x * v;
-    if (threadIdx.x == 0) { prev_k = __int_as_float(0x7f800000); prev_i = -1; }
-    __syncthreads();
+    float prev_k = __int_as_float(0x7f800000);
+    int prev_i = -1;
     for (int j = 0; j < k; j++) {
-        float pk = prev_k;
-        int pi = prev_i;
-        float bk = 0.0f;
-        int bi = 0x7fffffff;
-        bool have = false;
+        float bk = -__int_as_float(0x7f800000);
+        int bi = TOPK_NONE;
         for (int i = threadIdx.x; i < v; i += blockDim.x) {
             float key = rank_key(xr[i]);
-            if (ranks_before(pk, pi, key, i) && (!have || ranks_before(key, i, bk, bi))) {
-                bk = key; bi = i; have = true;
-            }
+            if (ranks_before(prev_k, prev_i, key, i) && ranks_before(key, i, bk, bi)) { bk = key; bi = i; }
         }
-        if (!have) { bk = -__int_as_float(0x7f800000); bi = 0x7fffffff; }
-        for (int o = 16; o > 0; o >>= 1) {
-            float ok = __shfl_xor_sync(0xffffffffu, bk, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ranks_before(ok, oi, bk, bi)) { bk = ok; bi = oi; }
-        }
-        int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-        if (lane == 0) { kv[wid] = bk; ki[wid] = bi; }
-        __syncthreads();
+        topk_block_best(bk, bi);
         if (threadIdx.x == 0) {
-            for (int w2 = 1; w2 < (int)(blockDim.x >> 5); w2++)
-                if (ranks_before(kv[w2], ki[w2], bk, bi)) { bk = kv[w2]; bi = ki[w2]; }
             vals[(size_t)blockIdx.x * k + j] = xr[bi];
             ids[(size_t)blockIdx.x * k + j] = (u32)bi;
-            prev_k = bk;
-            prev_i = bi;
         }
-        __syncthreads();
+        prev_k = bk;
+        prev_i = bi;
     }
 }

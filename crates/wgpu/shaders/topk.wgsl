@@ -148,23 +148,9 @@ fn top_k(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) w
                 bi = i;
             }
         }
-        rv[lid] = bv;
-        ri[lid] = bi;
-        workgroupBarrier();
-        for (var st = TOPK_WG / 2u; st > 0u; st = st / 2u) {
-            if (lid < st) {
-                let ov = rv[lid + st];
-                let oi = ri[lid + st];
-                if (oi != NO && (ri[lid] == NO || ranks_before(ov, oi, rv[lid], ri[lid]))) {
-                    rv[lid] = ov;
-                    ri[lid] = oi;
-                }
-            }
-            workgroupBarrier();
-        }
-        pv = rv[0];
-        pi = ri[0];
-        workgroupBarrier();
+        let best = wg_best(lid, bv, bi);
+        pv = bitcast<f32>(best.x);
+        pi = best.y;
         if (lid == 0u) {
             vals[row * p.k + s] = pv;
             ids[row * p.k + s] = pi;
