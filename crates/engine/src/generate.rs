@@ -519,8 +519,8 @@ pub(crate) mod tests {
         pub calls: Mutex<Vec<Vec<usize>>>,
         /// Forwards that came through `forward_top_k`, and the logit it reports for every pick
         /// (None: the real ones).
-        pub greedy_calls: Mutex<usize>,
-        pub greedy_logit: Option<f32>,
+        pub top_k_calls: Mutex<usize>,
+        pub top_logit: Option<f32>,
     }
 
     impl FakeModel {
@@ -539,8 +539,8 @@ pub(crate) mod tests {
                 favoured_range: 128,
                 eos_after: None,
                 calls: Mutex::new(Vec::new()),
-                greedy_calls: Mutex::new(0),
-                greedy_logit: None,
+                top_k_calls: Mutex::new(0),
+                top_logit: None,
             }
         }
 
@@ -594,7 +594,7 @@ pub(crate) mod tests {
             k: usize,
             vocab_limit: usize,
         ) -> fp4moe_models::Result<Vec<Vec<(u32, f32)>>> {
-            *self.greedy_calls.lock().unwrap() += 1;
+            *self.top_k_calls.lock().unwrap() += 1;
             let rows = self.forward(batch, false)?;
             Ok(rows
                 .iter()
@@ -602,7 +602,7 @@ pub(crate) mod tests {
                     let row = &row[..vocab_limit];
                     let mut ids: Vec<usize> = (0..row.len()).collect();
                     ids.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
-                    ids[..k].iter().map(|&i| (i as u32, self.greedy_logit.unwrap_or(row[i]))).collect()
+                    ids[..k].iter().map(|&i| (i as u32, self.top_logit.unwrap_or(row[i]))).collect()
                 })
                 .collect())
         }
@@ -633,38 +633,34 @@ pub(crate) mod tests {
         send_sync::<Request>();
     }
 
-    /// Greedy requests without penalties take `forward_greedy` (the device's reduction), others
-    /// the full logits; both pick the same tokens, and a pick whose logit says every logit was
-    /// NaN fails as the host sampler does.
+    /// Greedy and top-k requests without penalties take `forward_top_k` (the device's
+    /// reduction), others the full logits; both pick the same tokens, and a pick whose logit
+    /// says every logit was NaN fails as the host sampler does.
     #[test]
-    fn greedy_requests_reduce_on_the_model_side() {
+    fn greedy_and_top_k_requests_reduce_on_the_model_side() {
         let model = FakeModel::new(300, 1024);
         let prompt: Vec<u32> = (0..9).collect();
         let fast = run(&model, &prompt, &greedy(10), 4);
-        assert!(*model.greedy_calls.lock().unwrap() >= 10, "greedy forwards not taken");
-        *model.greedy_calls.lock().unwrap() = 0;
+        assert!(*model.top_k_calls.lock().unwrap() >= 10, "top-k forwards not taken for greedy");
+        *model.top_k_calls.lock().unwrap() = 0;
         // A penalty too small to move the favourite (10.0 against at most 0.6) needs the logits.
         let mut p = SamplingParams::greedy();
         p.repetition_penalty = 1.0001;
         let full = run(&model, &prompt, &Request::new(p, 10), 4);
-        assert_eq!(*model.greedy_calls.lock().unwrap(), 0, "a penalized request took the greedy forward");
+        assert_eq!(*model.top_k_calls.lock().unwrap(), 0, "a penalized request took the top-k forward");
         assert_eq!(fast.tokens, full.tokens);
 
         // Top-k sampling takes it too; plain temperature sampling needs every logit.
         let mut p =
             SamplingParams { temperature: 0.8, top_k: 20, seed: Some(3), ..SamplingParams::default() };
         run(&model, &prompt, &Request::new(p.clone(), 4), 4);
-        assert!(*model.greedy_calls.lock().unwrap() >= 4, "top-k forwards not taken");
-        *model.greedy_calls.lock().unwrap() = 0;
+        assert!(*model.top_k_calls.lock().unwrap() >= 4, "top-k forwards not taken");
+        *model.top_k_calls.lock().unwrap() = 0;
         p.top_k = 0;
         run(&model, &prompt, &Request::new(p, 4), 4);
-        assert_eq!(
-            *model.greedy_calls.lock().unwrap(),
-            0,
-            "a full-vocabulary request took the top-k forward"
-        );
+        assert_eq!(*model.top_k_calls.lock().unwrap(), 0, "a full-vocabulary request took the top-k forward");
 
-        let nan = FakeModel { greedy_logit: Some(f32::NAN), ..FakeModel::new(300, 1024) };
+        let nan = FakeModel { top_logit: Some(f32::NAN), ..FakeModel::new(300, 1024) };
         let err = Generator::new(&nan, tok())
             .unwrap()
             .generate(&prompt, &greedy(3), |_| ControlFlow::Continue(()))

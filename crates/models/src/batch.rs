@@ -279,9 +279,11 @@ pub(crate) fn forward_top_k<B: Backend, M: Stack<B>>(
     vocab_limit: usize,
 ) -> Result<Vec<Vec<(u32, f32)>>> {
     let limit = vocab_limit.min(m.vocab());
-    if k == 0 || k > limit {
+    if k == 0 || limit == 0 {
         return Err(Error::Invalid(format!("forward_top_k: top {k} of {limit} logits")));
     }
+    // A k past the vocabulary keeps every logit, in order.
+    let k = k.min(limit);
     run(m, batch, false, |_, logits| {
         let b = m.backend();
         let logits = if limit < m.vocab() { b.slice_cols(logits, 0, limit)? } else { logits.clone() };

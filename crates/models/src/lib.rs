@@ -71,8 +71,8 @@ pub trait LanguageModel: Send + Sync {
     /// before any work is enqueued; on error no sequence is changed.
     fn forward(&self, batch: &mut [(&mut Sequence, &[u32])], all_logits: bool) -> Result<Vec<Vec<f32>>>;
     /// [`LanguageModel::forward`] for samplers that need only the best logits (greedy: k = 1):
-    /// per sequence, the `k` largest of the first `vocab_limit` logits of its last new token as
-    /// `(id, logit)`, most likely first (ties to the lower id, NaN ranked below -inf). Models
+    /// per sequence, the `k` largest (all, if fewer) of the first `vocab_limit` logits of its
+    /// last new token as `(id, logit)`, most likely first (ties to the lower id, NaN ranked below -inf). Models
     /// reduce on the device, so only those cross to the host; this default reduces the
     /// downloaded rows.
     fn forward_top_k(
