@@ -26,6 +26,12 @@ var<workgroup> ri: array<u32, TOPK_WG>;
 const TOPK_CHUNK: u32 = TOPK_WG * TOPK_REG;
 var<workgroup> chunk: array<f32, TOPK_CHUNK>;
 
+// Whether (v, i) is a better candidate for this pass than (bv, bi): ranked after the previous
+// pick (pv, pi) (pi == NO: the first pass) and before the best so far (bi == NO: none yet).
+fn better(pv: f32, pi: u32, v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    return (pi == NO || ranks_before(pv, pi, v, i)) && (bi == NO || ranks_before(v, i, bv, bi));
+}
+
 // The workgroup's best of each thread's (bv, bi) (bi == NO: none), to every thread.
 fn wg_best(lid: u32, bv: f32, bi: u32) -> vec2<u32> {
     rv[lid] = bv;
@@ -72,7 +78,7 @@ fn top_k_part(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_
         for (var c = 0u; c < TOPK_REG; c++) {
             let i = i0 + lid + c * TOPK_WG;
             let v = chunk[lid + c * TOPK_WG];
-            if (i < p.v && (pi_ == NO || ranks_before(pv, pi_, v, i)) && (bi == NO || ranks_before(v, i, bv, bi))) {
+            if (i < p.v && better(pv, pi_, v, i, bv, bi)) {
                 bv = v;
                 bi = i;
             }
@@ -110,7 +116,7 @@ fn top_k_final(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup
         for (var c = lid; c < m; c += TOPK_WG) {
             let v = pk[row * m + c];
             let i = pi[row * m + c];
-            if (i != NO && (pi_ == NO || ranks_before(pv, pi_, v, i)) && (bi == NO || ranks_before(v, i, bv, bi))) {
+            if (i != NO && better(pv, pi_, v, i, bv, bi)) {
                 bv = v;
                 bi = i;
             }
@@ -143,7 +149,7 @@ fn top_k(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) w
         var bi = NO;
         for (var i = lid; i < p.v; i += TOPK_WG) {
             let v = x[base + i];
-            if ((pi == NO || ranks_before(pv, pi, v, i)) && (bi == NO || ranks_before(v, i, bv, bi))) {
+            if (better(pv, pi, v, i, bv, bi)) {
                 bv = v;
                 bi = i;
             }
