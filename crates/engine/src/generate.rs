@@ -8,7 +8,9 @@
 //!         → prefill chunks yield nothing; afterwards each call samples one token (a Step)
 //!   until the Step carries a FinishReason
 //! ```
-//! [`forward_batch`] does one such round for any number of sequences with one `forward` call;
+//! [`forward_batch`] does one such round for any number of sequences with one model call:
+//! `forward_top_k` → `after_forward_top` when every sampler needs only the best logits (greedy,
+//! top-k ≤ 64 without penalties: the model reduces them on the device), else `forward`;
 //! [`Generator`] drives one sequence to completion with streaming callbacks and timing.
 
 use std::ops::ControlFlow;
