@@ -3,6 +3,13 @@
 //!
 //! The order of operations follows what HF transformers and vLLM do, so a user's settings mean
 //! the same thing here: penalties on raw logits → temperature → min-p → top-k → top-p → draw.
+//!
+//! A pick over a whole row (151936 logits; every CPU step, and a GPU step whose request cannot
+//! be reduced on the device) is a few passes over it, never a sort of it: weights from a
+//! hand-written exponential the compiler vectorizes ([`weight`]), top-k from a best-so-far
+//! list, the top-p cut among the first 64 ranked tokens or else from a histogram of scaled
+//! logits, and a draw through per-16-token partial sums. `fp4moe bench sampling` times it; a
+//! test holds it to a plain definition (full sort, filters in order) draw for draw.
 
 use std::collections::{HashMap, HashSet};
 
@@ -180,13 +187,132 @@ pub fn clock_seed() -> u64 {
     Rng::new(nanos ^ u64::from(std::process::id())).next_u64()
 }
 
-/// First candidate count tried when top-p needs the distribution sorted: a confident model puts
-/// nearly all mass in a handful of tokens, so sorting the whole vocabulary is usually wasted.
-const TOP_P_FIRST_WINDOW: usize = 64;
-
 /// Largest top-k a sampler asks the model to reduce to on the device (GPU backends run it as
 /// k selection passes per 2048 logits, so a larger k costs more than reading the whole row).
 pub const MAX_DEVICE_TOP_K: usize = 64;
+
+/// Largest top-k picked from a whole row by keeping the best so far in a sorted list (a larger k
+/// collects the candidates and selects). Also the first try of a top-p cut without top-k: a
+/// confident model puts nearly all its mass in a handful of tokens.
+const LIST_TOP_K: usize = 64;
+
+/// Scaled logits below this have weight 0: e^-87 is near f32's smallest normal number.
+const WEIGHT_CUTOFF: f32 = -87.0;
+
+/// Buckets of scaled logit over [WEIGHT_CUTOFF, 0] for finding a top-p cut past the first
+/// [`LIST_TOP_K`] tokens in one pass: each spans 0.042, so a bucket's weights differ by < 4.3 %.
+const TOP_P_BUCKETS: usize = 2048;
+
+/// Tokens per partial sum: every sum of weights a pick forms (the top-p target, the draw's
+/// total) adds the weights of each chunk of [`DRAW_CHUNK`] consecutive ids in id order, then
+/// the chunks in order. Chunks are independent, so a row's sums run in parallel lanes, and the
+/// draw walks chunks, then tokens within one.
+const DRAW_CHUNK: usize = 16;
+
+/// A token's weight relative to the most likely one: e^x for a scaled logit
+/// x = (logit - max) / temperature <= 0, and 0 below [`WEIGHT_CUTOFF`] or for NaN.
+///
+/// Ours rather than libm's so that a seed draws the same tokens on every platform, and plain
+/// arithmetic so the compiler vectorizes it over a row (libm's `expf` is a call per logit):
+/// x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so n ln 2 is exact), e^r by its
+/// Taylor series to r^7 (truncation below 6e-9, under an f32 ulp), 2^n built from n's bits.
+/// e^0 is exactly 1, so min-p compares against the best token's weight.
+pub fn weight(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4; // 355 / 512: n * LN2_HI is exact for |n| < 2^15
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer, which the sum's low mantissa bits then hold.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = if x > WEIGHT_CUTOFF { x } else { WEIGHT_CUTOFF };
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    // Horner over 1/k!, the coefficients folded at compile time.
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * r + c;
+    }
+    // n is an integer in [-126, 0], so 2^n is a normal number: exponent bits n + 127.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    if x >= WEIGHT_CUTOFF { p * scale } else { 0.0 }
+}
+
+/// The largest value of `row` (NaN never wins; -inf for an empty row or one without numbers),
+/// over eight lanes so the compiler vectorizes it.
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &l) in lanes.iter_mut().zip(c) {
+            *m = if l > *m { l } else { *m };
+        }
+    }
+    lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m })
+}
+
+/// Whether `a` ranks before `b`: the larger logit first, the lower id on ties.
+fn ranks_before(a: (u32, f32), b: (u32, f32)) -> bool {
+    a.1 > b.1 || (a.1 == b.1 && a.0 < b.0)
+}
+
+/// [`ranks_before`] as an ordering.
+fn rank_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    if ranks_before(*a, *b) {
+        std::cmp::Ordering::Less
+    } else if ranks_before(*b, *a) {
+        std::cmp::Ordering::Greater
+    } else {
+        std::cmp::Ordering::Equal
+    }
+}
+
+/// The [`DRAW_CHUNK`] sums of `(id, weight)` pairs in increasing id order, as `(chunk, sum)`
+/// for the chunks that hold any: the same values as the sums over a whole row with 0 for every
+/// other token.
+fn chunk_sums(by_id: &[(u32, f32)]) -> Vec<(usize, f64)> {
+    let mut sums: Vec<(usize, f64)> = Vec::new();
+    for &(id, w) in by_id {
+        let c = id as usize / DRAW_CHUNK;
+        match sums.last_mut() {
+            Some((last, s)) if *last == c => *s += f64::from(w),
+            _ => sums.push((c, f64::from(w))),
+        }
+    }
+    sums
+}
+
+/// The sum of chunk sums, in order.
+fn total(sums: impl Iterator<Item = f64>) -> f64 {
+    sums.sum()
+}
+
+/// Where a draw `u` in [0, total) lands among chunk sums: the chunk and what is left of `u` at
+/// its start. Past the last sum (rounding): the last chunk with weight.
+fn land(mut u: f64, sums: impl Iterator<Item = (usize, f64)>) -> Option<(usize, f64)> {
+    let mut last = None;
+    for (c, s) in sums {
+        if s > 0.0 {
+            last = Some((c, u));
+        }
+        if u < s {
+            return Some((c, u));
+        }
+        u -= s;
+    }
+    last
+}
+
+/// Within the landed chunk's `(id, weight)` pairs (id order), the first weight that takes `u`
+/// below 0, else (rounding) the last with weight.
+fn land_in_chunk(mut u: f64, ws: impl Iterator<Item = (u32, f32)> + Clone) -> Option<u32> {
+    ws.clone()
+        .find(|&(_, w)| {
+            u -= f64::from(w);
+            w > 0.0 && u < 0.0
+        })
+        .or_else(|| ws.filter(|c| c.1 > 0.0).last())
+        .map(|c| c.0)
+}
 
 /// Per-sequence sampler: parameters, PRNG state, and the token history penalties look at.
 #[derive(Debug, Clone)]
@@ -201,9 +327,50 @@ pub struct Sampler {
     seen: HashSet<u32>,
     /// Occurrences of each generated token (presence and frequency penalties).
     generated_counts: HashMap<u32, u32>,
-    /// Reused per step; a vocabulary of logits is ~600 KB.
-    scratch: Vec<f32>,
-    candidates: Vec<(u32, f32)>,
+    /// Reused per step (a vocabulary of f32 is ~600 KB): the penalized logits, each token's
+    /// weight, and their chunk sums.
+    penalized: Vec<f32>,
+    weights: Vec<f32>,
+    sums: Vec<f64>,
+}
+
+/// The candidates of one pick, as every path computes them: x = (logit - max) / temperature,
+/// a token is a candidate when x >= `floor` (weight above 0 and at least min-p), candidates
+/// rank by logit (ties to the lower id).
+#[derive(Clone, Copy)]
+struct Scale {
+    max: f32,
+    inv_t: f32,
+    floor: f32,
+}
+
+impl Scale {
+    fn new(max: f32, p: &SamplingParams) -> Self {
+        let min_p = if p.min_p > 0.0 { (f64::from(p.min_p)).ln() as f32 } else { f32::NEG_INFINITY };
+        Self { max, inv_t: 1.0 / p.temperature, floor: min_p.max(WEIGHT_CUTOFF) }
+    }
+
+    /// The scaled logit; the maximum maps to 0 even when it is +inf (whose weight is then 1 and
+    /// every finite logit's 0). Never larger for a smaller logit, so candidates are a prefix of
+    /// the ranking.
+    fn x(self, l: f32) -> f32 {
+        if l == self.max { 0.0 } else { (l - self.max) * self.inv_t }
+    }
+
+    fn is_candidate(self, l: f32) -> bool {
+        self.x(l) >= self.floor
+    }
+
+    /// A candidate's weight, or 0 for a token that is not one.
+    fn weight(self, l: f32) -> f32 {
+        let x = self.x(l);
+        if x >= self.floor { weight(x) } else { 0.0 }
+    }
+
+    /// The top-p histogram bucket: never smaller for a smaller logit.
+    fn bucket(self, l: f32) -> usize {
+        ((-self.x(l) * (TOP_P_BUCKETS as f32 / -WEIGHT_CUTOFF)) as usize).min(TOP_P_BUCKETS - 1)
+    }
 }
 
 impl Sampler {
@@ -218,8 +385,9 @@ impl Sampler {
             vocab_limit,
             seen: HashSet::new(),
             generated_counts: HashMap::new(),
-            scratch: Vec::new(),
-            candidates: Vec::new(),
+            penalized: Vec::new(),
+            weights: Vec::new(),
+            sums: Vec::new(),
         })
     }
 
@@ -238,12 +406,16 @@ impl Sampler {
     /// logits on the device ([`fp4moe_models::LanguageModel::forward_top_k`]);
     /// [`Sampler::sample_top`] picks from what it returns.
     pub fn device_top_k(&self) -> Option<(usize, usize)> {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        if self.penalized() {
             return None;
         }
-        let k = if p.is_greedy() { 1 } else { p.top_k };
+        let k = if self.params.is_greedy() { 1 } else { self.params.top_k };
         (1..=MAX_DEVICE_TOP_K).contains(&k).then_some((k, self.vocab_limit))
+    }
+
+    fn penalized(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
     }
 
     /// [`Sampler::sample`] from the best logits only: `top` holds at least the
@@ -257,15 +429,17 @@ impl Sampler {
         if let Some(&(id, _)) = top.iter().find(|(id, _)| *id as usize >= limit) {
             return Err(Error::BadLogits(format!("top-k pick {id} past the vocabulary ({limit})")));
         }
-        let key = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
-        let max = top.first().map_or(f32::NEG_INFINITY, |&(_, l)| key(l));
+        let max =
+            top.first().map_or(f32::NEG_INFINITY, |&(_, l)| if l.is_nan() { f32::NEG_INFINITY } else { l });
         if max == f32::NEG_INFINITY {
             return Err(Error::BadLogits("every logit is NaN or -inf".into()));
         }
         if self.params.is_greedy() {
             return Ok(top[0].0);
         }
-        self.sample_from(max, top.iter().map(|&(id, l)| (id, key(l))))
+        let scale = Scale::new(max, &self.params);
+        let k = top.iter().take_while(|c| scale.is_candidate(c.1)).count();
+        self.sample_ranked(scale, top[..k].to_vec())
     }
 
     /// Records prompt tokens for the repetition penalty.
@@ -283,25 +457,33 @@ impl Sampler {
 
     /// Picks the next token from `logits` (`[vocab]` of the model). Does not record it: call
     /// [`Sampler::accept`] with the token actually appended.
+    ///
+    /// What is drawn, on every path: with x = (logit - max) / temperature, the candidates are
+    /// the tokens with x >= ln(min-p) and a weight e^x above 0 ([`weight`]), ranked by logit
+    /// (ties to the lower id; NaN is never a candidate); top-k keeps the k first; top-p the
+    /// shortest ranked prefix whose weights reach top-p x their sum; one uniform draw then
+    /// walks the kept tokens in id order ([`DRAW_CHUNK`] says how weights are summed).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         let n = logits.len().min(self.vocab_limit);
         if n == 0 {
             return Err(Error::BadLogits("empty logits".into()));
         }
-        self.scratch.clear();
-        // NaN would poison every comparison below; treat it as "never pick".
-        self.scratch.extend(logits[..n].iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }));
-        self.apply_penalties();
-
-        if self.params.is_greedy() {
-            return argmax(&self.scratch);
-        }
-        self.sample_filtered()
+        let mut penalized = std::mem::take(&mut self.penalized);
+        let row = if self.penalized() {
+            penalized.clear();
+            penalized.extend_from_slice(&logits[..n]);
+            self.apply_penalties(&mut penalized);
+            &penalized[..]
+        } else {
+            &logits[..n]
+        };
+        let picked = self.sample_row(row);
+        self.penalized = penalized;
+        picked
     }
 
-    fn apply_penalties(&mut self) {
+    fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
-        let logits = &mut self.scratch;
         if p.repetition_penalty != 1.0 {
             for &id in &self.seen {
                 if let Some(l) = logits.get_mut(id as usize) {
@@ -318,96 +500,165 @@ impl Sampler {
         }
     }
 
-    fn sample_filtered(&mut self) -> Result<u32> {
-        let max = self.scratch.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    fn sample_row(&mut self, row: &[f32]) -> Result<u32> {
+        let max = row_max(row);
         if max == f32::NEG_INFINITY {
             return Err(Error::BadLogits("every logit is NaN or -inf".into()));
         }
-        let scratch = std::mem::take(&mut self.scratch);
-        let picked = self.sample_from(max, scratch.iter().enumerate().map(|(id, &l)| (id as u32, l)));
-        self.scratch = scratch;
-        picked
+        if self.params.is_greedy() {
+            return Ok(row.iter().position(|&l| l == max).unwrap_or(0) as u32);
+        }
+        let scale = Scale::new(max, &self.params);
+        let k = self.params.top_k;
+        if k == 0 || k >= row.len() {
+            return self.sample_whole(scale, row);
+        }
+        self.sample_ranked(scale, best_candidates(scale, row, k))
     }
 
-    /// Temperature, min-p, top-k and top-p over `(id, logit)` pairs (NaN already -inf) whose
-    /// largest logit is `max`, then one draw.
-    fn sample_from(&mut self, max: f32, logits: impl Iterator<Item = (u32, f32)>) -> Result<u32> {
-        let p = self.params.clone();
-        // Weights relative to the best token (which gets 1), so min-p is a plain threshold.
-        let inv_t = 1.0 / p.temperature;
-        let min_weight = p.min_p;
-        self.candidates.clear();
-        for (id, l) in logits {
-            let w = ((l - max) * inv_t).exp();
-            if w > 0.0 && w >= min_weight {
-                self.candidates.push((id, w));
+    /// The pick from the ranked candidates that top-k keeps.
+    fn sample_ranked(&mut self, scale: Scale, mut kept: Vec<(u32, f32)>) -> Result<u32> {
+        if self.params.top_p < 1.0 {
+            let target = f64::from(self.params.top_p)
+                * total(chunk_sums(&by_id(scale, &kept)).into_iter().map(|c| c.1));
+            if let Some(cut) = ranked_cut(scale, &kept, 0.0, target) {
+                kept.truncate(cut + 1);
             }
         }
-        let cands = &mut self.candidates;
-        // Most likely first, ties broken by id, so selection is deterministic.
-        let by_weight_desc = |a: &(u32, f32), b: &(u32, f32)| {
-            b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0))
-        };
-        if p.top_k > 0 {
-            if p.top_k < cands.len() {
-                cands.select_nth_unstable_by(p.top_k - 1, by_weight_desc);
-                cands.truncate(p.top_k);
+        self.draw_kept(scale, &kept)
+    }
+
+    /// One draw over the kept tokens (any order), as over a whole row whose other weights are 0.
+    fn draw_kept(&mut self, scale: Scale, kept: &[(u32, f32)]) -> Result<u32> {
+        let by_id = by_id(scale, kept);
+        let sums = chunk_sums(&by_id);
+        let u = self.rng.next_f64() * total(sums.iter().map(|c| c.1));
+        land(u, sums.into_iter())
+            .and_then(|(c, u)| {
+                land_in_chunk(u, by_id.iter().copied().filter(|&(id, _)| id as usize / DRAW_CHUNK == c))
+            })
+            .ok_or_else(|| Error::BadLogits("no token has a weight above 0".into()))
+    }
+
+    /// The pick over a whole row (no top-k): weights and their chunk sums, the top-p cut
+    /// (weights past it set to 0), the draw.
+    fn sample_whole(&mut self, scale: Scale, row: &[f32]) -> Result<u32> {
+        let mut weights = std::mem::take(&mut self.weights);
+        weights.clear();
+        weights.extend(row.iter().map(|&l| scale.weight(l)));
+        let mut sums = std::mem::take(&mut self.sums);
+        sums.clear();
+        sums.extend(weights.chunks(DRAW_CHUNK).map(|ws| ws.iter().map(|&w| f64::from(w)).sum::<f64>()));
+        if self.params.top_p < 1.0 {
+            let target = f64::from(self.params.top_p) * total(sums.iter().copied());
+            // Usually the cut lies among the first few ranked tokens: draw from those alone.
+            let best = best_candidates(scale, row, LIST_TOP_K);
+            if let Some(cut) = ranked_cut(scale, &best, 0.0, target) {
+                self.weights = weights;
+                self.sums = sums;
+                return self.draw_kept(scale, &best[..=cut]);
             }
-            // In one order whichever side chose the k (the whole row here, or the device:
-            // sample_top), so a seed draws the same token from either.
-            cands.sort_unstable_by(by_weight_desc);
-        }
-        if p.top_p < 1.0 {
-            let total: f64 = cands.iter().map(|c| f64::from(c.1)).sum();
-            let target = f64::from(p.top_p) * total;
-            let mut window = TOP_P_FIRST_WINDOW;
-            loop {
-                let full = window >= cands.len();
-                if full {
-                    cands.sort_unstable_by(by_weight_desc);
-                } else {
-                    cands.select_nth_unstable_by(window - 1, by_weight_desc);
-                    cands[..window].sort_unstable_by(by_weight_desc);
-                }
-                let sorted = if full { cands.len() } else { window };
-                let mut acc = 0.0f64;
-                let cut = cands[..sorted].iter().position(|c| {
-                    acc += f64::from(c.1);
-                    acc >= target
-                });
-                match cut {
-                    Some(i) => {
-                        cands.truncate(i + 1);
-                        break;
+            if best.len() < LIST_TOP_K {
+                // Rounding left the whole sum a hair below the target: keep every candidate.
+            } else if let Some((cut_id, cut_l)) = cut_past(scale, row, &weights, target) {
+                // Everything ranked after the cut leaves the draw.
+                for (id, (&l, w)) in row.iter().zip(weights.iter_mut()).enumerate() {
+                    if l < cut_l || (l == cut_l && id as u32 > cut_id) {
+                        *w = 0.0;
                     }
-                    // Rounding can leave the full sum a hair below target: keep everything.
-                    None if full => break,
-                    None => window = window.saturating_mul(8),
                 }
+                sums.clear();
+                sums.extend(
+                    weights.chunks(DRAW_CHUNK).map(|ws| ws.iter().map(|&w| f64::from(w)).sum::<f64>()),
+                );
             }
         }
-        let total: f64 = cands.iter().map(|c| f64::from(c.1)).sum();
-        let mut u = self.rng.next_f64() * total;
-        for &(id, w) in cands.iter() {
-            u -= f64::from(w);
-            if u < 0.0 {
-                return Ok(id);
-            }
-        }
-        // u landed on the rounding sliver past the last weight.
-        Ok(cands.last().map(|c| c.0).unwrap_or(0))
+        let u = self.rng.next_f64() * total(sums.iter().copied());
+        let picked = land(u, sums.iter().copied().enumerate()).and_then(|(c, u)| {
+            let start = c * DRAW_CHUNK;
+            let ws = &weights[start..(start + DRAW_CHUNK).min(weights.len())];
+            land_in_chunk(u, ws.iter().enumerate().map(|(i, &w)| ((start + i) as u32, w)))
+        });
+        self.weights = weights;
+        self.sums = sums;
+        picked.ok_or_else(|| Error::BadLogits("no token has a weight above 0".into()))
     }
 }
 
-/// Index of the largest logit, lowest id on ties.
-fn argmax(logits: &[f32]) -> Result<u32> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) {
-            best = Some((i, l));
+/// `(id, weight)` of ranked candidates, in id order.
+fn by_id(scale: Scale, ranked: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = ranked.iter().map(|&(id, l)| (id, scale.weight(l))).collect();
+    v.sort_unstable_by_key(|c| c.0);
+    v
+}
+
+/// The `k` best candidates of `row`, ranked: for a small k the best so far kept in a sorted
+/// list (ids arrive in increasing order, so a logit equal to the worst kept one ranks after it
+/// and is skipped), for a larger one all candidates collected and selected.
+fn best_candidates(scale: Scale, row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut list: Vec<(u32, f32)> = Vec::with_capacity(k.min(LIST_TOP_K) + 1);
+    if k <= LIST_TOP_K {
+        for (id, &l) in row.iter().enumerate() {
+            if (list.len() == k && l <= list[k - 1].1) || !scale.is_candidate(l) {
+                continue;
+            }
+            let at = list.partition_point(|&(_, kept)| kept >= l);
+            list.truncate(k - 1);
+            list.insert(at, (id as u32, l));
+        }
+    } else {
+        list.extend(
+            row.iter().enumerate().filter(|(_, l)| scale.is_candidate(**l)).map(|(i, &l)| (i as u32, l)),
+        );
+        if list.len() > k {
+            list.select_nth_unstable_by(k - 1, rank_order);
+            list.truncate(k);
+        }
+        list.sort_unstable_by(rank_order);
+    }
+    list
+}
+
+/// The index in `ranked` where the ranked sum of weights, starting from `before`, first
+/// reaches `target`.
+fn ranked_cut(scale: Scale, ranked: &[(u32, f32)], before: f64, target: f64) -> Option<usize> {
+    let mut acc = before;
+    ranked.iter().position(|&(_, l)| {
+        acc += f64::from(scale.weight(l));
+        acc >= target
+    })
+}
+
+/// The last token `(id, logit)` top-p keeps over a whole row when the cut lies past the
+/// [`LIST_TOP_K`] best: a histogram of the scaled logits finds the bucket where the ranked sum
+/// reaches the target and only that bucket is sorted (the buckets before it are summed per
+/// bucket: the same tokens, added in another order). `None`: rounding left the whole sum a
+/// hair below the target, so every candidate is kept.
+fn cut_past(scale: Scale, row: &[f32], weights: &[f32], target: f64) -> Option<(u32, f32)> {
+    let mut buckets = vec![0.0f64; TOP_P_BUCKETS];
+    for (&l, &w) in row.iter().zip(weights) {
+        if w > 0.0 {
+            buckets[scale.bucket(l)] += f64::from(w);
         }
     }
-    best.map(|(i, _)| i as u32).ok_or_else(|| Error::BadLogits("every logit is NaN or -inf".into()))
+    let mut before = 0.0f64;
+    let b = buckets.iter().position(|&mass| {
+        let reached = before + mass >= target;
+        if !reached {
+            before += mass;
+        }
+        reached
+    })?;
+    let mut list: Vec<(u32, f32)> = row
+        .iter()
+        .zip(weights)
+        .enumerate()
+        .filter(|&(_, (&l, &w))| w > 0.0 && scale.bucket(l) == b)
+        .map(|(i, (&l, _))| (i as u32, l))
+        .collect();
+    list.sort_unstable_by(rank_order);
+    let cut = ranked_cut(scale, &list, before, target).unwrap_or(list.len().saturating_sub(1));
+    list.get(cut).copied()
 }
 
 #[cfg(test)]
@@ -563,6 +814,142 @@ mod tests {
         assert!(matches!(greedy.sample_top(&[(9, 1.0)]), Err(Error::BadLogits(_))));
     }
 
+    /// The definition of a pick written plainly (every candidate collected and fully sorted,
+    /// the filters in order, weights laid out over the whole row), which the sampler's passes
+    /// (best-so-far lists, the top-p histogram, chunked sums) must reproduce draw for draw.
+    /// Shared with the sampler: [`Scale`] (what x and a candidate are), [`weight`] and the
+    /// [`DRAW_CHUNK`] summation.
+    fn reference_pick(p: &SamplingParams, logits: &[f32], rng: &mut Rng) -> Option<u32> {
+        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return None;
+        }
+        if p.is_greedy() {
+            return logits.iter().position(|&l| l == max).map(|i| i as u32);
+        }
+        let scale = Scale::new(max, p);
+        let mut ranked: Vec<(u32, f32)> = (0..logits.len())
+            .filter(|&i| scale.x(logits[i]) >= scale.floor)
+            .map(|i| (i as u32, logits[i]))
+            .collect();
+        ranked.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            ranked.truncate(p.top_k);
+        }
+        let dense = |kept: &[(u32, f32)]| {
+            let mut w = vec![0.0f32; logits.len()];
+            for &(id, l) in kept {
+                w[id as usize] = weight(scale.x(l));
+            }
+            w
+        };
+        let sums = |w: &[f32]| -> Vec<f64> {
+            w.chunks(DRAW_CHUNK).map(|c| c.iter().map(|&v| f64::from(v)).sum()).collect()
+        };
+        if p.top_p < 1.0 {
+            let target = f64::from(p.top_p) * sums(&dense(&ranked)).iter().sum::<f64>();
+            let mut acc = 0.0f64;
+            if let Some(cut) = ranked.iter().position(|&(_, l)| {
+                acc += f64::from(weight(scale.x(l)));
+                acc >= target
+            }) {
+                ranked.truncate(cut + 1);
+            }
+        }
+        let w = dense(&ranked);
+        let s = sums(&w);
+        let mut u = rng.next_f64() * s.iter().sum::<f64>();
+        let mut landed = None;
+        for (c, &cs) in s.iter().enumerate() {
+            if cs > 0.0 {
+                landed = Some((c, u));
+            }
+            if u < cs {
+                landed = Some((c, u));
+                break;
+            }
+            u -= cs;
+        }
+        let (c, mut u) = landed?;
+        let ids = c * DRAW_CHUNK..((c + 1) * DRAW_CHUNK).min(w.len());
+        for i in ids.clone() {
+            u -= f64::from(w[i]);
+            if w[i] > 0.0 && u < 0.0 {
+                return Some(i as u32);
+            }
+        }
+        ids.rev().find(|&i| w[i] > 0.0).map(|i| i as u32)
+    }
+
+    /// Rows that reach every path: peaked and flat, ties (across the top-k and top-p cuts),
+    /// NaN, -inf and +inf, cuts inside and past the first ranked tokens.
+    fn test_rows() -> Vec<(&'static str, Vec<f32>)> {
+        let mut rng = Rng::new(99);
+        let mut u = move || rng.next_f64() as f32;
+        let mut peaked: Vec<f32> = (0..3000).map(|_| (u() - 0.5) * 12.0).collect();
+        for (i, v) in [(17, 9.0), (400, 8.5), (2999, 9.0), (5, 7.0)] {
+            peaked[i] = v;
+        }
+        peaked[3] = f32::NAN;
+        peaked[8] = f32::NEG_INFINITY;
+        let flat: Vec<f32> = (0..2000).map(|_| (u() * 4.0).round() * 0.25).collect();
+        let mut even = vec![1.5f32; 777];
+        even[100] = f32::NAN;
+        let mut inf = peaked.clone();
+        inf[42] = f32::INFINITY;
+        inf[77] = f32::INFINITY;
+        let wide: Vec<f32> = (0..5000).map(|_| (u() - 0.5) * 400.0).collect();
+        vec![("peaked", peaked), ("flat ties", flat), ("equal", even), ("+inf", inf), ("wide", wide)]
+    }
+
+    #[test]
+    fn the_sampler_draws_what_the_definition_draws() {
+        let mut checked = 0;
+        for (name, row) in test_rows() {
+            for temperature in [0.0, 0.3, 1.0, 2.5] {
+                for top_k in [0, 1, 5, 64, 300, 1500] {
+                    for (top_p, min_p) in [(1.0, 0.0), (0.5, 0.0), (0.95, 0.0), (0.9, 0.05), (1.0, 0.2)] {
+                        let p = params(|p| {
+                            p.temperature = temperature;
+                            p.top_k = top_k;
+                            p.top_p = top_p;
+                            p.min_p = min_p;
+                            p.seed = Some(5);
+                        });
+                        let mut s = Sampler::new(p.clone(), row.len()).unwrap();
+                        let mut rng = Rng::new(5);
+                        for draw in 0..20 {
+                            let want = reference_pick(&p, &row, &mut rng).expect("rows have a number");
+                            assert_eq!(
+                                s.sample(&row).unwrap(),
+                                want,
+                                "{name}: t {temperature} k {top_k} p {top_p} min-p {min_p}, draw {draw}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 2000);
+    }
+
+    /// The hand-written exponential against f64's, across the range that has weight.
+    #[test]
+    fn weight_is_e_to_the_x() {
+        assert_eq!(weight(0.0), 1.0);
+        for x in [f32::NAN, f32::NEG_INFINITY, -87.5, -1e30] {
+            assert_eq!(weight(x), 0.0, "{x}");
+        }
+        let mut worst = 0.0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let want = f64::from(x).exp();
+            worst = worst.max((f64::from(weight(x)) - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "largest relative error {worst}");
+    }
+
     #[test]
     fn top_p_keeps_smallest_set_reaching_p() {
         // probabilities 0.5, 0.25, 0.125, 0.125 (ln-spaced logits)
@@ -571,13 +958,13 @@ mod tests {
         let h = histogram(params(|p| p.top_p = 0.7), &logits, 10_000);
         assert!(h[0] > 0.6 && h[1] > 0.25, "{h:?}");
         assert_eq!(h[2] + h[3], 0.0);
-        // A flat distribution over a large vocabulary needs the window widened several times:
+        // A flat distribution puts the cut past the first ranked tokens (the histogram path):
         // top-p 0.5 of 5000 equal tokens keeps exactly the 2500 lowest ids (ties break by id).
         let flat = vec![0.0f32; 5_000];
         let mut s = Sampler::new(params(|p| p.top_p = 0.5), flat.len()).unwrap();
         let draws: Vec<u32> = (0..2_000).map(|_| s.sample(&flat).unwrap()).collect();
         assert!(draws.iter().all(|&t| t < 2_500));
-        assert!(draws.iter().any(|&t| t >= 8 * TOP_P_FIRST_WINDOW as u32), "window must widen");
+        assert!(draws.iter().any(|&t| t >= 8 * LIST_TOP_K as u32), "the cut lies past the first tokens");
         let mut confident = vec![0.0f32; 5_000];
         confident[4_999] = 20.0;
         let h = histogram(params(|p| p.top_p = 0.5), &confident, 200);

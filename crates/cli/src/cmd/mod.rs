@@ -2,6 +2,7 @@ pub mod autotune;
 pub mod bench;
 pub mod bench_kernels;
 pub mod bench_model;
+pub mod bench_sampling;
 pub mod chat;
 pub mod inspect;
 pub mod logits;
