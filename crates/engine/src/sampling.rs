@@ -6,7 +6,7 @@
 //!
 //! A pick over a whole row (151936 logits; every CPU step, and a GPU step whose request cannot
 //! be reduced on the device) is a few passes over it, never a sort of it: weights from a
-//! hand-written exponential the compiler vectorizes ([`weight`]), top-k from a best-so-far
+//! hand-written exponential the compiler vectorizes (`weight`), top-k from a best-so-far
 //! list, the top-p cut among the first 64 ranked tokens or else from a histogram of scaled
 //! logits, and a draw through per-16-token partial sums. `fp4moe bench sampling` times it; a
 //! test holds it to a plain definition (full sort, filters in order) draw for draw.
@@ -217,7 +217,7 @@ const DRAW_CHUNK: usize = 16;
 /// x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so n ln 2 is exact), e^r by its
 /// Taylor series to r^7 (truncation below 6e-9, under an f32 ulp), 2^n built from n's bits.
 /// e^0 is exactly 1, so min-p compares against the best token's weight.
-pub fn weight(x: f32) -> f32 {
+fn weight(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 355 / 512: n * LN2_HI is exact for |n| < 2^15
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5 * 2^23 rounds to an integer, which the sum's low mantissa bits then hold.
@@ -459,10 +459,10 @@ impl Sampler {
     /// [`Sampler::accept`] with the token actually appended.
     ///
     /// What is drawn, on every path: with x = (logit - max) / temperature, the candidates are
-    /// the tokens with x >= ln(min-p) and a weight e^x above 0 ([`weight`]), ranked by logit
+    /// the tokens with x >= ln(min-p) and a weight e^x above 0, ranked by logit
     /// (ties to the lower id; NaN is never a candidate); top-k keeps the k first; top-p the
     /// shortest ranked prefix whose weights reach top-p x their sum; one uniform draw then
-    /// walks the kept tokens in id order ([`DRAW_CHUNK`] says how weights are summed).
+    /// walks the kept tokens in id order (weights summed per 16 consecutive ids, then in order).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         let n = logits.len().min(self.vocab_limit);
         if n == 0 {
