@@ -59,6 +59,20 @@ pub struct Args {
     #[arg(long)]
     pub profile: bool,
 
+    /// Sampling temperature of the decode steps (0 = greedy). A setting the device cannot
+    /// reduce to its top 64 (temperature or top-p without top-k) downloads each step's logits
+    /// row and samples it on the host, over the whole vocabulary, as the engine does.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    /// Top-k of the decode steps' sampling (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+
+    /// Top-p of the decode steps' sampling (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -319,8 +333,24 @@ fn take(stats: &Option<Arc<Mutex<OpStats>>>) -> Option<OpStats> {
     stats.as_ref().map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(PoisonError::into_inner)))
 }
 
+/// Seed of the timed decode's sampler, fixed so two runs draw the same tokens.
+const SAMPLING_SEED: u64 = 1;
+
+/// The sampling setting in words, and where its picks are made.
+fn sampling_name(p: &SamplingParams) -> String {
+    let place = match Sampler::new(p.clone(), 2).map(|s| s.device_top_k()) {
+        Ok(Some(_)) => "picked from the device's top k",
+        _ => "whole logits row sampled on the host",
+    };
+    if p.is_greedy() {
+        return format!("greedy, {place}");
+    }
+    format!("temperature {}, top-k {}, top-p {}, {place}", p.temperature, p.top_k, p.top_p)
+}
+
 fn time_model(
     model: &dyn LanguageModel,
+    sampling: SamplingParams,
     prefill: usize,
     decode: usize,
     stats: &Option<Arc<Mutex<OpStats>>>,
@@ -339,11 +369,16 @@ fn time_model(
     let mut seq = model.new_sequence(prefill + FIRST_DECODE_STEPS + decode + 1)?;
     take(stats);
     take(kernels);
-    // Greedy, over the whole vocabulary: the routing then follows the model's own output. Each
-    // pick is reduced on the device, as the engine does for greedy requests.
-    let mut sampler = Sampler::new(SamplingParams::greedy(), info.vocab_size)?;
+    // Over the whole vocabulary, so the routing follows the model's own output. A pick is
+    // reduced on the device where the sampler allows it (greedy by default), as the engine does.
+    let mut sampler = Sampler::new(sampling, info.vocab_size)?;
     let mut forward = |seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
-        let picks = model.forward_top_k(&mut [(seq, tokens)], 1, info.vocab_size)?;
+        let Some((k, limit)) = sampler.device_top_k() else {
+            let rows = model.forward(&mut [(seq, tokens)], false)?;
+            let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no logits"))?;
+            return Ok(sampler.sample(row)?);
+        };
+        let picks = model.forward_top_k(&mut [(seq, tokens)], k, limit)?;
         let top = picks.first().ok_or_else(|| anyhow::anyhow!("forward returned no pick"))?;
         Ok(sampler.sample_top(top)?)
     };
@@ -441,8 +476,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         info.num_layers, args.prefill
     );
 
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: Some(SAMPLING_SEED),
+        ..SamplingParams::default()
+    };
     let t = time_model(
         model.as_ref(),
+        sampling.clone(),
         args.prefill,
         args.decode_tokens,
         &built.stats,
@@ -475,7 +518,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("device bandwidth {g:.1} GB/s (c = a + b through the backend)");
     }
     println!("prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s)", args.prefill, t.prefill_s);
-    println!("decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s)", t.decode_steps, t.decode_s);
+    println!(
+        "decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s; {})",
+        t.decode_steps,
+        t.decode_s,
+        sampling_name(&sampling)
+    );
     if let Some(w) = t.decode_wait_s {
         // Near zero: the host's recording (or its sampling) bounds the step, not the device.
         println!(
@@ -520,6 +568,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "format": format.name(),
             "backend": format!("{:?}", args.backend).to_lowercase(),
             "decode_tok_s": decode_tok_s,
+            "decode_sampling": sampling_name(&sampling),
             "decode_graph_replays": t.graph_replays,
             "decode_host_wait_ms_per_step": t.decode_wait_s.map(|w| w * 1e3 / t.decode_steps as f64),
             "first_decode_steps_ms": t.first_steps_ms,
