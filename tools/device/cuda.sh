@@ -15,8 +15,9 @@
 # Three separate commands: with `--example`, cargo builds only that example, so adding
 # `-p fp4moe` to the last one leaves a stale out/cuda/fp4moe (this voided four calls' A/Bs once).
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
-#   STAGES="test golden sanitize torch layers kernels model profile ncu trace autotune" (default: all
-#   but ncu, trace and autotune; autotune writes $OUT/autotune_<model>.json to compare with
+#   STAGES="test golden sanitize torch layers kernels model sampling profile ncu trace autotune"
+#   (default: all but sampling, ncu, trace and autotune; sampling times decode under several
+#   sampling settings and the host's whole-row pick; autotune writes $OUT/autotune_<model>.json to compare with
 #   configs/, ncu prints each kernel's GPU time in one decode step via tools/ncu_step.py, trace
 #   each kernel's share of a replayed decode step, of every binary in TRACE_BINS). `profile` runs
 #   `bench model --profile` (time per op kind). `layers` (the backend's own
@@ -87,6 +88,21 @@ if has model; then
         say "the same, decode op by op (FP4MOE_GRAPHS=0)"
         FP4MOE_GRAPHS=0 timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --prefill $PREFILL \
             2>&1 | grep -E "^decode" | tee -a "$LOG"
+    done
+fi
+
+if has sampling; then
+    # What a sampling setting costs a decode step: the host's whole-row pick timed on this
+    # machine's CPU, then decode with each setting (greedy and top-k <= 64 reduce on the device;
+    # temperature or top-p alone download the row and sample it on the host).
+    say "fp4moe bench sampling (the host's pick from a whole row, this machine's CPU)"
+    timeout 120 $BIN/fp4moe bench sampling --json "$OUT/bench_sampling.json" 2>&1 | tee -a "$LOG"
+    for m in qwen3-30b-a3b glm-4.7-flash; do
+        for s in "" "--temperature 1" "--temperature 1 --top-p 0.95" "--temperature 0.6 --top-k 20 --top-p 0.95"; do
+            r=$(timeout 200 $BIN/fp4moe bench model --backend cuda --synthetic $m --prefill $PREFILL --decode-tokens 64 $s 2>&1 |
+                grep -E '^decode \(' | sed -E 's/ *\([0-9]+ steps in [0-9.]+ s;/ (/')
+            echo "$m: $r" | tee -a "$LOG"
+        done
     done
 fi
 
