@@ -13,6 +13,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 
 /// How to pick tokens. `Default` is neutral (temperature 1, every filter and penalty off), matching
@@ -199,8 +201,8 @@ const LIST_TOP_K: usize = 64;
 /// Scaled logits below this have weight 0: e^-87 is near f32's smallest normal number.
 const WEIGHT_CUTOFF: f32 = -87.0;
 
-/// Buckets of scaled logit over [WEIGHT_CUTOFF, 0] for finding a top-p cut past the first
-/// [`LIST_TOP_K`] tokens in one pass: each spans 0.042, so a bucket's weights differ by < 4.3 %.
+/// Buckets of scaled logit, over the candidates' range, for finding a top-p cut past the first
+/// [`LIST_TOP_K`] tokens in one pass.
 const TOP_P_BUCKETS: usize = 2048;
 
 /// Tokens per partial sum: every sum of weights a pick forms (the top-p target, the draw's
@@ -365,11 +367,6 @@ impl Scale {
     fn weight(self, l: f32) -> f32 {
         let x = self.x(l);
         if x >= self.floor { weight(x) } else { 0.0 }
-    }
-
-    /// The top-p histogram bucket: never smaller for a smaller logit.
-    fn bucket(self, l: f32) -> usize {
-        ((-self.x(l) * (TOP_P_BUCKETS as f32 / -WEIGHT_CUTOFF)) as usize).min(TOP_P_BUCKETS - 1)
     }
 }
 
@@ -544,11 +541,10 @@ impl Sampler {
     /// (weights past it set to 0), the draw.
     fn sample_whole(&mut self, scale: Scale, row: &[f32]) -> Result<u32> {
         let mut weights = std::mem::take(&mut self.weights);
-        weights.clear();
-        weights.extend(row.iter().map(|&l| scale.weight(l)));
         let mut sums = std::mem::take(&mut self.sums);
-        sums.clear();
-        sums.extend(weights.chunks(DRAW_CHUNK).map(|ws| ws.iter().map(|&w| f64::from(w)).sum::<f64>()));
+        weights.resize(row.len(), 0.0);
+        sums.resize(row.len().div_ceil(DRAW_CHUNK), 0.0);
+        fill_weights(scale, row, &mut weights, &mut sums, None);
         if self.params.top_p < 1.0 {
             let target = f64::from(self.params.top_p) * total(sums.iter().copied());
             // Usually the cut lies among the first few ranked tokens: draw from those alone.
@@ -560,17 +556,8 @@ impl Sampler {
             }
             if best.len() < LIST_TOP_K {
                 // Rounding left the whole sum a hair below the target: keep every candidate.
-            } else if let Some((cut_id, cut_l)) = cut_past(scale, row, &weights, target) {
-                // Everything ranked after the cut leaves the draw.
-                for (id, (&l, w)) in row.iter().zip(weights.iter_mut()).enumerate() {
-                    if l < cut_l || (l == cut_l && id as u32 > cut_id) {
-                        *w = 0.0;
-                    }
-                }
-                sums.clear();
-                sums.extend(
-                    weights.chunks(DRAW_CHUNK).map(|ws| ws.iter().map(|&w| f64::from(w)).sum::<f64>()),
-                );
+            } else if let Some(cut) = cut_past(scale, row, &weights, target) {
+                fill_weights(scale, row, &mut weights, &mut sums, Some(cut));
             }
         }
         let u = self.rng.next_f64() * total(sums.iter().copied());
@@ -585,6 +572,47 @@ impl Sampler {
     }
 }
 
+/// Ids per piece of a whole-row pass. Pieces run on rayon's threads; their size is fixed (not
+/// one per thread), so every sum adds in the same order and a seed picks the same token on any
+/// machine.
+const PIECE: usize = 8192;
+
+/// A chunk's sum, in id order.
+fn chunk_sum(ws: &[f32]) -> f64 {
+    ws.iter().map(|&w| f64::from(w)).sum()
+}
+
+/// Each token's weight and the [`DRAW_CHUNK`] sums of them; with `cut` (the last token top-p
+/// keeps), the weights already filled in are set to 0 past it instead.
+fn fill_weights(scale: Scale, row: &[f32], weights: &mut [f32], sums: &mut [f64], cut: Option<(u32, f32)>) {
+    row.par_chunks(PIECE)
+        .zip(weights.par_chunks_mut(PIECE))
+        .zip(sums.par_chunks_mut(PIECE / DRAW_CHUNK))
+        .enumerate()
+        .for_each(|(p, ((r, w), s))| {
+            match cut {
+                // The weights are there already: only those past the cut change.
+                Some(_) => {}
+                None => {
+                    for (wi, &l) in w.iter_mut().zip(r) {
+                        *wi = scale.weight(l);
+                    }
+                }
+            }
+            if let Some((cut_id, cut_l)) = cut {
+                let id0 = (p * PIECE) as u32;
+                for (i, (wi, &l)) in w.iter_mut().zip(r).enumerate() {
+                    if l < cut_l || (l == cut_l && id0 + i as u32 > cut_id) {
+                        *wi = 0.0;
+                    }
+                }
+            }
+            for (si, c) in s.iter_mut().zip(w.chunks(DRAW_CHUNK)) {
+                *si = chunk_sum(c);
+            }
+        });
+}
+
 /// `(id, weight)` of ranked candidates, in id order.
 fn by_id(scale: Scale, ranked: &[(u32, f32)]) -> Vec<(u32, f32)> {
     let mut v: Vec<(u32, f32)> = ranked.iter().map(|&(id, l)| (id, scale.weight(l))).collect();
@@ -596,26 +624,46 @@ fn by_id(scale: Scale, ranked: &[(u32, f32)]) -> Vec<(u32, f32)> {
 /// list (ids arrive in increasing order, so a logit equal to the worst kept one ranks after it
 /// and is skipped), for a larger one all candidates collected and selected.
 fn best_candidates(scale: Scale, row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut list: Vec<(u32, f32)> = Vec::with_capacity(k.min(LIST_TOP_K) + 1);
+    let mut list: Vec<(u32, f32)>;
     if k <= LIST_TOP_K {
-        for (id, &l) in row.iter().enumerate() {
-            if (list.len() == k && l <= list[k - 1].1) || !scale.is_candidate(l) {
+        // The first piece's k best bound the row's k-th logit from below; every piece then
+        // collects what reaches that bound (on a shuffled row, about k per piece).
+        let first = &row[..row.len().min(PIECE)];
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        for (i, &l) in first.iter().enumerate() {
+            if (best.len() == k && l <= best[k - 1].1) || !scale.is_candidate(l) {
                 continue;
             }
-            let at = list.partition_point(|&(_, kept)| kept >= l);
-            list.truncate(k - 1);
-            list.insert(at, (id as u32, l));
+            let at = best.partition_point(|&(_, kept)| kept >= l);
+            best.truncate(k - 1);
+            best.insert(at, (i as u32, l));
         }
+        let bound = if best.len() == k { best[k - 1].1 } else { f32::NEG_INFINITY };
+        list = row
+            .par_chunks(PIECE)
+            .enumerate()
+            .skip(1)
+            .flat_map_iter(|(p, r)| {
+                r.iter()
+                    .enumerate()
+                    .filter(move |&(_, &l)| l >= bound && scale.is_candidate(l))
+                    .map(move |(i, &l)| ((p * PIECE + i) as u32, l))
+            })
+            .collect();
+        list.extend_from_slice(&best);
     } else {
-        list.extend(
-            row.iter().enumerate().filter(|(_, l)| scale.is_candidate(**l)).map(|(i, &l)| (i as u32, l)),
-        );
+        list = row
+            .par_iter()
+            .enumerate()
+            .filter(|(_, l)| scale.is_candidate(**l))
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         if list.len() > k {
             list.select_nth_unstable_by(k - 1, rank_order);
-            list.truncate(k);
         }
-        list.sort_unstable_by(rank_order);
     }
+    list.sort_unstable_by(rank_order);
+    list.truncate(k);
     list
 }
 
@@ -635,14 +683,47 @@ fn ranked_cut(scale: Scale, ranked: &[(u32, f32)], before: f64, target: f64) -> 
 /// bucket: the same tokens, added in another order). `None`: rounding left the whole sum a
 /// hair below the target, so every candidate is kept.
 fn cut_past(scale: Scale, row: &[f32], weights: &[f32], target: f64) -> Option<(u32, f32)> {
-    let mut buckets = vec![0.0f64; TOP_P_BUCKETS];
-    for (&l, &w) in row.iter().zip(weights) {
-        if w > 0.0 {
-            buckets[scale.bucket(l)] += f64::from(w);
+    // Buckets span the candidates' own range, so a flat row spreads over all of them.
+    let lowest = row
+        .par_chunks(PIECE)
+        .zip(weights.par_chunks(PIECE))
+        .map(|(r, w)| {
+            // Eight lanes, so the compiler vectorizes it.
+            let mut lanes = [f32::INFINITY; 8];
+            for (r, w) in r.chunks(8).zip(w.chunks(8)) {
+                for ((m, &l), &w) in lanes.iter_mut().zip(r).zip(w) {
+                    *m = if w > 0.0 && l < *m { l } else { *m };
+                }
+            }
+            lanes.into_iter().fold(f32::INFINITY, |a, b| if b < a { b } else { a })
+        })
+        .reduce(|| f32::INFINITY, |a, b| if b < a { b } else { a });
+    let per_unit = TOP_P_BUCKETS as f32 / (-scale.x(lowest)).max(f32::MIN_POSITIVE);
+    // Never smaller for a smaller logit.
+    // Through i32: one instruction, where a float-to-usize conversion is a branchy sequence.
+    let bucket = |l: f32| ((-scale.x(l) * per_unit) as i32).clamp(0, TOP_P_BUCKETS as i32 - 1) as usize;
+    let pieces: Vec<Vec<f64>> = row
+        .par_chunks(PIECE)
+        .zip(weights.par_chunks(PIECE))
+        .map(|(r, w)| {
+            let mut h = vec![0.0f64; TOP_P_BUCKETS];
+            for (&l, &w) in r.iter().zip(w) {
+                if w > 0.0 {
+                    h[bucket(l)] += f64::from(w);
+                }
+            }
+            h
+        })
+        .collect();
+    // Each bucket's pieces added in piece order.
+    let mut masses = vec![0.0f64; TOP_P_BUCKETS];
+    for h in &pieces {
+        for (m, &v) in masses.iter_mut().zip(h) {
+            *m += v;
         }
     }
     let mut before = 0.0f64;
-    let b = buckets.iter().position(|&mass| {
+    let b = masses.iter().position(|&mass| {
         let reached = before + mass >= target;
         if !reached {
             before += mass;
@@ -650,11 +731,16 @@ fn cut_past(scale: Scale, row: &[f32], weights: &[f32], target: f64) -> Option<(
         reached
     })?;
     let mut list: Vec<(u32, f32)> = row
-        .iter()
-        .zip(weights)
+        .par_chunks(PIECE)
+        .zip(weights.par_chunks(PIECE))
         .enumerate()
-        .filter(|&(_, (&l, &w))| w > 0.0 && scale.bucket(l) == b)
-        .map(|(i, (&l, _))| (i as u32, l))
+        .flat_map_iter(|(p, (r, w))| {
+            r.iter()
+                .zip(w)
+                .enumerate()
+                .filter(move |&(_, (&l, &w))| w > 0.0 && bucket(l) == b)
+                .map(move |(i, (&l, _))| ((p * PIECE + i) as u32, l))
+        })
         .collect();
     list.sort_unstable_by(rank_order);
     let cut = ranked_cut(scale, &list, before, target).unwrap_or(list.len().saturating_sub(1));
@@ -899,7 +985,19 @@ mod tests {
         inf[42] = f32::INFINITY;
         inf[77] = f32::INFINITY;
         let wide: Vec<f32> = (0..5000).map(|_| (u() - 0.5) * 400.0).collect();
-        vec![("peaked", peaked), ("flat ties", flat), ("equal", even), ("+inf", inf), ("wide", wide)]
+        // Several of the whole-row passes' pieces, with the best tokens and ties in later ones.
+        let mut long: Vec<f32> = (0..2 * PIECE + 1234).map(|_| (u() * 16.0).round() * 0.125).collect();
+        for (i, v) in [(PIECE + 3, 4.0), (2 * PIECE + 7, 4.0), (PIECE - 1, 3.5), (17, f32::NAN)] {
+            long[i] = v;
+        }
+        vec![
+            ("peaked", peaked),
+            ("flat ties", flat),
+            ("equal", even),
+            ("+inf", inf),
+            ("wide", wide),
+            ("long", long),
+        ]
     }
 
     #[test]
@@ -918,7 +1016,7 @@ mod tests {
                         });
                         let mut s = Sampler::new(p.clone(), row.len()).unwrap();
                         let mut rng = Rng::new(5);
-                        for draw in 0..20 {
+                        for draw in 0..(if row.len() > PIECE { 4 } else { 20 }) {
                             let want = reference_pick(&p, &row, &mut rng).expect("rows have a number");
                             assert_eq!(
                                 s.sample(&row).unwrap(),
