@@ -1322,8 +1322,8 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CT) -> Result<HostData> {
         self.check("download", t, &[DType::F32, DType::BF16, DType::U32])?;
-        let bytes = self.dev.download(&t.storage.buf, t.numel() * t.dtype().size())?;
-        Ok(match t.dtype() {
+        let dtype = t.dtype();
+        Ok(self.dev.download_with(&t.storage.buf, t.numel() * dtype.size(), |bytes| match dtype {
             DType::F32 => HostData::F32(
                 bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             ),
@@ -1333,7 +1333,7 @@ impl Backend for CudaBackend {
             DType::BF16 => HostData::F32(
                 bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             ),
-        })
+        })?)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -2,7 +2,9 @@
 //! buffers, and raw kernel launches.
 
 use crate::CudaError;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, result, sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice, result, sys,
+};
 use cudarc::nvrtc::Ptx;
 use fp4moe_ops::profile::OpStats;
 use std::collections::HashMap;
@@ -217,6 +219,10 @@ pub fn compile(file: &'static str, src: &str, arch: &str, traced: bool) -> Resul
     }
 }
 
+/// Largest download staged through page-locked memory (a decode step's logits rows); larger
+/// ones (all of a prefill's logits) go to pageable memory rather than pin that much.
+const STAGED_DOWNLOAD_MAX: usize = 16 << 20;
+
 /// One GPU: context, the stream every op is enqueued on, and loaded kernels.
 pub(crate) struct Device {
     pub ctx: Arc<CudaContext>,
@@ -243,6 +249,11 @@ pub(crate) struct Device {
     /// [`Device::rows_settled`].
     launches: std::sync::atomic::AtomicU64,
     last_row_write: Mutex<(u64, Vec<(u64, usize)>)>,
+    /// Page-locked memory that downloads of up to [`STAGED_DOWNLOAD_MAX`] bytes land in, grown
+    /// to the largest so far. Into pageable memory the driver copies through bounce buffers of
+    /// its own, and a fresh vector per download faults its pages in: a decode step's logits row
+    /// (600 KB, whenever a sampler needs all of it) cost ~0.4 ms of host time.
+    staging: Mutex<Option<PinnedHostSlice<u8>>>,
 }
 
 /// What a traced run keeps: the device buffer the kernels append to (`[count, instant...]`,
@@ -378,6 +389,7 @@ impl Device {
             trace: None,
             launches: 0.into(),
             last_row_write: Mutex::new((0, Vec::new())),
+            staging: Mutex::new(None),
         };
         let zero = dev.alloc_exact(4)?;
         dev.set_u32(zero.ptr, 0)?;
@@ -733,15 +745,45 @@ impl Device {
     }
 
     pub fn download(&self, b: &Buf, bytes: usize) -> Result<Vec<u8>, CudaError> {
-        let mut out = vec![0u8; bytes];
-        if bytes > 0 {
-            self.ctx.bind_to_thread().map_err(drv)?;
-            // SAFETY: b holds at least `bytes` bytes; we synchronize before reading `out`.
-            unsafe { result::memcpy_dtoh_async(&mut out[..], b.ptr, self.stream.cu_stream()) }
-                .map_err(drv)?;
+        self.download_with(b, bytes, <[u8]>::to_vec)
+    }
+
+    /// The first `bytes` of `b`, after all enqueued work, handed to `read` (which converts them
+    /// without another copy).
+    pub fn download_with<R>(
+        &self,
+        b: &Buf,
+        bytes: usize,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        if bytes == 0 || bytes > STAGED_DOWNLOAD_MAX {
+            let mut out = vec![0u8; bytes];
+            if bytes > 0 {
+                // SAFETY: b holds at least `bytes` bytes; we synchronize before reading `out`.
+                unsafe { result::memcpy_dtoh_async(&mut out[..], b.ptr, self.stream.cu_stream()) }
+                    .map_err(drv)?;
+            }
+            self.stream.synchronize().map_err(drv)?;
+            return Ok(read(&out));
         }
+        let mut staging = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
+        if staging.as_ref().is_none_or(|s| s.len() < bytes) {
+            *staging = None;
+            // SAFETY: the memory is written by the copy below before it is read. Flags 0: plain
+            // cached memory (write-combined memory is slow for the host to read).
+            *staging = Some(
+                unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes.next_power_of_two(), 0) }
+                    .map_err(drv)?,
+            );
+        }
+        let host = staging.as_mut().expect("allocated above").as_mut_slice().map_err(drv)?;
+        // SAFETY: b holds at least `bytes` bytes and `host` at least as many; we synchronize
+        // before reading `host`, and the lock keeps other downloads out of it until then.
+        unsafe { result::memcpy_dtoh_async(&mut host[..bytes], b.ptr, self.stream.cu_stream()) }
+            .map_err(drv)?;
         self.stream.synchronize().map_err(drv)?;
-        Ok(out)
+        Ok(read(&host[..bytes]))
     }
 
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {

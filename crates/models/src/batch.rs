@@ -89,7 +89,11 @@ impl BatchPlan {
     }
 
     /// Downloaded logits rows split per sequence.
-    fn split(&self, logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+    fn split(&self, logits: Vec<f32>, vocab: usize) -> Vec<Vec<f32>> {
+        // One sequence's one row (a decode step) is the whole download: no copy.
+        if self.spans.len() == 1 && logits.len() == vocab {
+            return vec![logits];
+        }
         self.spans
             .iter()
             .enumerate()
@@ -265,7 +269,7 @@ pub(crate) fn forward<B: Backend, M: Stack<B>>(
 ) -> Result<Vec<Vec<f32>>> {
     run(m, batch, all_logits, |plan, logits| {
         let logits = m.backend().download(logits)?.into_f32()?;
-        Ok(plan.split(&logits, m.vocab()))
+        Ok(plan.split(logits, m.vocab()))
     })
 }
 
