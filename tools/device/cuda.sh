@@ -159,12 +159,16 @@ if has layers; then
 fi
 if has ab; then
     say "A/B: base_fp4moe (previous build) against fp4moe, alternating, prefill $PREFILL"
+    # AB_SAMPLING: `;`-separated bench model sampling flags, one run each (default: greedy).
+    IFS=';' read -ra SETS <<<"${AB_SAMPLING:- }"
     for i in $(seq ${AB_ROUNDS:-2}); do
         for b in base_fp4moe fp4moe; do
             for m in qwen3-30b-a3b glm-4.7-flash; do
-                r=$(timeout 200 $BIN/$b bench model --backend cuda --synthetic $m --prefill $PREFILL --decode-tokens 64 2>&1 |
-                    grep -E '^prefill|^decode \(' | sed -E 's/ *\([0-9]+ (tokens|steps) in .*//' | tr -s ' ' | paste -sd '|')
-                echo "$b $m: $r" | tee -a "$LOG"
+                for s in "${SETS[@]}"; do
+                    r=$(timeout 200 $BIN/$b bench model --backend cuda --synthetic $m --prefill $PREFILL --decode-tokens 64 $s 2>&1 |
+                        grep -E '^prefill|^decode \(' | sed -E 's/ *\([0-9]+ tokens in .*//; s/ *\([0-9]+ steps in [0-9.]+ s;?/ (/' | tr -s ' ' | paste -sd '|')
+                    echo "$b $m$s: $r" | tee -a "$LOG"
+                done
             done
         done
     done
