@@ -1,9 +1,9 @@
 //! `fp4moe autotune`: times every linear and MoE path a backend lists on a model's real shapes and
 //! token counts, and writes the [`KernelConfig`] that picks the fastest: the decode/prefill
 //! crossovers and the prefill N tiles. Results are checked in per card under
-//! `crates/cuda/configs/` (the CUDA backend embeds them and picks one by device name: the H200's
-//! came from this command; the H100's was picked by hand from `bench_layers`); another file can
-//! be selected at run time with `FP4MOE_CUDA_CONFIG=<path>`.
+//! `crates/cuda/configs/` (the CUDA backend embeds them and picks one by device name; only the
+//! H100 has one, from this command, and other cards use it); another file can be selected at run
+//! time with `FP4MOE_CUDA_CONFIG=<path>`.
 //!
 //! Weights are random NVFP4 codes of the real shapes (timing does not depend on values), so no
 //! checkpoint is needed.
