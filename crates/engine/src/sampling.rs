@@ -757,6 +757,10 @@ mod tests {
         p
     }
 
+    fn filters(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, min_p, seed: Some(seed), ..SamplingParams::default() }
+    }
+
     #[test]
     fn validate_rejects_each_bad_value_by_name() {
         let cases: Vec<(SamplingParams, &str)> = vec![
@@ -866,13 +870,7 @@ mod tests {
         for (temperature, top_k, top_p, min_p) in
             [(0.0, 0, 1.0, 0.0), (0.7, 20, 1.0, 0.0), (1.0, 5, 0.9, 0.0), (1.3, 64, 0.95, 0.05)]
         {
-            let p = params(|p| {
-                p.temperature = temperature;
-                p.top_k = top_k;
-                p.top_p = top_p;
-                p.min_p = min_p;
-                p.seed = Some(11);
-            });
+            let p = filters(temperature, top_k, top_p, min_p, 11);
             let (mut whole, mut best) =
                 (Sampler::new(p.clone(), 900).unwrap(), Sampler::new(p, 900).unwrap());
             let (k, limit) = best.device_top_k().expect("greedy / top-k without penalties");
@@ -1007,13 +1005,7 @@ mod tests {
             for temperature in [0.0, 0.3, 1.0, 2.5] {
                 for top_k in [0, 1, 5, 64, 300, 1500] {
                     for (top_p, min_p) in [(1.0, 0.0), (0.5, 0.0), (0.95, 0.0), (0.9, 0.05), (1.0, 0.2)] {
-                        let p = params(|p| {
-                            p.temperature = temperature;
-                            p.top_k = top_k;
-                            p.top_p = top_p;
-                            p.min_p = min_p;
-                            p.seed = Some(5);
-                        });
+                        let p = filters(temperature, top_k, top_p, min_p, 5);
                         let mut s = Sampler::new(p.clone(), row.len()).unwrap();
                         let mut rng = Rng::new(5);
                         for draw in 0..(if row.len() > PIECE { 4 } else { 20 }) {
