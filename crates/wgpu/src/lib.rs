@@ -99,6 +99,10 @@ pub struct WgpuBackend {
     multi_gemv: bool,
     /// Nanoseconds the host has spent blocked in waits for the GPU (`Backend::host_waits`).
     waited: Arc<std::sync::atomic::AtomicU64>,
+    /// The mappable buffer downloads of up to [`queue::STAGED_READ_MAX`] bytes land in, grown to
+    /// the largest so far (a decode step whose sampler needs the whole logits row downloads
+    /// 600 KB; a new buffer per step cost an allocation and a copy out of the mapping).
+    staging: Mutex<Option<wgpu::Buffer>>,
 }
 
 /// Storage buffers of gemv_multi.wgsl: x, three outputs, three FP4 weights of three buffers.
@@ -130,6 +134,7 @@ impl WgpuBackend {
             multi_gemv: ctx.device.limits().max_storage_buffers_per_shader_stage >= MULTI_GEMV_BUFFERS
                 && !std::env::var("FP4MOE_WGPU_MULTI_GEMV").is_ok_and(|v| v == "0"),
             waited: Arc::default(),
+            staging: Mutex::new(None),
             ctx,
         })
     }

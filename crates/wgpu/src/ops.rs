@@ -780,19 +780,20 @@ impl Backend for WgpuBackend {
     }
 
     fn download(&self, t: &GT) -> Result<HostData> {
-        let n = t.numel();
-        let bytes = self.read_back(&t.storage, tensor_bytes(t.shape(), t.dtype()))?;
-        let words = || bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        Ok(match t.dtype() {
-            DType::F32 => HostData::F32(words().map(f32::from_bits).collect()),
-            DType::U32 => HostData::U32(words().collect()),
-            DType::BF16 => HostData::F32(
-                bytes
-                    .chunks_exact(2)
-                    .take(n)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
+        let (n, dtype) = (t.numel(), t.dtype());
+        self.read_back_with(&t.storage, tensor_bytes(t.shape(), dtype), |bytes| {
+            let words = || bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            match dtype {
+                DType::F32 => HostData::F32(words().map(f32::from_bits).collect()),
+                DType::U32 => HostData::U32(words().collect()),
+                DType::BF16 => HostData::F32(
+                    bytes
+                        .chunks_exact(2)
+                        .take(n)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                ),
+            }
         })
     }
 

@@ -30,6 +30,10 @@ const GPU_SUBMIT_EVERY: usize = 128;
 /// the uniform offset alignment every adapter accepts (WebGPU's default limit is 256).
 const PARAMS_STRIDE: usize = 256;
 
+/// Largest download staged through the backend's kept mappable buffer (a decode step's logits
+/// rows); larger ones (all of a prefill's logits) get a buffer of their own.
+pub(crate) const STAGED_READ_MAX: u64 = 16 << 20;
+
 /// Cached bind groups kept before the cache starts over (a steady decode step needs one per
 /// dispatch).
 const MAX_CACHED_BIND_GROUPS: usize = 16384;
@@ -270,25 +274,40 @@ impl WgpuBackend {
         self.ctx.take_errors()
     }
 
-    /// The first `bytes` of a buffer, after all recorded work.
-    pub(crate) fn read_back(&self, src: &GpuBuf, bytes: u64) -> Result<Vec<u8>> {
+    /// The first `bytes` of a buffer, after all recorded work, handed to `read` straight from
+    /// the mapping (which converts them without another copy).
+    pub(crate) fn read_back_with<R>(
+        &self,
+        src: &GpuBuf,
+        bytes: u64,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R> {
         let size = bytes.div_ceil(4).max(1) * 4;
-        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("staging"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let mut kept = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
+        let staged = size <= STAGED_READ_MAX;
+        if staged && kept.as_ref().is_none_or(|b| b.size() < size) {
+            *kept = None;
+            *kept = Some(self.staging_buffer(size.next_power_of_two()));
+        }
+        let fresh;
+        let staging = match kept.as_ref() {
+            Some(b) if staged => b,
+            _ => {
+                fresh = self.staging_buffer(size);
+                &fresh
+            }
+        };
         {
             let mut st = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
             let mut enc = st
                 .take(&self.ctx.queue, true)
                 .unwrap_or_else(|| self.ctx.device.create_command_encoder(&Default::default()));
-            enc.copy_buffer_to_buffer(&src.buf, 0, &staging, 0, size);
+            enc.copy_buffer_to_buffer(&src.buf, 0, staging, 0, size);
             self.submit_encoder(&mut st, enc)?;
         }
+        let slice = staging.slice(..size);
         let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
         self.poll_wait()?;
@@ -296,12 +315,22 @@ impl WgpuBackend {
         rx.recv()
             .map_err(|_| Error::Device("buffer map callback was dropped".into()))?
             .map_err(|e| Error::Device(format!("mapping a buffer for download: {e}")))?;
-        let out = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::Device(format!("reading a mapped buffer: {e}")))?[..bytes as usize]
-            .to_vec();
+        let out = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Device(format!("reading a mapped buffer: {e}")))?;
+            read(&view[..bytes as usize])
+        };
         staging.unmap();
         Ok(out)
+    }
+
+    fn staging_buffer(&self, size: u64) -> wgpu::Buffer {
+        self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("staging"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
     }
 }
