@@ -1024,6 +1024,36 @@ mod tests {
         assert!(checked > 2000);
     }
 
+    /// The same over random settings across their whole ranges (temperatures from 0.001 to 100,
+    /// any top-k, top-p and min-p) and random rows of random widths and spreads.
+    #[test]
+    fn random_settings_draw_what_the_definition_draws() {
+        let mut rng = Rng::new(2024);
+        for case in 0..300 {
+            let n = 1 + (rng.next_u64() % 3000) as usize;
+            let spread = [0.01, 1.0, 30.0, 3000.0][(rng.next_u64() % 4) as usize];
+            let mut row: Vec<f32> = (0..n).map(|_| ((rng.next_f64() - 0.5) * spread) as f32).collect();
+            if n > 10 && rng.next_f64() < 0.3 {
+                row[(rng.next_u64() % n as u64) as usize] = f32::NAN;
+            }
+            let temperature = (10f64.powf(rng.next_f64() * 5.0 - 3.0) as f32).min(MAX_TEMPERATURE);
+            let top_k = [0, 1, (rng.next_u64() % 100) as usize, (rng.next_u64() % 5000) as usize][case % 4];
+            let top_p = if rng.next_f64() < 0.5 { 1.0 } else { (0.01 + rng.next_f64() * 0.99) as f32 };
+            let min_p = if rng.next_f64() < 0.7 { 0.0 } else { rng.next_f64() as f32 };
+            let p = filters(temperature, top_k, top_p, min_p, case as u64);
+            let mut s = Sampler::new(p.clone(), n).unwrap();
+            let mut reference = Rng::new(case as u64);
+            for draw in 0..5 {
+                let want = reference_pick(&p, &row, &mut reference);
+                assert_eq!(
+                    s.sample(&row).ok(),
+                    want,
+                    "case {case}: n {n} spread {spread} {p:?}, draw {draw}"
+                );
+            }
+        }
+    }
+
     /// The hand-written exponential against f64's, across the range that has weight.
     #[test]
     fn weight_is_e_to_the_x() {
