@@ -19,9 +19,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = os.path.join(ROOT, "crates", "cuda", "kernels")
-# fp4.cuh is generated from the Rust E2M1 definition (fp4::codegen); at run time the backend
-# passes the same text as an NVRTC header.
-INCLUDES = [KERNELS, os.path.join(ROOT, "crates", "fp4", "generated")]
+# fp4.cuh is generated from the Rust E2M1 definition (fp4::codegen), sampling.cuh from the
+# sampling weight's (fp4moe_ops::sampling); at run time the backend passes the same texts as
+# NVRTC headers.
+INCLUDES = [KERNELS, os.path.join(ROOT, "crates", "fp4", "generated"), os.path.join(ROOT, "crates", "ops", "generated")]
 
 
 def find_libnvrtc():

@@ -484,3 +484,47 @@ extern "C" __global__ void top_k_f32(const float* x, float* vals, u32* ids, int 
         prev_i = bi;
     }
 }
+
+// ---- Sampling weights: fp4moe_ops::sampling, the one definition ------------------------------
+// The host draws from these sums, so they must be its bits: every operation below is rounded as
+// the Rust code writes it (__fmul_rn / __fadd_rn are never contracted into fused multiply-adds),
+// with the constants from the generated sampling.cuh.
+#include "sampling.cuh"
+
+// e^x for x <= 0; 0 below the cutoff and for NaN (fp4moe_ops::sampling::weight).
+__device__ __forceinline__ float sampling_weight(float x) {
+    const float xc = x > SW_CUTOFF ? x : SW_CUTOFF;
+    const float t = __fadd_rn(__fmul_rn(xc, SW_LOG2E), SW_ROUND);
+    const float n = __fsub_rn(t, SW_ROUND);
+    const float r = __fsub_rn(__fsub_rn(xc, __fmul_rn(n, SW_LN2_HI)), __fmul_rn(n, SW_LN2_LO));
+    const float c[SW_TAYLOR_N] = SW_TAYLOR;
+    float p = c[0];
+#pragma unroll
+    for (int i = 1; i < SW_TAYLOR_N; i++) p = __fadd_rn(__fmul_rn(p, r), c[i]);
+    const float scale = __uint_as_float((__float_as_uint(t) - SW_ROUND_BITS + 127u) << 23);
+    return x >= SW_CUTOFF ? __fmul_rn(p, scale) : 0.0f;
+}
+
+// One thread per SW_CHUNK ids of row blockIdx.y: the f32 sum, in id order, of the weights of
+// x = (l - max) * inv_t (0 for the maximum itself) at or above `floor_`. Column 0 of `top`
+// (row stride top_stride) is the row's largest logit.
+extern "C" __global__ void weight_sums_f32(const float* __restrict__ x, const float* __restrict__ top, int v,
+                                           int top_stride, float inv_t, float floor_, float* __restrict__ sums) {
+    pdl_enter();
+    const int chunks = (v + SW_CHUNK - 1) / SW_CHUNK;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= chunks) return;
+    const float mx = top[(size_t)blockIdx.y * top_stride];
+    const float* xr = x + (size_t)blockIdx.y * v + (size_t)c * SW_CHUNK;
+    const int len = min(SW_CHUNK, v - c * SW_CHUNK);
+    float l[SW_CHUNK];
+#pragma unroll
+    for (int i = 0; i < SW_CHUNK; i++) l[i] = i < len ? xr[i] : 0.0f;
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < SW_CHUNK; i++) {
+        const float xs = l[i] == mx ? 0.0f : __fmul_rn(__fsub_rn(l[i], mx), inv_t);
+        if (i < len && xs >= floor_) s = __fadd_rn(s, sampling_weight(xs));
+    }
+    sums[(size_t)blockIdx.y * chunks + c] = s;
+}

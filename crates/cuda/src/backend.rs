@@ -4,6 +4,7 @@
 use crate::device::{Arena, Arg, Buf, DeviceGraph};
 use crate::weight::CudaWeight;
 use crate::{CudaBackend, CudaStorage};
+use fp4moe_ops::sampling::{WEIGHT_CHUNK, WeightSpec};
 use fp4moe_ops::{
     Backend, DType, Error, Graph, GroupedRouter, HeadLinear, HostData, HostTensor, LinearPath, MoePath,
     MoeWeights, Result, Rope, RopeStyle, Tensor,
@@ -2280,5 +2281,39 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok((vals, ids))
+    }
+
+    fn weight_sums(&self, x: &CT, top: &CT, spec: WeightSpec) -> Result<CT> {
+        const OP: &str = "weight_sums";
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, top, &[DType::F32])?;
+        let (s, ts) = (x.shape(), top.shape());
+        if s.len() != 2 || ts.len() != 2 || ts[0] != s[0] || ts[1] == 0 {
+            return Err(shape_err(OP, format!("x {s:?} with top {ts:?}")));
+        }
+        let chunks = s[1].div_ceil(WEIGHT_CHUNK);
+        let sums = self.empty(&[s[0], chunks], DType::F32)?;
+        if s[0] > 0 && chunks > 0 {
+            self.run(
+                "elementwise.cu",
+                "weight_sums_f32",
+                (blocks(chunks, ELEM_THREADS), s[0] as u32, 1),
+                ELEM_THREADS,
+                &[
+                    Arg::Ptr(x.storage.ptr()),
+                    Arg::Ptr(top.storage.ptr()),
+                    Arg::I32(s[1] as i32),
+                    Arg::I32(ts[1] as i32),
+                    Arg::F32(spec.inv_temperature),
+                    Arg::F32(spec.floor),
+                    Arg::Ptr(sums.storage.ptr()),
+                ],
+            )?;
+        }
+        Ok(sums)
+    }
+
+    fn device_weight_sums(&self) -> bool {
+        true
     }
 }

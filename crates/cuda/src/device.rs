@@ -23,9 +23,14 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
 ];
 
 /// Headers the kernel files include. `fp4.cuh` comes from `fp4::codegen`, the one definition of
-/// the E2M1 table, at run time (the same text as `crates/fp4/generated/fp4.cuh`).
+/// the E2M1 table, at run time (the same text as `crates/fp4/generated/fp4.cuh`); `sampling.cuh`
+/// from `fp4moe_ops::sampling` (the same as `crates/ops/generated/sampling.cuh`).
 fn headers() -> Vec<(&'static str, String)> {
-    vec![("fp4.cuh", fp4::codegen::cuda()), ("common.cuh", include_str!("../kernels/common.cuh").to_string())]
+    vec![
+        ("fp4.cuh", fp4::codegen::cuda()),
+        ("sampling.cuh", fp4moe_ops::sampling::cuda_header()),
+        ("common.cuh", include_str!("../kernels/common.cuh").to_string()),
+    ]
 }
 
 /// True when the driver and NVRTC libraries can be loaded. cudarc panics on first use when a

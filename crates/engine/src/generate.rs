@@ -17,12 +17,13 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fp4moe_models::{LanguageModel, Sequence};
+use fp4moe_models::{LanguageModel, ReducedRow, Sequence};
 
 use crate::error::{Error, Result};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{DeviceWeights, Sampler, SamplingParams};
 use crate::stop::StopStrings;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use fp4moe_ops::sampling::WeightSpec;
 
 /// Prompt tokens per forward during prefill: large enough that the batched (GEMM) kernels run at
 /// speed, small enough that a long prompt does not stall other sequences in a server batch for
@@ -254,6 +255,18 @@ impl SequenceState {
         self.push(token).map(Some)
     }
 
+    /// [`Self::after_forward`] for a forward that left the row on the device
+    /// ([`LanguageModel::forward_reduced`]; see [`Sampler::sample_reduced`]).
+    pub fn after_forward_reduced(&mut self, consumed: usize, row: &dyn ReducedRow) -> Result<Option<Step>> {
+        self.fed += consumed;
+        if self.is_prefilling() {
+            return Ok(None);
+        }
+        self.check_running()?;
+        let token = self.sampler.sample_reduced(row)?;
+        self.push(token).map(Some)
+    }
+
     fn check_running(&self) -> Result<()> {
         match self.finish {
             Some(_) => Err(Error::InvalidRequest("step on a finished sequence".into())),
@@ -308,6 +321,7 @@ pub fn forward_batch(
     prefill_chunk: usize,
 ) -> Result<Vec<Option<Step>>> {
     let tops: Vec<Option<(usize, usize)>> = states.iter().map(|s| s.sampler.device_top_k()).collect();
+    let weights: Vec<Option<DeviceWeights>> = states.iter().map(|s| s.sampler.device_weights()).collect();
     let mut fed: Vec<Option<usize>> = Vec::with_capacity(states.len());
     let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(states.len());
     for state in states.iter_mut() {
@@ -345,6 +359,44 @@ pub fn forward_batch(
             .zip(fed)
             .map(|(state, n)| match n {
                 Some(n) => state.after_forward_top(n, &picks.next().expect("count checked above")),
+                None => Ok(None),
+            })
+            .collect();
+    }
+    // When every sequence fed either needs its best logits or draws from its whole row without
+    // penalties, and the model sums weights on the device, the row stays there.
+    let weights: Vec<Option<DeviceWeights>> =
+        weights.into_iter().zip(&fed).filter(|(_, n)| n.is_some()).map(|(w, _)| w).collect();
+    let limits: Vec<Option<usize>> =
+        tops.iter().zip(&weights).map(|(t, w)| t.map(|t| t.1).or(w.map(|w| w.vocab_limit))).collect();
+    if model.reduces_weights_on_device()
+        && let Some(Some(limit)) = limits.first()
+        && limits.iter().all(|l| *l == Some(*limit))
+    {
+        let k = tops
+            .iter()
+            .flatten()
+            .map(|&(k, _)| k)
+            .chain(weights.iter().flatten().map(|w| w.top))
+            .max()
+            .unwrap_or(1);
+        let specs: Vec<Option<WeightSpec>> = weights.iter().map(|w| w.map(|w| w.spec)).collect();
+        let rows =
+            model.forward_reduced(&mut batch, k, *limit, &specs).map_err(|e| Error::Model(e.to_string()))?;
+        drop(batch);
+        if rows.len() != specs.len() {
+            return Err(Error::BadLogits(format!(
+                "forward returned {} rows for a batch of {}",
+                rows.len(),
+                specs.len()
+            )));
+        }
+        let mut rows = rows.iter();
+        return states
+            .iter_mut()
+            .zip(fed)
+            .map(|(state, n)| match n {
+                Some(n) => state.after_forward_reduced(n, &**rows.next().expect("count checked above")),
                 None => Ok(None),
             })
             .collect();
@@ -523,6 +575,9 @@ pub(crate) mod tests {
         /// (None: the real ones).
         pub top_k_calls: Mutex<usize>,
         pub top_logit: Option<f32>,
+        /// Whether it offers `forward_reduced` as a GPU model does, and the forwards through it.
+        pub reduces: bool,
+        pub reduced_calls: Mutex<usize>,
     }
 
     impl FakeModel {
@@ -543,6 +598,8 @@ pub(crate) mod tests {
                 calls: Mutex::new(Vec::new()),
                 top_k_calls: Mutex::new(0),
                 top_logit: None,
+                reduces: false,
+                reduced_calls: Mutex::new(0),
             }
         }
 
@@ -608,6 +665,29 @@ pub(crate) mod tests {
                 })
                 .collect())
         }
+
+        fn forward_reduced(
+            &self,
+            batch: &mut [(&mut Sequence, &[u32])],
+            k: usize,
+            vocab_limit: usize,
+            specs: &[Option<fp4moe_ops::sampling::WeightSpec>],
+        ) -> fp4moe_models::Result<Vec<Box<dyn ReducedRow + '_>>> {
+            *self.reduced_calls.lock().unwrap() += 1;
+            let rows = self.forward(batch, false)?;
+            Ok(rows
+                .into_iter()
+                .zip(specs)
+                .map(|(mut row, spec)| {
+                    row.truncate(vocab_limit);
+                    Box::new(fp4moe_models::HostRow::new(row, k, *spec)) as Box<dyn ReducedRow>
+                })
+                .collect())
+        }
+
+        fn reduces_weights_on_device(&self) -> bool {
+            self.reduces
+        }
     }
 
     fn tok() -> Arc<Tokenizer> {
@@ -668,6 +748,36 @@ pub(crate) mod tests {
             .generate(&prompt, &greedy(3), |_| ControlFlow::Continue(()))
             .unwrap_err();
         assert!(matches!(err, Error::BadLogits(_)), "{err}");
+    }
+
+    /// Temperature and top-p sampling without top-k take `forward_reduced` when the model sums
+    /// weights on the device, and draw what the whole row draws; a penalty still needs the row.
+    #[test]
+    fn whole_row_samplers_reduce_where_the_model_sums_weights() {
+        let prompt: Vec<u32> = (0..9).collect();
+        for (top_p, min_p) in [(1.0, 0.0), (0.9, 0.0), (0.5, 0.1)] {
+            let p = SamplingParams {
+                temperature: 1.3,
+                top_p,
+                min_p,
+                seed: Some(11),
+                ..SamplingParams::default()
+            };
+            let req = Request::new(p.clone(), 12);
+            let full = run(&FakeModel::new(300, 1024), &prompt, &req, 4);
+            let model = FakeModel { reduces: true, ..FakeModel::new(300, 1024) };
+            let reduced = run(&model, &prompt, &req, 4);
+            assert_eq!(reduced.tokens, full.tokens, "top-p {top_p} min-p {min_p}");
+            assert!(*model.reduced_calls.lock().unwrap() >= 12, "reduced forwards not taken");
+            let penalized = SamplingParams { presence_penalty: 0.5, ..p };
+            let model = FakeModel { reduces: true, ..FakeModel::new(300, 1024) };
+            run(&model, &prompt, &Request::new(penalized, 4), 4);
+            assert_eq!(
+                *model.reduced_calls.lock().unwrap(),
+                0,
+                "a penalized request took the reduced forward"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! does the rest.
 
 use crate::layers::{Norm, WeightSource};
-use crate::{Error, ModelInfo, Result, Sequence};
+use crate::{Error, ModelInfo, ReducedRow, Result, Sequence};
+use fp4moe_ops::sampling::WeightSpec;
 use fp4moe_ops::{Backend, Graph, HostTensor, LinearPath, T};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -300,6 +301,75 @@ pub(crate) fn forward_top_k<B: Backend, M: Stack<B>>(
             .map(|(i, v)| i.iter().copied().zip(v.iter().copied()).collect())
             .collect())
     })
+}
+
+/// `LanguageModel::forward_reduced` for any [`Stack`]: each row's k best and, where asked, its
+/// weight sums, computed on the device; the logits stay there for the draw to read a chunk of.
+pub(crate) fn forward_reduced<'a, B: Backend + 'a, M: Stack<B>>(
+    m: &'a M,
+    batch: &mut [(&mut Sequence, &[u32])],
+    k: usize,
+    vocab_limit: usize,
+    specs: &[Option<WeightSpec>],
+) -> Result<Vec<Box<dyn ReducedRow + 'a>>> {
+    let limit = vocab_limit.min(m.vocab());
+    crate::check_reduced(batch.len(), k, limit, specs)?;
+    let k = k.min(limit);
+    run(m, batch, false, |_, logits| {
+        let b = m.backend();
+        let logits = if limit < m.vocab() { b.slice_cols(logits, 0, limit)? } else { logits.clone() };
+        let n = logits.shape()[0];
+        let (vals, ids) = b.top_k(&logits, k)?;
+        // Rows may differ in temperature: one call per row that asks (a batch-1 step is the row).
+        let one = |t: &T<B>, r: usize| if n == 1 { Ok(t.clone()) } else { b.slice_rows(t, r, 1) };
+        let sums = specs
+            .iter()
+            .enumerate()
+            .map(|(r, spec)| spec.map(|s| b.weight_sums(&one(&logits, r)?, &one(&vals, r)?, s)).transpose())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let ids = b.download(&ids)?.into_u32()?;
+        let vals = b.download(&vals)?.into_f32()?;
+        let mut rows: Vec<Box<dyn ReducedRow + 'a>> = Vec::with_capacity(n);
+        for (r, s) in sums.into_iter().enumerate() {
+            let top = ids[r * k..(r + 1) * k]
+                .iter()
+                .copied()
+                .zip(vals[r * k..(r + 1) * k].iter().copied())
+                .collect();
+            let sums = s.map(|s| b.download(&s)?.into_f32()).transpose()?;
+            rows.push(Box::new(DeviceRow { b, logits: one(&logits, r)?, len: limit, top, sums }));
+        }
+        Ok(rows)
+    })
+}
+
+/// A row of logits left on the device, with what `forward_reduced` downloaded of it.
+struct DeviceRow<'a, B: Backend> {
+    b: &'a B,
+    /// `[1, len]`
+    logits: T<B>,
+    len: usize,
+    top: Vec<(u32, f32)>,
+    sums: Option<Vec<f32>>,
+}
+
+impl<B: Backend> ReducedRow for DeviceRow<'_, B> {
+    fn width(&self) -> usize {
+        self.len
+    }
+    fn top(&self) -> &[(u32, f32)] {
+        &self.top
+    }
+    fn weight_sums(&self) -> Option<&[f32]> {
+        self.sums.as_deref()
+    }
+    fn logits(&self, start: usize, len: usize) -> Result<Vec<f32>> {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::Invalid(format!("logits {start}..+{len} of a row of {}", self.len)));
+        }
+        let part = self.b.slice_cols(&self.logits, start, len)?;
+        Ok(self.b.download(&part)?.into_f32()?)
+    }
 }
 
 /// Plans and validates the batch, runs the stack to its logits tensor (`[rows, V]`) and hands it

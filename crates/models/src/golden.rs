@@ -5,7 +5,7 @@
 //! Errors are relative: ‖a − e‖ / ‖e‖ over all logits of a sequence. Each check returns the
 //! worst error it saw, or a message naming the fixture, sequence and position that failed.
 
-use crate::{LanguageModel, LoadOptions};
+use crate::{LanguageModel, LoadOptions, ReducedRow};
 use fp4moe_ops::Backend;
 use fp4moe_ops::reference::RefBackend;
 use serde::Deserialize;
@@ -158,6 +158,45 @@ pub fn check_paths(model: &dyn LanguageModel, fixture: &str) -> Result<f64, Stri
             seq.len,
             a.len()
         ));
+    }
+
+    // The same steps reduced for a sampler that draws from the whole row
+    // (LanguageModel::forward_reduced): the best 64 and the weight sums of the row above (sums
+    // within 1e-4 of the host's: the rows of two runs may differ in their last bits), and the
+    // chunks read back are the row's; odd steps are limited to the ids below 100 and ask for
+    // no sums.
+    let mut seq = model.new_sequence(a.len()).map_err(|e| e.to_string())?;
+    for (i, t) in a.iter().enumerate() {
+        let limit = if i % 2 == 1 { 100.min(vocab) } else { vocab };
+        let row = &stepped[i * vocab..i * vocab + limit];
+        let spec = (i % 2 == 0).then(|| fp4moe_ops::sampling::WeightSpec::new(0.8, 0.0));
+        let got = model
+            .forward_reduced(&mut [(&mut seq, std::slice::from_ref(t))], 64, limit, &[spec])
+            .map_err(|e| e.to_string())?;
+        let host = crate::HostRow::new(row.to_vec(), 64, spec);
+        let [got] = &got[..] else { return Err(format!("{fixture}: reduced step {i}: {} rows", got.len())) };
+        let near = |g: f32, w: f32, tol: f32| (g - w).abs() <= tol * w.abs().max(1.0);
+        let top_ok = got.top().len() == host.top().len()
+            && got.top().iter().zip(host.top()).all(|(g, w)| g.0 == w.0 && near(g.1, w.1, 1e-5));
+        let total: f32 = host.weight_sums().map_or(0.0, |s| s.iter().sum());
+        let sums_ok = match (got.weight_sums(), host.weight_sums()) {
+            (Some(g), Some(w)) => {
+                g.len() == w.len() && g.iter().zip(w).all(|(&g, &w)| (g - w).abs() <= 1e-4 * total)
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        let c = (i * 7919) % limit.div_ceil(16);
+        let len = 16.min(limit - c * 16);
+        let chunk = got.logits(c * 16, len).map_err(|e| e.to_string())?;
+        let chunk_ok =
+            chunk.len() == len && chunk.iter().zip(&row[c * 16..]).all(|(&g, &w)| near(g, w, 1e-5));
+        if got.width() != limit || !top_ok || !sums_ok || !chunk_ok {
+            return Err(format!(
+                "{fixture}: reduced step {i} (ids below {limit}): len {} top {top_ok} sums {sums_ok} chunk {c} {chunk_ok}",
+                got.width()
+            ));
+        }
     }
 
     // Chunked prefill: the second chunk attends to the first through the cache.

@@ -29,6 +29,7 @@ pub use loader::LoadOptions;
 pub use synthetic::Arch;
 
 use fp4moe_ops::Backend;
+use fp4moe_ops::sampling::WeightSpec;
 use std::any::Any;
 use std::path::Path;
 
@@ -93,11 +94,102 @@ pub trait LanguageModel: Send + Sync {
             })
             .collect())
     }
+    /// [`LanguageModel::forward_top_k`] for samplers that draw from the whole row: per sequence,
+    /// the `k` best of the first `vocab_limit` logits of its last new token and, where `specs`
+    /// (one per sequence) holds a [`WeightSpec`], the chunk sums of its weights
+    /// ([`fp4moe_ops::sampling::weight_sums`]); any other logits are read on request. Models
+    /// compute these where the logits are; this default downloads the rows. A row is valid
+    /// until the next forward on this model.
+    fn forward_reduced(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        k: usize,
+        vocab_limit: usize,
+        specs: &[Option<WeightSpec>],
+    ) -> Result<Vec<Box<dyn ReducedRow + '_>>> {
+        check_reduced(batch.len(), k, vocab_limit, specs)?;
+        let rows = self.forward(batch, false)?;
+        Ok(rows
+            .into_iter()
+            .zip(specs)
+            .map(|(mut row, spec)| {
+                row.truncate(vocab_limit);
+                Box::new(HostRow::new(row, k, *spec)) as Box<dyn ReducedRow>
+            })
+            .collect())
+    }
+    /// Whether [`LanguageModel::forward_reduced`] sums weights on the device (its backend's
+    /// [`Backend::device_weight_sums`]), so that a sampler gains by asking for them instead of
+    /// the whole row.
+    fn reduces_weights_on_device(&self) -> bool {
+        false
+    }
     /// f32 values the cache holds per token per layer (GQA: 2 · kv_heads · head_dim; MLA: latent
     /// + rope key), for memory budgets and bandwidth floors. `None` when a model does not say.
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {
         None
     }
+}
+
+/// One row of logits as [`LanguageModel::forward_reduced`] leaves it: what a sampler that draws
+/// from the whole row reads without downloading it.
+pub trait ReducedRow {
+    /// Logits in the row (the vocabulary limit it was reduced over).
+    fn width(&self) -> usize;
+    /// The best `(id, logit)`, most likely first (ties to the lower id, NaN ranked below -inf).
+    fn top(&self) -> &[(u32, f32)];
+    /// The [`fp4moe_ops::sampling::WEIGHT_CHUNK`] sums of the row's weights, with the row's
+    /// largest logit as the maximum, when a spec was given.
+    fn weight_sums(&self) -> Option<&[f32]>;
+    /// Logits `start..start + len` (on a GPU, a small download).
+    fn logits(&self, start: usize, len: usize) -> Result<Vec<f32>>;
+}
+
+/// A [`ReducedRow`] of a row on the host, reduced there.
+pub struct HostRow {
+    row: Vec<f32>,
+    top: Vec<(u32, f32)>,
+    sums: Option<Vec<f32>>,
+}
+
+impl HostRow {
+    /// The `k` best of `row` and, with a spec, its weight sums.
+    pub fn new(row: Vec<f32>, k: usize, spec: Option<WeightSpec>) -> Self {
+        let top: Vec<(u32, f32)> =
+            fp4moe_ops::reference::top_k_indices(&row, k).into_iter().map(|i| (i as u32, row[i])).collect();
+        let max = top.first().map_or(f32::NEG_INFINITY, |t| t.1);
+        let sums = spec.map(|s| fp4moe_ops::sampling::weight_sums(&row, max, s));
+        Self { row, top, sums }
+    }
+}
+
+impl ReducedRow for HostRow {
+    fn width(&self) -> usize {
+        self.row.len()
+    }
+    fn top(&self) -> &[(u32, f32)] {
+        &self.top
+    }
+    fn weight_sums(&self) -> Option<&[f32]> {
+        self.sums.as_deref()
+    }
+    fn logits(&self, start: usize, len: usize) -> Result<Vec<f32>> {
+        self.row
+            .get(start..start.saturating_add(len))
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| Error::Invalid(format!("logits {start}..+{len} of a row of {}", self.row.len())))
+    }
+}
+
+/// The arguments of a reduced forward: a k and a limit above 0, one spec per sequence.
+fn check_reduced(n: usize, k: usize, vocab_limit: usize, specs: &[Option<WeightSpec>]) -> Result<()> {
+    if k == 0 || vocab_limit == 0 || specs.len() != n {
+        return Err(Error::Invalid(format!(
+            "forward_reduced: top {k} of {vocab_limit} logits, {} specs for {n} sequences",
+            specs.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The `model_type`s this crate runs.

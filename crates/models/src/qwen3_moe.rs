@@ -11,7 +11,8 @@ use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, zeros,
 };
-use crate::{Error, LanguageModel, ModelInfo, Result, Sequence};
+use crate::{Error, LanguageModel, ModelInfo, ReducedRow, Result, Sequence};
+use fp4moe_ops::sampling::WeightSpec;
 use fp4moe_ops::{Backend, LinearPath, Rope, RopeStyle, T};
 use serde::Deserialize;
 use std::path::Path;
@@ -338,6 +339,20 @@ impl<B: Backend + 'static> LanguageModel for Qwen3Moe<B> {
         vocab_limit: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>> {
         batch::forward_top_k(self, batch, k, vocab_limit)
+    }
+
+    fn forward_reduced(
+        &self,
+        batch: &mut [(&mut Sequence, &[u32])],
+        k: usize,
+        vocab_limit: usize,
+        specs: &[Option<WeightSpec>],
+    ) -> Result<Vec<Box<dyn ReducedRow + '_>>> {
+        batch::forward_reduced(self, batch, k, vocab_limit, specs)
+    }
+
+    fn reduces_weights_on_device(&self) -> bool {
+        self.backend().device_weight_sums()
     }
 
     fn cache_values_per_token_per_layer(&self) -> Option<usize> {

@@ -1298,6 +1298,59 @@ pub fn check_argmax_top_k<B: Backend>(b: &B, seed: u64) -> Check {
     Ok(())
 }
 
+/// weight_sums: bit-exact (the host's draw reads these sums), at several temperatures and
+/// min-p floors, on Qwen's vocabulary width and on widths with a short last chunk; rows with
+/// NaN, a +inf maximum, only -inf, and ties at the maximum.
+pub fn check_weight_sums<B: Backend>(b: &B, seed: u64) -> Check {
+    use crate::sampling::WeightSpec;
+    let mut cx = Ctx::new(seed);
+    let specs = [
+        WeightSpec::new(1.0, 0.0),
+        WeightSpec::new(0.7, 0.05),
+        WeightSpec::new(0.01, 0.0),
+        WeightSpec::new(100.0, 0.0),
+        WeightSpec::new(1.3, 0.9),
+    ];
+    for (n, v) in [(5usize, 151936usize), (2, 151935), (3, 37), (1, 5)] {
+        let mut xs = cx.rng.normals(n * v, 3.0);
+        if n >= 5 {
+            for i in (0..v).step_by(613) {
+                xs[i] = f32::NAN; // row 0
+            }
+            xs[v + 77] = f32::INFINITY; // row 1: an infinite maximum
+            for x in &mut xs[2 * v..3 * v] {
+                *x = f32::NEG_INFINITY; // row 2
+            }
+            xs[3 * v + 10] = 20.0; // row 3: its maximum twice
+            xs[4 * v - 1] = 20.0;
+            for x in &mut xs[4 * v..5 * v] {
+                *x *= 10.0; // row 4: a wide spread, most weights 0
+            }
+        }
+        let shape = [n, v];
+        for (si, &spec) in specs.iter().enumerate() {
+            let case = format!("weight_sums {shape:?} spec {si} {spec:?}");
+            let want = weight_sums_via(&RefBackend, &xs, &shape, 1, spec).or_fail(&cx, &case)?;
+            let got = weight_sums_via(b, &xs, &shape, v.min(64), spec).or_fail(&cx, &case)?;
+            exact(&cx, &case, &got, &want)?;
+        }
+    }
+    Ok(())
+}
+
+/// weight_sums of `xs` with each row's maximum from the backend's own top-k.
+fn weight_sums_via<X: Backend>(
+    x: &X,
+    xs: &[f32],
+    shape: &[usize],
+    k: usize,
+    spec: crate::sampling::WeightSpec,
+) -> crate::Result<Out> {
+    let xt = up(x, xs, shape)?;
+    let (top, _) = x.top_k(&xt, k)?;
+    fetch(x, &x.weight_sums(&xt, &top, spec)?)
+}
+
 // ---- checks: MoE ----------------------------------------------------------------------------------
 
 /// Host data of one MoE call.
@@ -1680,7 +1733,7 @@ macro_rules! conformance_tests {
             check_linear_odd_shapes, check_linear_glm_shapes, check_linear_qwen_shapes,
             check_linear_router_shapes, check_head_linear, check_embedding,
             check_rms_norm, check_rope, check_norm_rope, check_split_rope, check_softmax, check_elementwise, check_data_movement,
-            check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
+            check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k, check_weight_sums,
             check_moe_routing, check_moe_qwen_shape, check_moe_glm_shape,
             check_attention_gqa, check_attention_mla, check_shape_errors);
     };

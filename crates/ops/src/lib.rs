@@ -21,6 +21,7 @@ pub mod check;
 pub mod conformance;
 pub mod profile;
 pub mod reference;
+pub mod sampling;
 mod spec;
 mod tensor;
 mod weight;
@@ -310,6 +311,35 @@ pub trait Backend: Send + Sync {
     /// The k largest values per row, descending (ties to the lower index):
     /// `[n, V]` -> (values f32 `[n, k]`, ids u32 `[n, k]`).
     fn top_k(&self, x: &T<Self>, k: usize) -> Result<(T<Self>, T<Self>)>;
+
+    /// Each row's sampling weights summed per [`sampling::WEIGHT_CHUNK`] ids, exactly as
+    /// [`sampling::weight_sums`] computes them (the same bits: they feed the host's draw):
+    /// x `[n, V]`, `top` `[n, k]` with each row's largest value in column 0 (the values
+    /// [`Backend::top_k`] returns) -> f32 `[n, ceil(V / WEIGHT_CHUNK)]`. A sampler that draws
+    /// from the whole row then downloads these and the best few logits instead of the row.
+    /// The default computes them on the host.
+    fn weight_sums(&self, x: &T<Self>, top: &T<Self>, spec: sampling::WeightSpec) -> Result<T<Self>> {
+        const OP: &str = "weight_sums";
+        let (s, ts) = (x.shape().to_vec(), top.shape().to_vec());
+        if s.len() != 2 || ts.len() != 2 || ts[0] != s[0] || ts[1] == 0 {
+            return Err(Error::Shape { op: OP, detail: format!("x {s:?} with top {ts:?}") });
+        }
+        let xv = self.download(x)?.into_f32()?;
+        let tv = self.download(top)?.into_f32()?;
+        let chunks = s[1].div_ceil(sampling::WEIGHT_CHUNK);
+        let mut sums = Vec::with_capacity(s[0] * chunks);
+        for r in 0..s[0] {
+            let row = &xv[r * s[1]..(r + 1) * s[1]];
+            sums.extend(sampling::weight_sums(row, tv[r * ts[1]], spec));
+        }
+        self.upload(HostTensor::F32(&sums, &[s[0], chunks]))
+    }
+
+    /// Whether [`Backend::weight_sums`] runs on the device, so that downloading its sums beats
+    /// downloading the whole row (the default's sums are made on the host from a download).
+    fn device_weight_sums(&self) -> bool {
+        false
+    }
 }
 
 /// [`Backend::split_rope`] as its separate ops (two slices, the norm, the rotation): the trait's

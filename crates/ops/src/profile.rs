@@ -226,6 +226,12 @@ impl<B: Backend> Backend for Profiled<B> {
     fn top_k(&self, x: &T<Self>, k: usize) -> Result<(T<Self>, T<Self>)> {
         self.time(|| "top_k".into(), || self.inner.top_k(x, k))
     }
+    fn weight_sums(&self, x: &T<Self>, top: &T<Self>, spec: crate::sampling::WeightSpec) -> Result<T<Self>> {
+        self.time(|| "weight_sums".into(), || self.inner.weight_sums(x, top, spec))
+    }
+    fn device_weight_sums(&self) -> bool {
+        self.inner.device_weight_sums()
+    }
 }
 
 #[cfg(test)]

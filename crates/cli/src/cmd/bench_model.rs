@@ -337,9 +337,10 @@ fn take(stats: &Option<Arc<Mutex<OpStats>>>) -> Option<OpStats> {
 const SAMPLING_SEED: u64 = 1;
 
 /// The sampling setting in words, and where its picks are made.
-fn sampling_name(p: &SamplingParams) -> String {
-    let place = match Sampler::new(p.clone(), 2).map(|s| s.device_top_k()) {
-        Ok(Some(_)) => "picked from the device's top k",
+fn sampling_name(p: &SamplingParams, reduces: bool) -> String {
+    let place = match Sampler::new(p.clone(), 2).map(|s| (s.device_top_k(), s.device_weights())) {
+        Ok((Some(_), _)) => "picked from the device's top k",
+        Ok((None, Some(_))) if reduces => "drawn through the device's weight sums",
         _ => "whole logits row sampled on the host",
     };
     if p.is_greedy() {
@@ -373,6 +374,11 @@ fn time_model(
     // reduced on the device where the sampler allows it (greedy by default), as the engine does.
     let mut sampler = Sampler::new(sampling, info.vocab_size)?;
     let mut forward = |seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
+        if let (true, Some(w)) = (model.reduces_weights_on_device(), sampler.device_weights()) {
+            let rows = model.forward_reduced(&mut [(seq, tokens)], w.top, w.vocab_limit, &[Some(w.spec)])?;
+            let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no row"))?;
+            return Ok(sampler.sample_reduced(&**row)?);
+        }
         let Some((k, limit)) = sampler.device_top_k() else {
             let rows = model.forward(&mut [(seq, tokens)], false)?;
             let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no logits"))?;
@@ -522,7 +528,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s; {})",
         t.decode_steps,
         t.decode_s,
-        sampling_name(&sampling)
+        sampling_name(&sampling, model.reduces_weights_on_device())
     );
     if let Some(w) = t.decode_wait_s {
         // Near zero: the host's recording (or its sampling) bounds the step, not the device.
@@ -568,7 +574,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "format": format.name(),
             "backend": format!("{:?}", args.backend).to_lowercase(),
             "decode_tok_s": decode_tok_s,
-            "decode_sampling": sampling_name(&sampling),
+            "decode_sampling": sampling_name(&sampling, model.reduces_weights_on_device()),
             "decode_graph_replays": t.graph_replays,
             "decode_host_wait_ms_per_step": t.decode_wait_s.map(|w| w * 1e3 / t.decode_steps as f64),
             "first_decode_steps_ms": t.first_steps_ms,

@@ -1,0 +1,164 @@
+//! The one definition of a sampling weight, shared by the engine's sampler (which draws from
+//! them) and the backends' [`crate::Backend::weight_sums`] (which sums them where the logits
+//! live, so a sampled step need not download the whole row).
+//!
+//! A token with logit `l` in a row whose largest logit is `max` has the scaled logit
+//! x = (l - max) / temperature (0 for the maximum itself, even when it is +inf) and the weight
+//! e^x when x >= the spec's floor (ln min-p, and never below [`WEIGHT_CUTOFF`]), else 0. Weights
+//! are summed per [`WEIGHT_CHUNK`] consecutive ids, in id order, in f32.
+//!
+//! Every step is written out (the exponential included, no libm call and no fused multiply-add)
+//! so that every platform and every backend gets the same bits: a GPU's sums feed the host's
+//! draw, and a seed picks the same token on either path. GPU kernels take the constants from
+//! [`cuda_header`], generated from this file.
+
+/// Scaled logits below this have weight 0: e^-87 is near f32's smallest normal number.
+pub const WEIGHT_CUTOFF: f32 = -87.0;
+
+/// Ids per partial sum of weights. Chunks are independent, so a row's sums run in parallel
+/// lanes (threads on a GPU), and a draw walks chunks, then the ids of one.
+pub const WEIGHT_CHUNK: usize = 16;
+
+// x = n ln 2 + r: ln 2 in two parts, so that n * LN2_HI is exact for |n| < 2^15 (355 / 512).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+// Adding 1.5 * 2^23 rounds to an integer, which the sum's low mantissa bits then hold.
+const ROUND: f32 = 12_582_912.0;
+// e^r's Taylor coefficients 1/k!, highest first (Horner), as f32.
+const TAYLOR: [f32; 8] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
+/// e^x for x <= 0, and 0 below [`WEIGHT_CUTOFF`] or for NaN. Inlined across crates: a
+/// sampler calls it per logit in loops the compiler must vectorize.
+///
+/// Plain arithmetic so the compiler vectorizes it over a row (libm's `expf` is a call per
+/// logit): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (truncation
+/// below 6e-9, under an f32 ulp), 2^n built from n's bits. e^0 is exactly 1, so min-p
+/// compares against the best token's weight.
+#[inline]
+pub fn weight(x: f32) -> f32 {
+    let xc = if x > WEIGHT_CUTOFF { x } else { WEIGHT_CUTOFF };
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = TAYLOR[0];
+    for c in &TAYLOR[1..] {
+        p = p * r + c;
+    }
+    // n is an integer in [-126, 0], so 2^n is a normal number: exponent bits n + 127.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    if x >= WEIGHT_CUTOFF { p * scale } else { 0.0 }
+}
+
+/// How a row's logits become weights: `1 / temperature` and the floor of the scaled logit
+/// (ln min-p, at least [`WEIGHT_CUTOFF`]). Computed on the host, so every backend uses the
+/// same two numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightSpec {
+    pub inv_temperature: f32,
+    pub floor: f32,
+}
+
+impl WeightSpec {
+    /// The spec of a temperature (> 0) and a min-p (0 for none).
+    pub fn new(temperature: f32, min_p: f32) -> Self {
+        let min_p = if min_p > 0.0 { (f64::from(min_p)).ln() as f32 } else { f32::NEG_INFINITY };
+        Self { inv_temperature: 1.0 / temperature, floor: min_p.max(WEIGHT_CUTOFF) }
+    }
+
+    /// The scaled logit of `l` in a row whose largest logit is `max`; the maximum maps to 0 even
+    /// when it is +inf (whose weight is then 1 and every finite logit's 0). Never larger for a
+    /// smaller logit, so the tokens with a weight are a prefix of the ranking.
+    #[inline]
+    pub fn x(self, l: f32, max: f32) -> f32 {
+        if l == max { 0.0 } else { (l - max) * self.inv_temperature }
+    }
+
+    /// Whether `l` has a weight above 0 (NaN never does).
+    #[inline]
+    pub fn is_candidate(self, l: f32, max: f32) -> bool {
+        self.x(l, max) >= self.floor
+    }
+
+    /// The weight of `l`: e^x, or 0 for a token below the floor.
+    #[inline]
+    pub fn weight(self, l: f32, max: f32) -> f32 {
+        let x = self.x(l, max);
+        if x >= self.floor { weight(x) } else { 0.0 }
+    }
+}
+
+/// The f32 sum of a chunk's weights, in id order.
+pub fn chunk_sum(ws: impl IntoIterator<Item = f32>) -> f32 {
+    ws.into_iter().fold(0.0f32, |a, w| a + w)
+}
+
+/// The [`WEIGHT_CHUNK`] sums of one row's weights (the last chunk may be short).
+pub fn weight_sums(row: &[f32], max: f32, spec: WeightSpec) -> Vec<f32> {
+    row.chunks(WEIGHT_CHUNK).map(|c| chunk_sum(c.iter().map(|&l| spec.weight(l, max)))).collect()
+}
+
+/// `sampling.cuh`: the constants of [`weight`] for CUDA kernels, as bit patterns (no decimal
+/// round trip).
+pub fn cuda_header() -> String {
+    let bits = |v: f32| format!("__uint_as_float(0x{:08X}u)", v.to_bits());
+    let mut s =
+        String::from("// Generated by fp4moe_ops::sampling::cuda_header: do not edit.\n#pragma once\n");
+    s += &format!("#define SW_CHUNK {WEIGHT_CHUNK}\n");
+    s += &format!("#define SW_CUTOFF {}\n", bits(WEIGHT_CUTOFF));
+    s += &format!("#define SW_LOG2E {}\n", bits(std::f32::consts::LOG2_E));
+    s += &format!("#define SW_LN2_HI {}\n", bits(LN2_HI));
+    s += &format!("#define SW_LN2_LO {}\n", bits(LN2_LO));
+    s += &format!("#define SW_ROUND {}\n", bits(ROUND));
+    s += &format!("#define SW_ROUND_BITS 0x{:08X}u\n", ROUND.to_bits());
+    s += &format!("#define SW_TAYLOR_N {}\n", TAYLOR.len());
+    let taylor: Vec<String> = TAYLOR.iter().map(|&c| bits(c)).collect();
+    s += &format!("#define SW_TAYLOR {{{}}}\n", taylor.join(", "));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written exponential against f64's, across the range that has weight.
+    #[test]
+    fn weight_is_e_to_the_x() {
+        assert_eq!(weight(0.0), 1.0);
+        for x in [f32::NAN, f32::NEG_INFINITY, -87.5, -1e30] {
+            assert_eq!(weight(x), 0.0, "{x}");
+        }
+        let mut worst = 0.0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let want = f64::from(x).exp();
+            worst = worst.max((f64::from(weight(x)) - want).abs() / want);
+        }
+        assert!(worst < 4e-7, "largest relative error {worst}");
+    }
+
+    #[test]
+    fn spec_scales_and_floors() {
+        let s = WeightSpec::new(2.0, 0.1);
+        assert_eq!(s.x(3.0, 3.0), 0.0);
+        assert_eq!(s.x(1.0, 3.0), -1.0);
+        assert!(s.is_candidate(3.0 + 2.0 * 0.1f32.ln() + 1e-3, 3.0));
+        assert!(!s.is_candidate(3.0 + 2.0 * 0.1f32.ln() - 1e-3, 3.0));
+        assert!(!s.is_candidate(f32::NAN, 3.0));
+        assert_eq!(s.weight(f32::INFINITY, f32::INFINITY), 1.0);
+        assert_eq!(s.weight(1.0, f32::INFINITY), 0.0);
+        assert_eq!(WeightSpec::new(1.0, 0.0).floor, WEIGHT_CUTOFF);
+    }
+
+    #[test]
+    fn sums_are_per_chunk_in_id_order() {
+        let row: Vec<f32> = (0..37).map(|i| -(i as f32) * 0.25).collect();
+        let spec = WeightSpec::new(1.0, 0.0);
+        let sums = weight_sums(&row, 0.0, spec);
+        assert_eq!(sums.len(), 3);
+        let mut want = 0.0f32;
+        for &l in &row[16..32] {
+            want += spec.weight(l, 0.0);
+        }
+        assert_eq!(sums[1], want);
+    }
+}
