@@ -317,6 +317,11 @@ pub struct Sampler {
     penalized: Vec<f32>,
     weights: Vec<f32>,
     sums: Vec<f64>,
+    /// Whether the last top-p cut lay past the [`LIST_TOP_K`] best tokens. A reduced row then
+    /// costs more than the whole one (the best tokens, the sums, and the row after all), so the
+    /// next pick asks for the row; a cut among the best clears it. Either way the same token is
+    /// drawn: this only picks the faster path.
+    cut_past_best: bool,
 }
 
 /// The candidates of one pick, as every path computes them ([`WeightSpec`] at the row's
@@ -362,6 +367,7 @@ impl Sampler {
             penalized: Vec::new(),
             weights: Vec::new(),
             sums: Vec::new(),
+            cut_past_best: false,
         })
     }
 
@@ -424,7 +430,8 @@ impl Sampler {
     pub fn device_weights(&self) -> Option<DeviceWeights> {
         let p = &self.params;
         let whole_row = p.top_k == 0 || p.top_k >= self.vocab_limit;
-        (!self.penalized() && !p.is_greedy() && whole_row).then(|| DeviceWeights {
+        let cut_among_best = p.top_p >= 1.0 || !self.cut_past_best;
+        (!self.penalized() && !p.is_greedy() && whole_row && cut_among_best).then(|| DeviceWeights {
             spec: WeightSpec::new(p.temperature, p.min_p),
             // Top-p looks for its cut among the best tokens; the draw needs only the maximum.
             top: if p.top_p < 1.0 { LIST_TOP_K } else { 1 },
@@ -470,6 +477,7 @@ impl Sampler {
             let best: Vec<(u32, f32)> =
                 top.iter().take(LIST_TOP_K).take_while(|c| scale.is_candidate(c.1)).copied().collect();
             if let Some(cut) = ranked_cut(scale, &best, 0.0, target) {
+                self.cut_past_best = false;
                 return self.draw_kept(scale, &best[..=cut]);
             }
             if best.len() == LIST_TOP_K {
@@ -597,7 +605,9 @@ impl Sampler {
             let target = f64::from(self.params.top_p) * total(sums.iter().copied());
             // Usually the cut lies among the first few ranked tokens: draw from those alone.
             let best = best_candidates(scale, row, LIST_TOP_K);
-            if let Some(cut) = ranked_cut(scale, &best, 0.0, target) {
+            let cut = ranked_cut(scale, &best, 0.0, target);
+            self.cut_past_best = cut.is_none() && best.len() == LIST_TOP_K;
+            if let Some(cut) = cut {
                 self.weights = weights;
                 self.sums = sums;
                 return self.draw_kept(scale, &best[..=cut]);
@@ -1102,7 +1112,7 @@ mod tests {
     /// reduced path takes; and it is refused for the settings it cannot serve.
     #[test]
     fn a_reduced_row_draws_what_the_whole_row_draws() {
-        let mut checked = 0;
+        let (mut checked, mut reduced_picks) = (0, 0);
         for (name, row) in test_rows() {
             for temperature in [0.0, 0.3, 1.0, 2.5] {
                 for top_k in [0, 5, 300] {
@@ -1110,20 +1120,29 @@ mod tests {
                         let p = filters(temperature, top_k, top_p, min_p, 7);
                         let mut whole = Sampler::new(p.clone(), row.len()).unwrap();
                         let mut reduced = Sampler::new(p.clone(), row.len()).unwrap();
-                        // As the engine asks a model: the k a top-k pick needs, or what a
-                        // whole-row pick does.
-                        let want = reduced.device_weights();
-                        let k = reduced.device_top_k().map(|t| t.0).or(want.map(|w| w.top));
-                        let servable = k.is_some();
-                        let spec = want.map(|w| w.spec);
-                        let host = fp4moe_models::HostRow::new(row.clone(), k.unwrap_or(LIST_TOP_K), spec);
                         for draw in 0..8 {
                             let want = whole.sample(&row).unwrap();
-                            let got = reduced.sample_reduced(&host);
-                            if !servable {
-                                assert!(got.is_err(), "{name}: k {top_k} served without its row");
-                                continue;
-                            }
+                            // As the engine asks a model: the k a top-k pick needs, or what a
+                            // whole-row pick does; else (top-k past 64, or a top-p cut past the
+                            // best last time) the whole row.
+                            let dw = reduced.device_weights();
+                            let k = reduced.device_top_k().map(|t| t.0).or(dw.map(|w| w.top));
+                            let host = fp4moe_models::HostRow::new(
+                                row.clone(),
+                                k.unwrap_or(LIST_TOP_K),
+                                dw.map(|w| w.spec),
+                            );
+                            let got = match k {
+                                Some(_) => reduced.sample_reduced(&host),
+                                None => {
+                                    assert!(
+                                        reduced.sample_reduced(&host).is_err(),
+                                        "{name}: served without its row"
+                                    );
+                                    reduced.sample(&row)
+                                }
+                            };
+                            reduced_picks += usize::from(k.is_some());
                             assert_eq!(
                                 got.unwrap(),
                                 want,
@@ -1135,7 +1154,7 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 500);
+        assert!(checked > 1500 && reduced_picks > 1000, "{checked} picks, {reduced_picks} reduced");
     }
 
     #[test]
