@@ -59,9 +59,10 @@ pub struct Args {
     #[arg(long)]
     pub profile: bool,
 
-    /// Sampling temperature of the decode steps (0 = greedy). A setting the device cannot
-    /// reduce to its top 64 (temperature or top-p without top-k) downloads each step's logits
-    /// row and samples it on the host, over the whole vocabulary, as the engine does.
+    /// Sampling temperature of the decode steps (0 = greedy). Steps are picked as the engine
+    /// picks them: from the device's top k (greedy, top-k up to 64), through weight sums made on
+    /// the device (temperature, top-p, min-p without top-k, on a backend that makes them), or
+    /// from the whole logits row sampled on the host.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
 
@@ -72,6 +73,10 @@ pub struct Args {
     /// Top-p of the decode steps' sampling (1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+
+    /// Min-p of the decode steps' sampling (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
 
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
@@ -346,7 +351,7 @@ fn sampling_name(p: &SamplingParams, reduces: bool) -> String {
     if p.is_greedy() {
         return format!("greedy, {place}");
     }
-    format!("temperature {}, top-k {}, top-p {}, {place}", p.temperature, p.top_k, p.top_p)
+    format!("temperature {}, top-k {}, top-p {}, min-p {}, {place}", p.temperature, p.top_k, p.top_p, p.min_p)
 }
 
 fn time_model(
@@ -486,6 +491,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
+        min_p: args.min_p,
         seed: Some(SAMPLING_SEED),
         ..SamplingParams::default()
     };
