@@ -226,6 +226,44 @@ pub fn check_paths(model: &dyn LanguageModel, fixture: &str) -> Result<f64, Stri
             (a.len(), b.len())
         ));
     }
+
+    // The batch's last tokens again through forward_reduced, sequence a with weight sums and b
+    // without (rows of one batch reduced apart): each row's best 5, a's sums and a chunk of b's
+    // logits are those of the batched step above.
+    let mut sa = model.new_sequence(a.len()).map_err(|e| e.to_string())?;
+    let mut sb = model.new_sequence(b.len()).map_err(|e| e.to_string())?;
+    e(model.forward(&mut [(&mut sa, &a[..na]), (&mut sb, &b[..nb])], false))?;
+    let spec = fp4moe_ops::sampling::WeightSpec::new(1.5, 0.0);
+    let k = 5.min(vocab);
+    let rows = model
+        .forward_reduced(&mut [(&mut sa, &a[na..]), (&mut sb, &b[nb..])], k, vocab, &[Some(spec), None])
+        .map_err(|e| e.to_string())?;
+    for (name, (got, (row, spec))) in
+        ["a", "b"].iter().zip(rows.iter().zip([(&step[0], Some(spec)), (&step[1], None)]))
+    {
+        let host = crate::HostRow::new(row.clone(), k, spec);
+        let mismatch = |what: &str| Err(format!("{fixture}: batched reduced step, seq {name}: {what}"));
+        let near = |g: f32, w: f32| (g - w).abs() <= 1e-5 * w.abs().max(1.0);
+        if got.top().len() != k
+            || !got.top().iter().zip(host.top()).all(|(g, w)| g.0 == w.0 && near(g.1, w.1))
+        {
+            return mismatch(&format!("top {:?}, want {:?}", got.top(), host.top()));
+        }
+        match (got.weight_sums(), host.weight_sums()) {
+            (Some(g), Some(w)) => {
+                let total: f32 = w.iter().sum();
+                if g.len() != w.len() || g.iter().zip(w).any(|(&g, &w)| (g - w).abs() > 1e-4 * total) {
+                    return mismatch("weight sums");
+                }
+            }
+            (None, None) => {}
+            _ => return mismatch("weight sums where none were asked for, or none where they were"),
+        }
+        let chunk = got.logits(vocab / 2, 16.min(vocab - vocab / 2)).map_err(|e| e.to_string())?;
+        if !chunk.iter().zip(&row[vocab / 2..]).all(|(&g, &w)| near(g, w)) {
+            return mismatch("logits chunk");
+        }
+    }
     Ok(worst)
 }
 
