@@ -206,6 +206,10 @@ pub const MAX_DEVICE_TOP_K: usize = 64;
 /// confident model puts nearly all its mass in a handful of tokens.
 const LIST_TOP_K: usize = 64;
 
+/// Whole-row picks a sampler makes after a top-p cut past the best tokens before it asks for a
+/// reduced row again (rows whose cuts alternate would otherwise pay for both paths).
+const WHOLE_ROW_BACKOFF: u32 = 8;
+
 /// Buckets of scaled logit, over the candidates' range, for finding a top-p cut past the first
 /// [`LIST_TOP_K`] tokens in one pass.
 const TOP_P_BUCKETS: usize = 2048;
@@ -317,11 +321,12 @@ pub struct Sampler {
     penalized: Vec<f32>,
     weights: Vec<f32>,
     sums: Vec<f64>,
-    /// Whether the last top-p cut lay past the [`LIST_TOP_K`] best tokens. A reduced row then
-    /// costs more than the whole one (the best tokens, the sums, and the row after all), so the
-    /// next pick asks for the row; a cut among the best clears it. Either way the same token is
-    /// drawn: this only picks the faster path.
-    cut_past_best: bool,
+    /// Whole-row picks to make before a top-p pick tries a reduced row again. A cut past the
+    /// [`LIST_TOP_K`] best tokens makes a reduced row cost more than the whole one (the best
+    /// tokens, the sums, and the row after all), so one sets this to [`WHOLE_ROW_BACKOFF`] and
+    /// each later whole-row pick whose cut lies among the best counts it down. Either way the
+    /// same token is drawn: this only picks the faster path.
+    whole_row_picks: u32,
 }
 
 /// The candidates of one pick, as every path computes them ([`WeightSpec`] at the row's
@@ -367,7 +372,7 @@ impl Sampler {
             penalized: Vec::new(),
             weights: Vec::new(),
             sums: Vec::new(),
-            cut_past_best: false,
+            whole_row_picks: 0,
         })
     }
 
@@ -430,7 +435,7 @@ impl Sampler {
     pub fn device_weights(&self) -> Option<DeviceWeights> {
         let p = &self.params;
         let whole_row = p.top_k == 0 || p.top_k >= self.vocab_limit;
-        let cut_among_best = p.top_p >= 1.0 || !self.cut_past_best;
+        let cut_among_best = p.top_p >= 1.0 || self.whole_row_picks == 0;
         (!self.penalized() && !p.is_greedy() && whole_row && cut_among_best).then(|| DeviceWeights {
             spec: WeightSpec::new(p.temperature, p.min_p),
             // Top-p looks for its cut among the best tokens; the draw needs only the maximum.
@@ -477,7 +482,6 @@ impl Sampler {
             let best: Vec<(u32, f32)> =
                 top.iter().take(LIST_TOP_K).take_while(|c| scale.is_candidate(c.1)).copied().collect();
             if let Some(cut) = ranked_cut(scale, &best, 0.0, target) {
-                self.cut_past_best = false;
                 return self.draw_kept(scale, &best[..=cut]);
             }
             if best.len() == LIST_TOP_K {
@@ -606,7 +610,11 @@ impl Sampler {
             // Usually the cut lies among the first few ranked tokens: draw from those alone.
             let best = best_candidates(scale, row, LIST_TOP_K);
             let cut = ranked_cut(scale, &best, 0.0, target);
-            self.cut_past_best = cut.is_none() && best.len() == LIST_TOP_K;
+            self.whole_row_picks = if cut.is_none() && best.len() == LIST_TOP_K {
+                WHOLE_ROW_BACKOFF
+            } else {
+                self.whole_row_picks.saturating_sub(1)
+            };
             if let Some(cut) = cut {
                 self.weights = weights;
                 self.sums = sums;
