@@ -24,7 +24,7 @@ pub use generate::{
     DEFAULT_PREFILL_CHUNK, FinishReason, Generation, Generator, Request, SequenceState, Stats, Step,
     context_limit, forward_batch,
 };
-pub use sampling::{DeviceWeights, Sampler, SamplingParams};
+pub use sampling::{DeviceWeights, PickPaths, Sampler, SamplingParams};
 pub use stop::StopStrings;
 pub use template::{ChatTemplate, Message, RenderOptions};
 pub use tokenizer::{StreamDecoder, Tokenizer};

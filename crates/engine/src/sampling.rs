@@ -327,6 +327,20 @@ pub struct Sampler {
     /// each later whole-row pick whose cut lies among the best counts it down. Either way the
     /// same token is drawn: this only picks the faster path.
     whole_row_picks: u32,
+    paths: PickPaths,
+}
+
+/// How a sampler's picks were made, counted (benchmarks report it: the paths differ in cost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PickPaths {
+    /// From the best k logits reduced on the device ([`Sampler::sample_top`]).
+    pub top_k: u64,
+    /// Through weight sums made on the device ([`Sampler::sample_reduced`]).
+    pub weight_sums: u64,
+    /// The same, whose top-p cut lay past the best logits, so the row was read after all.
+    pub weight_sums_then_row: u64,
+    /// From the whole row on the host ([`Sampler::sample`]).
+    pub whole_row: u64,
 }
 
 /// The candidates of one pick, as every path computes them ([`WeightSpec`] at the row's
@@ -373,11 +387,17 @@ impl Sampler {
             weights: Vec::new(),
             sums: Vec::new(),
             whole_row_picks: 0,
+            paths: PickPaths::default(),
         })
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// How the picks so far were made.
+    pub fn paths(&self) -> PickPaths {
+        self.paths
     }
 
     /// The seed in use (the one asked for, or the one drawn from the clock).
@@ -407,6 +427,7 @@ impl Sampler {
     /// [`Sampler::device_top_k`] largest `(id, logit)`, most likely first (ties to the lower id,
     /// NaN ranked last). The same pick as from the whole row.
     pub fn sample_top(&mut self, top: &[(u32, f32)]) -> Result<u32> {
+        self.paths.top_k += 1;
         let Some((k, limit)) = self.device_top_k() else {
             return Err(Error::InvalidSampling("a top-k pick for a sampler that needs every logit".into()));
         };
@@ -482,13 +503,16 @@ impl Sampler {
             let best: Vec<(u32, f32)> =
                 top.iter().take(LIST_TOP_K).take_while(|c| scale.is_candidate(c.1)).copied().collect();
             if let Some(cut) = ranked_cut(scale, &best, 0.0, target) {
+                self.paths.weight_sums += 1;
                 return self.draw_kept(scale, &best[..=cut]);
             }
             if best.len() == LIST_TOP_K {
+                self.paths.weight_sums_then_row += 1;
                 let logits = row.logits(0, n).map_err(|e| Error::Model(e.to_string()))?;
                 return self.sample_row(&logits);
             }
         }
+        self.paths.weight_sums += 1;
         let u = self.rng.next_f64() * total;
         let (c, u) = land(u, sums.iter().map(|&s| f64::from(s)).enumerate())
             .ok_or_else(|| Error::BadLogits("no token has a weight above 0".into()))?;
@@ -521,6 +545,7 @@ impl Sampler {
     /// shortest ranked prefix whose weights reach top-p x their sum; one uniform draw then
     /// walks the kept tokens in id order (weights summed per 16 consecutive ids, then in order).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        self.paths.whole_row += 1;
         let n = logits.len().min(self.vocab_limit);
         if n == 0 {
             return Err(Error::BadLogits("empty logits".into()));

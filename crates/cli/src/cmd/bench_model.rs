@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
-use fp4moe_engine::{Sampler, SamplingParams};
+use fp4moe_engine::{PickPaths, Sampler, SamplingParams};
 use fp4moe_models::{Arch, LanguageModel, glm4_moe_lite, qwen3_moe};
 use fp4moe_ops::profile::{OpStats, Profiled};
 use fp4moe_ops::{Backend, DType};
@@ -328,6 +328,8 @@ struct Timings {
     graph_replays: u64,
     /// The untimed first decode steps (op by op, then recording).
     first_steps_ms: Vec<f64>,
+    /// How the timed decode steps' tokens were picked.
+    decode_picks: PickPaths,
     prefill_ops: Option<OpStats>,
     decode_ops: Option<OpStats>,
     prefill_kernels: Option<OpStats>,
@@ -378,23 +380,25 @@ fn time_model(
     // Over the whole vocabulary, so the routing follows the model's own output. A pick is
     // reduced on the device where the sampler allows it (greedy by default), as the engine does.
     let mut sampler = Sampler::new(sampling, info.vocab_size)?;
-    let mut forward = |seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
-        if let (true, Some(w)) = (model.reduces_weights_on_device(), sampler.device_weights()) {
-            let rows = model.forward_reduced(&mut [(seq, tokens)], w.top, w.vocab_limit, &[Some(w.spec)])?;
-            let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no row"))?;
-            return Ok(sampler.sample_reduced(&**row)?);
-        }
-        let Some((k, limit)) = sampler.device_top_k() else {
-            let rows = model.forward(&mut [(seq, tokens)], false)?;
-            let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no logits"))?;
-            return Ok(sampler.sample(row)?);
+    let forward =
+        |sampler: &mut Sampler, seq: &mut fp4moe_models::Sequence, tokens: &[u32]| -> anyhow::Result<u32> {
+            if let (true, Some(w)) = (model.reduces_weights_on_device(), sampler.device_weights()) {
+                let rows =
+                    model.forward_reduced(&mut [(seq, tokens)], w.top, w.vocab_limit, &[Some(w.spec)])?;
+                let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no row"))?;
+                return Ok(sampler.sample_reduced(&**row)?);
+            }
+            let Some((k, limit)) = sampler.device_top_k() else {
+                let rows = model.forward(&mut [(seq, tokens)], false)?;
+                let row = rows.first().ok_or_else(|| anyhow::anyhow!("forward returned no logits"))?;
+                return Ok(sampler.sample(row)?);
+            };
+            let picks = model.forward_top_k(&mut [(seq, tokens)], k, limit)?;
+            let top = picks.first().ok_or_else(|| anyhow::anyhow!("forward returned no pick"))?;
+            Ok(sampler.sample_top(top)?)
         };
-        let picks = model.forward_top_k(&mut [(seq, tokens)], k, limit)?;
-        let top = picks.first().ok_or_else(|| anyhow::anyhow!("forward returned no pick"))?;
-        Ok(sampler.sample_top(top)?)
-    };
     let start = Instant::now();
-    let mut next = forward(&mut seq, &prompt[..])?;
+    let mut next = forward(&mut sampler, &mut seq, &prompt[..])?;
     let prefill_s = start.elapsed().as_secs_f64();
     let prefill_ops = take(stats);
     let prefill_kernels = take(kernels);
@@ -403,7 +407,7 @@ fn time_model(
     let mut first_steps_ms = Vec::new();
     for _ in 0..FIRST_DECODE_STEPS {
         let start = Instant::now();
-        next = forward(&mut seq, &[next])?;
+        next = forward(&mut sampler, &mut seq, &[next])?;
         first_steps_ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
     take(stats);
@@ -411,13 +415,22 @@ fn time_model(
     let replays = fp4moe_models::decode_graph_replays();
     let waited = || waits.as_ref().map(|w| w.load(Ordering::Relaxed));
     let waited0 = waited();
+    let paths0 = sampler.paths();
     let start = Instant::now();
     for _ in 0..decode {
-        next = forward(&mut seq, &[next])?;
+        next = forward(&mut sampler, &mut seq, &[next])?;
     }
     let decode_s = start.elapsed().as_secs_f64();
     let decode_wait_s = waited().zip(waited0).map(|(b, a)| (b - a) as f64 * 1e-9);
+    let p = sampler.paths();
+    let decode_picks = PickPaths {
+        top_k: p.top_k - paths0.top_k,
+        weight_sums: p.weight_sums - paths0.weight_sums,
+        weight_sums_then_row: p.weight_sums_then_row - paths0.weight_sums_then_row,
+        whole_row: p.whole_row - paths0.whole_row,
+    };
     Ok(Timings {
+        decode_picks,
         decode_wait_s,
         prefill_s,
         decode_s,
@@ -536,6 +549,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         t.decode_s,
         sampling_name(&sampling, model.reduces_weights_on_device())
     );
+    let pk = t.decode_picks;
+    if pk.weight_sums + pk.weight_sums_then_row > 0 {
+        // A top-p cut past the device's best logits reads the whole row after all.
+        println!(
+            "decode picks     {} through weight sums, {} of them then the whole row; {} from the whole row",
+            pk.weight_sums + pk.weight_sums_then_row,
+            pk.weight_sums_then_row,
+            pk.whole_row
+        );
+    }
     if let Some(w) = t.decode_wait_s {
         // Near zero: the host's recording (or its sampling) bounds the step, not the device.
         println!(
@@ -581,6 +604,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "backend": format!("{:?}", args.backend).to_lowercase(),
             "decode_tok_s": decode_tok_s,
             "decode_sampling": sampling_name(&sampling, model.reduces_weights_on_device()),
+            "decode_picks": t.decode_picks,
             "decode_graph_replays": t.graph_replays,
             "decode_host_wait_ms_per_step": t.decode_wait_s.map(|w| w * 1e3 / t.decode_steps as f64),
             "first_decode_steps_ms": t.first_steps_ms,
