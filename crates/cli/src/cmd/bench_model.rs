@@ -550,7 +550,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sampling_name(&sampling, model.reduces_weights_on_device())
     );
     let pk = t.decode_picks;
-    if pk.weight_sums + pk.weight_sums_then_row > 0 {
+    if pk.weight_sums + pk.weight_sums_then_row + pk.whole_row > 0 {
         // A top-p cut past the device's best logits reads the whole row after all.
         println!(
             "decode picks     {} through weight sums, {} of them then the whole row; {} from the whole row",
