@@ -15,6 +15,8 @@
 //! variant, each tile size, each MoE path — explicitly, and requires agreement with the twin.
 //! A backend's `Auto` dispatch may only pick among the paths it lists; it has no private path.
 //! [`check`] holds the ops' shape rules, which every backend validates its inputs with.
+//! [`sampling`] is the one definition of a sampling weight, which the engine's sampler draws
+//! with and [`Backend::weight_sums`] sums where the logits are (bit for bit the same).
 //! [`profile::Profiled`] wraps any backend and times its ops by kind (`fp4moe bench model --profile`).
 
 pub mod check;
