@@ -346,22 +346,7 @@ pub fn forward_batch(
         let k = tops.iter().flatten().map(|&(k, _)| k).max().unwrap_or(1);
         let picks = model.forward_top_k(&mut batch, k, *limit).map_err(|e| Error::Model(e.to_string()))?;
         drop(batch);
-        if picks.len() != tops.len() {
-            return Err(Error::BadLogits(format!(
-                "forward returned {} rows for a batch of {}",
-                picks.len(),
-                tops.len()
-            )));
-        }
-        let mut picks = picks.into_iter();
-        return states
-            .iter_mut()
-            .zip(fed)
-            .map(|(state, n)| match n {
-                Some(n) => state.after_forward_top(n, &picks.next().expect("count checked above")),
-                None => Ok(None),
-            })
-            .collect();
+        return step_each(states, &fed, picks, |state, n, top| state.after_forward_top(n, &top));
     }
     // When every sequence fed either needs its best logits or draws from its whole row without
     // penalties, and the model sums weights on the device, the row stays there.
@@ -384,50 +369,46 @@ pub fn forward_batch(
         let rows =
             model.forward_reduced(&mut batch, k, *limit, &specs).map_err(|e| Error::Model(e.to_string()))?;
         drop(batch);
-        if rows.len() != specs.len() {
-            return Err(Error::BadLogits(format!(
-                "forward returned {} rows for a batch of {}",
-                rows.len(),
-                specs.len()
-            )));
-        }
-        let mut rows = rows.iter();
-        return states
-            .iter_mut()
-            .zip(fed)
-            .map(|(state, n)| match n {
-                Some(n) => state.after_forward_reduced(n, &**rows.next().expect("count checked above")),
-                None => Ok(None),
-            })
-            .collect();
+        return step_each(states, &fed, rows, |state, n, row| state.after_forward_reduced(n, &*row));
     }
     let logits = model.forward(&mut batch, false).map_err(|e| Error::Model(e.to_string()))?;
     drop(batch);
-    if logits.len() != fed.iter().flatten().count() {
-        return Err(Error::BadLogits(format!(
-            "forward returned {} rows for a batch of {}",
-            logits.len(),
-            fed.iter().flatten().count()
-        )));
-    }
     let vocab = model.info().vocab_size;
-    let mut rows = logits.into_iter();
-    let mut steps = Vec::with_capacity(states.len());
-    for (state, n) in states.iter_mut().zip(fed) {
-        let Some(n) = n else {
-            steps.push(None);
-            continue;
-        };
-        let row = rows.next().expect("row count checked above");
+    step_each(states, &fed, logits, |state, n, row| {
         if row.len() != vocab {
             return Err(Error::BadLogits(format!(
                 "a logits row has {} entries, expected {vocab}",
                 row.len()
             )));
         }
-        steps.push(state.after_forward(n, &row)?);
+        state.after_forward(n, &row)
+    })
+}
+
+/// Steps each state that was fed (`fed[i]`: the tokens it consumed) with its result of the
+/// forward, in order; `None` for the others.
+fn step_each<R>(
+    states: &mut [&mut SequenceState],
+    fed: &[Option<usize>],
+    results: Vec<R>,
+    mut step: impl FnMut(&mut SequenceState, usize, R) -> Result<Option<Step>>,
+) -> Result<Vec<Option<Step>>> {
+    let want = fed.iter().flatten().count();
+    if results.len() != want {
+        return Err(Error::BadLogits(format!(
+            "forward returned {} rows for a batch of {want}",
+            results.len()
+        )));
     }
-    Ok(steps)
+    let mut results = results.into_iter();
+    states
+        .iter_mut()
+        .zip(fed)
+        .map(|(state, n)| match n {
+            Some(n) => step(state, *n, results.next().expect("count checked above")),
+            None => Ok(None),
+        })
+        .collect()
 }
 
 /// Timing of one generation.
@@ -674,15 +655,7 @@ pub(crate) mod tests {
             specs: &[Option<fp4moe_ops::sampling::WeightSpec>],
         ) -> fp4moe_models::Result<Vec<Box<dyn ReducedRow + '_>>> {
             *self.reduced_calls.lock().unwrap() += 1;
-            let rows = self.forward(batch, false)?;
-            Ok(rows
-                .into_iter()
-                .zip(specs)
-                .map(|(mut row, spec)| {
-                    row.truncate(vocab_limit);
-                    Box::new(fp4moe_models::HostRow::new(row, k, *spec)) as Box<dyn ReducedRow>
-                })
-                .collect())
+            Ok(fp4moe_models::HostRow::reduce_all(self.forward(batch, false)?, k, vocab_limit, specs))
         }
 
         fn reduces_weights_on_device(&self) -> bool {

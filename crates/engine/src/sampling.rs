@@ -214,6 +214,19 @@ const WHOLE_ROW_BACKOFF: u32 = 8;
 /// [`LIST_TOP_K`] tokens in one pass.
 const TOP_P_BUCKETS: usize = 2048;
 
+/// The largest logit of a row's best `(id, logit)` pairs (most likely first), checked: every id
+/// below `limit`, and a number to pick (not NaN or -inf only).
+fn top_max(top: &[(u32, f32)], limit: usize) -> Result<f32> {
+    if let Some(&(id, _)) = top.iter().find(|(id, _)| *id as usize >= limit) {
+        return Err(Error::BadLogits(format!("best logit {id} past the vocabulary ({limit})")));
+    }
+    let max = top.first().map_or(f32::NEG_INFINITY, |&(_, l)| if l.is_nan() { f32::NEG_INFINITY } else { l });
+    if max == f32::NEG_INFINITY {
+        return Err(Error::BadLogits("every logit is NaN or -inf".into()));
+    }
+    Ok(max)
+}
+
 /// The largest value of `row` (NaN never wins; -inf for an empty row or one without numbers),
 /// over eight lanes so the compiler vectorizes it.
 fn row_max(row: &[f32]) -> f32 {
@@ -432,14 +445,7 @@ impl Sampler {
             return Err(Error::InvalidSampling("a top-k pick for a sampler that needs every logit".into()));
         };
         let top = &top[..k.min(top.len())];
-        if let Some(&(id, _)) = top.iter().find(|(id, _)| *id as usize >= limit) {
-            return Err(Error::BadLogits(format!("top-k pick {id} past the vocabulary ({limit})")));
-        }
-        let max =
-            top.first().map_or(f32::NEG_INFINITY, |&(_, l)| if l.is_nan() { f32::NEG_INFINITY } else { l });
-        if max == f32::NEG_INFINITY {
-            return Err(Error::BadLogits("every logit is NaN or -inf".into()));
-        }
+        let max = top_max(top, limit)?;
         if self.params.is_greedy() {
             return Ok(top[0].0);
         }
@@ -486,14 +492,7 @@ impl Sampler {
                 top.len()
             )));
         }
-        if let Some(&(id, _)) = top.iter().find(|(id, _)| *id as usize >= n) {
-            return Err(Error::BadLogits(format!("best logit {id} past the row ({n})")));
-        }
-        let max =
-            top.first().map_or(f32::NEG_INFINITY, |&(_, l)| if l.is_nan() { f32::NEG_INFINITY } else { l });
-        if max == f32::NEG_INFINITY {
-            return Err(Error::BadLogits("every logit is NaN or -inf".into()));
-        }
+        let max = top_max(top, n)?;
         let scale = Scale::new(max, &self.params);
         let total = total(sums.iter().map(|&s| f64::from(s)));
         if self.params.top_p < 1.0 {

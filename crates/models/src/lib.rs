@@ -108,15 +108,7 @@ pub trait LanguageModel: Send + Sync {
         specs: &[Option<WeightSpec>],
     ) -> Result<Vec<Box<dyn ReducedRow + '_>>> {
         check_reduced(batch.len(), k, vocab_limit, specs)?;
-        let rows = self.forward(batch, false)?;
-        Ok(rows
-            .into_iter()
-            .zip(specs)
-            .map(|(mut row, spec)| {
-                row.truncate(vocab_limit);
-                Box::new(HostRow::new(row, k, *spec)) as Box<dyn ReducedRow>
-            })
-            .collect())
+        Ok(HostRow::reduce_all(self.forward(batch, false)?, k, vocab_limit, specs))
     }
     /// Whether [`LanguageModel::forward_reduced`] sums weights on the device (its backend's
     /// [`Backend::device_weight_sums`]), so that a sampler gains by asking for them instead of
@@ -160,6 +152,24 @@ impl HostRow {
         let max = top.first().map_or(f32::NEG_INFINITY, |t| t.1);
         let sums = spec.map(|s| fp4moe_ops::sampling::weight_sums(&row, max, s));
         Self { row, top, sums }
+    }
+}
+
+impl HostRow {
+    /// Rows downloaded by a forward, each cut to `vocab_limit` and reduced with its spec.
+    pub fn reduce_all(
+        rows: Vec<Vec<f32>>,
+        k: usize,
+        vocab_limit: usize,
+        specs: &[Option<WeightSpec>],
+    ) -> Vec<Box<dyn ReducedRow>> {
+        rows.into_iter()
+            .zip(specs)
+            .map(|(mut row, spec)| {
+                row.truncate(vocab_limit);
+                Box::new(HostRow::new(row, k, *spec)) as Box<dyn ReducedRow>
+            })
+            .collect()
     }
 }
 
