@@ -232,38 +232,33 @@ impl SequenceState {
     /// Records that a forward appended `consumed` tokens (the whole [`Self::next_input`]) and
     /// produced `logits` for the last of them. Returns the sampled step once the prompt is done.
     pub fn after_forward(&mut self, consumed: usize, logits: &[f32]) -> Result<Option<Step>> {
-        self.fed += consumed;
-        if self.is_prefilling() { Ok(None) } else { self.step(logits).map(Some) }
-    }
-
-    /// Samples the next token from `logits` and advances the output and stop conditions.
-    pub fn step(&mut self, logits: &[f32]) -> Result<Step> {
-        self.check_running()?;
-        let token = self.sampler.sample(logits)?;
-        self.push(token)
+        self.after_forward_with(consumed, |s| s.sample(logits))
     }
 
     /// [`Self::after_forward`] for a forward reduced to the best logits `top`, most likely
     /// first ([`LanguageModel::forward_top_k`]; see [`Sampler::device_top_k`]).
     pub fn after_forward_top(&mut self, consumed: usize, top: &[(u32, f32)]) -> Result<Option<Step>> {
-        self.fed += consumed;
-        if self.is_prefilling() {
-            return Ok(None);
-        }
-        self.check_running()?;
-        let token = self.sampler.sample_top(top)?;
-        self.push(token).map(Some)
+        self.after_forward_with(consumed, |s| s.sample_top(top))
     }
 
     /// [`Self::after_forward`] for a forward that left the row on the device
     /// ([`LanguageModel::forward_reduced`]; see [`Sampler::sample_reduced`]).
     pub fn after_forward_reduced(&mut self, consumed: usize, row: &dyn ReducedRow) -> Result<Option<Step>> {
+        self.after_forward_with(consumed, |s| s.sample_reduced(row))
+    }
+
+    /// The `after_forward` steps with the sampler's pick `pick`, made once the prompt is done.
+    fn after_forward_with(
+        &mut self,
+        consumed: usize,
+        pick: impl FnOnce(&mut Sampler) -> Result<u32>,
+    ) -> Result<Option<Step>> {
         self.fed += consumed;
         if self.is_prefilling() {
             return Ok(None);
         }
         self.check_running()?;
-        let token = self.sampler.sample_reduced(row)?;
+        let token = pick(&mut self.sampler)?;
         self.push(token).map(Some)
     }
 
