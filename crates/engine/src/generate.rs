@@ -10,7 +10,9 @@
 //! ```
 //! [`forward_batch`] does one such round for any number of sequences with one model call:
 //! `forward_top_k` → `after_forward_top` when every sampler needs only the best logits (greedy,
-//! top-k ≤ 64 without penalties: the model reduces them on the device), else `forward`;
+//! top-k ≤ 64 without penalties: the model reduces them on the device); else `forward_reduced`
+//! → `after_forward_reduced` when the rest draw from the whole row without penalties and the
+//! model sums their weights on the device (the row stays there); else `forward`;
 //! [`Generator`] drives one sequence to completion with streaming callbacks and timing.
 
 use std::ops::ControlFlow;
