@@ -322,22 +322,24 @@ pub(crate) fn forward_reduced<'a, B: Backend + 'a, M: Stack<B>>(
         let (vals, ids) = b.top_k(&logits, k)?;
         // Rows may differ in temperature: one call per row that asks (a batch-1 step is the row).
         let one = |t: &T<B>, r: usize| if n == 1 { Ok(t.clone()) } else { b.slice_rows(t, r, 1) };
+        let row_logits = (0..n).map(|r| one(&logits, r)).collect::<std::result::Result<Vec<_>, _>>()?;
         let sums = specs
             .iter()
+            .zip(&row_logits)
             .enumerate()
-            .map(|(r, spec)| spec.map(|s| b.weight_sums(&one(&logits, r)?, &one(&vals, r)?, s)).transpose())
+            .map(|(r, (spec, row))| spec.map(|s| b.weight_sums(row, &one(&vals, r)?, s)).transpose())
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let ids = b.download(&ids)?.into_u32()?;
         let vals = b.download(&vals)?.into_f32()?;
         let mut rows: Vec<Box<dyn ReducedRow + 'a>> = Vec::with_capacity(n);
-        for (r, s) in sums.into_iter().enumerate() {
+        for (r, (s, logits)) in sums.into_iter().zip(row_logits).enumerate() {
             let top = ids[r * k..(r + 1) * k]
                 .iter()
                 .copied()
                 .zip(vals[r * k..(r + 1) * k].iter().copied())
                 .collect();
             let sums = s.map(|s| b.download(&s)?.into_f32()).transpose()?;
-            rows.push(Box::new(DeviceRow { b, logits: one(&logits, r)?, len: limit, top, sums }));
+            rows.push(Box::new(DeviceRow { b, logits, len: limit, top, sums }));
         }
         Ok(rows)
     })
