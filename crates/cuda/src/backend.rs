@@ -690,27 +690,45 @@ impl CudaBackend {
             k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         }
         let a = self.gemm_operand(x, m, w.cols, w.kp, terms)?;
+        self.run_gemm(&k, bm, w, &a, &y, [m, w.rows], [w.kp, w.rows], GemmBatch::default(), 1)?;
+        Ok(y)
+    }
+
+    /// The plain FP4 GEMM `k` (bm-row tiles) on A terms `a` into `y`: `[m, n]` per batch slice
+    /// (`slices` of them), A and y rows `strides` = [A's, y's] elements apart.
+    #[allow(clippy::too_many_arguments)]
+    fn run_gemm(
+        &self,
+        k: &GemmKernel,
+        bm: usize,
+        w: &CudaWeight,
+        a: &[CT],
+        y: &CT,
+        [m, n]: [usize; 2],
+        [a_stride, out_stride]: [usize; 2],
+        batch: GemmBatch,
+        slices: usize,
+    ) -> Result<()> {
         let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
         let args = gemm_args(
             GemmPtrs { a: ptr(0), a_lo: ptr(1), a_lo2: ptr(2), out: y.storage.ptr(), ..Default::default() },
-            w.kp,
+            a_stride,
             1,
             m,
-            w.rows,
-            w.rows,
+            n,
+            out_stride,
             0,
             false,
-            GemmBatch::default(),
+            batch,
         );
         self.run_smem(
             "gemm.cu",
             k.name,
-            (blocks(w.rows, k.n_tile as u32), blocks(m, bm as u32), 1),
+            (blocks(n, k.n_tile as u32), blocks(m, bm as u32), slices as u32),
             GEMM_THREADS,
             k.smem,
             &[Arg::Raw(w.args()), Arg::Raw(args)],
-        )?;
-        Ok(y)
+        )
     }
 
     /// `head_linear` without transpose for many rows on the FP4 tensor-core GEMM, one grid
@@ -725,26 +743,8 @@ impl CudaBackend {
         let y = self.empty(&[m, heads, row_count], DType::F32)?;
         // Term rows are (token, head) pairs: token t of head z at row t * heads + z.
         let a = self.gemm_operand(x, m * heads, w.cols, w.kp, TERMS)?;
-        let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
-        let args = gemm_args(
-            GemmPtrs { a: ptr(0), a_lo: ptr(1), a_lo2: ptr(2), out: y.storage.ptr(), ..Default::default() },
-            heads * w.kp,
-            1,
-            m,
-            row_count,
-            heads * row_count,
-            0,
-            false,
-            GemmBatch { a_z: w.kp, out_z: row_count, w_z: rows_per_head, w_row0: row_start },
-        );
-        self.run_smem(
-            "gemm.cu",
-            k.name,
-            (blocks(row_count, k.n_tile as u32), blocks(m, bm as u32), heads as u32),
-            GEMM_THREADS,
-            k.smem,
-            &[Arg::Raw(w.args()), Arg::Raw(args)],
-        )?;
+        let batch = GemmBatch { a_z: w.kp, out_z: row_count, w_z: rows_per_head, w_row0: row_start };
+        self.run_gemm(&k, bm, w, &a, &y, [m, row_count], [heads * w.kp, heads * row_count], batch, heads)?;
         Ok(y)
     }
 
