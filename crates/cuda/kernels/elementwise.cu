@@ -460,6 +460,79 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     }
 }
 
+// Both stages for larger k (TOPK_SORT_FROM in src/backend.rs) sort their candidates at once
+// instead of taking k block-wide passes over them (each pass a block reduction). A candidate is one
+// u64 whose descending order is the ranking: the rank key's bits made monotone (-0 as +0, as
+// the float compare has it) above the complemented index (ties to the lower index); 0 is an
+// empty slot, below every candidate. `n`: the power of two of shared-memory slots.
+__device__ __forceinline__ unsigned long long topk_sort_key(float key, int i) {
+    const u32 b = __float_as_uint(key == 0.0f ? 0.0f : key);
+    const u32 ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)ord << 32) | (0xFFFFFFFFu - (u32)i);
+}
+
+// Bitonic sort of n (a power of two) keys in shared memory, descending: runs of `size`
+// alternate direction until the last merge. Every thread of the block takes part.
+__device__ __forceinline__ void topk_sort_desc(unsigned long long* keys, int n) {
+    for (int size = 2; size <= n; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+                const int i = 2 * t - (t & (stride - 1)), j = i + stride;
+                const unsigned long long a = keys[i], b = keys[j];
+                if ((a < b) == ((i & size) == 0)) {
+                    keys[i] = b;
+                    keys[j] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// top_k_part_f32 for larger k: the chunk's TOPK_CHUNK_SORT logits sorted at once (k block-wide
+// passes took most of the two launches' time at k = 64).
+#define TOPK_CHUNK_SORT (TOPK_THREADS * TOPK_REG)
+extern "C" __global__ void __launch_bounds__(1024)
+    top_k_part_sort_f32(const float* __restrict__ x, int v, int k, float* __restrict__ pk, int* __restrict__ pi) {
+    pdl_enter();
+    __shared__ unsigned long long keys[TOPK_CHUNK_SORT];
+    const float* xr = x + (size_t)blockIdx.y * v;
+    const int i0 = blockIdx.x * TOPK_CHUNK_SORT;
+    for (int c = threadIdx.x; c < TOPK_CHUNK_SORT; c += blockDim.x) {
+        const int i = i0 + c;
+        keys[c] = i < v ? topk_sort_key(rank_key(xr[i]), i) : 0ull;
+    }
+    topk_sort_desc(keys, TOPK_CHUNK_SORT);
+    const size_t out = ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * k;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        const unsigned long long key = keys[j];
+        const int i = (int)(0xFFFFFFFFu - (u32)key);
+        pk[out + j] = key == 0ull ? -__int_as_float(0x7f800000) : rank_key(xr[i]);
+        pi[out + j] = key == 0ull ? TOPK_NONE : i;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    top_k_final_sort_f32(const float* __restrict__ x, int v, const float* __restrict__ pk, const int* __restrict__ pi,
+                         int m, int k, int n, float* __restrict__ vals, u32* __restrict__ ids) {
+    pdl_enter();
+    extern __shared__ unsigned long long keys[];
+    const size_t r = blockIdx.x;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        const int ci = c < m ? pi[r * m + c] : TOPK_NONE;
+        keys[c] = ci == TOPK_NONE ? 0ull : topk_sort_key(pk[r * m + c], ci);
+    }
+    topk_sort_desc(keys, n);
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        // An empty slot is left only for a row of fewer than k values, which the host rejects.
+        const unsigned long long key = keys[j];
+        const int i = key == 0ull ? 0 : (int)(0xFFFFFFFFu - (u32)key);
+        ids[r * k + j] = (u32)i;
+        if (vals) vals[r * k + j] = x[r * v + i];
+    }
+}
+
 // One block per row (k past TOPK_MAX): the k best in the total order above, one pass per rank.
 // Pass j finds the best element ranked strictly after pass j-1's pick, so no membership set is
 // needed.

@@ -82,6 +82,12 @@ const SPLIT_ROPE_MAX_D: usize = 1024;
 const TOPK_THREADS: u32 = 256;
 const TOPK_CHUNK: usize = 2048;
 const TOPK_MAX: usize = 64;
+/// From this k both stages sort their candidates (top_k_part_sort_f32, top_k_final_sort_f32:
+/// blocks of TOPK_SORT_THREADS) instead of taking k passes over them, while the final stage's
+/// candidates fit TOPK_SORT_MAX_BYTES of shared memory (8 bytes per slot, a power of two).
+const TOPK_SORT_FROM: usize = 16;
+const TOPK_SORT_THREADS: u32 = 1024;
+const TOPK_SORT_MAX_BYTES: usize = 128 * 1024;
 /// Tensor-core decode (gemv.cu): weight rows per block (one m16n8k16 tile, TC_ROWS) and threads
 /// (TC_WARPS warps splitting K).
 const TC_ROWS: u32 = 16;
@@ -785,11 +791,15 @@ impl CudaBackend {
         let parts = v.div_ceil(TOPK_CHUNK);
         let pk = self.empty(&[rows, parts, k], DType::F32)?;
         let pi = self.empty(&[rows, parts, k], DType::U32)?;
+        let (m, slots) = (parts * k, (parts * k).next_power_of_two());
+        let sort = k >= TOPK_SORT_FROM && slots * 8 <= TOPK_SORT_MAX_BYTES;
+        let (part, threads) =
+            if sort { ("top_k_part_sort_f32", TOPK_SORT_THREADS) } else { ("top_k_part_f32", TOPK_THREADS) };
         self.run(
             "elementwise.cu",
-            "top_k_part_f32",
+            part,
             (parts as u32, rows as u32, 1),
-            TOPK_THREADS,
+            threads,
             &[
                 Arg::Ptr(x.storage.ptr()),
                 Arg::I32(v as i32),
@@ -798,21 +808,34 @@ impl CudaBackend {
                 Arg::Ptr(pi.storage.ptr()),
             ],
         )?;
+        let (x, pk, pi) = (Arg::Ptr(x.storage.ptr()), Arg::Ptr(pk.storage.ptr()), Arg::Ptr(pi.storage.ptr()));
+        let out = [Arg::Ptr(vals.map_or(0, |t| t.storage.ptr())), Arg::Ptr(ids.storage.ptr())];
+        if k >= TOPK_SORT_FROM && slots * 8 <= TOPK_SORT_MAX_BYTES {
+            let args = [
+                x,
+                Arg::I32(v as i32),
+                pk,
+                pi,
+                Arg::I32(m as i32),
+                Arg::I32(k as i32),
+                Arg::I32(slots as i32),
+            ];
+            return self.run_smem(
+                "elementwise.cu",
+                "top_k_final_sort_f32",
+                (rows as u32, 1, 1),
+                TOPK_SORT_THREADS,
+                (slots * 8) as u32,
+                &[&args[..], &out[..]].concat(),
+            );
+        }
+        let args = [x, Arg::I32(v as i32), pk, pi, Arg::I32(m as i32), Arg::I32(k as i32)];
         self.run(
             "elementwise.cu",
             "top_k_final_f32",
             (rows as u32, 1, 1),
             TOPK_THREADS,
-            &[
-                Arg::Ptr(x.storage.ptr()),
-                Arg::I32(v as i32),
-                Arg::Ptr(pk.storage.ptr()),
-                Arg::Ptr(pi.storage.ptr()),
-                Arg::I32((parts * k) as i32),
-                Arg::I32(k as i32),
-                Arg::Ptr(vals.map_or(0, |t| t.storage.ptr())),
-                Arg::Ptr(ids.storage.ptr()),
-            ],
+            &[&args[..], &out[..]].concat(),
         )
     }
 

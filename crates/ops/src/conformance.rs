@@ -1236,8 +1236,18 @@ pub fn check_route_sigmoid_grouped<B: Backend>(b: &B, seed: u64) -> Check {
 /// on rows with exact ties.
 pub fn check_argmax_top_k<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
-    for (n, v) in [(4usize, 151936usize), (4, 10), (3, 1)] {
+    for (n, v) in [(4usize, 151936usize), (4, 10), (3, 1), (2, 5000)] {
         let mut xs = cx.rng.normals(n * v, 3.0);
+        if v == 5000 {
+            // Row 0: its best are zeros of both signs (equal: the lower index first), the rest
+            // negative.
+            for x in &mut xs[..v] {
+                *x = -x.abs() - 1.0;
+            }
+            xs[4000] = -0.0;
+            xs[100] = 0.0;
+            xs[2500] = -0.0;
+        }
         if v >= 10 {
             // Row 1: ties everywhere.
             for (i, x) in xs[v..2 * v].iter_mut().enumerate() {
@@ -1274,8 +1284,8 @@ pub fn check_argmax_top_k<B: Backend>(b: &B, seed: u64) -> Check {
         let got = fetch_u(b, &b.argmax(&up(b, &xs, &shape).or_fail(&cx, &case)?).or_fail(&cx, &case)?)
             .or_fail(&cx, &case)?;
         exact_u(&cx, &case, &got, &want)?;
-        // k past 64 too: GPU backends run larger k on another kernel.
-        for k in [1, v.min(5), v.min(50), v.min(100)] {
+        // k past 64 too: GPU backends run larger k on another kernel, and k from 16 sort.
+        for k in [1, v.min(5), v.min(15), v.min(16), v.min(50), v.min(64), v.min(100)] {
             let case = format!("top_k {shape:?} k={k}");
             let (rv, ri) = RefBackend
                 .top_k(&up(&RefBackend, &xs, &shape).or_fail(&cx, &case)?, k)
