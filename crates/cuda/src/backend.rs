@@ -810,7 +810,7 @@ impl CudaBackend {
         )?;
         let (x, pk, pi) = (Arg::Ptr(x.storage.ptr()), Arg::Ptr(pk.storage.ptr()), Arg::Ptr(pi.storage.ptr()));
         let out = [Arg::Ptr(vals.map_or(0, |t| t.storage.ptr())), Arg::Ptr(ids.storage.ptr())];
-        if k >= TOPK_SORT_FROM && slots * 8 <= TOPK_SORT_MAX_BYTES {
+        if sort {
             let args = [
                 x,
                 Arg::I32(v as i32),
