@@ -12,6 +12,8 @@
 #   cargo build --release -p fp4moe-cuda --example bench_layers -> out/cuda/bench_layers
 # Optionally the compiled kernels too, so the call's first process skips NVRTC (~1 min):
 #   FP4MOE_CUDA_CACHE=out/cuda/cache target/release/examples/fill_cache sm_90a (needs NVRTC only)
+# The cubins compress ~12x: two builds' worth (an A/B) fits the carry limit only as
+# out/cuda/cache.txz (`tar cJf out/cuda/cache.txz -C out cuda/cache`), unpacked here.
 # Three separate commands: with `--example`, cargo builds only that example, so adding
 # `-p fp4moe` to the last one leaves a stale out/cuda/fp4moe (this voided four calls' A/Bs once).
 # Logs and JSON land in $OUT (at most 8 files come back). STAGES selects parts:
@@ -46,6 +48,8 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
+[ -f "$BIN/cache.txz" ] && [ ! -d "$BIN/cache" ] &&
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall("out")' "$BIN/cache.txz"
 [ -d "$BIN/cache" ] && export FP4MOE_CUDA_CACHE="$PWD/$BIN/cache"
 say "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
