@@ -43,6 +43,15 @@ __device__ __forceinline__ void pdl_enter() {
     pdl_wait();
     pdl_trigger();
 }
+// pdl_enter for a kernel that has issued weight loads before it, so they overlap the previous
+// kernel. ptxas moves loads that do not depend on the wait below it: the SASS of every
+// tensor-core decode product had its first 16-byte code loads after `griddepcontrol.wait`
+// (ACQBULK), waiting for the previous kernel after all. A wait in a branch on a value known only
+// at launch stays in a block of its own, with the loads above it. `holds` must be true whenever
+// the kernel runs (a precondition the caller names); it is only there to make the branch.
+__device__ __forceinline__ void pdl_enter_after_loads(bool holds) {
+    if (holds) pdl_enter();
+}
 
 // Asks L2 for the 128-byte lines of [p, p + bytes), spread over the block's threads. Kernels issue
 // it before `pdl_wait` for inputs that are normally weights (norm weights, RoPE frequencies): a

@@ -624,7 +624,7 @@ __device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y, int 
     const int r0 = n0 + g < w.rows ? n0 + g : -1, r1 = n0 + g + 8 < w.rows ? n0 + g + 8 : -1;
     float y0, y1;
     tc_rows(&lut, w, r0, r1, tc_frag, threadIdx.x >> 5, WARPS, y0, y1, [&] {
-        pdl_enter();
+        pdl_enter_after_loads(dyn_smem_bytes() != 0); // the B fragments' room: always given
         tc_build_b(tc_frag, x, w.kp);
     });
     tc_collect(red, y0, y1);
@@ -706,7 +706,7 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
     const int r0 = h0 + g < hidden ? row0 + h0 + g : -1, r1 = h0 + g + 8 < hidden ? row0 + h0 + g + 8 : -1;
     float y0, y1;
     tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1, [&] {
-        pdl_enter();
+        pdl_enter_after_loads(dyn_smem_bytes() != 0); // the B fragments' room: always given
         tc_build_b(tc_frag, job.a, wk.kp);
     });
     tc_collect(red, y0, y1);
