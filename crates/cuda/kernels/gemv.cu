@@ -122,7 +122,7 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
         uint4 q[ROWS], qn[ROWS];
         u32 sc[ROWS], scn[ROWS];
         load(lg, q, sc);
-        if (wait_inside) pdl_enter();
+        if (wait_inside) pdl_enter_after_loads(w.rows > 0); // no launch has a zero grid
         int rot = 0; // float4 j of chunk c sits at j ^ (c & rot)
         if (sx) {
             stage_x(sx, x, xs, w.kp, mcount);
@@ -153,16 +153,23 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
             }
         }
     } else if (w.kind == KIND_BF16 && (w.cols & 7) == 0) {
-        if (wait_inside) pdl_enter();
         // bf16 (routers, lm_head): 16-byte loads of 8 elements, as the FP4 path; a scalar
         // 2-byte load per element left the 128-row router latency-bound at ~70 us on the H100.
+        // As there, the first chunk is requested before the wait and the next one before each
+        // chunk's products.
         const int chunks = w.cols / 8;
         const u8* base = (const u8*)w.data;
-        for (int c = lg; c < chunks; c += LPR) {
-            uint4 q[ROWS];
+        auto load = [&](int c, uint4* q) {
 #pragma unroll
             for (int r = 0; r < ROWS; r++)
-                q[r] = rows[r] >= 0 ? ld_stream16(base + ((size_t)rows[r] * w.cols + c * 8) * 2) : make_uint4(0, 0, 0, 0);
+                q[r] = rows[r] >= 0 && c < chunks ? ld_stream16(base + ((size_t)rows[r] * w.cols + c * 8) * 2)
+                                                  : make_uint4(0, 0, 0, 0);
+        };
+        uint4 q[ROWS], qn[ROWS];
+        load(lg, q);
+        if (wait_inside) pdl_enter_after_loads(w.rows > 0); // no launch has a zero grid
+        for (int c = lg; c < chunks; c += LPR) {
+            load(c + LPR, qn);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m >= mcount) break;
@@ -181,6 +188,8 @@ __device__ __forceinline__ void rows_dot(const Fp4Lut* lut, const W& w, const in
                     acc[r][m] += s;
                 }
             }
+#pragma unroll
+            for (int r = 0; r < ROWS; r++) q[r] = qn[r];
         }
     } else {
         if (wait_inside) pdl_enter();
