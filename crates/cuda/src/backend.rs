@@ -473,13 +473,15 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// Whether a one-row product over `weights` takes the tensor-core kernels: all FP4, and the
-    /// B fragments of the longest padded row fit TC_FRAG_MAX (else the SIMT kernels).
+    /// Whether a one-row product over `weights` takes the tensor-core kernels: all FP4 with
+    /// columns, and the B fragments of the longest padded row fit TC_FRAG_MAX (else the SIMT
+    /// kernels). The kernels wait for the previous one only when given fragment room
+    /// (`pdl_enter_after_loads(dyn_smem_bytes() != 0)`), so a row of no columns must not come.
     fn tc_fits(&self, weights: &[&CudaWeight]) -> bool {
         let kp = weights.iter().map(|w| w.kp).max().unwrap_or(0);
         self.tc_decode
             && !weights.is_empty()
-            && weights.iter().all(|w| w.kind.is_fp4())
+            && weights.iter().all(|w| w.kind.is_fp4() && w.kp > 0)
             && tc_frag_bytes(kp) <= TC_FRAG_MAX
     }
 
