@@ -6,16 +6,25 @@ options, so a file that passes here compiles on the H100. Pinned to CUDA 13.0, t
 version: a newer NVRTC could accept code the device's driver then rejects.
 
 Setup (CPU-only CI):
-    python3 -m pip install "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.0.*"
+    python3 -m pip install "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.0.*" \
+        "nvidia-cuda-nvdisasm==13.2.51"
     python3 tools/nvrtc_check.py            # exit status 1 if any file fails
 
 Prints one line per kernel file (OK with the CUBIN size, or FAIL with the compiler log).
+
+With nvdisasm (the wheel above) and sm_90a it also reads the SASS of the kernels in EARLY_LOADS:
+each must issue a 16-byte weight load before its first `griddepcontrol.wait` (SASS ACQBULK).
+ptxas is free to move loads that do not depend on the wait below it, and did so in every
+decode product until the eighteenth session (crates/cuda/NOTES.md); nothing else would notice
+a kernel change that lets it happen again, since only the speed changes.
 """
 import argparse
 import ctypes
 import glob
 import os
+import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = os.path.join(ROOT, "crates", "cuda", "kernels")
@@ -37,6 +46,57 @@ def find_libnvrtc():
         if hits:
             return hits[0]
     return "libnvrtc.so"
+
+
+# Kernels that request their first weights before waiting for the previous kernel (the
+# decode products: crates/cuda/kernels/gemv.cu, `pdl_enter_after_loads`).
+EARLY_LOADS = {
+    "gemv.cu": [
+        *(f"gemv_tc{three}_w{w}" for three in ("", "3") for w in (4, 8, 16)),
+        "moe_down_tc",
+        "head_cols_gemv",
+        "head_rows_gemv",
+        *(f"gemv_l{lpr}_m{m}" for lpr in (8, 16, 32) for m in (1, 4)),
+        *(f"gemv_l{lpr}_m1_r1" for lpr in (8, 16, 32, 64, 128)),
+    ],
+}
+
+
+def find_nvdisasm():
+    for p in sys.path:
+        exe = os.path.join(p, "nvidia", "cu13", "bin", "nvdisasm")
+        if os.path.isfile(exe):
+            return exe
+    return None
+
+
+def late_loads(nvdisasm, cubin, names):
+    """The kernels among `names` with no 16-byte global load before their first ACQBULK (or
+    missing from the cubin), as "name: reason" lines."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    bodies, current = {}, None
+    for line in sass.splitlines():
+        s = line.strip()
+        if s.startswith(".text.") and s.endswith(":"):
+            current = s[len(".text."):-1]
+            bodies[current] = []
+        elif current is not None:
+            bodies[current].append(s)
+    bad = []
+    for name in names:
+        body = bodies.get(name)
+        if body is None:
+            bad.append(f"{name}: not in the cubin")
+            continue
+        wait = next((i for i, l in enumerate(body) if "ACQBULK" in l), None)
+        if wait is None:
+            bad.append(f"{name}: no griddepcontrol.wait (ACQBULK)")
+        elif not any("LDG" in l and ".128" in l for l in body[:wait]):
+            bad.append(f"{name}: no 16-byte load before its wait")
+    return bad
 
 
 def runtime_include():
@@ -65,10 +125,12 @@ def compile_file(nvrtc, path, arch, includes, defines=()):
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value + 1)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    cubin = 0
+    cubin = b""
     if r == 0:
         nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = size.value
+        buf = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetCUBIN(prog, buf)
+        cubin = buf.raw
     nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
     return r == 0, log.value.decode(errors="replace").strip(), cubin
 
@@ -104,14 +166,26 @@ def main():
     # every file: one file compiled with it checks it. The cap's value is the host's (device.rs).
     jobs = [(f, "", ()) for f in files]
     jobs.append((os.path.join(KERNELS, "elementwise.cu"), " (traced)", ("FP4MOE_TRACE_CAP=8192",)))
+    nvdisasm = find_nvdisasm() if args.arch == "sm_90a" else None
+    if nvdisasm is None:
+        print("early weight loads: not checked (needs nvdisasm and sm_90a)")
     for f, tag, defines in jobs:
         ok, log, cubin = compile_file(nvrtc, f, args.arch, includes, defines)
         rel = os.path.relpath(f, ROOT) + tag
         if ok:
-            print(f"OK   {rel} ({cubin} bytes cubin)" + (f"\n{log}" if log else ""))
+            print(f"OK   {rel} ({len(cubin)} bytes cubin)" + (f"\n{log}" if log else ""))
         else:
             failed += 1
             print(f"FAIL {rel}\n{log}")
+            continue
+        names = EARLY_LOADS.get(os.path.basename(f), []) if not tag else []
+        if nvdisasm and names:
+            bad = late_loads(nvdisasm, cubin, names)
+            if bad:
+                failed += 1
+                print(f"FAIL {rel}: weight loads after the wait\n  " + "\n  ".join(bad))
+            else:
+                print(f"OK   {rel}: {len(names)} kernels request weights before their wait")
     return 1 if failed else 0
 
 
