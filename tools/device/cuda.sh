@@ -49,7 +49,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 [ -f "$BIN/cache.txz" ] && [ ! -d "$BIN/cache" ] &&
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall("out")' "$BIN/cache.txz"
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BIN/cache.txz" "$(dirname "$BIN")"
 [ -d "$BIN/cache" ] && export FP4MOE_CUDA_CACHE="$PWD/$BIN/cache"
 say "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
