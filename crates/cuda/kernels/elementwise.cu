@@ -164,16 +164,37 @@ extern "C" __global__ void __launch_bounds__(NORM_ROPE_WARPS * 32)
 }
 // Two x of the same head width at the same positions (Backend::norm_ropes: Qwen3's q and k) in
 // one launch: blocks [0, blocks0) take x0, the rest x1. Apart, k's launch waited for q's (5.4 us
-// for both in a replayed Qwen3 layer).
+// for both in a replayed Qwen3 layer). Backend::norm_ropes_to_cache: y1 and vy are cache rows,
+// moved by *shift rows of heads1 * d (a replayed graph's position), and the warp of x1's row r
+// also copies v's row r to vy (v null: no copy); the separate copy launch cost 2.5 us per layer.
 extern "C" __global__ void __launch_bounds__(NORM_ROPE_WARPS * 32)
     norm_rope2_f32(const float* x0, const float* w0, float* y0, int rows0, int heads0, float eps0, const float* x1,
                    const float* w1, float* y1, int rows1, int heads1, float eps1, int blocks0, const u32* pos,
-                   const float* inv_freq, int d, int offset, int dims, int style) {
+                   const float* inv_freq, int d, int offset, int dims, int style, const u32* shift, const float* v,
+                   float* vy) {
     const int b = blockIdx.x;
-    if (b < blocks0)
+    if (b < blocks0) {
         norm_rope_rows(x0, w0, pos, inv_freq, y0, rows0, heads0, d, eps0, offset, dims, style, b);
-    else
-        norm_rope_rows(x1, w1, pos, inv_freq, y1, rows1, heads1, d, eps1, offset, dims, style, b - blocks0);
+        return;
+    }
+    const size_t moved = (size_t)*shift * heads1 * d;
+    const int r = (b - blocks0) * NORM_ROPE_WARPS + (threadIdx.x >> 5), i0 = (threadIdx.x & 31) * 4;
+    // v's row (d % 4 == 0, d <= 256: two float4 per lane at most), an earlier kernel's output,
+    // requested before the norm's chain and stored after it.
+    float4 v0 = {}, v1 = {};
+    const bool copy = v && r < rows1;
+    if (copy) {
+        pdl_enter();
+        const float* vr = v + (size_t)r * d;
+        if (i0 < d) v0 = *reinterpret_cast<const float4*>(vr + i0);
+        if (i0 + 128 < d) v1 = *reinterpret_cast<const float4*>(vr + i0 + 128);
+    }
+    norm_rope_rows(x1, w1, pos, inv_freq, y1 + moved, rows1, heads1, d, eps1, offset, dims, style, b - blocks0);
+    if (copy) {
+        float* vo = vy + moved + (size_t)r * d;
+        if (i0 < d) *reinterpret_cast<float4*>(vo + i0) = v0;
+        if (i0 + 128 < d) *reinterpret_cast<float4*>(vo + i0 + 128) = v1;
+    }
 }
 
 // Backend::split_rope, one block per (token, head) row of x [n, H, d]: first [.., a] = x[.., :a]
@@ -186,7 +207,8 @@ extern "C" __global__ void __launch_bounds__(NORM_ROPE_WARPS * 32)
 extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
     split_rope_f32(const float* __restrict__ x, const float* __restrict__ w, float eps, const u32* __restrict__ pos,
                    const float* __restrict__ inv_freq, float* __restrict__ first, float* __restrict__ rest, int heads,
-                   int d, int a, int offset, int dims, int style) {
+                   int d, int a, int offset, int dims, int style, int first_stride, int rest_stride,
+                   const u32* __restrict__ shift) {
     if (blockIdx.x == 0) {
         if (w) prefetch_l2(w, (size_t)a * sizeof(float));
         prefetch_l2(inv_freq, (size_t)(dims / 2) * sizeof(float));
@@ -194,8 +216,12 @@ extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
     pdl_enter();
     __shared__ float red[32];
     __shared__ float row[SPLIT_ROPE_THREADS * SPLIT_ROPE_REG];
-    const int r = blockIdx.x, half = dims / 2, rl = d - a;
+    const int r = blockIdx.x, half = dims / 2;
     const float* xr = x + (size_t)r * d;
+    // Backend::split_rope_to_cache: first and rest are cache rows (strides of a cache row),
+    // moved by *shift rows.
+    first += (size_t)*shift * first_stride;
+    rest += (size_t)*shift * rest_stride;
     const float p = (float)pos[r / heads];
     float v[SPLIT_ROPE_REG], f[SPLIT_ROPE_REG], s = 0.0f;
 #pragma unroll
@@ -216,7 +242,7 @@ extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
         const int i = threadIdx.x + SPLIT_ROPE_THREADS * c, j = i - a - offset;
         if (i >= d) break;
         if (i < a) {
-            first[(size_t)r * a + i] = w ? f[c] * (v[c] * rs) : v[c];
+            first[(size_t)r * first_stride + i] = w ? f[c] * (v[c] * rs) : v[c];
             continue;
         }
         float y = v[c];
@@ -228,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
             sincosf(p * f[c], &sn, &cs);
             y = second ? row[ib] * cs + row[ia] * sn : row[ia] * cs - row[ib] * sn;
         }
-        rest[(size_t)r * rl + (i - a)] = y;
+        rest[(size_t)r * rest_stride + (i - a)] = y;
     }
 }
 

@@ -167,7 +167,7 @@ pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 const ATT_MAX_DV: usize = 512;
 /// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
 const ATT_MAX_ROPE: usize = 128;
-/// ROUTE_MAX_E in kernels/route.cu.
+/// ROUTE_MAX_E in kernels/route.cuh.
 const ROUTE_MAX_E: usize = 512;
 
 fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
@@ -850,6 +850,157 @@ impl CudaBackend {
             return Err(shape_err(op, format!("x {:?} with weight {:?}", x.shape(), w.shape())));
         }
         Ok(d)
+    }
+
+    /// norm_rope of x0 and x1 (same head width, positions and spec) in one launch
+    /// (elementwise.cu's norm_rope2_f32), or None where that kernel does not fit. `cache`:
+    /// x1's result goes to the cache rows at the first pointer (moved by a replayed graph's row
+    /// shift) instead of a new tensor, and v's rows are copied to the second.
+    fn norm_rope2(
+        &self,
+        (x0, w0, eps0): (&CT, &CT, f32),
+        (x1, w1, eps1): (&CT, &CT, f32),
+        positions: &CT,
+        spec: Rope,
+        cache: Option<(u64, &CT, u64)>,
+    ) -> Result<Option<(CT, Option<CT>)>> {
+        const OP: &str = "norm_ropes";
+        let d = self.norm_rope_width(OP, x0, w0, positions, spec)?;
+        if d > NORM_ROPE_MAX_D || self.norm_rope_width(OP, x1, w1, positions, spec)? != d {
+            return Ok(None);
+        }
+        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        let y0 = self.empty(x0.shape(), DType::F32)?;
+        let rows = |x: &CT| x.shape()[0] * x.shape()[1];
+        let blocks0 = blocks(rows(x0), NORM_ROPE_WARPS);
+        let part = |x: &CT, w: &CT, y: u64, eps: f32| {
+            [
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::Ptr(y),
+                Arg::I32(rows(x) as i32),
+                Arg::I32(x.shape()[1] as i32),
+                Arg::F32(eps),
+            ]
+        };
+        let (y1, y1_ptr, shift, v, vy) = match cache {
+            None => {
+                let y1 = self.empty(x1.shape(), DType::F32)?;
+                let at = y1.storage.ptr();
+                (Some(y1), at, self.dev.no_row_shift(), 0, 0)
+            }
+            Some((k_at, v, v_at)) => (None, k_at, self.dev.row_shift(), v.storage.ptr(), v_at),
+        };
+        let mut args = part(x0, w0, y0.storage.ptr(), eps0).to_vec();
+        args.extend(part(x1, w1, y1_ptr, eps1));
+        args.extend([
+            Arg::I32(blocks0 as i32),
+            Arg::Ptr(positions.storage.ptr()),
+            Arg::Ptr(inv.storage.ptr()),
+            Arg::I32(d as i32),
+            Arg::I32(spec.offset as i32),
+            Arg::I32(spec.dims as i32),
+            Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
+            Arg::Ptr(shift),
+            Arg::Ptr(v),
+            Arg::Ptr(vy),
+        ]);
+        let grid = blocks0 + blocks(rows(x1), NORM_ROPE_WARPS);
+        self.run("elementwise.cu", "norm_rope2_f32", (grid, 1, 1), NORM_ROPE_WARPS * 32, &args)?;
+        Ok(Some((y0, y1)))
+    }
+
+    /// The checked `[n, h, d]` of a split_rope of x, or None where split_rope_f32 cannot take it.
+    fn split_rope_fits(
+        &self,
+        x: &CT,
+        a: usize,
+        norm: Option<(&CT, f32)>,
+        positions: &CT,
+        spec: Rope,
+    ) -> Result<Option<[usize; 3]>> {
+        const OP: &str = "split_rope";
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, positions, &[DType::U32])?;
+        if let Some((w, _)) = norm {
+            self.check(OP, w, &[DType::F32])?;
+        }
+        let [n, h, d] = fp4moe_ops::check::split_rope(
+            x.shape(),
+            a,
+            norm.map(|(w, _)| w.shape()),
+            positions.shape(),
+            spec,
+        )?;
+        Ok((d <= SPLIT_ROPE_MAX_D).then_some([n, h, d]))
+    }
+
+    /// elementwise.cu's split_rope_f32 on x `[n, h, d]` (checked by the caller), its parts to
+    /// `outs`: (first part, its row stride, rotated part, its row stride, row shift).
+    #[allow(clippy::too_many_arguments)]
+    fn split_rope_launch(
+        &self,
+        x: &CT,
+        [n, h, d]: [usize; 3],
+        a: usize,
+        norm: Option<(&CT, f32)>,
+        positions: &CT,
+        spec: Rope,
+        (first, first_stride, rest, rest_stride, shift): (u64, usize, u64, usize, u64),
+    ) -> Result<()> {
+        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        let (w, eps) = norm.map_or((0, 0.0), |(w, eps)| (w.storage.ptr(), eps));
+        self.run(
+            "elementwise.cu",
+            "split_rope_f32",
+            ((n * h) as u32, 1, 1),
+            SPLIT_ROPE_THREADS,
+            &[
+                Arg::Ptr(x.storage.ptr()),
+                Arg::Ptr(w),
+                Arg::F32(eps),
+                Arg::Ptr(positions.storage.ptr()),
+                Arg::Ptr(inv.storage.ptr()),
+                Arg::Ptr(first),
+                Arg::Ptr(rest),
+                Arg::I32(h as i32),
+                Arg::I32(d as i32),
+                Arg::I32(a as i32),
+                Arg::I32(spec.offset as i32),
+                Arg::I32(spec.dims as i32),
+                Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
+                Arg::I32(first_stride as i32),
+                Arg::I32(rest_stride as i32),
+                Arg::Ptr(shift),
+            ],
+        )
+    }
+
+    /// x as the f32 row gemv.cu's router kernels read, where they take this product: one
+    /// token, 16-bit router rows (as `gemv` would run them: gemv_l128_m1_r1, so the logits are
+    /// the same bits) long enough for a lane per chunk, at most ROUTE_MAX_E experts.
+    fn router_fits(&self, x: &CT, router: &CudaWeight) -> Result<Option<CT>> {
+        self.check("linear", x, &[DType::F32, DType::BF16])?;
+        let fits = !x.shape().is_empty()
+            && x.rows() == 1
+            && x.last_dim() == router.cols
+            && !router.kind.is_fp4()
+            && router.cols.is_multiple_of(8)
+            && wide_lanes_per_row(router.cols / 8) == GEMV_THREADS as usize
+            && (1..=ROUTE_MAX_E).contains(&router.rows);
+        if !fits {
+            return Ok(None);
+        }
+        Ok(Some(self.padded(x, 1, router.cols, router.cols, DType::F32)?))
+    }
+
+    /// A router launch's logits `[1, e]` (its blocks' products) and its ids and weights `[1, k]`.
+    fn router_outputs(&self, e: usize, k: usize) -> Result<(CT, CT, CT)> {
+        Ok((
+            self.empty(&[1, e], DType::F32)?,
+            self.empty(&[1, k], DType::U32)?,
+            self.empty(&[1, k], DType::F32)?,
+        ))
     }
 
     /// The copies of `cs` (one or two, same element size) as one launch of elementwise.cu's
@@ -1676,41 +1827,52 @@ impl Backend for CudaBackend {
     }
 
     fn norm_ropes(&self, xs: &[(&CT, &CT, f32)], positions: &CT, spec: Rope) -> Result<Vec<CT>> {
-        const OP: &str = "norm_ropes";
         let separate = || xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect();
-        let &[(x0, w0, eps0), (x1, w1, eps1)] = xs else { return separate() };
-        let d = self.norm_rope_width(OP, x0, w0, positions, spec)?;
-        if d > NORM_ROPE_MAX_D || self.norm_rope_width(OP, x1, w1, positions, spec)? != d {
-            return separate();
+        let &[x0, x1] = xs else { return separate() };
+        match self.norm_rope2(x0, x1, positions, spec, None)? {
+            Some((y0, Some(y1))) => Ok(vec![y0, y1]),
+            _ => separate(),
         }
-        let inv = self.rope_freqs(spec.dims, spec.theta)?;
-        let (y0, y1) = (self.empty(x0.shape(), DType::F32)?, self.empty(x1.shape(), DType::F32)?);
-        let rows = |x: &CT| x.shape()[0] * x.shape()[1];
-        let blocks0 = blocks(rows(x0), NORM_ROPE_WARPS);
-        let part = |x: &CT, w: &CT, y: &CT, eps: f32| {
-            [
-                Arg::Ptr(x.storage.ptr()),
-                Arg::Ptr(w.storage.ptr()),
-                Arg::Ptr(y.storage.ptr()),
-                Arg::I32(rows(x) as i32),
-                Arg::I32(x.shape()[1] as i32),
-                Arg::F32(eps),
-            ]
-        };
-        let mut args = part(x0, w0, &y0, eps0).to_vec();
-        args.extend(part(x1, w1, &y1, eps1));
-        args.extend([
-            Arg::I32(blocks0 as i32),
-            Arg::Ptr(positions.storage.ptr()),
-            Arg::Ptr(inv.storage.ptr()),
-            Arg::I32(d as i32),
-            Arg::I32(spec.offset as i32),
-            Arg::I32(spec.dims as i32),
-            Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
-        ]);
-        let grid = blocks0 + blocks(rows(x1), NORM_ROPE_WARPS);
-        self.run("elementwise.cu", "norm_rope2_f32", (grid, 1, 1), NORM_ROPE_WARPS * 32, &args)?;
-        Ok(vec![y0, y1])
+    }
+
+    fn norm_ropes_to_cache(
+        &self,
+        q: (&CT, &CT, f32),
+        k: (&CT, &CT, f32),
+        v: &CT,
+        positions: &CT,
+        spec: Rope,
+        caches: (&CT, &CT),
+        row0: usize,
+    ) -> Result<CT> {
+        let separately =
+            || fp4moe_ops::norm_ropes_to_cache_separately(self, q, k, v, positions, spec, caches, row0);
+        // The kernel's v copy moves whole float4s: rows of a multiple of 4 values, 16-byte
+        // aligned, and the caches f32 rows as wide as k's.
+        let s = k.0.shape();
+        let width = s.iter().skip(1).product::<usize>();
+        let fits = s.len() == 3
+            && v.dtype() == DType::F32
+            && v.shape() == [s[0], width]
+            && s[2].is_multiple_of(4)
+            && v.storage.ptr().is_multiple_of(16)
+            && [caches.0, caches.1]
+                .iter()
+                .all(|c| c.dtype() == DType::F32 && c.shape().len() == 2 && c.shape()[1] == width);
+        if !fits {
+            return separately();
+        }
+        // Checked as the writes they replace.
+        let kr = k.0.reshape(&[s[0], width])?;
+        let writes = [self.row_write(caches.0, &kr, row0, 0)?, self.row_write(caches.1, v, row0, 0)?];
+        let at = |c: &CT| c.storage.ptr() + (row0 * width * 4) as u64;
+        match self.norm_rope2(q, k, positions, spec, Some((at(caches.0), v, at(caches.1))))? {
+            Some((y0, _)) => {
+                self.dev.note_row_writes(&writes.map(|w| (w.dst.storage.ptr(), w.row0)));
+                Ok(y0)
+            }
+            None => separately(),
+        }
     }
 
     fn rope(&self, x: &CT, positions: &CT, spec: Rope) -> Result<CT> {
@@ -1788,48 +1950,42 @@ impl Backend for CudaBackend {
         positions: &CT,
         spec: Rope,
     ) -> Result<(CT, CT)> {
-        const OP: &str = "split_rope";
-        self.check(OP, x, &[DType::F32])?;
-        self.check(OP, positions, &[DType::U32])?;
-        if let Some((w, _)) = norm {
-            self.check(OP, w, &[DType::F32])?;
-        }
-        let [n, h, d] = fp4moe_ops::check::split_rope(
-            x.shape(),
-            a,
-            norm.map(|(w, _)| w.shape()),
-            positions.shape(),
-            spec,
-        )?;
-        if d > SPLIT_ROPE_MAX_D {
+        let Some([n, h, d]) = self.split_rope_fits(x, a, norm, positions, spec)? else {
             return fp4moe_ops::split_rope_separately(self, x, a, norm, positions, spec);
-        }
-        let inv = self.rope_freqs(spec.dims, spec.theta)?;
+        };
         let first = self.empty(&[n, h, a], DType::F32)?;
         let rest = self.empty(&[n, h, d - a], DType::F32)?;
-        let (w, eps) = norm.map_or((0, 0.0), |(w, eps)| (w.storage.ptr(), eps));
-        self.run(
-            "elementwise.cu",
-            "split_rope_f32",
-            ((n * h) as u32, 1, 1),
-            SPLIT_ROPE_THREADS,
-            &[
-                Arg::Ptr(x.storage.ptr()),
-                Arg::Ptr(w),
-                Arg::F32(eps),
-                Arg::Ptr(positions.storage.ptr()),
-                Arg::Ptr(inv.storage.ptr()),
-                Arg::Ptr(first.storage.ptr()),
-                Arg::Ptr(rest.storage.ptr()),
-                Arg::I32(h as i32),
-                Arg::I32(d as i32),
-                Arg::I32(a as i32),
-                Arg::I32(spec.offset as i32),
-                Arg::I32(spec.dims as i32),
-                Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
-            ],
-        )?;
+        let outs = (first.storage.ptr(), a, rest.storage.ptr(), d - a, self.dev.no_row_shift());
+        self.split_rope_launch(x, [n, h, d], a, norm, positions, spec, outs)?;
         Ok((first, rest))
+    }
+
+    fn split_rope_to_cache(
+        &self,
+        x: &CT,
+        a: usize,
+        norm: Option<(&CT, f32)>,
+        positions: &CT,
+        spec: Rope,
+        cache: &CT,
+        row0: usize,
+    ) -> Result<()> {
+        let separately =
+            || fp4moe_ops::split_rope_to_cache_separately(self, x, a, norm, positions, spec, cache, row0);
+        let Some([n, 1, d]) = self.split_rope_fits(x, a, norm, positions, spec)? else {
+            return separately();
+        };
+        // Checked as the writes it replaces: the parts side by side, a whole cache row.
+        let (_, [_, c]) =
+            fp4moe_ops::check::write_rows((cache.shape(), cache.dtype()), (&[n, d], DType::F32), row0, 0)?;
+        if c != d {
+            return separately();
+        }
+        let at = cache.storage.ptr() + (row0 * c * 4) as u64;
+        let outs = (at, c, at + (a * 4) as u64, c, self.dev.row_shift());
+        self.split_rope_launch(x, [n, 1, d], a, norm, positions, spec, outs)?;
+        self.dev.note_row_writes(&[(cache.storage.ptr(), row0)]);
+        Ok(())
     }
 
     fn add(&self, a: &CT, b: &CT) -> Result<CT> {
@@ -2042,6 +2198,74 @@ impl Backend for CudaBackend {
                 Arg::Ptr(ids.storage.ptr()),
                 Arg::Ptr(w.storage.ptr()),
                 Arg::I32(n as i32),
+                Arg::I32(e as i32),
+                Arg::I32(k as i32),
+                Arg::I32(n_group as i32),
+                Arg::I32(topk_group as i32),
+                Arg::I32(renormalize as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok((ids, w))
+    }
+
+    fn router_softmax(&self, x: &CT, router: &CudaWeight, k: usize, renormalize: bool) -> Result<(CT, CT)> {
+        let Some(xp) = self.router_fits(x, router)? else {
+            return self.route_softmax(&self.linear(x, router, LinearPath::Auto)?, k, renormalize);
+        };
+        let e = router.rows;
+        fp4moe_ops::check::route_softmax(&[1, e], k)?;
+        let (logits, ids, w) = self.router_outputs(e, k)?;
+        self.run(
+            "gemv.cu",
+            "router_softmax",
+            (e as u32, 1, 1),
+            GEMV_THREADS,
+            &[
+                Arg::Raw(router.args()),
+                Arg::Ptr(xp.storage.ptr()),
+                Arg::I32(router.cols as i32),
+                Arg::Ptr(logits.storage.ptr()),
+                Arg::Ptr(self.dev.ticket()),
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::I32(e as i32),
+                Arg::I32(k as i32),
+                Arg::I32(renormalize as i32),
+            ],
+        )?;
+        Ok((ids, w))
+    }
+
+    fn router_sigmoid_grouped(
+        &self,
+        x: &CT,
+        router: &CudaWeight,
+        bias: &CT,
+        spec: GroupedRouter,
+    ) -> Result<(CT, CT)> {
+        let Some(xp) = self.router_fits(x, router)? else {
+            return self.route_sigmoid_grouped(&self.linear(x, router, LinearPath::Auto)?, bias, spec);
+        };
+        let e = router.rows;
+        self.check("route_sigmoid_grouped", bias, &[DType::F32])?;
+        fp4moe_ops::check::route_sigmoid_grouped(&[1, e], bias.shape(), spec)?;
+        let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
+        let (logits, ids, w) = self.router_outputs(e, k)?;
+        self.run(
+            "gemv.cu",
+            "router_sigmoid_grouped",
+            (e as u32, 1, 1),
+            GEMV_THREADS,
+            &[
+                Arg::Raw(router.args()),
+                Arg::Ptr(xp.storage.ptr()),
+                Arg::I32(router.cols as i32),
+                Arg::Ptr(logits.storage.ptr()),
+                Arg::Ptr(self.dev.ticket()),
+                Arg::Ptr(bias.storage.ptr()),
+                Arg::Ptr(ids.storage.ptr()),
+                Arg::Ptr(w.storage.ptr()),
                 Arg::I32(e as i32),
                 Arg::I32(k as i32),
                 Arg::I32(n_group as i32),

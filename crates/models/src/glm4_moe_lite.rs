@@ -408,24 +408,29 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         let (q_nope, q_rope) = b.split_rope(&q, nope, None, positions, c.rope())?; // [n, heads, nope | rope]
         let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
 
-        // ckv: [n, lora + rope] -> the normed latent [n, lora] and the rotated key part [n, rope]
-        let (latent, k_rope) = b.split_rope(
-            &ckv.reshape(&[n, 1, lora + rope])?,
-            lora,
-            Some(at.kv_a_norm.parts()),
-            positions,
-            c.rope(),
-        )?;
-        let (latent, k_rope) = (latent.reshape(&[n, lora])?, k_rope.reshape(&[n, rope])?);
+        // ckv: [n, lora + rope] -> the normed latent [n, lora] and the rotated key part [n, rope],
+        // side by side in a cache row. One sequence: the split writes its cache itself.
+        let ckv = ckv.reshape(&[n, 1, lora + rope])?;
+        let norm = Some(at.kv_a_norm.parts());
+        if let [span] = &plan.spans[..] {
+            b.split_rope_to_cache(&ckv, lora, norm, positions, c.rope(), &states[0].cache[l], span.pos0)?;
+        } else {
+            let (latent, k_rope) = b.split_rope(&ckv, lora, norm, positions, c.rope())?;
+            let (latent, k_rope) = (latent.reshape(&[n, lora])?, k_rope.reshape(&[n, rope])?);
+            for (i, span) in plan.spans.iter().enumerate() {
+                let (lat, kr) = (plan.rows_of(b, &latent, i)?, plan.rows_of(b, &k_rope, i)?);
+                b.write_rows_many(&[
+                    (&states[i].cache[l], &lat, span.pos0, 0),
+                    (&states[i].cache[l], &kr, span.pos0, lora),
+                ])?;
+            }
+        }
 
         let scale = 1.0 / (c.qk_head_dim() as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {
-            let cache = &states[i].cache[l];
-            let (lat, kr) = (plan.rows_of(b, &latent, i)?, plan.rows_of(b, &k_rope, i)?);
-            b.write_rows_many(&[(cache, &lat, span.pos0, 0), (cache, &kr, span.pos0, lora)])?;
             let (ql, qr) = (plan.rows_of(b, &q_lat, i)?, plan.rows_of(b, &q_rope, i)?);
-            outs.push(b.attention_mla(&ql, &qr, cache, span.pos0, scale)?);
+            outs.push(b.attention_mla(&ql, &qr, &states[i].cache[l], span.pos0, scale)?);
         }
         let o_lat = plan.stack(b, outs)?; // [n, heads, lora]
         let o = b.head_linear(&o_lat, &at.kv_b, c.kv_b_block(nope, v, false))?; // [n, heads, v]
@@ -438,7 +443,6 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         match ffn {
             Ffn::Dense(mlp) => mlp.forward(b, h),
             Ffn::Moe { router, bias, experts } => {
-                let logits = b.linear(h, router, LinearPath::Auto)?;
                 let spec = GroupedRouter {
                     k: c.top_k,
                     n_group: c.n_group,
@@ -446,7 +450,7 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
                     renormalize: c.norm_topk_prob,
                     scale: c.routed_scaling_factor,
                 };
-                let (ids, w) = b.route_sigmoid_grouped(&logits, bias, spec)?;
+                let (ids, w) = b.router_sigmoid_grouped(h, router, bias, spec)?;
                 experts.forward(b, h, &ids, &w)
             }
         }

@@ -279,19 +279,34 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
             .try_into()
             .map_err(|_| Error::Invalid("linears: not three outputs for three weights".into()))?;
         let (q, k) = (q.reshape(&[n, hq, d])?, k.reshape(&[n, hkv, d])?);
-        let [q, k]: [T<B>; 2] = b
-            .norm_ropes(&[at.q_norm.rope_input(&q), at.k_norm.rope_input(&k)], positions, c.rope())?
-            .try_into()
-            .map_err(|_| Error::Invalid("norm_ropes: not two outputs for two inputs".into()))?;
-        let k = k.reshape(&[n, hkv * d])?;
+        let (qn, kn) = (at.q_norm.rope_input(&q), at.k_norm.rope_input(&k));
+        let caches = |i: usize| -> Result<(T<B>, T<B>)> {
+            let (kc, vc) = (&states[i].k[l], &states[i].v[l]);
+            let cap = kc.shape()[0];
+            Ok((kc.reshape(&[cap, hkv * d])?, vc.reshape(&[cap, hkv * d])?))
+        };
+        // One sequence: the caches are written by the norm's own op. Several: each sequence's
+        // rows to its own caches.
+        let q = if let [span] = &plan.spans[..] {
+            let (k2, v2) = caches(0)?;
+            b.norm_ropes_to_cache(qn, kn, &v, positions, c.rope(), (&k2, &v2), span.pos0)?
+        } else {
+            let [q, k]: [T<B>; 2] = b
+                .norm_ropes(&[qn, kn], positions, c.rope())?
+                .try_into()
+                .map_err(|_| Error::Invalid("norm_ropes: not two outputs for two inputs".into()))?;
+            let k = k.reshape(&[n, hkv * d])?;
+            for (i, span) in plan.spans.iter().enumerate() {
+                let (k2, v2) = caches(i)?;
+                let (kr, vr) = (plan.rows_of(b, &k, i)?, plan.rows_of(b, &v, i)?);
+                b.write_rows_many(&[(&k2, &kr, span.pos0, 0), (&v2, &vr, span.pos0, 0)])?;
+            }
+            q
+        };
         let scale = 1.0 / (d as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {
             let (kc, vc) = (&states[i].k[l], &states[i].v[l]);
-            let cap = kc.shape()[0];
-            let (k2, v2) = (kc.reshape(&[cap, hkv * d])?, vc.reshape(&[cap, hkv * d])?);
-            let (kr, vr) = (plan.rows_of(b, &k, i)?, plan.rows_of(b, &v, i)?);
-            b.write_rows_many(&[(&k2, &kr, span.pos0, 0), (&v2, &vr, span.pos0, 0)])?;
             outs.push(b.attention_gqa(&plan.rows_of(b, &q, i)?, kc, vc, span.pos0, scale)?);
         }
         let o = plan.stack(b, outs)?.reshape(&[n, hq * d])?;
@@ -303,8 +318,7 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         match ffn {
             Ffn::Dense(mlp) => mlp.forward(b, h),
             Ffn::Moe { router, experts } => {
-                let logits = b.linear(h, router, LinearPath::Auto)?;
-                let (ids, w) = b.route_softmax(&logits, self.cfg.top_k, self.cfg.norm_topk_prob)?;
+                let (ids, w) = b.router_softmax(h, router, self.cfg.top_k, self.cfg.norm_topk_prob)?;
                 experts.forward(b, h, &ids, &w)
             }
         }

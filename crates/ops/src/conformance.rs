@@ -882,6 +882,80 @@ pub fn check_norm_rope<B: Backend>(b: &B, seed: u64) -> Check {
     Ok(())
 }
 
+/// `norm_ropes_to_cache` on `b`: q's result and both whole caches (`[S, Hkv * D]`, random
+/// before the write).
+#[allow(clippy::too_many_arguments)]
+fn run_norm_ropes_to_cache<X: Backend>(
+    x: &X,
+    xs: &[Vec<f32>; 3],
+    [n, hq, hkv, d]: [usize; 4],
+    ws: &[Vec<f32>; 2],
+    pos: &[u32],
+    spec: Rope,
+    caches0: &[Vec<f32>; 2],
+    row0: usize,
+) -> crate::Result<[Out; 3]> {
+    let p = up_u(x, pos, &[n])?;
+    let (q, k, v) =
+        (up(x, &xs[0], &[n, hq, d])?, up(x, &xs[1], &[n, hkv, d])?, up(x, &xs[2], &[n, hkv * d])?);
+    let w = [up(x, &ws[0], &[d])?, up(x, &ws[1], &[d])?];
+    let s = caches0[0].len() / (hkv * d);
+    let caches = [up(x, &caches0[0], &[s, hkv * d])?, up(x, &caches0[1], &[s, hkv * d])?];
+    let y = x.norm_ropes_to_cache(
+        (&q, &w[0], 1e-6),
+        (&k, &w[1], 1e-5),
+        &v,
+        &p,
+        spec,
+        (&caches[0], &caches[1]),
+        row0,
+    )?;
+    Ok([fetch(x, &y)?, fetch(x, &caches[0])?, fetch(x, &caches[1])?])
+}
+
+/// The GQA cache step (norm + RoPE of q and k, k and v into the caches) against the
+/// reference's separate ops: Qwen3's heads at one token and at three ending on the cache's last
+/// row, heads too wide and a width not of whole float4s (GPU backends' fallbacks); writes past
+/// the cache are errors.
+pub fn check_norm_ropes_to_cache<B: Backend>(b: &B, seed: u64) -> Check {
+    let mut cx = Ctx::new(seed);
+    let nx = RopeStyle::NeoX;
+    let cases = [
+        (
+            [1usize, 32usize, 4usize, 128usize],
+            9usize,
+            5usize,
+            Rope { style: nx, offset: 0, dims: 128, theta: 1e6 },
+        ),
+        ([3, 32, 4, 128], 9, 6, Rope { style: nx, offset: 0, dims: 128, theta: 1e6 }),
+        ([2, 3, 2, 512], 4, 1, Rope { style: nx, offset: 0, dims: 512, theta: 1e4 }),
+        ([2, 3, 2, 10], 5, 0, Rope { style: RopeStyle::Interleaved, offset: 2, dims: 6, theta: 1e4 }),
+    ];
+    for (dims @ [n, hq, hkv, d], s, row0, spec) in cases {
+        let case = format!("norm_ropes_to_cache {dims:?} into {s} rows at {row0}");
+        let xs = [
+            cx.rng.normals(n * hq * d, 3.0),
+            cx.rng.normals(n * hkv * d, 3.0),
+            cx.rng.normals(n * hkv * d, 1.0),
+        ];
+        let ws = [(); 2].map(|_| (0..d).map(|_| cx.rng.range(0.5, 1.5)).collect::<Vec<f32>>());
+        let pos: Vec<u32> = (0..n).map(|_| cx.rng.below(32768) as u32).collect();
+        let caches0 = [(); 2].map(|_| cx.rng.normals(s * hkv * d, 1.0));
+        let want = run_norm_ropes_to_cache(&RefBackend, &xs, dims, &ws, &pos, spec, &caches0, row0)
+            .or_fail(&cx, &case)?;
+        let got =
+            run_norm_ropes_to_cache(b, &xs, dims, &ws, &pos, spec, &caches0, row0).or_fail(&cx, &case)?;
+        for (i, what) in ["q", "k cache", "v cache"].iter().enumerate() {
+            close(&cx, &format!("{case}, {what}"), &got[i], &want[i], TOL_ROPE.max(tol_sum(d)))?;
+        }
+        let past = run_norm_ropes_to_cache(b, &xs, dims, &ws, &pos, spec, &caches0, s - n + 1);
+        if past.is_ok() {
+            return Err(cx.fail(&case, format!("a write at row {} of {s} was accepted", s - n + 1)));
+        }
+    }
+    Ok(())
+}
+
 /// MLA's split + norm + RoPE against the reference's slices, norm and rotation: GLM's query
 /// heads (20 x 256 at 192, no norm) and its kv row (576 at 512, normed), at one and three
 /// tokens; a partial rotation in both styles; a row too wide for GPU backends' one-pass kernels.
@@ -929,6 +1003,51 @@ pub fn check_split_rope<B: Backend>(b: &B, seed: u64) -> Check {
         let got = split(b).or_fail(&cx, &case)?;
         close(&cx, &format!("{case}, first part"), &got[0], &want[0], TOL_ROPE.max(tol_sum(a)))?;
         close(&cx, &format!("{case}, rotated part"), &got[1], &want[1], TOL_ROPE)?;
+        if shape[1] != 1 {
+            continue;
+        }
+        // The same split into cache rows (random around them), against the reference's split
+        // and two writes; a write past the cache is an error.
+        let (n, c) = (shape[0], shape[2]);
+        let (rows, row0) = (n + 3, 2);
+        let cache0 = cx.rng.normals(rows * c, 1.0);
+        let cached = |x: &B, at: usize| -> crate::Result<Out> {
+            let p = up_u(x, &pos, &[n])?;
+            let wt = up(x, &w, &[a])?;
+            let cache = up(x, &cache0, &[rows, c])?;
+            x.split_rope_to_cache(
+                &up(x, &xs, &shape)?,
+                a,
+                normed.then_some((&wt, 1e-6f32)),
+                &p,
+                spec,
+                &cache,
+                at,
+            )?;
+            fetch(x, &cache)
+        };
+        let want = (|| -> crate::Result<Out> {
+            let r = RefBackend;
+            let p = up_u(&r, &pos, &[n])?;
+            let wt = up(&r, &w, &[a])?;
+            let cache = up(&r, &cache0, &[rows, c])?;
+            r.split_rope_to_cache(
+                &up(&r, &xs, &shape)?,
+                a,
+                normed.then_some((&wt, 1e-6f32)),
+                &p,
+                spec,
+                &cache,
+                row0,
+            )?;
+            fetch(&r, &cache)
+        })()
+        .or_fail(&cx, &case)?;
+        let got = cached(b, row0).or_fail(&cx, &case)?;
+        close(&cx, &format!("{case}, into a cache"), &got, &want, TOL_ROPE.max(tol_sum(a)))?;
+        if cached(b, rows - n + 1).is_ok() {
+            return Err(cx.fail(&case, format!("a write at row {} of {rows} was accepted", rows - n + 1)));
+        }
     }
     Ok(())
 }
@@ -1126,7 +1245,84 @@ pub fn check_route_softmax<B: Backend>(b: &B, seed: u64) -> Check {
             close(&cx, &format!("{case} weights"), &gw, &ww, TOL_ROUTER)?;
         }
     }
+    // With the router's product: Qwen3's router at one token (GPU backends' one-launch path) and
+    // three, and FP4 rows and short rows, which GPU backends run as two ops.
+    for (kind, dims) in [
+        (WeightKind::Bf16, (1, 2048, 128, 8)),
+        (WeightKind::Bf16, (3, 2048, 128, 8)),
+        (WeightKind::Nvfp4, (1, 2048, 128, 8)),
+        (WeightKind::F32, (1, 64, 10, 3)),
+    ] {
+        router_case(&mut cx, b, kind, dims, false)?;
+    }
     Ok(())
+}
+
+/// The router ops with their product (`router_softmax`, `router_sigmoid_grouped` with GLM's
+/// spec when `grouped`) against the reference's product and route: x `[rows, h]` drawn until
+/// every row's selection keys have a margin of [`ROUTER_MARGIN`] at the boundary (the products
+/// may round differently), ids exact, weights to the product's tolerance.
+#[allow(clippy::too_many_arguments)]
+fn router_case<B: Backend>(
+    cx: &mut Ctx,
+    b: &B,
+    kind: WeightKind,
+    (rows, h, e, k): (usize, usize, usize, usize),
+    grouped: bool,
+) -> Check {
+    let case = format!("router {kind:?} [{rows}, {h}] -> {e} top-{k}, grouped {grouped}");
+    let w = random_weight(&mut cx.rng, kind, e, h).map_err(|m| cx.fail(&case, m))?;
+    let (wb, wr) = both_weights(cx, &case, b, &w)?;
+    let bias: Vec<f32> = cx.rng.normals(e, 0.01);
+    let spec = GroupedRouter { k, n_group: 1, topk_group: 1, renormalize: true, scale: 1.8 };
+    let r = RefBackend;
+    let mut drawn = None;
+    for _ in 0..100 {
+        let x = cx.rng.normals(rows * h, 0.05);
+        let l = fetch(
+            &r,
+            &r.linear(&up(&r, &x, &[rows, h]).or_fail(cx, &case)?, &wr, LinearPath::Auto)
+                .or_fail(cx, &case)?,
+        )
+        .or_fail(cx, &case)?;
+        let margin = l.v.chunks(e).all(|row| {
+            let keys: Vec<f32> = if grouped {
+                row.iter().zip(&bias).map(|(&v, b)| sigmoid(v) + b).collect()
+            } else {
+                row.to_vec()
+            };
+            top_gap(&keys, (k + 1).min(e)) >= ROUTER_MARGIN
+        });
+        if margin {
+            drawn = Some(x);
+            break;
+        }
+    }
+    let Some(x) = drawn else {
+        return Err(cx.fail(&case, "suite bug: no draw of x had a margin at the selection boundary"));
+    };
+    let run = |z: &B, wz: &B::Weight| -> crate::Result<(OutU, Out)> {
+        let xt = up(z, &x, &[rows, h])?;
+        let (ids, wt) = if grouped {
+            z.router_sigmoid_grouped(&xt, wz, &up(z, &bias, &[e])?, spec)?
+        } else {
+            z.router_softmax(&xt, wz, k, true)?
+        };
+        Ok((fetch_u(z, &ids)?, fetch(z, &wt)?))
+    };
+    let want = (|| -> crate::Result<(OutU, Out)> {
+        let xt = up(&r, &x, &[rows, h])?;
+        let (ids, wt) = if grouped {
+            r.router_sigmoid_grouped(&xt, &wr, &up(&r, &bias, &[e])?, spec)?
+        } else {
+            r.router_softmax(&xt, &wr, k, true)?
+        };
+        Ok((fetch_u(&r, &ids)?, fetch(&r, &wt)?))
+    })()
+    .or_fail(cx, &case)?;
+    let got = run(b, &wb).or_fail(cx, &case)?;
+    exact_u(cx, &format!("{case} ids"), &got.0, &want.0)?;
+    close(cx, &format!("{case} weights"), &got.1, &want.1, TOL_ROUTER.max(tol_sum(h)))
 }
 
 fn run_route_sigmoid<X: Backend>(
@@ -1228,6 +1424,14 @@ pub fn check_route_sigmoid_grouped<B: Backend>(b: &B, seed: u64) -> Check {
         let (gi, gw) = run_route_sigmoid(b, &l, &bias, n, spec).or_fail(&cx, &case)?;
         exact_u(&cx, &format!("{case} ids"), &gi, &wi)?;
         close(&cx, &format!("{case} weights"), &gw, &ww, TOL_ROUTER)?;
+    }
+    // With the router's product, as in check_route_softmax: GLM's router (64 experts, top 4).
+    for (kind, dims) in [
+        (WeightKind::Bf16, (1, 2048, 64, 4)),
+        (WeightKind::Bf16, (2, 2048, 64, 4)),
+        (WeightKind::Mxfp4, (1, 2048, 64, 4)),
+    ] {
+        router_case(&mut cx, b, kind, dims, true)?;
     }
     Ok(())
 }
@@ -1742,7 +1946,8 @@ macro_rules! conformance_tests {
             check_paths, check_memory, check_cast,
             check_linear_odd_shapes, check_linear_glm_shapes, check_linear_qwen_shapes,
             check_linear_router_shapes, check_head_linear, check_embedding,
-            check_rms_norm, check_rope, check_norm_rope, check_split_rope, check_softmax, check_elementwise, check_data_movement,
+            check_rms_norm, check_rope, check_norm_rope, check_norm_ropes_to_cache, check_split_rope, check_softmax,
+            check_elementwise, check_data_movement,
             check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k, check_weight_sums,
             check_moe_routing, check_moe_qwen_shape, check_moe_glm_shape,
             check_attention_gqa, check_attention_mla, check_shape_errors);

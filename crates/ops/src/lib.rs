@@ -206,6 +206,42 @@ pub trait Backend: Send + Sync {
         xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect()
     }
 
+    /// GQA's step between the projections and attention: `norm_ropes` of q `[n, Hq, D]` and k
+    /// `[n, Hkv, D]` (each `(x, w, eps)`), then k's result and v `[n, Hkv * D]` written to rows
+    /// `row0..row0 + n` of the caches `[S, Hkv * D]` (`write_rows_many`). Returns q's result.
+    /// A backend may write the caches from the norm's own launch (the default runs the ops).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_ropes_to_cache(
+        &self,
+        q: (&T<Self>, &T<Self>, f32),
+        k: (&T<Self>, &T<Self>, f32),
+        v: &T<Self>,
+        positions: &T<Self>,
+        spec: Rope,
+        caches: (&T<Self>, &T<Self>),
+        row0: usize,
+    ) -> Result<T<Self>> {
+        norm_ropes_to_cache_separately(self, q, k, v, positions, spec, caches, row0)
+    }
+
+    /// `split_rope` of x `[n, 1, C]` at `a`, both parts written to rows `row0..row0 + n` of
+    /// `cache` `[S, C]` as they lie in x (first part, then the rotated part) instead of
+    /// returned: MLA's compressed kv row into its latent cache. A backend may write the cache
+    /// from the split's own launch (the default splits, then writes both parts).
+    #[allow(clippy::too_many_arguments)]
+    fn split_rope_to_cache(
+        &self,
+        x: &T<Self>,
+        a: usize,
+        norm: Option<(&T<Self>, f32)>,
+        positions: &T<Self>,
+        spec: Rope,
+        cache: &T<Self>,
+        row0: usize,
+    ) -> Result<()> {
+        split_rope_to_cache_separately(self, x, a, norm, positions, spec, cache, row0)
+    }
+
     /// MLA's split of each head of x `[n, H, C]` at column `a`: `(x[.., :a], rope(x[.., a:],
     /// positions, spec))`, the first part normed when `norm = Some((w [a], eps))`. GLM's query
     /// heads (no norm) and its compressed kv row (H = 1, kv_a_layernorm), so a backend can do
@@ -268,6 +304,29 @@ pub trait Backend: Send + Sync {
         bias: &T<Self>,
         spec: GroupedRouter,
     ) -> Result<(T<Self>, T<Self>)>;
+
+    /// `route_softmax(linear(x, router, Auto), k, renormalize)`: the router's product and its
+    /// picks, so a backend can do both in one launch (the default runs the two ops).
+    fn router_softmax(
+        &self,
+        x: &T<Self>,
+        router: &Self::Weight,
+        k: usize,
+        renormalize: bool,
+    ) -> Result<(T<Self>, T<Self>)> {
+        self.route_softmax(&self.linear(x, router, LinearPath::Auto)?, k, renormalize)
+    }
+
+    /// `route_sigmoid_grouped(linear(x, router, Auto), bias, spec)`, likewise.
+    fn router_sigmoid_grouped(
+        &self,
+        x: &T<Self>,
+        router: &Self::Weight,
+        bias: &T<Self>,
+        spec: GroupedRouter,
+    ) -> Result<(T<Self>, T<Self>)> {
+        self.route_sigmoid_grouped(&self.linear(x, router, LinearPath::Auto)?, bias, spec)
+    }
 
     /// Mixture of experts: x `[n, H]`, ids u32 `[n, k]`, weights f32 `[n, k]`.
     /// `out[t] = shared(x[t]) + Σ_slot weights[t,slot] * expert(ids[t,slot])(x[t])`, where an
@@ -342,6 +401,53 @@ pub trait Backend: Send + Sync {
     fn device_weight_sums(&self) -> bool {
         false
     }
+}
+
+/// [`Backend::norm_ropes_to_cache`] as `norm_ropes` and `write_rows_many`: the trait's default,
+/// and what a backend falls back to where its one-launch form does not fit.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_ropes_to_cache_separately<B: Backend + ?Sized>(
+    b: &B,
+    q: (&T<B>, &T<B>, f32),
+    k: (&T<B>, &T<B>, f32),
+    v: &T<B>,
+    positions: &T<B>,
+    spec: Rope,
+    caches: (&T<B>, &T<B>),
+    row0: usize,
+) -> Result<T<B>> {
+    let [qr, kr]: [T<B>; 2] = b
+        .norm_ropes(&[q, k], positions, spec)?
+        .try_into()
+        .map_err(|_| Error::Shape { op: "norm_ropes_to_cache", detail: "not two outputs".into() })?;
+    let n = kr.shape().first().copied().unwrap_or(0);
+    let kr = kr.reshape(&[n, kr.numel() / n.max(1)])?;
+    b.write_rows_many(&[(caches.0, &kr, row0, 0), (caches.1, v, row0, 0)])?;
+    Ok(qr)
+}
+
+/// [`Backend::split_rope_to_cache`] as `split_rope` and `write_rows_many`: the trait's default,
+/// and what a backend falls back to where its one-launch form does not fit.
+#[allow(clippy::too_many_arguments)]
+pub fn split_rope_to_cache_separately<B: Backend + ?Sized>(
+    b: &B,
+    x: &T<B>,
+    a: usize,
+    norm: Option<(&T<B>, f32)>,
+    positions: &T<B>,
+    spec: Rope,
+    cache: &T<B>,
+    row0: usize,
+) -> Result<()> {
+    let &[n, 1, c] = x.shape() else {
+        return Err(Error::Shape {
+            op: "split_rope_to_cache",
+            detail: format!("x {:?}, not [n, 1, C]", x.shape()),
+        });
+    };
+    let (first, rest) = b.split_rope(x, a, norm, positions, spec)?;
+    let (first, rest) = (first.reshape(&[n, a])?, rest.reshape(&[n, c - a])?);
+    b.write_rows_many(&[(cache, &first, row0, 0), (cache, &rest, row0, a)])
 }
 
 /// [`Backend::split_rope`] as its separate ops (two slices, the norm, the rotation): the trait's

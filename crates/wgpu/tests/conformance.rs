@@ -21,7 +21,7 @@ fn hardware_adapter() -> Option<WgpuBackend> {
 conformance_tests!(@each any_adapter(), "wgpu adapter";
     check_paths, check_memory, check_cast,
     check_linear_odd_shapes, check_linear_router_shapes, check_head_linear, check_embedding,
-    check_rms_norm, check_rope, check_norm_rope, check_split_rope, check_softmax, check_elementwise, check_data_movement,
+    check_rms_norm, check_rope, check_norm_rope, check_norm_ropes_to_cache, check_split_rope, check_softmax, check_elementwise, check_data_movement,
     check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k, check_weight_sums,
     check_moe_routing, check_attention_gqa, check_attention_mla, check_shape_errors);
 
@@ -41,7 +41,7 @@ mod runtime_checks {
 
     conformance_tests!(@each checked_adapter(), "wgpu adapter";
         check_linear_odd_shapes, check_linear_router_shapes, check_head_linear, check_embedding,
-        check_rms_norm, check_rope, check_norm_rope, check_split_rope, check_softmax, check_elementwise, check_data_movement,
+        check_rms_norm, check_rope, check_norm_rope, check_norm_ropes_to_cache, check_split_rope, check_softmax, check_elementwise, check_data_movement,
         check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
         check_moe_routing, check_attention_gqa, check_attention_mla);
 }
