@@ -58,8 +58,6 @@ EARLY_LOADS = {
         "head_rows_gemv",
         *(f"gemv_l{lpr}_m{m}" for lpr in (8, 16, 32) for m in (1, 4)),
         *(f"gemv_l{lpr}_m1_r1" for lpr in (8, 16, 32, 64, 128)),
-        "router_softmax",
-        "router_sigmoid_grouped",
     ],
 }
 

@@ -17,7 +17,7 @@
 //   address, load, multiply), which left the MoE and lm_head products instruction-bound near
 //   1 TB/s on the H100;
 // - lane partials are combined with shuffles inside the group, in a fixed order (deterministic).
-#include "route.cuh"
+#include "common.cuh"
 
 #define GEMV_THREADS 128
 #define GEMV_ROWS 4
@@ -284,51 +284,6 @@ GEMV(16, 1, 1, gemv_l16_m1_r1)
 GEMV(32, 1, 1, gemv_l32_m1_r1)
 GEMV(64, 1, 1, gemv_l64_m1_r1)
 GEMV(128, 1, 1, gemv_l128_m1_r1)
-
-// Backend::router_softmax / router_sigmoid_grouped at one token: the router's product (one
-// row per block of GEMV_THREADS lanes, as gemv_l128_m1_r1) and its picks in one launch. Each
-// block writes its logit; the last block to take a ticket routes (and resets the counter for the
-// next launch). The route's own launch cost 3.7 us per Qwen3 decode layer.
-__device__ __forceinline__ bool router_last_block(u32* ticket) {
-    __shared__ bool last;
-    __threadfence(); // this block's logit is visible before its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-        if (last) *ticket = 0u;
-    }
-    __syncthreads();
-    return last;
-}
-
-// The last block's first warp: the logits (other blocks' writes: read from L2) into `row`.
-__device__ __forceinline__ void router_row(const float* logits, float* row, int e) {
-    __threadfence();
-    for (int i = threadIdx.x; i < e; i += 32) row[i] = __ldcg(logits + i);
-    __syncwarp();
-}
-
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
-    router_softmax(W w, const float* x, int xs, float* logits, u32* ticket, u32* ids, float* weights, int e, int k,
-                   int renormalize) {
-    gemv_body<GEMV_THREADS, 1, 1>(w, x, xs, logits, 1);
-    if (!router_last_block(ticket) || threadIdx.x >= 32) return;
-    __shared__ float row[ROUTE_MAX_E], p[ROUTE_MAX_E];
-    __shared__ int sel[ROUTE_MAX_E];
-    router_row(logits, row, e);
-    softmax_token_any(row, p, sel, ids, weights, 0, e, k, renormalize);
-}
-
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
-    router_sigmoid_grouped(W w, const float* x, int xs, float* logits, u32* ticket, const float* bias, u32* ids,
-                           float* weights, int e, int k, int n_group, int topk_group, int renormalize, float scale) {
-    gemv_body<GEMV_THREADS, 1, 1>(w, x, xs, logits, 1);
-    if (!router_last_block(ticket) || threadIdx.x >= 32) return;
-    __shared__ float row[ROUTE_MAX_E];
-    __shared__ SigmoidSmem sm;
-    router_row(logits, row, e);
-    sigmoid_token_any(row, bias, sm, ids, weights, 0, e, k, n_group, topk_group, renormalize, scale);
-}
 
 // What a MoE decode block works on, shared by the SIMT and tensor-core kernels. Built in two
 // parts: the block's role before the programmatic-launch wait (weights only), its expert after

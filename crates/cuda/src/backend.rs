@@ -167,7 +167,7 @@ pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 const ATT_MAX_DV: usize = 512;
 /// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
 const ATT_MAX_ROPE: usize = 128;
-/// ROUTE_MAX_E in kernels/route.cuh.
+/// ROUTE_MAX_E in kernels/route.cu.
 const ROUTE_MAX_E: usize = 512;
 
 fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
@@ -974,33 +974,6 @@ impl CudaBackend {
                 Arg::Ptr(shift),
             ],
         )
-    }
-
-    /// x as the f32 row gemv.cu's router kernels read, where they take this product: one
-    /// token, 16-bit router rows (as `gemv` would run them: gemv_l128_m1_r1, so the logits are
-    /// the same bits) long enough for a lane per chunk, at most ROUTE_MAX_E experts.
-    fn router_fits(&self, x: &CT, router: &CudaWeight) -> Result<Option<CT>> {
-        self.check("linear", x, &[DType::F32, DType::BF16])?;
-        let fits = !x.shape().is_empty()
-            && x.rows() == 1
-            && x.last_dim() == router.cols
-            && !router.kind.is_fp4()
-            && router.cols.is_multiple_of(8)
-            && wide_lanes_per_row(router.cols / 8) == GEMV_THREADS as usize
-            && (1..=ROUTE_MAX_E).contains(&router.rows);
-        if !fits {
-            return Ok(None);
-        }
-        Ok(Some(self.padded(x, 1, router.cols, router.cols, DType::F32)?))
-    }
-
-    /// A router launch's logits `[1, e]` (its blocks' products) and its ids and weights `[1, k]`.
-    fn router_outputs(&self, e: usize, k: usize) -> Result<(CT, CT, CT)> {
-        Ok((
-            self.empty(&[1, e], DType::F32)?,
-            self.empty(&[1, k], DType::U32)?,
-            self.empty(&[1, k], DType::F32)?,
-        ))
     }
 
     /// The copies of `cs` (one or two, same element size) as one launch of elementwise.cu's
@@ -2198,74 +2171,6 @@ impl Backend for CudaBackend {
                 Arg::Ptr(ids.storage.ptr()),
                 Arg::Ptr(w.storage.ptr()),
                 Arg::I32(n as i32),
-                Arg::I32(e as i32),
-                Arg::I32(k as i32),
-                Arg::I32(n_group as i32),
-                Arg::I32(topk_group as i32),
-                Arg::I32(renormalize as i32),
-                Arg::F32(scale),
-            ],
-        )?;
-        Ok((ids, w))
-    }
-
-    fn router_softmax(&self, x: &CT, router: &CudaWeight, k: usize, renormalize: bool) -> Result<(CT, CT)> {
-        let Some(xp) = self.router_fits(x, router)? else {
-            return self.route_softmax(&self.linear(x, router, LinearPath::Auto)?, k, renormalize);
-        };
-        let e = router.rows;
-        fp4moe_ops::check::route_softmax(&[1, e], k)?;
-        let (logits, ids, w) = self.router_outputs(e, k)?;
-        self.run(
-            "gemv.cu",
-            "router_softmax",
-            (e as u32, 1, 1),
-            GEMV_THREADS,
-            &[
-                Arg::Raw(router.args()),
-                Arg::Ptr(xp.storage.ptr()),
-                Arg::I32(router.cols as i32),
-                Arg::Ptr(logits.storage.ptr()),
-                Arg::Ptr(self.dev.ticket()),
-                Arg::Ptr(ids.storage.ptr()),
-                Arg::Ptr(w.storage.ptr()),
-                Arg::I32(e as i32),
-                Arg::I32(k as i32),
-                Arg::I32(renormalize as i32),
-            ],
-        )?;
-        Ok((ids, w))
-    }
-
-    fn router_sigmoid_grouped(
-        &self,
-        x: &CT,
-        router: &CudaWeight,
-        bias: &CT,
-        spec: GroupedRouter,
-    ) -> Result<(CT, CT)> {
-        let Some(xp) = self.router_fits(x, router)? else {
-            return self.route_sigmoid_grouped(&self.linear(x, router, LinearPath::Auto)?, bias, spec);
-        };
-        let e = router.rows;
-        self.check("route_sigmoid_grouped", bias, &[DType::F32])?;
-        fp4moe_ops::check::route_sigmoid_grouped(&[1, e], bias.shape(), spec)?;
-        let GroupedRouter { k, n_group, topk_group, renormalize, scale } = spec;
-        let (logits, ids, w) = self.router_outputs(e, k)?;
-        self.run(
-            "gemv.cu",
-            "router_sigmoid_grouped",
-            (e as u32, 1, 1),
-            GEMV_THREADS,
-            &[
-                Arg::Raw(router.args()),
-                Arg::Ptr(xp.storage.ptr()),
-                Arg::I32(router.cols as i32),
-                Arg::Ptr(logits.storage.ptr()),
-                Arg::Ptr(self.dev.ticket()),
-                Arg::Ptr(bias.storage.ptr()),
-                Arg::Ptr(ids.storage.ptr()),
-                Arg::Ptr(w.storage.ptr()),
                 Arg::I32(e as i32),
                 Arg::I32(k as i32),
                 Arg::I32(n_group as i32),

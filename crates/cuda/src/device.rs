@@ -30,7 +30,6 @@ fn headers() -> Vec<(&'static str, String)> {
         ("fp4.cuh", fp4::codegen::cuda()),
         ("sampling.cuh", fp4moe_ops::sampling::cuda_header()),
         ("common.cuh", include_str!("../kernels/common.cuh").to_string()),
-        ("route.cuh", include_str!("../kernels/route.cuh").to_string()),
     ]
 }
 
@@ -248,10 +247,6 @@ pub(crate) struct Device {
     /// zero buffer outside recording, the graph's own shift while recording (Backend::replay).
     row_shift: Mutex<u64>,
     zero_row_shift: OnceLock<Buf>,
-    /// A zeroed u32 that a launch's blocks count themselves on to find the last one to finish
-    /// (gemv.cu's router kernels), which sets it back to zero. Launches on the stream run in
-    /// order, and a kernel's counting comes after its programmatic-launch wait, so one suffices.
-    ticket: OnceLock<Buf>,
     /// The replay timeline, when [`TRACE_ENV`] asks for it.
     trace: Option<Trace>,
     /// Kernels launched so far, and the launch count after the last cache row write
@@ -396,7 +391,6 @@ impl Device {
             }),
             row_shift: Mutex::new(0),
             zero_row_shift: OnceLock::new(),
-            ticket: OnceLock::new(),
             trace: None,
             launches: 0.into(),
             last_row_write: Mutex::new((0, Vec::new())),
@@ -405,9 +399,6 @@ impl Device {
         let zero = dev.alloc_exact(4)?;
         dev.set_u32(zero.ptr, 0)?;
         let _ = dev.zero_row_shift.set(zero);
-        let ticket = dev.alloc_exact(4)?;
-        dev.set_u32(ticket.ptr, 0)?;
-        let _ = dev.ticket.set(ticket);
         let traced = std::env::var_os(TRACE_ENV).is_some_and(|v| v == "1");
         let trace = if traced {
             let buf = dev.alloc_exact(8 * (1 + TRACE_CAP))?;
@@ -436,11 +427,6 @@ impl Device {
     /// The zero row shift, for copies that are not cache writes.
     pub fn no_row_shift(&self) -> u64 {
         self.zero_row_shift.get().map_or(0, |z| z.ptr)
-    }
-
-    /// The launch counter of kernels that find their last block (see `ticket`).
-    pub fn ticket(&self) -> u64 {
-        self.ticket.get().map_or(0, |t| t.ptr)
     }
 
     /// Points the row shift of the ops enqueued from now on at `ptr` (0: the zero buffer).

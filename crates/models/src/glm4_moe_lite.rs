@@ -443,6 +443,7 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         match ffn {
             Ffn::Dense(mlp) => mlp.forward(b, h),
             Ffn::Moe { router, bias, experts } => {
+                let logits = b.linear(h, router, LinearPath::Auto)?;
                 let spec = GroupedRouter {
                     k: c.top_k,
                     n_group: c.n_group,
@@ -450,7 +451,7 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
                     renormalize: c.norm_topk_prob,
                     scale: c.routed_scaling_factor,
                 };
-                let (ids, w) = b.router_sigmoid_grouped(h, router, bias, spec)?;
+                let (ids, w) = b.route_sigmoid_grouped(&logits, bias, spec)?;
                 experts.forward(b, h, &ids, &w)
             }
         }

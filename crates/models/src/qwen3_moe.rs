@@ -318,7 +318,8 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         match ffn {
             Ffn::Dense(mlp) => mlp.forward(b, h),
             Ffn::Moe { router, experts } => {
-                let (ids, w) = b.router_softmax(h, router, self.cfg.top_k, self.cfg.norm_topk_prob)?;
+                let logits = b.linear(h, router, LinearPath::Auto)?;
+                let (ids, w) = b.route_softmax(&logits, self.cfg.top_k, self.cfg.norm_topk_prob)?;
                 experts.forward(b, h, &ids, &w)
             }
         }

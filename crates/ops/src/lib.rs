@@ -305,29 +305,6 @@ pub trait Backend: Send + Sync {
         spec: GroupedRouter,
     ) -> Result<(T<Self>, T<Self>)>;
 
-    /// `route_softmax(linear(x, router, Auto), k, renormalize)`: the router's product and its
-    /// picks, so a backend can do both in one launch (the default runs the two ops).
-    fn router_softmax(
-        &self,
-        x: &T<Self>,
-        router: &Self::Weight,
-        k: usize,
-        renormalize: bool,
-    ) -> Result<(T<Self>, T<Self>)> {
-        self.route_softmax(&self.linear(x, router, LinearPath::Auto)?, k, renormalize)
-    }
-
-    /// `route_sigmoid_grouped(linear(x, router, Auto), bias, spec)`, likewise.
-    fn router_sigmoid_grouped(
-        &self,
-        x: &T<Self>,
-        router: &Self::Weight,
-        bias: &T<Self>,
-        spec: GroupedRouter,
-    ) -> Result<(T<Self>, T<Self>)> {
-        self.route_sigmoid_grouped(&self.linear(x, router, LinearPath::Auto)?, bias, spec)
-    }
-
     /// Mixture of experts: x `[n, H]`, ids u32 `[n, k]`, weights f32 `[n, k]`.
     /// `out[t] = shared(x[t]) + Σ_slot weights[t,slot] * expert(ids[t,slot])(x[t])`, where an
     /// expert (and the shared one) is `down · (silu(gate·x) * (up·x))` with `gate_up` rows
