@@ -26,7 +26,8 @@
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
 #   `ab` compares a previous build with this one in the same call: copy the previous commit's
 #   fp4moe and bench_layers to out/cuda/base_fp4moe and out/cuda/base_bench_layers first; it
-#   runs `bench model` on both models AB_ROUNDS times (default 2) alternating the two binaries,
+#   runs `bench model` on both models AB_ROUNDS times (default 2) alternating the two binaries
+#   (AB_BINS: other binaries under out/cuda, in order, e.g. "base_fp4moe mid_fp4moe fp4moe"),
 #   then both bench_layers (LAYERS_ARGS="--decode" for the one-token shapes only).
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4moe-cuda-out}
@@ -166,7 +167,7 @@ if has ab; then
     # AB_SAMPLING: `;`-separated bench model sampling flags, one run each (default: greedy).
     IFS=';' read -ra SETS <<<"${AB_SAMPLING:- }"
     for i in $(seq ${AB_ROUNDS:-2}); do
-        for b in base_fp4moe fp4moe; do
+        for b in ${AB_BINS:-base_fp4moe fp4moe}; do
             for m in qwen3-30b-a3b glm-4.7-flash; do
                 for s in "${SETS[@]}"; do
                     r=$(timeout 200 $BIN/$b bench model --backend cuda --synthetic $m --prefill $PREFILL --decode-tokens 64 $s 2>&1 |

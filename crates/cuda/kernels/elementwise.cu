@@ -69,6 +69,53 @@ extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ a, const f
     rms_norm_row(a, b, w, sum, y, d, eps);
 }
 
+// Backend::moe_add_rms_norm at decode: the MoE's terms part [n, terms, d] (moe_down's products)
+// summed in term order as moe_sum_terms sums them, added to a, that sum written and normed; the
+// sum's own launch cost 2.3 us per Qwen3 decode layer. One block per row; each thread requests
+// every term of its TERMS_NORM_REG elements at once (d <= TERMS_NORM_THREADS * TERMS_NORM_REG,
+// terms <= TERMS_NORM_MAX: the host checks).
+#define TERMS_NORM_THREADS 512
+#define TERMS_NORM_REG 4
+#define TERMS_NORM_MAX 16
+extern "C" __global__ void __launch_bounds__(TERMS_NORM_THREADS)
+    add_terms_rms_norm_f32(const float* __restrict__ a, const float* __restrict__ part, int terms,
+                           const float* __restrict__ w, float* __restrict__ sum, float* __restrict__ y, int d,
+                           float eps) {
+    if (blockIdx.x == 0) prefetch_l2(w, (size_t)d * sizeof(float));
+    pdl_enter();
+    __shared__ float red[32];
+    const size_t r0 = (size_t)blockIdx.x * d;
+    const float* pr = part + (size_t)blockIdx.x * terms * d;
+    float t[TERMS_NORM_MAX][TERMS_NORM_REG], v[TERMS_NORM_REG], wv[TERMS_NORM_REG];
+#pragma unroll
+    for (int c = 0; c < TERMS_NORM_REG; c++) {
+        const int i = threadIdx.x + c * TERMS_NORM_THREADS;
+        v[c] = i < d ? a[r0 + i] : 0.0f;
+        wv[c] = i < d ? w[i] : 0.0f;
+#pragma unroll
+        for (int s = 0; s < TERMS_NORM_MAX; s++) t[s][c] = s < terms && i < d ? pr[(size_t)s * d + i] : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int c = 0; c < TERMS_NORM_REG; c++) {
+        float acc = t[0][c];
+#pragma unroll
+        for (int s = 1; s < TERMS_NORM_MAX; s++)
+            if (s < terms) acc += t[s][c];
+        v[c] += acc;
+        ss += v[c] * v[c];
+    }
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
+#pragma unroll
+    for (int c = 0; c < TERMS_NORM_REG; c++) {
+        const int i = threadIdx.x + c * TERMS_NORM_THREADS;
+        if (i >= d) continue;
+        sum[r0 + i] = v[c];
+        y[r0 + i] = wv[c] * (v[c] * r);
+    }
+}
+
 // One thread per (token, head, pair). inv_freq [dims/2] comes from the host, computed as the
 // reference computes it. style 0 = NeoX (i, i + dims/2), 1 = interleaved (2i, 2i + 1).
 extern "C" __global__ void rope_f32(const float* x, const u32* pos, const float* inv_freq, float* y, int n,

@@ -68,6 +68,10 @@ const TCM_COLS: usize = 4;
 const TCM_MAX_L: usize = TCM_COLS * 16 * 8;
 const TCM_MAX_W: usize = TCM_COLS * 18 * 8;
 const ROW_THREADS: u32 = 256;
+/// TERMS_NORM_THREADS / TERMS_NORM_REG / TERMS_NORM_MAX in kernels/elementwise.cu.
+const TERMS_NORM_THREADS: u32 = 512;
+const TERMS_NORM_REG: usize = 4;
+const TERMS_NORM_MAX: usize = 16;
 /// norm_rope_f32 (elementwise.cu): rows (warps) per block, and the widest head it holds
 /// (32 * NORM_ROPE_REG); wider heads take rms_norm then rope.
 const NORM_ROPE_WARPS: u32 = 4;
@@ -976,6 +980,95 @@ impl CudaBackend {
         )
     }
 
+    /// `moe`, then with `norm = Some((r, w, eps))` `add_rms_norm(r, moe, w, eps)`: (moe, None)
+    /// or (the sum, Some(its norm)). The decode path's terms go to the norm's launch unsummed.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_then(
+        &self,
+        x: &CT,
+        ids: &CT,
+        weights: &CT,
+        experts: MoeWeights<'_, CudaWeight>,
+        path: MoePath,
+        norm: Option<(&CT, &CT, f32)>,
+    ) -> Result<(CT, Option<CT>)> {
+        const OP: &str = "moe";
+        let finish = |out: CT| -> Result<(CT, Option<CT>)> {
+            match norm {
+                None => Ok((out, None)),
+                Some((r, w, eps)) => self.add_rms_norm(r, &out, w, eps).map(|(sum, y)| (sum, Some(y))),
+            }
+        };
+        self.check(OP, x, &[DType::F32])?;
+        self.check(OP, ids, &[DType::U32])?;
+        self.check(OP, weights, &[DType::F32])?;
+        let MoeWeights { gate_up, down, n_experts, shared } = experts;
+        let s = x.shape();
+        let (gu_rows, h) = (gate_up.rows, gate_up.cols);
+        let bad = |d: String| Err(shape_err(OP, d));
+        if s.len() != 2 || s[1] != h {
+            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
+        }
+        if n_experts == 0 || gu_rows % (2 * n_experts) != 0 {
+            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
+        }
+        let inter = gu_rows / (2 * n_experts);
+        if [down.rows, down.cols] != [n_experts * h, inter] {
+            return bad(format!(
+                "down [{}, {}], expected [{}, {inter}]",
+                down.rows,
+                down.cols,
+                n_experts * h
+            ));
+        }
+        let n = s[0];
+        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
+            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
+        }
+        let k = ids.shape()[1];
+        if let Some((sgu, sd)) = shared {
+            let (r, c) = (sgu.rows, sgu.cols);
+            if c != h || r % 2 != 0 || [sd.rows, sd.cols] != [h, r / 2] {
+                return bad(format!("shared gate_up [{r}, {c}] / down [{}, {}] for H {h}", sd.rows, sd.cols));
+            }
+        }
+        if n == 0 || k == 0 {
+            let out = self.zeroed(&[n, h], DType::F32).and_then(|z| match shared {
+                Some((sgu, sd)) if n > 0 => {
+                    let hs = self.linear(x, sgu, LinearPath::Decode)?;
+                    let a = self.silu_mul(&hs)?;
+                    self.linear(&a, sd, LinearPath::Decode)
+                }
+                _ => Ok(z),
+            })?;
+            return finish(out);
+        }
+        let path = match path {
+            MoePath::Auto => self.config.moe_path(n),
+            p => p,
+        };
+        match path {
+            // The grouped GEMM is an FP4 kernel; dense experts take the GEMV path for every size.
+            MoePath::Prefill { n_tile } if gate_up.kind.is_fp4() && down.kind.is_fp4() => {
+                finish(self.moe_grouped(x, ids, weights, experts, n, k, h, inter, n_tile)?)
+            }
+            MoePath::Prefill { n_tile } if !GEMM_N_TILES.contains(&n_tile) => Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("prefill n_tile {n_tile}"),
+            }),
+            _ => {
+                let (part, terms) = self.moe_decode(x, ids, weights, experts, n, k, h, inter)?;
+                if let Some((r, w, eps)) = norm
+                    && let Some((sum, y)) = self.add_terms_rms_norm(r, &part, terms, w, eps)?
+                {
+                    return Ok((sum, Some(y)));
+                }
+                finish(self.moe_sum(&part, n, terms, h)?)
+            }
+        }
+    }
+
     /// The copies of `cs` (one or two, same element size) as one launch of elementwise.cu's
     /// copy2d kernels; `shifted`: row0 also moves by the row shift of a replayed graph (cache
     /// writes only).
@@ -1026,7 +1119,7 @@ impl CudaBackend {
         k: usize,
         h: usize,
         inter: usize,
-    ) -> Result<CT> {
+    ) -> Result<(CT, usize)> {
         let (gu, down) = (e.gate_up, e.down);
         let xs = [Some(gu), e.shared.map(|s| s.0)].iter().flatten().map(|w| w.kp).max().unwrap_or(h);
         let xp = self.padded(x, n, h, xs, DType::F32)?;
@@ -1154,6 +1247,11 @@ impl CudaBackend {
                 Arg::I32(e.n_experts as i32),
             ],
         )?;
+        Ok((part, terms))
+    }
+
+    /// The MoE decode output `[n, h]`: its terms `part` `[n, terms, h]` summed in term order.
+    fn moe_sum(&self, part: &CT, n: usize, terms: usize, h: usize) -> Result<CT> {
         let out = self.empty(&[n, h], DType::F32)?;
         self.run(
             "gemv.cu",
@@ -1169,6 +1267,46 @@ impl CudaBackend {
             ],
         )?;
         Ok(out)
+    }
+
+    /// `add_rms_norm(r, moe_sum(part))` as one launch (add_terms_rms_norm_f32), or None where
+    /// that kernel does not take these shapes.
+    fn add_terms_rms_norm(
+        &self,
+        r: &CT,
+        part: &CT,
+        terms: usize,
+        w: &CT,
+        eps: f32,
+    ) -> Result<Option<(CT, CT)>> {
+        const OP: &str = "add_rms_norm";
+        let d = self.norm_width(OP, r, w)?;
+        let n = r.rows();
+        if part.shape() != [n, terms, d]
+            || d > TERMS_NORM_THREADS as usize * TERMS_NORM_REG
+            || terms > TERMS_NORM_MAX
+        {
+            return Ok(None);
+        }
+        let sum = self.empty(r.shape(), DType::F32)?;
+        let y = self.empty(r.shape(), DType::F32)?;
+        self.run(
+            "elementwise.cu",
+            "add_terms_rms_norm_f32",
+            (n as u32, 1, 1),
+            TERMS_NORM_THREADS,
+            &[
+                Arg::Ptr(r.storage.ptr()),
+                Arg::Ptr(part.storage.ptr()),
+                Arg::I32(terms as i32),
+                Arg::Ptr(w.storage.ptr()),
+                Arg::Ptr(sum.storage.ptr()),
+                Arg::Ptr(y.storage.ptr()),
+                Arg::I32(d as i32),
+                Arg::F32(eps),
+            ],
+        )?;
+        Ok(Some((sum, y)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2190,65 +2328,23 @@ impl Backend for CudaBackend {
         experts: MoeWeights<'_, CudaWeight>,
         path: MoePath,
     ) -> Result<CT> {
-        const OP: &str = "moe";
-        self.check(OP, x, &[DType::F32])?;
-        self.check(OP, ids, &[DType::U32])?;
-        self.check(OP, weights, &[DType::F32])?;
-        let MoeWeights { gate_up, down, n_experts, shared } = experts;
-        let s = x.shape();
-        let (gu_rows, h) = (gate_up.rows, gate_up.cols);
-        let bad = |d: String| Err(shape_err(OP, d));
-        if s.len() != 2 || s[1] != h {
-            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
-        }
-        if n_experts == 0 || gu_rows % (2 * n_experts) != 0 {
-            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
-        }
-        let inter = gu_rows / (2 * n_experts);
-        if [down.rows, down.cols] != [n_experts * h, inter] {
-            return bad(format!(
-                "down [{}, {}], expected [{}, {inter}]",
-                down.rows,
-                down.cols,
-                n_experts * h
-            ));
-        }
-        let n = s[0];
-        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
-            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
-        }
-        let k = ids.shape()[1];
-        if let Some((sgu, sd)) = shared {
-            let (r, c) = (sgu.rows, sgu.cols);
-            if c != h || r % 2 != 0 || [sd.rows, sd.cols] != [h, r / 2] {
-                return bad(format!("shared gate_up [{r}, {c}] / down [{}, {}] for H {h}", sd.rows, sd.cols));
-            }
-        }
-        if n == 0 || k == 0 {
-            return self.zeroed(&[n, h], DType::F32).and_then(|z| match shared {
-                Some((sgu, sd)) if n > 0 => {
-                    let hs = self.linear(x, sgu, LinearPath::Decode)?;
-                    let a = self.silu_mul(&hs)?;
-                    self.linear(&a, sd, LinearPath::Decode)
-                }
-                _ => Ok(z),
-            });
-        }
-        let path = match path {
-            MoePath::Auto => self.config.moe_path(n),
-            p => p,
-        };
-        match path {
-            // The grouped GEMM is an FP4 kernel; dense experts take the GEMV path for every size.
-            MoePath::Prefill { n_tile } if gate_up.kind.is_fp4() && down.kind.is_fp4() => {
-                self.moe_grouped(x, ids, weights, experts, n, k, h, inter, n_tile)
-            }
-            MoePath::Prefill { n_tile } if !GEMM_N_TILES.contains(&n_tile) => Err(Error::Unsupported {
-                op: OP,
-                backend: self.name(),
-                what: format!("prefill n_tile {n_tile}"),
-            }),
-            _ => self.moe_decode(x, ids, weights, experts, n, k, h, inter),
+        Ok(self.moe_then(x, ids, weights, experts, path, None)?.0)
+    }
+
+    fn moe_add_rms_norm(
+        &self,
+        x: &CT,
+        ids: &CT,
+        weights: &CT,
+        experts: MoeWeights<'_, CudaWeight>,
+        path: MoePath,
+        r: &CT,
+        w: &CT,
+        eps: f32,
+    ) -> Result<(CT, CT)> {
+        match self.moe_then(x, ids, weights, experts, path, Some((r, w, eps)))? {
+            (sum, Some(y)) => Ok((sum, y)),
+            (_, None) => Err(Error::Device("moe_add_rms_norm: the norm was not run".into())),
         }
     }
 

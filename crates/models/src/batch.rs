@@ -226,8 +226,16 @@ pub(crate) trait Stack<B: Backend> {
         plan: &BatchPlan,
         states: &[&Self::State],
     ) -> Result<T<B>>;
-    /// An FFN block (dense or MoE): h `[N, H]` -> `[N, H]`.
-    fn ffn(&self, ffn: &Self::Ffn, h: &T<B>) -> Result<T<B>>;
+    /// An FFN block (dense or MoE) of h `[N, H]` added to the residual x `[N, H]`, and that
+    /// sum normed by `next` (the next layer's input norm) when given: `(x + ffn(h),
+    /// next(x + ffn(h)))`.
+    fn ffn_add(
+        &self,
+        ffn: &Self::Ffn,
+        h: &T<B>,
+        x: &T<B>,
+        next: Option<&Norm<B>>,
+    ) -> Result<(T<B>, Option<T<B>>)>;
 }
 
 /// Embedding, every layer, final norm and lm_head on the plan's logits rows: ids and positions
@@ -251,10 +259,10 @@ fn logits<B: Backend, M: Stack<B>>(
     for (l, layer) in w.layers.iter().enumerate() {
         let a = m.attention(l, &layer.attn, &normed, positions, plan, states)?;
         let (sum, post) = layer.post_norm.add_forward(b, &x, &a)?;
-        let f = m.ffn(&layer.ffn, &post)?;
-        match w.layers.get(l + 1) {
-            Some(next) => (x, normed) = next.input_norm.add_forward(b, &sum, &f)?,
-            None => x = b.add(&sum, &f)?,
+        let (s, next) = m.ffn_add(&layer.ffn, &post, &sum, w.layers.get(l + 1).map(|n| &n.input_norm))?;
+        x = s;
+        if let Some(next) = next {
+            normed = next;
         }
     }
     plan.logits(b, &x, &w.norm, w.lm_head.as_ref().unwrap_or(&w.embed))

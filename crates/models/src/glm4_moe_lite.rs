@@ -437,11 +437,17 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         Ok(b.linear(&o.reshape(&[n, heads * v])?, &at.o_proj, LinearPath::Auto)?)
     }
 
-    fn ffn(&self, ffn: &Ffn<B>, h: &T<B>) -> Result<T<B>> {
+    fn ffn_add(
+        &self,
+        ffn: &Ffn<B>,
+        h: &T<B>,
+        x: &T<B>,
+        next: Option<&Norm<B>>,
+    ) -> Result<(T<B>, Option<T<B>>)> {
         let b = &self.backend;
         let c = &self.cfg;
         match ffn {
-            Ffn::Dense(mlp) => mlp.forward(b, h),
+            Ffn::Dense(mlp) => Norm::add_then(b, x, &mlp.forward(b, h)?, next),
             Ffn::Moe { router, bias, experts } => {
                 let logits = b.linear(h, router, LinearPath::Auto)?;
                 let spec = GroupedRouter {
@@ -452,7 +458,7 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
                     scale: c.routed_scaling_factor,
                 };
                 let (ids, w) = b.route_sigmoid_grouped(&logits, bias, spec)?;
-                experts.forward(b, h, &ids, &w)
+                experts.forward_add(b, h, &ids, &w, x, next)
             }
         }
     }

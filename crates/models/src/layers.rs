@@ -185,6 +185,13 @@ impl<B: Backend> Norm<B> {
     pub fn add_forward(&self, b: &B, x: &T<B>, a: &T<B>) -> Result<(T<B>, T<B>)> {
         Ok(b.add_rms_norm(x, a, &self.weight, self.eps)?)
     }
+    /// `(x + a, norm(x + a))` with `norm` given, else `(x + a, None)`: an FFN's residual add.
+    pub fn add_then(b: &B, x: &T<B>, a: &T<B>, norm: Option<&Self>) -> Result<(T<B>, Option<T<B>>)> {
+        match norm {
+            Some(n) => n.add_forward(b, x, a).map(|(s, y)| (s, Some(y))),
+            None => Ok((b.add(x, a)?, None)),
+        }
+    }
     /// This norm over heads x `[n, H, D]` as an input of `Backend::norm_ropes` (`rope(forward(x))`).
     pub fn rope_input<'a>(&'a self, x: &'a T<B>) -> (&'a T<B>, &'a T<B>, f32) {
         (x, &self.weight, self.eps)
@@ -248,15 +255,31 @@ impl<B: Backend> Experts<B> {
         }
         Ok(Experts { gate_up: b.upload_weight(&gate_up)?, down: b.upload_weight(&down)?, n_experts, shared })
     }
-    /// x `[n, H]`, ids u32 `[n, k]`, weights f32 `[n, k]` -> `[n, H]`.
-    pub fn forward(&self, b: &B, x: &T<B>, ids: &T<B>, weights: &T<B>) -> Result<T<B>> {
+    /// The experts of h `[n, H]` (ids u32 `[n, k]`, weights f32 `[n, k]`) added to the residual
+    /// x `[n, H]`, and that sum normed by `norm` when given (`Backend::moe_add_rms_norm`).
+    pub fn forward_add(
+        &self,
+        b: &B,
+        h: &T<B>,
+        ids: &T<B>,
+        weights: &T<B>,
+        x: &T<B>,
+        norm: Option<&Norm<B>>,
+    ) -> Result<(T<B>, Option<T<B>>)> {
         let experts = MoeWeights {
             gate_up: &self.gate_up,
             down: &self.down,
             n_experts: self.n_experts,
             shared: self.shared.as_ref().map(|m| (&m.gate_up, &m.down)),
         };
-        Ok(b.moe(x, ids, weights, experts, MoePath::Auto)?)
+        match norm {
+            Some(n) => {
+                let (w, eps) = n.parts();
+                let (s, y) = b.moe_add_rms_norm(h, ids, weights, experts, MoePath::Auto, x, w, eps)?;
+                Ok((s, Some(y)))
+            }
+            None => Ok((b.add(x, &b.moe(h, ids, weights, experts, MoePath::Auto)?)?, None)),
+        }
     }
 }
 

@@ -313,14 +313,20 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         Ok(b.linear(&o, &at.o_proj, LinearPath::Auto)?)
     }
 
-    fn ffn(&self, ffn: &Ffn<B>, h: &T<B>) -> Result<T<B>> {
+    fn ffn_add(
+        &self,
+        ffn: &Ffn<B>,
+        h: &T<B>,
+        x: &T<B>,
+        next: Option<&Norm<B>>,
+    ) -> Result<(T<B>, Option<T<B>>)> {
         let b = &self.backend;
         match ffn {
-            Ffn::Dense(mlp) => mlp.forward(b, h),
+            Ffn::Dense(mlp) => Norm::add_then(b, x, &mlp.forward(b, h)?, next),
             Ffn::Moe { router, experts } => {
                 let logits = b.linear(h, router, LinearPath::Auto)?;
                 let (ids, w) = b.route_softmax(&logits, self.cfg.top_k, self.cfg.norm_topk_prob)?;
-                experts.forward(b, h, &ids, &w)
+                experts.forward_add(b, h, &ids, &w, x, next)
             }
         }
     }

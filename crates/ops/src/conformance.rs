@@ -1512,7 +1512,29 @@ fn run_moe<X: Backend>(
     fetch(x, &x.moe(&xt, &it, &wt, mw, p)?)
 }
 
-/// Runs every MoE path (and `Auto`) of `b` on the case against the reference.
+/// `moe_add_rms_norm` of the case onto residual `r` with norm weight `nw`: (sum, normed).
+#[allow(clippy::too_many_arguments)]
+fn run_moe_add_norm<X: Backend>(
+    x: &X,
+    c: &MoeCase,
+    gu: &X::Weight,
+    dn: &X::Weight,
+    shared: Option<(&X::Weight, &X::Weight)>,
+    p: MoePath,
+    r: &[f32],
+    nw: &[f32],
+) -> crate::Result<[Out; 2]> {
+    let xt = up(x, &c.x, &[c.n, c.h])?;
+    let it = up_u(x, &c.ids, &[c.n, c.k])?;
+    let wt = up(x, &c.w, &[c.n, c.k])?;
+    let mw = MoeWeights { gate_up: gu, down: dn, n_experts: c.e, shared };
+    let (sum, y) =
+        x.moe_add_rms_norm(&xt, &it, &wt, mw, p, &up(x, r, &[c.n, c.h])?, &up(x, nw, &[c.h])?, 1e-6)?;
+    Ok([fetch(x, &sum)?, fetch(x, &y)?])
+}
+
+/// Runs every MoE path (and `Auto`) of `b` on the case against the reference, alone and with
+/// the residual add and norm that follow it (`moe_add_rms_norm`).
 fn moe_compare<B: Backend>(
     cx: &mut Ctx,
     b: &B,
@@ -1541,11 +1563,18 @@ fn moe_compare<B: Backend>(
     let sh_r = sh.as_ref().map(|((_, g), (_, d))| (g, d));
     let sh_b = sh.as_ref().map(|((g, _), (d, _))| (g, d));
     let want = run_moe(&RefBackend, c, &gur, &dnr, sh_r, MoePath::Auto).or_fail(cx, &case)?;
+    let r = cx.rng.normals(c.n * c.h, 1.0);
+    let nw: Vec<f32> = (0..c.h).map(|_| cx.rng.range(0.5, 1.5)).collect();
+    let want_normed =
+        run_moe_add_norm(&RefBackend, c, &gur, &dnr, sh_r, MoePath::Auto, &r, &nw).or_fail(cx, &case)?;
     let tol = tol_sum(c.h + inter.max(shared_inter.unwrap_or(0)));
     for p in moe_paths_with_auto(b) {
         let cp = format!("{case} {p:?}");
         let got = run_moe(b, c, &gub, &dnb, sh_b, p).or_fail(cx, &cp)?;
         close(cx, &cp, &got, &want, tol)?;
+        let [sum, y] = run_moe_add_norm(b, c, &gub, &dnb, sh_b, p, &r, &nw).or_fail(cx, &cp)?;
+        close(cx, &format!("{cp}, added to a residual"), &sum, &want_normed[0], tol)?;
+        close(cx, &format!("{cp}, added and normed"), &y, &want_normed[1], tol + tol_sum(c.h))?;
     }
     Ok(())
 }

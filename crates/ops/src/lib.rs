@@ -319,6 +319,25 @@ pub trait Backend: Send + Sync {
         path: MoePath,
     ) -> Result<T<Self>>;
 
+    /// `moe(x, ids, weights, experts, path)` added to the residual `r` `[n, H]` and that sum
+    /// normed: `(r + moe, rms_norm(r + moe, w, eps))`, as `add_rms_norm` gives them. A layer's
+    /// MoE with its residual add and the next layer's input norm, so a backend can sum the
+    /// experts' terms in the norm's pass (the default runs moe, then add_rms_norm).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_add_rms_norm(
+        &self,
+        x: &T<Self>,
+        ids: &T<Self>,
+        weights: &T<Self>,
+        experts: MoeWeights<'_, Self::Weight>,
+        path: MoePath,
+        r: &T<Self>,
+        w: &T<Self>,
+        eps: f32,
+    ) -> Result<(T<Self>, T<Self>)> {
+        self.add_rms_norm(r, &self.moe(x, ids, weights, experts, path)?, w, eps)
+    }
+
     /// Causal GQA attention: q `[T, Hq, D]`, caches k `[S, Hkv, D]`, v `[S, Hkv, Dv]` (S ≥ pos0+T).
     /// Query t sits at position `pos0 + t` and attends to cache rows `0..=pos0+t`; query head h
     /// reads kv head `h / (Hq/Hkv)`. Scores are `q·k * scale`, softmax in f32. -> `[T, Hq, Dv]`.
