@@ -265,7 +265,15 @@ impl Backend for CpuBackend {
         path: MoePath,
     ) -> Result<HostT> {
         const OP: &str = "moe";
-        let shape = moe::Shape::check(x, ids, weights, &experts)?;
+        let shape = fp4moe_ops::check::moe(
+            x.shape(),
+            experts.gate_up.host().shape(),
+            experts.down.host().shape(),
+            experts.n_experts,
+            ids.shape(),
+            weights.shape(),
+            experts.shared.map(|(g, d)| (g.host().shape(), d.host().shape())),
+        )?;
         let xv = x.f32_vec(OP)?;
         let idv = ids.u32_vec(OP)?;
         let wv = weights.f32_vec(OP)?;

@@ -14,8 +14,7 @@ use crate::decode::{WRows, permute_into, permute_rows};
 use crate::gemm::{OutMat, gemm_tile};
 use crate::gemv::{MAX_R, gemv};
 use crate::isa::Isa;
-use fp4moe_ops::reference::{HostStorage, silu};
-use fp4moe_ops::{Error, MoeWeights, Result, Tensor};
+use fp4moe_ops::reference::silu;
 use rayon::prelude::*;
 
 /// Experts with at most this many rows use the fused GEMV (one decode of the weights serves
@@ -25,71 +24,8 @@ pub(crate) const FUSED_MAX_ROWS: usize = MAX_R;
 /// Weight rows per decode-path work item.
 const DECODE_ROWS: usize = 128;
 
-/// Checked sizes of one `moe` call.
-pub(crate) struct Shape {
-    /// Tokens.
-    pub(crate) n: usize,
-    /// Hidden size.
-    pub(crate) h: usize,
-    /// Slots per token.
-    pub(crate) k: usize,
-    /// Routed expert intermediate size.
-    pub(crate) inter: usize,
-    /// Shared expert intermediate size.
-    pub(crate) shared_inter: Option<usize>,
-}
-
-impl Shape {
-    pub(crate) fn check<W>(
-        x: &Tensor<HostStorage>,
-        ids: &Tensor<HostStorage>,
-        weights: &Tensor<HostStorage>,
-        e: &MoeWeights<'_, W>,
-    ) -> Result<Shape>
-    where
-        W: HasShape,
-    {
-        let bad = |d: String| Err(Error::Shape { op: "moe", detail: d });
-        let s = x.shape();
-        let [gu_rows, h] = e.gate_up.shape2();
-        if s.len() != 2 || s[1] != h {
-            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
-        }
-        if e.n_experts == 0 || gu_rows % (2 * e.n_experts) != 0 {
-            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {} experts", e.n_experts));
-        }
-        let inter = gu_rows / (2 * e.n_experts);
-        if e.down.shape2() != [e.n_experts * h, inter] {
-            return bad(format!("down {:?}, expected [{}, {inter}]", e.down.shape2(), e.n_experts * h));
-        }
-        let n = s[0];
-        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
-            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
-        }
-        let shared_inter = match e.shared {
-            Some((g, d)) => {
-                let [r, c] = g.shape2();
-                if c != h || r % 2 != 0 || d.shape2() != [h, r / 2] {
-                    return bad(format!("shared gate_up {:?} / down {:?} for H {h}", g.shape2(), d.shape2()));
-                }
-                Some(r / 2)
-            }
-            None => None,
-        };
-        Ok(Shape { n, h, k: ids.shape()[1], inter, shared_inter })
-    }
-}
-
-/// Shape access for the weight type (lets [`Shape::check`] stay independent of the backend).
-pub(crate) trait HasShape {
-    fn shape2(&self) -> [usize; 2];
-}
-
-impl HasShape for crate::CpuWeight {
-    fn shape2(&self) -> [usize; 2] {
-        self.host().shape()
-    }
-}
+/// Checked sizes of one `moe` call (`fp4moe_ops::check::moe`).
+pub(crate) use fp4moe_ops::check::Moe as Shape;
 
 /// The kernels' view of an MoE block's weights.
 pub(crate) struct Weights<'a> {
@@ -401,7 +337,7 @@ mod tests {
     use crate::CpuBackend;
     use fp4moe_ops::conformance::{Rng, WeightKind, random_weight, tol_sum};
     use fp4moe_ops::reference::RefBackend;
-    use fp4moe_ops::{Backend, HostTensor, MoePath};
+    use fp4moe_ops::{Backend, HostTensor, MoePath, MoeWeights};
 
     /// Both prefill kernels (panel GEMM for every group, fused GEMV for every group) and the
     /// decode path, forced, on routings that stress the dispatch, against the reference.

@@ -1003,35 +1003,16 @@ impl CudaBackend {
         self.check(OP, ids, &[DType::U32])?;
         self.check(OP, weights, &[DType::F32])?;
         let MoeWeights { gate_up, down, n_experts, shared } = experts;
-        let s = x.shape();
-        let (gu_rows, h) = (gate_up.rows, gate_up.cols);
-        let bad = |d: String| Err(shape_err(OP, d));
-        if s.len() != 2 || s[1] != h {
-            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
-        }
-        if n_experts == 0 || gu_rows % (2 * n_experts) != 0 {
-            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
-        }
-        let inter = gu_rows / (2 * n_experts);
-        if [down.rows, down.cols] != [n_experts * h, inter] {
-            return bad(format!(
-                "down [{}, {}], expected [{}, {inter}]",
-                down.rows,
-                down.cols,
-                n_experts * h
-            ));
-        }
-        let n = s[0];
-        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
-            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
-        }
-        let k = ids.shape()[1];
-        if let Some((sgu, sd)) = shared {
-            let (r, c) = (sgu.rows, sgu.cols);
-            if c != h || r % 2 != 0 || [sd.rows, sd.cols] != [h, r / 2] {
-                return bad(format!("shared gate_up [{r}, {c}] / down [{}, {}] for H {h}", sd.rows, sd.cols));
-            }
-        }
+        let dims = |w: &CudaWeight| [w.rows, w.cols];
+        let fp4moe_ops::check::Moe { n, h, k, inter, .. } = fp4moe_ops::check::moe(
+            x.shape(),
+            dims(gate_up),
+            dims(down),
+            n_experts,
+            ids.shape(),
+            weights.shape(),
+            shared.map(|(g, d)| (dims(g), dims(d))),
+        )?;
         if n == 0 || k == 0 {
             let out = self.zeroed(&[n, h], DType::F32).and_then(|z| match shared {
                 Some((sgu, sd)) if n > 0 => {

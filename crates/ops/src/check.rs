@@ -127,6 +127,57 @@ pub fn route_sigmoid_grouped(
     Ok((logits[0], logits[1]))
 }
 
+/// Dims of a MoE call (see [`moe`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Moe {
+    pub n: usize,
+    pub h: usize,
+    pub k: usize,
+    pub inter: usize,
+    pub shared_inter: Option<usize>,
+}
+
+/// [`crate::Backend::moe`]: x `[n, H]`, gate_up `[E * 2I, H]`, down `[E * H, I]` for `E > 0`
+/// experts, ids and weights `[n, k]`, and the shared expert's gate_up `[2S, H]` and down
+/// `[H, S]`.
+pub fn moe(
+    x: &[usize],
+    gate_up: [usize; 2],
+    down: [usize; 2],
+    n_experts: usize,
+    ids: &[usize],
+    weights: &[usize],
+    shared: Option<([usize; 2], [usize; 2])>,
+) -> Result<Moe> {
+    let bad = |d: String| Err(shape_err("moe", d));
+    let [gu_rows, h] = gate_up;
+    if x.len() != 2 || x[1] != h {
+        return bad(format!("x {x:?} against gate_up [{gu_rows}, {h}]"));
+    }
+    if n_experts == 0 || !gu_rows.is_multiple_of(2 * n_experts) {
+        return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
+    }
+    let inter = gu_rows / (2 * n_experts);
+    if down != [n_experts * h, inter] {
+        return bad(format!("down {down:?}, expected [{}, {inter}]", n_experts * h));
+    }
+    let n = x[0];
+    if ids.len() != 2 || ids[0] != n || weights != ids {
+        return bad(format!("ids {ids:?} / weights {weights:?} for {n} tokens"));
+    }
+    let shared_inter = match shared {
+        Some((g, d)) => {
+            let [r, c] = g;
+            if c != h || !r.is_multiple_of(2) || d != [h, r / 2] {
+                return bad(format!("shared gate_up {g:?} / down {d:?} for H {h}"));
+            }
+            Some(r / 2)
+        }
+        None => None,
+    };
+    Ok(Moe { n, h, k: ids[1], inter, shared_inter })
+}
+
 /// [`crate::Backend::slice_rows`]: rows `start..start + len` inside the first dim. Returns the
 /// elements per row.
 pub fn slice_rows(shape: &[usize], start: usize, len: usize) -> Result<usize> {

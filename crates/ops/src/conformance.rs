@@ -1505,11 +1505,14 @@ fn run_moe<X: Backend>(
     shared: Option<(&X::Weight, &X::Weight)>,
     p: MoePath,
 ) -> crate::Result<Out> {
-    let xt = up(x, &c.x, &[c.n, c.h])?;
-    let it = up_u(x, &c.ids, &[c.n, c.k])?;
-    let wt = up(x, &c.w, &[c.n, c.k])?;
+    let [xt, it, wt] = moe_inputs(x, c)?;
     let mw = MoeWeights { gate_up: gu, down: dn, n_experts: c.e, shared };
     fetch(x, &x.moe(&xt, &it, &wt, mw, p)?)
+}
+
+/// The case's x, ids and routing weights on `x`.
+fn moe_inputs<X: Backend>(x: &X, c: &MoeCase) -> crate::Result<[T<X>; 3]> {
+    Ok([up(x, &c.x, &[c.n, c.h])?, up_u(x, &c.ids, &[c.n, c.k])?, up(x, &c.w, &[c.n, c.k])?])
 }
 
 /// `moe_add_rms_norm` of the case onto residual `r` with norm weight `nw`: (sum, normed).
@@ -1524,9 +1527,7 @@ fn run_moe_add_norm<X: Backend>(
     r: &[f32],
     nw: &[f32],
 ) -> crate::Result<[Out; 2]> {
-    let xt = up(x, &c.x, &[c.n, c.h])?;
-    let it = up_u(x, &c.ids, &[c.n, c.k])?;
-    let wt = up(x, &c.w, &[c.n, c.k])?;
+    let [xt, it, wt] = moe_inputs(x, c)?;
     let mw = MoeWeights { gate_up: gu, down: dn, n_experts: c.e, shared };
     let (sum, y) =
         x.moe_add_rms_norm(&xt, &it, &wt, mw, p, &up(x, r, &[c.n, c.h])?, &up(x, nw, &[c.h])?, 1e-6)?;

@@ -141,6 +141,36 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<Vec<T<Self>>> {
         self.time(|| "norm_rope".into(), || self.inner.norm_ropes(xs, positions, spec))
     }
+    fn norm_ropes_to_cache(
+        &self,
+        q: (&T<Self>, &T<Self>, f32),
+        k: (&T<Self>, &T<Self>, f32),
+        v: &T<Self>,
+        positions: &T<Self>,
+        spec: Rope,
+        caches: (&T<Self>, &T<Self>),
+        row0: usize,
+    ) -> Result<T<Self>> {
+        self.time(
+            || "norm_rope + cache write".into(),
+            || self.inner.norm_ropes_to_cache(q, k, v, positions, spec, caches, row0),
+        )
+    }
+    fn split_rope_to_cache(
+        &self,
+        x: &T<Self>,
+        a: usize,
+        norm: Option<(&T<Self>, f32)>,
+        positions: &T<Self>,
+        spec: Rope,
+        cache: &T<Self>,
+        row0: usize,
+    ) -> Result<()> {
+        self.time(
+            || "split_rope + cache write".into(),
+            || self.inner.split_rope_to_cache(x, a, norm, positions, spec, cache, row0),
+        )
+    }
     fn split_rope(
         &self,
         x: &T<Self>,
@@ -199,6 +229,23 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<T<Self>> {
         let m = rows(x.shape());
         self.time(|| format!("moe m={m}"), || self.inner.moe(x, ids, weights, experts, path))
+    }
+    fn moe_add_rms_norm(
+        &self,
+        x: &T<Self>,
+        ids: &T<Self>,
+        weights: &T<Self>,
+        experts: MoeWeights<'_, Self::Weight>,
+        path: MoePath,
+        r: &T<Self>,
+        w: &T<Self>,
+        eps: f32,
+    ) -> Result<(T<Self>, T<Self>)> {
+        let m = rows(x.shape());
+        self.time(
+            || format!("moe + add_rms_norm m={m}"),
+            || self.inner.moe_add_rms_norm(x, ids, weights, experts, path, r, w, eps),
+        )
     }
     fn attention_gqa(
         &self,

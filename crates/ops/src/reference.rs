@@ -700,45 +700,27 @@ impl Backend for RefBackend {
         let MoeWeights { gate_up, down, n_experts, shared } = experts;
         check_weight(OP, gate_up)?;
         check_weight(OP, down)?;
-        let s = x.shape();
-        let [gu_rows, h] = gate_up.shape();
-        let bad = |d: String| Err(shape_err(OP, d));
-        if s.len() != 2 || s[1] != h {
-            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
+        if let Some((sgu, sd)) = shared {
+            check_weight(OP, sgu)?;
+            check_weight(OP, sd)?;
         }
-        if n_experts == 0 || !gu_rows.is_multiple_of(2 * n_experts) {
-            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
-        }
-        let inter = gu_rows / (2 * n_experts);
-        if down.shape() != [n_experts * h, inter] {
-            return bad(format!("down {:?}, expected [{}, {inter}]", down.shape(), n_experts * h));
-        }
-        let n = s[0];
-        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
-            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
-        }
-        let k = ids.shape()[1];
-        let shared_i = match shared {
-            Some((sgu, sd)) => {
-                check_weight(OP, sgu)?;
-                check_weight(OP, sd)?;
-                let [r, c] = sgu.shape();
-                if c != h || !r.is_multiple_of(2) || sd.shape() != [h, r / 2] {
-                    return bad(format!(
-                        "shared gate_up {:?} / down {:?} for H {h}",
-                        sgu.shape(),
-                        sd.shape()
-                    ));
-                }
-                Some(r / 2)
-            }
-            None => None,
-        };
+        let crate::check::Moe { n, h, k, inter, shared_inter: shared_i } = crate::check::moe(
+            x.shape(),
+            gate_up.shape(),
+            down.shape(),
+            n_experts,
+            ids.shape(),
+            weights.shape(),
+            shared.map(|(g, d)| (g.shape(), d.shape())),
+        )?;
         let xv = x.f32_vec(OP)?;
         let idv = ids.u32_vec(OP)?;
         let wv = weights.f32_vec(OP)?;
         if let Some(p) = idv.iter().position(|&e| e as usize >= n_experts) {
-            return bad(format!("expert id {} at token {}, slot {} (>= {n_experts})", idv[p], p / k, p % k));
+            return Err(shape_err(
+                OP,
+                format!("expert id {} at token {}, slot {} (>= {n_experts})", idv[p], p / k, p % k),
+            ));
         }
         let mut out = vec![0.0f32; n * h];
         for t in 0..n {

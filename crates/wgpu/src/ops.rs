@@ -1382,29 +1382,16 @@ impl Backend for WgpuBackend {
     ) -> Result<GT> {
         const OP: &str = "moe";
         let MoeWeights { gate_up, down, n_experts, shared } = experts;
-        let s = x.shape();
-        let (gu_rows, h) = (gate_up.rows, gate_up.cols);
-        let bad = |d: String| Err(shape_err(OP, d));
-        if s.len() != 2 || s[1] != h {
-            return bad(format!("x {s:?} against gate_up [{gu_rows}, {h}]"));
-        }
-        if n_experts == 0 || gu_rows % (2 * n_experts) != 0 {
-            return bad(format!("gate_up rows {gu_rows} are not 2I per expert for {n_experts} experts"));
-        }
-        let inter = gu_rows / (2 * n_experts);
-        if [down.rows, down.cols] != [n_experts * h, inter] {
-            return bad(format!("down {:?}, expected [{}, {inter}]", [down.rows, down.cols], n_experts * h));
-        }
-        let n = s[0];
-        if ids.shape().len() != 2 || ids.shape()[0] != n || weights.shape() != ids.shape() {
-            return bad(format!("ids {:?} / weights {:?} for {n} tokens", ids.shape(), weights.shape()));
-        }
-        if let Some((sgu, sd)) = shared {
-            let (r, c) = (sgu.rows, sgu.cols);
-            if c != h || r % 2 != 0 || [sd.rows, sd.cols] != [h, r / 2] {
-                return bad(format!("shared gate_up {:?} / down {:?} for H {h}", [r, c], [sd.rows, sd.cols]));
-            }
-        }
+        let dims = |w: &WgpuWeight| [w.rows, w.cols];
+        let fp4moe_ops::check::Moe { n, h, inter, .. } = fp4moe_ops::check::moe(
+            x.shape(),
+            dims(gate_up),
+            dims(down),
+            n_experts,
+            ids.shape(),
+            weights.shape(),
+            shared.map(|(g, d)| (dims(g), dims(d))),
+        )?;
         expect(OP, x, DType::F32)?;
         expect(OP, ids, DType::U32)?;
         expect(OP, weights, DType::F32)?;
