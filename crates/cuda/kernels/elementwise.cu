@@ -251,25 +251,28 @@ extern "C" __global__ void __launch_bounds__(NORM_ROPE_WARPS * 32)
 // and its kv row: two slices, a norm and a rotation were four launches for the kv row alone.
 #define SPLIT_ROPE_THREADS 128
 #define SPLIT_ROPE_REG 8
-extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
-    split_rope_f32(const float* __restrict__ x, const float* __restrict__ w, float eps, const u32* __restrict__ pos,
-                   const float* __restrict__ inv_freq, float* __restrict__ first, float* __restrict__ rest, int heads,
-                   int d, int a, int offset, int dims, int style, int first_stride, int rest_stride,
-                   const u32* __restrict__ shift) {
-    if (blockIdx.x == 0) {
-        if (w) prefetch_l2(w, (size_t)a * sizeof(float));
-        prefetch_l2(inv_freq, (size_t)(dims / 2) * sizeof(float));
-    }
-    pdl_enter();
+// One split_rope input: x [n, heads, d] in `blocks` rows, its parts' outputs with their row
+// strides, moved by *shift rows (cache rows; the zero shift otherwise). SplitPart in backend.rs.
+struct SplitPart {
+    const float* x;
+    const float* w;
+    float* first;
+    float* rest;
+    const u32* shift;
+    float eps;
+    int heads, d, a, first_stride, rest_stride, blocks;
+};
+
+__device__ __forceinline__ void split_rope_row(const SplitPart& sp, int r, const u32* __restrict__ pos,
+                                               const float* __restrict__ inv_freq, int offset, int dims, int style) {
     __shared__ float red[32];
     __shared__ float row[SPLIT_ROPE_THREADS * SPLIT_ROPE_REG];
-    const int r = blockIdx.x, half = dims / 2;
-    const float* xr = x + (size_t)r * d;
-    // Backend::split_rope_to_cache: first and rest are cache rows (strides of a cache row),
-    // moved by *shift rows.
-    first += (size_t)*shift * first_stride;
-    rest += (size_t)*shift * rest_stride;
-    const float p = (float)pos[r / heads];
+    const int half = dims / 2, d = sp.d, a = sp.a;
+    const float* __restrict__ w = sp.w;
+    const float* xr = sp.x + (size_t)r * d;
+    float* first = sp.first + (size_t)*sp.shift * sp.first_stride + (size_t)r * sp.first_stride;
+    float* rest = sp.rest + (size_t)*sp.shift * sp.rest_stride + (size_t)r * sp.rest_stride;
+    const float p = (float)pos[r / sp.heads];
     float v[SPLIT_ROPE_REG], f[SPLIT_ROPE_REG], s = 0.0f;
 #pragma unroll
     for (int c = 0; c < SPLIT_ROPE_REG; c++) {
@@ -282,14 +285,14 @@ extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
         row[i] = v[c];
     }
     float rs = 1.0f;
-    if (w) rs = 1.0f / sqrtf(block_sum(s, red) / (float)a + eps); // block_sum's barriers publish `row`
+    if (w) rs = 1.0f / sqrtf(block_sum(s, red) / (float)a + sp.eps); // block_sum's barriers publish `row`
     else __syncthreads();
 #pragma unroll
     for (int c = 0; c < SPLIT_ROPE_REG; c++) {
         const int i = threadIdx.x + SPLIT_ROPE_THREADS * c, j = i - a - offset;
         if (i >= d) break;
         if (i < a) {
-            first[(size_t)r * first_stride + i] = w ? f[c] * (v[c] * rs) : v[c];
+            first[i] = w ? f[c] * (v[c] * rs) : v[c];
             continue;
         }
         float y = v[c];
@@ -301,8 +304,24 @@ extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
             sincosf(p * f[c], &sn, &cs);
             y = second ? row[ib] * cs + row[ia] * sn : row[ia] * cs - row[ib] * sn;
         }
-        rest[(size_t)r * rest_stride + (i - a)] = y;
+        rest[i - a] = y;
     }
+}
+
+// Blocks [0, p0.blocks) take p0's rows, the rest p1's (p1.blocks = 0: one input). Two inputs:
+// MLA's query heads and its kv row into the cache (Backend::split_rope_and_cache), whose
+// separate launch cost ~3 us per GLM decode layer.
+extern "C" __global__ void __launch_bounds__(SPLIT_ROPE_THREADS)
+    split_rope_f32(SplitPart p0, SplitPart p1, const u32* __restrict__ pos, const float* __restrict__ inv_freq,
+                   int offset, int dims, int style) {
+    const bool second = (int)blockIdx.x >= p0.blocks;
+    const SplitPart sp = second ? p1 : p0;
+    if (blockIdx.x == 0 || (int)blockIdx.x == p0.blocks) {
+        if (sp.w) prefetch_l2(sp.w, (size_t)sp.a * sizeof(float));
+        prefetch_l2(inv_freq, (size_t)(dims / 2) * sizeof(float));
+    }
+    pdl_enter();
+    split_rope_row(sp, second ? blockIdx.x - p0.blocks : blockIdx.x, pos, inv_freq, offset, dims, style);
 }
 
 // Copies the dims RoPE leaves alone (the kernel above writes only the roped ones).

@@ -239,6 +239,12 @@ fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
     (fixed + stages * stage) as u32
 }
 
+/// One input of elementwise.cu's split_rope_f32: its SplitPart bytes and rows (blocks).
+struct SplitPart {
+    args: Vec<u8>,
+    blocks: u32,
+}
+
 /// `dst[row0 + r, col0 + c] = src[r * src_stride + src_col0 + c]` for r < rows, c < cols
 /// (elementwise.cu's copy2d kernels; `args` is its `Copy2d`).
 struct Copy2d<'a> {
@@ -939,45 +945,95 @@ impl CudaBackend {
         Ok((d <= SPLIT_ROPE_MAX_D).then_some([n, h, d]))
     }
 
-    /// elementwise.cu's split_rope_f32 on x `[n, h, d]` (checked by the caller), its parts to
-    /// `outs`: (first part, its row stride, rotated part, its row stride, row shift).
-    #[allow(clippy::too_many_arguments)]
-    fn split_rope_launch(
+    /// A split_rope input as elementwise.cu's split_rope_f32 takes it (SplitPart there): x
+    /// `[n, h, d]` (checked by the caller) with its parts to `outs` = (first part, its row
+    /// stride, rotated part, its row stride, row shift).
+    fn split_part(
         &self,
         x: &CT,
         [n, h, d]: [usize; 3],
         a: usize,
         norm: Option<(&CT, f32)>,
+        (first, first_stride, rest, rest_stride, shift): (u64, usize, u64, usize, u64),
+    ) -> SplitPart {
+        let (w, eps) = norm.map_or((0, 0.0), |(w, eps)| (w.storage.ptr(), eps));
+        let mut b = Vec::with_capacity(72);
+        for v in [x.storage.ptr(), w, first, rest, shift] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&eps.to_le_bytes());
+        for v in [h, d, a, first_stride, rest_stride, n * h] {
+            b.extend_from_slice(&(v as i32).to_le_bytes());
+        }
+        b.extend_from_slice(&[0; 4]); // the struct's tail padding (8-byte alignment)
+        SplitPart { args: b, blocks: (n * h) as u32 }
+    }
+
+    /// The split_rope_to_cache part of x at `a` into `cache` rows from `row0` (checked as the
+    /// writes it replaces: both parts side by side, a whole cache row), or None where
+    /// split_rope_f32 does not take it.
+    #[allow(clippy::too_many_arguments)]
+    fn split_part_to_cache(
+        &self,
+        x: &CT,
+        a: usize,
+        norm: Option<(&CT, f32)>,
         positions: &CT,
         spec: Rope,
-        (first, first_stride, rest, rest_stride, shift): (u64, usize, u64, usize, u64),
+        cache: &CT,
+        row0: usize,
+    ) -> Result<Option<SplitPart>> {
+        let Some([n, 1, d]) = self.split_rope_fits(x, a, norm, positions, spec)? else {
+            return Ok(None);
+        };
+        let (_, [_, c]) =
+            fp4moe_ops::check::write_rows((cache.shape(), cache.dtype()), (&[n, d], DType::F32), row0, 0)?;
+        if c != d {
+            return Ok(None);
+        }
+        let at = cache.storage.ptr() + (row0 * c * 4) as u64;
+        Ok(Some(self.split_part(
+            x,
+            [n, 1, d],
+            a,
+            norm,
+            (at, c, at + (a * 4) as u64, c, self.dev.row_shift()),
+        )))
+    }
+
+    /// elementwise.cu's split_rope_f32 on one or two parts (`split_part`).
+    fn split_rope_launch(
+        &self,
+        p0: &SplitPart,
+        p1: Option<&SplitPart>,
+        positions: &CT,
+        spec: Rope,
     ) -> Result<()> {
         let inv = self.rope_freqs(spec.dims, spec.theta)?;
-        let (w, eps) = norm.map_or((0, 0.0), |(w, eps)| (w.storage.ptr(), eps));
+        let none = self.split_part_none();
+        let p1 = p1.unwrap_or(&none);
         self.run(
             "elementwise.cu",
             "split_rope_f32",
-            ((n * h) as u32, 1, 1),
+            (p0.blocks + p1.blocks, 1, 1),
             SPLIT_ROPE_THREADS,
             &[
-                Arg::Ptr(x.storage.ptr()),
-                Arg::Ptr(w),
-                Arg::F32(eps),
+                Arg::Raw(p0.args.clone()),
+                Arg::Raw(p1.args.clone()),
                 Arg::Ptr(positions.storage.ptr()),
                 Arg::Ptr(inv.storage.ptr()),
-                Arg::Ptr(first),
-                Arg::Ptr(rest),
-                Arg::I32(h as i32),
-                Arg::I32(d as i32),
-                Arg::I32(a as i32),
                 Arg::I32(spec.offset as i32),
                 Arg::I32(spec.dims as i32),
                 Arg::I32(matches!(spec.style, RopeStyle::Interleaved) as i32),
-                Arg::I32(first_stride as i32),
-                Arg::I32(rest_stride as i32),
-                Arg::Ptr(shift),
             ],
         )
+    }
+
+    /// A SplitPart of no rows (split_rope_f32's second part when there is one input).
+    fn split_part_none(&self) -> SplitPart {
+        let mut args = vec![0u8; 72];
+        args[32..40].copy_from_slice(&self.dev.no_row_shift().to_le_bytes());
+        SplitPart { args, blocks: 0 }
     }
 
     /// `moe`, then with `norm = Some((r, w, eps))` `add_rms_norm(r, moe, w, eps)`: (moe, None)
@@ -2048,7 +2104,7 @@ impl Backend for CudaBackend {
         let first = self.empty(&[n, h, a], DType::F32)?;
         let rest = self.empty(&[n, h, d - a], DType::F32)?;
         let outs = (first.storage.ptr(), a, rest.storage.ptr(), d - a, self.dev.no_row_shift());
-        self.split_rope_launch(x, [n, h, d], a, norm, positions, spec, outs)?;
+        self.split_rope_launch(&self.split_part(x, [n, h, d], a, norm, outs), None, positions, spec)?;
         Ok((first, rest))
     }
 
@@ -2062,22 +2118,43 @@ impl Backend for CudaBackend {
         cache: &CT,
         row0: usize,
     ) -> Result<()> {
-        let separately =
-            || fp4moe_ops::split_rope_to_cache_separately(self, x, a, norm, positions, spec, cache, row0);
-        let Some([n, 1, d]) = self.split_rope_fits(x, a, norm, positions, spec)? else {
-            return separately();
+        let Some(part) = self.split_part_to_cache(x, a, norm, positions, spec, cache, row0)? else {
+            return fp4moe_ops::split_rope_to_cache_separately(
+                self, x, a, norm, positions, spec, cache, row0,
+            );
         };
-        // Checked as the writes it replaces: the parts side by side, a whole cache row.
-        let (_, [_, c]) =
-            fp4moe_ops::check::write_rows((cache.shape(), cache.dtype()), (&[n, d], DType::F32), row0, 0)?;
-        if c != d {
-            return separately();
-        }
-        let at = cache.storage.ptr() + (row0 * c * 4) as u64;
-        let outs = (at, c, at + (a * 4) as u64, c, self.dev.row_shift());
-        self.split_rope_launch(x, [n, 1, d], a, norm, positions, spec, outs)?;
+        self.split_rope_launch(&part, None, positions, spec)?;
         self.dev.note_row_writes(&[(cache.storage.ptr(), row0)]);
         Ok(())
+    }
+
+    fn split_rope_and_cache(
+        &self,
+        (x, a, norm): fp4moe_ops::SplitInput<'_, Self>,
+        (xc, ac, normc): fp4moe_ops::SplitInput<'_, Self>,
+        positions: &CT,
+        spec: Rope,
+        cache: &CT,
+        row0: usize,
+    ) -> Result<(CT, CT)> {
+        let cached = self.split_part_to_cache(xc, ac, normc, positions, spec, cache, row0)?;
+        let (Some([n, h, d]), Some(cached)) = (self.split_rope_fits(x, a, norm, positions, spec)?, cached)
+        else {
+            let parts = self.split_rope(x, a, norm, positions, spec)?;
+            self.split_rope_to_cache(xc, ac, normc, positions, spec, cache, row0)?;
+            return Ok(parts);
+        };
+        let first = self.empty(&[n, h, a], DType::F32)?;
+        let rest = self.empty(&[n, h, d - a], DType::F32)?;
+        let outs = (first.storage.ptr(), a, rest.storage.ptr(), d - a, self.dev.no_row_shift());
+        self.split_rope_launch(
+            &self.split_part(x, [n, h, d], a, norm, outs),
+            Some(&cached),
+            positions,
+            spec,
+        )?;
+        self.dev.note_row_writes(&[(cache.storage.ptr(), row0)]);
+        Ok((first, rest))
     }
 
     fn add(&self, a: &CT, b: &CT) -> Result<CT> {

@@ -405,15 +405,21 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
             QProj::Full(_) => q0,
         }
         .reshape(&[n, heads, nope + rope])?;
-        let (q_nope, q_rope) = b.split_rope(&q, nope, None, positions, c.rope())?; // [n, heads, nope | rope]
-        let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
-
-        // ckv: [n, lora + rope] -> the normed latent [n, lora] and the rotated key part [n, rope],
-        // side by side in a cache row. One sequence: the split writes its cache itself.
+        // q: [n, heads, nope | rope] split, the rope part rotated. ckv: [n, lora + rope] -> the
+        // normed latent and the rotated key part, side by side in a cache row. One sequence:
+        // both splits in one op, which writes the cache itself.
         let ckv = ckv.reshape(&[n, 1, lora + rope])?;
         let norm = Some(at.kv_a_norm.parts());
-        if let [span] = &plan.spans[..] {
-            b.split_rope_to_cache(&ckv, lora, norm, positions, c.rope(), &states[0].cache[l], span.pos0)?;
+        let (q_nope, q_rope) = if let [span] = &plan.spans[..] {
+            let cache = &states[0].cache[l];
+            b.split_rope_and_cache(
+                (&q, nope, None),
+                (&ckv, lora, norm),
+                positions,
+                c.rope(),
+                cache,
+                span.pos0,
+            )?
         } else {
             let (latent, k_rope) = b.split_rope(&ckv, lora, norm, positions, c.rope())?;
             let (latent, k_rope) = (latent.reshape(&[n, lora])?, k_rope.reshape(&[n, rope])?);
@@ -424,7 +430,9 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
                     (&states[i].cache[l], &kr, span.pos0, lora),
                 ])?;
             }
-        }
+            b.split_rope(&q, nope, None, positions, c.rope())?
+        };
+        let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
 
         let scale = 1.0 / (c.qk_head_dim() as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());

@@ -1007,49 +1007,76 @@ pub fn check_split_rope<B: Backend>(b: &B, seed: u64) -> Check {
             continue;
         }
         // The same split into cache rows (random around them), against the reference's split
-        // and two writes; a write past the cache is an error.
+        // and two writes, alone and with a second input split beside it (MLA's query heads);
+        // a write past the cache is an error.
         let (n, c) = (shape[0], shape[2]);
         let (rows, row0) = (n + 3, 2);
+        let kv = SplitCase { xs: &xs, shape, a, w: normed.then_some(&w[..]) };
+        let qd = 16 + spec.offset + spec.dims;
+        let qs = cx.rng.normals(n * 4 * qd, 3.0);
+        let q = SplitCase { xs: &qs, shape: [n, 4, qd], a: 16, w: None };
         let cache0 = cx.rng.normals(rows * c, 1.0);
-        let cached = |x: &B, at: usize| -> crate::Result<Out> {
-            let p = up_u(x, &pos, &[n])?;
-            let wt = up(x, &w, &[a])?;
-            let cache = up(x, &cache0, &[rows, c])?;
-            x.split_rope_to_cache(
-                &up(x, &xs, &shape)?,
-                a,
-                normed.then_some((&wt, 1e-6f32)),
-                &p,
-                spec,
-                &cache,
-                at,
-            )?;
-            fetch(x, &cache)
-        };
-        let want = (|| -> crate::Result<Out> {
-            let r = RefBackend;
-            let p = up_u(&r, &pos, &[n])?;
-            let wt = up(&r, &w, &[a])?;
-            let cache = up(&r, &cache0, &[rows, c])?;
-            r.split_rope_to_cache(
-                &up(&r, &xs, &shape)?,
-                a,
-                normed.then_some((&wt, 1e-6f32)),
-                &p,
-                spec,
-                &cache,
-                row0,
-            )?;
-            fetch(&r, &cache)
-        })()
-        .or_fail(&cx, &case)?;
-        let got = cached(b, row0).or_fail(&cx, &case)?;
-        close(&cx, &format!("{case}, into a cache"), &got, &want, TOL_ROPE.max(tol_sum(a)))?;
-        if cached(b, rows - n + 1).is_ok() {
-            return Err(cx.fail(&case, format!("a write at row {} of {rows} was accepted", rows - n + 1)));
+        for with_q in [None, Some(&q)] {
+            let case = format!("{case}, into a cache, with a second input {}", with_q.is_some());
+            let want =
+                split_to_cache(&RefBackend, &kv, with_q, &pos, spec, &cache0, row0).or_fail(&cx, &case)?;
+            let got = split_to_cache(b, &kv, with_q, &pos, spec, &cache0, row0).or_fail(&cx, &case)?;
+            close(&cx, &format!("{case}: cache"), &got[0], &want[0], TOL_ROPE.max(tol_sum(a)))?;
+            for i in 1..got.len().min(want.len()) {
+                close(&cx, &format!("{case}: second input, part {i}"), &got[i], &want[i], TOL_ROPE)?;
+            }
+            if got.len() != want.len() {
+                return Err(cx.fail(&case, format!("{} outputs, expected {}", got.len(), want.len())));
+            }
+            if split_to_cache(b, &kv, with_q, &pos, spec, &cache0, rows - n + 1).is_ok() {
+                return Err(cx.fail(&case, format!("a write at row {} of {rows} was accepted", rows - n + 1)));
+            }
         }
     }
     Ok(())
+}
+
+/// One split_rope input of a conformance case: values, shape `[n, H, C]`, split column, norm
+/// weight (eps 1e-6) when normed.
+struct SplitCase<'a> {
+    xs: &'a [f32],
+    shape: [usize; 3],
+    a: usize,
+    w: Option<&'a [f32]>,
+}
+
+/// `split_rope_to_cache` of `kv` into a copy of `cache0` (`[S, C]`) at `row0`, or with `q`
+/// `split_rope_and_cache` of q and kv: the cache, then q's two parts.
+fn split_to_cache<X: Backend>(
+    x: &X,
+    kv: &SplitCase,
+    q: Option<&SplitCase>,
+    pos: &[u32],
+    spec: Rope,
+    cache0: &[f32],
+    row0: usize,
+) -> crate::Result<Vec<Out>> {
+    let c = kv.shape[2];
+    let p = up_u(x, pos, &[pos.len()])?;
+    let cache = up(x, cache0, &[cache0.len() / c, c])?;
+    let input = |s: &SplitCase| -> crate::Result<(T<X>, Option<T<X>>)> {
+        Ok((up(x, s.xs, &s.shape)?, s.w.map(|w| up(x, w, &[w.len()])).transpose()?))
+    };
+    let (kx, kw) = input(kv)?;
+    let knorm = kw.as_ref().map(|w| (w, 1e-6f32));
+    let mut outs = Vec::new();
+    match q {
+        None => x.split_rope_to_cache(&kx, kv.a, knorm, &p, spec, &cache, row0)?,
+        Some(q) => {
+            let (qx, qw) = input(q)?;
+            let qnorm = qw.as_ref().map(|w| (w, 1e-6f32));
+            let (first, rest) =
+                x.split_rope_and_cache((&qx, q.a, qnorm), (&kx, kv.a, knorm), &p, spec, &cache, row0)?;
+            outs = vec![fetch(x, &first)?, fetch(x, &rest)?];
+        }
+    }
+    outs.insert(0, fetch(x, &cache)?);
+    Ok(outs)
 }
 
 /// Softmax on wide rows, rows whose max would overflow `exp` without max subtraction, and a

@@ -55,6 +55,9 @@ pub struct Graph(pub Box<dyn std::any::Any + Send + Sync>);
 /// Shorthand for a backend's tensor type.
 pub type T<B> = Tensor<<B as Backend>::Storage>;
 
+/// One `split_rope` input of [`Backend::split_rope_and_cache`]: `(x, a, norm)`.
+pub type SplitInput<'a, B> = (&'a T<B>, usize, Option<(&'a T<B>, f32)>);
+
 /// The ops both models need. Shapes are row-major and contiguous; `[.., D]` means any number
 /// of leading dims, the op acting on the last. Activations are f32 unless stated; index tensors
 /// are u32. Every method documents its exact math; [`reference::RefBackend`] is that math.
@@ -240,6 +243,24 @@ pub trait Backend: Send + Sync {
         row0: usize,
     ) -> Result<()> {
         split_rope_to_cache_separately(self, x, a, norm, positions, spec, cache, row0)
+    }
+
+    /// `split_rope` of `x` (`(x, a, norm)`) and `split_rope_to_cache` of `to_cache`, at the same
+    /// positions and spec: MLA's query heads and its compressed kv row, which a backend may
+    /// split in one launch (the default runs the two ops). Returns x's parts.
+    #[allow(clippy::too_many_arguments)]
+    fn split_rope_and_cache(
+        &self,
+        x: SplitInput<'_, Self>,
+        to_cache: SplitInput<'_, Self>,
+        positions: &T<Self>,
+        spec: Rope,
+        cache: &T<Self>,
+        row0: usize,
+    ) -> Result<(T<Self>, T<Self>)> {
+        let parts = self.split_rope(x.0, x.1, x.2, positions, spec)?;
+        self.split_rope_to_cache(to_cache.0, to_cache.1, to_cache.2, positions, spec, cache, row0)?;
+        Ok(parts)
     }
 
     /// MLA's split of each head of x `[n, H, C]` at column `a`: `(x[.., :a], rope(x[.., a:],

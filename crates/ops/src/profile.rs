@@ -171,6 +171,20 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.split_rope_to_cache(x, a, norm, positions, spec, cache, row0),
         )
     }
+    fn split_rope_and_cache(
+        &self,
+        x: crate::SplitInput<'_, Self>,
+        to_cache: crate::SplitInput<'_, Self>,
+        positions: &T<Self>,
+        spec: Rope,
+        cache: &T<Self>,
+        row0: usize,
+    ) -> Result<(T<Self>, T<Self>)> {
+        self.time(
+            || "split_rope x2 + cache write".into(),
+            || self.inner.split_rope_and_cache(x, to_cache, positions, spec, cache, row0),
+        )
+    }
     fn split_rope(
         &self,
         x: &T<Self>,
