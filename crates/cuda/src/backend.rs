@@ -969,6 +969,20 @@ impl CudaBackend {
         SplitPart { args: b, blocks: (n * h) as u32 }
     }
 
+    /// The split_rope part of x `[n, h, d]` at `a` into new tensors, with them.
+    fn split_part_new(
+        &self,
+        x: &CT,
+        [n, h, d]: [usize; 3],
+        a: usize,
+        norm: Option<(&CT, f32)>,
+    ) -> Result<(SplitPart, CT, CT)> {
+        let first = self.empty(&[n, h, a], DType::F32)?;
+        let rest = self.empty(&[n, h, d - a], DType::F32)?;
+        let outs = (first.storage.ptr(), a, rest.storage.ptr(), d - a, self.dev.no_row_shift());
+        Ok((self.split_part(x, [n, h, d], a, norm, outs), first, rest))
+    }
+
     /// The split_rope_to_cache part of x at `a` into `cache` rows from `row0` (checked as the
     /// writes it replaces: both parts side by side, a whole cache row), or None where
     /// split_rope_f32 does not take it.
@@ -2101,10 +2115,8 @@ impl Backend for CudaBackend {
         let Some([n, h, d]) = self.split_rope_fits(x, a, norm, positions, spec)? else {
             return fp4moe_ops::split_rope_separately(self, x, a, norm, positions, spec);
         };
-        let first = self.empty(&[n, h, a], DType::F32)?;
-        let rest = self.empty(&[n, h, d - a], DType::F32)?;
-        let outs = (first.storage.ptr(), a, rest.storage.ptr(), d - a, self.dev.no_row_shift());
-        self.split_rope_launch(&self.split_part(x, [n, h, d], a, norm, outs), None, positions, spec)?;
+        let (part, first, rest) = self.split_part_new(x, [n, h, d], a, norm)?;
+        self.split_rope_launch(&part, None, positions, spec)?;
         Ok((first, rest))
     }
 
@@ -2144,15 +2156,8 @@ impl Backend for CudaBackend {
             self.split_rope_to_cache(xc, ac, normc, positions, spec, cache, row0)?;
             return Ok(parts);
         };
-        let first = self.empty(&[n, h, a], DType::F32)?;
-        let rest = self.empty(&[n, h, d - a], DType::F32)?;
-        let outs = (first.storage.ptr(), a, rest.storage.ptr(), d - a, self.dev.no_row_shift());
-        self.split_rope_launch(
-            &self.split_part(x, [n, h, d], a, norm, outs),
-            Some(&cached),
-            positions,
-            spec,
-        )?;
+        let (part, first, rest) = self.split_part_new(x, [n, h, d], a, norm)?;
+        self.split_rope_launch(&part, Some(&cached), positions, spec)?;
         self.dev.note_row_writes(&[(cache.storage.ptr(), row0)]);
         Ok((first, rest))
     }
