@@ -983,7 +983,7 @@ impl CudaBackend {
         Ok((self.split_part(x, [n, h, d], a, norm, outs), first, rest))
     }
 
-    /// The split_rope_to_cache part of x at `a` into `cache` rows from `row0` (checked as the
+    /// The split_rope part of x `[n, 1, d]` at `a` into `cache` rows from `row0` (checked as the
     /// writes it replaces: both parts side by side, a whole cache row), or None where
     /// split_rope_f32 does not take it.
     #[allow(clippy::too_many_arguments)]
@@ -2120,26 +2120,6 @@ impl Backend for CudaBackend {
         Ok((first, rest))
     }
 
-    fn split_rope_to_cache(
-        &self,
-        x: &CT,
-        a: usize,
-        norm: Option<(&CT, f32)>,
-        positions: &CT,
-        spec: Rope,
-        cache: &CT,
-        row0: usize,
-    ) -> Result<()> {
-        let Some(part) = self.split_part_to_cache(x, a, norm, positions, spec, cache, row0)? else {
-            return fp4moe_ops::split_rope_to_cache_separately(
-                self, x, a, norm, positions, spec, cache, row0,
-            );
-        };
-        self.split_rope_launch(&part, None, positions, spec)?;
-        self.dev.note_row_writes(&[(cache.storage.ptr(), row0)]);
-        Ok(())
-    }
-
     fn split_rope_and_cache(
         &self,
         (x, a, norm): fp4moe_ops::SplitInput<'_, Self>,
@@ -2149,17 +2129,26 @@ impl Backend for CudaBackend {
         cache: &CT,
         row0: usize,
     ) -> Result<(CT, CT)> {
-        let cached = self.split_part_to_cache(xc, ac, normc, positions, spec, cache, row0)?;
-        let (Some([n, h, d]), Some(cached)) = (self.split_rope_fits(x, a, norm, positions, spec)?, cached)
-        else {
+        let Some(cached) = self.split_part_to_cache(xc, ac, normc, positions, spec, cache, row0)? else {
             let parts = self.split_rope(x, a, norm, positions, spec)?;
-            self.split_rope_to_cache(xc, ac, normc, positions, spec, cache, row0)?;
+            fp4moe_ops::split_rope_into_cache(self, (xc, ac, normc), positions, spec, cache, row0)?;
             return Ok(parts);
         };
-        let (part, first, rest) = self.split_part_new(x, [n, h, d], a, norm)?;
-        self.split_rope_launch(&part, Some(&cached), positions, spec)?;
+        // The kv row's launch also splits x where x fits, else runs alone after x's split.
+        let parts = match self.split_rope_fits(x, a, norm, positions, spec)? {
+            Some(dims) => {
+                let (part, first, rest) = self.split_part_new(x, dims, a, norm)?;
+                self.split_rope_launch(&part, Some(&cached), positions, spec)?;
+                (first, rest)
+            }
+            None => {
+                let parts = fp4moe_ops::split_rope_separately(self, x, a, norm, positions, spec)?;
+                self.split_rope_launch(&cached, None, positions, spec)?;
+                parts
+            }
+        };
         self.dev.note_row_writes(&[(cache.storage.ptr(), row0)]);
-        Ok((first, rest))
+        Ok(parts)
     }
 
     fn add(&self, a: &CT, b: &CT) -> Result<CT> {

@@ -227,27 +227,11 @@ pub trait Backend: Send + Sync {
         norm_ropes_to_cache_separately(self, q, k, v, positions, spec, caches, row0)
     }
 
-    /// `split_rope` of x `[n, 1, C]` at `a`, both parts written to rows `row0..row0 + n` of
-    /// `cache` `[S, C]` as they lie in x (first part, then the rotated part) instead of
-    /// returned: MLA's compressed kv row into its latent cache. A backend may write the cache
-    /// from the split's own launch (the default splits, then writes both parts).
-    #[allow(clippy::too_many_arguments)]
-    fn split_rope_to_cache(
-        &self,
-        x: &T<Self>,
-        a: usize,
-        norm: Option<(&T<Self>, f32)>,
-        positions: &T<Self>,
-        spec: Rope,
-        cache: &T<Self>,
-        row0: usize,
-    ) -> Result<()> {
-        split_rope_to_cache_separately(self, x, a, norm, positions, spec, cache, row0)
-    }
-
-    /// `split_rope` of `x` (`(x, a, norm)`) and `split_rope_to_cache` of `to_cache`, at the same
-    /// positions and spec: MLA's query heads and its compressed kv row, which a backend may
-    /// split in one launch (the default runs the two ops). Returns x's parts.
+    /// `split_rope` of `x` (`(x, a, norm)`) and of `to_cache` (`[n, 1, C]`) at the same
+    /// positions and spec, returning x's parts and writing to_cache's to rows `row0..row0 + n`
+    /// of `cache` `[S, C]` as they lie in it (first part, then the rotated part): MLA's query
+    /// heads and its compressed kv row into the latent cache, which a backend may split and
+    /// write in one launch (the default splits both, then writes the row's parts).
     #[allow(clippy::too_many_arguments)]
     fn split_rope_and_cache(
         &self,
@@ -259,7 +243,7 @@ pub trait Backend: Send + Sync {
         row0: usize,
     ) -> Result<(T<Self>, T<Self>)> {
         let parts = self.split_rope(x.0, x.1, x.2, positions, spec)?;
-        self.split_rope_to_cache(to_cache.0, to_cache.1, to_cache.2, positions, spec, cache, row0)?;
+        split_rope_into_cache(self, to_cache, positions, spec, cache, row0)?;
         Ok(parts)
     }
 
@@ -443,14 +427,12 @@ pub fn norm_ropes_to_cache_separately<B: Backend + ?Sized>(
     Ok(qr)
 }
 
-/// [`Backend::split_rope_to_cache`] as `split_rope` and `write_rows_many`: the trait's default,
-/// and what a backend falls back to where its one-launch form does not fit.
-#[allow(clippy::too_many_arguments)]
-pub fn split_rope_to_cache_separately<B: Backend + ?Sized>(
+/// `split_rope` of x `[n, 1, C]` and `write_rows_many` of its parts into `cache` `[S, C]` at
+/// `row0`: [`Backend::split_rope_and_cache`]'s kv row as separate ops (its default's, and what
+/// a backend falls back to where its one-launch form does not fit).
+pub fn split_rope_into_cache<B: Backend + ?Sized>(
     b: &B,
-    x: &T<B>,
-    a: usize,
-    norm: Option<(&T<B>, f32)>,
+    (x, a, norm): SplitInput<'_, B>,
     positions: &T<B>,
     spec: Rope,
     cache: &T<B>,
@@ -458,7 +440,7 @@ pub fn split_rope_to_cache_separately<B: Backend + ?Sized>(
 ) -> Result<()> {
     let &[n, 1, c] = x.shape() else {
         return Err(Error::Shape {
-            op: "split_rope_to_cache",
+            op: "split_rope_and_cache",
             detail: format!("x {:?}, not [n, 1, C]", x.shape()),
         });
     };

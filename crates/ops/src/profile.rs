@@ -156,21 +156,6 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.norm_ropes_to_cache(q, k, v, positions, spec, caches, row0),
         )
     }
-    fn split_rope_to_cache(
-        &self,
-        x: &T<Self>,
-        a: usize,
-        norm: Option<(&T<Self>, f32)>,
-        positions: &T<Self>,
-        spec: Rope,
-        cache: &T<Self>,
-        row0: usize,
-    ) -> Result<()> {
-        self.time(
-            || "split_rope + cache write".into(),
-            || self.inner.split_rope_to_cache(x, a, norm, positions, spec, cache, row0),
-        )
-    }
     fn split_rope_and_cache(
         &self,
         x: crate::SplitInput<'_, Self>,
