@@ -166,6 +166,16 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
+// Waits until at most `pending` (a runtime count, 3 or more meaning 3) of this thread's copy
+// groups are in flight.
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+    switch (pending) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    default: cp_async_wait<3>(); break;
+    }
+}
 
 // f32 on the tensor cores with f32 agreement ("3xTF32"): x = hi + lo with hi = x truncated to
 // tf32 (10-bit mantissa) and lo = x - hi (exact in f32); a * b ~ hi_a hi_b + hi_a lo_b + lo_a hi_b.

@@ -482,25 +482,38 @@ MOE_DECODE(32)
 //   takes pairs 2h (k 2t..) and 2h + 1 (k 2t+8..). The k order inside an mma is a permutation of
 //   the columns, the same for A and B, so the sums are unchanged.
 // - x is exact through three bf16 terms x = t0 + t1 + t2 (as the prefill GEMM's activations)
-//   placed in B's columns 0, 1, 2, and a zero term in column 3 (columns 4..7 repeat 0..3: their
-//   products land in D columns no lane reads), so one mma computes all three and a row's value is
-//   D[r][0] + D[r][1] + D[r][2] + D[r][3]. The block builds every step's B fragments once into
-//   shared memory (tc_build_b), the zero term included, so every lane reads its 8 bytes per mma
-//   unconditionally (a predicated read and a zeroing move per mma cost ~16 instructions a step).
+//   placed in B's columns 0, 1, 2 (columns 3..7 repeat terms 0..2: their products land in D
+//   columns no sum reads), so one mma computes all three and a row's value is D[r][0] + D[r][1] +
+//   D[r][2]. The block builds every step's B fragments once into shared memory (tc_build_b), so
+//   every lane reads its 8 bytes per mma unconditionally (a predicated read and a zeroing move
+//   per mma cost ~16 instructions a step). Column 3 held a zero term until the twentieth
+//   session; dropping it keeps the sums' bits (x + 0 = x) and takes a quarter off the fragments.
+// - Each warp's weight bytes for all of its steps (at most TC_STAGE_MAX) are copied into shared
+//   memory with cp.async as soon as its rows are known, when the launch gives the room
+//   (tc_stage; the host gives it to every launch but the MoE gate/up, where it measured
+//   slower): every byte in flight before the wait, without holding registers, and each step
+//   waits only for its own copy group. Otherwise each lane keeps one step ahead in registers
+//   (registers for more steps made these kernels slower in the thirteenth session).
 // - The block's TC_WARPS warps split the steps (warp w takes w, w + TC_WARPS, ...) and add
 //   their row sums in warp order, so results are deterministic.
 #define TC_STEP 128
 #define TC_TERMS 3
-#define TC_SLOTS 4 // TC_TERMS and the zero term
+#define TC_SLOTS 3 // B fragment slots per mma and lane quad: one per term
 #define TC_WARPS 4
 #define TC_ROWS 16
+#define TC_STAGE_MAX 4 // steps per warp a staged launch copies ahead (tc_stage)
+// Shared bytes of one staged step of a warp: rows g and g + 8's 16-byte code chunk per lane, then
+// 8 scale bytes per lane group and row (NVFP4: the step's four 2-byte block-scale pairs; MXFP4:
+// four codes). Host: TC_STAGE_STEP in src/backend.rs.
+#define TC_STAGE_CODES (2 * 32 * 16)
+#define TC_STAGE_STEP (TC_STAGE_CODES + 2 * 8 * 8)
 
 extern __shared__ uint2 tc_frag[]; // the B fragments (dynamic shared memory of every _tc kernel)
 
 // B fragments of x [kp] for every step: frag[((s * 8 + j) * TC_SLOTS + n) * 4 + t] = the
-// {b0, b1} of mma j of step s for lanes with g & 3 = n (term n of x; n = TC_TERMS: zero) and
-// tid-in-group t. Ends with a block barrier. (The host sizes the buffer: TC_SLOTS * 8 bytes per 4
-// columns.)
+// {b0, b1} of mma j of step s for lanes with g & 3 = n (term n of x; lanes g & 3 = 3 read term 0)
+// and tid-in-group t. Ends with a block barrier. (The host sizes the buffer: TC_SLOTS * 8 bytes
+// per 4 columns.)
 __device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) {
     const int entries = kp / 4; // (kp / TC_STEP) steps x 8 mmas x 4 quad lanes
     for (int i = threadIdx.x; i < entries; i += blockDim.x) {
@@ -519,9 +532,19 @@ __device__ __forceinline__ void tc_build_b(uint2* frag, const float* x, int kp) 
             v2 -= bf16_lo(b1);
             v3 -= bf16_hi(b1);
         }
-        out[TC_TERMS * 4] = make_uint2(0, 0);
     }
     __syncthreads();
+}
+
+// This warp's staging room for `steps` K steps split over `warps` warps: the end of the dynamic
+// shared memory (the B fragments take its start, sized by the host for the launch's longest row,
+// so a shorter row's room still ends at the same place), or null when the launch gave none or a
+// warp has more than TC_STAGE_MAX steps.
+__device__ __forceinline__ u8* tc_stage(int steps, int warps) {
+    const int spw = (steps + warps - 1) / warps;
+    const unsigned room = (unsigned)(warps * spw * TC_STAGE_STEP), have = dyn_smem_bytes();
+    if (spw > TC_STAGE_MAX || have < room + (unsigned)(steps * TC_STEP * TC_SLOTS * 2)) return nullptr;
+    return (u8*)tc_frag + have - room + (threadIdx.x >> 5) * spw * TC_STAGE_STEP;
 }
 
 // This warp's share of the products of tile rows r0 (lane group g) and r1 (g + 8) (< 0: zero
@@ -538,15 +561,18 @@ __device__ __forceinline__ void tc_rows_kind(const Fp4Lut* lut, W w, int r0, int
     w.kind = KIND;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int steps = w.kp / TC_STEP, cb = w.kp / 2, nb = w.kp / fp4_block(KIND);
+    // A step's scale bytes start here in a row's scales (NVFP4: 8, two blocks per lane; MXFP4:
+    // 4, one per lane); the lane's are at 2t or t from there.
+    auto scale_step = [&](int st) { return KIND == KIND_NVFP4 ? st * 8 : st * 4; };
+    const int scale_lane = KIND == KIND_NVFP4 ? 2 * t : t;
     auto load = [&](int st, uint4* q, u32* sc) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = h ? r1 : r0;
             if (r >= 0 && st < steps) {
                 q[h] = ld_stream16(w.codes + (size_t)r * cb + st * (TC_STEP / 2) + t * 16);
-                const u8* sp = w.scales + (size_t)r * nb;
-                const int blk = st * (TC_STEP / 32) + t; // this lane's 32 columns
-                sc[h] = KIND == KIND_NVFP4 ? (u32)__ldg((const unsigned short*)(sp + 2 * blk)) : (u32)sp[blk] * 0x101u;
+                const u8* sp = w.scales + (size_t)r * nb + scale_step(st) + scale_lane;
+                sc[h] = KIND == KIND_NVFP4 ? (u32)__ldg((const unsigned short*)sp) : (u32)*sp * 0x101u;
             } else {
                 q[h] = make_uint4(0, 0, 0, 0);
                 sc[h] = 0;
@@ -556,13 +582,8 @@ __device__ __forceinline__ void tc_rows_kind(const Fp4Lut* lut, W w, int r0, int
     // Two accumulators (mma h = 0 and h = 1 of each word), so consecutive mma do not wait on
     // each other's results.
     float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    uint4 q[2], qn[2];
-    u32 sc[2], scn[2];
-    const uint2* fl = frag + (g & 3) * 4 + t; // this lane's term (or the zero slot)
-    load(s0, q, sc);
-    after_first();
-    for (int st = s0; st < steps; st += ds) {
-        load(st + ds, qn, scn);
+    const uint2* fl = frag + ((g & 3) == 3 ? 0 : g & 3) * 4 + t; // this lane's term
+    auto step = [&](int st, const uint4* q, const u32* sc) {
         const uint2* fs = fl + (size_t)st * 8 * TC_SLOTS * 4;
         const u32 lo0 = scale_pair(lut, w, sc[0] & 255u), hi0 = scale_pair(lut, w, sc[0] >> 8);
         const u32 lo1 = scale_pair(lut, w, sc[1] & 255u), hi1 = scale_pair(lut, w, sc[1] >> 8);
@@ -582,14 +603,70 @@ __device__ __forceinline__ void tc_rows_kind(const Fp4Lut* lut, W w, int r0, int
                 mma_bf16(c[h], a, b.x, b.y);
             }
         }
+    };
+    u8* stage = tc_stage(steps, ds);
+    if (stage) {
+        // Every step's codes and scales requested at once (invalid rows fill zeros), one copy
+        // group per step, then after_first; each step waits only for its own group. A lane reads
+        // its own code chunks; the scale words are copied by lanes t < 2 (NVFP4) or t = 0
+        // (MXFP4) of each group, hence the warp sync.
+        int n = 0;
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            q[h] = qn[h];
-            sc[h] = scn[h];
+        for (int i = 0; i < TC_STAGE_MAX; i++) {
+            const int st = s0 + i * ds;
+            if (st >= steps) break;
+            n++;
+            u8* sp = stage + i * TC_STAGE_STEP;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = h ? r1 : r0;
+                const bool ok = r >= 0;
+                cp_async16(sp + (h * 32 + lane) * 16,
+                           ok ? w.codes + (size_t)r * cb + st * (TC_STEP / 2) + t * 16 : w.codes, ok);
+                if (t < (KIND == KIND_NVFP4 ? 2 : 1))
+                    cp_async4(sp + TC_STAGE_CODES + (h * 8 + g) * 8 + 4 * t,
+                              ok ? w.scales + (size_t)r * nb + scale_step(st) + 4 * t : w.scales, ok);
+            }
+            cp_async_commit();
+        }
+        after_first();
+#pragma unroll
+        for (int i = 0; i < TC_STAGE_MAX; i++) {
+            const int st = s0 + i * ds;
+            if (st >= steps) break;
+            cp_async_wait_upto(n - 1 - i);
+            __syncwarp();
+            const u8* sp = stage + i * TC_STAGE_STEP;
+            uint4 q[2];
+            u32 sc[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                q[h] = *(const uint4*)(sp + (h * 32 + lane) * 16);
+                const u8* ss = sp + TC_STAGE_CODES + (h * 8 + g) * 8;
+                sc[h] = KIND == KIND_NVFP4 ? (u32) * (const unsigned short*)(ss + scale_lane) : (u32)ss[t] * 0x101u;
+            }
+            step(st, q, sc);
+        }
+    } else {
+        uint4 q[2], qn[2];
+        u32 sc[2], scn[2];
+        load(s0, q, sc);
+        after_first();
+        for (int st = s0; st < steps; st += ds) {
+            load(st + ds, qn, scn);
+            step(st, q, sc);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                q[h] = qn[h];
+                sc[h] = scn[h];
+            }
         }
     }
-    // Lane t = 0 holds columns 0, 1 (terms 0, 1), lane t = 1 columns 2, 3 (term 2, zero).
-    float v0 = (c[0][0] + c[1][0]) + (c[0][1] + c[1][1]), v1 = (c[0][2] + c[1][2]) + (c[0][3] + c[1][3]);
+    // Lane t = 0 holds columns 0, 1 (terms 0, 1), lane t = 1 columns 2, 3 (term 2, and term 0
+    // again in column 3, which is left out).
+    const bool c3 = t == 1;
+    float v0 = (c[0][0] + c[1][0]) + (c3 ? 0.0f : c[0][1] + c[1][1]);
+    float v1 = (c[0][2] + c[1][2]) + (c3 ? 0.0f : c[0][3] + c[1][3]);
     v0 += __shfl_down_sync(0xffffffffu, v0, 1);
     v1 += __shfl_down_sync(0xffffffffu, v1, 1);
     y0 = v0;

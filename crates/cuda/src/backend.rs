@@ -96,19 +96,24 @@ const TOPK_SORT_MAX_BYTES: usize = 128 * 1024;
 /// (TC_WARPS warps splitting K).
 const TC_ROWS: u32 = 16;
 const TC_THREADS: u32 = 128;
+const TC_WARPS: usize = TC_THREADS as usize / 32;
 /// K columns per tensor-core step (TC_STEP in gemv.cu).
 const TC_STEP: usize = 128;
 /// A one-row tensor-core GEMV widens its blocks (more warps splitting K) until the grid holds
 /// this many warps per SM.
 const TC_MIN_WARPS_PER_SM: usize = 16;
 /// Largest B-fragment buffer (bytes of dynamic shared memory) a tensor-core decode block takes;
-/// longer rows (beyond 12288 columns) use the SIMT kernels.
+/// longer rows (beyond 16384 columns) use the SIMT kernels.
 const TC_FRAG_MAX: u32 = 96 * 1024;
-/// B fragments of one activation row of `kp` floats: TC_SLOTS (4: three bf16 terms of every
-/// element and a zero term) of 2 bytes each (tc_build_b in gemv.cu).
+/// B fragments of one activation row of `kp` floats: TC_SLOTS (3: three bf16 terms of every
+/// element) of 2 bytes each (tc_build_b in gemv.cu).
 fn tc_frag_bytes(kp: usize) -> u32 {
-    (kp * 4 * 2) as u32
+    (kp * 3 * 2) as u32
 }
+/// Staged weight steps per warp at most, and shared bytes per staged step of one warp
+/// (TC_STAGE_MAX, TC_STAGE_STEP in gemv.cu).
+const TC_STAGE_MAX: usize = 4;
+const TC_STAGE_STEP: usize = 2 * 32 * 16 + 2 * 8 * 8;
 /// Dynamic shared memory for a MoE decode launch's activation copy (stage_x in gemv.cu): room
 /// for one row of `kp` floats when every weight the launch reads is FP4 and it fits, else none
 /// (the kernels then read it from global memory).
@@ -495,6 +500,21 @@ impl CudaBackend {
             && tc_frag_bytes(kp) <= TC_FRAG_MAX
     }
 
+    /// Dynamic shared memory of a tensor-core decode launch of `warps` warps per block over rows
+    /// of at most `kp` columns: the B fragments, then (when staging is on and each warp has 2 to
+    /// TC_STAGE_MAX steps) every warp's weight steps (tc_stage in gemv.cu). One step per warp is
+    /// in flight on either path, and staging it made GLM's q_a / kv_a launch slower (3.1 -> 4.2
+    /// us per layer, H100, twentieth session).
+    fn tc_smem(&self, kp: usize, warps: usize) -> u32 {
+        let per_warp = (kp / TC_STEP).div_ceil(warps);
+        let stage = if self.tc_stage && (2..=TC_STAGE_MAX).contains(&per_warp) {
+            warps * per_warp * TC_STAGE_STEP
+        } else {
+            0
+        };
+        tc_frag_bytes(kp) + stage as u32
+    }
+
     /// Warps per block of the one-row tensor-core GEMVs over `tiles` tiles of TC_ROWS rows: the
     /// fewest (of 4, 8, 16; at most one per K step) that give the grid TC_MIN_WARPS_PER_SM warps
     /// per SM.
@@ -519,7 +539,7 @@ impl CudaBackend {
                 ["gemv_tc_w4", "gemv_tc_w8", "gemv_tc_w16"][warps.trailing_zeros() as usize - 2],
                 (tiles as u32, 1, 1),
                 warps as u32 * 32,
-                tc_frag_bytes(w.kp),
+                self.tc_smem(w.kp, warps),
                 &[Arg::Raw(w.args()), Arg::Ptr(xp.storage.ptr()), Arg::Ptr(y.storage.ptr())],
             )?;
             return Ok(y);
@@ -1197,6 +1217,10 @@ impl CudaBackend {
         let gate_up = |w: &CudaWeight, pairs: usize, shared: Option<(&CudaWeight, usize, &CT)>| {
             let lpr = lpr_of(if pairs > 0 { w } else { shared.map_or(w, |s| s.0) });
             let (name, per_block, block, smem) = if tc {
+                // Fragments only: staged, gate/up was slower (H100 replay trace: Qwen3 9.8 -> 11.9
+                // us per layer; GLM 11.6 -> 17.0, its 960 blocks no longer in one wave). Its
+                // weights cannot be requested before its wait (they need the router's ids), so
+                // it had no overlap to gain; why it lost is not understood.
                 ("moe_gate_up_tc", TC_ROWS as usize / 2, TC_THREADS, tc_frag_bytes(xs))
             } else {
                 let name = match lpr {
@@ -1262,7 +1286,7 @@ impl CudaBackend {
         let shared_down = shared.as_ref().map_or(down, |s| s.0);
         let kp = down.kp.max(shared_down.kp);
         let (name, per_block, block, smem) = if tc {
-            ("moe_down_tc", TC_ROWS as usize, TC_THREADS, tc_frag_bytes(kp))
+            ("moe_down_tc", TC_ROWS as usize, TC_THREADS, self.tc_smem(kp, TC_WARPS))
         } else {
             let name = match lpr {
                 8 => "moe_down_l8",
@@ -1822,7 +1846,7 @@ impl Backend for CudaBackend {
             ["gemv_tc3_w4", "gemv_tc3_w8", "gemv_tc3_w16"][warps.trailing_zeros() as usize - 2],
             (total as u32, 1, 1),
             warps as u32 * 32,
-            tc_frag_bytes(w0.kp),
+            self.tc_smem(w0.kp, warps),
             &[
                 Arg::Raw(ws[0].args()),
                 Arg::Raw(ws[1].args()),

@@ -11,7 +11,9 @@
 //! - Activations are f32 device buffers (bf16 accepted by `linear` and `cast`); every op enqueues
 //!   on one stream and returns at once; only `download` and `synchronize` wait.
 //! - Paths: `linear` Decode is an FP4 GEMV: for one activation row on the tensor cores (16 weight
-//!   rows as the A operand of `mma.sync`, x as B in three exact bf16 terms), for several rows on
+//!   rows as the A operand of `mma.sync`, x as B in three exact bf16 terms; each warp's weight
+//!   steps copied ahead into shared memory, [`CudaBackend::with_unstaged_decode`] keeps one step
+//!   ahead in registers instead), for several rows on
 //!   the SIMT kernels (16-byte weight loads, several in flight per lane; `FP4MOE_CUDA_TC=0` or
 //!   [`CudaBackend::with_simt_decode`] uses them for one row too); Prefill{128|256} is a tensor-core
 //!   GEMM (FP4 dequantized in registers, `cp.async` pipeline; tiles of 32 to 128 activation rows
@@ -121,6 +123,11 @@ pub struct CudaBackend {
     /// `moe_*_tc` in gemv.cu); false selects the SIMT row kernels, which the conformance suite
     /// also runs ([`CudaBackend::with_simt_decode`]). `FP4MOE_CUDA_TC=0` turns it off.
     tc_decode: bool,
+    /// Tensor-core decode products (all but the MoE gate/up) give each warp shared room for all
+    /// of its weight steps (`tc_stage` in gemv.cu: every step copied ahead with cp.async)
+    /// instead of one step ahead in registers. [`CudaBackend::with_unstaged_decode`] and
+    /// `FP4MOE_CUDA_TC_STAGE=0` select the register path, which the conformance suite also runs.
+    tc_stage: bool,
     /// Tile rows of every FP4 prefill GEMM (one of `GEMM_BLOCK_ROWS`), or None to pick them by
     /// the rows each tile serves ([`CudaBackend::with_gemm_block_rows`]: tests, benchmarks).
     gemm_rows: Option<usize>,
@@ -158,8 +165,9 @@ impl CudaBackend {
             }
         };
         let tc_decode = std::env::var_os("FP4MOE_CUDA_TC").is_none_or(|v| v != "0");
+        let tc_stage = std::env::var_os("FP4MOE_CUDA_TC_STAGE").is_none_or(|v| v != "0");
         let wgmma = dev.arch == "sm_90a" && std::env::var_os("FP4MOE_CUDA_WGMMA").is_none_or(|v| v != "0");
-        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode, gemm_rows: None, wgmma })
+        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode, tc_stage, gemm_rows: None, wgmma })
     }
 
     /// The same device with another tile configuration (autotune, tests).
@@ -171,6 +179,12 @@ impl CudaBackend {
     /// cores (tests, comparisons).
     pub fn with_simt_decode(&self) -> Self {
         CudaBackend { tc_decode: false, ..self.clone_handle() }
+    }
+
+    /// The same device with the tensor-core decode products keeping one weight step ahead in
+    /// registers instead of copying every step ahead into shared memory (tests, comparisons).
+    pub fn with_unstaged_decode(&self) -> Self {
+        CudaBackend { tc_stage: false, ..self.clone_handle() }
     }
 
     /// The same device with every FP4 prefill GEMM on tiles of `rows` rows (32 or 64), so the
@@ -196,6 +210,7 @@ impl CudaBackend {
             config: self.config,
             inv_freq: self.inv_freq.clone(),
             tc_decode: self.tc_decode,
+            tc_stage: self.tc_stage,
             gemm_rows: self.gemm_rows,
             wgmma: self.wgmma,
         }

@@ -37,3 +37,12 @@ mod gemm_128_rows {
         "CUDA device"
     );
 }
+
+/// One-row tensor-core products keeping one weight step ahead in registers (the default copies
+/// every step of a warp ahead into shared memory).
+mod unstaged_decode {
+    fp4moe_ops::conformance_tests!(
+        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_unstaged_decode()),
+        "CUDA device"
+    );
+}
