@@ -9,8 +9,9 @@
 // - `moe_gate_up_tile` / `moe_down_tile`: grouped GEMMs over the tile table (the prefill path);
 //   a tile never mixes experts. Gate and up rows are computed together and SiLU-multiplied.
 // - `moe_gate_up_gemv` / `moe_down_gemv`: one GEMV per pair (the decode path), no sorting.
-// - `moe_combine`: `out[t] = shared[t] + Σ_slot w[t, slot] * y[pos(t, slot)]` in slot order,
-//   one thread per output element, so the sum is deterministic (no float atomics).
+// - `moe_combine` (norm.wgsl, alone or in the next norm's dispatch): `out[t] = shared[t] +
+//   Σ_slot w[t, slot] * y[pos(t, slot)]` in slot order, one thread per output element or one
+//   workgroup per row, so the sum is deterministic (no float atomics).
 // Stacked expert weights may be split into chunks of whole experts; a dispatch covers the
 // experts `e_lo..e_hi` whose rows start at `row0` of the stacked matrix.
 

@@ -14,7 +14,8 @@ struct P {
     max_tiles: u32,
     has_shared: u32,
     identity_pos: u32,
-    _pad: u32,
+    // moe_gemv_shared.wgsl: the shared expert's intermediate size.
+    inter_sh: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -30,6 +31,35 @@ fn x_at(i: u32) -> f32 {
     return x[i / 4u][i % 4u];
 }
 
+// Output j of gate/up rows j and inter + j from weight row `base` (`w_sel`'s weight) against
+// the x row at element xb, SiLU-multiplied into out[o + j]. `j` is uniform per subgroup of
+// GEMV_LANES; every thread of the workgroup calls this (lane_sum's barriers).
+fn gate_up_row(lid: u32, j: u32, base: u32, inter: u32, xb: u32, o: u32) {
+    let lane = lid % GEMV_LANES;
+    var v = vec2<f32>(0.0);
+    if (j < inter) {
+        v = w_dot2(base + j, base + inter + j, p.h, xb, lane, GEMV_LANES);
+    }
+    let r = lane_sum(lid, lane, vec4<f32>(v, 0.0, 0.0)).xy;
+    if (lane == 0u && j < inter) {
+        out[o + j] = r.x / (1.0 + exp(-r.x)) * r.y;
+    }
+}
+
+// Output n of a down product: weight row `row` against the act row at element xo (kk wide),
+// into out[o + n].
+fn down_row(lid: u32, n: u32, row: u32, kk: u32, xo: u32, o: u32) {
+    let lane = lid % GEMV_LANES;
+    var v = vec2<f32>(0.0);
+    if (n < p.h) {
+        v.x = w_dot4(row, kk, xo, 0u, 1u, lane, GEMV_LANES).x;
+    }
+    let r = lane_sum(lid, lane, vec4<f32>(v, 0.0, 0.0)).xy;
+    if (lane == 0u && n < p.h) {
+        out[o + n] = r.x;
+    }
+}
+
 // Workgroup (x: row block, z: pair). Rows j < I: gate row j and up row I + j of the expert.
 @compute @workgroup_size(WG)
 fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -38,19 +68,8 @@ fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
     if (e < p.e_lo || e >= p.e_hi) {
         return;
     }
-    let lid = lid3.x;
-    let lane = lid % GEMV_LANES;
-    let j = wid.x * GEMV_ROWS + lid / GEMV_LANES;
-    var v = vec2<f32>(0.0);
-    if (j < p.inter) {
-        let base = e * 2u * p.inter - p.row0;
-        let xb = (pair / p.k) * p.h;
-        v = w_dot2(base + j, base + p.inter + j, p.h, xb, lane, GEMV_LANES);
-    }
-    let r = lane_sum(lid, lane, vec4<f32>(v, 0.0, 0.0)).xy;
-    if (lane == 0u && j < p.inter) {
-        out[pair * p.inter + j] = r.x / (1.0 + exp(-r.x)) * r.y;
-    }
+    let j = wid.x * GEMV_ROWS + lid3.x / GEMV_LANES;
+    gate_up_row(lid3.x, j, e * 2u * p.inter - p.row0, p.inter, (pair / p.k) * p.h, pair * p.inter);
 }
 
 @compute @workgroup_size(WG)
@@ -60,15 +79,6 @@ fn moe_down_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgro
     if (e < p.e_lo || e >= p.e_hi) {
         return;
     }
-    let lid = lid3.x;
-    let lane = lid % GEMV_LANES;
-    let n = wid.x * GEMV_ROWS + lid / GEMV_LANES;
-    var v = vec2<f32>(0.0);
-    if (n < p.h) {
-        v.x = w_dot4(e * p.h - p.row0 + n, p.inter, pair * p.inter, 0u, 1u, lane, GEMV_LANES).x;
-    }
-    let r = lane_sum(lid, lane, vec4<f32>(v, 0.0, 0.0)).xy;
-    if (lane == 0u && n < p.h) {
-        out[pair * p.h + n] = r.x;
-    }
+    let n = wid.x * GEMV_ROWS + lid3.x / GEMV_LANES;
+    down_row(lid3.x, n, e * p.h - p.row0 + n, p.inter, pair * p.inter, pair * p.h);
 }

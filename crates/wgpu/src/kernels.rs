@@ -66,6 +66,9 @@ pub(crate) mod shape {
         assert!((ATTN_FT_UNION / ATTN_WIDE_DV4).is_multiple_of(4));
         assert!(ATTN_WIDE_ROWS * (ATTN_WIDE_KEYS / 4 + 1) <= ATTN_TILE_ROWS * (ATTN_TILE_KEYS / 4 + 1));
     };
+    /// Row kernels (norm.wgsl): elements of a row each thread holds in registers, so rows up
+    /// to NORM_ROW_REGS x WG wide (2048, both models' hidden size) load in one unrolled pass.
+    pub const NORM_ROW_REGS: u32 = 8;
     /// MoE sort and routers: most experts one workgroup can count (and rank).
     pub const MOE_MAX_EXPERTS: u32 = 1024;
     /// Sigmoid router: most expert groups.
@@ -129,7 +132,7 @@ fn constants(gemv_lanes: u32) -> String {
     format!(
         "const WG: u32 = {WG}u;\nconst GEMV_ROWS: u32 = {gemv_rows}u;\nconst GEMV_LANES: u32 = {gemv_lanes}u;\n\
          const GEMV_MR: u32 = {GEMV_MR}u;\nconst TILE_M: u32 = {TILE_M}u;\nconst ATTN_CHUNK: u32 = {ATTN_CHUNK}u;\nconst ATTN_QMAX: u32 = {ATTN_QMAX}u;\nconst ATTN_TILE_ROWS: u32 = {ATTN_TILE_ROWS}u;\nconst ATTN_TILE_DV4: u32 = {ATTN_TILE_DV4}u;\nconst ATTN_WIDE_ROWS: u32 = {ATTN_WIDE_ROWS}u;\nconst ATTN_WIDE_DV4: u32 = {ATTN_WIDE_DV4}u;\nconst ATTN_TILE_KEYS: u32 = {ATTN_TILE_KEYS}u;\nconst ATTN_WIDE_KEYS: u32 = {ATTN_WIDE_KEYS}u;\nconst ATTN_FT_DC: u32 = {ATTN_FT_DC}u;\nconst ATTN_FT_UNION: u32 = {ATTN_FT_UNION}u;\nconst ATTN_THREADS: u32 = {ATTN_THREADS}u;\nconst HEADT_WORDS: u32 = {HEADT_WORDS}u;\n\
-         const MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
+         const ROW_REGS: u32 = {NORM_ROW_REGS}u;\nconst MOE_MAX_EXPERTS: u32 = {MOE_MAX_EXPERTS}u;\nconst ROUTER_MAX_GROUPS: u32 = {ROUTER_MAX_GROUPS}u;\n\
          const TOPK_WG: u32 = {TOPK_WG}u;\nconst TOPK_REG: u32 = {TOPK_REG}u;\nconst COOP_SUBGROUPS: u32 = {COOP_SUBGROUPS}u;\nconst COOP_BK: u32 = {COOP_BK}u;\nconst COOP_STRIDE: u32 = {COOP_STRIDE}u;\n"
     )
 }
@@ -188,7 +191,9 @@ pub enum Src {
     Moe,
     MoeTile,
     MoeGemv,
-    MoeCombine,
+    /// moe_gemv.wgsl + moe_gemv_shared.wgsl: the decode MoE products with the shared expert's,
+    /// reading two weights (weight_quant_multi.wgsl).
+    MoeGemvShared,
     Attention,
     Router,
     TopK,
@@ -210,7 +215,7 @@ impl Src {
         Src::Moe,
         Src::MoeTile,
         Src::MoeGemv,
-        Src::MoeCombine,
+        Src::MoeGemvShared,
         Src::Attention,
         Src::Router,
         Src::TopK,
@@ -234,7 +239,12 @@ impl Src {
             Src::Moe => include_str!("../shaders/moe.wgsl"),
             Src::MoeTile => include_str!("../shaders/moe_tile.wgsl"),
             Src::MoeGemv => include_str!("../shaders/moe_gemv.wgsl"),
-            Src::MoeCombine => include_str!("../shaders/moe_combine.wgsl"),
+            Src::MoeGemvShared => {
+                concat!(
+                    include_str!("../shaders/moe_gemv.wgsl"),
+                    include_str!("../shaders/moe_gemv_shared.wgsl")
+                )
+            }
             Src::Attention => include_str!("../shaders/attention.wgsl"),
             Src::Router => include_str!("../shaders/router.wgsl"),
             Src::TopK => include_str!("../shaders/topk.wgsl"),
@@ -254,6 +264,7 @@ impl Src {
                 | Src::Embedding
                 | Src::MoeTile
                 | Src::MoeGemv
+                | Src::MoeGemvShared
                 | Src::CoopGemm
         )
     }
@@ -263,7 +274,7 @@ impl Src {
     pub fn weight_kinds(self) -> &'static [WKind] {
         const ALL: [WKind; 5] = [WKind::Mxfp4, WKind::Nvfp4, WKind::F32, WKind::Bf16, WKind::F16];
         match self {
-            Src::CoopGemm | Src::GemvMulti => &ALL[..2],
+            Src::CoopGemm | Src::GemvMulti | Src::MoeGemvShared => &ALL[..2],
             s if s.reads_weight() => &ALL,
             _ => &[],
         }
@@ -271,7 +282,12 @@ impl Src {
 
     /// Whether the file uses the decode-path dot products of its weight (`w_dot4`).
     pub fn dots_weight(self) -> bool {
-        matches!(self, Src::Gemv | Src::GemvMulti | Src::MoeGemv | Src::HeadLinear)
+        matches!(self, Src::Gemv | Src::GemvMulti | Src::MoeGemv | Src::MoeGemvShared | Src::HeadLinear)
+    }
+
+    /// Whether the file reads up to three FP4 weights through weight_quant_multi.wgsl's `w_sel`.
+    pub fn multi_weight(self) -> bool {
+        matches!(self, Src::GemvMulti | Src::MoeGemvShared)
     }
 
     /// Whether the file has an `N_TILE` parameter.
@@ -307,7 +323,7 @@ impl Variant {
         s.push_str(include_str!("../shaders/common.wgsl"));
         if let Some(w) = self.weight {
             let snippet = w.snippet(self.src.dots_weight());
-            if self.src == Src::GemvMulti {
+            if self.src.multi_weight() {
                 s.push_str(&multi_weight_access(&snippet));
             } else {
                 s.push_str(&snippet);
@@ -342,7 +358,7 @@ fn multi_weight_access(snippet: &str) -> String {
                 &snippet[e + END.len()..]
             )
         }
-        // Only FP4 snippets have the block (GemvMulti has no other weight kinds).
+        // Only FP4 snippets have the block (the multi-weight files have no other weight kinds).
         _ => snippet.to_string(),
     }
 }

@@ -7,7 +7,7 @@ use crate::weight::WgpuWeight;
 use crate::{GpuBuf, WgpuBackend};
 use fp4moe_ops::{
     Backend, DType, Error, GroupedRouter, HeadLinear, HostData, HostTensor, HostWeight, LinearPath, MoePath,
-    MoeWeights, Result, Rope, RopeStyle, Tensor,
+    MoeWeights, Result, Rope, RopeStyle, SplitInput, Tensor,
 };
 use std::sync::Arc;
 
@@ -77,9 +77,80 @@ fn copy_params(a: &Copy2d<'_>, words_per_row: usize, b: &Copy2d<'_>) -> [u32; 20
     p
 }
 
-/// Params of norm.wgsl's row kernels other than `norm_rope` (its `P`, 12 words).
-fn norm_params(rows: usize, d: usize, eps: f32) -> [u32; 12] {
-    [u(rows), u(d), eps.to_bits(), 0, 0, 0, 0, 0, 0, 0, 0, 0]
+/// Bindings 11-16 of weight_quant_multi.wgsl beside routed chunk `c` (weight 0): the shared
+/// expert's weight `sw` as weight 1 and `c` again as weight 2 (unread); none without `sw`.
+fn shared_bindings<'a>(
+    c: &'a crate::weight::Chunk,
+    sw: Option<&'a WgpuWeight>,
+) -> impl Iterator<Item = (u32, &'a wgpu::Buffer)> {
+    sw.into_iter().flat_map(move |sw| {
+        let again = c.bindings().map(|(i, buf)| (i + 6, buf));
+        sw.chunks[0].bindings().map(|(i, buf)| (i + 3, buf)).chain(again)
+    })
+}
+
+/// norm.wgsl's `P` (its comments say which kernel reads what); fields a kernel does not read
+/// stay zero.
+#[derive(Debug, Clone, Copy, Default)]
+struct NormP {
+    rows: usize,
+    d: usize,
+    eps: f32,
+    heads: usize,
+    rope: Option<Rope>,
+    rows0: usize,
+    eps1: f32,
+    heads1: usize,
+    split: usize,
+    normed: bool,
+    cache_off: usize,
+    cache_stride: usize,
+    d1: usize,
+    split1: usize,
+    normed1: bool,
+    moe_k: usize,
+    moe_identity: bool,
+    moe_shared: bool,
+    moe_sh_off: usize,
+}
+
+impl NormP {
+    /// A plain row kernel's: `rows` rows of `d`.
+    fn rows(rows: usize, d: usize, eps: f32) -> NormP {
+        NormP { rows, d, eps, ..Default::default() }
+    }
+
+    fn words(&self) -> [u32; 24] {
+        let (offset, dims, inter) =
+            self.rope.map_or((0, 0, false), |r| (r.offset, r.dims, r.style == RopeStyle::Interleaved));
+        let b = u32::from;
+        [
+            u(self.rows),
+            u(self.d),
+            self.eps.to_bits(),
+            u(self.heads),
+            u(offset),
+            u(dims),
+            b(inter),
+            u(self.rows0),
+            self.eps1.to_bits(),
+            u(self.heads1),
+            u(self.split),
+            b(self.normed),
+            u(self.cache_off),
+            u(self.cache_stride),
+            u(self.d1),
+            u(self.split1),
+            b(self.normed1),
+            u(self.moe_k),
+            b(self.moe_identity),
+            b(self.moe_shared),
+            u(self.moe_sh_off),
+            0,
+            0,
+            0,
+        ]
+    }
 }
 
 /// Workgroups for `n` items of `per` each: x up to the per-dimension limit, then y.
@@ -110,6 +181,63 @@ fn tensor_bytes(shape: &[usize], dtype: DType) -> u64 {
     }
 }
 
+/// What `moe` has before its combine (`WgpuBackend::moe_experts_out`).
+enum MoeStage {
+    /// The output itself (nothing to combine).
+    Done(GT),
+    Combine(MoeOut),
+}
+
+/// The routed experts' outputs y `[pairs, h]` (rows in sorted order with `pos`, else in pair
+/// order) and the shared expert's output `[n, h]`: what norm.wgsl's `moe_term` sums.
+struct MoeOut {
+    n: usize,
+    h: usize,
+    k: usize,
+    y: GpuBuf,
+    pos: Option<GpuBuf>,
+    shared: Option<SharedOut>,
+}
+
+/// Where the shared expert's output is.
+enum SharedOut {
+    Tensor(GT),
+    /// In y's rows after the routed pairs' (`moe_gemv_shared.wgsl`).
+    InY,
+}
+
+impl MoeOut {
+    /// norm.wgsl's MoE fields.
+    fn params(&self) -> NormP {
+        NormP {
+            moe_k: self.k,
+            moe_identity: self.pos.is_none(),
+            moe_shared: self.shared.is_some(),
+            moe_sh_off: match self.shared {
+                Some(SharedOut::InY) => self.n * self.k * self.h,
+                _ => 0,
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Bindings 11-14 (an unread pos or shared output binds y).
+    fn binds<'a>(&'a self, weights: &'a GT) -> Vec<(u32, &'a wgpu::Buffer)> {
+        vec![
+            (11, &*self.y),
+            (12, self.pos.as_deref().unwrap_or(&*self.y)),
+            (13, &weights.storage.buf),
+            (
+                14,
+                match &self.shared {
+                    Some(SharedOut::Tensor(t)) => &t.storage.buf,
+                    _ => &*self.y,
+                },
+            ),
+        ]
+    }
+}
+
 impl WgpuBackend {
     /// A tensor with unspecified contents (a pooled buffer): every kernel writing it covers it.
     fn alloc(&self, shape: &[usize], dtype: DType) -> GT {
@@ -123,11 +251,15 @@ impl WgpuBackend {
 
     /// `norm_rope` of one or two inputs `(x [n, H, D], w [D], eps)` at the same positions in one
     /// dispatch (norm.wgsl's `norm_rope`; one input binds itself as the second, with no rows).
+    /// With `to_cache` (k cache, v, v cache, first element written), the second result goes
+    /// into the k cache and v into the v cache from that element (`norm_rope_cache`), and the
+    /// k cache stands in for the second result.
     fn norm_rope_launch<const N: usize>(
         &self,
         xs: [(&GT, &GT, f32); N],
         positions: &GT,
         spec: Rope,
+        to_cache: Option<(&GT, &GT, &GT, usize)>,
     ) -> Result<[GT; N]> {
         const OP: &str = "norm_rope";
         let mut d = 0;
@@ -140,7 +272,10 @@ impl WgpuBackend {
             expect(OP, w, DType::F32)?;
         }
         expect(OP, positions, DType::U32)?;
-        let outs = xs.map(|(x, _, _)| self.alloc(x.shape(), DType::F32));
+        let mut outs = xs.map(|(x, _, _)| self.alloc(x.shape(), DType::F32));
+        if let Some((kc, _, _, _)) = to_cache {
+            outs[N - 1] = kc.clone();
+        }
         let rows = |x: &GT| x.shape()[0] * x.shape()[1];
         let (first, second) = (xs[0], xs[N - 1]);
         let rows0 = rows(first.0);
@@ -149,23 +284,19 @@ impl WgpuBackend {
             return Ok(outs);
         }
         let inv = self.inv_freq(spec.dims, spec.theta);
-        let inter = u32::from(spec.style == RopeStyle::Interleaved);
-        let heads = |x: &GT| u(x.shape()[1]);
-        let params = [
-            u(total),
-            u(d),
-            first.2.to_bits(),
-            heads(first.0),
-            u(spec.offset),
-            u(spec.dims),
-            inter,
-            u(rows0),
-            second.2.to_bits(),
-            heads(second.0),
-            0,
-            0,
-        ];
-        let b = [
+        let params = NormP {
+            rows: total,
+            d,
+            eps: first.2,
+            heads: first.0.shape()[1],
+            rope: Some(spec),
+            rows0,
+            eps1: second.2,
+            heads1: second.0.shape()[1],
+            cache_off: to_cache.map_or(0, |c| c.3),
+            ..Default::default()
+        };
+        let mut b = vec![
             (1, &first.0.storage.buf),
             (2, &first.1.storage.buf),
             (3, &outs[0].storage.buf),
@@ -175,8 +306,88 @@ impl WgpuBackend {
             (9, &second.1.storage.buf),
             (10, &outs[N - 1].storage.buf),
         ];
-        self.dispatch(&self.k(Src::Norm, "norm_rope")?, &params, &b, grid(total, 1))?;
+        let entry = match to_cache {
+            Some((_, v, vc, _)) => {
+                b.extend([(15, &vc.storage.buf), (16, &v.storage.buf)]);
+                "norm_rope_cache"
+            }
+            None => "norm_rope",
+        };
+        self.dispatch(&self.k(Src::Norm, entry)?, &params.words(), &b, grid(total, 1))?;
         Ok(outs)
+    }
+
+    /// `split_rope` of x in one dispatch (norm.wgsl's `split_rope`), and of `second` `[n, 1, C]`
+    /// in the same one, its two parts written into rows `row0..` of its cache as they lie
+    /// there. Without a second input x's bindings stand in for its own.
+    fn split_rope_launch(
+        &self,
+        (x, a, norm): SplitInput<'_, Self>,
+        second: Option<(SplitInput<'_, Self>, &GT, usize)>,
+        positions: &GT,
+        spec: Rope,
+    ) -> Result<(GT, GT)> {
+        const OP: &str = "split_rope";
+        expect(OP, positions, DType::U32)?;
+        let check = |x: &GT, a: usize, norm: Option<(&GT, f32)>| -> Result<[usize; 3]> {
+            expect(OP, x, DType::F32)?;
+            if let Some((w, _)) = norm {
+                expect(OP, w, DType::F32)?;
+            }
+            fp4moe_ops::check::split_rope(x.shape(), a, norm.map(|(w, _)| w.shape()), positions.shape(), spec)
+        };
+        let [n, h, d] = check(x, a, norm)?;
+        let first = self.alloc(&[n, h, a], DType::F32);
+        let rest = self.alloc(&[n, h, d - a], DType::F32);
+        let mut p = NormP {
+            rows: n * h,
+            d,
+            eps: norm.map_or(0.0, |(_, eps)| eps),
+            heads: h,
+            rope: Some(spec),
+            rows0: n * h,
+            split: a,
+            normed: norm.is_some(),
+            ..Default::default()
+        };
+        // Without a norm the weight binding is unread; x stands in for it.
+        let w = norm.map_or(&x.storage.buf, |(w, _)| &w.storage.buf);
+        let mut b = vec![
+            (1, &x.storage.buf),
+            (2, w),
+            (3, &first.storage.buf),
+            (4, &positions.storage.buf),
+            (10, &rest.storage.buf),
+        ];
+        match second {
+            Some(((xc, ac, normc), cache, row0)) => {
+                let [nc, hc, c] = check(xc, ac, normc)?;
+                let ([_, cw], _) = fp4moe_ops::check::write_rows(
+                    (cache.shape(), cache.dtype()),
+                    (&[nc * hc, c], DType::F32),
+                    row0,
+                    0,
+                )?;
+                p.rows += nc * hc;
+                p.d1 = c;
+                p.split1 = ac;
+                p.normed1 = normc.is_some();
+                p.eps1 = normc.map_or(0.0, |(_, eps)| eps);
+                p.heads1 = hc;
+                p.cache_off = row0 * cw;
+                p.cache_stride = cw;
+                let wc = normc.map_or(&xc.storage.buf, |(w, _)| &w.storage.buf);
+                b.extend([(8, &xc.storage.buf), (9, wc), (15, &cache.storage.buf)]);
+            }
+            None => b.extend([(8, &x.storage.buf), (9, w), (15, &rest.storage.buf)]),
+        }
+        if p.rows == 0 {
+            return Ok((first, rest));
+        }
+        let inv = self.inv_freq(spec.dims, spec.theta);
+        b.push((5, &*inv));
+        self.dispatch(&self.k(Src::Norm, "split_rope")?, &p.words(), &b, grid(p.rows, 1))?;
+        Ok((first, rest))
     }
 
     fn k(&self, src: Src, entry: &'static str) -> Result<Arc<Kernel>> {
@@ -193,10 +404,21 @@ impl WgpuBackend {
         let entries: &[(Src, &[&'static str])] = &[
             (Src::Elementwise, &["add", "silu_mul", "to_bf16", "from_bf16"]),
             (Src::Copy, &["copy32", "copy16"]),
-            (Src::Norm, &["rms_norm", "add_rms_norm", "norm_rope", "split_rope", "softmax"]),
+            (
+                Src::Norm,
+                &[
+                    "rms_norm",
+                    "add_rms_norm",
+                    "norm_rope",
+                    "norm_rope_cache",
+                    "split_rope",
+                    "softmax",
+                    "moe_combine",
+                    "moe_add_rms_norm",
+                ],
+            ),
             (Src::Rope, &["rope"]),
             (Src::Moe, &["moe_count", "moe_offsets", "moe_scatter"]),
-            (Src::MoeCombine, &["moe_combine"]),
             (Src::Attention, &["attn_chunk", "attn_merge", "attn_tile", "attn_tile_wide"]),
             (Src::Router, &["route_softmax", "route_sigmoid"]),
             (Src::TopK, &["top_k", "top_k_part", "top_k_final"]),
@@ -211,6 +433,8 @@ impl WgpuBackend {
             self.kw(Src::Gemv, "gemv", w, None)?;
             if w.is_fp4() {
                 self.kw(Src::GemvMulti, "gemv_multi", w, None)?;
+                self.kw(Src::MoeGemvShared, "moe_gate_up_gemv_sh", w, None)?;
+                self.kw(Src::MoeGemvShared, "moe_down_gemv_sh", w, None)?;
             }
             self.kw(Src::HeadLinear, "head_linear", w, None)?;
             self.kw(Src::HeadLinear, "head_linear_t", w, None)?;
@@ -411,6 +635,80 @@ impl WgpuBackend {
         self.dispatch(&self.k(Src::Moe, "moe_scatter")?, params, &b, chunks)
     }
 
+    /// Everything of `moe` but the combine: checks, the shared expert and the routed experts'
+    /// outputs, or the whole output where no combine is needed (no tokens, no slots).
+    fn moe_experts_out(
+        &self,
+        x: &GT,
+        ids: &GT,
+        weights: &GT,
+        experts: MoeWeights<'_, WgpuWeight>,
+        path: MoePath,
+    ) -> Result<MoeStage> {
+        const OP: &str = "moe";
+        let MoeWeights { gate_up, down, n_experts, shared } = experts;
+        let dims = |w: &WgpuWeight| [w.rows, w.cols];
+        let fp4moe_ops::check::Moe { n, h, inter, .. } = fp4moe_ops::check::moe(
+            x.shape(),
+            dims(gate_up),
+            dims(down),
+            n_experts,
+            ids.shape(),
+            weights.shape(),
+            shared.map(|(g, d)| (dims(g), dims(d))),
+        )?;
+        expect(OP, x, DType::F32)?;
+        expect(OP, ids, DType::U32)?;
+        expect(OP, weights, DType::F32)?;
+        if n_experts > shape::MOE_MAX_EXPERTS as usize {
+            return Err(unsupported(OP, format!("{n_experts} experts")));
+        }
+        let k = ids.shape()[1];
+        if n == 0 || h == 0 {
+            return Ok(MoeStage::Done(self.alloc(&[n, h], DType::F32)));
+        }
+        let path = match path {
+            MoePath::Auto => self.config.moe_path(n),
+            p => p,
+        };
+        // The shared expert in the decode products' dispatches: FP4 weights of the routed
+        // experts' kind, each in one buffer, and an adapter with room for two weights' buffers.
+        let one = |w: &WgpuWeight| w.kind == gate_up.kind && w.chunks.len() == 1;
+        let inter_sh = match shared {
+            Some((sgu, sd))
+                if k > 0
+                    && path == MoePath::Decode
+                    && self.multi_gemv
+                    && gate_up.kind.is_fp4()
+                    && [gate_up, down, sgu, sd].into_iter().all(one) =>
+            {
+                sgu.rows / 2
+            }
+            _ => 0,
+        };
+        let shared_out = match shared {
+            Some((sgu, sd)) if inter_sh == 0 => {
+                let g = self.linear(x, sgu, LinearPath::Auto)?;
+                Some(self.linear(&self.silu_mul(&g)?, sd, LinearPath::Auto)?)
+            }
+            _ => None,
+        };
+        if k == 0 {
+            // No routed experts: the output is the shared expert alone (or zeros).
+            return Ok(MoeStage::Done(match shared_out {
+                Some(so) => so,
+                None => self.zeros(&[n, h], DType::F32)?,
+            }));
+        }
+        let pairs = n * k;
+        let (y, pos) = self.moe_experts(x, ids, &experts, MoeDims { pairs, k, h, inter, inter_sh }, path)?;
+        let shared = match shared_out {
+            Some(t) => Some(SharedOut::Tensor(t)),
+            None => (inter_sh > 0).then_some(SharedOut::InY),
+        };
+        Ok(MoeStage::Combine(MoeOut { n, h, k, y, pos, shared }))
+    }
+
     /// Runs the two expert GEMMs of one MoE path over every chunk of the stacked weights.
     #[allow(clippy::too_many_arguments)]
     fn moe_experts(
@@ -422,13 +720,15 @@ impl WgpuBackend {
         path: MoePath,
     ) -> Result<(GpuBuf, Option<GpuBuf>)> {
         const OP: &str = "moe";
-        let MoeDims { pairs, k, h, inter } = dims;
+        let MoeDims { pairs, k, h, inter, inter_sh } = dims;
         let e_n = experts.n_experts;
-        let act = self.scratch(pairs * inter);
-        let y = self.scratch(pairs * h);
+        // The shared expert's rows of act and y follow the routed pairs' when it is folded in.
+        let sh_tokens = if inter_sh > 0 { pairs / k } else { 0 };
+        let act = self.scratch(pairs * inter + sh_tokens * inter_sh);
+        let y = self.scratch((pairs + sh_tokens) * h);
         let max_tiles = pairs.div_ceil(shape::TILE_M as usize) + e_n;
         let params = |e_lo: usize, e_hi: usize, row0: usize| {
-            [pairs, k, h, inter, e_lo, e_hi, row0, e_n, max_tiles, 0, 0, 0].map(u)
+            [pairs, k, h, inter, e_lo, e_hi, row0, e_n, max_tiles, 0, 0, inter_sh].map(u)
         };
         // Experts covered by a chunk: chunks hold whole experts (see weight.rs).
         let span = |w: &WgpuWeight, c: &crate::weight::Chunk, per: usize| -> Result<(usize, usize)> {
@@ -447,20 +747,31 @@ impl WgpuBackend {
         let (gu, dn) = (experts.gate_up, experts.down);
         match path {
             MoePath::Decode => {
-                let kg = self.kw(Src::MoeGemv, "moe_gate_up_gemv", gu.kind, None)?;
+                let rows = self.kernels.gemv_rows() as usize;
+                // Folded in, the shared expert's weight binds as weight 1 of
+                // weight_quant_multi.wgsl (weight 2 binds the routed one again, unread); its
+                // caller checked that every weight is one chunk.
+                let shared = experts.shared.filter(|_| inter_sh > 0);
+                let (src, entries) = match shared {
+                    Some(_) => (Src::MoeGemvShared, ["moe_gate_up_gemv_sh", "moe_down_gemv_sh"]),
+                    None => (Src::MoeGemv, ["moe_gate_up_gemv", "moe_down_gemv"]),
+                };
+                let kg = self.kw(src, entries[0], gu.kind, None)?;
                 for c in &gu.chunks {
                     let (lo, hi) = span(gu, c, 2 * inter)?;
                     let mut b = vec![(1, &x.storage.buf), (2, &ids.storage.buf), (3, &*act)];
                     b.extend(c.bindings());
-                    let g = [u(inter.div_ceil(self.kernels.gemv_rows() as usize)), 1, u(pairs)];
+                    b.extend(shared_bindings(c, shared.map(|s| s.0)));
+                    let g = [u(inter.max(inter_sh).div_ceil(rows)), 1, u(pairs + sh_tokens)];
                     self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
                 }
-                let kd = self.kw(Src::MoeGemv, "moe_down_gemv", dn.kind, None)?;
+                let kd = self.kw(src, entries[1], dn.kind, None)?;
                 for c in &dn.chunks {
                     let (lo, hi) = span(dn, c, h)?;
                     let mut b = vec![(1, &*act), (2, &ids.storage.buf), (3, &*y)];
                     b.extend(c.bindings());
-                    let g = [u(h.div_ceil(self.kernels.gemv_rows() as usize)), 1, u(pairs)];
+                    b.extend(shared_bindings(c, shared.map(|s| s.1)));
+                    let g = [u(h.div_ceil(rows)), 1, u(pairs + sh_tokens)];
                     self.dispatch(&kd, &params(lo, hi, c.row0), &b, g)?;
                 }
                 Ok((y, None))
@@ -749,6 +1060,9 @@ struct MoeDims {
     k: usize,
     h: usize,
     inter: usize,
+    /// The shared expert's intermediate size when its products run in the routed ones'
+    /// dispatches (`moe_gemv_shared.wgsl`), else 0.
+    inter_sh: usize,
 }
 
 impl Backend for WgpuBackend {
@@ -1037,7 +1351,12 @@ impl Backend for WgpuBackend {
         let out = self.alloc(x.shape(), DType::F32);
         let rows = x.rows();
         let b = [(1, &x.storage.buf), (2, &w.storage.buf), (3, &out.storage.buf)];
-        self.dispatch(&self.k(Src::Norm, "rms_norm")?, &norm_params(rows, d, eps), &b, grid(rows, 1))?;
+        self.dispatch(
+            &self.k(Src::Norm, "rms_norm")?,
+            &NormP::rows(rows, d, eps).words(),
+            &b,
+            grid(rows, 1),
+        )?;
         Ok(out)
     }
 
@@ -1065,7 +1384,7 @@ impl Backend for WgpuBackend {
         ];
         self.dispatch(
             &self.k(Src::Norm, "add_rms_norm")?,
-            &norm_params(rows, d, eps),
+            &NormP::rows(rows, d, eps).words(),
             &binds,
             grid(rows, 1),
         )?;
@@ -1088,15 +1407,49 @@ impl Backend for WgpuBackend {
     }
 
     fn norm_rope(&self, x: &GT, w: &GT, eps: f32, positions: &GT, spec: Rope) -> Result<GT> {
-        let [y] = self.norm_rope_launch([(x, w, eps)], positions, spec)?;
+        let [y] = self.norm_rope_launch([(x, w, eps)], positions, spec, None)?;
         Ok(y)
     }
 
     fn norm_ropes(&self, xs: &[(&GT, &GT, f32)], positions: &GT, spec: Rope) -> Result<Vec<GT>> {
         match *xs {
-            [a, b] => Ok(self.norm_rope_launch([a, b], positions, spec)?.into()),
+            [a, b] => Ok(self.norm_rope_launch([a, b], positions, spec, None)?.into()),
             _ => xs.iter().map(|&(x, w, eps)| self.norm_rope(x, w, eps, positions, spec)).collect(),
         }
+    }
+
+    fn norm_ropes_to_cache(
+        &self,
+        q: (&GT, &GT, f32),
+        k: (&GT, &GT, f32),
+        v: &GT,
+        positions: &GT,
+        spec: Rope,
+        caches: (&GT, &GT),
+        row0: usize,
+    ) -> Result<GT> {
+        // v as wide as k's rows, f32 caches of that width, and no cache that is also read or
+        // is the other cache; otherwise the separate ops.
+        let s = k.0.shape();
+        let width = s.iter().skip(1).product::<usize>();
+        let cs = [caches.0, caches.1];
+        let reads = [q.0, q.1, k.0, k.1, v, positions];
+        let aliased = Arc::ptr_eq(&caches.0.storage, &caches.1.storage)
+            || cs.iter().any(|c| reads.iter().any(|r| Arc::ptr_eq(&c.storage, &r.storage)));
+        let fits = s.len() == 3
+            && !aliased
+            && v.dtype() == DType::F32
+            && v.shape() == [s[0], width]
+            && cs.iter().all(|c| c.dtype() == DType::F32 && c.shape().len() == 2 && c.shape()[1] == width);
+        if !fits {
+            return fp4moe_ops::norm_ropes_to_cache_separately(self, q, k, v, positions, spec, caches, row0);
+        }
+        // Checked as the writes they replace.
+        Copy2d::write_rows((caches.0, &k.0.reshape(&[s[0], width])?, row0, 0))?;
+        Copy2d::write_rows((caches.1, v, row0, 0))?;
+        let [y, _] =
+            self.norm_rope_launch([q, k], positions, spec, Some((caches.0, v, caches.1, row0 * width)))?;
+        Ok(y)
     }
 
     fn split_rope(
@@ -1107,54 +1460,29 @@ impl Backend for WgpuBackend {
         positions: &GT,
         spec: Rope,
     ) -> Result<(GT, GT)> {
-        const OP: &str = "split_rope";
-        expect(OP, x, DType::F32)?;
-        expect(OP, positions, DType::U32)?;
-        if let Some((w, _)) = norm {
-            expect(OP, w, DType::F32)?;
+        self.split_rope_launch((x, a, norm), None, positions, spec)
+    }
+
+    fn split_rope_and_cache(
+        &self,
+        x: SplitInput<'_, Self>,
+        to_cache: SplitInput<'_, Self>,
+        positions: &GT,
+        spec: Rope,
+        cache: &GT,
+        row0: usize,
+    ) -> Result<(GT, GT)> {
+        // The cache is written through its own binding: none of the inputs may be it. A kv row
+        // of several heads is the default's error.
+        let (xc, _, normc) = to_cache;
+        let reads = [Some(x.0), x.2.map(|n| n.0), Some(xc), normc.map(|n| n.0), Some(positions)];
+        let aliased = reads.iter().flatten().any(|t| Arc::ptr_eq(&t.storage, &cache.storage));
+        if aliased || xc.shape().len() != 3 || xc.shape()[1] != 1 {
+            let parts = self.split_rope(x.0, x.1, x.2, positions, spec)?;
+            fp4moe_ops::split_rope_into_cache(self, to_cache, positions, spec, cache, row0)?;
+            return Ok(parts);
         }
-        let [n, h, d] = fp4moe_ops::check::split_rope(
-            x.shape(),
-            a,
-            norm.map(|(w, _)| w.shape()),
-            positions.shape(),
-            spec,
-        )?;
-        let first = self.alloc(&[n, h, a], DType::F32);
-        let rest = self.alloc(&[n, h, d - a], DType::F32);
-        let rows = n * h;
-        if rows == 0 {
-            return Ok((first, rest));
-        }
-        let inv = self.inv_freq(spec.dims, spec.theta);
-        let inter = u32::from(spec.style == RopeStyle::Interleaved);
-        let eps = norm.map_or(0.0, |(_, eps)| eps);
-        let params = [
-            u(rows),
-            u(d),
-            eps.to_bits(),
-            u(h),
-            u(spec.offset),
-            u(spec.dims),
-            inter,
-            0,
-            0,
-            0,
-            u(a),
-            u32::from(norm.is_some()),
-        ];
-        // Without a norm the weight binding is unread; x stands in for it.
-        let w = norm.map_or(&x.storage.buf, |(w, _)| &w.storage.buf);
-        let b = [
-            (1, &x.storage.buf),
-            (2, w),
-            (3, &first.storage.buf),
-            (4, &positions.storage.buf),
-            (5, &*inv),
-            (10, &rest.storage.buf),
-        ];
-        self.dispatch(&self.k(Src::Norm, "split_rope")?, &params, &b, grid(rows, 1))?;
-        Ok((first, rest))
+        self.split_rope_launch(x, Some((to_cache, cache, row0)), positions, spec)
     }
 
     fn softmax(&self, x: &GT) -> Result<GT> {
@@ -1166,7 +1494,7 @@ impl Backend for WgpuBackend {
         let out = self.alloc(x.shape(), DType::F32);
         let (rows, d) = (x.rows(), x.last_dim());
         let b = [(1, &x.storage.buf), (3, &out.storage.buf)];
-        self.dispatch(&self.k(Src::Norm, "softmax")?, &norm_params(rows, d, 0.0), &b, grid(rows, 1))?;
+        self.dispatch(&self.k(Src::Norm, "softmax")?, &NormP::rows(rows, d, 0.0).words(), &b, grid(rows, 1))?;
         Ok(out)
     }
 
@@ -1380,76 +1708,56 @@ impl Backend for WgpuBackend {
         experts: MoeWeights<'_, WgpuWeight>,
         path: MoePath,
     ) -> Result<GT> {
-        const OP: &str = "moe";
-        let MoeWeights { gate_up, down, n_experts, shared } = experts;
-        let dims = |w: &WgpuWeight| [w.rows, w.cols];
-        let fp4moe_ops::check::Moe { n, h, inter, .. } = fp4moe_ops::check::moe(
-            x.shape(),
-            dims(gate_up),
-            dims(down),
-            n_experts,
-            ids.shape(),
-            weights.shape(),
-            shared.map(|(g, d)| (dims(g), dims(d))),
-        )?;
-        expect(OP, x, DType::F32)?;
-        expect(OP, ids, DType::U32)?;
-        expect(OP, weights, DType::F32)?;
-        if n_experts > shape::MOE_MAX_EXPERTS as usize {
-            return Err(unsupported(OP, format!("{n_experts} experts")));
-        }
-        let k = ids.shape()[1];
-        let out = self.alloc(&[n, h], DType::F32);
-        if n == 0 || h == 0 {
-            return Ok(out);
-        }
-        let shared_out = match shared {
-            Some((sgu, sd)) => {
-                let g = self.linear(x, sgu, LinearPath::Auto)?;
-                Some(self.linear(&self.silu_mul(&g)?, sd, LinearPath::Auto)?)
-            }
-            None => None,
+        let m = match self.moe_experts_out(x, ids, weights, experts, path)? {
+            MoeStage::Done(out) => return Ok(out),
+            MoeStage::Combine(m) => m,
         };
-        let path = match path {
-            MoePath::Auto => self.config.moe_path(n),
-            p => p,
-        };
-        let pairs = n * k;
-        let (y, pos) = if pairs == 0 {
-            (self.scratch(1), None)
-        } else {
-            self.moe_experts(x, ids, &experts, MoeDims { pairs, k, h, inter }, path)?
-        };
-        let identity = pos.is_none();
-        let pos = pos.unwrap_or_else(|| self.scratch(1));
-        let sh = shared_out.as_ref().map_or(&x.storage.buf, |t| &t.storage.buf);
-        let params = [pairs, k.max(1), h, inter, 0, n_experts, 0, n_experts, 0]
-            .map(u)
-            .into_iter()
-            .chain([u32::from(shared_out.is_some()), u32::from(identity), 0])
-            .collect::<Vec<_>>();
-        let b = [(1, &*y), (2, &*pos), (3, &weights.storage.buf), (4, sh), (5, &out.storage.buf)];
-        if k == 0 {
-            // No routed experts: the output is the shared expert alone (or zeros).
-            if let Some(so) = &shared_out {
-                self.copy2d(
-                    DType::F32,
-                    &Copy2d {
-                        src: &so.storage.buf,
-                        dst: &out.storage.buf,
-                        rows: 1,
-                        cols: n * h,
-                        src_off: 0,
-                        src_stride: n * h,
-                        dst_off: 0,
-                        dst_stride: n * h,
-                    },
-                )?;
-            }
-            return Ok(out);
-        }
-        self.dispatch(&self.k(Src::MoeCombine, "moe_combine")?, &params, &b, grid(n * h, shape::WG))?;
+        let out = self.alloc(&[m.n, m.h], DType::F32);
+        let params = NormP { rows: m.n, d: m.h, ..m.params() };
+        let mut b = m.binds(weights);
+        b.push((3, &out.storage.buf));
+        self.dispatch(&self.k(Src::Norm, "moe_combine")?, &params.words(), &b, grid(m.n * m.h, shape::WG))?;
         Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe_add_rms_norm(
+        &self,
+        x: &GT,
+        ids: &GT,
+        weights: &GT,
+        experts: MoeWeights<'_, WgpuWeight>,
+        path: MoePath,
+        r: &GT,
+        w: &GT,
+        eps: f32,
+    ) -> Result<(GT, GT)> {
+        const OP: &str = "moe_add_rms_norm";
+        // Rows the norm holds in registers and a residual of the output's shape; otherwise the
+        // two ops.
+        let h = x.last_dim();
+        let fits = h <= shape::NORM_ROW_REGS as usize * shape::WG as usize
+            && r.shape() == x.shape()
+            && w.shape() == [h]
+            && r.dtype() == DType::F32
+            && w.dtype() == DType::F32;
+        if !fits {
+            return self.add_rms_norm(r, &self.moe(x, ids, weights, experts, path)?, w, eps);
+        }
+        let m = match self.moe_experts_out(x, ids, weights, experts, path)? {
+            MoeStage::Done(out) => return self.add_rms_norm(r, &out, w, eps),
+            MoeStage::Combine(m) => m,
+        };
+        if m.n != r.rows() {
+            return Err(shape_err(OP, format!("residual {:?} for {} tokens", r.shape(), m.n)));
+        }
+        let sum = self.alloc(r.shape(), DType::F32);
+        let out = self.alloc(r.shape(), DType::F32);
+        let params = NormP { rows: m.n, d: m.h, eps, ..m.params() };
+        let mut b = m.binds(weights);
+        b.extend([(1, &r.storage.buf), (2, &w.storage.buf), (3, &out.storage.buf), (7, &sum.storage.buf)]);
+        self.dispatch(&self.k(Src::Norm, "moe_add_rms_norm")?, &params.words(), &b, grid(m.n, 1))?;
+        Ok((sum, out))
     }
 
     fn attention_gqa(&self, q: &GT, k: &GT, v: &GT, pos0: usize, scale: f32) -> Result<GT> {
