@@ -2034,20 +2034,13 @@ impl Backend for CudaBackend {
         let separately =
             || fp4moe_ops::norm_ropes_to_cache_separately(self, q, k, v, positions, spec, caches, row0);
         // The kernel's v copy moves whole float4s: rows of a multiple of 4 values, 16-byte
-        // aligned, and the caches f32 rows as wide as k's.
+        // aligned.
         let s = k.0.shape();
-        let width = s.iter().skip(1).product::<usize>();
-        let fits = s.len() == 3
-            && v.dtype() == DType::F32
-            && v.shape() == [s[0], width]
-            && s[2].is_multiple_of(4)
-            && v.storage.ptr().is_multiple_of(16)
-            && [caches.0, caches.1]
-                .iter()
-                .all(|c| c.dtype() == DType::F32 && c.shape().len() == 2 && c.shape()[1] == width);
-        if !fits {
+        let width = fp4moe_ops::cache_row_width(k.0, v, caches)
+            .filter(|_| s[2].is_multiple_of(4) && v.storage.ptr().is_multiple_of(16));
+        let Some(width) = width else {
             return separately();
-        }
+        };
         // Checked as the writes they replace.
         let kr = k.0.reshape(&[s[0], width])?;
         let writes = [self.row_write(caches.0, &kr, row0, 0)?, self.row_write(caches.1, v, row0, 0)?];

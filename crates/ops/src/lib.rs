@@ -427,6 +427,22 @@ pub fn norm_ropes_to_cache_separately<B: Backend + ?Sized>(
     Ok(qr)
 }
 
+/// The row width `H * D` of [`Backend::norm_ropes_to_cache`]'s k `[n, H, D]` when a one-launch
+/// form can write it and v straight into the caches: v f32 `[n, H * D]` and both caches f32
+/// `[S, H * D]`. None sends a backend to [`norm_ropes_to_cache_separately`] (which also gives
+/// the errors of bad shapes).
+pub fn cache_row_width<S>(k: &Tensor<S>, v: &Tensor<S>, caches: (&Tensor<S>, &Tensor<S>)) -> Option<usize> {
+    let s = k.shape();
+    let width = s.iter().skip(1).product::<usize>();
+    let fits = s.len() == 3
+        && v.dtype() == DType::F32
+        && v.shape() == [s[0], width]
+        && [caches.0, caches.1]
+            .iter()
+            .all(|c| c.dtype() == DType::F32 && c.shape().len() == 2 && c.shape()[1] == width);
+    fits.then_some(width)
+}
+
 /// `split_rope` of x `[n, 1, C]` and `write_rows_many` of its parts into `cache` `[S, C]` at
 /// `row0`: [`Backend::split_rope_and_cache`]'s kv row as separate ops (its default's, and what
 /// a backend falls back to where its one-launch form does not fit).

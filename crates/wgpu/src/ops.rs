@@ -1428,24 +1428,18 @@ impl Backend for WgpuBackend {
         caches: (&GT, &GT),
         row0: usize,
     ) -> Result<GT> {
-        // v as wide as k's rows, f32 caches of that width, and no cache that is also read or
-        // is the other cache; otherwise the separate ops.
-        let s = k.0.shape();
-        let width = s.iter().skip(1).product::<usize>();
+        // No cache that is also read or is the other cache (a buffer bound read-only and
+        // writable in one dispatch is an error); otherwise the separate ops.
         let cs = [caches.0, caches.1];
         let reads = [q.0, q.1, k.0, k.1, v, positions];
         let aliased = Arc::ptr_eq(&caches.0.storage, &caches.1.storage)
             || cs.iter().any(|c| reads.iter().any(|r| Arc::ptr_eq(&c.storage, &r.storage)));
-        let fits = s.len() == 3
-            && !aliased
-            && v.dtype() == DType::F32
-            && v.shape() == [s[0], width]
-            && cs.iter().all(|c| c.dtype() == DType::F32 && c.shape().len() == 2 && c.shape()[1] == width);
-        if !fits {
+        let width = fp4moe_ops::cache_row_width(k.0, v, caches).filter(|_| !aliased);
+        let Some(width) = width else {
             return fp4moe_ops::norm_ropes_to_cache_separately(self, q, k, v, positions, spec, caches, row0);
-        }
+        };
         // Checked as the writes they replace.
-        Copy2d::write_rows((caches.0, &k.0.reshape(&[s[0], width])?, row0, 0))?;
+        Copy2d::write_rows((caches.0, &k.0.reshape(&[v.shape()[0], width])?, row0, 0))?;
         Copy2d::write_rows((caches.1, v, row0, 0))?;
         let [y, _] =
             self.norm_rope_launch([q, k], positions, spec, Some((caches.0, v, caches.1, row0 * width)))?;
