@@ -23,8 +23,11 @@
 //!   wgpu's host time was ~16 us per op on the 2-core development machine; now ~2.3 us while
 //!   recording plus ~4 us in `CommandEncoder::finish`, where wgpu-core replays the pass. That
 //!   is more than most decode kernels take on a fast GPU, so decode is written for few
-//!   dispatches: fused ops (`add_rms_norm`, two-input `norm_rope`, `write_rows_many`, one GEMV
-//!   for `linears`), 13 per Qwen3 layer.
+//!   dispatches: fused ops (`add_rms_norm`, `moe_add_rms_norm`, two-input `norm_rope` writing
+//!   the k/v caches, `split_rope_and_cache`, one GEMV for `linears`, the shared expert inside
+//!   the MoE products), 11 per Qwen3 layer and 15 per GLM layer. On the H100 through Vulkan
+//!   the host's recording now overlaps the GPU, and each dispatch costs the GPU 5-7 us however
+//!   small its kernel (most likely the barrier between dependent dispatches).
 //! - `ops.rs`: the op trait, each op validating shapes on the host and recording kernels.
 
 mod context;
