@@ -60,25 +60,31 @@ fn down_row(lid: u32, n: u32, row: u32, kk: u32, xo: u32, o: u32) {
     }
 }
 
-// Workgroup (x: row block, z: pair). Rows j < I: gate row j and up row I + j of the expert.
-@compute @workgroup_size(WG)
-fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let pair = wid.z;
+// Pair `pair`'s gate/up output j and down output n, when its expert is in this dispatch's
+// chunk (uniform per workgroup, so the early return keeps lane_sum's barriers uniform).
+fn gate_up_pair(lid: u32, pair: u32, j: u32) {
     let e = ids[pair];
     if (e < p.e_lo || e >= p.e_hi) {
         return;
     }
-    let j = wid.x * GEMV_ROWS + lid3.x / GEMV_LANES;
-    gate_up_row(lid3.x, j, e * 2u * p.inter - p.row0, p.inter, (pair / p.k) * p.h, pair * p.inter);
+    gate_up_row(lid, j, e * 2u * p.inter - p.row0, p.inter, (pair / p.k) * p.h, pair * p.inter);
+}
+
+fn down_pair(lid: u32, pair: u32, n: u32) {
+    let e = ids[pair];
+    if (e < p.e_lo || e >= p.e_hi) {
+        return;
+    }
+    down_row(lid, n, e * p.h - p.row0 + n, p.inter, pair * p.inter, pair * p.h);
+}
+
+// Workgroup (x: row block, z: pair). Rows j < I: gate row j and up row I + j of the expert.
+@compute @workgroup_size(WG)
+fn moe_gate_up_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    gate_up_pair(lid3.x, wid.z, wid.x * GEMV_ROWS + lid3.x / GEMV_LANES);
 }
 
 @compute @workgroup_size(WG)
 fn moe_down_gemv(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let pair = wid.z;
-    let e = ids[pair];
-    if (e < p.e_lo || e >= p.e_hi) {
-        return;
-    }
-    let n = wid.x * GEMV_ROWS + lid3.x / GEMV_LANES;
-    down_row(lid3.x, n, e * p.h - p.row0 + n, p.inter, pair * p.inter, pair * p.h);
+    down_pair(lid3.x, wid.z, wid.x * GEMV_ROWS + lid3.x / GEMV_LANES);
 }

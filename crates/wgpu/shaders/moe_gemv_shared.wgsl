@@ -16,11 +16,7 @@ fn moe_gate_up_gemv_sh(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(w
         gate_up_row(lid3.x, j, 0u, p.inter_sh, t * p.h, p.pairs * p.inter + t * p.inter_sh);
         return;
     }
-    let e = ids[pair];
-    if (e < p.e_lo || e >= p.e_hi) {
-        return;
-    }
-    gate_up_row(lid3.x, j, e * 2u * p.inter - p.row0, p.inter, (pair / p.k) * p.h, pair * p.inter);
+    gate_up_pair(lid3.x, pair, j);
 }
 
 @compute @workgroup_size(WG)
@@ -33,9 +29,5 @@ fn moe_down_gemv_sh(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(work
         down_row(lid3.x, n, n, p.inter_sh, p.pairs * p.inter + t * p.inter_sh, pair * p.h);
         return;
     }
-    let e = ids[pair];
-    if (e < p.e_lo || e >= p.e_hi) {
-        return;
-    }
-    down_row(lid3.x, n, e * p.h - p.row0 + n, p.inter, pair * p.inter, pair * p.h);
+    down_pair(lid3.x, pair, n);
 }
