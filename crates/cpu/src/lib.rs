@@ -274,7 +274,7 @@ impl Backend for CpuBackend {
             weights.shape(),
             experts.shared.map(|(g, d)| (g.host().shape(), d.host().shape())),
         )?;
-        let xv = x.f32_vec(OP)?;
+        let xv = x.activations(OP)?;
         let idv = ids.u32_vec(OP)?;
         let wv = weights.f32_vec(OP)?;
         if let Some(p) = idv.iter().position(|&e| e as usize >= experts.n_experts) {

@@ -1500,8 +1500,10 @@ struct MoeCase {
     h: usize,
     k: usize,
     e: usize,
-    /// `[n, h]` activations.
+    /// `[n, h]` activations (bf16 values when `dtype` is bf16).
     x: Vec<f32>,
+    /// How x is uploaded: f32, or bf16 (which backends must consume exactly).
+    dtype: DType,
     /// `[n, k]` expert ids.
     ids: Vec<u32>,
     /// `[n, k]` routing weights.
@@ -1523,7 +1525,7 @@ fn run_moe<X: Backend>(
 
 /// The case's x, ids and routing weights on `x`.
 fn moe_inputs<X: Backend>(x: &X, c: &MoeCase) -> crate::Result<[T<X>; 3]> {
-    Ok([up(x, &c.x, &[c.n, c.h])?, up_u(x, &c.ids, &[c.n, c.k])?, up(x, &c.w, &[c.n, c.k])?])
+    Ok([up_act(x, &c.x, &[c.n, c.h], c.dtype)?, up_u(x, &c.ids, &[c.n, c.k])?, up(x, &c.w, &[c.n, c.k])?])
 }
 
 /// `moe_add_rms_norm` of the case onto residual `r` with norm weight `nw`: (sum, normed).
@@ -1556,8 +1558,8 @@ fn moe_compare<B: Backend>(
     c: &MoeCase,
 ) -> Check {
     let case = format!(
-        "moe {kind:?} {} (n={}, E={}, k={}, H={}, I={inter}, shared={shared_inter:?})",
-        c.name, c.n, c.e, c.k, c.h
+        "moe {kind:?} {} (n={}, E={}, k={}, H={}, I={inter}, shared={shared_inter:?}, x {:?})",
+        c.name, c.n, c.e, c.k, c.h, c.dtype
     );
     let gu = random_weight(&mut cx.rng, kind, c.e * 2 * inter, c.h).map_err(|e| cx.fail(&case, e))?;
     let dn = random_weight(&mut cx.rng, kind, c.e * c.h, inter).map_err(|e| cx.fail(&case, e))?;
@@ -1612,6 +1614,7 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
                 k,
                 e,
                 x: rng.normals(n * h, 1.0),
+                dtype: DType::F32,
                 ids,
                 w: route_weights(rng, n * k),
             };
@@ -1648,7 +1651,26 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
         mk(rng, "decode-sized top-4", 3, 16, 4, ids, Some(32));
         let ids: Vec<u32> = vec![rng.below(16) as u32];
         mk(rng, "one token top-1", 1, 16, 1, ids, Some(32));
-        for (c, shared) in &cases {
+        // bf16 x (a model's bf16 activations) on a grouped case with and without a shared
+        // expert, and on one token: consumed exactly, so the f32 tolerance holds.
+        let bf16: Vec<(MoeCase, Option<usize>)> = cases
+            .iter()
+            .filter(|(c, _)| ["random top-8", "random top-4", "one token top-1"].contains(&c.name.as_str()))
+            .map(|(c, sh)| {
+                (
+                    MoeCase {
+                        x: bf16_round(&c.x),
+                        dtype: DType::BF16,
+                        ids: c.ids.clone(),
+                        w: c.w.clone(),
+                        name: c.name.clone(),
+                        ..*c
+                    },
+                    *sh,
+                )
+            })
+            .collect();
+        for (c, shared) in cases.iter().chain(&bf16) {
             moe_compare(&mut cx, b, kind, inter, *shared, c)?;
         }
     }
@@ -1665,6 +1687,7 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
             k,
             e,
             x: rng.normals(n * h, 1.0),
+            dtype: DType::F32,
             ids,
             w: route_weights(rng, n * k),
         };
@@ -1694,6 +1717,7 @@ fn real_moe<B: Backend>(
             k,
             e,
             x: rng.normals(n * h, 1.0),
+            dtype: DType::F32,
             ids,
             w: route_weights(rng, n * k),
         };

@@ -310,7 +310,7 @@ pub trait Backend: Send + Sync {
         spec: GroupedRouter,
     ) -> Result<(T<Self>, T<Self>)>;
 
-    /// Mixture of experts: x `[n, H]`, ids u32 `[n, k]`, weights f32 `[n, k]`.
+    /// Mixture of experts: x `[n, H]` (f32 or bf16), ids u32 `[n, k]`, weights f32 `[n, k]`.
     /// `out[t] = shared(x[t]) + Σ_slot weights[t,slot] * expert(ids[t,slot])(x[t])`, where an
     /// expert (and the shared one) is `down · (silu(gate·x) * (up·x))` with `gate_up` rows
     /// `[gate; up]` per expert. Every (token, slot) pair is computed exactly once, the sum runs

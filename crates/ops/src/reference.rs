@@ -713,7 +713,7 @@ impl Backend for RefBackend {
             weights.shape(),
             shared.map(|(g, d)| (g.shape(), d.shape())),
         )?;
-        let xv = x.f32_vec(OP)?;
+        let xv = x.activations(OP)?;
         let idv = ids.u32_vec(OP)?;
         let wv = weights.f32_vec(OP)?;
         if let Some(p) = idv.iter().position(|&e| e as usize >= n_experts) {

@@ -657,7 +657,8 @@ impl WgpuBackend {
             weights.shape(),
             shared.map(|(g, d)| (dims(g), dims(d))),
         )?;
-        expect(OP, x, DType::F32)?;
+        // bf16 x is exactly its f32 values; the kernels read f32.
+        let x = &self.as_f32(OP, x)?;
         expect(OP, ids, DType::U32)?;
         expect(OP, weights, DType::F32)?;
         if n_experts > shape::MOE_MAX_EXPERTS as usize {
