@@ -22,7 +22,7 @@
 #   sampling settings and the host's whole-row pick; autotune writes $OUT/autotune_<model>.json to compare with
 #   configs/, ncu prints each kernel's GPU time in one decode step via tools/ncu_step.py, trace
 #   each kernel's share of a replayed decode step, of every binary in TRACE_BINS). `profile` runs
-#   `bench model --profile` (time per op kind). `layers` (the backend's own
+#   `bench model --profile` (time per op kind; PROFILE_ARGS: more bench model flags). `layers` (the backend's own
 #   MoE/GEMV timing, bench_layers) reads the copy and GEMM ceilings that `torch` measured.
 #   `ab` compares a previous build with this one in the same call: copy the previous commit's
 #   fp4moe and bench_layers to out/cuda/base_fp4moe and out/cuda/base_bench_layers first; it
@@ -115,7 +115,7 @@ if has profile; then
     for m in qwen3-30b-a3b glm-4.7-flash; do
         say "fp4moe bench model --profile --backend cuda --synthetic $m"
         timeout 200 $BIN/fp4moe bench model --profile --backend cuda --synthetic $m --prefill $PREFILL ${PROFILE_LAYERS:+--layers $PROFILE_LAYERS} \
-            --decode-tokens 8 2>&1 | tail -60 | tee -a "$LOG"
+            --decode-tokens 8 ${PROFILE_ARGS:-} 2>&1 | tail -60 | tee -a "$LOG"
     done
 fi
 

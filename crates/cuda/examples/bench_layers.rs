@@ -5,7 +5,8 @@
 //! at the end, median of 5 batches.
 //!
 //! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s] [--decode]` prints one JSON object per line;
-//! `--decode` times only the one-token shapes.
+//! `--decode` times only the one-token shapes; `--moe-only LAYER:TOKENS` (e.g.
+//! `qwen3-30b-a3b:8192`) only that MoE layer at that token count, for profilers.
 
 use fp4::{Format, QuantMatrix};
 use fp4moe_cuda::CudaBackend;
@@ -57,6 +58,8 @@ fn main() {
     let copy_bw = args.first().copied().unwrap_or(3.0e12);
     let tc_rate = args.get(1).copied().unwrap_or(780e12);
     let decode_only = std::env::args().any(|a| a == "--decode");
+    let argv: Vec<String> = std::env::args().collect();
+    let moe_only = argv.iter().position(|a| a == "--moe-only").and_then(|i| argv.get(i + 1)).cloned();
     let b = match CudaBackend::new() {
         Ok(b) => b,
         Err(e) => {
@@ -73,6 +76,9 @@ fn main() {
         ("glm-4.7-flash", 64, 4, 2048, 1536, 1536),
     ];
     for (name, e, k, h, i, si) in layers {
+        if moe_only.as_ref().is_some_and(|o| !o.starts_with(&format!("{name}:"))) {
+            continue;
+        }
         let gu = b.upload_weight(&random_nvfp4(&mut rng, e * 2 * i, h)).expect("upload");
         let dn = b.upload_weight(&random_nvfp4(&mut rng, e * h, i)).expect("upload");
         let shared = if si > 0 {
@@ -86,7 +92,7 @@ fn main() {
         let per_expert = (2 * i * h + h * i) as f64 * 0.5625; // NVFP4: 4.5 bits per element
         let shared_bytes = (3 * si * h) as f64 * 0.5625;
         for n in [1usize, 512, 8192] {
-            if decode_only && n > 1 {
+            if (decode_only && n > 1) || moe_only.as_ref().is_some_and(|o| *o != format!("{name}:{n}")) {
                 continue;
             }
             let x: Vec<f32> = (0..n * h).map(|_| rng.f()).collect();
@@ -127,7 +133,16 @@ fn main() {
                     _ => vec![(p, None)],
                 })
                 .collect();
-            for (path, rows) in runs {
+            // Prefill also with bf16 x (one term for gate/up, where f32 takes two).
+            let xt_bf16 = b.cast(&xt, fp4moe_ops::DType::BF16).expect("cast");
+            let runs: Vec<(MoePath, Option<usize>, bool)> = runs
+                .into_iter()
+                .flat_map(|(p, r)| {
+                    let bf16 = if n > 1 { vec![false, true] } else { vec![false] };
+                    bf16.into_iter().map(move |x| (p, r, x))
+                })
+                .collect();
+            for (path, rows, bf16) in runs {
                 let reps = if n == 1 { 200 } else { 5 };
                 let bb = match rows {
                     Some(r) => b.with_gemm_block_rows(r),
@@ -140,11 +155,12 @@ fn main() {
                         n_experts: e,
                         shared: shared.as_ref().map(|(a, c)| (a, c)),
                     };
-                    bb.moe(&xt, &it, &wt, ew, path).expect("moe");
+                    bb.moe(if bf16 { &xt_bf16 } else { &xt }, &it, &wt, ew, path).expect("moe");
                 });
                 let rows = rows.map_or("null".to_string(), |r| r.to_string());
                 println!(
-                    "{{\"bench\": \"moe\", \"device\": \"{dev}\", \"layer\": \"{name}\", \"tokens\": {n}, \"path\": \"{path:?}\", \"tile_rows\": {rows}, \"seconds\": {t:.4e}, \"weight_bytes\": {bytes:.0}, \"flops\": {flops:.0}, \"bw_floor_s\": {floor_bw:.4e}, \"tc_floor_s\": {floor_tc:.4e}, \"x_bw_floor\": {:.2}, \"x_tc_floor\": {:.2}, \"gbps\": {:.0}, \"tflops\": {:.1}}}",
+                    "{{\"bench\": \"moe\", \"device\": \"{dev}\", \"layer\": \"{name}\", \"tokens\": {n}, \"path\": \"{path:?}\", \"tile_rows\": {rows}, \"x\": \"{}\", \"seconds\": {t:.4e}, \"weight_bytes\": {bytes:.0}, \"flops\": {flops:.0}, \"bw_floor_s\": {floor_bw:.4e}, \"tc_floor_s\": {floor_tc:.4e}, \"x_bw_floor\": {:.2}, \"x_tc_floor\": {:.2}, \"gbps\": {:.0}, \"tflops\": {:.1}}}",
+                    if bf16 { "bf16" } else { "f32" },
                     t / floor_bw,
                     t / floor_tc,
                     bytes / t / 1e9,
@@ -154,6 +170,9 @@ fn main() {
         }
     }
     // Decode GEMV and prefill GEMM on single linear shapes (N, K).
+    if moe_only.is_some() {
+        return;
+    }
     for (n_out, kk) in [(4096usize, 2048usize), (2048, 4096), (512, 2048), (151936, 2048)] {
         let w = b.upload_weight(&random_nvfp4(&mut rng, n_out, kk)).expect("upload");
         let bytes = (n_out * kk) as f64 * 0.5625;
