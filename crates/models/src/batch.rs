@@ -4,9 +4,9 @@
 //! does the rest.
 
 use crate::layers::{Norm, WeightSource};
-use crate::{Error, ModelInfo, ReducedRow, Result, Sequence};
+use crate::{Error, ModelInfo, PrefillActivations, ReducedRow, Result, Sequence};
 use fp4moe_ops::sampling::WeightSpec;
-use fp4moe_ops::{Backend, Graph, HostTensor, LinearPath, T};
+use fp4moe_ops::{Backend, DType, Graph, HostTensor, LinearPath, T};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -27,6 +27,9 @@ pub(crate) struct BatchPlan {
     pub positions: Vec<u32>,
     /// Logits of every new token, or only of each sequence's last.
     pub all_logits: bool,
+    /// The FP4 products read bf16 inputs: a prefill chunk (some sequence appends more than one
+    /// token) of a model set to [`PrefillActivations::Bf16`].
+    pub bf16_inputs: bool,
 }
 
 impl BatchPlan {
@@ -34,7 +37,13 @@ impl BatchPlan {
     /// host, because the embedding op must not read out of bounds), no empty token list, and
     /// room in each sequence's cache.
     pub fn new(batch: &[(&mut Sequence, &[u32])], vocab: usize, all_logits: bool) -> Result<BatchPlan> {
-        let mut plan = BatchPlan { spans: Vec::new(), ids: Vec::new(), positions: Vec::new(), all_logits };
+        let mut plan = BatchPlan {
+            spans: Vec::new(),
+            ids: Vec::new(),
+            positions: Vec::new(),
+            all_logits,
+            bf16_inputs: false,
+        };
         for (seq, tokens) in batch {
             if tokens.is_empty() {
                 return Err(Error::Invalid("forward: a sequence in the batch has no tokens".into()));
@@ -55,6 +64,11 @@ impl BatchPlan {
 
     pub fn rows(&self) -> usize {
         self.ids.len()
+    }
+
+    /// `t` as an FP4 product of this forward reads it: rounded to bf16 where `bf16_inputs`.
+    pub fn input<B: Backend>(&self, b: &B, t: &T<B>) -> Result<T<B>> {
+        Ok(if self.bf16_inputs { b.cast(t, DType::BF16)? } else { t.clone() })
     }
 
     /// Sequence `i`'s rows of a batch-wide tensor (no copy for a batch of one).
@@ -215,6 +229,8 @@ pub(crate) trait Stack<B: Backend> {
     fn vocab(&self) -> usize;
     fn decode_graph(state: &Self::State) -> &DecodeGraph<B>;
     fn weights(&self) -> &StackWeights<B, Self::Attn, Self::Ffn>;
+    /// What the products of a prefill chunk read (see [`PrefillActivations`]).
+    fn prefill_activations(&self) -> PrefillActivations;
     /// Layer `l`'s attention over the batch (cache writes and attention per sequence):
     /// h `[N, H]` -> `[N, H]`.
     fn attention(
@@ -232,6 +248,7 @@ pub(crate) trait Stack<B: Backend> {
     fn ffn_add(
         &self,
         ffn: &Self::Ffn,
+        plan: &BatchPlan,
         h: &T<B>,
         x: &T<B>,
         next: Option<&Norm<B>>,
@@ -259,7 +276,8 @@ fn logits<B: Backend, M: Stack<B>>(
     for (l, layer) in w.layers.iter().enumerate() {
         let a = m.attention(l, &layer.attn, &normed, positions, plan, states)?;
         let (sum, post) = layer.post_norm.add_forward(b, &x, &a)?;
-        let (s, next) = m.ffn_add(&layer.ffn, &post, &sum, w.layers.get(l + 1).map(|n| &n.input_norm))?;
+        let (s, next) =
+            m.ffn_add(&layer.ffn, plan, &post, &sum, w.layers.get(l + 1).map(|n| &n.input_norm))?;
         x = s;
         if let Some(next) = next {
             normed = next;
@@ -393,7 +411,9 @@ fn run<B: Backend, M: Stack<B>, R>(
     if batch.is_empty() {
         return Ok(Vec::new());
     }
-    let plan = BatchPlan::new(batch, m.vocab(), all_logits)?;
+    let mut plan = BatchPlan::new(batch, m.vocab(), all_logits)?;
+    plan.bf16_inputs =
+        m.prefill_activations() == PrefillActivations::Bf16 && plan.spans.iter().any(|s| s.len > 1);
     let states =
         batch.iter().map(|(s, _)| state_of::<M::State>(s, M::MODEL_TYPE)).collect::<Result<Vec<_>>>()?;
     let logits = if plan.rows() == 1 && graphs_enabled() {

@@ -23,7 +23,7 @@ use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, upload_f32, zeros,
 };
-use crate::{Error, LanguageModel, ModelInfo, ReducedRow, Result, Sequence};
+use crate::{Error, LanguageModel, ModelInfo, PrefillActivations, ReducedRow, Result, Sequence};
 use fp4moe_ops::sampling::WeightSpec;
 use fp4moe_ops::{Backend, GroupedRouter, HeadLinear, LinearPath, Rope, RopeStyle, T};
 use serde::Deserialize;
@@ -277,6 +277,7 @@ pub struct Glm4MoeLite<B: Backend> {
     cfg: Config,
     info: ModelInfo,
     w: StackWeights<B, Attention<B>, Ffn<B>>,
+    prefill: PrefillActivations,
 }
 
 /// Per-sequence latent cache.
@@ -346,7 +347,7 @@ impl<B: Backend> Glm4MoeLite<B> {
             };
             Ok((attn, ffn))
         })?;
-        Ok(Glm4MoeLite { backend, cfg, info, w })
+        Ok(Glm4MoeLite { backend, cfg, info, w, prefill: PrefillActivations::F32 })
     }
 
     pub fn config(&self) -> &Config {
@@ -376,6 +377,10 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         &self.w
     }
 
+    fn prefill_activations(&self) -> PrefillActivations {
+        self.prefill
+    }
+
     /// MLA over the batch: projections and the W_UK / W_UV maps on all rows at once, cache
     /// writes and attention per sequence. h `[N, H]` -> `[N, H]`.
     fn attention(
@@ -397,11 +402,13 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
             QProj::Full(w) => w,
         };
         let [q0, ckv]: [T<B>; 2] = b
-            .linears(h, &[first, &at.kv_a], LinearPath::Auto)?
+            .linears(&plan.input(b, h)?, &[first, &at.kv_a], LinearPath::Auto)?
             .try_into()
             .map_err(|_| Error::Invalid("linears: not two outputs for two weights".into()))?;
         let q = match &at.q {
-            QProj::LowRank { norm, b: qb, .. } => b.linear(&norm.forward(b, &q0)?, qb, LinearPath::Auto)?,
+            QProj::LowRank { norm, b: qb, .. } => {
+                b.linear(&plan.input(b, &norm.forward(b, &q0)?)?, qb, LinearPath::Auto)?
+            }
             QProj::Full(_) => q0,
         }
         .reshape(&[n, heads, nope + rope])?;
@@ -442,12 +449,13 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         }
         let o_lat = plan.stack(b, outs)?; // [n, heads, lora]
         let o = b.head_linear(&o_lat, &at.kv_b, c.kv_b_block(nope, v, false))?; // [n, heads, v]
-        Ok(b.linear(&o.reshape(&[n, heads * v])?, &at.o_proj, LinearPath::Auto)?)
+        Ok(b.linear(&plan.input(b, &o.reshape(&[n, heads * v])?)?, &at.o_proj, LinearPath::Auto)?)
     }
 
     fn ffn_add(
         &self,
         ffn: &Ffn<B>,
+        plan: &BatchPlan,
         h: &T<B>,
         x: &T<B>,
         next: Option<&Norm<B>>,
@@ -455,7 +463,7 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         let b = &self.backend;
         let c = &self.cfg;
         match ffn {
-            Ffn::Dense(mlp) => Norm::add_then(b, x, &mlp.forward(b, h)?, next),
+            Ffn::Dense(mlp) => Norm::add_then(b, x, &mlp.forward(b, &plan.input(b, h)?)?, next),
             Ffn::Moe { router, bias, experts } => {
                 let logits = b.linear(h, router, LinearPath::Auto)?;
                 let spec = GroupedRouter {
@@ -466,7 +474,7 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
                     scale: c.routed_scaling_factor,
                 };
                 let (ids, w) = b.route_sigmoid_grouped(&logits, bias, spec)?;
-                experts.forward_add(b, h, &ids, &w, x, next)
+                experts.forward_add(b, &plan.input(b, h)?, &ids, &w, x, next)
             }
         }
     }
@@ -475,6 +483,11 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
 impl<B: Backend + 'static> LanguageModel for Glm4MoeLite<B> {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn set_prefill_activations(&mut self, a: PrefillActivations) -> Result<()> {
+        self.prefill = a;
+        Ok(())
     }
 
     fn new_sequence(&self, capacity: usize) -> Result<Sequence> {

@@ -50,6 +50,21 @@ pub struct ModelInfo {
     pub quantization: String,
 }
 
+/// What the FP4 products of a prefill chunk (a forward where some sequence appends more than
+/// one token) read: f32 (the default; every product f32-accurate, as decode steps always are),
+/// or bf16, as vLLM and PyTorch run them. bf16 rounds each block's normed input where the
+/// projections and experts read it (the router still reads f32: routing decisions do not move),
+/// the attention output before `o_proj` and GLM's normed query latent before `q_b`; the CUDA backend's
+/// tensor-core GEMMs then take one bf16 term per activation instead of two or three
+/// (BENCHMARKS.md, "bf16 prefill activations"). The logits move by about that rounding
+/// (2^-9 relative per element; ~3e-3 on the golden fixtures).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PrefillActivations {
+    #[default]
+    F32,
+    Bf16,
+}
+
 /// One sequence's state (KV cache on the device, and its length). Opaque to the engine.
 pub struct Sequence {
     pub state: Box<dyn Any + Send + Sync>,
@@ -62,6 +77,14 @@ pub struct Sequence {
 /// A loaded model, backend-erased so the engine and server need no generics.
 pub trait LanguageModel: Send + Sync {
     fn info(&self) -> &ModelInfo;
+    /// What prefill chunks' products read from now on ([`PrefillActivations`]). A model that
+    /// offers only f32 refuses anything else.
+    fn set_prefill_activations(&mut self, a: PrefillActivations) -> Result<()> {
+        match a {
+            PrefillActivations::F32 => Ok(()),
+            _ => Err(Error::Invalid(format!("prefill activations {a:?}: this model reads f32 only"))),
+        }
+    }
     /// A new, empty sequence whose cache holds `capacity` tokens (at most
     /// `max_position_embeddings`).
     fn new_sequence(&self, capacity: usize) -> Result<Sequence>;

@@ -11,7 +11,7 @@ use crate::layers::{
     Experts, Mlp, Norm, OneOrMany, RopeParameters, WeightSource, check_capacity, check_silu, either,
     parse_config, zeros,
 };
-use crate::{Error, LanguageModel, ModelInfo, ReducedRow, Result, Sequence};
+use crate::{Error, LanguageModel, ModelInfo, PrefillActivations, ReducedRow, Result, Sequence};
 use fp4moe_ops::sampling::WeightSpec;
 use fp4moe_ops::{Backend, LinearPath, Rope, RopeStyle, T};
 use serde::Deserialize;
@@ -182,6 +182,7 @@ pub struct Qwen3Moe<B: Backend> {
     cfg: Config,
     info: ModelInfo,
     w: StackWeights<B, Attention<B>, Ffn<B>>,
+    prefill: PrefillActivations,
 }
 
 /// Per-sequence KV cache.
@@ -230,7 +231,7 @@ impl<B: Backend> Qwen3Moe<B> {
             };
             Ok((attn, ffn))
         })?;
-        Ok(Qwen3Moe { backend, cfg, info, w })
+        Ok(Qwen3Moe { backend, cfg, info, w, prefill: PrefillActivations::F32 })
     }
 
     pub fn config(&self) -> &Config {
@@ -260,6 +261,10 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         &self.w
     }
 
+    fn prefill_activations(&self) -> PrefillActivations {
+        self.prefill
+    }
+
     /// Attention of every sequence in the batch: projections on all rows at once, cache writes
     /// and attention per sequence. h `[N, H]` -> `[N, H]`.
     fn attention(
@@ -275,7 +280,7 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         let c = &self.cfg;
         let (n, d, hq, hkv) = (plan.rows(), c.head_dim, c.num_heads, c.num_kv_heads);
         let [q, k, v]: [T<B>; 3] = b
-            .linears(h, &[&at.q_proj, &at.k_proj, &at.v_proj], LinearPath::Auto)?
+            .linears(&plan.input(b, h)?, &[&at.q_proj, &at.k_proj, &at.v_proj], LinearPath::Auto)?
             .try_into()
             .map_err(|_| Error::Invalid("linears: not three outputs for three weights".into()))?;
         let (q, k) = (q.reshape(&[n, hq, d])?, k.reshape(&[n, hkv, d])?);
@@ -310,23 +315,24 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
             outs.push(b.attention_gqa(&plan.rows_of(b, &q, i)?, kc, vc, span.pos0, scale)?);
         }
         let o = plan.stack(b, outs)?.reshape(&[n, hq * d])?;
-        Ok(b.linear(&o, &at.o_proj, LinearPath::Auto)?)
+        Ok(b.linear(&plan.input(b, &o)?, &at.o_proj, LinearPath::Auto)?)
     }
 
     fn ffn_add(
         &self,
         ffn: &Ffn<B>,
+        plan: &BatchPlan,
         h: &T<B>,
         x: &T<B>,
         next: Option<&Norm<B>>,
     ) -> Result<(T<B>, Option<T<B>>)> {
         let b = &self.backend;
         match ffn {
-            Ffn::Dense(mlp) => Norm::add_then(b, x, &mlp.forward(b, h)?, next),
+            Ffn::Dense(mlp) => Norm::add_then(b, x, &mlp.forward(b, &plan.input(b, h)?)?, next),
             Ffn::Moe { router, experts } => {
                 let logits = b.linear(h, router, LinearPath::Auto)?;
                 let (ids, w) = b.route_softmax(&logits, self.cfg.top_k, self.cfg.norm_topk_prob)?;
-                experts.forward_add(b, h, &ids, &w, x, next)
+                experts.forward_add(b, &plan.input(b, h)?, &ids, &w, x, next)
             }
         }
     }
@@ -335,6 +341,11 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
 impl<B: Backend + 'static> LanguageModel for Qwen3Moe<B> {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn set_prefill_activations(&mut self, a: PrefillActivations) -> Result<()> {
+        self.prefill = a;
+        Ok(())
     }
 
     fn new_sequence(&self, capacity: usize) -> Result<Sequence> {

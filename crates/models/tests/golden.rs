@@ -6,7 +6,8 @@
 //!   the one-shot forward;
 //! - quantize-on-load (MXFP4, NVFP4) on the CPU equals the reference twin run on the
 //!   dequantized weights, so the only difference from the 16-bit model is quantization error;
-//! - the MLA latent cache holds kv_lora + rope values per token per layer.
+//! - the MLA latent cache holds kv_lora + rope values per token per layer;
+//! - bf16 prefill activations on the CPU equal the reference twin in the same mode.
 //!
 //! Measured errors are printed (`cargo test -p fp4moe-models --test golden -- --nocapture`).
 
@@ -87,6 +88,17 @@ fn glm4_moe_lite_decode_chunks_and_batches_equal_full_forward() {
 #[test]
 fn quantized_glm4_moe_lite_decode_equals_full_forward() {
     check_paths(&*cpu_model("glm4_moe_lite_nvfp4", quant(None)), "glm4_moe_lite_nvfp4");
+}
+
+// ---- bf16 prefill activations ------------------------------------------------------------
+
+#[test]
+fn bf16_prefill_activations_equal_the_reference_in_the_same_mode() {
+    for fixture in golden::FIXTURES {
+        let (mut model, mut reference) = (cpu_model(fixture, quant(None)), ref_model(fixture, quant(None)));
+        golden::check_bf16_prefill(&mut *model, &mut *reference, fixture, &format!("{fixture} cpu"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 // ---- quantize-on-load -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ use fp4moe_ops::profile::{OpStats, Profiled};
 use fp4moe_ops::{Backend, DType};
 use serde_json::json;
 
-use super::run::{QuantArg, SYNTHETIC_WEIGHT_SEED, SyntheticArch};
+use super::run::{ActivationsArg, QuantArg, SYNTHETIC_WEIGHT_SEED, SyntheticArch};
 use crate::backend::{BackendKind, OnBackend, dispatch};
 
 /// `fp4moe bench model`
@@ -45,6 +45,10 @@ pub struct Args {
     /// Prompt tokens of the timed prefill (one forward pass).
     #[arg(long, default_value_t = 512)]
     pub prefill: usize,
+
+    /// What the prefill's products read: f32 (decode always does) or bf16.
+    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    pub prefill_activations: ActivationsArg,
 
     /// Decode steps timed after the prefill (batch 1, greedy).
     #[arg(long, default_value_t = 32)]
@@ -492,7 +496,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let built =
         dispatch(args.backend, BuildForBench { arch, layers: args.layers, format, profile: args.profile })?;
-    let model = built.model;
+    let mut model = built.model;
+    model.set_prefill_activations(args.prefill_activations.get())?;
     let build_s = start.elapsed().as_secs_f64();
     let info = model.info().clone();
     eprintln!(
@@ -542,7 +547,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(g) = built.device_gbps {
         println!("device bandwidth {g:.1} GB/s (c = a + b through the backend)");
     }
-    println!("prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s)", args.prefill, t.prefill_s);
+    println!(
+        "prefill          {prefill_tok_s:.1} tok/s ({} tokens in {:.2} s; {:?} activations)",
+        args.prefill, t.prefill_s, args.prefill_activations
+    );
     println!(
         "decode (batch 1) {decode_tok_s:.2} tok/s ({} steps in {:.2} s; {})",
         t.decode_steps,
@@ -609,6 +617,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "decode_host_wait_ms_per_step": t.decode_wait_s.map(|w| w * 1e3 / t.decode_steps as f64),
             "first_decode_steps_ms": t.first_steps_ms,
             "prefill_tok_s": prefill_tok_s,
+            "prefill_activations": format!("{:?}", args.prefill_activations).to_lowercase(),
             "floor_decode_tok_s": floor_decode_tok_s,
             "fraction_of_floor": decode_tok_s / floor_decode_tok_s,
             "mem_read_gbps": mem_read_gbps,

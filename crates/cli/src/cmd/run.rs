@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fp4moe_engine::{Generation, Generator, Message, RenderOptions, Request, SamplingParams, Tokenizer};
-use fp4moe_models::{Arch, LanguageModel, LoadOptions};
+use fp4moe_models::{Arch, LanguageModel, LoadOptions, PrefillActivations};
 use serde_json::{Value, json};
 
 use crate::backend::{BackendKind, OnBackend, dispatch};
@@ -23,6 +23,26 @@ pub const DEFAULT_SYNTHETIC_LAYERS: usize = 4;
 
 /// Seed of a synthetic model's random weights (fixed, so runs are comparable).
 pub(crate) const SYNTHETIC_WEIGHT_SEED: u64 = 0;
+
+/// What a prefill chunk's products read (`fp4moe_models::PrefillActivations`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationsArg {
+    /// f32, as decode steps: every product f32-accurate.
+    #[default]
+    F32,
+    /// The FP4 products' inputs rounded to bf16 (as vLLM runs prefill): faster prefill on the
+    /// CUDA backend's tensor cores; logits move by about that rounding (~3e-3 relative).
+    Bf16,
+}
+
+impl ActivationsArg {
+    pub fn get(self) -> PrefillActivations {
+        match self {
+            ActivationsArg::F32 => PrefillActivations::F32,
+            ActivationsArg::Bf16 => PrefillActivations::Bf16,
+        }
+    }
+}
 
 /// Weight format: keep what the checkpoint stores, or quantize to FP4 while loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -112,6 +132,10 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass during prefill.
     #[arg(long, value_name = "TOKENS", default_value_t = fp4moe_engine::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+
+    /// What the products of prefill chunks read: f32 (decode always does) or bf16.
+    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    pub prefill_activations: ActivationsArg,
 }
 
 /// Sampling flags. Unset flags take the checkpoint's generation_config.json values, then the
@@ -251,8 +275,9 @@ pub fn load(args: &ModelArgs, default_layers: Option<usize>) -> anyhow::Result<L
             let tokenizer = Tokenizer::from_dir(dir)?;
             let sampling_defaults = fp4moe_engine::sampling::defaults_from_dir(dir)?;
             let opts = LoadOptions { quant: args.quant.and_then(QuantArg::format), ..LoadOptions::default() };
-            let model = dispatch(args.backend, LoadCheckpoint { dir, opts })
+            let mut model = dispatch(args.backend, LoadCheckpoint { dir, opts })
                 .with_context(|| format!("loading model {}", dir.display()))?;
+            model.set_prefill_activations(args.prefill_activations.get())?;
             tokenizer
                 .check_model(model.info())
                 .with_context(|| format!("{}/tokenizer.json", dir.display()))?;
@@ -282,8 +307,9 @@ pub fn load(args: &ModelArgs, default_layers: Option<usize>) -> anyhow::Result<L
                 )?,
             };
             let layers = args.layers.or(default_layers);
-            let model = dispatch(args.backend, BuildSynthetic { arch, layers, format })
+            let mut model = dispatch(args.backend, BuildSynthetic { arch, layers, format })
                 .with_context(|| format!("building synthetic {}", arch.name()))?;
+            model.set_prefill_activations(args.prefill_activations.get())?;
             let info = model.info();
             let full = arch.config()["num_hidden_layers"].as_u64().unwrap_or(0);
             let description = format!(
