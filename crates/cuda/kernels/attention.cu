@@ -633,10 +633,19 @@ __device__ __forceinline__ void tc_p_frag(const float* p, u32* ah, u32* al) {
     tf32_split(p[3], ah[3], al[3]);
 }
 
+// One tensor-core product step of the prefill kernels: 3xTF32 (X3, f32 agreement) or one TF32
+// product of the truncated operands (the `_tf32` kernels, for bf16-activation prefills: 3x
+// fewer MMAs and no B splits; inputs rounded to 10 mantissa bits).
+template <bool X3>
+__device__ __forceinline__ void tc_mma(float* c, const u32* ah, const u32* al, float b0, float b1) {
+    if (X3) mma_tf32x3(c, ah, al, b0, b1);
+    else mma_tf32(c, ah, __float_as_uint(b0), __float_as_uint(b1));
+}
+
 // Scores of a warp's 16 rows against one key tile of NT * 8 keys: s = Q K^T over n k-steps of
 // the query fragments qa (scaled, unsplit; split here, in the loop, so they stay one register
 // each). k: this lane's key (g) at its first dims (2t, 2t + 1), rows rs floats apart.
-template <int NT, int MAXKS>
+template <int NT, int MAXKS, bool X3>
 __device__ __forceinline__ void tc_scores(float (*s)[4], const float (*qa)[4], const float* k, int rs, int n) {
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
@@ -651,7 +660,7 @@ __device__ __forceinline__ void tc_scores(float (*s)[4], const float (*qa)[4], c
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
             float2 x = *reinterpret_cast<const float2*>(k + nt * 8 * rs + 8 * st);
-            mma_tf32x3(s[nt], ah, al, x.x, x.y);
+            tc_mma<X3>(s[nt], ah, al, x.x, x.y);
         }
     }
 }
@@ -660,7 +669,7 @@ __device__ __forceinline__ void tc_scores(float (*s)[4], const float (*qa)[4], c
 // replaced by probabilities), the output rows o (MAXNV value tiles, the first n in use) rescaled
 // and accumulated. v: this lane's value column (g) of key 0, rows rs floats apart, tiles 8
 // columns apart.
-template <int NT, int MAXNV>
+template <int NT, int MAXNV, bool X3>
 __device__ __forceinline__ void tc_softmax_pv(float (*s)[4], float (*o)[4], int c0, int keys, const int* pos,
                                               float* m, float* l, const float* v, int rs, int n) {
     float corr[2];
@@ -681,7 +690,7 @@ __device__ __forceinline__ void tc_softmax_pv(float (*s)[4], float (*o)[4], int 
 #pragma unroll
         for (int nv = 0; nv < MAXNV; nv++) {
             if (nv >= n) break;
-            mma_tf32x3(o[nv], ah, al, v0[nv * 8], v0[rs + nv * 8]);
+            tc_mma<X3>(o[nv], ah, al, v0[nv * 8], v0[rs + nv * 8]);
         }
     }
 }
@@ -707,7 +716,7 @@ __device__ __forceinline__ float tc_row_sum(float l) {
 // Query fragments stay in registers (unsplit, 64 floats).
 // D_, DV_: the widths at compile time (0: from the arguments); with Qwen3's 128 / 128 every tile
 // loop and index is resolved by the compiler (runtime widths cost a division per copied element).
-template <int D_, int DV_>
+template <int D_, int DV_, bool X3>
 __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, const float* v, float* out, int hq,
                                                int hkv, int d_arg, int dv_arg, int t_n, int pos0,
                                                const unsigned* row_shift, int cache_rows, float scale) {
@@ -775,8 +784,8 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
         const float* kb = kr + buf * TCQ_BC * ks;
         const float* vb = vr + buf * TCQ_BC * vs;
         float s[TCQ_NT][4];
-        tc_scores<TCQ_NT, TCQ_MAX_D / 8>(s, qa, kb + g * ks + 2 * t, ks, nks);
-        tc_softmax_pv<TCQ_NT, TCQ_MAX_D / 8>(s, o, c0, keys, pos, m, l, vb + g, vs, nvt);
+        tc_scores<TCQ_NT, TCQ_MAX_D / 8, X3>(s, qa, kb + g * ks + 2 * t, ks, nks);
+        tc_softmax_pv<TCQ_NT, TCQ_MAX_D / 8, X3>(s, o, c0, keys, pos, m, l, vb + g, vs, nvt);
     }
     cp_async_wait<0>();
 #pragma unroll
@@ -791,14 +800,16 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
     }
 }
 
-#define GQA_PREFILL_TC(NAME, D, DV)                                                                              \
+#define GQA_PREFILL_TC(NAME, D, DV, X3)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                                                            \
         NAME(const float* q, const float* k, const float* v, float* out, int hq, int hkv, int d, int dv, int t_n,  \
              int pos0, const unsigned* row_shift, int cache_rows, float scale) {                                  \
-        gqa_prefill_tc<D, DV>(q, k, v, out, hq, hkv, d, dv, t_n, pos0, row_shift, cache_rows, scale);             \
+        gqa_prefill_tc<D, DV, X3>(q, k, v, out, hq, hkv, d, dv, t_n, pos0, row_shift, cache_rows, scale);         \
     }
-GQA_PREFILL_TC(attention_gqa_prefill_tc, 0, 0)
-GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128)
+GQA_PREFILL_TC(attention_gqa_prefill_tc, 0, 0, true)
+GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128, true)
+GQA_PREFILL_TC(attention_gqa_prefill_tc_tf32, 0, 0, false)
+GQA_PREFILL_TC(attention_gqa_prefill_tc_d128_tf32, 128, 128, false)
 
 #define TCM_BC 32     // cache rows per tile
 #define TCM_NT (TCM_BC / 8)
@@ -821,7 +832,7 @@ GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128)
 // bytes; rs = 8 mod 32 keeps a half warp on distinct banks); value reads: keys 2t and 2t + 1
 // of column g (two-way conflicts).
 // L_, R_: the widths at compile time (0: from the arguments), as for GQA (GLM's 512 / 64).
-template <int L_, int R_>
+template <int L_, int R_, bool X3>
 __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* q_rope, const float* cache,
                                                float* out, int heads, int l_arg, int r_arg, int t_n, int pos0,
                                                const unsigned* row_shift, int cache_rows, float scale) {
@@ -891,7 +902,7 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
         const bool work = live && c0 <= last_pos;
         float s[TCM_NT][4];
         if (work) {
-            tc_scores<TCM_NT, TCM_MAX_KS>(s, qa, kb + g * rs + 8 * ks0 + 2 * t, rs, min(kpc, nks - ks0));
+            tc_scores<TCM_NT, TCM_MAX_KS, X3>(s, qa, kb + g * rs + 8 * ks0 + 2 * t, rs, min(kpc, nks - ks0));
             float* mine = sp + ((size_t)cg * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
 #pragma unroll
             for (int nt = 0; nt < TCM_NT; nt++) {
@@ -918,7 +929,7 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
                 s[nt][3] += b.y;
             }
         }
-        tc_softmax_pv<TCM_NT, TCM_MAX_NV>(s, o, c0, keys, pos, m, l, kb + nv0 * 8 + g, rs, nvl);
+        tc_softmax_pv<TCM_NT, TCM_MAX_NV, X3>(s, o, c0, keys, pos, m, l, kb + nv0 * 8 + g, rs, nvl);
     }
     cp_async_wait<0>();
 #pragma unroll
@@ -934,15 +945,17 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
     }
 }
 
-#define MLA_PREFILL_TC(NAME, L, R)                                                                               \
+#define MLA_PREFILL_TC(NAME, L, R, X3)                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                                            \
         NAME(const float* q_lat, const float* q_rope, const float* cache, float* out, int heads, int l_dim,       \
              int r_dim, int t_n, int pos0, const unsigned* row_shift, int cache_rows, float scale) {              \
-        mla_prefill_tc<L, R>(q_lat, q_rope, cache, out, heads, l_dim, r_dim, t_n, pos0, row_shift, cache_rows,    \
-                             scale);                                                                             \
+        mla_prefill_tc<L, R, X3>(q_lat, q_rope, cache, out, heads, l_dim, r_dim, t_n, pos0, row_shift,            \
+                                 cache_rows, scale);                                                             \
     }
-MLA_PREFILL_TC(attention_mla_prefill_tc, 0, 0)
-MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64, 512, 64)
+MLA_PREFILL_TC(attention_mla_prefill_tc, 0, 0, true)
+MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64, 512, 64, true)
+MLA_PREFILL_TC(attention_mla_prefill_tc_tf32, 0, 0, false)
+MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64_tf32, 512, 64, false)
 
 // Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
 // grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache

@@ -1653,6 +1653,156 @@ impl CudaBackend {
         self.inv_freq.lock().unwrap_or_else(PoisonError::into_inner).insert(key, t.clone());
         Ok(t)
     }
+
+    /// `attention_gqa`, with one TF32 product per step in the tensor-core prefill kernel when
+    /// `tf32` (Backend::attention_gqa_tf32).
+    fn gqa(&self, q: &CT, k: &CT, v: &CT, pos0: usize, scale: f32, tf32: bool) -> Result<CT> {
+        const OP: &str = "attention_gqa";
+        for t in [q, k, v] {
+            self.check(OP, t, &[DType::F32])?;
+        }
+        let fp4moe_ops::check::Gqa { t: t_n, hq, hkv, d, dv, s } =
+            fp4moe_ops::check::attention_gqa(q.shape(), k.shape(), v.shape(), pos0)?;
+        if dv > ATT_MAX_DV || d > ATT_MAX_DV {
+            return Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("key width {d} / value width {dv}"),
+            });
+        }
+        let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
+        if t_n * hq >= ATT_SPLIT_BELOW_ROWS && d <= FA_MAX_D && dv <= FA_MAX_D {
+            // Many queries: the tiled prefill kernels, on the tensor cores where the widths are
+            // whole mma steps (attention_gqa_prefill_tc), else in f32 (attention_gqa_prefill_f32).
+            let out = self.empty(&[t_n, hq, dv], DType::F32)?;
+            let tc = d % 8 == 0 && dv % 8 == 0 && d <= TCQ_MAX_D && dv <= TCQ_MAX_D;
+            let (kernel, rows, threads, smem) = if tc {
+                // Two raw key tiles and two raw value tiles.
+                let (ks, vs) = (d.next_multiple_of(32) + 8, dv.next_multiple_of(32) + 8);
+                let smem = 2 * TCQ_KEYS * (ks + vs) * 4;
+                // One TF32 product per step where allowed, else 3xTF32 (attention.cu, tc_mma).
+                let name = match ((d, dv) == (128, 128), tf32) {
+                    (true, false) => "attention_gqa_prefill_tc_d128",
+                    (true, true) => "attention_gqa_prefill_tc_d128_tf32",
+                    (false, false) => "attention_gqa_prefill_tc",
+                    (false, true) => "attention_gqa_prefill_tc_tf32",
+                };
+                (name, TCQ_ROWS, 128, smem)
+            } else {
+                let smem = (2 * d * FA_ROWS + FA_ROWS * dv + FA_ROWS * (FA_ROWS + 1)) * 4;
+                ("attention_gqa_prefill_f32", FA_ROWS, 256, smem)
+            };
+            self.run_smem(
+                "attention.cu",
+                kernel,
+                (t_n.div_ceil(rows) as u32, hq as u32, 1),
+                threads,
+                smem as u32,
+                &[
+                    Arg::Ptr(ptrs[0]),
+                    Arg::Ptr(ptrs[1]),
+                    Arg::Ptr(ptrs[2]),
+                    Arg::Ptr(out.storage.ptr()),
+                    Arg::I32(hq as i32),
+                    Arg::I32(hkv as i32),
+                    Arg::I32(d as i32),
+                    Arg::I32(dv as i32),
+                    Arg::I32(t_n as i32),
+                    Arg::I32(pos0 as i32),
+                    Arg::Ptr(self.dev.row_shift()),
+                    Arg::I32(s as i32),
+                    Arg::F32(scale),
+                ],
+            )?;
+            return Ok(out);
+        }
+        // Key and value tiles plus one query row per warp (gqa_decode in attention.cu); the
+        // vector form takes widths in whole float4s with at most four value dims per lane.
+        let vec = d % 4 == 0 && dv % 4 == 0 && dv <= 128;
+        let (kernel, ks) =
+            if vec { ("attention_gqa_vec_f32", gqa_key_stride(d)) } else { ("attention_gqa_f32", d + 1) };
+        let smem = (GQA_TILE_KEYS * ks + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
+        let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32, GQA_TILE_KEYS);
+        self.attention(kernel, ptrs, [t_n, hq, dv], launch, pos0, s, scale, |out, ml| {
+            vec![
+                Arg::Ptr(out),
+                Arg::Ptr(ml),
+                Arg::I32(hq as i32),
+                Arg::I32(hkv as i32),
+                Arg::I32(d as i32),
+                Arg::I32(dv as i32),
+                Arg::I32(GQA_TILE_KEYS as i32),
+            ]
+        })
+    }
+
+    /// `attention_mla`, as `gqa` for `tf32`.
+    fn mla(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32, tf32: bool) -> Result<CT> {
+        const OP: &str = "attention_mla";
+        for t in [q_lat, q_rope, cache] {
+            self.check(OP, t, &[DType::F32])?;
+        }
+        let fp4moe_ops::check::Mla { t: t_n, heads, l, r, s } =
+            fp4moe_ops::check::attention_mla(q_lat.shape(), q_rope.shape(), cache.shape(), pos0)?;
+        if l > ATT_MAX_DV || r > ATT_MAX_ROPE {
+            return Err(Error::Unsupported {
+                op: OP,
+                backend: self.name(),
+                what: format!("latent width {l} / rope width {r}"),
+            });
+        }
+        let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
+        if t_n * heads >= ATT_SPLIT_BELOW_ROWS {
+            // Many queries: the tiled prefill kernels, on the tensor cores where the widths are
+            // whole mma steps (attention_mla_prefill_tc), else in f32 (attention_mla_prefill_f32).
+            let out = self.empty(&[t_n, heads, l], DType::F32)?;
+            let w = l + r;
+            let tc = l % 8 == 0 && r % 8 == 0 && l <= TCM_MAX_L && w <= TCM_MAX_W;
+            let (kernel, rows, smem) = if tc {
+                // Two raw cache tiles, the column groups' partial scores.
+                let rs = w.next_multiple_of(32) + 8;
+                let floats = 2 * TCM_KEYS * rs + TCM_COLS * TCM_ROWS * (TCM_KEYS + 8);
+                let name = match ((l, r) == (512, 64), tf32) {
+                    (true, false) => "attention_mla_prefill_tc_l512_r64",
+                    (true, true) => "attention_mla_prefill_tc_l512_r64_tf32",
+                    (false, false) => "attention_mla_prefill_tc",
+                    (false, true) => "attention_mla_prefill_tc_tf32",
+                };
+                (name, TCM_ROWS, floats * 4)
+            } else {
+                let smem = (w * MLA_ROWS + MLA_ROWS * (w + 1) + MLA_ROWS * (MLA_ROWS + 1)) * 4;
+                ("attention_mla_prefill_f32", MLA_ROWS, smem)
+            };
+            self.run_smem(
+                "attention.cu",
+                kernel,
+                ((t_n * heads).div_ceil(rows) as u32, 1, 1),
+                256,
+                smem as u32,
+                &[
+                    Arg::Ptr(ptrs[0]),
+                    Arg::Ptr(ptrs[1]),
+                    Arg::Ptr(ptrs[2]),
+                    Arg::Ptr(out.storage.ptr()),
+                    Arg::I32(heads as i32),
+                    Arg::I32(l as i32),
+                    Arg::I32(r as i32),
+                    Arg::I32(t_n as i32),
+                    Arg::I32(pos0 as i32),
+                    Arg::Ptr(self.dev.row_shift()),
+                    Arg::I32(s as i32),
+                    Arg::F32(scale),
+                ],
+            )?;
+            return Ok(out);
+        }
+        let launch = (heads, 128, 0, ATT_SPLIT_KEYS); // ATT_WARPS warps per (query, head) block
+        // GLM's widths (latent 512, rope 64) have a kernel without bound checks (mla_decode).
+        let kernel = if (l, r) == (512, 64) { "attention_mla_l512_r64_f32" } else { "attention_mla_f32" };
+        self.attention(kernel, ptrs, [t_n, heads, l], launch, pos0, s, scale, |out, ml| {
+            vec![Arg::Ptr(out), Arg::Ptr(ml), Arg::I32(heads as i32), Arg::I32(l as i32), Arg::I32(r as i32)]
+        })
+    }
 }
 
 /// A recorded graph, its row shift and the memory its ops write. Fields drop in order: the graph
@@ -2420,149 +2570,20 @@ impl Backend for CudaBackend {
     }
 
     fn attention_gqa(&self, q: &CT, k: &CT, v: &CT, pos0: usize, scale: f32) -> Result<CT> {
-        const OP: &str = "attention_gqa";
-        for t in [q, k, v] {
-            self.check(OP, t, &[DType::F32])?;
-        }
-        let fp4moe_ops::check::Gqa { t: t_n, hq, hkv, d, dv, s } =
-            fp4moe_ops::check::attention_gqa(q.shape(), k.shape(), v.shape(), pos0)?;
-        if dv > ATT_MAX_DV || d > ATT_MAX_DV {
-            return Err(Error::Unsupported {
-                op: OP,
-                backend: self.name(),
-                what: format!("key width {d} / value width {dv}"),
-            });
-        }
-        let ptrs = [q.storage.ptr(), k.storage.ptr(), v.storage.ptr()];
-        if t_n * hq >= ATT_SPLIT_BELOW_ROWS && d <= FA_MAX_D && dv <= FA_MAX_D {
-            // Many queries: the tiled prefill kernels, on the tensor cores where the widths are
-            // whole mma steps (attention_gqa_prefill_tc), else in f32 (attention_gqa_prefill_f32).
-            let out = self.empty(&[t_n, hq, dv], DType::F32)?;
-            let tc = d % 8 == 0 && dv % 8 == 0 && d <= TCQ_MAX_D && dv <= TCQ_MAX_D;
-            let (kernel, rows, threads, smem) = if tc {
-                // Two raw key tiles and two raw value tiles.
-                let (ks, vs) = (d.next_multiple_of(32) + 8, dv.next_multiple_of(32) + 8);
-                let smem = 2 * TCQ_KEYS * (ks + vs) * 4;
-                let name = if (d, dv) == (128, 128) {
-                    "attention_gqa_prefill_tc_d128"
-                } else {
-                    "attention_gqa_prefill_tc"
-                };
-                (name, TCQ_ROWS, 128, smem)
-            } else {
-                let smem = (2 * d * FA_ROWS + FA_ROWS * dv + FA_ROWS * (FA_ROWS + 1)) * 4;
-                ("attention_gqa_prefill_f32", FA_ROWS, 256, smem)
-            };
-            self.run_smem(
-                "attention.cu",
-                kernel,
-                (t_n.div_ceil(rows) as u32, hq as u32, 1),
-                threads,
-                smem as u32,
-                &[
-                    Arg::Ptr(ptrs[0]),
-                    Arg::Ptr(ptrs[1]),
-                    Arg::Ptr(ptrs[2]),
-                    Arg::Ptr(out.storage.ptr()),
-                    Arg::I32(hq as i32),
-                    Arg::I32(hkv as i32),
-                    Arg::I32(d as i32),
-                    Arg::I32(dv as i32),
-                    Arg::I32(t_n as i32),
-                    Arg::I32(pos0 as i32),
-                    Arg::Ptr(self.dev.row_shift()),
-                    Arg::I32(s as i32),
-                    Arg::F32(scale),
-                ],
-            )?;
-            return Ok(out);
-        }
-        // Key and value tiles plus one query row per warp (gqa_decode in attention.cu); the
-        // vector form takes widths in whole float4s with at most four value dims per lane.
-        let vec = d % 4 == 0 && dv % 4 == 0 && dv <= 128;
-        let (kernel, ks) =
-            if vec { ("attention_gqa_vec_f32", gqa_key_stride(d)) } else { ("attention_gqa_f32", d + 1) };
-        let smem = (GQA_TILE_KEYS * ks + GQA_TILE_KEYS * dv + GQA_WARPS * d) * 4;
-        let launch = (hkv, GQA_WARPS as u32 * 32, smem as u32, GQA_TILE_KEYS);
-        self.attention(kernel, ptrs, [t_n, hq, dv], launch, pos0, s, scale, |out, ml| {
-            vec![
-                Arg::Ptr(out),
-                Arg::Ptr(ml),
-                Arg::I32(hq as i32),
-                Arg::I32(hkv as i32),
-                Arg::I32(d as i32),
-                Arg::I32(dv as i32),
-                Arg::I32(GQA_TILE_KEYS as i32),
-            ]
-        })
+        self.gqa(q, k, v, pos0, scale, false)
+    }
+
+    fn attention_gqa_tf32(&self, q: &CT, k: &CT, v: &CT, pos0: usize, scale: f32) -> Result<CT> {
+        self.gqa(q, k, v, pos0, scale, true)
     }
 
     fn attention_mla(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32) -> Result<CT> {
-        const OP: &str = "attention_mla";
-        for t in [q_lat, q_rope, cache] {
-            self.check(OP, t, &[DType::F32])?;
-        }
-        let fp4moe_ops::check::Mla { t: t_n, heads, l, r, s } =
-            fp4moe_ops::check::attention_mla(q_lat.shape(), q_rope.shape(), cache.shape(), pos0)?;
-        if l > ATT_MAX_DV || r > ATT_MAX_ROPE {
-            return Err(Error::Unsupported {
-                op: OP,
-                backend: self.name(),
-                what: format!("latent width {l} / rope width {r}"),
-            });
-        }
-        let ptrs = [q_lat.storage.ptr(), q_rope.storage.ptr(), cache.storage.ptr()];
-        if t_n * heads >= ATT_SPLIT_BELOW_ROWS {
-            // Many queries: the tiled prefill kernels, on the tensor cores where the widths are
-            // whole mma steps (attention_mla_prefill_tc), else in f32 (attention_mla_prefill_f32).
-            let out = self.empty(&[t_n, heads, l], DType::F32)?;
-            let w = l + r;
-            let tc = l % 8 == 0 && r % 8 == 0 && l <= TCM_MAX_L && w <= TCM_MAX_W;
-            let (kernel, rows, smem) = if tc {
-                // Two raw cache tiles, the column groups' partial scores.
-                let rs = w.next_multiple_of(32) + 8;
-                let floats = 2 * TCM_KEYS * rs + TCM_COLS * TCM_ROWS * (TCM_KEYS + 8);
-                let name = if (l, r) == (512, 64) {
-                    "attention_mla_prefill_tc_l512_r64"
-                } else {
-                    "attention_mla_prefill_tc"
-                };
-                (name, TCM_ROWS, floats * 4)
-            } else {
-                let smem = (w * MLA_ROWS + MLA_ROWS * (w + 1) + MLA_ROWS * (MLA_ROWS + 1)) * 4;
-                ("attention_mla_prefill_f32", MLA_ROWS, smem)
-            };
-            self.run_smem(
-                "attention.cu",
-                kernel,
-                ((t_n * heads).div_ceil(rows) as u32, 1, 1),
-                256,
-                smem as u32,
-                &[
-                    Arg::Ptr(ptrs[0]),
-                    Arg::Ptr(ptrs[1]),
-                    Arg::Ptr(ptrs[2]),
-                    Arg::Ptr(out.storage.ptr()),
-                    Arg::I32(heads as i32),
-                    Arg::I32(l as i32),
-                    Arg::I32(r as i32),
-                    Arg::I32(t_n as i32),
-                    Arg::I32(pos0 as i32),
-                    Arg::Ptr(self.dev.row_shift()),
-                    Arg::I32(s as i32),
-                    Arg::F32(scale),
-                ],
-            )?;
-            return Ok(out);
-        }
-        let launch = (heads, 128, 0, ATT_SPLIT_KEYS); // ATT_WARPS warps per (query, head) block
-        // GLM's widths (latent 512, rope 64) have a kernel without bound checks (mla_decode).
-        let kernel = if (l, r) == (512, 64) { "attention_mla_l512_r64_f32" } else { "attention_mla_f32" };
-        self.attention(kernel, ptrs, [t_n, heads, l], launch, pos0, s, scale, |out, ml| {
-            vec![Arg::Ptr(out), Arg::Ptr(ml), Arg::I32(heads as i32), Arg::I32(l as i32), Arg::I32(r as i32)]
-        })
+        self.mla(q_lat, q_rope, cache, pos0, scale, false)
     }
 
+    fn attention_mla_tf32(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32) -> Result<CT> {
+        self.mla(q_lat, q_rope, cache, pos0, scale, true)
+    }
     fn argmax(&self, x: &CT) -> Result<CT> {
         const OP: &str = "argmax";
         self.check(OP, x, &[DType::F32])?;

@@ -445,7 +445,13 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {
             let (ql, qr) = (plan.rows_of(b, &q_lat, i)?, plan.rows_of(b, &q_rope, i)?);
-            outs.push(b.attention_mla(&ql, &qr, &states[i].cache[l], span.pos0, scale)?);
+            let cache = &states[i].cache[l];
+            // A bf16-activation prefill takes TF32 products (Backend::attention_mla_tf32).
+            outs.push(if plan.bf16_inputs {
+                b.attention_mla_tf32(&ql, &qr, cache, span.pos0, scale)?
+            } else {
+                b.attention_mla(&ql, &qr, cache, span.pos0, scale)?
+            });
         }
         let o_lat = plan.stack(b, outs)?; // [n, heads, lora]
         let o = b.head_linear(&o_lat, &at.kv_b, c.kv_b_block(nope, v, false))?; // [n, heads, v]

@@ -54,7 +54,8 @@ pub struct ModelInfo {
 /// one token) read: f32 (the default; every product f32-accurate, as decode steps always are),
 /// or bf16, as vLLM and PyTorch run them. bf16 rounds each block's normed input where the
 /// projections and experts read it (the router still reads f32: routing decisions do not move),
-/// the attention output before `o_proj` and GLM's normed query latent before `q_b`; the CUDA backend's
+/// the attention output before `o_proj` and GLM's normed query latent before `q_b`, and lets
+/// attention's products read TF32 (`Backend::attention_gqa_tf32`); the CUDA backend's
 /// tensor-core GEMMs then take one bf16 term per activation instead of two or three
 /// (BENCHMARKS.md, "bf16 prefill activations"). The logits move by about that rounding
 /// (2^-9 relative per element; ~3e-3 on the golden fixtures).

@@ -312,7 +312,13 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {
             let (kc, vc) = (&states[i].k[l], &states[i].v[l]);
-            outs.push(b.attention_gqa(&plan.rows_of(b, &q, i)?, kc, vc, span.pos0, scale)?);
+            let q = plan.rows_of(b, &q, i)?;
+            // A bf16-activation prefill takes TF32 products (Backend::attention_gqa_tf32).
+            outs.push(if plan.bf16_inputs {
+                b.attention_gqa_tf32(&q, kc, vc, span.pos0, scale)?
+            } else {
+                b.attention_gqa(&q, kc, vc, span.pos0, scale)?
+            });
         }
         let o = plan.stack(b, outs)?.reshape(&[n, hq * d])?;
         Ok(b.linear(&plan.input(b, &o)?, &at.o_proj, LinearPath::Auto)?)

@@ -155,6 +155,12 @@ pub const TOL_ROPE: f32 = 1e-5;
 /// Router weights: sigmoid/softmax (a few ulp each) then a sum of k ≤ 8 terms and a division.
 pub const TOL_ROUTER: f32 = 1e-5;
 
+/// Attention with TF32 products (`attention_*_tf32`): q, k, probabilities and v each truncated
+/// to 10 mantissa bits (2^-10 relative) move scores and outputs by ~1e-3 relative on these
+/// cases; 1e-2 leaves headroom, and a mask or softmax bug (the poisoned cache tail, a lost
+/// rescale) lands at O(1).
+pub const TOL_TF32: f32 = 1e-2;
+
 /// FP4 decode: `e2m1 · block_scale · tensor_scale` may associate either way (1 ulp).
 pub const TOL_DECODE: f32 = 4.0 * f32::EPSILON;
 
@@ -1745,9 +1751,15 @@ fn run_gqa<X: Backend>(
     v: (&[f32], [usize; 3]),
     pos0: usize,
     scale: f32,
+    tf32: bool,
 ) -> crate::Result<Out> {
     let (qt, kt, vt) = (up(x, q.0, &q.1)?, up(x, k.0, &k.1)?, up(x, v.0, &v.1)?);
-    fetch(x, &x.attention_gqa(&qt, &kt, &vt, pos0, scale)?)
+    let out = if tf32 {
+        x.attention_gqa_tf32(&qt, &kt, &vt, pos0, scale)?
+    } else {
+        x.attention_gqa(&qt, &kt, &vt, pos0, scale)?
+    };
+    fetch(x, &out)
 }
 
 /// Cache rows past the causal window hold large values, so attending beyond it cannot pass.
@@ -1801,13 +1813,18 @@ pub fn check_attention_gqa<B: Backend>(b: &B, seed: u64) -> Check {
             ((q.to_vec(), [t, hq, d]), (k.to_vec(), [s, hkv, d]), (v.to_vec(), [s, hkv, dv]))
         };
         let ((qv, qs), (kv, ks), (vv, vs)) = args(&q, &k, &v);
-        let want = run_gqa(&RefBackend, (&qv, qs), (&kv, ks), (&vv, vs), pos0, scale).or_fail(&cx, &case)?;
-        let got = run_gqa(b, (&qv, qs), (&kv, ks), (&vv, vs), pos0, scale).or_fail(&cx, &case)?;
+        let want =
+            run_gqa(&RefBackend, (&qv, qs), (&kv, ks), (&vv, vs), pos0, scale, false).or_fail(&cx, &case)?;
+        let got = run_gqa(b, (&qv, qs), (&kv, ks), (&vv, vs), pos0, scale, false).or_fail(&cx, &case)?;
         close(&cx, &case, &got, &want, 2.0 * tol_sum(d + pos0 + t))?;
+        let c = format!("{case}, tf32 products");
+        let got = run_gqa(b, (&qv, qs), (&kv, ks), (&vv, vs), pos0, scale, true).or_fail(&cx, &c)?;
+        close(&cx, &c, &got, &want, TOL_TF32)?;
     }
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_mla<X: Backend>(
     x: &X,
     ql: &[f32],
@@ -1816,10 +1833,16 @@ fn run_mla<X: Backend>(
     dims: [usize; 5],
     pos0: usize,
     scale: f32,
+    tf32: bool,
 ) -> crate::Result<Out> {
     let [t, h, l, r, s] = dims;
     let (a, bq, c) = (up(x, ql, &[t, h, l])?, up(x, qr, &[t, h, r])?, up(x, cache, &[s, l + r])?);
-    fetch(x, &x.attention_mla(&a, &bq, &c, pos0, scale)?)
+    let out = if tf32 {
+        x.attention_mla_tf32(&a, &bq, &c, pos0, scale)?
+    } else {
+        x.attention_mla(&a, &bq, &c, pos0, scale)?
+    };
+    fetch(x, &out)
 }
 
 /// MLA attention at GLM-4.7-Flash's layout (20 heads, latent 512, rope 64, scale 1/16):
@@ -1849,9 +1872,12 @@ pub fn check_attention_mla<B: Backend>(b: &B, seed: u64) -> Check {
         poison_tail(&mut cache, l + r, pos0 + t);
         let scale = 1.0 / 16.0;
         let dims = [t, h, l, r, s];
-        let want = run_mla(&RefBackend, &ql, &qr, &cache, dims, pos0, scale).or_fail(&cx, &case)?;
-        let got = run_mla(b, &ql, &qr, &cache, dims, pos0, scale).or_fail(&cx, &case)?;
+        let want = run_mla(&RefBackend, &ql, &qr, &cache, dims, pos0, scale, false).or_fail(&cx, &case)?;
+        let got = run_mla(b, &ql, &qr, &cache, dims, pos0, scale, false).or_fail(&cx, &case)?;
         close(&cx, &case, &got, &want, 2.0 * tol_sum(l + r + pos0 + t))?;
+        let c = format!("{case}, tf32 products");
+        let got = run_mla(b, &ql, &qr, &cache, dims, pos0, scale, true).or_fail(&cx, &c)?;
+        close(&cx, &c, &got, &want, TOL_TF32)?;
     }
     Ok(())
 }

@@ -367,6 +367,32 @@ pub trait Backend: Send + Sync {
         scale: f32,
     ) -> Result<T<Self>>;
 
+    /// [`Backend::attention_gqa`] whose products (scores, probabilities times values) may read
+    /// their inputs rounded to TF32 (10 mantissa bits, 2^-10 relative): for prefills that run on
+    /// bf16 activations anyway. A backend without a faster form computes `attention_gqa`.
+    fn attention_gqa_tf32(
+        &self,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<T<Self>> {
+        self.attention_gqa(q, k, v, pos0, scale)
+    }
+
+    /// [`Backend::attention_mla`] with TF32 products, as [`Backend::attention_gqa_tf32`].
+    fn attention_mla_tf32(
+        &self,
+        q_lat: &T<Self>,
+        q_rope: &T<Self>,
+        cache: &T<Self>,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<T<Self>> {
+        self.attention_mla(q_lat, q_rope, cache, pos0, scale)
+    }
+
     /// Index of the largest value per row (ties to the lower index): `[n, V]` -> u32 `[n]`.
     fn argmax(&self, x: &T<Self>) -> Result<T<Self>>;
 

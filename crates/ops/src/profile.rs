@@ -266,6 +266,29 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<T<Self>> {
         self.time(|| "attention_mla".into(), || self.inner.attention_mla(q_lat, q_rope, cache, pos0, scale))
     }
+    fn attention_gqa_tf32(
+        &self,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<T<Self>> {
+        self.time(|| "attention_gqa (tf32)".into(), || self.inner.attention_gqa_tf32(q, k, v, pos0, scale))
+    }
+    fn attention_mla_tf32(
+        &self,
+        q_lat: &T<Self>,
+        q_rope: &T<Self>,
+        cache: &T<Self>,
+        pos0: usize,
+        scale: f32,
+    ) -> Result<T<Self>> {
+        self.time(
+            || "attention_mla (tf32)".into(),
+            || self.inner.attention_mla_tf32(q_lat, q_rope, cache, pos0, scale),
+        )
+    }
     fn argmax(&self, x: &T<Self>) -> Result<T<Self>> {
         self.time(|| "argmax".into(), || self.inner.argmax(x))
     }
