@@ -177,6 +177,35 @@ fn golden_checkpoints_greedy_first_token_matches_transformers() {
 }
 
 #[test]
+fn bf16_prefill_activations_run_and_unknown_ones_are_refused() {
+    let dir = golden_str("glm4_moe_lite");
+    let run = |acts: &str| {
+        fp4moe(&[
+            "run",
+            "--model",
+            &dir,
+            "--prompt",
+            "Hello world",
+            "--greedy",
+            "-n",
+            "2",
+            "--json",
+            "--backend",
+            "cpu",
+            "--prefill-activations",
+            acts,
+        ])
+    };
+    for acts in ["f32", "bf16"] {
+        let o = run(acts);
+        assert_ok(&o);
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["tokens"].as_array().map(Vec::len), Some(2), "{acts}: {}", stdout(&o));
+    }
+    assert_fails_with(&run("fp8"), &["fp8", "--prefill-activations"]);
+}
+
+#[test]
 fn chat_keeps_history_resets_and_quits() {
     use std::io::Write;
     let dir = golden_str("qwen3_moe");

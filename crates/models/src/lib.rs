@@ -51,7 +51,8 @@ pub struct ModelInfo {
 }
 
 /// What the FP4 products of a prefill chunk (a forward where some sequence appends more than
-/// one token) read: f32 (the default; every product f32-accurate, as decode steps always are),
+/// one token; other sequences' decode rows batched with it read the same) read: f32 (the
+/// default; every product f32-accurate, as decode-only steps always are),
 /// or bf16, as vLLM and PyTorch run them. bf16 rounds each block's normed input where the
 /// projections and experts read it (the router still reads f32: routing decisions do not move),
 /// the attention output before `o_proj` and GLM's normed query latent before `q_b`, and lets
