@@ -31,7 +31,8 @@ pub enum ActivationsArg {
     #[default]
     F32,
     /// The FP4 products' inputs rounded to bf16 (as vLLM runs prefill): faster prefill on the
-    /// CUDA backend's tensor cores; logits move by about that rounding (~3e-3 relative).
+    /// CUDA backend's tensor cores; logits move by about that rounding (~3e-3 relative). The
+    /// CPU and wgpu backends read f32 anyway, so there it costs precision and gains nothing.
     Bf16,
 }
 
