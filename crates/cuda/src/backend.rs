@@ -1405,13 +1405,13 @@ impl CudaBackend {
         let up_terms = if x.dtype() == DType::BF16 { 1 } else { 2 };
         // The intermediate in one bf16 term would cut the down product's MMAs too (the whole
         // layer 10 % faster, measured), but round it: not what this op computes.
-        let down_terms = 2;
+        const DOWN_TERMS: usize = 2;
         let ne = e.n_experts;
         let pairs = n * k;
         // Each expert's rows are padded up to whole GEMM M-blocks.
         let bm = self.gemm_block_rows("moe", pairs / ne.max(1));
         let gk = gemm_kernel("moe", self, bm, n_tile, up_terms)?;
-        let gk_down = gemm_kernel("moe", self, bm, n_tile, down_terms)?;
+        let gk_down = gemm_kernel("moe", self, bm, n_tile, DOWN_TERMS)?;
         let max_rows = (pairs + ne * (bm - 1)).div_ceil(bm) * bm;
         let max_blocks = max_rows / bm;
         let counts = self.zeroed(&[ne], DType::U32)?;
@@ -1469,8 +1469,7 @@ impl CudaBackend {
         let xt = self.gemm_operand(x, n, h, gu.kp, up_terms)?;
         // Zeroed: the pad columns (I..kp) must be 0 for the down GEMM's K tail.
         let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
-        let act_lo =
-            if down_terms > 1 { Some(self.zeroed(&[max_rows, down.kp], DType::BF16)?) } else { None };
+        let act_lo = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
         let up_args = gemm_args(
             GemmPtrs {
                 a: xt[0].storage.ptr(),
@@ -1479,7 +1478,7 @@ impl CudaBackend {
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
                 out_bf16: act.storage.ptr(),
-                out_bf16_lo: act_lo.as_ref().map_or(0, |t| t.storage.ptr()),
+                out_bf16_lo: act_lo.storage.ptr(),
                 ..Default::default()
             },
             gu.kp,
@@ -1503,7 +1502,7 @@ impl CudaBackend {
         let down_args = gemm_args(
             GemmPtrs {
                 a: act.storage.ptr(),
-                a_lo: act_lo.as_ref().map_or(0, |t| t.storage.ptr()),
+                a_lo: act_lo.storage.ptr(),
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
                 out: y.storage.ptr(),
