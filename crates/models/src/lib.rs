@@ -54,7 +54,8 @@ pub struct ModelInfo {
 /// one token; other sequences' decode rows batched with it read the same) read: f32 (the
 /// default; every product f32-accurate, as decode-only steps always are),
 /// or bf16, as vLLM and PyTorch run them. bf16 rounds each block's normed input where the
-/// projections and experts read it (the router still reads f32: routing decisions do not move),
+/// projections and experts read it (the router still reads f32, so that routing near ties
+/// flip less often),
 /// the attention output before `o_proj` and GLM's normed query latent before `q_b`, and lets
 /// attention's products read TF32 (`Backend::attention_gqa_tf32`); the CUDA backend's
 /// tensor-core GEMMs then take one bf16 term per activation instead of two or three
