@@ -315,6 +315,10 @@ impl Backend for CpuBackend {
         attention::mla(self.isa, q_lat, q_rope, cache, pos0, scale)
     }
 
+    fn mla_expands(&self, queries: usize, keys: usize) -> bool {
+        fp4moe_ops::mla_expansion_pays(queries, keys)
+    }
+
     fn argmax(&self, x: &HostT) -> Result<HostT> {
         self.reference.argmax(x)
     }

@@ -957,6 +957,159 @@ MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64, 512, 64, true)
 MLA_PREFILL_TC(attention_mla_prefill_tc_tf32, 0, 0, false)
 MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64_tf32, 512, 64, false)
 
+#define TCE_BC 32   // keys per tile
+#define TCE_NT (TCE_BC / 8)
+#define TCE_ROWS 64 // queries per block: 4 row groups of 16
+#define TCE_COLS 2  // column groups: each scores half the key width and owns half the values
+#define TCE_MAX_KS 16 // score k-steps per column group: N + R <= 256
+#define TCE_MAX_NV 16 // value n-tiles per column group: Dv <= 256
+
+// MLA prefill in the expanded form (transformers' own): every head has its keys [k_nope | k_r]
+// and values. q_nope [T, H, N], q_rope [T, H, R], kv [S, H, N + Dv] (per key row and head: k_nope,
+// then the values), k_rope [S, R] (shared by the heads) -> out [T, H, Dv]. N, R and Dv multiples
+// of 8, N + R <= 256, Dv <= 256. grid (ceil(T / TCE_ROWS), H), block 256 (8 warps: row group =
+// warp % 4, column group = warp / 4), dynamic shared memory (2 * TCE_BC * (ks + vs) + TCE_COLS *
+// TCE_ROWS * (TCE_BC + 8)) floats, ks = N + R rounded up to 32, + 8, vs likewise for Dv.
+// GQA's layout (raw key and value tiles, two buffers each, every warp splitting what it reads)
+// with MLA's column groups: a warp holding all of a 256-wide query and output would need 256
+// registers for them alone, so the two column groups of a row group each score half the width,
+// add their partial scores through shared memory in a fixed order, and own half the values.
+// The key tile is assembled by the copy: dims below N from kv, the rest from k_rope.
+template <int N_, int R_, int DV_, bool X3>
+__device__ __forceinline__ void mla_expanded_prefill_tc(const float* q_nope, const float* q_rope, const float* kv,
+                                                        const float* k_rope, float* out, int heads, int n_arg,
+                                                        int r_arg, int dv_arg, int t_n, int pos0,
+                                                        const unsigned* row_shift, int cache_rows, float scale) {
+    pdl_wait(); // no early trigger: see the file comment
+    const int nd = N_ ? N_ : n_arg, rd = R_ ? R_ : r_arg, dv = DV_ ? DV_ : dv_arg;
+    const int d = nd + rd, kvw = nd + dv;
+    extern __shared__ float4 tce_smem[];
+    const int ks = ((d + 31) & ~31) + 8, vs = ((dv + 31) & ~31) + 8, sps = TCE_BC + 8;
+    float* kr = reinterpret_cast<float*>(tce_smem); // [2][TCE_BC][ks]
+    float* vr = kr + 2 * TCE_BC * ks;                // [2][TCE_BC][vs]
+    float* sp = vr + 2 * TCE_BC * vs;                // [TCE_COLS][TCE_ROWS][sps] partial scores
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int rg = warp & 3, cg = warp >> 2;
+    // The last query tiles see the most keys: launch them first.
+    const int t0 = (gridDim.x - 1 - blockIdx.x) * TCE_ROWS, h = blockIdx.y;
+    const int p0 = pos0 + (int)*row_shift;
+    const int keys = min(p0 + min(t0 + TCE_ROWS, t_n), cache_rows);
+    const int d4 = d / 4, dv4 = dv / 4, n4 = nd / 4;
+    // Rows past the keys are zero-filled (the source is not read).
+    auto fetch = [&](int c0, int buf) {
+        float* kd = kr + buf * TCE_BC * ks;
+        float* vd = vr + buf * TCE_BC * vs;
+        for (int i = tid; i < TCE_BC * d4; i += 256) {
+            const int c = i / d4, e4 = i % d4;
+            const bool ok = c0 + c < keys;
+            const float* src = e4 < n4 ? kv + ((size_t)(c0 + c) * heads + h) * kvw + 4 * e4
+                                       : k_rope + (size_t)(c0 + c) * rd + 4 * (e4 - n4);
+            cp_async16(kd + c * ks + 4 * e4, ok ? src : kv, ok);
+        }
+        for (int i = tid; i < TCE_BC * dv4; i += 256) {
+            const int c = i / dv4, e = 4 * (i % dv4);
+            const bool ok = c0 + c < keys;
+            cp_async16(vd + c * vs + e, ok ? kv + ((size_t)(c0 + c) * heads + h) * kvw + nd + e : kv, ok);
+        }
+        cp_async_commit();
+    };
+    fetch(0, 0);
+    const int w0 = t0 + rg * 16;
+    const int row[2] = {w0 + g, w0 + g + 8};
+    const int pos[2] = {p0 + row[0], p0 + row[1]};
+    const int nks = d / 8, kpc = (nks + TCE_COLS - 1) / TCE_COLS, ks0 = cg * kpc;
+    const int nvt = dv / 8, vpc = (nvt + TCE_COLS - 1) / TCE_COLS, nv0 = cg * vpc;
+    const int nvl = DV_ && nvt % TCE_COLS == 0 ? vpc : min(vpc, nvt - nv0);
+    float qa[TCE_MAX_KS][4];
+#pragma unroll
+    for (int st = 0; st < TCE_MAX_KS; st++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float2 x = make_float2(0.0f, 0.0f);
+            const int gs = ks0 + st;
+            if (st < kpc && gs < nks && row[r] < t_n) {
+                // nd % 8 == 0: e and e + 1 lie on the same side of it.
+                const int e = 8 * gs + 2 * t;
+                const size_t qr = (size_t)row[r] * heads + h;
+                x = *reinterpret_cast<const float2*>(e < nd ? q_nope + qr * nd + e : q_rope + qr * rd + e - nd);
+            }
+            qa[st][r] = x.x * scale;
+            qa[st][2 + r] = x.y * scale;
+        }
+    }
+    float o[TCE_MAX_NV][4], m[2] = {ATT_NEG_INF, ATT_NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nv = 0; nv < TCE_MAX_NV; nv++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[nv][i] = 0.0f;
+    const bool live = w0 < t_n;
+    const int last_pos = p0 + min(w0 + 15, t_n - 1);
+    for (int c0 = 0, buf = 0; c0 < keys; c0 += TCE_BC, buf ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads(); // this tile has landed; the other buffers and the partials are consumed
+        if (c0 + TCE_BC < keys) fetch(c0 + TCE_BC, buf ^ 1);
+        const float* kb = kr + buf * TCE_BC * ks;
+        const float* vb = vr + buf * TCE_BC * vs;
+        // Uniform across a row group's two warps (same rows), as the exchange below needs.
+        const bool work = live && c0 <= last_pos;
+        float s[TCE_NT][4];
+        if (work) {
+            tc_scores<TCE_NT, TCE_MAX_KS, X3>(s, qa, kb + g * ks + 8 * ks0 + 2 * t, ks, min(kpc, nks - ks0));
+            float* mine = sp + ((size_t)cg * TCE_ROWS + rg * 16 + g) * sps + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < TCE_NT; nt++) {
+                *reinterpret_cast<float2*>(mine + nt * 8) = make_float2(s[nt][0], s[nt][1]);
+                *reinterpret_cast<float2*>(mine + 8 * sps + nt * 8) = make_float2(s[nt][2], s[nt][3]);
+            }
+        }
+        __syncthreads();
+        if (!work) continue;
+#pragma unroll
+        for (int nt = 0; nt < TCE_NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < TCE_COLS; c++) {
+            const float* part = sp + ((size_t)c * TCE_ROWS + rg * 16 + g) * sps + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < TCE_NT; nt++) {
+                float2 a = *reinterpret_cast<const float2*>(part + nt * 8);
+                float2 b = *reinterpret_cast<const float2*>(part + 8 * sps + nt * 8);
+                s[nt][0] += a.x;
+                s[nt][1] += a.y;
+                s[nt][2] += b.x;
+                s[nt][3] += b.y;
+            }
+        }
+        tc_softmax_pv<TCE_NT, TCE_MAX_NV, X3>(s, o, c0, keys, pos, m, l, vb + nv0 * 8 + g, vs, nvl);
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float inv = 1.0f / tc_row_sum(l[r]);
+        if (row[r] >= t_n) continue;
+        float* dst = out + ((size_t)row[r] * heads + h) * dv + 2 * t;
+#pragma unroll
+        for (int nv = 0; nv < TCE_MAX_NV; nv++)
+            if (nv < vpc && nv0 + nv < nvt)
+                *reinterpret_cast<float2*>(dst + (nv0 + nv) * 8) =
+                    make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
+    }
+}
+
+#define MLA_EXPANDED_PREFILL_TC(NAME, N, R, DV, X3)                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                            \
+        NAME(const float* q_nope, const float* q_rope, const float* kv, const float* k_rope, float* out,          \
+             int heads, int n, int r, int dv, int t_n, int pos0, const unsigned* row_shift, int cache_rows,       \
+             float scale) {                                                                                      \
+        mla_expanded_prefill_tc<N, R, DV, X3>(q_nope, q_rope, kv, k_rope, out, heads, n, r, dv, t_n, pos0,        \
+                                              row_shift, cache_rows, scale);                                     \
+    }
+MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc, 0, 0, 0, true)
+MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_n192_r64_v256, 192, 64, 256, true)
+MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_tf32, 0, 0, 0, false)
+MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_n192_r64_v256_tf32, 192, 64, 256, false)
+
 // Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
 // grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache
 // tiles in shared memory for a group of heads, as GQA does, measured slower here: 35 -> 87 us

@@ -67,6 +67,14 @@ const TCM_ROWS: usize = 32;
 const TCM_COLS: usize = 4;
 const TCM_MAX_L: usize = TCM_COLS * 16 * 8;
 const TCM_MAX_W: usize = TCM_COLS * 18 * 8;
+/// Expanded MLA prefill (attention_mla_expanded_prefill_tc): keys per tile (TCE_BC), queries per
+/// block (TCE_ROWS, 4 row groups) and its column groups (TCE_COLS, 8 warps in all), widest key
+/// (16 score k-steps per column group) and value (16 n-tiles per column group).
+const TCE_KEYS: usize = 32;
+const TCE_ROWS: usize = 64;
+const TCE_COLS: usize = 2;
+const TCE_MAX_D: usize = TCE_COLS * 16 * 8;
+const TCE_MAX_DV: usize = TCE_COLS * 16 * 8;
 const ROW_THREADS: u32 = 256;
 /// TERMS_NORM_THREADS / TERMS_NORM_REG / TERMS_NORM_MAX in kernels/elementwise.cu.
 const TERMS_NORM_THREADS: u32 = 512;
@@ -1736,6 +1744,73 @@ impl CudaBackend {
     }
 
     /// `attention_mla`, as `gqa` for `tf32`.
+    /// `attention_mla_expanded` on the tensor cores where the widths are whole mma steps within
+    /// the kernel's room, else from other ops (`attention_mla_expanded_by_gqa`).
+    #[allow(clippy::too_many_arguments)]
+    fn mla_expanded(
+        &self,
+        q_nope: &CT,
+        q_rope: &CT,
+        kv: &CT,
+        k_rope: &CT,
+        pos0: usize,
+        scale: f32,
+        tf32: bool,
+    ) -> Result<CT> {
+        const OP: &str = "attention_mla_expanded";
+        for t in [q_nope, q_rope, kv, k_rope] {
+            self.check(OP, t, &[DType::F32])?;
+        }
+        let fp4moe_ops::check::MlaExpanded { t: t_n, heads, nope, r, dv, s } =
+            fp4moe_ops::check::attention_mla_expanded(
+                q_nope.shape(),
+                q_rope.shape(),
+                kv.shape(),
+                k_rope.shape(),
+                pos0,
+            )?;
+        let tc = [nope, r, dv].iter().all(|w| w % 8 == 0) && nope + r <= TCE_MAX_D && dv <= TCE_MAX_DV;
+        if !tc {
+            return fp4moe_ops::attention_mla_expanded_by_gqa(
+                self, q_nope, q_rope, kv, k_rope, pos0, scale, tf32,
+            );
+        }
+        let out = self.empty(&[t_n, heads, dv], DType::F32)?;
+        // Two raw key tiles, two raw value tiles, the column groups' partial scores.
+        let (ks, vs) = ((nope + r).next_multiple_of(32) + 8, dv.next_multiple_of(32) + 8);
+        let floats = 2 * TCE_KEYS * (ks + vs) + TCE_COLS * TCE_ROWS * (TCE_KEYS + 8);
+        let name = match ((nope, r, dv) == (192, 64, 256), tf32) {
+            (true, false) => "attention_mla_expanded_prefill_tc_n192_r64_v256",
+            (true, true) => "attention_mla_expanded_prefill_tc_n192_r64_v256_tf32",
+            (false, false) => "attention_mla_expanded_prefill_tc",
+            (false, true) => "attention_mla_expanded_prefill_tc_tf32",
+        };
+        self.run_smem(
+            "attention.cu",
+            name,
+            (t_n.div_ceil(TCE_ROWS) as u32, heads as u32, 1),
+            256,
+            (floats * 4) as u32,
+            &[
+                Arg::Ptr(q_nope.storage.ptr()),
+                Arg::Ptr(q_rope.storage.ptr()),
+                Arg::Ptr(kv.storage.ptr()),
+                Arg::Ptr(k_rope.storage.ptr()),
+                Arg::Ptr(out.storage.ptr()),
+                Arg::I32(heads as i32),
+                Arg::I32(nope as i32),
+                Arg::I32(r as i32),
+                Arg::I32(dv as i32),
+                Arg::I32(t_n as i32),
+                Arg::I32(pos0 as i32),
+                Arg::Ptr(self.dev.row_shift()),
+                Arg::I32(s as i32),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok(out)
+    }
+
     fn mla(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32, tf32: bool) -> Result<CT> {
         const OP: &str = "attention_mla";
         for t in [q_lat, q_rope, cache] {
@@ -2583,6 +2658,24 @@ impl Backend for CudaBackend {
     fn attention_mla_tf32(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32) -> Result<CT> {
         self.mla(q_lat, q_rope, cache, pos0, scale, true)
     }
+
+    fn attention_mla_expanded(
+        &self,
+        q_nope: &CT,
+        q_rope: &CT,
+        kv: &CT,
+        k_rope: &CT,
+        pos0: usize,
+        scale: f32,
+        tf32: bool,
+    ) -> Result<CT> {
+        self.mla_expanded(q_nope, q_rope, kv, k_rope, pos0, scale, tf32)
+    }
+
+    fn mla_expands(&self, queries: usize, keys: usize) -> bool {
+        self.mla_expand && fp4moe_ops::mla_expansion_pays(queries, keys)
+    }
+
     fn argmax(&self, x: &CT) -> Result<CT> {
         const OP: &str = "argmax";
         self.check(OP, x, &[DType::F32])?;

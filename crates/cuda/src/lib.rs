@@ -136,6 +136,10 @@ pub struct CudaBackend {
     /// instead of `mma.sync` (`gemm_fp4_t*`). `FP4MOE_CUDA_WGMMA=0` or
     /// [`CudaBackend::with_mma_gemm`] selects `mma.sync`, which the conformance suite also runs.
     wgmma: bool,
+    /// MLA prefill chunks attend in the expanded form where it pays ([`fp4moe_ops::Backend::mla_expands`]:
+    /// `attention_mla_expanded` after the latents' kv_b product). `FP4MOE_CUDA_MLA_EXPAND=0`
+    /// or [`CudaBackend::with_absorbed_mla`] keeps every step absorbed.
+    mla_expand: bool,
 }
 
 type InvFreqCache =
@@ -167,7 +171,17 @@ impl CudaBackend {
         let tc_decode = std::env::var_os("FP4MOE_CUDA_TC").is_none_or(|v| v != "0");
         let tc_stage = std::env::var_os("FP4MOE_CUDA_TC_STAGE").is_none_or(|v| v != "0");
         let wgmma = dev.arch == "sm_90a" && std::env::var_os("FP4MOE_CUDA_WGMMA").is_none_or(|v| v != "0");
-        Ok(CudaBackend { dev, config, inv_freq: Arc::default(), tc_decode, tc_stage, gemm_rows: None, wgmma })
+        let mla_expand = std::env::var_os("FP4MOE_CUDA_MLA_EXPAND").is_none_or(|v| v != "0");
+        Ok(CudaBackend {
+            dev,
+            config,
+            inv_freq: Arc::default(),
+            tc_decode,
+            tc_stage,
+            gemm_rows: None,
+            wgmma,
+            mla_expand,
+        })
     }
 
     /// The same device with another tile configuration (autotune, tests).
@@ -198,6 +212,11 @@ impl CudaBackend {
         CudaBackend { wgmma: false, ..self.clone_handle() }
     }
 
+    /// The same device with every MLA step in the absorbed form (tests, comparisons).
+    pub fn with_absorbed_mla(&self) -> Self {
+        CudaBackend { mla_expand: false, ..self.clone_handle() }
+    }
+
     /// The tile heights (`GEMM_BLOCK_ROWS`) the grouped MoE GEMM can take on this backend, for
     /// benchmarks that force each one.
     pub fn moe_block_rows(&self) -> &'static [usize] {
@@ -213,6 +232,7 @@ impl CudaBackend {
             tc_stage: self.tc_stage,
             gemm_rows: self.gemm_rows,
             wgmma: self.wgmma,
+            mla_expand: self.mla_expand,
         }
     }
 

@@ -9,6 +9,11 @@
 //!   Scores `q_nope·(W_UK c) = (W_UKᵀ q_nope)·c`, so `q_lat = W_UKᵀ q_nope` is taken once per
 //!   query and scored against the cache directly; the attention-weighted latent `o_lat` is mapped
 //!   out by `W_UV` per head. Both use the `head_linear` op on the unsplit `kv_b_proj`.
+//! - A prefill chunk may instead attend in the expanded form, as transformers computes it, where
+//!   the backend says it pays (`Backend::mla_expands`: many queries against few cached keys): the
+//!   cached latents times `kv_b_proj` give every head's `k_nope` and values, and
+//!   `attention_mla_expanded` scores `[q_nope | q_rope]` against `[k_nope | k_r]`. The cache
+//!   layout is the same either way.
 //!
 //! RoPE is GPT-J interleaved on the rope dims (`rope_interleave`, the published setting).
 //! transformers writes the rotated pairs de-interleaved (evens, then odds), which permutes q_rope
@@ -439,9 +444,33 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
             }
             b.split_rope(&q, nope, None, positions, c.rope())?
         };
+        let scale = 1.0 / (c.qk_head_dim() as f32).sqrt();
+        // A prefill chunk whose queries are many against its keys: the expanded form, every key
+        // row's heads from one kv_b product of the cached latents (no per-query head products,
+        // and scores over nope + rope instead of lora + rope).
+        if let [span] = &plan.spans[..]
+            && b.mla_expands(n, span.pos0 + n)
+        {
+            let keys = span.pos0 + n;
+            let rows = b.slice_rows(&states[0].cache[l], 0, keys)?; // [keys, lora + rope]
+            let latent = b.slice_cols(&rows, 0, lora)?;
+            let k_rope = b.slice_cols(&rows, lora, rope)?;
+            // f32 input even in a bf16-activation prefill: the absorbed form's head products read
+            // f32, and the two forms must round the same values (a golden twin check compares them).
+            let kv = b.linear(&latent, &at.kv_b, LinearPath::Auto)?; // [keys, heads * (nope + v)]
+            let kv = kv.reshape(&[keys, heads, nope + v])?;
+            // f32-accurate products even in a bf16-activation prefill: with TF32 products (~30 %
+            // faster on the H100) the rounding falls elsewhere than in the absorbed form's, and
+            // flipped a near-tie routing in a golden fixture against the reference twin.
+            let o = b.attention_mla_expanded(&q_nope, &q_rope, &kv, &k_rope, span.pos0, scale, false)?;
+            return Ok(b.linear(
+                &plan.input(b, &o.reshape(&[n, heads * v])?)?,
+                &at.o_proj,
+                LinearPath::Auto,
+            )?);
+        }
         let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
 
-        let scale = 1.0 / (c.qk_head_dim() as f32).sqrt();
         let mut outs = Vec::with_capacity(plan.spans.len());
         for (i, span) in plan.spans.iter().enumerate() {
             let (ql, qr) = (plan.rows_of(b, &q_lat, i)?, plan.rows_of(b, &q_rope, i)?);

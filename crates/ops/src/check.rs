@@ -65,6 +65,47 @@ pub fn attention_mla(q_lat: &[usize], q_rope: &[usize], cache: &[usize], pos0: u
     Ok(Mla { t: q_lat[0], heads: q_lat[1], l: q_lat[2], r: q_rope[2], s: cache[0] })
 }
 
+/// Dims of an expanded MLA attention call: q_nope `[t, heads, nope]`, q_rope `[t, heads, r]`,
+/// kv `[s, heads, nope + dv]`, k_rope `[s, r]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaExpanded {
+    pub t: usize,
+    pub heads: usize,
+    pub nope: usize,
+    pub r: usize,
+    pub dv: usize,
+    pub s: usize,
+}
+
+/// [`crate::Backend::attention_mla_expanded`]: the shapes above, `dv > 0`, and keys for the
+/// queries at `pos0`.
+pub fn attention_mla_expanded(
+    q_nope: &[usize],
+    q_rope: &[usize],
+    kv: &[usize],
+    k_rope: &[usize],
+    pos0: usize,
+) -> Result<MlaExpanded> {
+    let ok = q_nope.len() == 3
+        && q_rope.len() == 3
+        && kv.len() == 3
+        && k_rope.len() == 2
+        && q_nope[..2] == q_rope[..2]
+        && kv[1] == q_nope[1]
+        && kv[2] > q_nope[2]
+        && k_rope[0] == kv[0]
+        && k_rope[1] == q_rope[2]
+        && kv[0] >= pos0 + q_nope[0];
+    if !ok {
+        return Err(shape_err(
+            "attention_mla_expanded",
+            format!("q_nope {q_nope:?}, q_rope {q_rope:?}, kv {kv:?}, k_rope {k_rope:?}, pos0 {pos0}"),
+        ));
+    }
+    let (t, heads, nope) = (q_nope[0], q_nope[1], q_nope[2]);
+    Ok(MlaExpanded { t, heads, nope, r: q_rope[2], dv: kv[2] - nope, s: kv[0] })
+}
+
 /// [`crate::Backend::write_rows`]: both tensors viewed 2-D, the source inside the destination
 /// at `(row0, col0)`, one dtype. Returns `([dst rows, dst cols], [src rows, src cols])`.
 pub fn write_rows(

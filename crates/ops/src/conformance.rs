@@ -1882,6 +1882,58 @@ pub fn check_attention_mla<B: Backend>(b: &B, seed: u64) -> Check {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn run_mla_expanded<X: Backend>(
+    x: &X,
+    qn: &[f32],
+    qr: &[f32],
+    kv: &[f32],
+    kr: &[f32],
+    dims: [usize; 6],
+    pos0: usize,
+    scale: f32,
+    tf32: bool,
+) -> crate::Result<Out> {
+    let [t, h, nope, r, dv, s] = dims;
+    let a = up(x, qn, &[t, h, nope])?;
+    let bq = up(x, qr, &[t, h, r])?;
+    let c = up(x, kv, &[s, h, nope + dv])?;
+    let d = up(x, kr, &[s, r])?;
+    fetch(x, &x.attention_mla_expanded(&a, &bq, &c, &d, pos0, scale, tf32)?)
+}
+
+/// Expanded MLA attention: GLM-4.7-Flash's head widths (nope 192, rope 64, values 256) at a
+/// first prefill, after a cached prefix, and at decode; smaller whole-mma widths; and widths that
+/// are not (the fallbacks). Against the reference at f32 tolerance, and with TF32 products.
+pub fn check_attention_mla_expanded<B: Backend>(b: &B, seed: u64) -> Check {
+    let mut cx = Ctx::new(seed);
+    let cases = [
+        (70usize, 0usize, 70usize, 20usize, 192usize, 64usize, 256usize),
+        (40, 45, 100, 4, 192, 64, 256),
+        (1, 9, 10, 20, 192, 64, 256),
+        (90, 0, 96, 3, 16, 8, 24),
+        (33, 5, 40, 2, 12, 6, 10),
+    ];
+    for (t, pos0, s, h, nope, r, dv) in cases {
+        let case = format!("attention_mla_expanded T={t} pos0={pos0} S={s} H={h} N={nope} R={r} Dv={dv}");
+        let qn = cx.rng.normals(t * h * nope, 0.2);
+        let qr = cx.rng.normals(t * h * r, 0.5);
+        let mut kv = cx.rng.normals(s * h * (nope + dv), 1.0);
+        let mut kr = cx.rng.normals(s * r, 1.0);
+        poison_tail(&mut kv, h * (nope + dv), pos0 + t);
+        poison_tail(&mut kr, r, pos0 + t);
+        let (dims, scale) = ([t, h, nope, r, dv, s], 1.0 / 16.0);
+        let want = run_mla_expanded(&RefBackend, &qn, &qr, &kv, &kr, dims, pos0, scale, false)
+            .or_fail(&cx, &case)?;
+        let got = run_mla_expanded(b, &qn, &qr, &kv, &kr, dims, pos0, scale, false).or_fail(&cx, &case)?;
+        close(&cx, &case, &got, &want, 2.0 * tol_sum(nope + r + pos0 + t))?;
+        let c = format!("{case}, tf32 products");
+        let got = run_mla_expanded(b, &qn, &qr, &kv, &kr, dims, pos0, scale, true).or_fail(&cx, &c)?;
+        close(&cx, &c, &got, &want, TOL_TF32)?;
+    }
+    Ok(())
+}
+
 // ---- checks: bad input ------------------------------------------------------------------------------
 
 /// Mis-shaped input is an `Err`, never a panic or garbage.
@@ -1956,7 +2008,7 @@ macro_rules! conformance_tests {
             check_elementwise, check_data_movement,
             check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k, check_weight_sums,
             check_moe_routing, check_moe_qwen_shape, check_moe_glm_shape,
-            check_attention_gqa, check_attention_mla, check_shape_errors);
+            check_attention_gqa, check_attention_mla, check_attention_mla_expanded, check_shape_errors);
     };
     (@each $make:expr, $device:expr; $($check:ident),* $(,)?) => {
         $(

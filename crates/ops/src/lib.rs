@@ -393,6 +393,38 @@ pub trait Backend: Send + Sync {
         self.attention_mla(q_lat, q_rope, cache, pos0, scale)
     }
 
+    /// Causal MLA attention in the expanded form (as transformers computes it): every head's keys
+    /// and values come from `kv` `[S, H, N + Dv]`, the cached latents times `kv_b` (per head its
+    /// N W_UK rows, then its Dv W_UV rows), and the keys share the roped part `k_rope` `[S, R]`.
+    /// q_nope `[T, H, N]`, q_rope `[T, H, R]`; query t sits at position `pos0 + t` and attends
+    /// rows `0..=pos0+t`; score_j = `(q_nope·kv_j[..N] + q_rope·k_rope_j) * scale`;
+    /// out = `Σ_j p_j kv_j[N..]` -> `[T, H, Dv]`, the heads' outputs after W_UV. Equal to the
+    /// absorbed form in exact arithmetic, with fewer products once a prefill's queries outnumber
+    /// ~1/8 of its keys: no per-query head products, and scores over N + R instead of L + R.
+    /// `tf32`: the products may read their inputs rounded to TF32, as
+    /// [`Backend::attention_gqa_tf32`]. The default is [`attention_mla_expanded_by_gqa`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_mla_expanded(
+        &self,
+        q_nope: &T<Self>,
+        q_rope: &T<Self>,
+        kv: &T<Self>,
+        k_rope: &T<Self>,
+        pos0: usize,
+        scale: f32,
+        tf32: bool,
+    ) -> Result<T<Self>> {
+        attention_mla_expanded_by_gqa(self, q_nope, q_rope, kv, k_rope, pos0, scale, tf32)
+    }
+
+    /// Whether an MLA model should attend `queries` new rows over `keys` cached ones (the new
+    /// included) in the expanded form ([`Backend::attention_mla_expanded`] after the latents'
+    /// `kv_b` product) rather than the absorbed one. The default keeps the absorbed form.
+    fn mla_expands(&self, queries: usize, keys: usize) -> bool {
+        let _ = (queries, keys);
+        false
+    }
+
     /// Index of the largest value per row (ties to the lower index): `[n, V]` -> u32 `[n]`.
     fn argmax(&self, x: &T<Self>) -> Result<T<Self>>;
 
@@ -509,4 +541,50 @@ pub fn split_rope_separately<B: Backend + ?Sized>(
     };
     let rest = b.rope(&b.slice_cols(x, a, c.saturating_sub(a))?, positions, spec)?;
     Ok((first, rest))
+}
+
+/// [`Backend::attention_mla_expanded`] from other ops: every head's keys `[k_nope | k_rope]` and
+/// values built with `write_rows` / `slice_cols`, then `attention_gqa` (one kv head per query
+/// head). The trait's default, and a backend's fallback for widths its kernels do not take.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_mla_expanded_by_gqa<B: Backend + ?Sized>(
+    b: &B,
+    q_nope: &T<B>,
+    q_rope: &T<B>,
+    kv: &T<B>,
+    k_rope: &T<B>,
+    pos0: usize,
+    scale: f32,
+    tf32: bool,
+) -> Result<T<B>> {
+    let check::MlaExpanded { t, heads, nope, r, dv, s } =
+        check::attention_mla_expanded(q_nope.shape(), q_rope.shape(), kv.shape(), k_rope.shape(), pos0)?;
+    let w = nope + r;
+    let q = b.zeros(&[t, heads, w], DType::F32)?;
+    b.write_rows(&q, q_nope, 0, 0)?;
+    b.write_rows(&q, q_rope, 0, nope)?;
+    let k = b.zeros(&[s, heads, w], DType::F32)?;
+    b.write_rows(&k, &b.slice_cols(kv, 0, nope)?, 0, 0)?;
+    let k_rows = k.reshape(&[s, heads * w])?;
+    for h in 0..heads {
+        b.write_rows(&k_rows, k_rope, 0, h * w + nope)?;
+    }
+    let v = b.slice_cols(kv, nope, dv)?;
+    if tf32 {
+        b.attention_gqa_tf32(&q, &k, &v, pos0, scale)
+    } else {
+        b.attention_gqa(&q, &k, &v, pos0, scale)
+    }
+}
+
+/// Whether expanded MLA pays for `queries` new rows over `keys` cached ones (the rule behind the
+/// CPU and CUDA backends' [`Backend::mla_expands`]): from 8 queries, with at most 16 keys per
+/// query. The latents' kv_b product costs per key about what the absorbed form's two head
+/// products cost per query, and each (query, key) pair then scores N + R wide instead of L + R
+/// (GLM on the H100: ~0.03 µs per key against ~0.7 µs per query plus ~0.35 ns per pair; on the
+/// CPU the 256-token prefill's attention went 1.0 -> 0.46 s over 4 layers).
+pub fn mla_expansion_pays(queries: usize, keys: usize) -> bool {
+    const MIN_QUERIES: usize = 8;
+    const KEYS_PER_QUERY: usize = 16;
+    queries >= MIN_QUERIES && keys <= KEYS_PER_QUERY * queries
 }

@@ -289,6 +289,24 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.attention_mla_tf32(q_lat, q_rope, cache, pos0, scale),
         )
     }
+    fn attention_mla_expanded(
+        &self,
+        q_nope: &T<Self>,
+        q_rope: &T<Self>,
+        kv: &T<Self>,
+        k_rope: &T<Self>,
+        pos0: usize,
+        scale: f32,
+        tf32: bool,
+    ) -> Result<T<Self>> {
+        self.time(
+            || format!("attention_mla_expanded{}", if tf32 { " (tf32)" } else { "" }),
+            || self.inner.attention_mla_expanded(q_nope, q_rope, kv, k_rope, pos0, scale, tf32),
+        )
+    }
+    fn mla_expands(&self, queries: usize, keys: usize) -> bool {
+        self.inner.mla_expands(queries, keys)
+    }
     fn argmax(&self, x: &T<Self>) -> Result<T<Self>> {
         self.time(|| "argmax".into(), || self.inner.argmax(x))
     }

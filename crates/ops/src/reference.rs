@@ -805,6 +805,50 @@ impl Backend for RefBackend {
         Tensor::from_f32(out, &[t_n, heads, l])
     }
 
+    fn attention_mla_expanded(
+        &self,
+        q_nope: &HostT,
+        q_rope: &HostT,
+        kv: &HostT,
+        k_rope: &HostT,
+        pos0: usize,
+        scale: f32,
+        _tf32: bool,
+    ) -> Result<HostT> {
+        const OP: &str = "attention_mla_expanded";
+        let dims = crate::check::attention_mla_expanded(
+            q_nope.shape(),
+            q_rope.shape(),
+            kv.shape(),
+            k_rope.shape(),
+            pos0,
+        )?;
+        let crate::check::MlaExpanded { t: t_n, heads, nope, r, dv, .. } = dims;
+        let w = nope + dv;
+        let (qn, qr, kvv, krv) =
+            (q_nope.f32_vec(OP)?, q_rope.f32_vec(OP)?, kv.f32_vec(OP)?, k_rope.f32_vec(OP)?);
+        let mut out = vec![0.0f32; t_n * heads * dv];
+        for t in 0..t_n {
+            let len = pos0 + t + 1;
+            for h in 0..heads {
+                let a = &qn[(t * heads + h) * nope..(t * heads + h + 1) * nope];
+                let b = &qr[(t * heads + h) * r..(t * heads + h + 1) * r];
+                let row = |j: usize| &kvv[(j * heads + h) * w..(j * heads + h + 1) * w];
+                let mut p: Vec<f32> = (0..len)
+                    .map(|j| (dot(a, &row(j)[..nope]) + dot(b, &krv[j * r..(j + 1) * r])) * scale)
+                    .collect();
+                softmax_row(&mut p);
+                let o = &mut out[(t * heads + h) * dv..(t * heads + h + 1) * dv];
+                for (j, &pj) in p.iter().enumerate() {
+                    for (x, c) in o.iter_mut().zip(&row(j)[nope..]) {
+                        *x += pj * c;
+                    }
+                }
+            }
+        }
+        Tensor::from_f32(out, &[t_n, heads, dv])
+    }
+
     fn argmax(&self, x: &HostT) -> Result<HostT> {
         const OP: &str = "argmax";
         let s = x.shape();

@@ -310,6 +310,47 @@ fn attention_mla_by_hand() {
 }
 
 #[test]
+fn attention_mla_expanded_equals_absorbed() {
+    // The same attention both ways on a small layer: the latents' kv_b product, then the
+    // expanded op; or W_UK into the query, the absorbed op, and W_UV out of its result.
+    let (heads, nope, r, lora, dv, tq, pos0) = (2, 3, 2, 4, 3, 3, 1);
+    let s = pos0 + tq + 1; // one row past the queries' keys, poisoned below
+    let vals = |n: usize, k: u32| -> Vec<f32> {
+        (0..n as u32).map(|i| (((i * 7 + k * 13) % 11) as f32 - 5.0) / 8.0).collect()
+    };
+    let w = HostWeight::from_f32(heads * (nope + dv), lora, &vals(heads * (nope + dv) * lora, 1));
+    let w = RefBackend.upload_weight(&w).unwrap();
+    let (mut lat, mut kr) = (vals(s * lora, 2), vals(s * r, 3));
+    lat[(s - 1) * lora..].fill(1e3);
+    kr[(s - 1) * r..].fill(1e3);
+    let (q_nope, q_rope) =
+        (t(&vals(tq * heads * nope, 4), &[tq, heads, nope]), t(&vals(tq * heads * r, 5), &[tq, heads, r]));
+    let b = RefBackend;
+    let kv = b
+        .linear(&t(&lat, &[s, lora]), &w, LinearPath::Auto)
+        .unwrap()
+        .reshape(&[s, heads, nope + dv])
+        .unwrap();
+    let expanded =
+        b.attention_mla_expanded(&q_nope, &q_rope, &kv, &t(&kr, &[s, r]), pos0, 0.5, false).unwrap();
+    let block = |row_start, row_count, transpose| HeadLinear {
+        heads,
+        rows_per_head: nope + dv,
+        row_start,
+        row_count,
+        transpose,
+    };
+    let q_lat = b.head_linear(&q_nope, &w, block(0, nope, true)).unwrap();
+    let cache: Vec<f32> =
+        (0..s).flat_map(|j| [&lat[j * lora..(j + 1) * lora], &kr[j * r..(j + 1) * r]].concat()).collect();
+    let o_lat = b.attention_mla(&q_lat, &q_rope, &t(&cache, &[s, lora + r]), pos0, 0.5).unwrap();
+    let absorbed = b.head_linear(&o_lat, &w, block(nope, dv, false)).unwrap();
+    assert_eq!(expanded.shape(), absorbed.shape());
+    let want: Vec<f64> = f(&absorbed).iter().map(|&x| x as f64).collect();
+    assert_close(&f(&expanded), &want, 1e-5);
+}
+
+#[test]
 fn argmax_top_k_ties_to_lower_index() {
     let x = t(&[1.0, 3.0, 3.0, 2.0, -1.0, -1.0, -1.0, -1.0], &[2, 4]);
     assert_eq!(u(&RefBackend.argmax(&x).unwrap()), [1, 0]);
@@ -553,6 +594,7 @@ fn unmutated_wrapper_passes() {
         conformance::check_moe_routing::<Mutant>,
         conformance::check_attention_gqa::<Mutant>,
         conformance::check_attention_mla::<Mutant>,
+        conformance::check_attention_mla_expanded::<Mutant>,
         conformance::check_route_sigmoid_grouped::<Mutant>,
         conformance::check_rope::<Mutant>,
         conformance::check_split_rope::<Mutant>,
@@ -580,6 +622,7 @@ fn suite_catches_representative_expert_shortcut() {
 fn suite_catches_causal_off_by_one() {
     must_fail(Mutation::CausalOffByOne, conformance::check_attention_gqa);
     must_fail(Mutation::CausalOffByOne, conformance::check_attention_mla);
+    must_fail(Mutation::CausalOffByOne, conformance::check_attention_mla_expanded);
 }
 
 #[test]

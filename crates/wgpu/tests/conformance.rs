@@ -23,7 +23,7 @@ conformance_tests!(@each any_adapter(), "wgpu adapter";
     check_linear_odd_shapes, check_linear_router_shapes, check_head_linear, check_embedding,
     check_rms_norm, check_rope, check_norm_rope, check_norm_ropes_to_cache, check_split_rope, check_softmax, check_elementwise, check_data_movement,
     check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k, check_weight_sums,
-    check_moe_routing, check_attention_gqa, check_attention_mla, check_shape_errors);
+    check_moe_routing, check_attention_gqa, check_attention_mla, check_attention_mla_expanded, check_shape_errors);
 
 conformance_tests!(@each hardware_adapter(),
     "hardware wgpu adapter (full-shape case; over 10 minutes on a CPU adapter such as lavapipe)";
@@ -43,7 +43,7 @@ mod runtime_checks {
         check_linear_odd_shapes, check_linear_router_shapes, check_head_linear, check_embedding,
         check_rms_norm, check_rope, check_norm_rope, check_norm_ropes_to_cache, check_split_rope, check_softmax, check_elementwise, check_data_movement,
         check_route_softmax, check_route_sigmoid_grouped, check_argmax_top_k,
-        check_moe_routing, check_attention_gqa, check_attention_mla);
+        check_moe_routing, check_attention_gqa, check_attention_mla, check_attention_mla_expanded);
 }
 
 /// Every kernel variant becomes a pipeline on the adapter's driver (naga accepting a kernel
