@@ -399,8 +399,9 @@ pub trait Backend: Send + Sync {
     /// q_nope `[T, H, N]`, q_rope `[T, H, R]`; query t sits at position `pos0 + t` and attends
     /// rows `0..=pos0+t`; score_j = `(q_nope·kv_j[..N] + q_rope·k_rope_j) * scale`;
     /// out = `Σ_j p_j kv_j[N..]` -> `[T, H, Dv]`, the heads' outputs after W_UV. Equal to the
-    /// absorbed form in exact arithmetic, with fewer products once a prefill's queries outnumber
-    /// ~1/8 of its keys: no per-query head products, and scores over N + R instead of L + R.
+    /// absorbed form in exact arithmetic, with fewer products when a prefill chunk's queries are
+    /// many against its keys ([`mla_expansion_pays`]): no per-query head products, and scores
+    /// over N + R instead of L + R.
     /// `tf32`: the products may read their inputs rounded to TF32, as
     /// [`Backend::attention_gqa_tf32`]. The default is [`attention_mla_expanded_by_gqa`].
     #[allow(clippy::too_many_arguments)]
