@@ -651,7 +651,10 @@ GEMM_FP4_WG_TERMS(128)
 //   T false: A_h(i, j) = w_h[j, i]  (J = w_rows, I = cols): a linear, y = x . w_hᵀ
 //   T true:  A_h(i, j) = w_h[i, j]  (I = w_rows, J = cols): MLA's W_UKᵀ (sums across the rows).
 // Each warp owns 16 rows x COLS columns; x and the weights are split when the fragments are read.
-// grid (ceil(J / COLS), ceil(M / FT_ROWS), H), block 128. Weights of other kinds are decoded to
+// grid (ceil(J / COLS), ceil(M / FT_ROWS), H), block 128; or, with k_chunk > 0 (H = 1), grid.z
+// splits of the reduction, k_chunk long each, slice z writing its partial sums to y + z * M * J
+// (sum_splits_f32 adds them in order): a router's 64-128 columns give only 64-128 blocks, and
+// each walked all 2048 inputs. Weights of other kinds are decoded to
 // f32 first (decode_head_rows): decoding FP4 inside the product, once per element and block,
 // was the whole cost of GLM's W_UK product (0.9 ms per call at 2048 tokens on the CUDA cores or
 // the tensor cores alike). Replaces an f32 SIMT GEMM (routers: 0.15 ms per Qwen3 call at 2048).
@@ -660,14 +663,17 @@ GEMM_FP4_WG_TERMS(128)
 
 template <int COLS, bool T>
 __device__ __forceinline__ void gemm_f32_tc_body(const float* w, const float* x, float* y, int m_rows, int heads,
-                                                 int w_rows, int cols) {
+                                                 int w_rows, int cols, int k_chunk) {
     pdl_enter();
     // Row strides of 40 floats (8 mod 32): a half warp's 8-byte fragment reads (rows g, dims
     // 2t, 2t + 1) fall on distinct banks.
     __shared__ float xs[FT_ROWS][FT_K + 8];
     __shared__ float ws[COLS][FT_K + 8];
-    const int h = blockIdx.z, m0 = blockIdx.y * FT_ROWS, j0 = blockIdx.x * COLS;
+    const int m0 = blockIdx.y * FT_ROWS, j0 = blockIdx.x * COLS;
     const int ni = T ? w_rows : cols, nj = T ? cols : w_rows;
+    const int h = k_chunk ? 0 : blockIdx.z;
+    const int ib = k_chunk ? blockIdx.z * k_chunk : 0, ie = k_chunk ? min(ni, ib + k_chunk) : ni;
+    if (k_chunk) y += (size_t)blockIdx.z * m_rows * nj;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const float* wh = w + (size_t)h * w_rows * cols;
     float acc[COLS / 8][4];
@@ -676,20 +682,20 @@ __device__ __forceinline__ void gemm_f32_tc_body(const float* w, const float* x,
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[nt][i] = 0.0f;
     constexpr int XN = FT_ROWS * FT_K / 128, WN = FT_K * COLS / 128;
-    for (int i0 = 0; i0 < ni; i0 += FT_K) {
+    for (int i0 = ib; i0 < ie; i0 += FT_K) {
         // Every load of the step in flight before the stores.
         float xv[XN], wv[WN];
 #pragma unroll
         for (int u = 0; u < XN; u++) {
             int e = tid + 128 * u, m = m0 + e / FT_K, i = i0 + e % FT_K;
-            xv[u] = m < m_rows && i < ni ? x[((size_t)m * heads + h) * ni + i] : 0.0f;
+            xv[u] = m < m_rows && i < ie ? x[((size_t)m * heads + h) * ni + i] : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < WN; u++) {
             // Consecutive threads walk w's rows: j when transposed, i otherwise.
             int e = tid + 128 * u;
             int i = i0 + (T ? e / COLS : e % FT_K), j = j0 + (T ? e % COLS : e / FT_K);
-            wv[u] = i < ni && j < nj ? (T ? wh[(size_t)i * cols + j] : wh[(size_t)j * cols + i]) : 0.0f;
+            wv[u] = i < ie && j < nj ? (T ? wh[(size_t)i * cols + j] : wh[(size_t)j * cols + i]) : 0.0f;
         }
         __syncthreads(); // the previous tiles are consumed
 #pragma unroll
@@ -734,13 +740,23 @@ __device__ __forceinline__ void gemm_f32_tc_body(const float* w, const float* x,
 
 #define GEMM_F32_TC(NAME, COLS, T)                                                                               \
     extern "C" __global__ void __launch_bounds__(128)                                                            \
-        NAME(const float* w, const float* x, float* y, int m_rows, int heads, int w_rows, int cols) {            \
-        gemm_f32_tc_body<COLS, T>(w, x, y, m_rows, heads, w_rows, cols);                                         \
+        NAME(const float* w, const float* x, float* y, int m_rows, int heads, int w_rows, int cols, int k_chunk) { \
+        gemm_f32_tc_body<COLS, T>(w, x, y, m_rows, heads, w_rows, cols, k_chunk);                                \
     }
 // Narrow outputs (routers: 64-128 columns) take 32-column tiles, so the grid still fills the GPU.
 GEMM_F32_TC(gemm_f32_tc_n32, 32, false)
 GEMM_F32_TC(gemm_f32_tc_n128, 128, false)
 GEMM_F32_TC(gemm_f32_tc_t_n128, 128, true)
+
+// y[i] = sum over z < splits of part[z * n + i], in order (gemm_f32_tc's split reductions).
+extern "C" __global__ void sum_splits_f32(const float* part, float* y, size_t n, int splits) {
+    pdl_enter();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float acc = part[i];
+    for (int z = 1; z < splits; z++) acc += part[z * n + i];
+    y[i] = acc;
+}
 
 // Rows h * rph + row_start + r (r < row_count) of every head, decoded to f32:
 // wd [heads, row_count, cols]. One thread per element.

@@ -163,6 +163,12 @@ const GEMM_LUT_BYTES: usize = 256 * 4;
 const GEMM_F32_ROWS: u32 = 64;
 const GEMM_F32_THREADS: u32 = 128;
 const GEMM_F32_NARROW: usize = 128;
+/// FT_K (the reduction step per stage), and the shortest reduction slice a split takes.
+const GEMM_F32_K: usize = 32;
+const GEMM_F32_MIN_CHUNK: usize = 256;
+/// Blocks per SM a split reduction aims for: the 32-column kernel's 165 registers fit three
+/// 4-warp blocks per SM, and a fourth keeps the last wave short.
+const GEMM_F32_BLOCKS_PER_SM: usize = 4;
 /// The FP4 GEMM's tile rows (activation rows per block): `gemm_fp4_t*_m{32,64}_*` on mma.sync,
 /// `gemm_fp4_wg_t*_m{64,128}` on wgmma (Hopper). 128 exists on wgmma only.
 pub const GEMM_BLOCK_ROWS: [usize; 3] = [32, 64, 128];
@@ -655,7 +661,7 @@ impl CudaBackend {
         cols: usize,
         transpose: bool,
     ) -> Result<CT> {
-        let nj = if transpose { cols } else { w_rows };
+        let (ni, nj) = if transpose { (w_rows, cols) } else { (cols, w_rows) };
         let y = self.empty(&[m, batch, nj], DType::F32)?;
         // (kernel, output columns per block)
         let (name, tile) = match (transpose, nj <= GEMM_F32_NARROW) {
@@ -663,21 +669,49 @@ impl CudaBackend {
             (false, true) => ("gemm_f32_tc_n32", 32),
             (false, false) => ("gemm_f32_tc_n128", 128),
         };
+        let grid = (blocks(nj, tile), blocks(m, GEMM_F32_ROWS));
+        // A grid short of GEMM_F32_BLOCKS_PER_SM blocks per SM splits the reduction (one slice,
+        // long inputs): the routers at prefill, 64-128 columns, ran 64-128 blocks.
+        let (tiles, want) = ((grid.0 * grid.1) as usize, GEMM_F32_BLOCKS_PER_SM * self.dev.sms);
+        let splits = if batch == 1 && tiles < want {
+            want.div_ceil(tiles).min(ni / GEMM_F32_MIN_CHUNK).max(1)
+        } else {
+            1
+        };
+        let k_chunk = if splits > 1 { ni.div_ceil(splits).next_multiple_of(GEMM_F32_K) } else { 0 };
+        let splits = if splits > 1 { ni.div_ceil(k_chunk) } else { 1 };
+        let part = if splits > 1 { Some(self.empty(&[splits, m, nj], DType::F32)?) } else { None };
         self.run(
             "gemm.cu",
             name,
-            (blocks(nj, tile), blocks(m, GEMM_F32_ROWS), batch as u32),
+            (grid.0, grid.1, if splits > 1 { splits as u32 } else { batch as u32 }),
             GEMM_F32_THREADS,
             &[
                 Arg::Ptr(wd),
                 Arg::Ptr(x.storage.ptr()),
-                Arg::Ptr(y.storage.ptr()),
+                Arg::Ptr(part.as_ref().unwrap_or(&y).storage.ptr()),
                 Arg::I32(m as i32),
                 Arg::I32(batch as i32),
                 Arg::I32(w_rows as i32),
                 Arg::I32(cols as i32),
+                Arg::I32(k_chunk as i32),
             ],
         )?;
+        if let Some(part) = part {
+            let n = m * nj;
+            self.run(
+                "gemm.cu",
+                "sum_splits_f32",
+                (blocks(n, ELEM_THREADS), 1, 1),
+                ELEM_THREADS,
+                &[
+                    Arg::Ptr(part.storage.ptr()),
+                    Arg::Ptr(y.storage.ptr()),
+                    Arg::Usize(n as u64),
+                    Arg::I32(splits as i32),
+                ],
+            )?;
+        }
         Ok(y)
     }
 
