@@ -445,45 +445,76 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
             b.split_rope(&q, nope, None, positions, c.rope())?
         };
         let scale = 1.0 / (c.qk_head_dim() as f32).sqrt();
-        // A prefill chunk whose queries are many against its keys: the expanded form, every key
-        // row's heads from one kv_b product of the cached latents (no per-query head products,
-        // and scores over nope + rope instead of lora + rope).
-        if let [span] = &plan.spans[..]
-            && b.mla_expands(n, span.pos0 + n)
-        {
-            let keys = span.pos0 + n;
-            let rows = b.slice_rows(&states[0].cache[l], 0, keys)?; // [keys, lora + rope]
+        // Each sequence's form: a prefill chunk whose queries are many against its keys attends
+        // expanded (every key row's heads from one kv_b product of its cached latents: no
+        // per-query head products, and scores over nope + rope instead of lora + rope); decode
+        // rows and short chunks stay absorbed. A server batch may mix the two.
+        let expand: Vec<bool> = plan.spans.iter().map(|s| b.mla_expands(s.len, s.pos0 + s.len)).collect();
+        let absorbed: Vec<usize> = (0..plan.spans.len()).filter(|&i| !expand[i]).collect();
+        let every = absorbed.len() == plan.spans.len();
+        // Rows `row0..row0 + len` of a tensor over the absorbed sequences' rows only.
+        let rows_at = |x: &T<B>, row0: usize, len: usize| -> Result<T<B>> {
+            Ok(if x.shape()[0] == len { x.clone() } else { b.slice_rows(x, row0, len)? })
+        };
+        let mut outs: Vec<Option<T<B>>> = vec![None; plan.spans.len()];
+        let mut o_absorbed = None;
+        if !absorbed.is_empty() {
+            let q_nope = if every {
+                q_nope.clone()
+            } else {
+                let parts =
+                    absorbed.iter().map(|&i| plan.rows_of(b, &q_nope, i)).collect::<Result<Vec<_>>>()?;
+                plan.stack(b, parts)?
+            };
+            let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [rows, heads, lora]
+            let mut lats = Vec::with_capacity(absorbed.len());
+            let mut row = 0;
+            for &i in &absorbed {
+                let span = plan.spans[i];
+                let (ql, qr) = (rows_at(&q_lat, row, span.len)?, plan.rows_of(b, &q_rope, i)?);
+                let cache = &states[i].cache[l];
+                // A bf16-activation prefill takes TF32 products (Backend::attention_mla_tf32).
+                lats.push(if plan.bf16_inputs {
+                    b.attention_mla_tf32(&ql, &qr, cache, span.pos0, scale)?
+                } else {
+                    b.attention_mla(&ql, &qr, cache, span.pos0, scale)?
+                });
+                row += span.len;
+            }
+            let o_lat = plan.stack(b, lats)?; // [rows, heads, lora]
+            let o = b.head_linear(&o_lat, &at.kv_b, c.kv_b_block(nope, v, false))?; // [rows, heads, v]
+            if every {
+                o_absorbed = Some(o);
+            } else {
+                let mut row = 0;
+                for &i in &absorbed {
+                    outs[i] = Some(rows_at(&o, row, plan.spans[i].len)?);
+                    row += plan.spans[i].len;
+                }
+            }
+        }
+        for (i, span) in plan.spans.iter().enumerate().filter(|&(i, _)| expand[i]) {
+            let keys = span.pos0 + span.len;
+            let rows = b.slice_rows(&states[i].cache[l], 0, keys)?; // [keys, lora + rope]
             let latent = b.slice_cols(&rows, 0, lora)?;
             let k_rope = b.slice_cols(&rows, lora, rope)?;
             // f32 input even in a bf16-activation prefill: the absorbed form's head products read
             // f32, and the two forms must round the same values (a golden twin check compares them).
             let kv = b.linear(&latent, &at.kv_b, LinearPath::Auto)?; // [keys, heads * (nope + v)]
             let kv = kv.reshape(&[keys, heads, nope + v])?;
+            let (qn, qr) = (plan.rows_of(b, &q_nope, i)?, plan.rows_of(b, &q_rope, i)?);
             // f32-accurate products even in a bf16-activation prefill: with TF32 products (~30 %
             // faster on the H100) the rounding falls elsewhere than in the absorbed form's, and
             // flipped a near-tie routing in a golden fixture against the reference twin.
-            let o = b.attention_mla_expanded(&q_nope, &q_rope, &kv, &k_rope, span.pos0, scale, false)?;
-            return Ok(b.linear(
-                &plan.input(b, &o.reshape(&[n, heads * v])?)?,
-                &at.o_proj,
-                LinearPath::Auto,
-            )?);
+            outs[i] = Some(b.attention_mla_expanded(&qn, &qr, &kv, &k_rope, span.pos0, scale, false)?);
         }
-        let q_lat = b.head_linear(&q_nope, &at.kv_b, c.kv_b_block(0, nope, true))?; // [n, heads, lora]
-
-        let mut outs = Vec::with_capacity(plan.spans.len());
-        for (i, span) in plan.spans.iter().enumerate() {
-            let (ql, qr) = (plan.rows_of(b, &q_lat, i)?, plan.rows_of(b, &q_rope, i)?);
-            let cache = &states[i].cache[l];
-            // A bf16-activation prefill takes TF32 products (Backend::attention_mla_tf32).
-            outs.push(if plan.bf16_inputs {
-                b.attention_mla_tf32(&ql, &qr, cache, span.pos0, scale)?
-            } else {
-                b.attention_mla(&ql, &qr, cache, span.pos0, scale)?
-            });
-        }
-        let o_lat = plan.stack(b, outs)?; // [n, heads, lora]
-        let o = b.head_linear(&o_lat, &at.kv_b, c.kv_b_block(nope, v, false))?; // [n, heads, v]
+        let o = match o_absorbed {
+            Some(o) => o,
+            None => {
+                let outs: Option<Vec<T<B>>> = outs.into_iter().collect();
+                plan.stack(b, outs.ok_or_else(|| Error::Invalid("MLA: a sequence was not attended".into()))?)?
+            }
+        }; // [n, heads, v]
         Ok(b.linear(&plan.input(b, &o.reshape(&[n, heads * v])?)?, &at.o_proj, LinearPath::Auto)?)
     }
 
