@@ -27,7 +27,8 @@
 #   `ab` compares a previous build with this one in the same call: copy the previous commit's
 #   fp4moe and bench_layers to out/cuda/base_fp4moe and out/cuda/base_bench_layers first; it
 #   runs `bench model` on both models AB_ROUNDS times (default 2) alternating the two binaries
-#   (AB_BINS: other binaries under out/cuda, in order, e.g. "base_fp4moe mid_fp4moe fp4moe"),
+#   (AB_BINS: other binaries under out/cuda, in order, e.g. "base_fp4moe mid_fp4moe fp4moe";
+#   AB_MODELS: the synthetic models, default both),
 #   then both bench_layers (LAYERS_ARGS="--decode" for the one-token shapes only).
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4moe-cuda-out}
@@ -168,7 +169,7 @@ if has ab; then
     IFS=';' read -ra SETS <<<"${AB_SAMPLING:- }"
     for i in $(seq ${AB_ROUNDS:-2}); do
         for b in ${AB_BINS:-base_fp4moe fp4moe}; do
-            for m in qwen3-30b-a3b glm-4.7-flash; do
+            for m in ${AB_MODELS:-qwen3-30b-a3b glm-4.7-flash}; do
                 for s in "${SETS[@]}"; do
                     r=$(timeout 200 $BIN/$b bench model --backend cuda --synthetic $m --prefill $PREFILL --decode-tokens 64 $s 2>&1 |
                         grep -E '^prefill|^decode \(' | sed -E 's/ *\([0-9]+ tokens in .*//; s/ *\([0-9]+ steps in [0-9.]+ s;?/ (/' | tr -s ' ' | paste -sd '|')
