@@ -6,7 +6,9 @@
 //!
 //! `bench_layers [copy_bytes_per_s] [bf16_flops_per_s] [--decode]` prints one JSON object per line;
 //! `--decode` times only the one-token shapes; `--moe-only LAYER:TOKENS` (e.g.
-//! `qwen3-30b-a3b:8192`) only that MoE layer at that token count, for profilers.
+//! `qwen3-30b-a3b:8192`) only that MoE layer at that token count, for profilers; `--rows R`
+//! only prefill tiles of R rows, `--x f32|bf16` only that activation type (after the two
+//! ceilings, which are read as the first two numbers).
 
 use fp4::{Format, QuantMatrix};
 use fp4moe_cuda::CudaBackend;
@@ -59,7 +61,10 @@ fn main() {
     let tc_rate = args.get(1).copied().unwrap_or(780e12);
     let decode_only = std::env::args().any(|a| a == "--decode");
     let argv: Vec<String> = std::env::args().collect();
-    let moe_only = argv.iter().position(|a| a == "--moe-only").and_then(|i| argv.get(i + 1)).cloned();
+    let flag = |f: &str| argv.iter().position(|a| a == f).and_then(|i| argv.get(i + 1)).cloned();
+    let moe_only = flag("--moe-only");
+    let only_rows: Option<usize> = flag("--rows").and_then(|r| r.parse().ok());
+    let only_x = flag("--x");
     let b = match CudaBackend::new() {
         Ok(b) => b,
         Err(e) => {
@@ -129,7 +134,12 @@ fn main() {
             let runs: Vec<(MoePath, Option<usize>)> = paths
                 .iter()
                 .flat_map(|&p| match p {
-                    MoePath::Prefill { .. } => b.moe_block_rows().iter().map(|&r| (p, Some(r))).collect(),
+                    MoePath::Prefill { .. } => b
+                        .moe_block_rows()
+                        .iter()
+                        .filter(|&&r| only_rows.is_none_or(|o| o == r))
+                        .map(|&r| (p, Some(r)))
+                        .collect(),
                     _ => vec![(p, None)],
                 })
                 .collect();
@@ -139,7 +149,12 @@ fn main() {
                 .into_iter()
                 .flat_map(|(p, r)| {
                     let bf16 = if n > 1 { vec![false, true] } else { vec![false] };
-                    bf16.into_iter().map(move |x| (p, r, x))
+                    let only_x = only_x.clone();
+                    bf16.into_iter()
+                        .filter(move |&x| {
+                            only_x.as_deref().is_none_or(|o| o == if x { "bf16" } else { "f32" })
+                        })
+                        .map(move |x| (p, r, x))
                 })
                 .collect();
             for (path, rows, bf16) in runs {

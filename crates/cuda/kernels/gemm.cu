@@ -111,12 +111,13 @@ __device__ __forceinline__ GemmTile gemm_tile(const GemmArgs& g, int bm) {
 
 // Element offsets of a thread's A chunks (16 bytes: 8 of a row's GEMM_BK columns; chunk j is
 // row (tid + GEMM_THREADS j) / 8, column group tid % 8), -1 for a zero row. `a_map` gathers rows.
-template <int ACH>
-__device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_total, long long (&a_off)[ACH]) {
-    const int tid = threadIdx.x;
+// THREADS threads copy (thread tid of them); the whole block in the mma.sync kernel.
+template <int ACH, int THREADS = GEMM_THREADS>
+__device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_total, long long (&a_off)[ACH],
+                                               int tid) {
 #pragma unroll
     for (int j = 0; j < ACH; j++) {
-        int gm = m0 + (tid + GEMM_THREADS * j) / 8;
+        int gm = m0 + (tid + THREADS * j) / 8;
         int ar = gm < m_total ? gm : -1;
         if (ar >= 0 && g.a_map) {
             int v = g.a_map[gm];
@@ -128,12 +129,12 @@ __device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_
 
 // k-tile kt of every A term into `sa` (term t at t * BM rows), 16-byte chunk c of row r at
 // chunk c ^ (r & 7): bank-conflict-free ldmatrix, and the 128-byte swizzle wgmma reads.
-template <int BM, int TERMS, int ACH>
-__device__ __forceinline__ void gemm_load_a(const GemmArgs& g, const long long (&a_off)[ACH], u16* sa, int kt) {
-    const int tid = threadIdx.x;
+template <int BM, int TERMS, int ACH, int THREADS = GEMM_THREADS>
+__device__ __forceinline__ void gemm_load_a(const GemmArgs& g, const long long (&a_off)[ACH], u16* sa, int kt,
+                                            int tid) {
 #pragma unroll
     for (int j = 0; j < ACH; j++) {
-        int row = (tid + GEMM_THREADS * j) / 8, ch = tid % 8;
+        int row = (tid + THREADS * j) / 8, ch = tid % 8;
         int sw = row * GEMM_BK + ((ch ^ (row & 7)) * 8);
         bool ok = a_off[j] >= 0;
         size_t off = ok ? a_off[j] + kt * GEMM_BK : 0;
@@ -226,7 +227,7 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
     // chunks), one scale word per B row.
     const int ACH = BM * 8 / GEMM_THREADS, BCH = BN * 2 / GEMM_THREADS;
     long long a_off[ACH];
-    gemm_a_offsets(g, m0, m_total, a_off);
+    gemm_a_offsets(g, m0, m_total, a_off, tid);
     int b_src_row[BCH];
 #pragma unroll
     for (int j = 0; j < BCH; j++) b_src_row[j] = b_row<BN>(g, (tid + GEMM_THREADS * j) / 2, expert_row0);
@@ -237,7 +238,7 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
         u16* sa = (u16*)base;
         u8* sb = base + L::A_BYTES;
         u8* ss = sb + L::B_BYTES;
-        gemm_load_a<BM, TERMS>(g, a_off, sa, kt);
+        gemm_load_a<BM, TERMS>(g, a_off, sa, kt, tid);
 #pragma unroll
         for (int j = 0; j < BCH; j++) {
             int ch = tid + GEMM_THREADS * j;
@@ -382,28 +383,32 @@ GEMM_FP4_TERMS(64, 256)
 // mma.sync tops out well below the tensor cores' rate on the H100: the kernel above spends ~10
 // instructions per mma and its tensor pipe sat at 36 % (seventh session). Here the roles turn
 // around, so the weights never pass through shared memory decoded: y^T = W . A^T, with
-// - the weights as wgmma's A operand *from registers*: each warpgroup owns 64 weight rows (a
-//   block 128: WR_ROWS), and each warp decodes its 16 rows' fragments for a 16-column step from
-//   the raw codes in shared memory exactly as the mma.sync kernel decodes its B fragments
-//   (fp4_frag16: the m16n8k16 A layout is two such rows);
+// - the weights as wgmma's A operand *from registers*: each consumer warpgroup owns 64 weight
+//   rows (a block 128: WR_ROWS), and each warp decodes its 16 rows' fragments for a 16-column
+//   step from the raw codes in shared memory exactly as the mma.sync kernel decodes its B
+//   fragments (fp4_frag16: the m16n8k16 A layout is two such rows);
 // - the activations as the B operand from shared memory: BM tokens x GEMM_BK columns, copied
 //   by cp.async in gemm_load_a's layout (16-byte chunk c of row r at c ^ (r & 7), 128-byte
 //   rows), which is wgmma's 128-byte swizzle when the tile starts 1024-byte aligned;
 // - m64nBMk16 per step and term, accumulators in registers: register 4 s + i holds weight row
 //   16 wq + gq (+ 8 for i >= 2) of the warpgroup's 64, token 8 s + 2 tq + (i & 1);
-// - wgmma runs asynchronously: the warps decode k-tile kt + 1 (into the other of two fragment
-//   sets) while tile kt's products run, and wait only for tile kt - 1's. Copies run
-//   AHEAD = STAGES - 2 tiles ahead so that none lands in a stage an unfinished wgmma still reads.
+// - warp-specialized: a producer warpgroup only copies (cp.async, gathering the token rows
+//   through `a_map`, which Hopper's TMA cannot), and hands each stage to the two consumer
+//   warpgroups through a "full" mbarrier that the copies themselves arrive on
+//   (cp.async.mbarrier.arrive.noinc); the consumers hand it back through an "empty" mbarrier
+//   once the wgmma that read it has finished. No block-wide barrier in the k loop. The
+//   eleventh session's version (every warp copying, decoding and waiting at __syncthreads per
+//   k-tile) was bound by those warps' own instructions, not by the tensor cores;
+// - wgmma runs asynchronously: a consumer decodes k-tile kt + 1 (into the other of two fragment
+//   sets) while tile kt's products run, and waits only for tile kt - 1's, then releases its
+//   stage.
 // Gated (MoE gate/up) blocks put in each warp's 16 rows 8 gate rows, then the 8 up rows of the
 // same outputs, so a thread holds both factors of its outputs (rows g and g + 8).
-// Measured on the H100 (eleventh session): dense linears at 2048 tokens 12-45 % faster than the
-// mma.sync kernel (f32 input 0.28 ms against 0.32-0.40 for 4096 x 2048), but the grouped MoE
-// slower (Qwen3 at 8192 tokens 5.67 against 4.85 ms), so the MoE stays on mma.sync
-// (MOE_ON_WGMMA, src/backend.rs). With 8 warps per SM the loop is bound by the warps' own
-// instructions per k-tile (copies, decode, barrier), not by the tensor cores; a producer warp
-// (TMA for the activations) is the next step. A first version that decoded the weights into a
-// bf16 tile in shared memory for wgmma to read ran no faster than mma.sync.
-#define WR_ROWS 128 // weight rows per block: 64 per warpgroup
+// A first version that decoded the weights into a bf16 tile in shared memory for wgmma to read
+// ran no faster than mma.sync.
+#define WR_ROWS 128 // weight rows per block: 64 per consumer warpgroup
+#define WS_PRODUCERS 128 // copy threads: one warpgroup
+#define WS_THREADS (WS_PRODUCERS + 2 * 128)
 #define WG_MAX_STAGES 8
 #define WG_SMEM_MAX (227 * 1024) // one block per SM
 
@@ -480,18 +485,18 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u
 }
 
 // Shared memory of gemm_fp4_wg (after aligning the base to 1024 bytes): the NVFP4 scale table,
-// then STAGES x (activation tiles, code tile, scale tile; rounded to 1024 bytes), as many stages
-// as fit (at most WG_MAX_STAGES). The host's gemm_wg_smem (src/backend.rs) computes the same.
+// the stages' mbarriers (full, then empty), then STAGES x (activation tiles, code tile, scale
+// tile; rounded to 1024 bytes), as many stages as fit (at most WG_MAX_STAGES). The host's
+// gemm_wg_smem (src/backend.rs) computes the same.
 template <int BM, int TERMS>
 struct WgSmem {
     static const int A_TERM = BM * GEMM_BK * 2;
     static const int A_BYTES = A_TERM * TERMS;
     static const int C_BYTES = WR_ROWS * GEMM_BK / 2;
     static const int STAGE = (A_BYTES + C_BYTES + WR_ROWS * GEMM_SCALE_BYTES + 1023) / 1024 * 1024;
-    static const int FIXED = 1024 + 1024; // alignment slack, Fp4Lut (rounded up)
+    static const int FIXED = 1024 + 1024 + 1024; // alignment slack, Fp4Lut, mbarriers (each rounded up)
     static const int FIT = (WG_SMEM_MAX - FIXED) / STAGE;
     static const int STAGES = FIT < WG_MAX_STAGES ? FIT : WG_MAX_STAGES;
-    static const int AHEAD = STAGES - 2;
     static const int TOTAL = FIXED + STAGES * STAGE;
 };
 
@@ -507,13 +512,50 @@ __device__ __forceinline__ int wg_w_row(const GemmArgs& g, int r, int expert_row
     return expert_row0 + ((r & 8) ? g.n + j : j);
 }
 
+// Shared-memory mbarriers (one phase per use of a stage). Only the wgmma kernel uses them, so
+// they compile to nothing where it cannot run.
+__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
+#ifdef WGMMA_OK
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(u64* b) {
+#ifdef WGMMA_OK
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+#endif
+}
+// Arrives once every cp.async this thread has issued so far has landed (the barrier's count
+// includes this arrival: noinc).
+__device__ __forceinline__ void mbar_arrive_copies(u64* b) {
+#ifdef WGMMA_OK
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(b)) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
+#ifdef WGMMA_OK
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}" ::"r"(smem_u32(b)),
+        "r"(parity)
+        : "memory");
+#endif
+}
+// Orders the generic-proxy writes this thread has seen (the producer's cp.async data) before
+// its own later async-proxy reads (wgmma's B operand).
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef WGMMA_OK
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 template <int BM, int TERMS, int KIND>
 __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
     w.kind = KIND; // as gemm_fp4_body_k
     typedef WgSmem<BM, TERMS> L;
-    static_assert(L::AHEAD >= 1, "shared memory for at least three stages");
-    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wq = (tid >> 5) & 3;
-    const int gq = lane >> 2, tq = lane & 3;
+    const int STAGES = L::STAGES;
+    static_assert(STAGES >= 2, "shared memory for at least two stages");
+    const int tid = threadIdx.x;
     const GemmTile tile = gemm_tile(g, BM);
     if (tile.m0 >= tile.m_total) return;
     const int m0 = tile.m0, m_total = tile.m_total, expert_row0 = tile.expert_row0;
@@ -522,37 +564,60 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
     // Aligned by an offset from the shared pointer itself, so the compiler keeps shared accesses.
     u8* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     Fp4Lut* lut = (Fp4Lut*)smem;
-    u8* stages = smem + 1024;
-    lut_init(lut, w);
+    u64* full = (u64*)(smem + 1024);
+    u64* empty = full + STAGES;
+    u8* stages = smem + 2048;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], WS_PRODUCERS);
+            mbar_init(&empty[s], WS_THREADS - WS_PRODUCERS);
+        }
+    }
+    lut_init(lut, w); // ends in __syncthreads: the barriers are initialized for every thread
 
-    const int ACH = BM * 8 / GEMM_THREADS;
-    long long a_off[ACH];
-    gemm_a_offsets(g, m0, m_total, a_off);
-    // One 16-byte code chunk per thread (row tid / 2, half tid % 2), one scale word per row.
-    const int c_row = wg_w_row(g, tid >> 1, expert_row0);
-    const u8* c_src = c_row >= 0 ? w.codes + (size_t)c_row * (w.kp / 2) + (tid & 1) * 16 : w.codes;
-    const int s_row = tid < WR_ROWS ? wg_w_row(g, tid, expert_row0) : -1;
-
-    auto load_stage = [&](int kt) {
-        u8* base = stages + (kt % L::STAGES) * L::STAGE;
-        gemm_load_a<BM, TERMS>(g, a_off, (u16*)base, kt);
-        u8* sc = base + L::A_BYTES;
-        const int row = tid >> 1, c = tid & 1;
-        cp_async16(sc + gemm_code_off(row, c), c_src + kt * (GEMM_BK / 2), c_row >= 0);
-        if (tid < WR_ROWS) {
+    if (tid < WS_PRODUCERS) {
+        // Producer: k-tile kt into stage kt % STAGES once the consumers have released the
+        // tile STAGES before it. Per thread: ACH activation chunks per term, two 16-byte code
+        // chunks (rows tid / 2 and 64 + tid / 2, half tid % 2) and one scale word (row tid).
+        const int ACH = BM * 8 / WS_PRODUCERS;
+        long long a_off[ACH];
+        gemm_a_offsets<ACH, WS_PRODUCERS>(g, m0, m_total, a_off, tid);
+        const u8* c_src[2];
+        int c_row[2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            c_row[j] = wg_w_row(g, (tid + WS_PRODUCERS * j) >> 1, expert_row0);
+            c_src[j] = c_row[j] >= 0 ? w.codes + (size_t)c_row[j] * (w.kp / 2) + (tid & 1) * 16 : w.codes;
+        }
+        const int s_row = wg_w_row(g, tid, expert_row0);
+        for (int kt = 0; kt < kt_count; kt++) {
+            const int st = kt % STAGES;
+            if (kt >= STAGES) mbar_wait(&empty[st], ((kt / STAGES) - 1) & 1);
+            u8* base = stages + st * L::STAGE;
+            gemm_load_a<BM, TERMS, ACH, WS_PRODUCERS>(g, a_off, (u16*)base, kt, tid);
+            u8* sc = base + L::A_BYTES;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+                cp_async16(sc + gemm_code_off((tid + WS_PRODUCERS * j) >> 1, tid & 1), c_src[j] + kt * (GEMM_BK / 2),
+                           c_row[j] >= 0);
             const u8* src = s_row >= 0 ? w.scales + gemm_scale_src(w, s_row, kt) : w.scales;
             cp_async4(sc + L::C_BYTES + tid * GEMM_SCALE_BYTES, src, s_row >= 0);
+            mbar_arrive_copies(&full[st]);
         }
-    };
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        return;
+    }
 
+    // Consumers: warpgroup wg (0, 1) of the two, warp wq of its four.
+    const int ct = tid - WS_PRODUCERS, lane = ct & 31, wg = ct >> 7, wq = (ct >> 5) & 3;
+    const int gq = lane >> 2, tq = lane & 3;
     // This thread's fragment rows: r and r + 8 of the block's WR_ROWS (the same gemm_code_off
     // swap, as (r + 8) >> 2 has the parity of r >> 2).
     const int r = wg * 64 + wq * 16 + gq;
     const u32 b_sel = (tq << 4) | ((4 + tq) << 12);
     // A fragments of one k-tile: 4 steps of m64k16, registers (row r, k 2t..), (r + 8, 2t..),
     // (r, 2t + 8..), (r + 8, 2t + 8..).
-    auto decode_tile = [&](int kt, u32(&af)[GEMM_BK / 16][4]) {
-        const u8* sc = stages + (kt % L::STAGES) * L::STAGE + L::A_BYTES;
+    auto decode_tile = [&](const u8* sc, int kt, u32(&af)[GEMM_BK / 16][4]) {
         const u32* ss = (const u32*)(sc + L::C_BYTES);
         const u32 w0 = ss[r], w1 = ss[r + 8];
 #pragma unroll
@@ -568,24 +633,12 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
 #pragma unroll
     for (int i = 0; i < BM / 2; i++) acc[i] = 0.0f;
 
-#pragma unroll
-    for (int s = 0; s < L::AHEAD; s++) {
-        if (s < kt_count) load_stage(s);
-        cp_async_commit();
-    }
-
     auto step = [&](int kt, u32(&af)[GEMM_BK / 16][4]) {
-        // Tile kt has landed, and every warpgroup has passed its wait for tile kt - 1's wgmma,
-        // so tile kt - 2's stage and fragment set are free.
-        // No proxy fence before the wgmma reads of cp.async data: CUTLASS's cp.async + GMMA
-        // mainloop has none either, and with one (fence.proxy.async, MEMBAR.ALL.CTA in SASS) the
-        // kernel measured the same (NOTES.md, eleventh session).
-        cp_async_wait<L::AHEAD - 1>();
-        __syncthreads();
-        if (kt + L::AHEAD < kt_count) load_stage(kt + L::AHEAD);
-        cp_async_commit();
-        decode_tile(kt, af);
-        const u8* base = stages + (kt % L::STAGES) * L::STAGE;
+        const int st = kt % STAGES;
+        mbar_wait(&full[st], (kt / STAGES) & 1);
+        fence_proxy_async();
+        const u8* base = stages + st * L::STAGE;
+        decode_tile(base + L::A_BYTES, kt, af);
         wg_fence_operands(acc);
         wg_fence();
         const u64 db = wg_desc(base);
@@ -594,8 +647,11 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
 #pragma unroll
             for (int tm = 0; tm < TERMS; tm++) wgmma_rs<BM>(acc, af[ks], db + ((tm * L::A_TERM + ks * 32) >> 4));
         wg_commit();
+        // Tile kt - 1's products have finished: its stage goes back to the producer (its codes
+        // were read by the decode before them).
         wg_wait<1>();
         wg_fence_operands(acc);
+        if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
     };
     // Two tiles per trip, so each fragment set is a fixed set of registers. A do-while leaves no
     // zero-trip path joining the wgmma pipeline (ptxas then serialized every wgmma: C7515).
@@ -608,7 +664,6 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
     } while (kt < kt_count);
     wg_wait<0>();
     wg_fence_operands(acc);
-    cp_async_wait<0>();
 
     // Epilogue: token m0 + 8 s + 2 tq + c, weight row r (+ 8): acc[4 s + c] (acc[4 s + 2 + c]).
     const int n0 = blockIdx.x * WR_ROWS + r, j = blockIdx.x * (WR_ROWS / 2) + (wg * 4 + wq) * 8 + gq;
@@ -634,9 +689,9 @@ __device__ void gemm_fp4_wg_body(const W& w, const GemmArgs& g, u8* smem_raw) {
     else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4>(w, g, smem_raw);
 }
 
-// gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x 128 weight rows, one block per SM.
+// gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x 128 weight rows, one block of WS_THREADS per SM.
 #define GEMM_FP4_WG(BM, TERMS)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) gemm_fp4_wg_t##TERMS##_m##BM(W w, GemmArgs g) { \
+    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) gemm_fp4_wg_t##TERMS##_m##BM(W w, GemmArgs g) {   \
         extern __shared__ __align__(16) u8 smem[];                                                               \
         pdl_enter();                                                                                             \
         gemm_fp4_wg_body<BM, TERMS>(w, g, smem);                                                                 \

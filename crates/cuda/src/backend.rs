@@ -182,7 +182,7 @@ const GEMM_TALL_ROWS_FROM: usize = 192;
 /// 5.89 ms (GLM) against mma.sync's 4.85 / 6.12 ms, and with it the 2048-token prefill of both
 /// synthetic models was slower (Qwen3 12.4-12.6k against 13.4k tok/s); the dense linears gain
 /// 12-45 % on it (crates/cuda/NOTES.md, eleventh and twelfth sessions).
-const MOE_ON_WGMMA: bool = false;
+pub(crate) const MOE_ON_WGMMA: bool = false;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
@@ -242,18 +242,20 @@ fn wide_lanes_per_row(chunks: usize) -> usize {
     }
 }
 
-/// Must match WR_ROWS / WG_MAX_STAGES / WG_SMEM_MAX in kernels/gemm.cu.
+/// Must match WR_ROWS / WS_THREADS / WG_MAX_STAGES / WG_SMEM_MAX in kernels/gemm.cu.
 const GEMM_WG_W_ROWS: usize = 128;
+const GEMM_WG_THREADS: u32 = 384;
 const GEMM_WG_MAX_STAGES: usize = 8;
 const GEMM_WG_SMEM_MAX: usize = 227 * 1024;
 
-/// Dynamic shared memory of `gemm_fp4_wg_*` (WgSmem in gemm.cu): 1024 bytes of alignment slack
-/// and the NVFP4 scale table (rounded to 1024), then as many stages of (activation tiles, code
-/// tile, scale tile; rounded to 1024 bytes) as fit GEMM_WG_SMEM_MAX, at most GEMM_WG_MAX_STAGES.
+/// Dynamic shared memory of `gemm_fp4_wg_*` (WgSmem in gemm.cu): 1024 bytes of alignment slack,
+/// the NVFP4 scale table and the stages' mbarriers (each rounded to 1024), then as many stages
+/// of (activation tiles, code tile, scale tile; rounded to 1024 bytes) as fit GEMM_WG_SMEM_MAX,
+/// at most GEMM_WG_MAX_STAGES.
 fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
     let stage = (terms * block_rows * GEMM_BK * 2 + GEMM_WG_W_ROWS * (GEMM_BK / 2 + GEMM_SCALE_BYTES))
         .next_multiple_of(1024);
-    let fixed = 1024 + GEMM_LUT_BYTES.next_multiple_of(1024);
+    let fixed = 1024 + GEMM_LUT_BYTES.next_multiple_of(1024) + 1024;
     let stages = ((GEMM_WG_SMEM_MAX - fixed) / stage).min(GEMM_WG_MAX_STAGES);
     (fixed + stages * stage) as u32
 }
@@ -313,6 +315,7 @@ struct GemmKernel {
     name: &'static str,
     smem: u32,
     n_tile: usize,
+    threads: u32,
 }
 
 /// The FP4 GEMM kernel for a tile and the number of bf16 terms A is split into: the wgmma
@@ -356,9 +359,14 @@ fn gemm_kernel(
         }
     };
     Ok(if wg {
-        GemmKernel { name, smem: gemm_wg_smem(block_rows, terms), n_tile: GEMM_WG_W_ROWS }
+        GemmKernel {
+            name,
+            smem: gemm_wg_smem(block_rows, terms),
+            n_tile: GEMM_WG_W_ROWS,
+            threads: GEMM_WG_THREADS,
+        }
     } else {
-        GemmKernel { name, smem: gemm_smem(block_rows, n_tile, terms), n_tile }
+        GemmKernel { name, smem: gemm_smem(block_rows, n_tile, terms), n_tile, threads: GEMM_THREADS }
     })
 }
 
@@ -722,7 +730,7 @@ impl CudaBackend {
 
     /// Whether `op`'s FP4 GEMM takes the wgmma kernel (64 rows and more).
     fn gemm_on_wgmma(&self, op: &'static str) -> bool {
-        self.wgmma && (op != "moe" || MOE_ON_WGMMA)
+        self.wgmma && (op != "moe" || self.moe_wgmma)
     }
 
     /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
@@ -805,7 +813,7 @@ impl CudaBackend {
             "gemm.cu",
             k.name,
             (blocks(n, k.n_tile as u32), blocks(m, bm as u32), slices as u32),
-            GEMM_THREADS,
+            k.threads,
             k.smem,
             &[Arg::Raw(w.args()), Arg::Raw(args)],
         )
@@ -1536,7 +1544,7 @@ impl CudaBackend {
             "gemm.cu",
             gk.name,
             (blocks(inter, (gk.n_tile / 2) as u32), max_blocks as u32, 1),
-            GEMM_THREADS,
+            gk.threads,
             gk.smem,
             &[Arg::Raw(gu.args()), Arg::Raw(up_args)],
         )?;
@@ -1565,7 +1573,7 @@ impl CudaBackend {
             "gemm.cu",
             gk_down.name,
             (blocks(h, gk_down.n_tile as u32), max_blocks as u32, 1),
-            GEMM_THREADS,
+            gk_down.threads,
             gk_down.smem,
             &[Arg::Raw(down.args()), Arg::Raw(down_args)],
         )?;

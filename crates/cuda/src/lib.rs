@@ -132,10 +132,13 @@ pub struct CudaBackend {
     /// the rows each tile serves ([`CudaBackend::with_gemm_block_rows`]: tests, benchmarks).
     gemm_rows: Option<usize>,
     /// FP4 prefill GEMM tiles of 64 rows and more on Hopper's warpgroup MMA (`gemm_fp4_wg_*`,
-    /// sm_90a only; dense linears and MLA's head products, not the grouped MoE: MOE_ON_WGMMA)
-    /// instead of `mma.sync` (`gemm_fp4_t*`). `FP4MOE_CUDA_WGMMA=0` or
-    /// [`CudaBackend::with_mma_gemm`] selects `mma.sync`, which the conformance suite also runs.
+    /// sm_90a only; dense linears and MLA's head products) instead of `mma.sync`
+    /// (`gemm_fp4_t*`). `FP4MOE_CUDA_WGMMA=0` or [`CudaBackend::with_mma_gemm`] selects
+    /// `mma.sync`, which the conformance suite also runs.
     wgmma: bool,
+    /// The grouped MoE GEMM on the wgmma kernel too (where `wgmma` holds): `FP4MOE_CUDA_MOE_WGMMA`
+    /// (1 or 0) or [`CudaBackend::with_moe_on_wgmma`]; the default is MOE_ON_WGMMA (backend.rs).
+    moe_wgmma: bool,
     /// MLA prefill chunks attend in the expanded form where it pays ([`fp4moe_ops::Backend::mla_expands`]:
     /// `attention_mla_expanded` after the latents' kv_b product). `FP4MOE_CUDA_MLA_EXPAND=0`
     /// or [`CudaBackend::with_absorbed_mla`] keeps every step absorbed.
@@ -172,6 +175,7 @@ impl CudaBackend {
         let tc_stage = std::env::var_os("FP4MOE_CUDA_TC_STAGE").is_none_or(|v| v != "0");
         let wgmma = dev.arch == "sm_90a" && std::env::var_os("FP4MOE_CUDA_WGMMA").is_none_or(|v| v != "0");
         let mla_expand = std::env::var_os("FP4MOE_CUDA_MLA_EXPAND").is_none_or(|v| v != "0");
+        let moe_wgmma = std::env::var_os("FP4MOE_CUDA_MOE_WGMMA").map_or(backend::MOE_ON_WGMMA, |v| v != "0");
         Ok(CudaBackend {
             dev,
             config,
@@ -180,6 +184,7 @@ impl CudaBackend {
             tc_stage,
             gemm_rows: None,
             wgmma,
+            moe_wgmma,
             mla_expand,
         })
     }
@@ -212,6 +217,12 @@ impl CudaBackend {
         CudaBackend { wgmma: false, ..self.clone_handle() }
     }
 
+    /// The same device with the grouped MoE GEMM on the wgmma kernel (`on`) or on `mma.sync`,
+    /// where the backend uses wgmma at all (tests, comparisons).
+    pub fn with_moe_on_wgmma(&self, on: bool) -> Self {
+        CudaBackend { moe_wgmma: on, ..self.clone_handle() }
+    }
+
     /// The same device with every MLA step in the absorbed form (tests, comparisons).
     pub fn with_absorbed_mla(&self) -> Self {
         CudaBackend { mla_expand: false, ..self.clone_handle() }
@@ -232,6 +243,7 @@ impl CudaBackend {
             tc_stage: self.tc_stage,
             gemm_rows: self.gemm_rows,
             wgmma: self.wgmma,
+            moe_wgmma: self.moe_wgmma,
             mla_expand: self.mla_expand,
         }
     }

@@ -13,16 +13,15 @@ mod simt_decode {
 }
 
 /// The same suite with every FP4 prefill GEMM on 64-row tiles (the suite's small shapes would
-/// otherwise take the 32-row ones): on Hopper the wgmma kernels.
+/// otherwise take the 32-row ones): on Hopper the wgmma kernels, the grouped MoE's included.
 mod gemm_64_rows {
     fp4moe_ops::conformance_tests!(
-        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(64)),
+        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(64).with_moe_on_wgmma(true)),
         "CUDA device"
     );
 }
 
-/// 64-row tiles on `mma.sync`: on Hopper the grouped MoE's kernels (the linears take wgmma), and
-/// elsewhere the only ones.
+/// 64-row tiles on `mma.sync`: elsewhere than Hopper the only ones.
 mod gemm_64_rows_mma {
     fp4moe_ops::conformance_tests!(
         fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(64).with_mma_gemm()),
@@ -30,10 +29,10 @@ mod gemm_64_rows_mma {
     );
 }
 
-/// 128-row tiles (wgmma only; elsewhere they fall back to 64).
+/// 128-row tiles (wgmma only; elsewhere they fall back to 64), the grouped MoE's included.
 mod gemm_128_rows {
     fp4moe_ops::conformance_tests!(
-        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(128)),
+        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(128).with_moe_on_wgmma(true)),
         "CUDA device"
     );
 }
