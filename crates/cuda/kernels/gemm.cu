@@ -392,13 +392,17 @@ GEMM_FP4_TERMS(64, 256)
 //   rows), which is wgmma's 128-byte swizzle when the tile starts 1024-byte aligned;
 // - m64nBMk16 per step and term, accumulators in registers: register 4 s + i holds weight row
 //   16 wq + gq (+ 8 for i >= 2) of the warpgroup's 64, token 8 s + 2 tq + (i & 1);
-// - warp-specialized: a producer warpgroup only copies (cp.async, gathering the token rows
-//   through `a_map`, which Hopper's TMA cannot), and hands each stage to the two consumer
-//   warpgroups through a "full" mbarrier that the copies themselves arrive on
-//   (cp.async.mbarrier.arrive.noinc); the consumers hand it back through an "empty" mbarrier
-//   once the wgmma that read it has finished. No block-wide barrier in the k loop. The
-//   eleventh session's version (every warp copying, decoding and waiting at __syncthreads per
-//   k-tile) was bound by those warps' own instructions, not by the tensor cores;
+// - warp-specialized: a producer warpgroup only copies and hands each stage to the two consumer
+//   warpgroups through a "full" mbarrier; the consumers hand it back through an "empty"
+//   mbarrier once the wgmma that read it has finished. No block-wide barrier in the k loop.
+//   The activation tiles come by TMA (one bulk tensor copy per term and stage, in the 128-byte
+//   swizzle, counted on the full barrier as transaction bytes), the weight codes and scales by
+//   the producers' cp.async (arriving on the same barrier: cp.async.mbarrier.arrive.noinc).
+//   TMA cannot gather rows, so the grouped MoE's gate/up first writes its tokens in expert
+//   order (gather_rows_bf16); its down product reads the intermediate, already in that order.
+//   Measured on the H200 (twenty-fourth session), with every copy on cp.async the pipeline
+//   alone (consumers only waiting and releasing) took 3.6 of the Qwen3 MoE layer's 4.7 ms:
+//   the copies, not the decode or the tensor cores, set the pace;
 // - wgmma runs asynchronously: a consumer decodes k-tile kt + 1 (into the other of two fragment
 //   sets) while tile kt's products run, and waits only for tile kt - 1's, then releases its
 //   stage.
@@ -406,7 +410,9 @@ GEMM_FP4_TERMS(64, 256)
 // same outputs, so a thread holds both factors of its outputs (rows g and g + 8).
 // A first version that decoded the weights into a bf16 tile in shared memory for wgmma to read
 // ran no faster than mma.sync.
-#define WR_ROWS 128 // weight rows per block: 64 per consumer warpgroup
+#define WR_ROWS 128 // weight rows per block: WG_ROWS per consumer warpgroup
+#define WG_ROWS (WR_ROWS / 2)
+#define HALVES (WG_ROWS / 64) // m64 wgmma row blocks per consumer warpgroup
 #define WS_PRODUCERS 128 // copy threads: one warpgroup
 #define WS_THREADS (WS_PRODUCERS + 2 * 128)
 #define WG_MAX_STAGES 8
@@ -541,16 +547,34 @@ __device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
         : "memory");
 #endif
 }
-// Orders the generic-proxy writes this thread has seen (the producer's cp.async data) before
-// its own later async-proxy reads (wgmma's B operand).
-__device__ __forceinline__ void fence_proxy_async() {
+// The activation terms' TMA descriptors (CUtensorMap, 128 bytes each, made by the host's
+// gemm_tma_maps): 3D views {columns (kp), batch slices, rows} of each bf16 term, boxes of
+// {GEMM_BK, 1, BM} in the 128-byte swizzle. A kernel parameter, so `&t[i]` is the
+// descriptor's address as TMA wants it (__grid_constant__).
+struct alignas(64) TmaMap {
+    u64 v[16];
+};
+struct alignas(64) TmaA {
+    TmaMap t[3];
+};
+__device__ __forceinline__ void mbar_expect_tx(u64* b, u32 bytes) {
 #ifdef WGMMA_OK
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+#endif
+}
+// Box {c0, c1, c2} of `map` into shared `dst`, completing `bytes` on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0, int c1, int c2, u64* bar) {
+#ifdef WGMMA_OK
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+            smem_u32(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+        : "memory");
 #endif
 }
 
 template <int BM, int TERMS, int KIND>
-__device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
+__device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw) {
     w.kind = KIND; // as gemm_fp4_body_k
     typedef WgSmem<BM, TERMS> L;
     const int STAGES = L::STAGES;
@@ -569,7 +593,7 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
     u8* stages = smem + 2048;
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(&full[s], WS_PRODUCERS);
+            mbar_init(&full[s], WS_PRODUCERS + 1); // + thread 0's expect_tx
             mbar_init(&empty[s], WS_THREADS - WS_PRODUCERS);
         }
     }
@@ -577,85 +601,107 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
 
     if (tid < WS_PRODUCERS) {
         // Producer: k-tile kt into stage kt % STAGES once the consumers have released the
-        // tile STAGES before it. Per thread: ACH activation chunks per term, two 16-byte code
-        // chunks (rows tid / 2 and 64 + tid / 2, half tid % 2) and one scale word (row tid).
-        const int ACH = BM * 8 / WS_PRODUCERS;
-        long long a_off[ACH];
-        gemm_a_offsets<ACH, WS_PRODUCERS>(g, m0, m_total, a_off, tid);
-        const u8* c_src[2];
-        int c_row[2];
+        // tile STAGES before it. Thread 0 requests the activation tiles by TMA; every thread
+        // copies CCH 16-byte code chunks (row (tid + 128 j) / 2, half tid % 2) and SCH scale
+        // words (row tid + 128 j).
+        const int CCH = WR_ROWS * 2 / WS_PRODUCERS, SCH = WR_ROWS / WS_PRODUCERS;
+        const u8* c_src[CCH];
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            c_row[j] = wg_w_row(g, (tid + WS_PRODUCERS * j) >> 1, expert_row0);
-            c_src[j] = c_row[j] >= 0 ? w.codes + (size_t)c_row[j] * (w.kp / 2) + (tid & 1) * 16 : w.codes;
+        for (int j = 0; j < CCH; j++) {
+            const int wr = wg_w_row(g, (tid + WS_PRODUCERS * j) >> 1, expert_row0);
+            c_src[j] = wr >= 0 ? w.codes + (size_t)wr * (w.kp / 2) + (tid & 1) * 16 : nullptr;
         }
-        const int s_row = wg_w_row(g, tid, expert_row0);
+        int s_row[SCH];
+#pragma unroll
+        for (int j = 0; j < SCH; j++) s_row[j] = wg_w_row(g, tid + WS_PRODUCERS * j, expert_row0);
         for (int kt = 0; kt < kt_count; kt++) {
             const int st = kt % STAGES;
             if (kt >= STAGES) mbar_wait(&empty[st], ((kt / STAGES) - 1) & 1);
             u8* base = stages + st * L::STAGE;
-            gemm_load_a<BM, TERMS, ACH, WS_PRODUCERS>(g, a_off, (u16*)base, kt, tid);
+            if (tid == 0) {
+                mbar_expect_tx(&full[st], L::A_BYTES);
+#pragma unroll
+                for (int t = 0; t < TERMS; t++)
+                    tma_load_3d(base + t * L::A_TERM, &ta.t[t], kt * GEMM_BK, blockIdx.z, m0, &full[st]);
+            }
             u8* sc = base + L::A_BYTES;
 #pragma unroll
-            for (int j = 0; j < 2; j++)
-                cp_async16(sc + gemm_code_off((tid + WS_PRODUCERS * j) >> 1, tid & 1), c_src[j] + kt * (GEMM_BK / 2),
-                           c_row[j] >= 0);
-            const u8* src = s_row >= 0 ? w.scales + gemm_scale_src(w, s_row, kt) : w.scales;
-            cp_async4(sc + L::C_BYTES + tid * GEMM_SCALE_BYTES, src, s_row >= 0);
+            for (int j = 0; j < CCH; j++)
+                cp_async16(sc + gemm_code_off((tid + WS_PRODUCERS * j) >> 1, tid & 1),
+                           c_src[j] ? c_src[j] + kt * (GEMM_BK / 2) : w.codes, c_src[j] != nullptr);
+#pragma unroll
+            for (int j = 0; j < SCH; j++) {
+                const bool ok = s_row[j] >= 0;
+                cp_async4(sc + L::C_BYTES + (tid + WS_PRODUCERS * j) * GEMM_SCALE_BYTES,
+                          ok ? w.scales + gemm_scale_src(w, s_row[j], kt) : w.scales, ok);
+            }
             mbar_arrive_copies(&full[st]);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         return;
     }
 
-    // Consumers: warpgroup wg (0, 1) of the two, warp wq of its four.
+    // Consumers: warpgroup wg (0, 1) of the two owns weight rows wg * WG_ROWS .. + WG_ROWS, in
+    // HALVES m64 halves; warp wq of its four.
     const int ct = tid - WS_PRODUCERS, lane = ct & 31, wg = ct >> 7, wq = (ct >> 5) & 3;
     const int gq = lane >> 2, tq = lane & 3;
-    // This thread's fragment rows: r and r + 8 of the block's WR_ROWS (the same gemm_code_off
-    // swap, as (r + 8) >> 2 has the parity of r >> 2).
-    const int r = wg * 64 + wq * 16 + gq;
+    // This thread's fragment rows in half h: r + 64 h and r + 64 h + 8 of the block's WR_ROWS
+    // (the same gemm_code_off swap, as (r + 8) >> 2 has the parity of r >> 2).
+    const int r = wg * WG_ROWS + wq * 16 + gq;
     const u32 b_sel = (tq << 4) | ((4 + tq) << 12);
-    // A fragments of one k-tile: 4 steps of m64k16, registers (row r, k 2t..), (r + 8, 2t..),
-    // (r, 2t + 8..), (r + 8, 2t + 8..).
-    auto decode_tile = [&](const u8* sc, int kt, u32(&af)[GEMM_BK / 16][4]) {
+    // A fragments of one k-tile: per half, 4 steps of m64k16, registers (row r, k 2t..),
+    // (r + 8, 2t..), (r, 2t + 8..), (r + 8, 2t + 8..).
+    auto decode_tile = [&](const u8* sc, int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
         const u32* ss = (const u32*)(sc + L::C_BYTES);
-        const u32 w0 = ss[r], w1 = ss[r + 8];
 #pragma unroll
-        for (int ks = 0; ks < GEMM_BK / 16; ks++) {
-            const u8* p = sc + gemm_code_off(r, ks >> 1) + (ks & 1) * 8;
-            const uint2 q0 = *(const uint2*)p, q1 = *(const uint2*)(p + 8 * (GEMM_BK / 2));
-            fp4_frag16(q0, scale_pair(lut, w, gemm_scale_code(w, w0, kt, ks)), b_sel, af[ks][0], af[ks][2]);
-            fp4_frag16(q1, scale_pair(lut, w, gemm_scale_code(w, w1, kt, ks)), b_sel, af[ks][1], af[ks][3]);
+        for (int h = 0; h < HALVES; h++) {
+            const int rh = r + 64 * h;
+            const u32 w0 = ss[rh], w1 = ss[rh + 8];
+#pragma unroll
+            for (int ks = 0; ks < GEMM_BK / 16; ks++) {
+                const u8* p = sc + gemm_code_off(rh, ks >> 1) + (ks & 1) * 8;
+                const uint2 q0 = *(const uint2*)p, q1 = *(const uint2*)(p + 8 * (GEMM_BK / 2));
+                fp4_frag16(q0, scale_pair(lut, w, gemm_scale_code(w, w0, kt, ks)), b_sel, af[h][ks][0], af[h][ks][2]);
+                fp4_frag16(q1, scale_pair(lut, w, gemm_scale_code(w, w1, kt, ks)), b_sel, af[h][ks][1], af[h][ks][3]);
+            }
         }
     };
 
-    float acc[BM / 2];
+    float acc[HALVES][BM / 2];
 #pragma unroll
-    for (int i = 0; i < BM / 2; i++) acc[i] = 0.0f;
+    for (int h = 0; h < HALVES; h++)
+#pragma unroll
+        for (int i = 0; i < BM / 2; i++) acc[h][i] = 0.0f;
+    auto fence_acc = [&]() {
+#pragma unroll
+        for (int h = 0; h < HALVES; h++) wg_fence_operands(acc[h]);
+    };
 
-    auto step = [&](int kt, u32(&af)[GEMM_BK / 16][4]) {
+    auto step = [&](int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
         const int st = kt % STAGES;
         mbar_wait(&full[st], (kt / STAGES) & 1);
-        fence_proxy_async();
         const u8* base = stages + st * L::STAGE;
         decode_tile(base + L::A_BYTES, kt, af);
-        wg_fence_operands(acc);
+        fence_acc();
         wg_fence();
         const u64 db = wg_desc(base);
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK / 16; ks++)
 #pragma unroll
-            for (int tm = 0; tm < TERMS; tm++) wgmma_rs<BM>(acc, af[ks], db + ((tm * L::A_TERM + ks * 32) >> 4));
+            for (int tm = 0; tm < TERMS; tm++)
+#pragma unroll
+                for (int h = 0; h < HALVES; h++)
+                    wgmma_rs<BM>(acc[h], af[h][ks], db + ((tm * L::A_TERM + ks * 32) >> 4));
         wg_commit();
         // Tile kt - 1's products have finished: its stage goes back to the producer (its codes
         // were read by the decode before them).
         wg_wait<1>();
-        wg_fence_operands(acc);
+        fence_acc();
         if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
     };
     // Two tiles per trip, so each fragment set is a fixed set of registers. A do-while leaves no
     // zero-trip path joining the wgmma pipeline (ptxas then serialized every wgmma: C7515).
-    u32 af0[GEMM_BK / 16][4], af1[GEMM_BK / 16][4];
+    u32 af0[HALVES][GEMM_BK / 16][4], af1[HALVES][GEMM_BK / 16][4];
     int kt = 0;
     do {
         step(kt, af0);
@@ -663,38 +709,45 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, u8* smem_raw) {
         kt += 2;
     } while (kt < kt_count);
     wg_wait<0>();
-    wg_fence_operands(acc);
+    fence_acc();
 
-    // Epilogue: token m0 + 8 s + 2 tq + c, weight row r (+ 8): acc[4 s + c] (acc[4 s + 2 + c]).
-    const int n0 = blockIdx.x * WR_ROWS + r, j = blockIdx.x * (WR_ROWS / 2) + (wg * 4 + wq) * 8 + gq;
+    // Epilogue: token m0 + 8 s + 2 tq + c, weight row r + 64 h (+ 8): acc[h][4 s + c]
+    // (acc[h][4 s + 2 + c]). Gated, row r + 64 h holds the gate of output j, row + 8 its up.
 #pragma unroll
-    for (int s = 0; s < BM / 8; s++)
+    for (int h = 0; h < HALVES; h++) {
+        const int rh = r + 64 * h;
+        const int n0 = blockIdx.x * WR_ROWS + rh, j = blockIdx.x * (WR_ROWS / 2) + (rh >> 4) * 8 + gq;
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const int m = m0 + s * 8 + tq * 2 + c;
-            float rs;
-            if (!gemm_out_row(g, m, m_total, rs)) continue;
-            if (!g.gated) {
-                gemm_out(g, w, expert_row0, out_z, m, n0, acc[s * 4 + c], rs);
-                gemm_out(g, w, expert_row0, out_z, m, n0 + 8, acc[s * 4 + 2 + c], rs);
-            } else {
-                gemm_out_gated(g, w, expert_row0, out_z, m, j, acc[s * 4 + c], acc[s * 4 + 2 + c], rs);
+        for (int s = 0; s < BM / 8; s++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int m = m0 + s * 8 + tq * 2 + c;
+                float rs;
+                if (!gemm_out_row(g, m, m_total, rs)) continue;
+                if (!g.gated) {
+                    gemm_out(g, w, expert_row0, out_z, m, n0, acc[h][s * 4 + c], rs);
+                    gemm_out(g, w, expert_row0, out_z, m, n0 + 8, acc[h][s * 4 + 2 + c], rs);
+                } else {
+                    gemm_out_gated(g, w, expert_row0, out_z, m, j, acc[h][s * 4 + c], acc[h][s * 4 + 2 + c], rs);
+                }
             }
-        }
+    }
 }
 
 template <int BM, int TERMS>
-__device__ void gemm_fp4_wg_body(const W& w, const GemmArgs& g, u8* smem_raw) {
-    if (w.kind == KIND_NVFP4) gemm_fp4_wg_body_k<BM, TERMS, KIND_NVFP4>(w, g, smem_raw);
-    else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4>(w, g, smem_raw);
+__device__ void gemm_fp4_wg_body(const W& w, const GemmArgs& g, const TmaA& ta, u8* smem_raw) {
+    if (w.kind == KIND_NVFP4) gemm_fp4_wg_body_k<BM, TERMS, KIND_NVFP4>(w, g, ta, smem_raw);
+    else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4>(w, g, ta, smem_raw);
 }
 
-// gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x 128 weight rows, one block of WS_THREADS per SM.
+// gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x WR_ROWS weight rows, one block of WS_THREADS per SM.
+// The activations come through `ta` only (g.a, g.a_map and g.a_stride are not read).
 #define GEMM_FP4_WG(BM, TERMS)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) gemm_fp4_wg_t##TERMS##_m##BM(W w, GemmArgs g) {   \
+    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                                  \
+        gemm_fp4_wg_t##TERMS##_m##BM(W w, GemmArgs g, const __grid_constant__ TmaA ta) {                         \
         extern __shared__ __align__(16) u8 smem[];                                                               \
         pdl_enter();                                                                                             \
-        gemm_fp4_wg_body<BM, TERMS>(w, g, smem);                                                                 \
+        gemm_fp4_wg_body<BM, TERMS>(w, g, ta, smem);                                                             \
     }
 #define GEMM_FP4_WG_TERMS(BM) GEMM_FP4_WG(BM, 1) GEMM_FP4_WG(BM, 2) GEMM_FP4_WG(BM, 3)
 GEMM_FP4_WG_TERMS(64)

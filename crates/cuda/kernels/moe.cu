@@ -68,3 +68,19 @@ extern "C" __global__ void moe_combine(const float* y, const int* inverse, const
     }
     out[idx] = acc;
 }
+
+// The gate/up GEMM's activation rows in expert order, for the wgmma kernel (its TMA copies
+// cannot gather): dst[r, :] = src[sorted[r] / k, :] for the padded rows r < *total that hold a
+// pair, zeros for padding rows. bf16 rows of kp columns, 8 per thread (16 bytes).
+extern "C" __global__ void gather_rows_bf16(const u16* src, const int* sorted, int k, const int* total,
+                                            u16* dst, size_t rows, int kp) {
+    pdl_enter();
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, per = (size_t)kp / 8;
+    if (i >= rows * per) return;
+    const size_t r = i / per, c = (i % per) * 8;
+    if ((int)r >= *total) return;
+    const int p = sorted[r];
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (p >= 0) v = *(const uint4*)(src + (size_t)(p / k) * kp + c);
+    *(uint4*)(dst + r * kp + c) = v;
+}

@@ -316,6 +316,8 @@ struct GemmKernel {
     smem: u32,
     n_tile: usize,
     threads: u32,
+    /// The wgmma kernel: activations through TMA descriptors (`gemm_tma`), never gathered.
+    tma: bool,
 }
 
 /// The FP4 GEMM kernel for a tile and the number of bf16 terms A is split into: the wgmma
@@ -364,9 +366,16 @@ fn gemm_kernel(
             smem: gemm_wg_smem(block_rows, terms),
             n_tile: GEMM_WG_W_ROWS,
             threads: GEMM_WG_THREADS,
+            tma: true,
         }
     } else {
-        GemmKernel { name, smem: gemm_smem(block_rows, n_tile, terms), n_tile, threads: GEMM_THREADS }
+        GemmKernel {
+            name,
+            smem: gemm_smem(block_rows, n_tile, terms),
+            n_tile,
+            threads: GEMM_THREADS,
+            tma: false,
+        }
     })
 }
 
@@ -433,6 +442,31 @@ fn gemm_args(
         b.extend_from_slice(&(v as i32).to_le_bytes());
     }
     b
+}
+
+/// The wgmma kernel's activation descriptors (`TmaA` in gemm.cu) for the bf16 terms at `ptrs`
+/// (0: absent): per term a 3D view of `kp` columns, `slices` batch slices `a_z` elements apart
+/// and `rows` rows `a_stride` elements apart, read in boxes of GEMM_BK columns x 1 x `bm` rows;
+/// rows past `rows` read as zeros.
+fn gemm_tma(
+    ptrs: [u64; 3],
+    rows: usize,
+    slices: usize,
+    kp: usize,
+    [a_stride, a_z]: [usize; 2],
+    bm: usize,
+) -> Result<Arg> {
+    const MAP: usize = 128;
+    let mut b = vec![0u8; 3 * MAP];
+    // A single slice's stride is never followed; any valid one (a row's bytes) will do.
+    let a_z = if slices > 1 { a_z } else { kp };
+    for (i, &p) in ptrs.iter().enumerate().filter(|(_, p)| **p != 0) {
+        let dims = [kp as u64, slices as u64, rows.max(1) as u64];
+        let strides = [(a_z * 2) as u64, (a_stride * 2) as u64];
+        let map = crate::device::tma_map_bf16_3d(p, dims, strides, [GEMM_BK as u32, 1, bm as u32])?;
+        b[i * MAP..(i + 1) * MAP].copy_from_slice(&map);
+    }
+    Ok(Arg::Raw(b))
 }
 
 impl CudaBackend {
@@ -809,13 +843,17 @@ impl CudaBackend {
             false,
             batch,
         );
+        let mut launch = vec![Arg::Raw(w.args()), Arg::Raw(args)];
+        if k.tma {
+            launch.push(gemm_tma([ptr(0), ptr(1), ptr(2)], m, slices, w.kp, [a_stride, batch.a_z], bm)?);
+        }
         self.run_smem(
             "gemm.cu",
             k.name,
             (blocks(n, k.n_tile as u32), blocks(m, bm as u32), slices as u32),
             k.threads,
             k.smem,
-            &[Arg::Raw(w.args()), Arg::Raw(args)],
+            &launch,
         )
     }
 
@@ -1516,7 +1554,33 @@ impl CudaBackend {
                 Arg::Ptr(inverse.storage.ptr()),
             ],
         )?;
-        let xt = self.gemm_operand(x, n, h, gu.kp, up_terms)?;
+        let mut xt = self.gemm_operand(x, n, h, gu.kp, up_terms)?;
+        // The wgmma kernel reads its activations by TMA, which cannot gather: the tokens are
+        // first written in expert order (padding rows zero), and the product reads them as is.
+        if gk.tma {
+            xt = xt
+                .iter()
+                .map(|t| {
+                    let g = self.empty(&[max_rows, gu.kp], DType::BF16)?;
+                    self.run(
+                        "moe.cu",
+                        "gather_rows_bf16",
+                        (blocks(max_rows * gu.kp / 8, ELEM_THREADS), 1, 1),
+                        ELEM_THREADS,
+                        &[
+                            Arg::Ptr(t.storage.ptr()),
+                            Arg::Ptr(sorted.storage.ptr()),
+                            Arg::I32(k as i32),
+                            Arg::Ptr(total.storage.ptr()),
+                            Arg::Ptr(g.storage.ptr()),
+                            Arg::Usize(max_rows as u64),
+                            Arg::I32(gu.kp as i32),
+                        ],
+                    )?;
+                    Ok(g)
+                })
+                .collect::<Result<_>>()?;
+        }
         // Zeroed: the pad columns (I..kp) must be 0 for the down GEMM's K tail.
         let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
         let act_lo = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
@@ -1524,7 +1588,7 @@ impl CudaBackend {
             GemmPtrs {
                 a: xt[0].storage.ptr(),
                 a_lo: xt.get(1).map_or(0, |t| t.storage.ptr()),
-                a_map: sorted.storage.ptr(),
+                a_map: if gk.tma { 0 } else { sorted.storage.ptr() },
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
                 out_bf16: act.storage.ptr(),
@@ -1540,13 +1604,18 @@ impl CudaBackend {
             true,
             GemmBatch::default(),
         );
+        let mut up_launch = vec![Arg::Raw(gu.args()), Arg::Raw(up_args)];
+        if gk.tma {
+            let ptrs = [xt[0].storage.ptr(), xt.get(1).map_or(0, |t| t.storage.ptr()), 0];
+            up_launch.push(gemm_tma(ptrs, max_rows, 1, gu.kp, [gu.kp, 0], bm)?);
+        }
         self.run_smem(
             "gemm.cu",
             gk.name,
             (blocks(inter, (gk.n_tile / 2) as u32), max_blocks as u32, 1),
             gk.threads,
             gk.smem,
-            &[Arg::Raw(gu.args()), Arg::Raw(up_args)],
+            &up_launch,
         )?;
         let y = self.empty(&[max_rows, h], DType::F32)?;
         let down_args = gemm_args(
@@ -1569,13 +1638,18 @@ impl CudaBackend {
             false,
             GemmBatch::default(),
         );
+        let mut down_launch = vec![Arg::Raw(down.args()), Arg::Raw(down_args)];
+        if gk_down.tma {
+            let ptrs = [act.storage.ptr(), act_lo.storage.ptr(), 0];
+            down_launch.push(gemm_tma(ptrs, max_rows, 1, down.kp, [down.kp, 0], bm)?);
+        }
         self.run_smem(
             "gemm.cu",
             gk_down.name,
             (blocks(h, gk_down.n_tile as u32), max_blocks as u32, 1),
             gk_down.threads,
             gk_down.smem,
-            &[Arg::Raw(down.args()), Arg::Raw(down_args)],
+            &down_launch,
         )?;
         let shared = match e.shared {
             Some((sgu, sd)) => {

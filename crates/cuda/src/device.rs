@@ -883,6 +883,56 @@ impl Arg {
     }
 }
 
+/// A TMA descriptor (CUtensorMap, 128 bytes, passed to a kernel by value) for a 3D bf16 view
+/// at `ptr`: `dims` elements per dimension (innermost first), `strides` the bytes between
+/// consecutive indices of dimensions 1 and 2, boxes of `boxes` elements, read in the 128-byte
+/// swizzle, out-of-range elements filled with zeros. Host-side only; needs the driver library.
+pub fn tma_map_bf16_3d(
+    ptr: u64,
+    dims: [u64; 3],
+    strides: [u64; 2],
+    boxes: [u32; 3],
+) -> Result<Vec<u8>, CudaError> {
+    use sys::{
+        CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+        CUtensorMapSwizzle,
+    };
+    // SAFETY: CUtensorMap is plain data (an aligned array of 16 u64); zero is a valid start.
+    let mut map: sys::CUtensorMap = unsafe { std::mem::zeroed() };
+    let elem = [1u32; 3];
+    // SAFETY: every pointer points to a local array of the rank the call names (3 dims, 2
+    // strides, 3 box sizes, 3 element strides), alive for the call; the driver only writes `map`.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(CudaError::Driver(format!(
+            "cuTensorMapEncodeTiled(dims {dims:?}, strides {strides:?}, box {boxes:?}): {r:?}"
+        )));
+    }
+    // SAFETY: reading the initialized 128-byte descriptor as bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &map as *const sys::CUtensorMap as *const u8,
+            std::mem::size_of::<sys::CUtensorMap>(),
+        )
+    };
+    Ok(bytes.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
