@@ -700,6 +700,64 @@ __device__ __forceinline__ float tc_row_sum(float l) {
     return l + __shfl_xor_sync(0xffffffffu, l, 2);
 }
 
+// The column groups' split score sums (MLA's wide keys are scored by COLS warps per row group,
+// each over its share of the key columns): every warp writes its partial scores of its 16 rows
+// to `sp` (row stride sps), then, after the block barrier, sums all COLS partials of its row
+// group in column order, so every warp of a row group holds the same full scores. Every thread
+// of the block calls it (the barrier); `work` must be uniform across a row group. Returns
+// `work`: false leaves `s` undefined.
+template <int NT, int MAXKS, int ROWS, int COLS, bool X3>
+__device__ __forceinline__ bool tc_scores_split(float (*s)[4], const float (*qa)[4], const float* k, int rs, int n,
+                                                bool work, float* sp, int sps, int cg, int rg, int g, int t) {
+    if (work) {
+        tc_scores<NT, MAXKS, X3>(s, qa, k, rs, n);
+        float* mine = sp + ((size_t)cg * ROWS + rg * 16 + g) * sps + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            *reinterpret_cast<float2*>(mine + nt * 8) = make_float2(s[nt][0], s[nt][1]);
+            *reinterpret_cast<float2*>(mine + 8 * sps + nt * 8) = make_float2(s[nt][2], s[nt][3]);
+        }
+    }
+    __syncthreads();
+    if (!work) return false;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < COLS; c++) {
+        const float* part = sp + ((size_t)c * ROWS + rg * 16 + g) * sps + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            float2 a = *reinterpret_cast<const float2*>(part + nt * 8);
+            float2 b = *reinterpret_cast<const float2*>(part + 8 * sps + nt * 8);
+            s[nt][0] += a.x;
+            s[nt][1] += a.y;
+            s[nt][2] += b.x;
+            s[nt][3] += b.y;
+        }
+    }
+    return true;
+}
+
+// A warp's normalized outputs: row r's (r = 0, 1: the fragment's rows g and g + 8) value
+// columns (nv0 + nv) * 8 + 2 t, +1 for its vpc column tiles below nvt, to dst[r] (null: a row
+// past the end).
+template <int MAXNV>
+__device__ __forceinline__ void tc_store_rows(const float (*o)[4], const float* l, float* const* dst, int nv0, int vpc,
+                                              int nvt, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float inv = 1.0f / tc_row_sum(l[r]);
+        if (!dst[r]) continue;
+#pragma unroll
+        for (int nv = 0; nv < MAXNV; nv++)
+            if (nv < vpc && nv0 + nv < nvt)
+                *reinterpret_cast<float2*>(dst[r] + (nv0 + nv) * 8 + 2 * t) =
+                    make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
+    }
+}
+
 #define TCQ_BC 32   // keys per tile
 #define TCQ_NT (TCQ_BC / 8)
 #define TCQ_ROWS 64 // queries per block: 4 warps of 16
@@ -788,16 +846,10 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
         tc_softmax_pv<TCQ_NT, TCQ_MAX_D / 8, X3>(s, o, c0, keys, pos, m, l, vb + g, vs, nvt);
     }
     cp_async_wait<0>();
+    float* dst[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float inv = 1.0f / tc_row_sum(l[r]);
-        if (row[r] >= t_n) continue;
-        float* dst = out + ((size_t)row[r] * hq + h) * dv + 2 * t;
-#pragma unroll
-        for (int nv = 0; nv < TCQ_MAX_D / 8; nv++)
-            if (nv < nvt)
-                *reinterpret_cast<float2*>(dst + nv * 8) = make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
-    }
+    for (int r = 0; r < 2; r++) dst[r] = row[r] < t_n ? out + ((size_t)row[r] * hq + h) * dv : nullptr;
+    tc_store_rows<TCQ_MAX_D / 8>(o, l, dst, 0, TCQ_MAX_D / 8, nvt, t);
 }
 
 #define GQA_PREFILL_TC(NAME, D, DV, X3)                                                                          \
@@ -901,48 +953,16 @@ __device__ __forceinline__ void mla_prefill_tc(const float* q_lat, const float* 
         // Uniform across a row group's four warps (same rows), as the exchange below needs.
         const bool work = live && c0 <= last_pos;
         float s[TCM_NT][4];
-        if (work) {
-            tc_scores<TCM_NT, TCM_MAX_KS, X3>(s, qa, kb + g * rs + 8 * ks0 + 2 * t, rs, min(kpc, nks - ks0));
-            float* mine = sp + ((size_t)cg * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < TCM_NT; nt++) {
-                *reinterpret_cast<float2*>(mine + nt * 8) = make_float2(s[nt][0], s[nt][1]);
-                *reinterpret_cast<float2*>(mine + 8 * sps + nt * 8) = make_float2(s[nt][2], s[nt][3]);
-            }
-        }
-        __syncthreads();
-        if (!work) continue;
-#pragma unroll
-        for (int nt = 0; nt < TCM_NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < TCM_COLS; c++) {
-            const float* part = sp + ((size_t)c * TCM_ROWS + rg * 16 + g) * sps + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < TCM_NT; nt++) {
-                float2 a = *reinterpret_cast<const float2*>(part + nt * 8);
-                float2 b = *reinterpret_cast<const float2*>(part + 8 * sps + nt * 8);
-                s[nt][0] += a.x;
-                s[nt][1] += a.y;
-                s[nt][2] += b.x;
-                s[nt][3] += b.y;
-            }
-        }
+        if (!tc_scores_split<TCM_NT, TCM_MAX_KS, TCM_ROWS, TCM_COLS, X3>(
+                s, qa, kb + g * rs + 8 * ks0 + 2 * t, rs, min(kpc, nks - ks0), work, sp, sps, cg, rg, g, t))
+            continue;
         tc_softmax_pv<TCM_NT, TCM_MAX_NV, X3>(s, o, c0, keys, pos, m, l, kb + nv0 * 8 + g, rs, nvl);
     }
     cp_async_wait<0>();
+    float* dst[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float inv = 1.0f / tc_row_sum(l[r]);
-        if (row[r] >= rows) continue;
-        float* dst = out + (size_t)row[r] * l_dim + 2 * t;
-#pragma unroll
-        for (int nv = 0; nv < TCM_MAX_NV; nv++)
-            if (nv < vpc && nv0 + nv < nvt)
-                *reinterpret_cast<float2*>(dst + (nv0 + nv) * 8) =
-                    make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
-    }
+    for (int r = 0; r < 2; r++) dst[r] = row[r] < rows ? out + (size_t)row[r] * l_dim : nullptr;
+    tc_store_rows<TCM_MAX_NV>(o, l, dst, nv0, vpc, nvt, t);
 }
 
 #define MLA_PREFILL_TC(NAME, L, R, X3)                                                                           \
@@ -1053,48 +1073,16 @@ __device__ __forceinline__ void mla_expanded_prefill_tc(const float* q_nope, con
         // Uniform across a row group's two warps (same rows), as the exchange below needs.
         const bool work = live && c0 <= last_pos;
         float s[TCE_NT][4];
-        if (work) {
-            tc_scores<TCE_NT, TCE_MAX_KS, X3>(s, qa, kb + g * ks + 8 * ks0 + 2 * t, ks, min(kpc, nks - ks0));
-            float* mine = sp + ((size_t)cg * TCE_ROWS + rg * 16 + g) * sps + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < TCE_NT; nt++) {
-                *reinterpret_cast<float2*>(mine + nt * 8) = make_float2(s[nt][0], s[nt][1]);
-                *reinterpret_cast<float2*>(mine + 8 * sps + nt * 8) = make_float2(s[nt][2], s[nt][3]);
-            }
-        }
-        __syncthreads();
-        if (!work) continue;
-#pragma unroll
-        for (int nt = 0; nt < TCE_NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < TCE_COLS; c++) {
-            const float* part = sp + ((size_t)c * TCE_ROWS + rg * 16 + g) * sps + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < TCE_NT; nt++) {
-                float2 a = *reinterpret_cast<const float2*>(part + nt * 8);
-                float2 b = *reinterpret_cast<const float2*>(part + 8 * sps + nt * 8);
-                s[nt][0] += a.x;
-                s[nt][1] += a.y;
-                s[nt][2] += b.x;
-                s[nt][3] += b.y;
-            }
-        }
+        if (!tc_scores_split<TCE_NT, TCE_MAX_KS, TCE_ROWS, TCE_COLS, X3>(
+                s, qa, kb + g * ks + 8 * ks0 + 2 * t, ks, min(kpc, nks - ks0), work, sp, sps, cg, rg, g, t))
+            continue;
         tc_softmax_pv<TCE_NT, TCE_MAX_NV, X3>(s, o, c0, keys, pos, m, l, vb + nv0 * 8 + g, vs, nvl);
     }
     cp_async_wait<0>();
+    float* dst[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float inv = 1.0f / tc_row_sum(l[r]);
-        if (row[r] >= t_n) continue;
-        float* dst = out + ((size_t)row[r] * heads + h) * dv + 2 * t;
-#pragma unroll
-        for (int nv = 0; nv < TCE_MAX_NV; nv++)
-            if (nv < vpc && nv0 + nv < nvt)
-                *reinterpret_cast<float2*>(dst + (nv0 + nv) * 8) =
-                    make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
-    }
+    for (int r = 0; r < 2; r++) dst[r] = row[r] < t_n ? out + ((size_t)row[r] * heads + h) * dv : nullptr;
+    tc_store_rows<TCE_MAX_NV>(o, l, dst, nv0, vpc, nvt, t);
 }
 
 #define MLA_EXPANDED_PREFILL_TC(NAME, N, R, DV, X3)                                                              \
