@@ -65,7 +65,7 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
 }
 
 // Shared memory of one block: STAGES x (A tiles, code tile, scale tile), then the NVFP4 scale
-// table. The host's gemm_smem (src/backend.rs) computes the same total.
+// table and the epilogue's factors. The host's gemm_smem (src/backend.rs) computes the same total.
 template <int BM, int BN, int TERMS>
 struct GemmSmem {
     static const int A_TERM = BM * GEMM_BK * 2;
@@ -74,7 +74,8 @@ struct GemmSmem {
     static const int S_BYTES = BN * GEMM_SCALE_BYTES;
     static const int STAGE = A_BYTES + B_BYTES + S_BYTES;
     static const int STAGES = (GEMM_SMEM_MAX / STAGE) < 4 ? (GEMM_SMEM_MAX / STAGE) : 4;
-    static const int TOTAL = STAGES * STAGE + (int)sizeof(Fp4Lut);
+    static const int EPI = (BN * 4 + BM * 5 + 15) / 16 * 16; // GemmEpi<BN, BM>
+    static const int TOTAL = STAGES * STAGE + (int)sizeof(Fp4Lut) + EPI;
 };
 
 // Weight row feeding local B-tile row r, or -1 (zero fill). Gated: each warp column's rows are
@@ -187,18 +188,41 @@ __device__ __forceinline__ bool gemm_out_row(const GemmArgs& g, int m, int m_tot
     }
     return true;
 }
-// Output (m, n) of a plain product: the accumulator times the row factors.
-__device__ __forceinline__ void gemm_out(const GemmArgs& g, const W& w, int expert_row0, size_t out_z, int m, int n,
-                                         float acc, float rs) {
+// The epilogue's factors, gathered into shared memory before the k loop: per local weight row
+// (B row) its tensor scale and 2^s_off (row_tscale; 0 for rows past the output), per tile row
+// its factor and whether it is written (gemm_out_row). Looked up in the epilogue itself, every
+// factor was a global load behind the stores before it (the compiler cannot tell them apart),
+// so a thread's epilogue was one long chain of dependent loads: on the H200 the wgmma kernel's
+// blocks spent ~25 us there against ~0.25 us per k-tile (twenty-fourth session).
+template <int ROWS, int BM>
+struct GemmEpi {
+    float ts[ROWS];
+    float rs[BM];
+    u8 ok[BM];
+};
+// Fills `e` with `threads` threads numbered `t`; `w_row(r)` is local weight row r's weight row.
+template <int ROWS, int BM, typename F>
+__device__ __forceinline__ void gemm_epi_fill(GemmEpi<ROWS, BM>* e, const GemmArgs& g, const W& w, int m0, int m_total,
+                                              int t, int threads, F w_row) {
+    for (int r = t; r < ROWS; r += threads) {
+        const int wr = w_row(r);
+        e->ts[r] = wr >= 0 ? row_tscale(w, wr) : 0.0f;
+    }
+    for (int i = t; i < BM; i += threads) {
+        float rs;
+        e->ok[i] = gemm_out_row(g, m0 + i, m_total, rs);
+        e->rs[i] = rs;
+    }
+}
+// Output (m, n) of a plain product: the accumulator times its weight row's and its row's factors.
+__device__ __forceinline__ void gemm_store(const GemmArgs& g, size_t out_z, int m, int n, float acc, float ts, float rs) {
     if (n >= g.n) return;
-    g.out[out_z + (size_t)m * g.out_stride + n] = acc * row_tscale(w, expert_row0 + n) * rs;
+    g.out[out_z + (size_t)m * g.out_stride + n] = acc * ts * rs;
 }
 // Output (m, j) of the gated product, SiLU(gate) * up, as bf16 (and its residual term).
-__device__ __forceinline__ void gemm_out_gated(const GemmArgs& g, const W& w, int expert_row0, size_t out_z, int m,
-                                               int j, float gate_acc, float up_acc, float rs) {
+__device__ __forceinline__ void gemm_store_gated(const GemmArgs& g, size_t out_z, int m, int j, float gate, float up,
+                                                 float rs) {
     if (j >= g.n) return;
-    float gate = gate_acc * row_tscale(w, expert_row0 + j);
-    float up = up_acc * row_tscale(w, expert_row0 + g.n + j);
     float v = silu_f(gate) * up * rs;
     u16 hi = f32_to_bf16(v);
     g.out_bf16[out_z + (size_t)m * g.out_stride + j] = hi;
@@ -232,6 +256,11 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
 #pragma unroll
     for (int j = 0; j < BCH; j++) b_src_row[j] = b_row<BN>(g, (tid + GEMM_THREADS * j) / 2, expert_row0);
     const int s_row = tid < BN ? b_row<BN>(g, tid, expert_row0) : -1;
+    typedef GemmEpi<BN, BM> Epi;
+    static_assert(sizeof(Epi) <= L::EPI, "GemmSmem::EPI holds GemmEpi");
+    Epi* epi = (Epi*)(smem + STAGES * L::STAGE + sizeof(Fp4Lut));
+    // Read after the k loop's barriers.
+    gemm_epi_fill(epi, g, w, m0, m_total, tid, GEMM_THREADS, [&](int r) { return b_row<BN>(g, r, expert_row0); });
 
     auto load_stage = [&](int st, int kt) {
         u8* base = smem + st * L::STAGE;
@@ -327,28 +356,31 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
     }
     cp_async_wait<0>();
 
-    // Epilogue.
+    // Epilogue: local B row r0 + s * 8 + c holds output column blockIdx.x * BN + r0 + s * 8 + c;
+    // gated, gate rows of outputs j0 + s * 8 + c, and their up rows WC / 2 further.
+    const int r0 = wn * WC + tq * 2, n0 = blockIdx.x * BN + r0, j0 = blockIdx.x * (BN / 2) + wn * (WC / 2) + tq * 2;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
         for (int hrow = 0; hrow < 2; hrow++) {
-            int m = m0 + mt * 16 + gq + hrow * 8;
-            float rs;
-            if (!gemm_out_row(g, m, m_total, rs)) continue;
-            const int n0 = blockIdx.x * BN + wn * WC + tq * 2, j0 = blockIdx.x * (BN / 2) + wn * (WC / 2) + tq * 2;
+            const int i = mt * 16 + gq + hrow * 8, m = m0 + i;
+            if (!epi->ok[i]) continue;
+            const float rs = epi->rs[i];
             if (!g.gated) {
 #pragma unroll
                 for (int s = 0; s < NS; s++)
 #pragma unroll
                     for (int c = 0; c < 2; c++)
-                        gemm_out(g, w, expert_row0, out_z, m, n0 + s * 8 + c, acc[mt][s][hrow * 2 + c], rs);
+                        gemm_store(g, out_z, m, n0 + s * 8 + c, acc[mt][s][hrow * 2 + c], epi->ts[r0 + s * 8 + c], rs);
             } else {
 #pragma unroll
                 for (int s = 0; s < NS / 2; s++)
 #pragma unroll
-                    for (int c = 0; c < 2; c++)
-                        gemm_out_gated(g, w, expert_row0, out_z, m, j0 + s * 8 + c, acc[mt][s][hrow * 2 + c],
-                                       acc[mt][s + NS / 2][hrow * 2 + c], rs);
+                    for (int c = 0; c < 2; c++) {
+                        const int rg = r0 + s * 8 + c;
+                        gemm_store_gated(g, out_z, m, j0 + s * 8 + c, acc[mt][s][hrow * 2 + c] * epi->ts[rg],
+                                         acc[mt][s + NS / 2][hrow * 2 + c] * epi->ts[rg + WC / 2], rs);
+                    }
             }
         }
     }
@@ -491,7 +523,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u
 }
 
 // Shared memory of gemm_fp4_wg (after aligning the base to 1024 bytes): the NVFP4 scale table,
-// the stages' mbarriers (full, then empty), then STAGES x (activation tiles, code tile, scale
+// the stages' mbarriers (full, then empty), the epilogue's factors, then STAGES x (activation tiles, code tile, scale
 // tile; rounded to 1024 bytes), as many stages as fit (at most WG_MAX_STAGES). The host's
 // gemm_wg_smem (src/backend.rs) computes the same.
 template <int BM, int TERMS>
@@ -500,7 +532,7 @@ struct WgSmem {
     static const int A_BYTES = A_TERM * TERMS;
     static const int C_BYTES = WR_ROWS * GEMM_BK / 2;
     static const int STAGE = (A_BYTES + C_BYTES + WR_ROWS * GEMM_SCALE_BYTES + 1023) / 1024 * 1024;
-    static const int FIXED = 1024 + 1024 + 1024; // alignment slack, Fp4Lut, mbarriers (each rounded up)
+    static const int FIXED = 1024 + 1024 + 1024 + 2048; // alignment slack, Fp4Lut, mbarriers, GemmEpi
     static const int FIT = (WG_SMEM_MAX - FIXED) / STAGE;
     static const int STAGES = FIT < WG_MAX_STAGES ? FIT : WG_MAX_STAGES;
     static const int TOTAL = FIXED + STAGES * STAGE;
@@ -590,7 +622,10 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     Fp4Lut* lut = (Fp4Lut*)smem;
     u64* full = (u64*)(smem + 1024);
     u64* empty = full + STAGES;
-    u8* stages = smem + 2048;
+    typedef GemmEpi<WR_ROWS, BM> Epi;
+    static_assert(sizeof(Epi) <= 2048, "WgSmem::FIXED holds GemmEpi");
+    Epi* epi = (Epi*)(smem + 2048);
+    u8* stages = smem + 4096;
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
             mbar_init(&full[s], WS_PRODUCERS + 1); // + thread 0's expect_tx
@@ -644,6 +679,9 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     // Consumers: warpgroup wg (0, 1) of the two owns weight rows wg * WG_ROWS .. + WG_ROWS, in
     // HALVES m64 halves; warp wq of its four.
     const int ct = tid - WS_PRODUCERS, lane = ct & 31, wg = ct >> 7, wq = (ct >> 5) & 3;
+    gemm_epi_fill(epi, g, w, m0, m_total, ct, WS_THREADS - WS_PRODUCERS,
+                  [&](int rr) { return wg_w_row(g, rr, expert_row0); });
+    asm volatile("bar.sync 1, %0;" ::"n"(WS_THREADS - WS_PRODUCERS) : "memory"); // the consumers only
     const int gq = lane >> 2, tq = lane & 3;
     // This thread's fragment rows in half h: r + 64 h and r + 64 h + 8 of the block's WR_ROWS
     // (the same gemm_code_off swap, as (r + 8) >> 2 has the parity of r >> 2).
@@ -721,14 +759,15 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
         for (int s = 0; s < BM / 8; s++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                const int m = m0 + s * 8 + tq * 2 + c;
-                float rs;
-                if (!gemm_out_row(g, m, m_total, rs)) continue;
+                const int i = s * 8 + tq * 2 + c, m = m0 + i;
+                if (!epi->ok[i]) continue;
+                const float rs = epi->rs[i];
                 if (!g.gated) {
-                    gemm_out(g, w, expert_row0, out_z, m, n0, acc[h][s * 4 + c], rs);
-                    gemm_out(g, w, expert_row0, out_z, m, n0 + 8, acc[h][s * 4 + 2 + c], rs);
+                    gemm_store(g, out_z, m, n0, acc[h][s * 4 + c], epi->ts[rh], rs);
+                    gemm_store(g, out_z, m, n0 + 8, acc[h][s * 4 + 2 + c], epi->ts[rh + 8], rs);
                 } else {
-                    gemm_out_gated(g, w, expert_row0, out_z, m, j, acc[h][s * 4 + c], acc[h][s * 4 + 2 + c], rs);
+                    gemm_store_gated(g, out_z, m, j, acc[h][s * 4 + c] * epi->ts[rh],
+                                     acc[h][s * 4 + 2 + c] * epi->ts[rh + 8], rs);
                 }
             }
     }

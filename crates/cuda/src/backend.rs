@@ -199,11 +199,13 @@ fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
 
 /// Dynamic shared memory of `gemm_fp4_*` (GemmSmem in gemm.cu): per stage one A tile per bf16
 /// term, the code tile and the scale tile, as many stages as fit GEMM_SMEM_MAX (at most
-/// GEMM_MAX_STAGES), then the NVFP4 scale table.
+/// GEMM_MAX_STAGES), then the NVFP4 scale table and the epilogue's factors (GemmEpi).
 fn gemm_smem(block_rows: usize, n_tile: usize, terms: usize) -> u32 {
     let stage = terms * block_rows * GEMM_BK * 2 + n_tile * GEMM_BK / 2 + n_tile * GEMM_SCALE_BYTES;
     let stages = (GEMM_SMEM_MAX / stage).min(GEMM_MAX_STAGES);
-    (stages * stage + GEMM_LUT_BYTES) as u32
+    // GemmEpi: a tensor scale per B row, a factor and a flag per tile row.
+    let epi = (n_tile * 4 + block_rows * 5).next_multiple_of(16);
+    (stages * stage + GEMM_LUT_BYTES + epi) as u32
 }
 
 /// Host data as little-endian bytes, with its shape and dtype.
@@ -249,13 +251,14 @@ const GEMM_WG_MAX_STAGES: usize = 8;
 const GEMM_WG_SMEM_MAX: usize = 227 * 1024;
 
 /// Dynamic shared memory of `gemm_fp4_wg_*` (WgSmem in gemm.cu): 1024 bytes of alignment slack,
-/// the NVFP4 scale table and the stages' mbarriers (each rounded to 1024), then as many stages
+/// the NVFP4 scale table and the stages' mbarriers (each rounded to 1024), the epilogue's
+/// factors (GemmEpi, in 2048 bytes), then as many stages
 /// of (activation tiles, code tile, scale tile; rounded to 1024 bytes) as fit GEMM_WG_SMEM_MAX,
 /// at most GEMM_WG_MAX_STAGES.
 fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
     let stage = (terms * block_rows * GEMM_BK * 2 + GEMM_WG_W_ROWS * (GEMM_BK / 2 + GEMM_SCALE_BYTES))
         .next_multiple_of(1024);
-    let fixed = 1024 + GEMM_LUT_BYTES.next_multiple_of(1024) + 1024;
+    let fixed = 1024 + GEMM_LUT_BYTES.next_multiple_of(1024) + 1024 + 2048;
     let stages = ((GEMM_WG_SMEM_MAX - fixed) / stage).min(GEMM_WG_MAX_STAGES);
     (fixed + stages * stage) as u32
 }
