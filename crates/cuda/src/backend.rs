@@ -177,12 +177,14 @@ pub const GEMM_BLOCK_ROWS: [usize; 3] = [32, 64, 128];
 const GEMM_WIDE_ROWS_FROM: usize = 48;
 /// The same for 128-row tiles (wgmma only).
 const GEMM_TALL_ROWS_FROM: usize = 192;
-/// Whether the grouped MoE GEMM may take the wgmma kernel. Not yet: on the H100 (bench_layers,
-/// 8192 tokens, twelfth session, one body per weight kind) its best tile took 5.26 ms (Qwen3) /
-/// 5.89 ms (GLM) against mma.sync's 4.85 / 6.12 ms, and with it the 2048-token prefill of both
-/// synthetic models was slower (Qwen3 12.4-12.6k against 13.4k tok/s); the dense linears gain
-/// 12-45 % on it (crates/cuda/NOTES.md, eleventh and twelfth sessions).
-pub(crate) const MOE_ON_WGMMA: bool = false;
+/// Whether the grouped MoE GEMM takes the wgmma kernel, for tiles of MOE_WGMMA_ROWS rows (at
+/// least GEMM_TALL_ROWS_FROM rows per expert: large prefill chunks). On the H200 at 8192 tokens
+/// (bench_layers, twenty-fourth session, after the epilogue fix) its 128-row tiles took 2.87 /
+/// 3.54 ms (Qwen3, bf16 / f32 x) and 3.21 / 4.06 ms (GLM) against mma.sync's best 3.70 / 4.57
+/// and 4.52 / 5.63 ms. Its 64-row tiles were slower than mma.sync's before that fix and have not
+/// been timed since, so smaller tiles stay on mma.sync.
+pub(crate) const MOE_ON_WGMMA: bool = true;
+const MOE_WGMMA_ROWS: usize = 128;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
@@ -333,7 +335,7 @@ fn gemm_kernel(
     n_tile: usize,
     terms: usize,
 ) -> Result<GemmKernel> {
-    let wg = backend.gemm_on_wgmma(op) && block_rows >= 64;
+    let wg = backend.gemm_on_wgmma(op) && block_rows >= if op == "moe" { MOE_WGMMA_ROWS } else { 64 };
     let name = match (wg, terms, block_rows, n_tile) {
         (true, 1, 64, _) => "gemm_fp4_wg_t1_m64",
         (true, 2, 64, _) => "gemm_fp4_wg_t2_m64",
@@ -765,7 +767,8 @@ impl CudaBackend {
         if self.gemm_on_wgmma(op) { &GEMM_BLOCK_ROWS } else { &GEMM_BLOCK_ROWS[..2] }
     }
 
-    /// Whether `op`'s FP4 GEMM takes the wgmma kernel (64 rows and more).
+    /// Whether `op`'s FP4 GEMM takes the wgmma kernel (64 rows and more; MOE_WGMMA_ROWS for the
+    /// grouped MoE).
     fn gemm_on_wgmma(&self, op: &'static str) -> bool {
         self.wgmma && (op != "moe" || self.moe_wgmma)
     }

@@ -136,8 +136,9 @@ pub struct CudaBackend {
     /// (`gemm_fp4_t*`). `FP4MOE_CUDA_WGMMA=0` or [`CudaBackend::with_mma_gemm`] selects
     /// `mma.sync`, which the conformance suite also runs.
     wgmma: bool,
-    /// The grouped MoE GEMM on the wgmma kernel too (where `wgmma` holds): `FP4MOE_CUDA_MOE_WGMMA`
-    /// (1 or 0) or [`CudaBackend::with_moe_on_wgmma`]; the default is MOE_ON_WGMMA (backend.rs).
+    /// The grouped MoE GEMM on the wgmma kernel too, for its 128-row tiles (where `wgmma` holds):
+    /// `FP4MOE_CUDA_MOE_WGMMA` (1 or 0) or [`CudaBackend::with_moe_on_wgmma`]; the default is
+    /// MOE_ON_WGMMA (backend.rs).
     moe_wgmma: bool,
     /// MLA prefill chunks attend in the expanded form where it pays ([`fp4moe_ops::Backend::mla_expands`]:
     /// `attention_mla_expanded` after the latents' kv_b product). `FP4MOE_CUDA_MLA_EXPAND=0`
