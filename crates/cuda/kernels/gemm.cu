@@ -112,13 +112,12 @@ __device__ __forceinline__ GemmTile gemm_tile(const GemmArgs& g, int bm) {
 
 // Element offsets of a thread's A chunks (16 bytes: 8 of a row's GEMM_BK columns; chunk j is
 // row (tid + GEMM_THREADS j) / 8, column group tid % 8), -1 for a zero row. `a_map` gathers rows.
-// THREADS threads copy (thread tid of them); the whole block in the mma.sync kernel.
-template <int ACH, int THREADS = GEMM_THREADS>
-__device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_total, long long (&a_off)[ACH],
-                                               int tid) {
+template <int ACH>
+__device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_total, long long (&a_off)[ACH]) {
+    const int tid = threadIdx.x;
 #pragma unroll
     for (int j = 0; j < ACH; j++) {
-        int gm = m0 + (tid + THREADS * j) / 8;
+        int gm = m0 + (tid + GEMM_THREADS * j) / 8;
         int ar = gm < m_total ? gm : -1;
         if (ar >= 0 && g.a_map) {
             int v = g.a_map[gm];
@@ -130,12 +129,12 @@ __device__ __forceinline__ void gemm_a_offsets(const GemmArgs& g, int m0, int m_
 
 // k-tile kt of every A term into `sa` (term t at t * BM rows), 16-byte chunk c of row r at
 // chunk c ^ (r & 7): bank-conflict-free ldmatrix, and the 128-byte swizzle wgmma reads.
-template <int BM, int TERMS, int ACH, int THREADS = GEMM_THREADS>
-__device__ __forceinline__ void gemm_load_a(const GemmArgs& g, const long long (&a_off)[ACH], u16* sa, int kt,
-                                            int tid) {
+template <int BM, int TERMS, int ACH>
+__device__ __forceinline__ void gemm_load_a(const GemmArgs& g, const long long (&a_off)[ACH], u16* sa, int kt) {
+    const int tid = threadIdx.x;
 #pragma unroll
     for (int j = 0; j < ACH; j++) {
-        int row = (tid + THREADS * j) / 8, ch = tid % 8;
+        int row = (tid + GEMM_THREADS * j) / 8, ch = tid % 8;
         int sw = row * GEMM_BK + ((ch ^ (row & 7)) * 8);
         bool ok = a_off[j] >= 0;
         size_t off = ok ? a_off[j] + kt * GEMM_BK : 0;
@@ -215,7 +214,8 @@ __device__ __forceinline__ void gemm_epi_fill(GemmEpi<ROWS, BM>* e, const GemmAr
     }
 }
 // Output (m, n) of a plain product: the accumulator times its weight row's and its row's factors.
-__device__ __forceinline__ void gemm_store(const GemmArgs& g, size_t out_z, int m, int n, float acc, float ts, float rs) {
+__device__ __forceinline__ void gemm_store(const GemmArgs& g, size_t out_z, int m, int n, float acc, float ts,
+                                           float rs) {
     if (n >= g.n) return;
     g.out[out_z + (size_t)m * g.out_stride + n] = acc * ts * rs;
 }
@@ -251,7 +251,7 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
     // chunks), one scale word per B row.
     const int ACH = BM * 8 / GEMM_THREADS, BCH = BN * 2 / GEMM_THREADS;
     long long a_off[ACH];
-    gemm_a_offsets(g, m0, m_total, a_off, tid);
+    gemm_a_offsets(g, m0, m_total, a_off);
     int b_src_row[BCH];
 #pragma unroll
     for (int j = 0; j < BCH; j++) b_src_row[j] = b_row<BN>(g, (tid + GEMM_THREADS * j) / 2, expert_row0);
@@ -267,7 +267,7 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
         u16* sa = (u16*)base;
         u8* sb = base + L::A_BYTES;
         u8* ss = sb + L::B_BYTES;
-        gemm_load_a<BM, TERMS>(g, a_off, sa, kt, tid);
+        gemm_load_a<BM, TERMS>(g, a_off, sa, kt);
 #pragma unroll
         for (int j = 0; j < BCH; j++) {
             int ch = tid + GEMM_THREADS * j;
@@ -432,9 +432,9 @@ GEMM_FP4_TERMS(64, 256)
 //   the producers' cp.async (arriving on the same barrier: cp.async.mbarrier.arrive.noinc).
 //   TMA cannot gather rows, so the grouped MoE's gate/up first writes its tokens in expert
 //   order (gather_rows_bf16); its down product reads the intermediate, already in that order.
-//   Measured on the H200 (twenty-fourth session), with every copy on cp.async the pipeline
-//   alone (consumers only waiting and releasing) took 3.6 of the Qwen3 MoE layer's 4.7 ms:
-//   the copies, not the decode or the tensor cores, set the pace;
+//   On the H200 (twenty-fourth session) the TMA copies took a Qwen3 MoE layer at 8192 tokens
+//   from 4.71 to 4.32 ms, and the epilogue's factors in shared memory (GemmEpi) to 2.87 ms;
+//   clusters of two blocks sharing their activation tiles by multicast measured slower;
 // - wgmma runs asynchronously: a consumer decodes k-tile kt + 1 (into the other of two fragment
 //   sets) while tile kt's products run, and waits only for tile kt - 1's, then releases its
 //   stage.
@@ -523,9 +523,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u
 }
 
 // Shared memory of gemm_fp4_wg (after aligning the base to 1024 bytes): the NVFP4 scale table,
-// the stages' mbarriers (full, then empty), the epilogue's factors, then STAGES x (activation tiles, code tile, scale
-// tile; rounded to 1024 bytes), as many stages as fit (at most WG_MAX_STAGES). The host's
-// gemm_wg_smem (src/backend.rs) computes the same.
+// the stages' mbarriers (full, then empty), the epilogue's factors, then STAGES x (activation
+// tiles, code tile, scale tile; rounded to 1024 bytes), as many stages as fit (at most
+// WG_MAX_STAGES). The host's gemm_wg_smem (src/backend.rs) computes the same.
 template <int BM, int TERMS>
 struct WgSmem {
     static const int A_TERM = BM * GEMM_BK * 2;
