@@ -254,9 +254,8 @@ const GEMM_WG_SMEM_MAX: usize = 227 * 1024;
 
 /// Dynamic shared memory of `gemm_fp4_wg_*` (WgSmem in gemm.cu): 1024 bytes of alignment slack,
 /// the NVFP4 scale table and the stages' mbarriers (each rounded to 1024), the epilogue's
-/// factors (GemmEpi, in 2048 bytes), then as many stages
-/// of (activation tiles, code tile, scale tile; rounded to 1024 bytes) as fit GEMM_WG_SMEM_MAX,
-/// at most GEMM_WG_MAX_STAGES.
+/// factors (GemmEpi, in 2048 bytes), then as many stages of (activation tiles, code tile, scale
+/// tile; rounded to 1024 bytes) as fit GEMM_WG_SMEM_MAX, at most GEMM_WG_MAX_STAGES.
 fn gemm_wg_smem(block_rows: usize, terms: usize) -> u32 {
     let stage = (terms * block_rows * GEMM_BK * 2 + GEMM_WG_W_ROWS * (GEMM_BK / 2 + GEMM_SCALE_BYTES))
         .next_multiple_of(1024);
