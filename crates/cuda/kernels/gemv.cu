@@ -679,6 +679,16 @@ __device__ __forceinline__ void tc_rows(const Fp4Lut* lut, const W& w, int r0, i
     else tc_rows_kind<KIND_MXFP4>(lut, w, r0, r1, frag, s0, ds, y0, y1, after_first);
 }
 
+// Row r's tensor-scale factor (row_tscale), requested where it is called: the asm volatile load
+// stays above later waits and barriers, so a product's tail (after its last barrier) does not
+// wait a global-load latency for it (the SASS had it there, right before the store).
+__device__ __forceinline__ float row_tscale_early(const W& w, int r) {
+    if (w.kind != KIND_MXFP4 && w.kind != KIND_NVFP4) return 1.0f;
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(w.tscales + r / w.rows_per_ts));
+    return v * __int_as_float((127 + w.s_off) << 23);
+}
+
 // The tile's row sums of every warp, added in warp order: red[w][i] for tile row i = g (y0) or
 // g + 8 (y1). Ends with a block barrier; the caller reads tile_sum<WARPS>(red, i), i < TC_ROWS.
 __device__ __forceinline__ void tc_collect(float (*red)[TC_ROWS], float y0, float y1) {
@@ -708,14 +718,16 @@ __device__ __forceinline__ void gemv_tc_body(W w, const float* x, float* y, int 
     lut_init(&lut, w);
     const int g = (threadIdx.x & 31) >> 2, n0 = tile * TC_ROWS;
     const int r0 = n0 + g < w.rows ? n0 + g : -1, r1 = n0 + g + 8 < w.rows ? n0 + g + 8 : -1;
+    const int i = threadIdx.x;
+    const bool writes = i < TC_ROWS && n0 + i < w.rows;
+    const float ts = writes ? row_tscale_early(w, n0 + i) : 0.0f;
     float y0, y1;
     tc_rows(&lut, w, r0, r1, tc_frag, threadIdx.x >> 5, WARPS, y0, y1, [&] {
         pdl_enter_after_loads(dyn_smem_bytes() != 0); // the B fragments' room: always given
         tc_build_b(tc_frag, x, w.kp);
     });
     tc_collect(red, y0, y1);
-    const int i = threadIdx.x;
-    if (i < TC_ROWS && n0 + i < w.rows) y[n0 + i] = tile_sum<WARPS>(red, i) * row_tscale(w, n0 + i);
+    if (writes) y[n0 + i] = tile_sum<WARPS>(red, i) * ts;
 }
 // Up to three weights sharing one x (Qwen3's q / k / v, GLM's q_a / kv_a) in one launch: blocks
 // [0, t1) take w0's tiles, [t1, t2) w1's, the rest w2's (t2 = gridDim.x for two weights). Each
@@ -759,14 +771,17 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32, 8) // 64 registers: 
     const int base = job.base;
     const int g = (threadIdx.x & 31) >> 2;
     const int r0 = j0 + g < in ? base + j0 + g : -1, r1 = j0 + g < in ? base + in + j0 + g : -1;
+    const int i = threadIdx.x;
+    const bool writes = i < 8 && j0 + i < in;
+    const float ts_gate = writes ? row_tscale_early(wk, base + j0 + i) : 0.0f;
+    const float ts_up = writes ? row_tscale_early(wk, base + in + j0 + i) : 0.0f;
     float y0, y1;
     tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1,
             [&] { tc_build_b(tc_frag, x + (size_t)t * xs, wk.kp); });
     tc_collect(red, y0, y1);
-    const int i = threadIdx.x;
-    if (i < 8 && j0 + i < in) {
-        const float gate = tile_sum(red, i) * row_tscale(wk, base + j0 + i);
-        const float up = tile_sum(red, i + 8) * row_tscale(wk, base + in + j0 + i);
+    if (writes) {
+        const float gate = tile_sum(red, i) * ts_gate;
+        const float up = tile_sum(red, i + 8) * ts_up;
         job.out[j0 + i] = job.bad ? __int_as_float(0x7fc00000) : silu_f(gate) * up;
     }
 }
@@ -790,16 +805,16 @@ extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)
     const int row0 = job.row0;
     const int h0 = blockIdx.y * TC_ROWS, g = (threadIdx.x & 31) >> 2;
     const int r0 = h0 + g < hidden ? row0 + h0 + g : -1, r1 = h0 + g + 8 < hidden ? row0 + h0 + g + 8 : -1;
+    const int i = threadIdx.x;
+    const bool writes = i < TC_ROWS && h0 + i < hidden;
+    const float ts = writes ? row_tscale_early(wk, row0 + h0 + i) : 0.0f;
     float y0, y1;
     tc_rows(&lut, wk, r0, r1, tc_frag, threadIdx.x >> 5, TC_WARPS, y0, y1, [&] {
         pdl_enter_after_loads(dyn_smem_bytes() != 0); // the B fragments' room: always given
         tc_build_b(tc_frag, job.a, wk.kp);
     });
     tc_collect(red, y0, y1);
-    const int i = threadIdx.x;
-    if (i < TC_ROWS && h0 + i < hidden)
-        part[job.at(hidden, h0 + i)] =
-            job.bad ? __int_as_float(0x7fc00000) : job.wt * (tile_sum(red, i) * row_tscale(wk, row0 + h0 + i));
+    if (writes) part[job.at(hidden, h0 + i)] = job.bad ? __int_as_float(0x7fc00000) : job.wt * (tile_sum(red, i) * ts);
 }
 
 // MLA's absorbed per-head products at decode (Backend::head_linear with few rows), on the GEMV
