@@ -17,8 +17,8 @@ usage:
 CACHE_DIR holds the binary's own cache (from `fill_cache`); CUBIN_NAME is the file in it to
 replace (e.g. gemm-sm_90a-<hash>.cubin, the one `fill_cache` printed for gemm.cu); SOURCE.cu is
 the edited kernel file; each DEFINE gives OUT_DIR/<DEFINE>/, a copy of CACHE_DIR with that
-variant in place (run the binary with FP4MOE_CUDA_CACHE pointing there). Needs NVRTC as
-tools/nvrtc_check.py does.
+variant in place (run the binary with FP4MOE_CUDA_CACHE pointing there); `A+B` defines both.
+Needs NVRTC as tools/nvrtc_check.py does.
 """
 import ctypes
 import glob
@@ -46,7 +46,7 @@ def main():
     includes = list(nc.INCLUDES) + [d for d in [nc.runtime_include()] if d]
     arch = cubin_name.split("-")[1]
     for d in defines:
-        ok, log, cubin = nc.compile_file(nvrtc, src, arch, includes, (d,))
+        ok, log, cubin = nc.compile_file(nvrtc, src, arch, includes, tuple(d.split("+")))
         if not ok:
             print(f"FAIL {d}\n{log}")
             return 1

@@ -96,8 +96,13 @@ fn main() {
         };
         let per_expert = (2 * i * h + h * i) as f64 * 0.5625; // NVFP4: 4.5 bits per element
         let shared_bytes = (3 * si * h) as f64 * 0.5625;
-        for n in [1usize, 512, 8192] {
-            if (decode_only && n > 1) || moe_only.as_ref().is_some_and(|o| *o != format!("{name}:{n}")) {
+        // `--moe-only LAYER:TOKENS` takes any token count; otherwise decode, a short and a long prefill.
+        let counts = match moe_only.as_ref().and_then(|o| o.strip_prefix(&format!("{name}:"))) {
+            Some(n) => vec![n.parse::<usize>().expect("--moe-only LAYER:TOKENS")],
+            None => vec![1usize, 512, 8192],
+        };
+        for n in counts {
+            if decode_only && n > 1 {
                 continue;
             }
             let x: Vec<f32> = (0..n * h).map(|_| rng.f()).collect();
