@@ -54,8 +54,9 @@ struct GemmArgs {
     int a_stride, a_div, m, n; // n: output columns (gated: the intermediate size I)
     int out_stride, rows_per_expert, gated;
     // Batched products (grid.z, MLA's per-head products): slice z reads A from element z * a_z,
-    // writes from element z * out_z and uses weight rows from w_row0 + z * w_z.
-    int a_z, out_z, w_z, w_row0, pad_;
+    // writes from element z * out_z and uses weight rows from w_row0 + z * w_z. `slices`: their
+    // count, for the persistent wgmma kernel, which walks the tiles itself (1 where unbatched).
+    int a_z, out_z, w_z, w_row0, slices;
 };
 
 __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
@@ -100,14 +101,19 @@ struct GemmTile {
     int m0, m_total, expert_row0;
     size_t out_z;
 };
-__device__ __forceinline__ GemmTile gemm_tile(const GemmArgs& g, int bm) {
+// Tile (by, bz) of a product with m_total valid rows.
+__device__ __forceinline__ GemmTile gemm_tile_at(const GemmArgs& g, int bm, int m_total, int by, int bz) {
     GemmTile t;
-    t.m0 = blockIdx.y * bm;
-    t.m_total = g.m_ptr ? *g.m_ptr : g.m;
-    const int expert = g.block_expert && t.m0 < t.m_total ? g.block_expert[blockIdx.y] : 0;
-    t.expert_row0 = expert * g.rows_per_expert + g.w_row0 + blockIdx.z * g.w_z;
-    t.out_z = (size_t)blockIdx.z * g.out_z;
+    t.m0 = by * bm;
+    t.m_total = m_total;
+    const int expert = g.block_expert && t.m0 < t.m_total ? g.block_expert[by] : 0;
+    t.expert_row0 = expert * g.rows_per_expert + g.w_row0 + bz * g.w_z;
+    t.out_z = (size_t)bz * g.out_z;
     return t;
+}
+__device__ __forceinline__ int gemm_m_total(const GemmArgs& g) { return g.m_ptr ? *g.m_ptr : g.m; }
+__device__ __forceinline__ GemmTile gemm_tile(const GemmArgs& g, int bm) {
+    return gemm_tile_at(g, bm, gemm_m_total(g), blockIdx.y, blockIdx.z);
 }
 
 // Element offsets of a thread's A chunks (16 bytes: 8 of a row's GEMM_BK columns; chunk j is
@@ -437,7 +443,13 @@ GEMM_FP4_TERMS(64, 256)
 //   clusters of two blocks sharing their activation tiles by multicast measured slower;
 // - wgmma runs asynchronously: a consumer decodes k-tile kt + 1 (into the other of two fragment
 //   sets) while tile kt's products run, and waits only for tile kt - 1's, then releases its
-//   stage.
+//   stage;
+// - persistent: one block per SM walks the output tiles (gridDim.x apart), its k-tiles numbered
+//   across them, so the producer copies the next tile's first stages while the consumers finish
+//   this one, and the set-up (scale table, barriers) is paid once per SM. The producers also
+//   fill the epilogue's factors for each tile. A block per tile spent a fixed ~9 us (launch,
+//   set-up, the first copies' latency, the epilogue) next to ~0.6 us per k-tile (ncu, H200,
+//   twenty-fifth session).
 // Gated (MoE gate/up) blocks put in each warp's 16 rows 8 gate rows, then the 8 up rows of the
 // same outputs, so a thread holds both factors of its outputs (rows g and g + 8).
 // A first version that decoded the weights into a bf16 tile in shared memory for wgmma to read
@@ -523,7 +535,8 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u
 }
 
 // Shared memory of gemm_fp4_wg (after aligning the base to 1024 bytes): the NVFP4 scale table,
-// the stages' mbarriers (full, then empty), the epilogue's factors, then STAGES x (activation
+// the mbarriers (the stages' full, then empty, then the epilogue factors' full and empty), the
+// epilogue's factors, then STAGES x (activation
 // tiles, code tile, scale tile; rounded to 1024 bytes), as many stages as fit (at most
 // WG_MAX_STAGES). The host's gemm_wg_smem (src/backend.rs) computes the same.
 template <int BM, int TERMS>
@@ -538,14 +551,14 @@ struct WgSmem {
     static const int TOTAL = FIXED + STAGES * STAGE;
 };
 
-// Weight row of local row r (0..WR_ROWS), or -1 (zero fill). Gated: 16-row warp slice q holds
+// Weight row of local row r (0..WR_ROWS) of weight-row block bx, or -1 (zero fill). Gated: 16-row warp slice q holds
 // gate rows of outputs 8 q .. 8 q + 7 of the block, then their up rows.
-__device__ __forceinline__ int wg_w_row(const GemmArgs& g, int r, int expert_row0) {
+__device__ __forceinline__ int wg_w_row(const GemmArgs& g, int bx, int r, int expert_row0) {
     if (!g.gated) {
-        int n = blockIdx.x * WR_ROWS + r;
+        int n = bx * WR_ROWS + r;
         return n < g.n ? expert_row0 + n : -1;
     }
-    int j = blockIdx.x * (WR_ROWS / 2) + (r >> 4) * 8 + (r & 7);
+    int j = bx * (WR_ROWS / 2) + (r >> 4) * 8 + (r & 7);
     if (j >= g.n) return -1;
     return expert_row0 + ((r & 8) ? g.n + j : j);
 }
@@ -612,16 +625,20 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     const int STAGES = L::STAGES;
     static_assert(STAGES >= 2, "shared memory for at least two stages");
     const int tid = threadIdx.x;
-    const GemmTile tile = gemm_tile(g, BM);
-    if (tile.m0 >= tile.m_total) return;
-    const int m0 = tile.m0, m_total = tile.m_total, expert_row0 = tile.expert_row0;
-    const size_t out_z = tile.out_z;
+    // The tiles, walked by every block in steps of gridDim.x (x fastest: the blocks in flight
+    // share their activation tiles in L2): gx weight-row blocks x the valid row tiles x slices.
+    const int m_total = gemm_m_total(g);
+    const int gx = g.gated ? (g.n + WR_ROWS / 2 - 1) / (WR_ROWS / 2) : (g.n + WR_ROWS - 1) / WR_ROWS;
+    const int gy = (m_total + BM - 1) / BM;
+    const int tiles = gx * gy * (g.slices > 0 ? g.slices : 1);
     const int kt_count = w.kp / GEMM_BK; // even: kp is a multiple of FP4_KP_ALIGN (128)
     // Aligned by an offset from the shared pointer itself, so the compiler keeps shared accesses.
     u8* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     Fp4Lut* lut = (Fp4Lut*)smem;
     u64* full = (u64*)(smem + 1024);
     u64* empty = full + STAGES;
+    u64* epi_full = empty + STAGES;
+    u64* epi_empty = epi_full + 1;
     typedef GemmEpi<WR_ROWS, BM> Epi;
     static_assert(sizeof(Epi) <= 2048, "WgSmem::FIXED holds GemmEpi");
     Epi* epi = (Epi*)(smem + 2048);
@@ -631,46 +648,63 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
             mbar_init(&full[s], WS_PRODUCERS + 1); // + thread 0's expect_tx
             mbar_init(&empty[s], WS_THREADS - WS_PRODUCERS);
         }
+        mbar_init(epi_full, WS_PRODUCERS);
+        mbar_init(epi_empty, WS_THREADS - WS_PRODUCERS);
     }
     lut_init(lut, w); // ends in __syncthreads: the barriers are initialized for every thread
 
     if (tid < WS_PRODUCERS) {
-        // Producer: k-tile kt into stage kt % STAGES once the consumers have released the
-        // tile STAGES before it. Thread 0 requests the activation tiles by TMA; every thread
-        // copies CCH 16-byte code chunks (row (tid + 128 j) / 2, half tid % 2) and SCH scale
-        // words (row tid + 128 j).
+        // Producer: k-tile it into stage it % STAGES once the consumers have released the
+        // k-tile STAGES before it, tile after tile, so the next tile's first stages are copied
+        // while the consumers finish this one. Thread 0 requests the activation tiles by TMA;
+        // every thread copies CCH 16-byte code chunks (row (tid + 128 j) / 2, half tid % 2) and
+        // SCH scale words (row tid + 128 j). The producers also fill the epilogue's factors
+        // (one buffer): once the consumers have released the previous tile's, after the first
+        // stages of this tile are requested, so that wait and its loads overlap the math.
         const int CCH = WR_ROWS * 2 / WS_PRODUCERS, SCH = WR_ROWS / WS_PRODUCERS;
-        const u8* c_src[CCH];
+        int it = 0;
+        for (int t = blockIdx.x, ti = 0; t < tiles; t += gridDim.x, ti++) {
+            const int bx = t % gx, by = (t / gx) % gy, bz = t / gx / gy;
+            const GemmTile tile = gemm_tile_at(g, BM, m_total, by, bz);
+            const u8* c_src[CCH];
 #pragma unroll
-        for (int j = 0; j < CCH; j++) {
-            const int wr = wg_w_row(g, (tid + WS_PRODUCERS * j) >> 1, expert_row0);
-            c_src[j] = wr >= 0 ? w.codes + (size_t)wr * (w.kp / 2) + (tid & 1) * 16 : nullptr;
-        }
-        int s_row[SCH];
-#pragma unroll
-        for (int j = 0; j < SCH; j++) s_row[j] = wg_w_row(g, tid + WS_PRODUCERS * j, expert_row0);
-        for (int kt = 0; kt < kt_count; kt++) {
-            const int st = kt % STAGES;
-            if (kt >= STAGES) mbar_wait(&empty[st], ((kt / STAGES) - 1) & 1);
-            u8* base = stages + st * L::STAGE;
-            if (tid == 0) {
-                mbar_expect_tx(&full[st], L::A_BYTES);
-#pragma unroll
-                for (int t = 0; t < TERMS; t++)
-                    tma_load_3d(base + t * L::A_TERM, &ta.t[t], kt * GEMM_BK, blockIdx.z, m0, &full[st]);
+            for (int j = 0; j < CCH; j++) {
+                const int wr = wg_w_row(g, bx, (tid + WS_PRODUCERS * j) >> 1, tile.expert_row0);
+                c_src[j] = wr >= 0 ? w.codes + (size_t)wr * (w.kp / 2) + (tid & 1) * 16 : nullptr;
             }
-            u8* sc = base + L::A_BYTES;
+            int s_row[SCH];
 #pragma unroll
-            for (int j = 0; j < CCH; j++)
-                cp_async16(sc + gemm_code_off((tid + WS_PRODUCERS * j) >> 1, tid & 1),
-                           c_src[j] ? c_src[j] + kt * (GEMM_BK / 2) : w.codes, c_src[j] != nullptr);
+            for (int j = 0; j < SCH; j++) s_row[j] = wg_w_row(g, bx, tid + WS_PRODUCERS * j, tile.expert_row0);
+            const int fill_at = (kt_count < STAGES ? kt_count : STAGES) - 1;
+            for (int kt = 0; kt < kt_count; kt++, it++) {
+                const int st = it % STAGES;
+                if (it >= STAGES) mbar_wait(&empty[st], ((it / STAGES) - 1) & 1);
+                u8* base = stages + st * L::STAGE;
+                if (tid == 0) {
+                    mbar_expect_tx(&full[st], L::A_BYTES);
 #pragma unroll
-            for (int j = 0; j < SCH; j++) {
-                const bool ok = s_row[j] >= 0;
-                cp_async4(sc + L::C_BYTES + (tid + WS_PRODUCERS * j) * GEMM_SCALE_BYTES,
-                          ok ? w.scales + gemm_scale_src(w, s_row[j], kt) : w.scales, ok);
+                    for (int tt = 0; tt < TERMS; tt++)
+                        tma_load_3d(base + tt * L::A_TERM, &ta.t[tt], kt * GEMM_BK, bz, tile.m0, &full[st]);
+                }
+                u8* sc = base + L::A_BYTES;
+#pragma unroll
+                for (int j = 0; j < CCH; j++)
+                    cp_async16(sc + gemm_code_off((tid + WS_PRODUCERS * j) >> 1, tid & 1),
+                               c_src[j] ? c_src[j] + kt * (GEMM_BK / 2) : w.codes, c_src[j] != nullptr);
+#pragma unroll
+                for (int j = 0; j < SCH; j++) {
+                    const bool ok = s_row[j] >= 0;
+                    cp_async4(sc + L::C_BYTES + (tid + WS_PRODUCERS * j) * GEMM_SCALE_BYTES,
+                              ok ? w.scales + gemm_scale_src(w, s_row[j], kt) : w.scales, ok);
+                }
+                mbar_arrive_copies(&full[st]);
+                if (kt == fill_at) {
+                    if (ti > 0) mbar_wait(epi_empty, (ti - 1) & 1);
+                    gemm_epi_fill(epi, g, w, tile.m0, m_total, tid, WS_PRODUCERS,
+                                  [&](int rr) { return wg_w_row(g, bx, rr, tile.expert_row0); });
+                    mbar_arrive(epi_full);
+                }
             }
-            mbar_arrive_copies(&full[st]);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         return;
@@ -679,9 +713,6 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     // Consumers: warpgroup wg (0, 1) of the two owns weight rows wg * WG_ROWS .. + WG_ROWS, in
     // HALVES m64 halves; warp wq of its four.
     const int ct = tid - WS_PRODUCERS, lane = ct & 31, wg = ct >> 7, wq = (ct >> 5) & 3;
-    gemm_epi_fill(epi, g, w, m0, m_total, ct, WS_THREADS - WS_PRODUCERS,
-                  [&](int rr) { return wg_w_row(g, rr, expert_row0); });
-    asm volatile("bar.sync 1, %0;" ::"n"(WS_THREADS - WS_PRODUCERS) : "memory"); // the consumers only
     const int gq = lane >> 2, tq = lane & 3;
     // This thread's fragment rows in half h: r + 64 h and r + 64 h + 8 of the block's WR_ROWS
     // (the same gemm_code_off swap, as (r + 8) >> 2 has the parity of r >> 2).
@@ -706,18 +737,15 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     };
 
     float acc[HALVES][BM / 2];
-#pragma unroll
-    for (int h = 0; h < HALVES; h++)
-#pragma unroll
-        for (int i = 0; i < BM / 2; i++) acc[h][i] = 0.0f;
     auto fence_acc = [&]() {
 #pragma unroll
         for (int h = 0; h < HALVES; h++) wg_fence_operands(acc[h]);
     };
 
-    auto step = [&](int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
-        const int st = kt % STAGES;
-        mbar_wait(&full[st], (kt / STAGES) & 1);
+    // k-tile kt of the tile, the block's k-tile number it.
+    auto step = [&](int it, int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
+        const int st = it % STAGES;
+        mbar_wait(&full[st], (it / STAGES) & 1);
         const u8* base = stages + st * L::STAGE;
         decode_tile(base + L::A_BYTES, kt, af);
         fence_acc();
@@ -731,45 +759,60 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
                 for (int h = 0; h < HALVES; h++)
                     wgmma_rs<BM>(acc[h], af[h][ks], db + ((tm * L::A_TERM + ks * 32) >> 4));
         wg_commit();
-        // Tile kt - 1's products have finished: its stage goes back to the producer (its codes
-        // were read by the decode before them).
+        // k-tile kt - 1's products have finished: its stage goes back to the producer (its
+        // codes were read by the decode before them).
         wg_wait<1>();
         fence_acc();
-        if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+        if (kt > 0) mbar_arrive(&empty[(it - 1) % STAGES]);
     };
-    // Two tiles per trip, so each fragment set is a fixed set of registers. A do-while leaves no
-    // zero-trip path joining the wgmma pipeline (ptxas then serialized every wgmma: C7515).
     u32 af0[HALVES][GEMM_BK / 16][4], af1[HALVES][GEMM_BK / 16][4];
-    int kt = 0;
-    do {
-        step(kt, af0);
-        step(kt + 1, af1);
-        kt += 2;
-    } while (kt < kt_count);
-    wg_wait<0>();
-    fence_acc();
+    int it = 0;
+    for (int t = blockIdx.x, ti = 0; t < tiles; t += gridDim.x, ti++) {
+        const int bx = t % gx, by = (t / gx) % gy, bz = t / gx / gy;
+        const int m0 = by * BM;
+        const size_t out_z = (size_t)bz * g.out_z;
+#pragma unroll
+        for (int h = 0; h < HALVES; h++)
+#pragma unroll
+            for (int j = 0; j < BM / 2; j++) acc[h][j] = 0.0f;
+        // Two k-tiles per trip, so each fragment set is a fixed set of registers. A do-while
+        // leaves no zero-trip path joining the wgmma pipeline (ptxas then serialized every
+        // wgmma: C7515).
+        int kt = 0;
+        do {
+            step(it + kt, kt, af0);
+            step(it + kt + 1, kt + 1, af1);
+            kt += 2;
+        } while (kt < kt_count);
+        wg_wait<0>();
+        fence_acc();
+        it += kt_count;
+        mbar_arrive(&empty[(it - 1) % STAGES]); // the tile's last stage
+        mbar_wait(epi_full, ti & 1);
 
-    // Epilogue: token m0 + 8 s + 2 tq + c, weight row r + 64 h (+ 8): acc[h][4 s + c]
-    // (acc[h][4 s + 2 + c]). Gated, row r + 64 h holds the gate of output j, row + 8 its up.
+        // Epilogue: token m0 + 8 s + 2 tq + c, weight row r + 64 h (+ 8): acc[h][4 s + c]
+        // (acc[h][4 s + 2 + c]). Gated, row r + 64 h holds the gate of output j, row + 8 its up.
 #pragma unroll
-    for (int h = 0; h < HALVES; h++) {
-        const int rh = r + 64 * h;
-        const int n0 = blockIdx.x * WR_ROWS + rh, j = blockIdx.x * (WR_ROWS / 2) + (rh >> 4) * 8 + gq;
+        for (int h = 0; h < HALVES; h++) {
+            const int rh = r + 64 * h;
+            const int n0 = bx * WR_ROWS + rh, j = bx * (WR_ROWS / 2) + (rh >> 4) * 8 + gq;
 #pragma unroll
-        for (int s = 0; s < BM / 8; s++)
+            for (int s = 0; s < BM / 8; s++)
 #pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int i = s * 8 + tq * 2 + c, m = m0 + i;
-                if (!epi->ok[i]) continue;
-                const float rs = epi->rs[i];
-                if (!g.gated) {
-                    gemm_store(g, out_z, m, n0, acc[h][s * 4 + c], epi->ts[rh], rs);
-                    gemm_store(g, out_z, m, n0 + 8, acc[h][s * 4 + 2 + c], epi->ts[rh + 8], rs);
-                } else {
-                    gemm_store_gated(g, out_z, m, j, acc[h][s * 4 + c] * epi->ts[rh],
-                                     acc[h][s * 4 + 2 + c] * epi->ts[rh + 8], rs);
+                for (int c = 0; c < 2; c++) {
+                    const int i = s * 8 + tq * 2 + c, m = m0 + i;
+                    if (!epi->ok[i]) continue;
+                    const float rs = epi->rs[i];
+                    if (!g.gated) {
+                        gemm_store(g, out_z, m, n0, acc[h][s * 4 + c], epi->ts[rh], rs);
+                        gemm_store(g, out_z, m, n0 + 8, acc[h][s * 4 + 2 + c], epi->ts[rh + 8], rs);
+                    } else {
+                        gemm_store_gated(g, out_z, m, j, acc[h][s * 4 + c] * epi->ts[rh],
+                                         acc[h][s * 4 + 2 + c] * epi->ts[rh + 8], rs);
+                    }
                 }
-            }
+        }
+        mbar_arrive(epi_empty);
     }
 }
 
@@ -779,7 +822,8 @@ __device__ void gemm_fp4_wg_body(const W& w, const GemmArgs& g, const TmaA& ta, 
     else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4>(w, g, ta, smem_raw);
 }
 
-// gemm_fp4_wg_t{TERMS}_m{BM}: BM tokens x WR_ROWS weight rows, one block of WS_THREADS per SM.
+// gemm_fp4_wg_t{TERMS}_m{BM}: tiles of BM tokens x WR_ROWS weight rows, one persistent block of
+// WS_THREADS per SM (the host launches min(tiles, SMs) blocks along x).
 // The activations come through `ta` only (g.a, g.a_map and g.a_stride are not read).
 #define GEMM_FP4_WG(BM, TERMS)                                                                                   \
     extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                                  \

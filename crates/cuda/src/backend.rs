@@ -175,16 +175,16 @@ pub const GEMM_BLOCK_ROWS: [usize; 3] = [32, 64, 128];
 /// Rows per tile (all of a linear's, or one expert's on average) from which 64-row tiles are
 /// used: below it 32-row tiles waste less padding.
 const GEMM_WIDE_ROWS_FROM: usize = 48;
-/// The same for 128-row tiles (wgmma only).
-const GEMM_TALL_ROWS_FROM: usize = 192;
-/// Whether the grouped MoE GEMM takes the wgmma kernel, for tiles of MOE_WGMMA_ROWS rows (at
-/// least GEMM_TALL_ROWS_FROM rows per expert: large prefill chunks). On the H200 at 8192 tokens
-/// (bench_layers, twenty-fourth session, after the epilogue fix) its 128-row tiles took 2.87 /
-/// 3.54 ms (Qwen3, bf16 / f32 x) and 3.21 / 4.06 ms (GLM) against mma.sync's best 3.70 / 4.57
-/// and 4.52 / 5.63 ms. Its 64-row tiles were slower than mma.sync's before that fix and have not
-/// been timed since, so smaller tiles stay on mma.sync.
+/// The same for 128-row tiles (wgmma only). On the H200 (bench_layers, bf16 x, persistent
+/// wgmma kernel, twenty-fifth session) a Qwen3 MoE layer at 1024 tokens (64 rows per expert)
+/// took 0.620 ms on 64-row tiles and 0.660 on 128-row ones; at 2048 tokens (128 per expert)
+/// 1.018 against 0.970, and GLM's 1.176 against 1.068.
+const GEMM_TALL_ROWS_FROM: usize = 96;
+/// Whether the grouped MoE GEMM takes the wgmma kernel (tiles of 64 rows and more, as the
+/// linears). On the H200 (bench_layers, bf16 x, twenty-fifth session) a Qwen3 MoE layer at
+/// 2048 tokens on 64-row tiles took 1.018 ms against mma.sync's 1.200, GLM's 1.176 against
+/// 1.385; at 8192 tokens on 128-row tiles 2.73 against mma.sync's best 3.70 (Qwen3).
 pub(crate) const MOE_ON_WGMMA: bool = true;
-const MOE_WGMMA_ROWS: usize = 128;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
@@ -334,7 +334,7 @@ fn gemm_kernel(
     n_tile: usize,
     terms: usize,
 ) -> Result<GemmKernel> {
-    let wg = backend.gemm_on_wgmma(op) && block_rows >= if op == "moe" { MOE_WGMMA_ROWS } else { 64 };
+    let wg = backend.gemm_on_wgmma(op) && block_rows >= 64;
     let name = match (wg, terms, block_rows, n_tile) {
         (true, 1, 64, _) => "gemm_fp4_wg_t1_m64",
         (true, 2, 64, _) => "gemm_fp4_wg_t2_m64",
@@ -385,13 +385,14 @@ fn gemm_kernel(
 
 /// The batched-product fields of `GemmArgs` (gemm.cu): slice `z` of grid.z reads A from
 /// element `z * a_z`, writes from element `z * out_z`, and uses weight rows from
-/// `w_row0 + z * w_z`. Zero for one product.
+/// `w_row0 + z * w_z`; `slices` of them (0: one). Zero for one product.
 #[derive(Default, Clone, Copy)]
 struct GemmBatch {
     a_z: usize,
     out_z: usize,
     w_z: usize,
     w_row0: usize,
+    slices: usize,
 }
 
 /// The pointer fields of `GemmArgs` in gemm.cu, in order.
@@ -440,8 +441,9 @@ fn gemm_args(
     for v in ptrs {
         b.extend_from_slice(&v.to_le_bytes());
     }
-    let GemmBatch { a_z, out_z, w_z, w_row0 } = batch;
-    for v in [a_stride, a_div, m, n, out_stride, rows_per_expert, gated as usize, a_z, out_z, w_z, w_row0, 0]
+    let GemmBatch { a_z, out_z, w_z, w_row0, slices } = batch;
+    for v in
+        [a_stride, a_div, m, n, out_stride, rows_per_expert, gated as usize, a_z, out_z, w_z, w_row0, slices]
     {
         b.extend_from_slice(&(v as i32).to_le_bytes());
     }
@@ -766,8 +768,7 @@ impl CudaBackend {
         if self.gemm_on_wgmma(op) { &GEMM_BLOCK_ROWS } else { &GEMM_BLOCK_ROWS[..2] }
     }
 
-    /// Whether `op`'s FP4 GEMM takes the wgmma kernel (64 rows and more; MOE_WGMMA_ROWS for the
-    /// grouped MoE).
+    /// Whether `op`'s FP4 GEMM takes the wgmma kernel (for its tiles of 64 rows and more).
     fn gemm_on_wgmma(&self, op: &'static str) -> bool {
         self.wgmma && (op != "moe" || self.moe_wgmma)
     }
@@ -785,6 +786,18 @@ impl CudaBackend {
             32
         };
         self.gemm_rows.unwrap_or(pick).min(largest)
+    }
+
+    /// The launch grid of FP4 GEMM `k` over `tiles` (x: weight-row blocks, y: row tiles, z: batch
+    /// slices): one block per tile on mma.sync; the wgmma kernel (`tma`) is persistent and walks
+    /// the tiles itself, one block per SM (the grouped MoE's row tiles being an upper bound, the
+    /// kernel reads the real count).
+    fn gemm_grid(&self, k: &GemmKernel, tiles: (u32, u32, u32)) -> (u32, u32, u32) {
+        if !k.tma {
+            return tiles;
+        }
+        let n = tiles.0 as usize * tiles.1 as usize * tiles.2 as usize;
+        (n.clamp(1, self.dev.sms) as u32, 1, 1)
     }
 
     /// y `[m, n]` f32 = x · Wᵀ by the FP4 tensor-core GEMM, or gemm_f32 (dense weights).
@@ -817,12 +830,12 @@ impl CudaBackend {
             k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         }
         let a = self.gemm_operand(x, m, w.cols, w.kp, terms)?;
-        self.run_gemm(&k, bm, w, &a, &y, [m, w.rows], [w.kp, w.rows], GemmBatch::default(), 1)?;
+        self.run_gemm(&k, bm, w, &a, &y, [m, w.rows], [w.kp, w.rows], GemmBatch::default())?;
         Ok(y)
     }
 
-    /// The plain FP4 GEMM `k` (bm-row tiles) on A terms `a` into `y`: `[m, n]` per batch slice
-    /// (`slices` of them), A and y rows `strides` = [A's, y's] elements apart.
+    /// The plain FP4 GEMM `k` (bm-row tiles) on A terms `a` into `y`: `[m, n]` per batch slice,
+    /// A and y rows `strides` = [A's, y's] elements apart.
     #[allow(clippy::too_many_arguments)]
     fn run_gemm(
         &self,
@@ -834,8 +847,8 @@ impl CudaBackend {
         [m, n]: [usize; 2],
         [a_stride, out_stride]: [usize; 2],
         batch: GemmBatch,
-        slices: usize,
     ) -> Result<()> {
+        let slices = batch.slices.max(1);
         let ptr = |i: usize| a.get(i).map_or(0, |t: &CT| t.storage.ptr());
         let args = gemm_args(
             GemmPtrs { a: ptr(0), a_lo: ptr(1), a_lo2: ptr(2), out: y.storage.ptr(), ..Default::default() },
@@ -855,7 +868,7 @@ impl CudaBackend {
         self.run_smem(
             "gemm.cu",
             k.name,
-            (blocks(n, k.n_tile as u32), blocks(m, bm as u32), slices as u32),
+            self.gemm_grid(k, (blocks(n, k.n_tile as u32), blocks(m, bm as u32), slices as u32)),
             k.threads,
             k.smem,
             &launch,
@@ -874,8 +887,9 @@ impl CudaBackend {
         let y = self.empty(&[m, heads, row_count], DType::F32)?;
         // Term rows are (token, head) pairs: token t of head z at row t * heads + z.
         let a = self.gemm_operand(x, m * heads, w.cols, w.kp, TERMS)?;
-        let batch = GemmBatch { a_z: w.kp, out_z: row_count, w_z: rows_per_head, w_row0: row_start };
-        self.run_gemm(&k, bm, w, &a, &y, [m, row_count], [heads * w.kp, heads * row_count], batch, heads)?;
+        let batch =
+            GemmBatch { a_z: w.kp, out_z: row_count, w_z: rows_per_head, w_row0: row_start, slices: heads };
+        self.run_gemm(&k, bm, w, &a, &y, [m, row_count], [heads * w.kp, heads * row_count], batch)?;
         Ok(y)
     }
 
@@ -1617,7 +1631,7 @@ impl CudaBackend {
         self.run_smem(
             "gemm.cu",
             gk.name,
-            (blocks(inter, (gk.n_tile / 2) as u32), max_blocks as u32, 1),
+            self.gemm_grid(&gk, (blocks(inter, (gk.n_tile / 2) as u32), max_blocks as u32, 1)),
             gk.threads,
             gk.smem,
             &up_launch,
@@ -1651,7 +1665,7 @@ impl CudaBackend {
         self.run_smem(
             "gemm.cu",
             gk_down.name,
-            (blocks(h, gk_down.n_tile as u32), max_blocks as u32, 1),
+            self.gemm_grid(&gk_down, (blocks(h, gk_down.n_tile as u32), max_blocks as u32, 1)),
             gk_down.threads,
             gk_down.smem,
             &down_launch,

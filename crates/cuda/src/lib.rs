@@ -20,8 +20,9 @@
 //!   by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one): `mma.sync`
 //!   bf16, or on Hopper, for tiles of 64 rows and more, `wgmma` with the decoded weights as
 //!   its register operand, warp-specialized (a producer warpgroup: activation tiles by TMA,
-//!   weight codes by `cp.async`, stages handed over through mbarriers) (dense linears, MLA's head
-//!   products and the grouped MoE's 128-row tiles; `FP4MOE_CUDA_WGMMA=0` or
+//!   weight codes by `cp.async`, stages handed over through mbarriers; persistent: one block per SM
+//!   walks the tiles) (dense linears, MLA's head
+//!   products and the grouped MoE's; `FP4MOE_CUDA_WGMMA=0` or
 //!   [`CudaBackend::with_mma_gemm`] turns it off, `FP4MOE_CUDA_MOE_WGMMA=0` for the MoE only);
 //!   `linears` runs up to three one-row tensor-core GEMVs on one x as one launch. `moe` Decode runs
 //!   per (token, slot) products, on the tensor cores when every weight is FP4, with SiLU fused
@@ -138,7 +139,7 @@ pub struct CudaBackend {
     /// (`gemm_fp4_t*`). `FP4MOE_CUDA_WGMMA=0` or [`CudaBackend::with_mma_gemm`] selects
     /// `mma.sync`, which the conformance suite also runs.
     wgmma: bool,
-    /// The grouped MoE GEMM on the wgmma kernel too, for its 128-row tiles (where `wgmma` holds):
+    /// The grouped MoE GEMM on the wgmma kernel too (where `wgmma` holds):
     /// `FP4MOE_CUDA_MOE_WGMMA` (1 or 0) or [`CudaBackend::with_moe_on_wgmma`]; the default is
     /// MOE_ON_WGMMA (backend.rs).
     moe_wgmma: bool,

@@ -13,8 +13,7 @@ mod simt_decode {
 }
 
 /// The same suite with every FP4 prefill GEMM on 64-row tiles (the suite's small shapes would
-/// otherwise take the 32-row ones): on Hopper the dense products' wgmma kernels (the grouped
-/// MoE takes wgmma from 128-row tiles).
+/// otherwise take the 32-row ones): on Hopper the wgmma kernels, the grouped MoE's included.
 mod gemm_64_rows {
     fp4moe_ops::conformance_tests!(
         fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(64)),
