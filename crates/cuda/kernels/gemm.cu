@@ -170,12 +170,29 @@ __device__ __forceinline__ u32 gemm_scale_code(const W& w, u32 word, int kt, int
 // 2t + 1 (lo) and 2t + 8, 2t + 9 (hi) as scaled bf16 pairs, from the row's 8 code bytes q.
 // b_sel = (t << 4) | ((4 + t) << 12) puts byte t of each half at bytes 1 and 3: nibbles 3 and 7
 // are then elements 2t + 1, 2t + 9; shifted by 4, elements 2t, 2t + 8 (fp4_e2m1_pair_bf16).
+// PERM: the step's k order is gemm_kperm's, where the decode's own pairs (2t, 2t + 8) and
+// (2t + 1, 2t + 9) are the fragment's (2t, 2t + 1) and (2t + 8, 2t + 9): no pairing permutes.
+template <bool PERM = false>
 __device__ __forceinline__ void fp4_frag16(uint2 q, u32 s2, u32 b_sel, u32& lo, u32& hi) {
     const u32 v = __byte_perm(q.x, q.y, b_sel);
     const u32 odd = bf16x2_mul(fp4_e2m1_pair_bf16(v), s2);
     const u32 even = bf16x2_mul(fp4_e2m1_pair_bf16(v << 4), s2);
-    lo = __byte_perm(even, odd, 0x5410);
-    hi = __byte_perm(even, odd, 0x7632);
+    if (PERM) {
+        lo = even;
+        hi = odd;
+    } else {
+        lo = __byte_perm(even, odd, 0x5410);
+        hi = __byte_perm(even, odd, 0x7632);
+    }
+}
+
+// The permuted k order of the grouped MoE's wgmma GEMMs: within every 16 columns, column p is
+// stored at gemm_kperm(p), which swaps 2t + 1 and 2t + 8 (t < 4), an involution. The weights
+// keep their layout (fp4_frag16<true> decodes straight into it); the activations are written
+// in it by gather_rows_bf16 (moe.cu) and by the gated epilogue, for the down product.
+__device__ __forceinline__ int gemm_kperm(int p) {
+    const int i = p & 15;
+    return ((i ^ (i >> 3)) & 1) ? (p & ~15) | (i < 8 ? i + 7 : i - 7) : p;
 }
 
 // Epilogue: whether output row m is written, and its factor (the router weight, fused into the
@@ -226,13 +243,14 @@ __device__ __forceinline__ void gemm_store(const GemmArgs& g, size_t out_z, int 
     g.out[out_z + (size_t)m * g.out_stride + n] = acc * ts * rs;
 }
 // Output (m, j) of the gated product, SiLU(gate) * up, as bf16 (and its residual term).
-__device__ __forceinline__ void gemm_store_gated(const GemmArgs& g, size_t out_z, int m, int j, float gate, float up,
-                                                 float rs) {
+// Output j is stored at column `col` (j itself, or gemm_kperm(j) for a permuted-k consumer).
+__device__ __forceinline__ void gemm_store_gated(const GemmArgs& g, size_t out_z, int m, int j, int col, float gate,
+                                                 float up, float rs) {
     if (j >= g.n) return;
     float v = silu_f(gate) * up * rs;
     u16 hi = f32_to_bf16(v);
-    g.out_bf16[out_z + (size_t)m * g.out_stride + j] = hi;
-    if (g.out_bf16_lo) g.out_bf16_lo[out_z + (size_t)m * g.out_stride + j] = f32_to_bf16(v - bf16_to_f32(hi));
+    g.out_bf16[out_z + (size_t)m * g.out_stride + col] = hi;
+    if (g.out_bf16_lo) g.out_bf16_lo[out_z + (size_t)m * g.out_stride + col] = f32_to_bf16(v - bf16_to_f32(hi));
 }
 
 template <int BM, int BN, int TERMS, int KIND>
@@ -384,7 +402,7 @@ __device__ void gemm_fp4_body_k(W w, GemmArgs g, u8* smem) {
 #pragma unroll
                     for (int c = 0; c < 2; c++) {
                         const int rg = r0 + s * 8 + c;
-                        gemm_store_gated(g, out_z, m, j0 + s * 8 + c, acc[mt][s][hrow * 2 + c] * epi->ts[rg],
+                        gemm_store_gated(g, out_z, m, j0 + s * 8 + c, j0 + s * 8 + c, acc[mt][s][hrow * 2 + c] * epi->ts[rg],
                                          acc[mt][s + NS / 2][hrow * 2 + c] * epi->ts[rg + WC / 2], rs);
                     }
             }
@@ -618,7 +636,7 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0
 #endif
 }
 
-template <int BM, int TERMS, int KIND>
+template <int BM, int TERMS, int KIND, bool PERM>
 __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw) {
     w.kind = KIND; // as gemm_fp4_body_k
     typedef WgSmem<BM, TERMS> L;
@@ -730,8 +748,8 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
             for (int ks = 0; ks < GEMM_BK / 16; ks++) {
                 const u8* p = sc + gemm_code_off(rh, ks >> 1) + (ks & 1) * 8;
                 const uint2 q0 = *(const uint2*)p, q1 = *(const uint2*)(p + 8 * (GEMM_BK / 2));
-                fp4_frag16(q0, scale_pair(lut, w, gemm_scale_code(w, w0, kt, ks)), b_sel, af[h][ks][0], af[h][ks][2]);
-                fp4_frag16(q1, scale_pair(lut, w, gemm_scale_code(w, w1, kt, ks)), b_sel, af[h][ks][1], af[h][ks][3]);
+                fp4_frag16<PERM>(q0, scale_pair(lut, w, gemm_scale_code(w, w0, kt, ks)), b_sel, af[h][ks][0], af[h][ks][2]);
+                fp4_frag16<PERM>(q1, scale_pair(lut, w, gemm_scale_code(w, w1, kt, ks)), b_sel, af[h][ks][1], af[h][ks][3]);
             }
         }
     };
@@ -807,7 +825,7 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
                         gemm_store(g, out_z, m, n0, acc[h][s * 4 + c], epi->ts[rh], rs);
                         gemm_store(g, out_z, m, n0 + 8, acc[h][s * 4 + 2 + c], epi->ts[rh + 8], rs);
                     } else {
-                        gemm_store_gated(g, out_z, m, j, acc[h][s * 4 + c] * epi->ts[rh],
+                        gemm_store_gated(g, out_z, m, j, PERM ? gemm_kperm(j) : j, acc[h][s * 4 + c] * epi->ts[rh],
                                          acc[h][s * 4 + 2 + c] * epi->ts[rh + 8], rs);
                     }
                 }
@@ -816,23 +834,26 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     }
 }
 
-template <int BM, int TERMS>
+template <int BM, int TERMS, bool PERM>
 __device__ void gemm_fp4_wg_body(const W& w, const GemmArgs& g, const TmaA& ta, u8* smem_raw) {
-    if (w.kind == KIND_NVFP4) gemm_fp4_wg_body_k<BM, TERMS, KIND_NVFP4>(w, g, ta, smem_raw);
-    else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4>(w, g, ta, smem_raw);
+    if (w.kind == KIND_NVFP4) gemm_fp4_wg_body_k<BM, TERMS, KIND_NVFP4, PERM>(w, g, ta, smem_raw);
+    else gemm_fp4_wg_body_k<BM, TERMS, KIND_MXFP4, PERM>(w, g, ta, smem_raw);
 }
 
 // gemm_fp4_wg_t{TERMS}_m{BM}: tiles of BM tokens x WR_ROWS weight rows, one persistent block of
-// WS_THREADS per SM (the host launches min(tiles, SMs) blocks along x).
+// WS_THREADS per SM (the host launches min(tiles, SMs) blocks along x). `_kperm`: the grouped
+// MoE's, activations in gemm_kperm's column order (and a gated output written in it).
 // The activations come through `ta` only (g.a, g.a_map and g.a_stride are not read).
-#define GEMM_FP4_WG(BM, TERMS)                                                                                   \
+#define GEMM_FP4_WG(BM, TERMS, PERM, SUFFIX)                                                                     \
     extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)                                                  \
-        gemm_fp4_wg_t##TERMS##_m##BM(W w, GemmArgs g, const __grid_constant__ TmaA ta) {                         \
+        gemm_fp4_wg_t##TERMS##_m##BM##SUFFIX(W w, GemmArgs g, const __grid_constant__ TmaA ta) {                 \
         extern __shared__ __align__(16) u8 smem[];                                                               \
         pdl_enter();                                                                                             \
-        gemm_fp4_wg_body<BM, TERMS>(w, g, ta, smem);                                                             \
+        gemm_fp4_wg_body<BM, TERMS, PERM>(w, g, ta, smem);                                                       \
     }
-#define GEMM_FP4_WG_TERMS(BM) GEMM_FP4_WG(BM, 1) GEMM_FP4_WG(BM, 2) GEMM_FP4_WG(BM, 3)
+#define GEMM_FP4_WG_TERMS(BM)                                                                                    \
+    GEMM_FP4_WG(BM, 1, false, ) GEMM_FP4_WG(BM, 2, false, ) GEMM_FP4_WG(BM, 3, false, )                          \
+    GEMM_FP4_WG(BM, 1, true, _kperm) GEMM_FP4_WG(BM, 2, true, _kperm)
 GEMM_FP4_WG_TERMS(64)
 GEMM_FP4_WG_TERMS(128)
 

@@ -71,16 +71,29 @@ extern "C" __global__ void moe_combine(const float* y, const int* inverse, const
 
 // The gate/up GEMM's activation rows in expert order, for the wgmma kernel (its TMA copies
 // cannot gather): dst[r, :] = src[sorted[r] / k, :] for the padded rows r < *total that hold a
-// pair, zeros for padding rows. bf16 rows of kp columns, 8 per thread (16 bytes).
+// pair, zeros for padding rows, each 16 columns in gemm_kperm's order (gemm.cu: column 2t + 1
+// and 2t + 8 swapped, t < 4), which the `_kperm` GEMMs read. bf16 rows of kp columns, 16 per
+// thread (two 16-byte chunks): the 32-bit word t of the output is the low halves of input words
+// t and t + 4, word t + 4 their high halves.
 extern "C" __global__ void gather_rows_bf16(const u16* src, const int* sorted, int k, const int* total,
                                             u16* dst, size_t rows, int kp) {
     pdl_enter();
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, per = (size_t)kp / 8;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, per = (size_t)kp / 16;
     if (i >= rows * per) return;
-    const size_t r = i / per, c = (i % per) * 8;
+    const size_t r = i / per, c = (i % per) * 16;
     if ((int)r >= *total) return;
     const int p = sorted[r];
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (p >= 0) v = *(const uint4*)(src + (size_t)(p / k) * kp + c);
-    *(uint4*)(dst + r * kp + c) = v;
+    uint4 a = make_uint4(0, 0, 0, 0), b = a;
+    if (p >= 0) {
+        const uint4* s = (const uint4*)(src + (size_t)(p / k) * kp + c);
+        a = s[0];
+        b = s[1];
+    }
+    const uint4 lo = make_uint4(__byte_perm(a.x, b.x, 0x5410), __byte_perm(a.y, b.y, 0x5410),
+                                __byte_perm(a.z, b.z, 0x5410), __byte_perm(a.w, b.w, 0x5410));
+    const uint4 hi = make_uint4(__byte_perm(a.x, b.x, 0x7632), __byte_perm(a.y, b.y, 0x7632),
+                                __byte_perm(a.z, b.z, 0x7632), __byte_perm(a.w, b.w, 0x7632));
+    uint4* d = (uint4*)(dst + r * kp + c);
+    d[0] = lo;
+    d[1] = hi;
 }

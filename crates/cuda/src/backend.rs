@@ -326,7 +326,10 @@ struct GemmKernel {
 
 /// The FP4 GEMM kernel for a tile and the number of bf16 terms A is split into: the wgmma
 /// kernel for tiles of 64 rows or more where the backend uses it (GEMM_WG_W_ROWS weight rows per
-/// block, whatever `n_tile` asks), else the mma.sync one.
+/// block, whatever `n_tile` asks), else the mma.sync one. The grouped MoE's wgmma kernels are
+/// the `_kperm` ones: their activations are in gemm.cu's gemm_kperm column order (written so by
+/// gather_rows_bf16 and by the gated product), which spares the weight decode its pairing
+/// permutes.
 fn gemm_kernel(
     op: &'static str,
     backend: &CudaBackend,
@@ -336,6 +339,10 @@ fn gemm_kernel(
 ) -> Result<GemmKernel> {
     let wg = backend.gemm_on_wgmma(op) && block_rows >= 64;
     let name = match (wg, terms, block_rows, n_tile) {
+        (true, 1, 64, _) if op == "moe" => "gemm_fp4_wg_t1_m64_kperm",
+        (true, 2, 64, _) if op == "moe" => "gemm_fp4_wg_t2_m64_kperm",
+        (true, 1, 128, _) if op == "moe" => "gemm_fp4_wg_t1_m128_kperm",
+        (true, 2, 128, _) if op == "moe" => "gemm_fp4_wg_t2_m128_kperm",
         (true, 1, 64, _) => "gemm_fp4_wg_t1_m64",
         (true, 2, 64, _) => "gemm_fp4_wg_t2_m64",
         (true, 3, 64, _) => "gemm_fp4_wg_t3_m64",
@@ -1584,7 +1591,7 @@ impl CudaBackend {
                     self.run(
                         "moe.cu",
                         "gather_rows_bf16",
-                        (blocks(max_rows * gu.kp / 8, ELEM_THREADS), 1, 1),
+                        (blocks(max_rows * gu.kp / 16, ELEM_THREADS), 1, 1),
                         ELEM_THREADS,
                         &[
                             Arg::Ptr(t.storage.ptr()),
