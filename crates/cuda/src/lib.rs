@@ -20,10 +20,10 @@
 //!   by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one): `mma.sync`
 //!   bf16, or on Hopper, for tiles of 64 rows and more, `wgmma` with the decoded weights as
 //!   its register operand, warp-specialized (a producer warpgroup: activation tiles by TMA,
-//!   weight codes by `cp.async`, stages handed over through mbarriers; persistent: one block per SM
-//!   walks the tiles) (dense linears, MLA's head
-//!   products and the grouped MoE's; `FP4MOE_CUDA_WGMMA=0` or
-//!   [`CudaBackend::with_mma_gemm`] turns it off, `FP4MOE_CUDA_MOE_WGMMA=0` for the MoE only);
+//!   weight codes by `cp.async`, stages handed over through mbarriers) and persistent (one block
+//!   per SM walks the tiles), for dense linears, MLA's head products and the grouped MoE (whose
+//!   activations it reads in a permuted k order); `FP4MOE_CUDA_WGMMA=0` or
+//!   [`CudaBackend::with_mma_gemm`] turns it off, `FP4MOE_CUDA_MOE_WGMMA=0` for the MoE only;
 //!   `linears` runs up to three one-row tensor-core GEMVs on one x as one launch. `moe` Decode runs
 //!   per (token, slot) products, on the tensor cores when every weight is FP4, with SiLU fused
 //!   into gate/up and the router weight into down, then a slot-ordered sum; Prefill{128|256} sorts
