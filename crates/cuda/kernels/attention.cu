@@ -608,14 +608,16 @@ __device__ __forceinline__ void tc_softmax(float (*s)[4], int c0, int keys, cons
         rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, 1));
         rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, 2));
         float nm = fmaxf(m[r], rm);
-        corr[r] = m[r] == ATT_NEG_INF ? 0.0f : expf(m[r] - nm);
+        // The hardware exp2 (`__expf`: 2 instructions, ~2^-22 relative near the row maximum,
+        // where the sum's weight is) for expf's ~8 per score.
+        corr[r] = m[r] == ATT_NEG_INF ? 0.0f : __expf(m[r] - nm);
         float rs = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 float& x = s[nt][2 * r + j];
-                x = x == ATT_NEG_INF ? 0.0f : expf(x - nm);
+                x = x == ATT_NEG_INF ? 0.0f : __expf(x - nm);
                 rs += x;
             }
         l[r] = l[r] * corr[r] + rs;

@@ -768,14 +768,18 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
         decode_tile(base + L::A_BYTES, kt, af);
         fence_acc();
         wg_fence();
-        const u64 db = wg_desc(base);
+        // The descriptor's address field (bits 0-13, address / 16) never carries into bit 16 or
+        // beyond (shared memory ends below 256 KB): each step's is a 32-bit add to the low word.
+        const u32 dlo = (u32)wg_desc(base);
+        const u32 dhi = (u32)(wg_desc(base) >> 32);
+        auto db_at = [&](int off) { return ((u64)dhi << 32) | (u64)(dlo + (u32)(off >> 4)); };
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK / 16; ks++)
 #pragma unroll
             for (int tm = 0; tm < TERMS; tm++)
 #pragma unroll
                 for (int h = 0; h < HALVES; h++)
-                    wgmma_rs<BM>(acc[h], af[h][ks], db + ((tm * L::A_TERM + ks * 32) >> 4));
+                    wgmma_rs<BM>(acc[h], af[h][ks], db_at(tm * L::A_TERM + ks * 32));
         wg_commit();
         // k-tile kt - 1's products have finished: its stage goes back to the producer (its
         // codes were read by the decode before them).
