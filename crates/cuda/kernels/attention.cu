@@ -863,7 +863,6 @@ __device__ __forceinline__ void gqa_prefill_tc(const float* q, const float* k, c
 GQA_PREFILL_TC(attention_gqa_prefill_tc, 0, 0, true)
 GQA_PREFILL_TC(attention_gqa_prefill_tc_d128, 128, 128, true)
 GQA_PREFILL_TC(attention_gqa_prefill_tc_tf32, 0, 0, false)
-GQA_PREFILL_TC(attention_gqa_prefill_tc_d128_tf32, 128, 128, false)
 
 #define TCM_BC 32     // cache rows per tile
 #define TCM_NT (TCM_BC / 8)
@@ -1097,8 +1096,211 @@ __device__ __forceinline__ void mla_expanded_prefill_tc(const float* q_nope, con
     }
 MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc, 0, 0, 0, true)
 MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_n192_r64_v256, 192, 64, 256, true)
-MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_tf32, 0, 0, 0, false)
-MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_n192_r64_v256_tf32, 192, 64, 256, false)
+
+// ---- bf16 prefill (FlashAttention-2 form) ---------------------------------------------------
+// For prefills on bf16 activations (Backend::attention_gqa_bf16, attention_mla_expanded with
+// `bf16`): the scaled queries, keys, probabilities and values are rounded to bf16 and multiplied
+// by m16n8k16 bf16 mma (twice TF32's rate, half its shared-memory bytes per product); scores,
+// the softmax and the outputs stay f32. The TF32 kernels above reached ~61 TFLOP/s of 3xTF32
+// work (Qwen3's d128) and ~33 (GLM's expanded MLA): each warp split every element it read, and
+// f32 tiles held a quarter of a bf16 tile's keys.
+// The host rounds the keys and values to bf16 once per call (a kv head's tile serves all its
+// query heads' blocks); the queries are rounded here, with scale * log2(e) folded in, so the
+// softmax runs in base 2 (ex2.approx: -inf -> 0).
+// Shared memory (bf16): the query tile [FAB_ROWS][DQ + 8], two key tiles [BN][DQ + 8], two value
+// tiles [BN][DV + 8]; rows 16 bytes longer than their data put ldmatrix's 8 rows on distinct
+// banks. Each warp owns 16 query rows; its score fragments become the value product's A
+// fragments in registers (the accumulator layout of two 8-key tiles is the A layout of one
+// 16-key step).
+#define FAB_ROWS 64 // queries per block: 4 warps of 16
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// q: the query's first DA dims from qa [T, Hq, DA], the next DB from qb [T, Hq, DB]; key j of kv
+// head kh: DA elements at ka + j * ka_key + kh * ka_head, then DB at kb + j * kb_key +
+// kb_head * kh; its value: DV elements at v + j * v_key + kh * v_head (all bf16, 16-byte
+// aligned). Keys 0..keys_n exist; query t sits at position pos0 + t. out [T, Hq, DV].
+template <int DA, int DB, int DV, int BN>
+__device__ __forceinline__ void fa_bf16_prefill(const float* qa, const float* qb, const u16* ka, const u16* kb,
+                                                const u16* v, float* out, int hq, int hkv, int ka_key, int ka_head,
+                                                int kb_key, int kb_head, int v_key, int v_head, int t_n, int pos0,
+                                                int keys_n, float scale) {
+    constexpr int DQ = DA + DB, QS = DQ + 8, VS = DV + 8, NT = BN / 8, KC = DQ / 8, VC = DV / 8;
+    // Query fragments in registers where they fit beside the outputs (GQA's 128 dims: 32
+    // registers), else read from the query tile at every key tile.
+    constexpr bool QREG = DQ <= 128;
+    static_assert(DA % 8 == 0 && DB % 8 == 0 && DQ % 16 == 0 && DV % 16 == 0 && BN % 16 == 0, "whole mma steps");
+    pdl_wait(); // no early trigger: see the file comment
+    extern __shared__ float4 fab_smem[];
+    u16* qs = reinterpret_cast<u16*>(fab_smem); // [FAB_ROWS][QS]
+    u16* ks = qs + FAB_ROWS * QS;                // [2][BN][QS]
+    u16* vs = ks + 2 * BN * QS;                  // [2][BN][VS]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    // The last query tiles see the most keys: launch them first.
+    const int t0 = (gridDim.x - 1 - blockIdx.x) * FAB_ROWS, h = blockIdx.y, kh = h / (hq / hkv);
+    const int keys = min(pos0 + min(t0 + FAB_ROWS, t_n), keys_n);
+    // Rows past the keys are zero-filled (the source is not read), so their values are finite.
+    auto fetch = [&](int c0, int buf) {
+        u16* kd = ks + buf * BN * QS;
+        u16* vd = vs + buf * BN * VS;
+        for (int i = tid; i < BN * KC; i += 128) {
+            int c = i / KC, e = 8 * (i % KC), j = c0 + c;
+            bool ok = j < keys;
+            const u16* src = e < DA ? ka + (size_t)j * ka_key + kh * ka_head + e
+                                    : kb + (size_t)j * kb_key + kh * kb_head + (e - DA);
+            cp_async16(kd + c * QS + e, ok ? src : ka, ok);
+        }
+        for (int i = tid; i < BN * VC; i += 128) {
+            int c = i / VC, e = 8 * (i % VC), j = c0 + c;
+            bool ok = j < keys;
+            cp_async16(vd + c * VS + e, ok ? v + (size_t)j * v_key + kh * v_head + e : v, ok);
+        }
+        cp_async_commit();
+    };
+    fetch(0, 0);
+    const float qscale = scale * 1.4426950408889634f;
+    for (int i = tid; i < FAB_ROWS * (DQ / 4); i += 128) {
+        int r = i / (DQ / 4), e = 4 * (i % (DQ / 4)), row = t0 + r;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (row < t_n)
+            x = e < DA ? *reinterpret_cast<const float4*>(qa + ((size_t)row * hq + h) * DA + e)
+                       : *reinterpret_cast<const float4*>(qb + ((size_t)row * hq + h) * DB + (e - DA));
+        *reinterpret_cast<uint2*>(qs + r * QS + e) =
+            make_uint2(bf16x2_from(x.x * qscale, x.y * qscale), bf16x2_from(x.z * qscale, x.w * qscale));
+    }
+    __syncthreads();
+    // ldmatrix rows: A (queries) and B (keys) read [row][dim] tiles plainly, values transposed.
+    const u16* q_lane = qs + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * QS + 8 * (lane >> 4);
+    const int k_lane = ((lane & 7) + 8 * (lane >> 4)) * QS + 8 * ((lane >> 3) & 1);
+    const int v_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * VS + 8 * (lane >> 4);
+    u32 qf[QREG ? DQ / 16 : 1][4];
+    if (QREG) {
+#pragma unroll
+        for (int st = 0; st < (QREG ? DQ / 16 : 0); st++) ldmatrix_x4(qf[st], q_lane + st * 16);
+    }
+    const int w0 = t0 + warp * 16;
+    const int pos[2] = {pos0 + w0 + g, pos0 + w0 + g + 8};
+    // Tiles past this warp's last query are skipped (the block's diagonal).
+    const bool live = w0 < t_n;
+    const int first_pos = pos0 + w0, last_pos = pos0 + min(w0 + 15, t_n - 1);
+    float o[DV / 8][4], m[2] = {ATT_NEG_INF, ATT_NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nv = 0; nv < DV / 8; nv++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[nv][i] = 0.0f;
+    for (int c0 = 0, buf = 0; c0 < keys; c0 += BN, buf ^= 1) {
+        cp_async_wait<0>();
+        __syncthreads(); // this tile has landed; the other buffers are consumed
+        if (c0 + BN < keys) fetch(c0 + BN, buf ^ 1);
+        if (!live || c0 > last_pos) continue;
+        const u16* kt = ks + buf * BN * QS + k_lane;
+        const u16* vt = vs + buf * BN * VS + v_lane;
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+#pragma unroll
+        for (int st = 0; st < DQ / 16; st++) {
+            u32 a[4];
+            if (QREG) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) a[i] = qf[QREG ? st : 0][i];
+            } else {
+                ldmatrix_x4(a, q_lane + st * 16);
+            }
+#pragma unroll
+            for (int np = 0; np < NT / 2; np++) {
+                u32 b[4];
+                ldmatrix_x4(b, kt + np * 16 * QS + st * 16);
+                mma_bf16(s[2 * np], a, b[0], b[1]);
+                mma_bf16(s[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        // The mask, only where the tile reaches past this warp's first position or the keys.
+        if (c0 + BN - 1 > first_pos || c0 + BN > keys) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    int key = c0 + nt * 8 + 2 * t + (i & 1);
+                    if (key > pos[i >> 1] || key >= keys) s[nt][i] = ATT_NEG_INF;
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float rm = ATT_NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) rm = fmaxf(rm, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, 1));
+            rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, 2));
+            // Key 0 is every row's, so the first tile leaves each maximum finite.
+            const float nm = fmaxf(m[r], rm), corr = fast_exp2(m[r] - nm);
+            float rs = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    float p = fast_exp2(s[nt][2 * r + j] - nm);
+                    s[nt][2 * r + j] = p;
+                    rs += p;
+                }
+            l[r] = l[r] * corr + rs;
+            m[r] = nm;
+#pragma unroll
+            for (int nv = 0; nv < DV / 8; nv++) {
+                o[nv][2 * r] *= corr;
+                o[nv][2 * r + 1] *= corr;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            u32 a[4] = {bf16x2_from(s[2 * kk][0], s[2 * kk][1]), bf16x2_from(s[2 * kk][2], s[2 * kk][3]),
+                        bf16x2_from(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        bf16x2_from(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < DV / 16; dp++) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, vt + kk * 16 * VS + dp * 16);
+                mma_bf16(o[2 * dp], a, b[0], b[1]);
+                mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = w0 + g + 8 * r;
+        const float inv = 1.0f / tc_row_sum(l[r]);
+        if (row >= t_n) continue;
+        float* dst = out + ((size_t)row * hq + h) * DV + 2 * t;
+#pragma unroll
+        for (int nv = 0; nv < DV / 8; nv++)
+            *reinterpret_cast<float2*>(dst + nv * 8) = make_float2(o[nv][2 * r] * inv, o[nv][2 * r + 1] * inv);
+    }
+}
+
+// GQA (Qwen3's widths): q [T, Hq, 128]; k, v [keys, Hkv, 128] bf16.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    attention_gqa_prefill_bf16_d128(const float* q, const u16* k, const u16* v, float* out, int hq, int hkv,
+                                    int t_n, int pos0, int keys_n, float scale) {
+    fa_bf16_prefill<128, 0, 128, 64>(q, q, k, k, v, out, hq, hkv, hkv * 128, 128, 0, 0, hkv * 128, 128, t_n, pos0,
+                                     keys_n, scale);
+}
+
+// Expanded MLA (GLM's widths): q_nope [T, H, 192], q_rope [T, H, 64]; kv [keys, H, 192 + 256]
+// bf16 (each head's key part, then its values); k_rope [keys, 64] bf16, shared by the heads.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    attention_mla_expanded_prefill_bf16_n192_r64_v256(const float* q_nope, const float* q_rope, const u16* kv,
+                                                      const u16* k_rope, float* out, int heads, int t_n, int pos0,
+                                                      int keys_n, float scale) {
+    fa_bf16_prefill<192, 64, 256, 32>(q_nope, q_rope, kv, k_rope, kv + 192, out, heads, heads, heads * 448, 448, 64,
+                                      0, heads * 448, 448, t_n, pos0, keys_n, scale);
+}
 
 // Absorbed MLA: q_lat [T, H, L], q_rope [T, H, R], cache [S, L + R] -> out [T, H, L].
 // grid (H, T, splits), block ATT_WARPS * 32, partials as in attention_gqa_f32. (Staging cache

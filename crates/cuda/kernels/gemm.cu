@@ -59,12 +59,6 @@ struct GemmArgs {
     int a_z, out_z, w_z, w_row0, slices;
 };
 
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-
 // Shared memory of one block: STAGES x (A tiles, code tile, scale tile), then the NVFP4 scale
 // table and the epilogue's factors. The host's gemm_smem (src/backend.rs) computes the same total.
 template <int BM, int BN, int TERMS>

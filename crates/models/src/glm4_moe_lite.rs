@@ -473,9 +473,9 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
                 let span = plan.spans[i];
                 let (ql, qr) = (rows_at(&q_lat, row, span.len)?, plan.rows_of(b, &q_rope, i)?);
                 let cache = &states[i].cache[l];
-                // A bf16-activation prefill takes TF32 products (Backend::attention_mla_tf32).
+                // A bf16-activation prefill lets the products read bf16 (Backend::attention_mla_bf16).
                 lats.push(if plan.bf16_inputs {
-                    b.attention_mla_tf32(&ql, &qr, cache, span.pos0, scale)?
+                    b.attention_mla_bf16(&ql, &qr, cache, span.pos0, scale)?
                 } else {
                     b.attention_mla(&ql, &qr, cache, span.pos0, scale)?
                 });
@@ -503,10 +503,9 @@ impl<B: Backend + 'static> Stack<B> for Glm4MoeLite<B> {
             let kv = b.linear(&latent, &at.kv_b, LinearPath::Auto)?; // [keys, heads * (nope + v)]
             let kv = kv.reshape(&[keys, heads, nope + v])?;
             let (qn, qr) = (plan.rows_of(b, &q_nope, i)?, plan.rows_of(b, &q_rope, i)?);
-            // f32-accurate products even in a bf16-activation prefill: with TF32 products (~30 %
-            // faster on the H100) the rounding falls elsewhere than in the absorbed form's, and
-            // flipped a near-tie routing in a golden fixture against the reference twin.
-            outs[i] = Some(b.attention_mla_expanded(&qn, &qr, &kv, &k_rope, span.pos0, scale, false)?);
+            // A bf16-activation prefill lets the products read bf16, as for the absorbed form.
+            let bf16 = plan.bf16_inputs;
+            outs[i] = Some(b.attention_mla_expanded(&qn, &qr, &kv, &k_rope, span.pos0, scale, bf16)?);
         }
         let o = match o_absorbed {
             Some(o) => o,

@@ -57,7 +57,7 @@ pub struct ModelInfo {
 /// projections and experts read it (the router still reads f32, so that routing near ties
 /// flip less often),
 /// the attention output before `o_proj` and GLM's normed query latent before `q_b`, and lets
-/// attention's products read TF32 (`Backend::attention_gqa_tf32`); the CUDA backend's
+/// attention's products read bf16 (`Backend::attention_gqa_bf16`); the CUDA backend's
 /// tensor-core GEMMs then take one bf16 term per activation instead of two or three
 /// (BENCHMARKS.md, "bf16 prefill activations"). The logits move by about that rounding
 /// (2^-9 relative per element; ~3e-3 on the golden fixtures).

@@ -313,9 +313,9 @@ impl<B: Backend + 'static> Stack<B> for Qwen3Moe<B> {
         for (i, span) in plan.spans.iter().enumerate() {
             let (kc, vc) = (&states[i].k[l], &states[i].v[l]);
             let q = plan.rows_of(b, &q, i)?;
-            // A bf16-activation prefill takes TF32 products (Backend::attention_gqa_tf32).
+            // A bf16-activation prefill lets the products read bf16 (Backend::attention_gqa_bf16).
             outs.push(if plan.bf16_inputs {
-                b.attention_gqa_tf32(&q, kc, vc, span.pos0, scale)?
+                b.attention_gqa_bf16(&q, kc, vc, span.pos0, scale)?
             } else {
                 b.attention_gqa(&q, kc, vc, span.pos0, scale)?
             });

@@ -368,9 +368,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<T<Self>>;
 
     /// [`Backend::attention_gqa`] whose products (scores, probabilities times values) may read
-    /// their inputs rounded to TF32 (10 mantissa bits, 2^-10 relative): for prefills that run on
-    /// bf16 activations anyway. A backend without a faster form computes `attention_gqa`.
-    fn attention_gqa_tf32(
+    /// their inputs rounded to bf16 (8 mantissa bits, 2^-9 relative), as FlashAttention and vLLM
+    /// compute them: for prefills that run on bf16 activations anyway. Scores, the softmax and
+    /// the outputs stay f32. A backend may round less (TF32, or not at all); one without a
+    /// faster form computes `attention_gqa`.
+    fn attention_gqa_bf16(
         &self,
         q: &T<Self>,
         k: &T<Self>,
@@ -381,8 +383,9 @@ pub trait Backend: Send + Sync {
         self.attention_gqa(q, k, v, pos0, scale)
     }
 
-    /// [`Backend::attention_mla`] with TF32 products, as [`Backend::attention_gqa_tf32`].
-    fn attention_mla_tf32(
+    /// [`Backend::attention_mla`] with products that may read bf16-rounded inputs, as
+    /// [`Backend::attention_gqa_bf16`].
+    fn attention_mla_bf16(
         &self,
         q_lat: &T<Self>,
         q_rope: &T<Self>,
@@ -402,8 +405,8 @@ pub trait Backend: Send + Sync {
     /// absorbed form in exact arithmetic, with fewer products when a prefill chunk's queries are
     /// many against its keys ([`mla_expansion_pays`]): no per-query head products, and scores
     /// over N + R instead of L + R.
-    /// `tf32`: the products may read their inputs rounded to TF32, as
-    /// [`Backend::attention_gqa_tf32`]. The default is [`attention_mla_expanded_by_gqa`].
+    /// `bf16`: the products may read their inputs rounded to bf16, as
+    /// [`Backend::attention_gqa_bf16`]. The default is [`attention_mla_expanded_by_gqa`].
     #[allow(clippy::too_many_arguments)]
     fn attention_mla_expanded(
         &self,
@@ -413,9 +416,9 @@ pub trait Backend: Send + Sync {
         k_rope: &T<Self>,
         pos0: usize,
         scale: f32,
-        tf32: bool,
+        bf16: bool,
     ) -> Result<T<Self>> {
-        attention_mla_expanded_by_gqa(self, q_nope, q_rope, kv, k_rope, pos0, scale, tf32)
+        attention_mla_expanded_by_gqa(self, q_nope, q_rope, kv, k_rope, pos0, scale, bf16)
     }
 
     /// Whether an MLA model should attend `queries` new rows over `keys` cached ones (the new
@@ -556,7 +559,7 @@ pub fn attention_mla_expanded_by_gqa<B: Backend + ?Sized>(
     k_rope: &T<B>,
     pos0: usize,
     scale: f32,
-    tf32: bool,
+    bf16: bool,
 ) -> Result<T<B>> {
     let check::MlaExpanded { t, heads, nope, r, dv, s } =
         check::attention_mla_expanded(q_nope.shape(), q_rope.shape(), kv.shape(), k_rope.shape(), pos0)?;
@@ -571,8 +574,8 @@ pub fn attention_mla_expanded_by_gqa<B: Backend + ?Sized>(
         b.write_rows(&k_rows, k_rope, 0, h * w + nope)?;
     }
     let v = b.slice_cols(kv, nope, dv)?;
-    if tf32 {
-        b.attention_gqa_tf32(&q, &k, &v, pos0, scale)
+    if bf16 {
+        b.attention_gqa_bf16(&q, &k, &v, pos0, scale)
     } else {
         b.attention_gqa(&q, &k, &v, pos0, scale)
     }

@@ -266,7 +266,7 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Result<T<Self>> {
         self.time(|| "attention_mla".into(), || self.inner.attention_mla(q_lat, q_rope, cache, pos0, scale))
     }
-    fn attention_gqa_tf32(
+    fn attention_gqa_bf16(
         &self,
         q: &T<Self>,
         k: &T<Self>,
@@ -274,9 +274,9 @@ impl<B: Backend> Backend for Profiled<B> {
         pos0: usize,
         scale: f32,
     ) -> Result<T<Self>> {
-        self.time(|| "attention_gqa (tf32)".into(), || self.inner.attention_gqa_tf32(q, k, v, pos0, scale))
+        self.time(|| "attention_gqa (bf16)".into(), || self.inner.attention_gqa_bf16(q, k, v, pos0, scale))
     }
-    fn attention_mla_tf32(
+    fn attention_mla_bf16(
         &self,
         q_lat: &T<Self>,
         q_rope: &T<Self>,
@@ -285,8 +285,8 @@ impl<B: Backend> Backend for Profiled<B> {
         scale: f32,
     ) -> Result<T<Self>> {
         self.time(
-            || "attention_mla (tf32)".into(),
-            || self.inner.attention_mla_tf32(q_lat, q_rope, cache, pos0, scale),
+            || "attention_mla (bf16)".into(),
+            || self.inner.attention_mla_bf16(q_lat, q_rope, cache, pos0, scale),
         )
     }
     fn attention_mla_expanded(
@@ -297,11 +297,11 @@ impl<B: Backend> Backend for Profiled<B> {
         k_rope: &T<Self>,
         pos0: usize,
         scale: f32,
-        tf32: bool,
+        bf16: bool,
     ) -> Result<T<Self>> {
         self.time(
-            || format!("attention_mla_expanded{}", if tf32 { " (tf32)" } else { "" }),
-            || self.inner.attention_mla_expanded(q_nope, q_rope, kv, k_rope, pos0, scale, tf32),
+            || format!("attention_mla_expanded{}", if bf16 { " (bf16)" } else { "" }),
+            || self.inner.attention_mla_expanded(q_nope, q_rope, kv, k_rope, pos0, scale, bf16),
         )
     }
     fn mla_expands(&self, queries: usize, keys: usize) -> bool {

@@ -813,7 +813,7 @@ impl Backend for RefBackend {
         k_rope: &HostT,
         pos0: usize,
         scale: f32,
-        _tf32: bool,
+        _bf16: bool,
     ) -> Result<HostT> {
         const OP: &str = "attention_mla_expanded";
         let dims = crate::check::attention_mla_expanded(
