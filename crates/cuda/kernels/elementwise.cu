@@ -400,16 +400,39 @@ __device__ __forceinline__ void copy2d_at(const Copy2d& a, const unsigned* row_s
 COPY2D(u32, copy2d_u32)
 COPY2D(u16, copy2d_u16)
 
+// Casts: CAST_PER_THREAD elements per thread, 16-byte accesses where the run is whole (one
+// element per thread ran at ~0.8 TB/s, ~6 % of a bf16 prefill in casts). x and y start 16-byte
+// aligned (device allocations).
+#define CAST_PER_THREAD 8
 extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {
     pdl_enter();
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = f32_to_bf16(x[i]);
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * CAST_PER_THREAD;
+    if (i + CAST_PER_THREAD <= n) {
+        float4 a = *reinterpret_cast<const float4*>(x + i), b = *reinterpret_cast<const float4*>(x + i + 4);
+        auto pair = [](float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); };
+        *reinterpret_cast<uint4*>(y + i) = make_uint4(pair(a.x, a.y), pair(a.z, a.w), pair(b.x, b.y), pair(b.z, b.w));
+    } else {
+        for (; i < n; i++) y[i] = f32_to_bf16(x[i]);
+    }
 }
 
 extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, size_t n) {
     pdl_enter();
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = bf16_to_f32(x[i]);
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * CAST_PER_THREAD;
+    if (i + CAST_PER_THREAD <= n) {
+        uint4 a = *reinterpret_cast<const uint4*>(x + i);
+        const u32 w[4] = {a.x, a.y, a.z, a.w};
+        float f[CAST_PER_THREAD];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            f[2 * j] = __uint_as_float(w[j] << 16);
+            f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        }
+        *reinterpret_cast<float4*>(y + i) = make_float4(f[0], f[1], f[2], f[3]);
+        *reinterpret_cast<float4*>(y + i + 4) = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+        for (; i < n; i++) y[i] = bf16_to_f32(x[i]);
+    }
 }
 
 // Activations [rows, k] (f32 if in_bf16 == 0, else bf16) -> [rows, kp] with zeros in the pad,

@@ -14,6 +14,8 @@ use std::sync::{Arc, PoisonError};
 type CT = Tensor<CudaStorage>;
 
 const ELEM_THREADS: u32 = 256;
+/// CAST_PER_THREAD in kernels/elementwise.cu.
+const CAST_PER_THREAD: usize = 8;
 /// `head_linear` with at most this many rows uses the decode-shaped kernels (a 64-row tile would
 /// idle): per-output warps, or per-column lanes with the sum split over warps.
 const HEAD_LINEAR_SMALL_M: usize = 4;
@@ -1813,7 +1815,7 @@ impl CudaBackend {
         self.run(
             "elementwise.cu",
             name,
-            (blocks(n, ELEM_THREADS), 1, 1),
+            (blocks(n.div_ceil(CAST_PER_THREAD), ELEM_THREADS), 1, 1),
             ELEM_THREADS,
             &[Arg::Ptr(x.storage.ptr()), Arg::Ptr(y.storage.ptr()), Arg::Usize(n as u64)],
         )
