@@ -1143,21 +1143,30 @@ __device__ __forceinline__ void fa_bf16_prefill(const float* qa, const float* qb
     // The last query tiles see the most keys: launch them first.
     const int t0 = (gridDim.x - 1 - blockIdx.x) * FAB_ROWS, h = blockIdx.y, kh = h / (hq / hkv);
     const int keys = min(pos0 + min(t0 + FAB_ROWS, t_n), keys_n);
+    // Each thread copies the same 16-byte column of every (128 / KC)-th key row and value row,
+    // from pointers set up once (per-copy index arithmetic was a quarter of the instructions).
     // Rows past the keys are zero-filled (the source is not read), so their values are finite.
+    static_assert(128 % KC == 0 && 128 % VC == 0 && BN % (128 / KC) == 0 && BN % (128 / VC) == 0, "copy layout");
+    constexpr int KR = 128 / KC, VR = 128 / VC; // rows copied per pass
+    const int kc = tid / KC, ke = 8 * (tid % KC), vc = tid / VC, ve = 8 * (tid % VC);
+    const u16* ksrc = ke < DA ? ka + (size_t)kc * ka_key + kh * ka_head + ke
+                              : kb + (size_t)kc * kb_key + kh * kb_head + (ke - DA);
+    const size_t kstep = ke < DA ? (size_t)ka_key : (size_t)kb_key;
+    const u16* vsrc = v + (size_t)vc * v_key + kh * v_head + ve;
     auto fetch = [&](int c0, int buf) {
-        u16* kd = ks + buf * BN * QS;
-        u16* vd = vs + buf * BN * VS;
-        for (int i = tid; i < BN * KC; i += 128) {
-            int c = i / KC, e = 8 * (i % KC), j = c0 + c;
-            bool ok = j < keys;
-            const u16* src = e < DA ? ka + (size_t)j * ka_key + kh * ka_head + e
-                                    : kb + (size_t)j * kb_key + kh * kb_head + (e - DA);
-            cp_async16(kd + c * QS + e, ok ? src : ka, ok);
+        u16* kd = ks + buf * BN * QS + kc * QS + ke;
+        u16* vd = vs + buf * BN * VS + vc * VS + ve;
+        const u16* kp = ksrc + (size_t)c0 * kstep;
+        const u16* vp = vsrc + (size_t)c0 * v_key;
+#pragma unroll
+        for (int u = 0; u < BN / KR; u++) {
+            bool ok = c0 + kc + u * KR < keys;
+            cp_async16(kd + u * KR * QS, ok ? kp + u * KR * kstep : ka, ok);
         }
-        for (int i = tid; i < BN * VC; i += 128) {
-            int c = i / VC, e = 8 * (i % VC), j = c0 + c;
-            bool ok = j < keys;
-            cp_async16(vd + c * VS + e, ok ? v + (size_t)j * v_key + kh * v_head + e : v, ok);
+#pragma unroll
+        for (int u = 0; u < BN / VR; u++) {
+            bool ok = c0 + vc + u * VR < keys;
+            cp_async16(vd + u * VR * VS, ok ? vp + (size_t)u * VR * v_key : v, ok);
         }
         cp_async_commit();
     };
