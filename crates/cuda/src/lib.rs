@@ -31,7 +31,9 @@
 //!   expert block, then combines in slot order. No float atomics anywhere. Attention: decode
 //!   splits the keys (flash-decoding, ordered combine); many queries take FlashAttention-2 tiles
 //!   on the tensor cores (GQA and MLA; f32 operands as tf32 hi + lo, three `mma.sync` products,
-//!   which keeps f32 agreement; f32 kernels for widths that are not multiples of 8). Products
+//!   which keeps f32 agreement; f32 kernels for widths that are not multiples of 8). Prefills on
+//!   bf16 activations (`attention_*_bf16`) run bf16 `mma.sync` kernels at Qwen3's and GLM's head
+//!   widths (keys and values rounded once per call) and one TF32 product elsewhere. Products
 //!   with f32 weights (routers) and MLA's per-head products at prefill use one batched
 //!   tensor-core GEMM of the same kind (`gemm_f32_tc`).
 //! - On sm_90+ every kernel is launched with programmatic stream serialization: it may start
