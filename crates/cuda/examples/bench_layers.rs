@@ -8,7 +8,8 @@
 //! `--decode` times only the one-token shapes; `--moe-only LAYER:TOKENS` (e.g.
 //! `qwen3-30b-a3b:8192`) only that MoE layer at that token count, for profilers; `--rows R`
 //! only prefill tiles of R rows, `--x f32|bf16` only that activation type (after the two
-//! ceilings, which are read as the first two numbers).
+//! ceilings, which are read as the first two numbers); `--linear-tiles` only the narrow
+//! linears' prefill at each tile height (0: the backend's pick).
 
 use fp4::{Format, QuantMatrix};
 use fp4moe_cuda::CudaBackend;
@@ -75,6 +76,37 @@ fn main() {
     b.warm_up().expect("compile");
     let dev = b.device_name().to_string();
     let mut rng = Rng(0x1234_5678_9abc_def1);
+    // Prefill tiles of the narrow linears (k/v, MLA's down-projections) against each tile height
+    // (`--linear-tiles`): which one the backend should pick where few tiles fill the GPU.
+    if std::env::args().any(|a| a == "--linear-tiles") {
+        for (n_out, kk) in [(512usize, 2048usize), (576, 2048), (768, 2048), (2048, 4096)] {
+            let w = b.upload_weight(&random_nvfp4(&mut rng, n_out, kk)).expect("upload");
+            for m in [512usize, 2048] {
+                let x: Vec<f32> = (0..m * kk).map(|_| rng.f()).collect();
+                let xt = b.upload(HostTensor::F32(&x, &[m, kk])).expect("upload");
+                let xt = b.cast(&xt, fp4moe_ops::DType::BF16).expect("cast");
+                for rows in [0usize, 32, 64, 128] {
+                    let forced;
+                    let bb = if rows == 0 {
+                        &b
+                    } else {
+                        forced = b.with_gemm_block_rows(rows);
+                        &forced
+                    };
+                    let path = LinearPath::Prefill { n_tile: 128 };
+                    let t = time(bb, 10, || {
+                        bb.linear(&xt, &w, path).expect("linear");
+                    });
+                    let flops = 2.0 * (m * n_out * kk) as f64;
+                    println!(
+                        "{{\"bench\": \"linear_tiles\", \"n\": {n_out}, \"k\": {kk}, \"m\": {m}, \"tile_rows\": {rows}, \"seconds\": {t:.4e}, \"tflops\": {:.1}}}",
+                        flops / t / 1e12
+                    );
+                }
+            }
+        }
+        return;
+    }
     // (name, experts, top-k, hidden, inter, shared inter)
     let layers = [
         ("qwen3-30b-a3b", 128usize, 8usize, 2048usize, 768usize, 0usize),

@@ -834,12 +834,20 @@ impl CudaBackend {
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
         let mut bm = self.gemm_block_rows("linear", m);
         let mut k = gemm_kernel("linear", self, bm, n_tile, terms)?;
-        // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) left 64-row tiles with
-        // fewer than two blocks per SM; smaller tiles multiply the grid.
-        while self.gemm_rows.is_none()
-            && bm > GEMM_BLOCK_ROWS[0]
-            && w.rows.div_ceil(k.n_tile) * m.div_ceil(bm) < 2 * self.dev.sms
-        {
+        // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) fill few tiles; smaller
+        // tiles multiply the grid. mma.sync (a block per tile) wants two blocks per SM; the
+        // persistent wgmma kernel one tile per SM, and it keeps its 64-row tiles rather than
+        // dropping to mma.sync's 32 (twenty-sixth session, bench_layers' linear tiles).
+        while self.gemm_rows.is_none() && bm > GEMM_BLOCK_ROWS[0] {
+            let tiles = w.rows.div_ceil(k.n_tile) * m.div_ceil(bm);
+            let enough = if k.tma {
+                tiles >= self.dev.sms || bm == GEMM_BLOCK_ROWS[1]
+            } else {
+                tiles >= 2 * self.dev.sms
+            };
+            if enough {
+                break;
+            }
             bm /= 2;
             k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         }
