@@ -834,20 +834,28 @@ impl CudaBackend {
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
         let mut bm = self.gemm_block_rows("linear", m);
         let mut k = gemm_kernel("linear", self, bm, n_tile, terms)?;
-        // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) fill few tiles; smaller
-        // tiles multiply the grid. mma.sync (a block per tile) wants two blocks per SM; the
-        // persistent wgmma kernel one tile per SM, and it keeps its 64-row tiles rather than
-        // dropping to mma.sync's 32 (twenty-sixth session, bench_layers' linear tiles).
-        while self.gemm_rows.is_none() && bm > GEMM_BLOCK_ROWS[0] {
-            let tiles = w.rows.div_ceil(k.n_tile) * m.div_ceil(bm);
-            let enough = if k.tma {
-                tiles >= self.dev.sms || bm == GEMM_BLOCK_ROWS[1]
-            } else {
-                tiles >= 2 * self.dev.sms
-            };
-            if enough {
-                break;
+        // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) fill few tiles.
+        let tiles = |bm: usize, n_tile: usize| w.rows.div_ceil(n_tile) * m.div_ceil(bm);
+        if self.gemm_rows.is_none() && k.tma {
+            // The persistent wgmma kernel: the height (128 or 64 rows, never mma.sync's 32) with
+            // the fewest rounds of one tile per SM times rows per tile, ties to the taller tile
+            // (each tile decodes its weights once). On the H200 (twenty-sixth session,
+            // `bench_layers --linear-tiles`, bf16 x, 2048 tokens) this is the faster height of
+            // every narrow linear measured: 512 rows 19.9 us at 64 against 25.8 at 128; 576 and
+            // 768 rows 25.8 / 26.2 us at 128 against 35.8 / 35.9 at 64. They used to drop to
+            // 32-row mma.sync tiles (34-52 us).
+            let cost = |bm: usize| tiles(bm, k.n_tile).div_ceil(self.dev.sms) * bm;
+            if bm == GEMM_BLOCK_ROWS[2] && cost(GEMM_BLOCK_ROWS[1]) < cost(bm) {
+                bm = GEMM_BLOCK_ROWS[1];
+                k = gemm_kernel("linear", self, bm, n_tile, terms)?;
             }
+        }
+        // mma.sync (a block per tile): smaller tiles until the grid has two blocks per SM.
+        while self.gemm_rows.is_none()
+            && !k.tma
+            && bm > GEMM_BLOCK_ROWS[0]
+            && tiles(bm, k.n_tile) < 2 * self.dev.sms
+        {
             bm /= 2;
             k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         }
