@@ -1120,6 +1120,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// The two 8-column tiles of one ldmatrix_x4 B fragment (b[0..1] columns 0-7 into c0, b[2..3]
+// columns 8-15 into c1) times one A fragment.
+__device__ __forceinline__ void mma_bf16_x2(float* c0, float* c1, const u32* a, const u32* b) {
+    mma_bf16(c0, a, b[0], b[1]);
+    mma_bf16(c1, a, b[2], b[3]);
+}
+
 // q: the query's first DA dims from qa [T, Hq, DA], the next DB from qb [T, Hq, DB]; key j of kv
 // head kh: DA elements at ka + j * ka_key + kh * ka_head, then DB at kb + j * kb_key +
 // kb_head * kh; its value: DV elements at v + j * v_key + kh * v_head (all bf16, 16-byte
@@ -1226,8 +1233,7 @@ __device__ __forceinline__ void fa_bf16_prefill(const float* qa, const float* qb
             for (int np = 0; np < NT / 2; np++) {
                 u32 b[4];
                 ldmatrix_x4(b, kt + np * 16 * QS + st * 16);
-                mma_bf16(s[2 * np], a, b[0], b[1]);
-                mma_bf16(s[2 * np + 1], a, b[2], b[3]);
+                mma_bf16_x2(s[2 * np], s[2 * np + 1], a, b);
             }
         }
         // The mask, only where the tile reaches past this warp's first position or the keys.
@@ -1275,8 +1281,7 @@ __device__ __forceinline__ void fa_bf16_prefill(const float* qa, const float* qb
             for (int dp = 0; dp < DV / 16; dp++) {
                 u32 b[4];
                 ldmatrix_x4_trans(b, vt + kk * 16 * VS + dp * 16);
-                mma_bf16(o[2 * dp], a, b[0], b[1]);
-                mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+                mma_bf16_x2(o[2 * dp], o[2 * dp + 1], a, b);
             }
         }
     }
