@@ -995,8 +995,10 @@ MLA_PREFILL_TC(attention_mla_prefill_tc_l512_r64_tf32, 512, 64, false)
 // with MLA's column groups: a warp holding all of a 256-wide query and output would need 256
 // registers for them alone, so the two column groups of a row group each score half the width,
 // add their partial scores through shared memory in a fixed order, and own half the values.
-// The key tile is assembled by the copy: dims below N from kv, the rest from k_rope.
-template <int N_, int R_, int DV_, bool X3>
+// The key tile is assembled by the copy: dims below N from kv, the rest from k_rope. Always
+// 3xTF32 (f32 agreement): bf16 prefills at GLM's widths take the bf16 kernel below, and at
+// other widths keep f32 products (CudaBackend::mla_expanded says why).
+template <int N_, int R_, int DV_>
 __device__ __forceinline__ void mla_expanded_prefill_tc(const float* q_nope, const float* q_rope, const float* kv,
                                                         const float* k_rope, float* out, int heads, int n_arg,
                                                         int r_arg, int dv_arg, int t_n, int pos0,
@@ -1074,10 +1076,10 @@ __device__ __forceinline__ void mla_expanded_prefill_tc(const float* q_nope, con
         // Uniform across a row group's two warps (same rows), as the exchange below needs.
         const bool work = live && c0 <= last_pos;
         float s[TCE_NT][4];
-        if (!tc_scores_split<TCE_NT, TCE_MAX_KS, TCE_ROWS, TCE_COLS, X3>(
+        if (!tc_scores_split<TCE_NT, TCE_MAX_KS, TCE_ROWS, TCE_COLS, true>(
                 s, qa, kb + g * ks + 8 * ks0 + 2 * t, ks, min(kpc, nks - ks0), work, sp, sps, cg, rg, g, t))
             continue;
-        tc_softmax_pv<TCE_NT, TCE_MAX_NV, X3>(s, o, c0, keys, pos, m, l, vb + nv0 * 8 + g, vs, nvl);
+        tc_softmax_pv<TCE_NT, TCE_MAX_NV, true>(s, o, c0, keys, pos, m, l, vb + nv0 * 8 + g, vs, nvl);
     }
     cp_async_wait<0>();
     float* dst[2];
@@ -1086,16 +1088,16 @@ __device__ __forceinline__ void mla_expanded_prefill_tc(const float* q_nope, con
     tc_store_rows<TCE_MAX_NV>(o, l, dst, nv0, vpc, nvt, t);
 }
 
-#define MLA_EXPANDED_PREFILL_TC(NAME, N, R, DV, X3)                                                              \
+#define MLA_EXPANDED_PREFILL_TC(NAME, N, R, DV)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                            \
         NAME(const float* q_nope, const float* q_rope, const float* kv, const float* k_rope, float* out,          \
              int heads, int n, int r, int dv, int t_n, int pos0, const unsigned* row_shift, int cache_rows,       \
              float scale) {                                                                                      \
-        mla_expanded_prefill_tc<N, R, DV, X3>(q_nope, q_rope, kv, k_rope, out, heads, n, r, dv, t_n, pos0,        \
-                                              row_shift, cache_rows, scale);                                     \
+        mla_expanded_prefill_tc<N, R, DV>(q_nope, q_rope, kv, k_rope, out, heads, n, r, dv, t_n, pos0,            \
+                                          row_shift, cache_rows, scale);                                         \
     }
-MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc, 0, 0, 0, true)
-MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_n192_r64_v256, 192, 64, 256, true)
+MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc, 0, 0, 0)
+MLA_EXPANDED_PREFILL_TC(attention_mla_expanded_prefill_tc_n192_r64_v256, 192, 64, 256)
 
 // ---- bf16 prefill (FlashAttention-2 form) ---------------------------------------------------
 // For prefills on bf16 activations (Backend::attention_gqa_bf16, attention_mla_expanded with
