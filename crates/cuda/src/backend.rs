@@ -1955,7 +1955,6 @@ impl CudaBackend {
         })
     }
 
-    /// `attention_mla`; with `bf16`, one TF32 product per step in the tensor-core prefill kernel.
     /// `attention_mla_expanded` on the tensor cores where the widths are whole mma steps within
     /// the kernel's room, else from other ops (`attention_mla_expanded_by_gqa`).
     #[allow(clippy::too_many_arguments)]
@@ -2052,6 +2051,8 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// `attention_mla`; with `tf32` (Backend::attention_mla_bf16), one TF32 product per step in
+    /// the tensor-core prefill kernel.
     fn mla(&self, q_lat: &CT, q_rope: &CT, cache: &CT, pos0: usize, scale: f32, tf32: bool) -> Result<CT> {
         const OP: &str = "attention_mla";
         for t in [q_lat, q_rope, cache] {
