@@ -764,8 +764,8 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
         wg_fence();
         // The descriptor's address field (bits 0-13, address / 16) never carries into bit 16 or
         // beyond (shared memory ends below 256 KB): each step's is a 32-bit add to the low word.
-        const u32 dlo = (u32)wg_desc(base);
-        const u32 dhi = (u32)(wg_desc(base) >> 32);
+        const u64 db = wg_desc(base);
+        const u32 dlo = (u32)db, dhi = (u32)(db >> 32);
         auto db_at = [&](int off) { return ((u64)dhi << 32) | (u64)(dlo + (u32)(off >> 4)); };
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK / 16; ks++)
