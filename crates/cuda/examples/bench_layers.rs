@@ -8,8 +8,8 @@
 //! `--decode` times only the one-token shapes; `--moe-only LAYER:TOKENS` (e.g.
 //! `qwen3-30b-a3b:8192`) only that MoE layer at that token count, for profilers; `--rows R`
 //! only prefill tiles of R rows, `--x f32|bf16` only that activation type (after the two
-//! ceilings, which are read as the first two numbers); `--linear-tiles` only the narrow
-//! linears' prefill at each tile height (0: the backend's pick).
+//! ceilings, which are read as the first two numbers); `--linear-tiles` only the prefill of
+//! narrow and common linears at each tile height (0: the backend's pick).
 
 use fp4::{Format, QuantMatrix};
 use fp4moe_cuda::CudaBackend;
@@ -76,16 +76,16 @@ fn main() {
     b.warm_up().expect("compile");
     let dev = b.device_name().to_string();
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    // Prefill tiles of the narrow linears (k/v, MLA's down-projections) against each tile height
-    // (`--linear-tiles`): which one the backend should pick where few tiles fill the GPU.
+    // Prefill tiles of the narrow linears (k/v, MLA's down-projections) and of o / q against each
+    // tile height (`--linear-tiles`): which one the backend should pick.
     if std::env::args().any(|a| a == "--linear-tiles") {
-        for (n_out, kk) in [(512usize, 2048usize), (576, 2048), (768, 2048), (2048, 4096)] {
+        for (n_out, kk) in [(512usize, 2048usize), (576, 2048), (768, 2048), (2048, 4096), (4096, 2048)] {
             let w = b.upload_weight(&random_nvfp4(&mut rng, n_out, kk)).expect("upload");
             for m in [512usize, 2048] {
                 let x: Vec<f32> = (0..m * kk).map(|_| rng.f()).collect();
                 let xt = b.upload(HostTensor::F32(&x, &[m, kk])).expect("upload");
                 let xt = b.cast(&xt, fp4moe_ops::DType::BF16).expect("cast");
-                for rows in [0usize, 32, 64, 128] {
+                for rows in std::iter::once(0).chain(fp4moe_cuda::GEMM_BLOCK_ROWS) {
                     let forced;
                     let bb = if rows == 0 {
                         &b

@@ -177,8 +177,9 @@ const GEMM_F32_MIN_CHUNK: usize = 256;
 /// 4-warp blocks per SM, and a fourth keeps the last wave short.
 const GEMM_F32_BLOCKS_PER_SM: usize = 4;
 /// The FP4 GEMM's tile rows (activation rows per block): `gemm_fp4_t*_m{32,64}_*` on mma.sync,
-/// `gemm_fp4_wg_t*_m{64,128}` on wgmma (Hopper). 128 exists on wgmma only.
-pub const GEMM_BLOCK_ROWS: [usize; 3] = [32, 64, 128];
+/// `gemm_fp4_wg_t*_m{64,128,256}` on wgmma (Hopper). 128 and 256 exist on wgmma only, 256 for
+/// dense linears with A in one bf16 term (bf16 x) only.
+pub const GEMM_BLOCK_ROWS: [usize; 4] = [32, 64, 128, 256];
 /// Rows per tile (all of a linear's, or one expert's on average) from which 64-row tiles are
 /// used: below it 32-row tiles waste less padding.
 const GEMM_WIDE_ROWS_FROM: usize = 48;
@@ -195,6 +196,10 @@ pub(crate) const MOE_ON_WGMMA: bool = true;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
+/// bf16 terms of the grouped MoE's down product: the intermediate stays f32-accurate. In one
+/// term it would cut the down product's MMAs (the whole layer 10 % faster, measured), but round
+/// it: not what this op computes.
+pub(crate) const MOE_DOWN_TERMS: usize = 2;
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
 /// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
@@ -356,6 +361,7 @@ fn gemm_kernel(
         (true, 1, 128, _) => "gemm_fp4_wg_t1_m128",
         (true, 2, 128, _) => "gemm_fp4_wg_t2_m128",
         (true, 3, 128, _) => "gemm_fp4_wg_t3_m128",
+        (true, 1, 256, _) if op == "linear" => "gemm_fp4_wg_t1_m256",
         (false, 1, 32, 128) => "gemm_fp4_t1_m32_n128",
         (false, 1, 32, 256) => "gemm_fp4_t1_m32_n256",
         (false, 1, 64, 128) => "gemm_fp4_t1_m64_n128",
@@ -777,9 +783,15 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// The tile heights `op`'s FP4 GEMM has kernels for.
-    pub(crate) fn gemm_block_rows_for(&self, op: &'static str) -> &'static [usize] {
-        if self.gemm_on_wgmma(op) { &GEMM_BLOCK_ROWS } else { &GEMM_BLOCK_ROWS[..2] }
+    /// The tile heights `op`'s FP4 GEMM has kernels for, with A in `terms` bf16 terms.
+    pub(crate) fn gemm_block_rows_for(&self, op: &'static str, terms: usize) -> &'static [usize] {
+        if !self.gemm_on_wgmma(op) {
+            &GEMM_BLOCK_ROWS[..2]
+        } else if op == "linear" && terms == 1 {
+            &GEMM_BLOCK_ROWS
+        } else {
+            &GEMM_BLOCK_ROWS[..3]
+        }
     }
 
     /// Whether `op`'s FP4 GEMM takes the wgmma kernel (for its tiles of 64 rows and more).
@@ -788,10 +800,11 @@ impl CudaBackend {
     }
 
     /// Tile rows of an FP4 GEMM whose tiles serve `rows` activation rows (all of a linear's, or
-    /// one expert's on average). 128-row tiles only where they exist (wgmma); a forced 128
-    /// falls back to 64 elsewhere.
-    fn gemm_block_rows(&self, op: &'static str, rows: usize) -> usize {
-        let largest = self.gemm_block_rows_for(op).last().copied().unwrap_or(GEMM_BLOCK_ROWS[0]);
+    /// one expert's on average), A in `terms` bf16 terms: at most 128 (a linear's persistent
+    /// wgmma tiles are then chosen by `gemm`). Heights only where they exist: a forced one falls
+    /// back to the tallest there is.
+    fn gemm_block_rows(&self, op: &'static str, rows: usize, terms: usize) -> usize {
+        let largest = self.gemm_block_rows_for(op, terms).last().copied().unwrap_or(GEMM_BLOCK_ROWS[0]);
         let pick = if rows >= GEMM_TALL_ROWS_FROM {
             128
         } else if rows >= GEMM_WIDE_ROWS_FROM {
@@ -832,21 +845,28 @@ impl CudaBackend {
         // f32 input: three bf16 terms, as accurate as f32 (a two-term split fails the f32
         // tolerance on short, cancelling dot products).
         let terms = if x.dtype() == DType::F32 { 3 } else { 1 };
-        let mut bm = self.gemm_block_rows("linear", m);
+        let mut bm = self.gemm_block_rows("linear", m, terms);
         let mut k = gemm_kernel("linear", self, bm, n_tile, terms)?;
         // Narrow outputs (k/v, MLA's down-projections: 512-768 rows) fill few tiles.
         let tiles = |bm: usize, n_tile: usize| w.rows.div_ceil(n_tile) * m.div_ceil(bm);
         if self.gemm_rows.is_none() && k.tma {
-            // The persistent wgmma kernel: the height (128 or 64 rows, never mma.sync's 32) with
-            // the fewest rounds of one tile per SM times rows per tile, ties to the taller tile
-            // (each tile decodes its weights once). On the H200 (twenty-sixth session,
-            // `bench_layers --linear-tiles`, bf16 x, 2048 tokens) this is the faster height of
-            // every narrow linear measured: 512 rows 19.9 us at 64 against 25.8 at 128; 576 and
-            // 768 rows 25.8 / 26.2 us at 128 against 35.8 / 35.9 at 64. They used to drop to
-            // 32-row mma.sync tiles (34-52 us).
+            // The persistent wgmma kernel: the height (64 rows up to m's, never mma.sync's 32)
+            // with the fewest rounds of one tile per SM times rows per tile, ties to the taller
+            // tile (each tile decodes its weights once). On the H200 (twenty-sixth session,
+            // `bench_layers --linear-tiles`, bf16 x, 2048 tokens) this is the faster of 64 and
+            // 128 rows for every narrow linear measured: 512 rows 19.9 us at 64 against 25.8 at
+            // 128; 576 and 768 rows 25.8 / 26.2 us at 128 against 35.8 / 35.9 at 64. They used
+            // to drop to 32-row mma.sync tiles (34-52 us). 256-row tiles (bf16 x) tie with 128 for
+            // Qwen3's q and o alone (76.6 / 87.9 us against 76.6 / 88.3, weights in L2), and win
+            // inside a prefill, weights from memory: per call 91 -> 72 us (o) and 98 -> 84 (q),
+            // with the consumers' extra registers (twenty-seventh session).
             let cost = |bm: usize| tiles(bm, k.n_tile).div_ceil(self.dev.sms) * bm;
-            if bm == GEMM_BLOCK_ROWS[2] && cost(GEMM_BLOCK_ROWS[1]) < cost(bm) {
-                bm = GEMM_BLOCK_ROWS[1];
+            let best = (self.gemm_block_rows_for("linear", terms).iter().rev().copied())
+                .filter(|&r| r >= GEMM_BLOCK_ROWS[1] && r <= m.next_multiple_of(GEMM_BLOCK_ROWS[1]))
+                .min_by_key(|&r| cost(r))
+                .unwrap_or(bm);
+            if best != bm {
+                bm = best;
                 k = gemm_kernel("linear", self, bm, n_tile, terms)?;
             }
         }
@@ -912,7 +932,7 @@ impl CudaBackend {
         let HeadLinear { heads, rows_per_head, row_start, row_count, .. } = spec;
         const TERMS: usize = 3;
         let n_tile = self.config.linear_n_tile;
-        let bm = self.gemm_block_rows("head_linear", m);
+        let bm = self.gemm_block_rows("head_linear", m, TERMS);
         let k = gemm_kernel("head_linear", self, bm, n_tile, TERMS)?;
         let y = self.empty(&[m, heads, row_count], DType::F32)?;
         // Term rows are (token, head) pairs: token t of head z at row t * heads + z.
@@ -1540,15 +1560,12 @@ impl CudaBackend {
         // f32 tolerance (a lone short dot, as `linear` may see, needs three terms). bf16 x is
         // exact as one term: gate/up, two thirds of the layer's products, at half the MMAs.
         let up_terms = if x.dtype() == DType::BF16 { 1 } else { 2 };
-        // The intermediate in one bf16 term would cut the down product's MMAs too (the whole
-        // layer 10 % faster, measured), but round it: not what this op computes.
-        const DOWN_TERMS: usize = 2;
         let ne = e.n_experts;
         let pairs = n * k;
         // Each expert's rows are padded up to whole GEMM M-blocks.
-        let bm = self.gemm_block_rows("moe", pairs / ne.max(1));
+        let bm = self.gemm_block_rows("moe", pairs / ne.max(1), up_terms.max(MOE_DOWN_TERMS));
         let gk = gemm_kernel("moe", self, bm, n_tile, up_terms)?;
-        let gk_down = gemm_kernel("moe", self, bm, n_tile, DOWN_TERMS)?;
+        let gk_down = gemm_kernel("moe", self, bm, n_tile, MOE_DOWN_TERMS)?;
         let max_rows = (pairs + ne * (bm - 1)).div_ceil(bm) * bm;
         let max_blocks = max_rows / bm;
         let counts = self.zeroed(&[ne], DType::U32)?;

@@ -16,7 +16,7 @@
 //!   ahead in registers instead), for several rows on
 //!   the SIMT kernels (16-byte weight loads, several in flight per lane; `FP4MOE_CUDA_TC=0` or
 //!   [`CudaBackend::with_simt_decode`] uses them for one row too); Prefill{128|256} is a tensor-core
-//!   GEMM (FP4 dequantized in registers, `cp.async` pipeline; tiles of 32 to 128 activation rows
+//!   GEMM (FP4 dequantized in registers, `cp.async` pipeline; tiles of 32 to 256 activation rows
 //!   by the rows each tile serves, [`CudaBackend::with_gemm_block_rows`] to force one): `mma.sync`
 //!   bf16, or on Hopper, for tiles of 64 rows and more, `wgmma` with the decoded weights as
 //!   its register operand, warp-specialized (a producer warpgroup: activation tiles by TMA,
@@ -212,8 +212,9 @@ impl CudaBackend {
         CudaBackend { tc_stage: false, ..self.clone_handle() }
     }
 
-    /// The same device with every FP4 prefill GEMM on tiles of `rows` rows (32 or 64), so the
-    /// conformance suite's small shapes also run the tiles large prefills take.
+    /// The same device with every FP4 prefill GEMM on tiles of `rows` rows (one of
+    /// [`GEMM_BLOCK_ROWS`], or the tallest below it that the GEMM has), so the conformance
+    /// suite's small shapes also run the tiles large prefills take.
     pub fn with_gemm_block_rows(&self, rows: usize) -> Self {
         CudaBackend { gemm_rows: Some(rows), ..self.clone_handle() }
     }
@@ -237,7 +238,7 @@ impl CudaBackend {
     /// The tile heights (`GEMM_BLOCK_ROWS`) the grouped MoE GEMM can take on this backend, for
     /// benchmarks that force each one.
     pub fn moe_block_rows(&self) -> &'static [usize] {
-        self.gemm_block_rows_for("moe")
+        self.gemm_block_rows_for("moe", backend::MOE_DOWN_TERMS)
     }
 
     fn clone_handle(&self) -> Self {

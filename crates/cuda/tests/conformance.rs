@@ -37,6 +37,15 @@ mod gemm_128_rows {
     );
 }
 
+/// 256-row tiles (wgmma, dense linears with bf16 x only; the rest take 128), each step's
+/// second wgmma covering rows 128 to 255.
+mod gemm_256_rows {
+    fp4moe_ops::conformance_tests!(
+        fp4moe_cuda::CudaBackend::new().ok().map(|b| b.with_gemm_block_rows(256).with_moe_on_wgmma(true)),
+        "CUDA device"
+    );
+}
+
 /// One-row tensor-core products keeping one weight step ahead in registers (the default copies
 /// every step of a warp ahead into shared memory).
 mod unstaged_decode {

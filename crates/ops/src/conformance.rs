@@ -542,6 +542,11 @@ pub fn check_linear_odd_shapes<B: Backend>(b: &B, seed: u64) -> Check {
         linear_case(&mut cx, b, kind, 12288, 2048, &[1], &[DType::F32])?;
         linear_case(&mut cx, b, kind, 256, 4096, &[1], &[DType::F32])?;
     }
+    // 300 rows: GPU prefill tiles of up to 256 rows hold live rows past their first 128, and the
+    // last tile ends ragged.
+    for kind in FP4_KINDS {
+        linear_case(&mut cx, b, kind, 200, 128, &[300], &both)?;
+    }
     // Block scales at the ends of their formats, which GPU decoders that fold the scale into a
     // narrower type must handle: E8M0 2^-27 ..= 2^23 in one matrix, E4M3 from its smallest
     // subnormal (2^-9) to its largest finite value (448).
