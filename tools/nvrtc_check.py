@@ -17,6 +17,11 @@ each must issue a 16-byte weight load before its first `griddepcontrol.wait` (SA
 ptxas is free to move loads that do not depend on the wait below it, and did so in every
 decode product until the eighteenth session (crates/cuda/NOTES.md); nothing else would notice
 a kernel change that lets it happen again, since only the speed changes.
+
+It also checks that no kernel has its warpgroup MMAs serialized: ptxas, when it cannot prove a
+wgmma's registers untouched while it runs, waits for every wgmma to finish before the next
+(SASS: a `WARPGROUP.DEPBAR.LE gsb0, 0x0` per HGMMA), and NVRTC's log does not say so. The
+twenty-seventh session lost 35 % of a MoE layer to that.
 """
 import argparse
 import ctypes
@@ -70,9 +75,8 @@ def find_nvdisasm():
     return None
 
 
-def late_loads(nvdisasm, cubin, names):
-    """The kernels among `names` with no 16-byte global load before their first ACQBULK (or
-    missing from the cubin), as "name: reason" lines."""
+def sass_bodies(nvdisasm, cubin):
+    """Each kernel's SASS lines, by name."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -85,6 +89,27 @@ def late_loads(nvdisasm, cubin, names):
             bodies[current] = []
         elif current is not None:
             bodies[current].append(s)
+    return bodies
+
+
+def serialized_wgmma(bodies):
+    """The kernels whose every warpgroup MMA is waited for before the next, as "name: reason"
+    lines, and how many kernels issue wgmma at all."""
+    bad, issuing = [], 0
+    for name, body in sorted(bodies.items()):
+        mmas = sum("HGMMA" in l for l in body)
+        if not mmas:
+            continue
+        issuing += 1
+        waits = sum("WARPGROUP.DEPBAR.LE gsb0, 0x0" in l for l in body)
+        if waits >= mmas:
+            bad.append(f"{name}: {waits} waits for no wgmma in flight, {mmas} wgmma")
+    return bad, issuing
+
+
+def late_loads(bodies, names):
+    """The kernels among `names` with no 16-byte global load before their first ACQBULK (or
+    missing from the cubin), as "name: reason" lines."""
     bad = []
     for name in names:
         body = bodies.get(name)
@@ -168,7 +193,7 @@ def main():
     jobs.append((os.path.join(KERNELS, "elementwise.cu"), " (traced)", ("FP4MOE_TRACE_CAP=8192",)))
     nvdisasm = find_nvdisasm() if args.arch == "sm_90a" else None
     if nvdisasm is None:
-        print("early weight loads: not checked (needs nvdisasm and sm_90a)")
+        print("early weight loads and wgmma pipelining: not checked (needs nvdisasm and sm_90a)")
     for f, tag, defines in jobs:
         ok, log, cubin = compile_file(nvrtc, f, args.arch, includes, defines)
         rel = os.path.relpath(f, ROOT) + tag
@@ -178,14 +203,23 @@ def main():
             failed += 1
             print(f"FAIL {rel}\n{log}")
             continue
-        names = EARLY_LOADS.get(os.path.basename(f), []) if not tag else []
-        if nvdisasm and names:
-            bad = late_loads(nvdisasm, cubin, names)
+        if not nvdisasm or tag:
+            continue
+        bodies = sass_bodies(nvdisasm, cubin)
+        names = EARLY_LOADS.get(os.path.basename(f), [])
+        if names:
+            bad = late_loads(bodies, names)
             if bad:
                 failed += 1
                 print(f"FAIL {rel}: weight loads after the wait\n  " + "\n  ".join(bad))
             else:
                 print(f"OK   {rel}: {len(names)} kernels request weights before their wait")
+        bad, issuing = serialized_wgmma(bodies)
+        if bad:
+            failed += 1
+            print(f"FAIL {rel}: serialized wgmma\n  " + "\n  ".join(bad))
+        elif issuing:
+            print(f"OK   {rel}: {issuing} kernels keep wgmma in flight")
     return 1 if failed else 0
 
 
