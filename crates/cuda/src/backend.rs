@@ -82,6 +82,12 @@ const TCE_MAX_DV: usize = TCE_COLS * 16 * 8;
 const FAB_ROWS: usize = 64;
 const FAB_KEYS_GQA: usize = 64;
 const FAB_KEYS_MLA: usize = 32;
+
+/// Shared memory of a bf16 prefill attention block (fa_bf16_prefill): the query tile and two
+/// key tiles of `dq` dims, two value tiles of `dv`, bf16 rows 8 elements longer than their data.
+fn fab_smem(keys: usize, dq: usize, dv: usize) -> u32 {
+    (((FAB_ROWS + 2 * keys) * (dq + 8) + 2 * keys * (dv + 8)) * 2) as u32
+}
 const ROW_THREADS: u32 = 256;
 /// TERMS_NORM_THREADS / TERMS_NORM_REG / TERMS_NORM_MAX in kernels/elementwise.cu.
 const TERMS_NORM_THREADS: u32 = 512;
@@ -1886,13 +1892,12 @@ impl CudaBackend {
             let keys = (pos0 + t_n).min(s);
             let (kb, vb) = (self.bf16_prefix(k, keys * hkv * d)?, self.bf16_prefix(v, keys * hkv * dv)?);
             let out = self.empty(&[t_n, hq, dv], DType::F32)?;
-            let smem = ((FAB_ROWS + 2 * FAB_KEYS_GQA) * (d + 8) + 2 * FAB_KEYS_GQA * (dv + 8)) * 2;
             self.run_smem(
                 "attention.cu",
                 "attention_gqa_prefill_bf16_d128",
                 (t_n.div_ceil(FAB_ROWS) as u32, hq as u32, 1),
                 128,
-                smem as u32,
+                fab_smem(FAB_KEYS_GQA, d, dv),
                 &[
                     Arg::Ptr(ptrs[0]),
                     Arg::Ptr(kb.storage.ptr()),
@@ -2005,13 +2010,12 @@ impl CudaBackend {
             // Every head's keys and values, and the shared roped keys, rounded once.
             let (kvb, krb) = (self.bf16_prefix(kv, kv.numel())?, self.bf16_prefix(k_rope, k_rope.numel())?);
             let out = self.empty(&[t_n, heads, dv], DType::F32)?;
-            let smem = ((FAB_ROWS + 2 * FAB_KEYS_MLA) * (nope + r + 8) + 2 * FAB_KEYS_MLA * (dv + 8)) * 2;
             self.run_smem(
                 "attention.cu",
                 "attention_mla_expanded_prefill_bf16_n192_r64_v256",
                 (t_n.div_ceil(FAB_ROWS) as u32, heads as u32, 1),
                 128,
-                smem as u32,
+                fab_smem(FAB_KEYS_MLA, nope + r, dv),
                 &[
                     Arg::Ptr(q_nope.storage.ptr()),
                     Arg::Ptr(q_rope.storage.ptr()),
