@@ -37,11 +37,15 @@ pub(crate) struct Weights<'a> {
     pub(crate) shared: Option<(WRows<'a>, WRows<'a>)>,
 }
 
-/// `silu(h[..i]) * h[i..]` for one row of gate/up outputs.
-fn swiglu(h: &[f32], out: &mut [f32]) {
+/// `silu(h[..i]) * h[i..]` for one row of gate/up outputs, rounded to bf16 where `bf16_act` (bf16
+/// x: `Backend::moe` may round the intermediate, and the reference does).
+fn swiglu(h: &[f32], out: &mut [f32], bf16_act: bool) {
     let i = out.len();
     for (j, o) in out.iter_mut().enumerate() {
         *o = silu(h[j]) * h[i + j];
+        if bf16_act {
+            *o = half::bf16::from_f32(*o).to_f32();
+        }
     }
 }
 
@@ -83,7 +87,15 @@ fn jobs_gemv<'a, 'b>(
 }
 
 /// The decode path: each (token, slot) pair and each token's shared expert is a GEMV job.
-pub(crate) fn decode(isa: Isa, s: &Shape, w: &Weights, x: &[f32], ids: &[u32], wts: &[f32]) -> Vec<f32> {
+pub(crate) fn decode(
+    isa: Isa,
+    s: &Shape,
+    w: &Weights,
+    x: &[f32],
+    ids: &[u32],
+    wts: &[f32],
+    bf16_act: bool,
+) -> Vec<f32> {
     let (n, h, k, inter) = (s.n, s.h, s.k, s.inter);
     let mut jobs = Vec::with_capacity(n * (k + 1));
     for t in 0..n {
@@ -115,7 +127,7 @@ pub(crate) fn decode(isa: Isa, s: &Shape, w: &Weights, x: &[f32], ids: &[u32], w
         .map(|(job, hv)| {
             let i = hv.len() / 2;
             let mut a = vec![0.0f32; i];
-            swiglu(hv, &mut a);
+            swiglu(hv, &mut a, bf16_act);
             let mut ap = vec![0.0f32; i];
             permute_into(isa, job.down.kind(), &a, &mut ap);
             ap
@@ -207,6 +219,7 @@ fn grouped_gemm(isa: Isa, groups: &[Group], n_tile: usize, fused_max_rows: usize
 }
 
 /// The prefill path (see the module overview).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn prefill(
     isa: Isa,
     s: &Shape,
@@ -215,8 +228,9 @@ pub(crate) fn prefill(
     ids: &[u32],
     wts: &[f32],
     n_tile: usize,
+    bf16_act: bool,
 ) -> Vec<f32> {
-    prefill_with(isa, s, w, x, ids, wts, n_tile, FUSED_MAX_ROWS)
+    prefill_with(isa, s, w, x, ids, wts, n_tile, FUSED_MAX_ROWS, bf16_act)
 }
 
 /// [`prefill`] with the fused-GEMV row limit as a parameter, so tests can force either kernel.
@@ -230,6 +244,7 @@ pub(crate) fn prefill_with(
     wts: &[f32],
     n_tile: usize,
     fused_max_rows: usize,
+    bf16_act: bool,
 ) -> Vec<f32> {
     let (n, h, k, inter) = (s.n, s.h, s.k, s.inter);
     let n_experts = w.gate_up.rows() / (2 * inter);
@@ -273,7 +288,7 @@ pub(crate) fn prefill_with(
     act.par_chunks_mut(inter.max(1)).zip(hbuf.par_chunks(2 * inter.max(1))).for_each_init(
         || vec![0.0f32; inter],
         |tmp, (a, hv)| {
-            swiglu(hv, tmp);
+            swiglu(hv, tmp, bf16_act);
             permute_into(isa, down_kind, tmp, a);
         },
     );
@@ -284,7 +299,7 @@ pub(crate) fn prefill_with(
         acts.par_chunks_mut(si.max(1)).zip(hs.par_chunks(2 * si.max(1))).for_each_init(
             || vec![0.0f32; si],
             |tmp, (a, hv)| {
-                swiglu(hv, tmp);
+                swiglu(hv, tmp, bf16_act);
                 permute_into(isa, dk, tmp, a);
             },
         );
@@ -387,10 +402,10 @@ mod tests {
                         };
                         let s = Shape { n, h, k, inter, shared_inter: shared.then_some(inter) };
                         let runs = [
-                            ("decode", decode(isa, &s, &w, &x, &ids, &wts)),
-                            ("gemm32", prefill_with(isa, &s, &w, &x, &ids, &wts, 32, 0)),
-                            ("gemm64", prefill_with(isa, &s, &w, &x, &ids, &wts, 64, 0)),
-                            ("fused", prefill_with(isa, &s, &w, &x, &ids, &wts, 32, usize::MAX)),
+                            ("decode", decode(isa, &s, &w, &x, &ids, &wts, false)),
+                            ("gemm32", prefill_with(isa, &s, &w, &x, &ids, &wts, 32, 0, false)),
+                            ("gemm64", prefill_with(isa, &s, &w, &x, &ids, &wts, 64, 0, false)),
+                            ("fused", prefill_with(isa, &s, &w, &x, &ids, &wts, 32, usize::MAX, false)),
                         ];
                         for (name, got) in runs {
                             for t in 0..n {

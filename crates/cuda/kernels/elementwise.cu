@@ -416,6 +416,14 @@ extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {
     }
 }
 
+// In place: x[i] rounded to bf16 and read back as f32. The MoE intermediate with bf16 x, on the
+// paths whose products read it as f32 (Backend::moe may round it; the reference does).
+extern "C" __global__ void round_bf16_f32(float* x, size_t n) {
+    pdl_enter();
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
 extern "C" __global__ void cast_bf16_f32(const u16* x, float* y, size_t n) {
     pdl_enter();
     size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * CAST_PER_THREAD;

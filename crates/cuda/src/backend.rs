@@ -202,9 +202,9 @@ pub(crate) const MOE_ON_WGMMA: bool = true;
 /// The N tiles the FP4 GEMM is instantiated for (`gemm_fp4_t*_m*_n{128,256}`); the wgmma kernel
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
-/// bf16 terms of the grouped MoE's down product: the intermediate stays f32-accurate. In one
-/// term it would cut the down product's MMAs (the whole layer 10 % faster, measured), but round
-/// it: not what this op computes.
+/// bf16 terms of the grouped MoE's down product with f32 x: the intermediate stays f32-accurate.
+/// With bf16 x it is rounded to bf16 (one term, as `Backend::moe` allows), which halves the down
+/// product's MMAs and drops the second term's stores and loads.
 pub(crate) const MOE_DOWN_TERMS: usize = 2;
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
@@ -1271,6 +1271,9 @@ impl CudaBackend {
                 Some((sgu, sd)) if n > 0 => {
                     let hs = self.linear(x, sgu, LinearPath::Decode)?;
                     let a = self.silu_mul(&hs)?;
+                    if x.dtype() == DType::BF16 {
+                        self.round_bf16_in_place(&a)?;
+                    }
                     self.linear(&a, sd, LinearPath::Decode)
                 }
                 _ => Ok(z),
@@ -1439,6 +1442,13 @@ impl CudaBackend {
                 None
             }
         };
+        // bf16 x: the intermediate rounded as the reference rounds it (pads stay zero).
+        if x.dtype() == DType::BF16 {
+            self.round_bf16_in_place(&act)?;
+            if let Some((_, a)) = &shared {
+                self.round_bf16_in_place(a)?;
+            }
+        }
         let terms = k + shared.is_some() as usize;
         let part = self.empty(&[n, terms, h], DType::F32)?;
         let lpr = lanes_per_row(if down.kind.is_fp4() { down.kp / 32 } else { down.cols / 8 });
@@ -1565,13 +1575,14 @@ impl CudaBackend {
         // terms. The MoE output sums H + I products, which averages that residual far below the
         // f32 tolerance (a lone short dot, as `linear` may see, needs three terms). bf16 x is
         // exact as one term: gate/up, two thirds of the layer's products, at half the MMAs.
-        let up_terms = if x.dtype() == DType::BF16 { 1 } else { 2 };
+        let bf16 = x.dtype() == DType::BF16;
+        let (up_terms, down_terms) = if bf16 { (1, 1) } else { (2, MOE_DOWN_TERMS) };
         let ne = e.n_experts;
         let pairs = n * k;
         // Each expert's rows are padded up to whole GEMM M-blocks.
-        let bm = self.gemm_block_rows("moe", pairs / ne.max(1), up_terms.max(MOE_DOWN_TERMS));
+        let bm = self.gemm_block_rows("moe", pairs / ne.max(1), up_terms.max(down_terms));
         let gk = gemm_kernel("moe", self, bm, n_tile, up_terms)?;
-        let gk_down = gemm_kernel("moe", self, bm, n_tile, MOE_DOWN_TERMS)?;
+        let gk_down = gemm_kernel("moe", self, bm, n_tile, down_terms)?;
         let max_rows = (pairs + ne * (bm - 1)).div_ceil(bm) * bm;
         let max_blocks = max_rows / bm;
         let counts = self.zeroed(&[ne], DType::U32)?;
@@ -1655,7 +1666,9 @@ impl CudaBackend {
         }
         // Zeroed: the pad columns (I..kp) must be 0 for the down GEMM's K tail.
         let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
-        let act_lo = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
+        let act_lo =
+            if down_terms > 1 { Some(self.zeroed(&[max_rows, down.kp], DType::BF16)?) } else { None };
+        let act_lo_ptr = act_lo.as_ref().map_or(0, |t| t.storage.ptr());
         let up_args = gemm_args(
             GemmPtrs {
                 a: xt[0].storage.ptr(),
@@ -1664,7 +1677,7 @@ impl CudaBackend {
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
                 out_bf16: act.storage.ptr(),
-                out_bf16_lo: act_lo.storage.ptr(),
+                out_bf16_lo: act_lo_ptr,
                 ..Default::default()
             },
             gu.kp,
@@ -1693,7 +1706,7 @@ impl CudaBackend {
         let down_args = gemm_args(
             GemmPtrs {
                 a: act.storage.ptr(),
-                a_lo: act_lo.storage.ptr(),
+                a_lo: act_lo_ptr,
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
                 out: y.storage.ptr(),
@@ -1712,7 +1725,7 @@ impl CudaBackend {
         );
         let mut down_launch = vec![Arg::Raw(down.args()), Arg::Raw(down_args)];
         if gk_down.tma {
-            let ptrs = [act.storage.ptr(), act_lo.storage.ptr(), 0];
+            let ptrs = [act.storage.ptr(), act_lo_ptr, 0];
             down_launch.push(gemm_tma(ptrs, max_rows, 1, down.kp, [down.kp, 0], bm)?);
         }
         self.run_smem(
@@ -1727,7 +1740,10 @@ impl CudaBackend {
             Some((sgu, sd)) => {
                 let path = LinearPath::Prefill { n_tile };
                 let hs = self.linear(x, sgu, path)?;
-                let a = self.silu_mul(&hs)?;
+                let mut a = self.silu_mul(&hs)?;
+                if bf16 {
+                    a = self.cast(&a, DType::BF16)?;
+                }
                 Some(self.linear(&a, sd, path)?)
             }
             None => None,
@@ -1857,6 +1873,18 @@ impl CudaBackend {
             (blocks(n.div_ceil(CAST_PER_THREAD), ELEM_THREADS), 1, 1),
             ELEM_THREADS,
             &[Arg::Ptr(x.storage.ptr()), Arg::Ptr(y.storage.ptr()), Arg::Usize(n as u64)],
+        )
+    }
+
+    /// Every element of f32 `x` rounded to bf16 (to nearest even), in place, still f32.
+    fn round_bf16_in_place(&self, x: &CT) -> Result<()> {
+        let n = x.numel();
+        self.run(
+            "elementwise.cu",
+            "round_bf16_f32",
+            (blocks(n, ELEM_THREADS), 1, 1),
+            ELEM_THREADS,
+            &[Arg::Ptr(x.storage.ptr()), Arg::Usize(n as u64)],
         )
     }
 

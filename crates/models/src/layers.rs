@@ -219,9 +219,14 @@ impl<B: Backend> Mlp<B> {
         let down = src.projection(&format!("{prefix}.down_proj"), [hidden, inter])?;
         Ok(Mlp { gate_up: b.upload_weight(&gate_up)?, down: b.upload_weight(&down)? })
     }
+    /// bf16 x (a bf16-activation prefill) rounds the intermediate to bf16 too, as the `moe` op
+    /// may for its experts.
     pub fn forward(&self, b: &B, x: &T<B>) -> Result<T<B>> {
         let gu = b.linear(x, &self.gate_up, LinearPath::Auto)?;
-        let h = b.silu_mul(&gu)?;
+        let mut h = b.silu_mul(&gu)?;
+        if x.dtype() == DType::BF16 {
+            h = b.cast(&h, DType::BF16)?;
+        }
         Ok(b.linear(&h, &self.down, LinearPath::Auto)?)
     }
 }

@@ -56,7 +56,8 @@ pub struct ModelInfo {
 /// or bf16, as vLLM and PyTorch run them. bf16 rounds each block's normed input where the
 /// projections and experts read it (the router still reads f32, so that routing near ties
 /// flip less often),
-/// the attention output before `o_proj` and GLM's normed query latent before `q_b`, and lets
+/// the attention output before `o_proj`, GLM's normed query latent before `q_b` and the MLPs'
+/// and experts' intermediate before `down` (`Backend::moe` may; the reference does), and lets
 /// attention's products read bf16 (`Backend::attention_gqa_bf16`); the CUDA backend's
 /// tensor-core GEMMs then take one bf16 term per activation instead of two or three
 /// (BENCHMARKS.md, "bf16 prefill activations"). The logits move by about that rounding

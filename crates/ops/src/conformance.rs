@@ -163,6 +163,13 @@ pub const TOL_ROUTER: f32 = 1e-5;
 /// at O(1).
 pub const TOL_BF16: f32 = 3e-2;
 
+/// `moe` with bf16 x, whose intermediate may be rounded to bf16 (`Backend::moe`): each element
+/// moves by at most half a bf16 ulp (2^-9 relative; ~1.7e-3 RMS for round-to-nearest), or by up
+/// to a whole ulp where a backend's f32 value sits across a rounding boundary from the
+/// reference's. A row of sums of such elements moves by that relative RMS, so 2^-8; a dropped
+/// slot or a wrong expert lands at 1/k or more.
+pub const TOL_MOE_BF16: f32 = 1.0 / 256.0;
+
 /// FP4 decode: `e2m1 · block_scale · tensor_scale` may associate either way (1 ulp).
 pub const TOL_DECODE: f32 = 4.0 * f32::EPSILON;
 
@@ -1595,7 +1602,10 @@ fn moe_compare<B: Backend>(
     let nw: Vec<f32> = (0..c.h).map(|_| cx.rng.range(0.5, 1.5)).collect();
     let want_normed =
         run_moe_add_norm(&RefBackend, c, &gur, &dnr, sh_r, MoePath::Auto, &r, &nw).or_fail(cx, &case)?;
-    let tol = tol_sum(c.h + inter.max(shared_inter.unwrap_or(0)));
+    let mut tol = tol_sum(c.h + inter.max(shared_inter.unwrap_or(0)));
+    if c.dtype == DType::BF16 {
+        tol += TOL_MOE_BF16;
+    }
     for p in moe_paths_with_auto(b) {
         let cp = format!("{case} {p:?}");
         let got = run_moe(b, c, &gub, &dnb, sh_b, p).or_fail(cx, &cp)?;
@@ -1666,7 +1676,7 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
         let ids: Vec<u32> = vec![rng.below(16) as u32];
         mk(rng, "one token top-1", 1, 16, 1, ids, Some(32));
         // bf16 x (a model's bf16 activations) on a grouped case with and without a shared
-        // expert, and on one token: consumed exactly, so the f32 tolerance holds.
+        // expert, and on one token: consumed exactly; the intermediate may be rounded to bf16.
         let bf16: Vec<(MoeCase, Option<usize>)> = cases
             .iter()
             .filter(|(c, _)| ["random top-8", "random top-4", "one token top-1"].contains(&c.name.as_str()))

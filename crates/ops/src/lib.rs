@@ -315,6 +315,9 @@ pub trait Backend: Send + Sync {
     /// expert (and the shared one) is `down · (silu(gate·x) * (up·x))` with `gate_up` rows
     /// `[gate; up]` per expert. Every (token, slot) pair is computed exactly once, the sum runs
     /// in slot order after the shared term, and no float atomics are used (deterministic).
+    /// With bf16 x (a bf16-activation prefill) the intermediate `silu(gate·x) * (up·x)` may be
+    /// rounded to bf16 before `down` reads it, as vLLM and PyTorch run bf16 experts; the
+    /// reference rounds it, and the conformance tolerance covers a backend that does not.
     fn moe(
         &self,
         x: &T<Self>,

@@ -315,7 +315,17 @@ fn matmul_t(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
 
 /// One SwiGLU expert on one token: rows `gu0..gu0+2I` of `gate_up` (gate then up) and rows
 /// `d0..d0+H` of `down`.
-fn expert(x: &[f32], gate_up: &HostWeight, gu0: usize, down: &HostWeight, d0: usize, i: usize) -> Vec<f32> {
+/// One expert on one token. `bf16_act`: its intermediate is rounded to bf16 before `down` reads
+/// it, as [`crate::Backend::moe`] allows for bf16 x.
+fn expert(
+    x: &[f32],
+    gate_up: &HostWeight,
+    gu0: usize,
+    down: &HostWeight,
+    d0: usize,
+    i: usize,
+    bf16_act: bool,
+) -> Vec<f32> {
     let h = x.len();
     let mut gate = vec![0.0f32; i];
     let mut rr = RowReader::new(gate_up);
@@ -326,6 +336,9 @@ fn expert(x: &[f32], gate_up: &HostWeight, gu0: usize, down: &HostWeight, d0: us
     for (j, a) in act.iter_mut().enumerate() {
         let up = dot(rr.row(gu0 + i + j), x);
         *a = silu(gate[j]) * up;
+        if bf16_act {
+            *a = bf16::from_f32(*a).to_f32();
+        }
     }
     let mut rd = RowReader::new(down);
     (0..h).map(|r| dot(rd.row(d0 + r), &act)).collect()
@@ -714,6 +727,7 @@ impl Backend for RefBackend {
             shared.map(|(g, d)| (g.shape(), d.shape())),
         )?;
         let xv = x.activations(OP)?;
+        let bf16_act = x.dtype() == DType::BF16;
         let idv = ids.u32_vec(OP)?;
         let wv = weights.f32_vec(OP)?;
         if let Some(p) = idv.iter().position(|&e| e as usize >= n_experts) {
@@ -727,11 +741,11 @@ impl Backend for RefBackend {
             let xt = &xv[t * h..(t + 1) * h];
             let o = &mut out[t * h..(t + 1) * h];
             if let (Some((sgu, sd)), Some(si)) = (shared, shared_i) {
-                o.copy_from_slice(&expert(xt, sgu, 0, sd, 0, si));
+                o.copy_from_slice(&expert(xt, sgu, 0, sd, 0, si, bf16_act));
             }
             for slot in 0..k {
                 let e = idv[t * k + slot] as usize;
-                let y = expert(xt, gate_up, e * 2 * inter, down, e * h, inter);
+                let y = expert(xt, gate_up, e * 2 * inter, down, e * h, inter, bf16_act);
                 let wt = wv[t * k + slot];
                 for (a, b) in o.iter_mut().zip(&y) {
                     *a += wt * b;

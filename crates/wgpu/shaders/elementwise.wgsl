@@ -38,6 +38,17 @@ fn silu_mul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
     }
 }
 
+// In place: out[i] rounded to bf16 (and read back as f32), i < p.n. The MoE's intermediate with
+// bf16 x (Backend::moe may round it; the reference does).
+@compute @workgroup_size(WG)
+fn round_bf16(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_wg(wid, nwg) * WG + lid.x;
+    if (i < p.n) {
+        out[i] = bf16_to_f32(f32_to_bf16(out[i]));
+    }
+}
+
 // f32 -> bf16: thread per output word (elements 2w, 2w+1); p.n = elements.
 @compute @workgroup_size(WG)
 fn to_bf16(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,

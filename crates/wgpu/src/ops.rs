@@ -402,7 +402,7 @@ impl WgpuBackend {
     /// creation out of timed regions).
     pub fn compile_all(&self) -> Result<()> {
         let entries: &[(Src, &[&'static str])] = &[
-            (Src::Elementwise, &["add", "silu_mul", "to_bf16", "from_bf16"]),
+            (Src::Elementwise, &["add", "silu_mul", "round_bf16", "to_bf16", "from_bf16"]),
             (Src::Copy, &["copy32", "copy16"]),
             (
                 Src::Norm,
@@ -657,7 +657,9 @@ impl WgpuBackend {
             weights.shape(),
             shared.map(|(g, d)| (dims(g), dims(d))),
         )?;
-        // bf16 x is exactly its f32 values; the kernels read f32.
+        // bf16 x is exactly its f32 values; the kernels read f32. The intermediate is then
+        // rounded to bf16, as the reference does.
+        let bf16_act = x.dtype() == DType::BF16;
         let x = &self.as_f32(OP, x)?;
         expect(OP, ids, DType::U32)?;
         expect(OP, weights, DType::F32)?;
@@ -690,7 +692,11 @@ impl WgpuBackend {
         let shared_out = match shared {
             Some((sgu, sd)) if inter_sh == 0 => {
                 let g = self.linear(x, sgu, LinearPath::Auto)?;
-                Some(self.linear(&self.silu_mul(&g)?, sd, LinearPath::Auto)?)
+                let mut a = self.silu_mul(&g)?;
+                if bf16_act {
+                    a = self.cast(&self.cast(&a, DType::BF16)?, DType::F32)?;
+                }
+                Some(self.linear(&a, sd, LinearPath::Auto)?)
             }
             _ => None,
         };
@@ -702,7 +708,8 @@ impl WgpuBackend {
             }));
         }
         let pairs = n * k;
-        let (y, pos) = self.moe_experts(x, ids, &experts, MoeDims { pairs, k, h, inter, inter_sh }, path)?;
+        let (y, pos) =
+            self.moe_experts(x, ids, &experts, MoeDims { pairs, k, h, inter, inter_sh, bf16_act }, path)?;
         let shared = match shared_out {
             Some(t) => Some(SharedOut::Tensor(t)),
             None => (inter_sh > 0).then_some(SharedOut::InY),
@@ -721,11 +728,20 @@ impl WgpuBackend {
         path: MoePath,
     ) -> Result<(GpuBuf, Option<GpuBuf>)> {
         const OP: &str = "moe";
-        let MoeDims { pairs, k, h, inter, inter_sh } = dims;
+        let MoeDims { pairs, k, h, inter, inter_sh, bf16_act } = dims;
         let e_n = experts.n_experts;
         // The shared expert's rows of act and y follow the routed pairs' when it is folded in.
         let sh_tokens = if inter_sh > 0 { pairs / k } else { 0 };
-        let act = self.scratch(pairs * inter + sh_tokens * inter_sh);
+        let act_len = pairs * inter + sh_tokens * inter_sh;
+        let act = self.scratch(act_len);
+        // Between the gate/up and down dispatches of every path.
+        let round_act = || -> Result<()> {
+            if bf16_act {
+                let k = self.k(Src::Elementwise, "round_bf16")?;
+                self.dispatch(&k, &[u(act_len), 0, 0, 0], &[(3, &*act)], grid(act_len, shape::WG))?;
+            }
+            Ok(())
+        };
         let y = self.scratch((pairs + sh_tokens) * h);
         let max_tiles = pairs.div_ceil(shape::TILE_M as usize) + e_n;
         let params = |e_lo: usize, e_hi: usize, row0: usize| {
@@ -766,6 +782,7 @@ impl WgpuBackend {
                     let g = [u(inter.max(inter_sh).div_ceil(rows)), 1, u(pairs + sh_tokens)];
                     self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
                 }
+                round_act()?;
                 let kd = self.kw(src, entries[1], dn.kind, None)?;
                 for c in &dn.chunks {
                     let (lo, hi) = span(dn, c, h)?;
@@ -808,6 +825,7 @@ impl WgpuBackend {
                             let g = [u(max_tiles), u(inter.div_ceil(bn as usize / 2)), 1];
                             self.coop_dispatch(&kg, &xs, &act, sort, c, p, g)?;
                         }
+                        round_act()?;
                         let (kd, bn) = self.coop_kernel(dn.kind)?;
                         let acts = self.coop_split(&act, pairs, inter)?;
                         for c in &dn.chunks {
@@ -826,6 +844,7 @@ impl WgpuBackend {
                     let g = [u(max_tiles), u(inter.div_ceil(nt as usize)), 1];
                     self.dispatch(&kg, &params(lo, hi, c.row0), &b, g)?;
                 }
+                round_act()?;
                 let kd = self.kw(Src::MoeTile, "moe_down_tile", dn.kind, Some(nt))?;
                 for c in &dn.chunks {
                     let (lo, hi) = span(dn, c, h)?;
@@ -1064,6 +1083,8 @@ struct MoeDims {
     /// The shared expert's intermediate size when its products run in the routed ones'
     /// dispatches (`moe_gemv_shared.wgsl`), else 0.
     inter_sh: usize,
+    /// bf16 x: the intermediate is rounded to bf16 before the down products (as the reference).
+    bf16_act: bool,
 }
 
 impl Backend for WgpuBackend {
