@@ -46,6 +46,10 @@ struct GemmArgs {
     const int* a_map;          // nullable: A row of tile row m is a_map[m] / a_div; < 0 = zero row
     const int* block_expert;   // nullable: expert of M-block blockIdx.y
     const int* m_ptr;          // nullable: valid row count on the device (grouped path)
+    // nullable (the wgmma kernel's grouped path): row tiles of two heights, BM and BM / 2, tile b
+    // rows tile_m0[b] .. tile_m0[b + 1], *tile_count of them (moe_scan's mixed tiles).
+    const int* tile_m0;
+    const int* tile_count;
     float* out;                // f32 [M, out_stride] (gated == 0)
     u16* out_bf16;             // bf16 [M, out_stride] (gated == 1)
     u16* out_bf16_lo;          // nullable: term 1 of the gated output (feeds a TERMS == 2 GEMM)
@@ -98,7 +102,7 @@ struct GemmTile {
 // Tile (by, bz) of a product with m_total valid rows.
 __device__ __forceinline__ GemmTile gemm_tile_at(const GemmArgs& g, int bm, int m_total, int by, int bz) {
     GemmTile t;
-    t.m0 = by * bm;
+    t.m0 = g.tile_m0 ? g.tile_m0[by] : by * bm;
     t.m_total = m_total;
     const int expert = g.block_expert && t.m0 < t.m_total ? g.block_expert[by] : 0;
     t.expert_row0 = expert * g.rows_per_expert + g.w_row0 + bz * g.w_z;
@@ -661,6 +665,26 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0
 #endif
 }
 
+// One k-tile's products of a consumer warpgroup: per 16-column step, term and m64 half, the
+// first NT tokens of acc[h] += A fragments . B (the activation tile whose descriptor's low word is
+// dlo, terms a_term bytes apart).
+template <int NT, int BM, int TERMS>
+__device__ __forceinline__ void wg_products(float (&acc)[HALVES][BM / 2], u32 (&af)[HALVES][GEMM_BK / 16][4], u32 dlo,
+                                            u32 dhi, int a_term) {
+    wg_fence();
+    // The descriptor's address field (bits 0-13, address / 16) never carries into bit 16 or
+    // beyond (shared memory ends below 256 KB): each step's is a 32-bit add to the low word.
+    auto db_at = [&](int off) { return ((u64)dhi << 32) | (u64)(dlo + (u32)(off >> 4)); };
+#pragma unroll
+    for (int ks = 0; ks < GEMM_BK / 16; ks++)
+#pragma unroll
+        for (int tm = 0; tm < TERMS; tm++)
+#pragma unroll
+            for (int h = 0; h < HALVES; h++)
+                wgmma_rs<NT>(*(float(*)[NT / 2])acc[h], af[h][ks], db_at(tm * a_term + ks * 32));
+    wg_commit();
+}
+
 template <int BM, int TERMS, int KIND, bool PERM>
 __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw) {
     w.kind = KIND; // as gemm_fp4_body_k
@@ -672,8 +696,10 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     // share their activation tiles in L2): gx weight-row blocks x the valid row tiles x slices.
     const int m_total = gemm_m_total(g);
     const int gx = g.gated ? (g.n + WR_ROWS / 2 - 1) / (WR_ROWS / 2) : (g.n + WR_ROWS - 1) / WR_ROWS;
-    const int gy = (m_total + BM - 1) / BM;
+    const int gy = g.tile_m0 ? *g.tile_count : (m_total + BM - 1) / BM;
     const int tiles = gx * gy * (g.slices > 0 ? g.slices : 1);
+    // The end of row tile by (its rows past it are another tile's or padding).
+    auto tile_end = [&](int by, int m0) { return g.tile_m0 ? g.tile_m0[by + 1] : min(m0 + BM, m_total); };
     const int kt_count = w.kp / GEMM_BK; // even: kp is a multiple of FP4_KP_ALIGN (128)
     // Aligned by an offset from the shared pointer itself, so the compiler keeps shared accesses.
     u8* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -744,7 +770,7 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
                 mbar_arrive_copies(&full[st]);
                 if (kt == fill_at) {
                     if (ti > 0) mbar_wait(epi_empty, (ti - 1) & 1);
-                    gemm_epi_fill(epi, g, w, tile.m0, m_total, tid, WS_PRODUCERS,
+                    gemm_epi_fill(epi, g, w, tile.m0, tile_end(by, tile.m0), tid, WS_PRODUCERS,
                                   [&](int rr) { return wg_w_row(g, bx, rr, tile.expert_row0); });
                     mbar_arrive(epi_full);
                 }
@@ -787,27 +813,22 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
         for (int h = 0; h < HALVES; h++) wg_fence_operands(acc[h]);
     };
 
+    // `half`: the products cover the first HALF_BM tokens only (a half-height tile: the rest of
+    // its accumulators stay zero and its epilogue rows are not written). Tested in each k step:
+    // with a k loop per height instead, ptxas serialized every wgmma of the kernel. The grouped
+    // MoE's 128-row kernels only (PERM), so the linears' compile as before.
+    constexpr int HALF_BM = BM == 128 && PERM ? BM / 2 : BM;
     // k-tile kt of the tile, the block's k-tile number it.
-    auto step = [&](int it, int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
+    auto step = [&](bool half, int it, int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
         const int st = it % STAGES;
         mbar_wait(&full[st], (it / STAGES) & 1);
         const u8* base = stages + st * L::STAGE;
         decode_tile(base + L::A_BYTES, kt, af);
         fence_acc();
-        wg_fence();
-        // The descriptor's address field (bits 0-13, address / 16) never carries into bit 16 or
-        // beyond (shared memory ends below 256 KB): each step's is a 32-bit add to the low word.
         const u64 db = wg_desc(base);
         const u32 dlo = (u32)db, dhi = (u32)(db >> 32);
-        auto db_at = [&](int off) { return ((u64)dhi << 32) | (u64)(dlo + (u32)(off >> 4)); };
-#pragma unroll
-        for (int ks = 0; ks < GEMM_BK / 16; ks++)
-#pragma unroll
-            for (int tm = 0; tm < TERMS; tm++)
-#pragma unroll
-                for (int h = 0; h < HALVES; h++)
-                    wgmma_rs<BM>(acc[h], af[h][ks], db_at(tm * L::A_TERM + ks * 32));
-        wg_commit();
+        if (HALF_BM < BM && half) wg_products<HALF_BM, BM, TERMS>(acc, af, dlo, dhi, L::A_TERM);
+        else wg_products<BM, BM, TERMS>(acc, af, dlo, dhi, L::A_TERM);
         // k-tile kt - 1's products have finished: its stage goes back to the producer (its
         // codes were read by the decode before them).
         wg_wait<1>();
@@ -818,19 +839,21 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     int it = 0;
     for (int t = blockIdx.x, ti = 0; t < tiles; t += gridDim.x, ti++) {
         const int bx = t % gx, by = (t / gx) % gy, bz = t / gx / gy;
-        const int m0 = by * BM;
+        const int m0 = g.tile_m0 ? g.tile_m0[by] : by * BM;
         const size_t out_z = (size_t)bz * g.out_z;
 #pragma unroll
         for (int h = 0; h < HALVES; h++)
 #pragma unroll
             for (int j = 0; j < BM / 2; j++) acc[h][j] = 0.0f;
+        // A half-height tile (moe_scan's mixed tiles, 128-row kernels only) takes m64n64.
+        const bool half = HALF_BM < BM && g.tile_m0 && g.tile_m0[by + 1] - m0 <= HALF_BM;
         // Two k-tiles per trip, so each fragment set is a fixed set of registers. A do-while
         // leaves no zero-trip path joining the wgmma pipeline (ptxas then serialized every
         // wgmma: C7515).
         int kt = 0;
         do {
-            step(it + kt, kt, af0);
-            step(it + kt + 1, kt + 1, af1);
+            step(half, it + kt, kt, af0);
+            step(half, it + kt + 1, kt + 1, af1);
             kt += 2;
         } while (kt < kt_count);
         wg_wait<0>();

@@ -15,26 +15,44 @@ extern "C" __global__ void moe_count(const u32* ids, int pairs, int n_experts, i
     if (p < pairs && ids[p] < (u32)n_experts) atomicAdd(&counts[ids[p]], 1);
 }
 
-// One block. offsets[e] = padded start of expert e; block_expert[b] = expert of M-block b
-// (blocks past the total keep -1 and exit at once); *total = padded row count.
+// One block. offsets[e] = padded start of expert e; block_expert[b] = expert of row tile b
+// (tiles past the count keep -1 and exit at once); *total = padded row count.
+// `tile_m0` null: every expert is padded to whole tiles of `block` rows, tile b starting at row
+// b * block. Otherwise (the wgmma kernel's mixed tiles) each expert is padded to half tiles only
+// and split into tiles of `block` rows, its last one half as tall where that is all it has
+// left: tile b starts at tile_m0[b], tile_m0[*tile_count] = *total. On 128-row tiles that
+// saves 64 rows of products wherever an expert's count is up to 64 past a multiple of 128.
 extern "C" __global__ void moe_scan(const int* counts, int n_experts, int block, int* offsets, int* fill,
-                                    int* block_expert, int* total) {
+                                    int* block_expert, int* total, int* tile_m0, int* tile_count) {
     pdl_enter();
     __shared__ int start[1025];
+    __shared__ int tile0[1025];
+    const int pad = tile_m0 ? block / 2 : block;
     if (threadIdx.x == 0) {
-        int acc = 0;
+        int acc = 0, tiles = 0;
         for (int e = 0; e < n_experts; e++) {
             start[e] = acc;
-            acc += (counts[e] + block - 1) / block * block;
+            tile0[e] = tiles;
+            const int rows = (counts[e] + pad - 1) / pad * pad;
+            acc += rows;
+            tiles += (rows + block - 1) / block;
         }
         start[n_experts] = acc;
+        tile0[n_experts] = tiles;
         *total = acc;
+        if (tile_m0) {
+            tile_m0[tiles] = acc;
+            *tile_count = tiles;
+        }
     }
     __syncthreads();
     for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
         offsets[e] = start[e];
         fill[e] = 0;
-        for (int b = start[e] / block; b < start[e + 1] / block; b++) block_expert[b] = e;
+        for (int b = tile0[e]; b < tile0[e + 1]; b++) {
+            block_expert[b] = e;
+            if (tile_m0) tile_m0[b] = start[e] + (b - tile0[e]) * block;
+        }
     }
 }
 

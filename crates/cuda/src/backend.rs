@@ -206,6 +206,9 @@ pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 /// With bf16 x it is rounded to bf16 (one term, as `Backend::moe` allows), which halves the down
 /// product's MMAs and drops the second term's stores and loads.
 pub(crate) const MOE_DOWN_TERMS: usize = 2;
+/// The grouped MoE tile height on which the wgmma kernel may end an expert with a tile half as
+/// tall (moe_scan's mixed tiles; the kernel's m64n64 products).
+const MOE_MIXED_TILE_ROWS: usize = 128;
 /// Largest key and value width of the attention kernels (ATT_MAX_DV_PER_LANE * 32).
 const ATT_MAX_DV: usize = 512;
 /// Largest MLA rope width (ATT_MAX_ROPE_PER_LANE * 32).
@@ -430,6 +433,8 @@ struct GemmPtrs {
     a_map: u64,
     block_expert: u64,
     m_ptr: u64,
+    tile_m0: u64,
+    tile_count: u64,
     out: u64,
     out_bf16: u64,
     out_bf16_lo: u64,
@@ -437,7 +442,7 @@ struct GemmPtrs {
     row_scale_map: u64,
 }
 
-/// Bytes of the `GemmArgs` struct of gemm.cu: 11 pointers, 12 ints.
+/// Bytes of the `GemmArgs` struct of gemm.cu: 13 pointers, 12 ints.
 #[allow(clippy::too_many_arguments)]
 fn gemm_args(
     p: GemmPtrs,
@@ -450,7 +455,7 @@ fn gemm_args(
     gated: bool,
     batch: GemmBatch,
 ) -> Vec<u8> {
-    let mut b = Vec::with_capacity(136);
+    let mut b = Vec::with_capacity(152);
     let ptrs = [
         p.a,
         p.a_lo,
@@ -458,6 +463,8 @@ fn gemm_args(
         p.a_map,
         p.block_expert,
         p.m_ptr,
+        p.tile_m0,
+        p.tile_count,
         p.out,
         p.out_bf16,
         p.out_bf16_lo,
@@ -1584,12 +1591,20 @@ impl CudaBackend {
         let gk = gemm_kernel("moe", self, bm, n_tile, up_terms)?;
         let gk_down = gemm_kernel("moe", self, bm, n_tile, down_terms)?;
         let max_rows = (pairs + ne * (bm - 1)).div_ceil(bm) * bm;
+        // Any padding leaves each expert at most ceil(count / bm) tiles.
         let max_blocks = max_rows / bm;
+        // The wgmma kernel's 128-row tiles may end an expert with a 64-row one (moe_scan).
+        let mixed = gk.tma && gk_down.tma && bm == MOE_MIXED_TILE_ROWS;
         let counts = self.zeroed(&[ne], DType::U32)?;
         let offsets = self.empty(&[ne], DType::U32)?;
         let fill = self.empty(&[ne], DType::U32)?;
         let block_expert = self.empty(&[max_blocks], DType::U32)?;
         let total = self.empty(&[1], DType::U32)?;
+        // Row tile starts (and the total after the last) and the tile count, for mixed tiles.
+        let tile_m0 = if mixed { Some(self.empty(&[max_blocks + 1], DType::U32)?) } else { None };
+        let tile_count = if mixed { Some(self.empty(&[1], DType::U32)?) } else { None };
+        let ptr_of = |t: &Option<CT>| t.as_ref().map_or(0, |t| t.storage.ptr());
+        let (tile_m0_ptr, tile_count_ptr) = (ptr_of(&tile_m0), ptr_of(&tile_count));
         let sorted = self.empty(&[max_rows], DType::U32)?;
         let inverse = self.empty(&[pairs], DType::U32)?;
         // -1 everywhere: padding rows and blocks past the total.
@@ -1620,6 +1635,8 @@ impl CudaBackend {
                 Arg::Ptr(fill.storage.ptr()),
                 Arg::Ptr(block_expert.storage.ptr()),
                 Arg::Ptr(total.storage.ptr()),
+                Arg::Ptr(tile_m0_ptr),
+                Arg::Ptr(tile_count_ptr),
             ],
         )?;
         self.run(
@@ -1676,6 +1693,8 @@ impl CudaBackend {
                 a_map: if gk.tma { 0 } else { sorted.storage.ptr() },
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
+                tile_m0: tile_m0_ptr,
+                tile_count: tile_count_ptr,
                 out_bf16: act.storage.ptr(),
                 out_bf16_lo: act_lo_ptr,
                 ..Default::default()
@@ -1709,6 +1728,8 @@ impl CudaBackend {
                 a_lo: act_lo_ptr,
                 block_expert: block_expert.storage.ptr(),
                 m_ptr: total.storage.ptr(),
+                tile_m0: tile_m0_ptr,
+                tile_count: tile_count_ptr,
                 out: y.storage.ptr(),
                 row_scale: weights.storage.ptr(),
                 row_scale_map: sorted.storage.ptr(),

@@ -1623,7 +1623,7 @@ fn route_weights(rng: &mut Rng, n: usize) -> Vec<f32> {
 }
 
 /// Small MoE shapes (H 64, I 32) with up to 70 tokens so that 32- and 64-token tiles mix
-/// experts: every token on a different expert, all tokens on one expert, experts without tokens,
+/// experts, and 200 whose experts span several tiles: every token on a different expert, all tokens on one expert, experts without tokens,
 /// alternating experts, random top-1/4/8, with and without a shared expert, every weight kind.
 pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
@@ -1675,11 +1675,28 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
         mk(rng, "decode-sized top-4", 3, 16, 4, ids, Some(32));
         let ids: Vec<u32> = vec![rng.below(16) as u32];
         mk(rng, "one token top-1", 1, 16, 1, ids, Some(32));
+        // Experts taller than a 128-row tile: 150, 150, 90 and 10 rows (a GPU's tiles of 128
+        // rows then end some experts with a shorter one).
+        let ids: Vec<u32> = (0..200u32)
+            .flat_map(|t| {
+                let first = if t < 150 { 0 } else { 1 };
+                let second = match t {
+                    0..100 => 1,
+                    100..140 | 150.. => 2,
+                    _ => 3,
+                };
+                [first, second]
+            })
+            .collect();
+        mk(rng, "experts over 128 rows", 200, 4, 2, ids, None);
         // bf16 x (a model's bf16 activations) on a grouped case with and without a shared
         // expert, and on one token: consumed exactly; the intermediate may be rounded to bf16.
         let bf16: Vec<(MoeCase, Option<usize>)> = cases
             .iter()
-            .filter(|(c, _)| ["random top-8", "random top-4", "one token top-1"].contains(&c.name.as_str()))
+            .filter(|(c, _)| {
+                ["random top-8", "random top-4", "one token top-1", "experts over 128 rows"]
+                    .contains(&c.name.as_str())
+            })
             .map(|(c, sh)| {
                 (
                     MoeCase {
