@@ -192,7 +192,10 @@ const GEMM_WIDE_ROWS_FROM: usize = 48;
 /// The same for 128-row tiles (wgmma only). On the H200 (bench_layers, bf16 x, persistent
 /// wgmma kernel, twenty-fifth session) a Qwen3 MoE layer at 1024 tokens (64 rows per expert)
 /// took 0.620 ms on 64-row tiles and 0.660 on 128-row ones; at 2048 tokens (128 per expert)
-/// 1.018 against 0.970, and GLM's 1.176 against 1.068.
+/// 1.018 against 0.970, and GLM's 1.176 against 1.068. The grouped MoE takes 128 rows from
+/// GEMM_WIDE_ROWS_FROM since its tiles may be mixed (twenty-eighth session, 1024 tokens:
+/// Qwen3 0.490 ms against 0.512 on 64-row tiles, GLM 0.537 against 0.587; prefill of 1024
+/// tokens in bf16 +2-3 %; at 512 tokens, 32 rows per expert, 64-row tiles still win).
 const GEMM_TALL_ROWS_FROM: usize = 96;
 /// Whether the grouped MoE GEMM takes the wgmma kernel (tiles of 64 rows and more, as the
 /// linears). On the H200 (bench_layers, bf16 x, twenty-fifth session) a Qwen3 MoE layer at
@@ -818,7 +821,11 @@ impl CudaBackend {
     /// back to the tallest there is.
     fn gemm_block_rows(&self, op: &'static str, rows: usize, terms: usize) -> usize {
         let largest = self.gemm_block_rows_for(op, terms).last().copied().unwrap_or(GEMM_BLOCK_ROWS[0]);
-        let pick = if rows >= GEMM_TALL_ROWS_FROM {
+        // The grouped MoE's 128-row wgmma tiles end an expert with a 64-row one where that is
+        // all it has left (moe_scan's mixed tiles), so they pay no more padding than 64-row
+        // tiles and take fewer.
+        let mixed = op == "moe" && self.gemm_on_wgmma(op);
+        let pick = if rows >= GEMM_TALL_ROWS_FROM || (mixed && rows >= GEMM_WIDE_ROWS_FROM) {
             128
         } else if rows >= GEMM_WIDE_ROWS_FROM {
             64
