@@ -641,13 +641,15 @@ __device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
 }
 // The activation terms' TMA descriptors (CUtensorMap, 128 bytes each, made by the host's
 // gemm_tma_maps): 3D views {columns (kp), batch slices, rows} of each bf16 term, boxes of
-// {GEMM_BK, 1, BM} in the 128-byte swizzle. A kernel parameter, so `&t[i]` is the
+// {GEMM_BK, 1, BM} in the 128-byte swizzle; the grouped MoE's (TERMS <= 2) also boxes of BM / 2
+// rows from t[TMA_HALF] on, for its half-height tiles. A kernel parameter, so `&t[i]` is the
 // descriptor's address as TMA wants it (__grid_constant__).
 struct alignas(64) TmaMap {
     u64 v[16];
 };
+#define TMA_HALF 2
 struct alignas(64) TmaA {
-    TmaMap t[3];
+    TmaMap t[4];
 };
 __device__ __forceinline__ void mbar_expect_tx(u64* b, u32 bytes) {
 #ifdef WGMMA_OK
@@ -700,6 +702,13 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
     const int tiles = gx * gy * (g.slices > 0 ? g.slices : 1);
     // The end of row tile by (its rows past it are another tile's or padding).
     auto tile_end = [&](int by, int m0) { return g.tile_m0 ? g.tile_m0[by + 1] : min(m0 + BM, m_total); };
+    // Whether row tile by holds HALF_BM rows only (moe_scan's mixed tiles): its activations come
+    // in boxes that tall, and its products cover that many tokens (the rest of its accumulators
+    // stay zero and its epilogue rows are not written). The grouped MoE's 128-row kernels only
+    // (PERM), so the linears' compile as before.
+    constexpr int HALF_BM = BM == 128 && PERM ? BM / 2 : BM;
+    static_assert(HALF_BM == BM || TERMS <= TMA_HALF, "half-height boxes follow the terms' in TmaA");
+    auto tile_half = [&](int by, int m0) { return HALF_BM < BM && g.tile_m0 && g.tile_m0[by + 1] - m0 <= HALF_BM; };
     const int kt_count = w.kp / GEMM_BK; // even: kp is a multiple of FP4_KP_ALIGN (128)
     // Aligned by an offset from the shared pointer itself, so the compiler keeps shared accesses.
     u8* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -746,15 +755,17 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
 #pragma unroll
             for (int j = 0; j < SCH; j++) s_row[j] = wg_w_row(g, bx, tid + WS_PRODUCERS * j, tile.expert_row0);
             const int fill_at = (kt_count < STAGES ? kt_count : STAGES) - 1;
+            const bool half = tile_half(by, tile.m0);
             for (int kt = 0; kt < kt_count; kt++, it++) {
                 const int st = it % STAGES;
                 if (it >= STAGES) mbar_wait(&empty[st], ((it / STAGES) - 1) & 1);
                 u8* base = stages + st * L::STAGE;
                 if (tid == 0) {
-                    mbar_expect_tx(&full[st], L::A_BYTES);
+                    mbar_expect_tx(&full[st], half ? L::A_BYTES / 2 : L::A_BYTES);
 #pragma unroll
                     for (int tt = 0; tt < TERMS; tt++)
-                        tma_load_3d(base + tt * L::A_TERM, &ta.t[tt], kt * GEMM_BK, bz, tile.m0, &full[st]);
+                        tma_load_3d(base + tt * L::A_TERM, &ta.t[half ? TMA_HALF + tt : tt], kt * GEMM_BK, bz, tile.m0,
+                                    &full[st]);
                 }
                 u8* sc = base + L::A_BYTES;
 #pragma unroll
@@ -813,12 +824,8 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
         for (int h = 0; h < HALVES; h++) wg_fence_operands(acc[h]);
     };
 
-    // `half`: the products cover the first HALF_BM tokens only (a half-height tile: the rest of
-    // its accumulators stay zero and its epilogue rows are not written). Tested in each k step:
-    // with a k loop per height instead, ptxas serialized every wgmma of the kernel. The grouped
-    // MoE's 128-row kernels only (PERM), so the linears' compile as before.
-    constexpr int HALF_BM = BM == 128 && PERM ? BM / 2 : BM;
-    // k-tile kt of the tile, the block's k-tile number it.
+    // k-tile kt of the tile, the block's k-tile number it. `half` (tile_half) is tested in each
+    // k step: with a k loop per height instead, ptxas serialized every wgmma of the kernel.
     auto step = [&](bool half, int it, int kt, u32(&af)[HALVES][GEMM_BK / 16][4]) {
         const int st = it % STAGES;
         mbar_wait(&full[st], (it / STAGES) & 1);
@@ -845,8 +852,7 @@ __device__ void gemm_fp4_wg_body_k(W w, GemmArgs g, const TmaA& ta, u8* smem_raw
         for (int h = 0; h < HALVES; h++)
 #pragma unroll
             for (int j = 0; j < BM / 2; j++) acc[h][j] = 0.0f;
-        // A half-height tile (moe_scan's mixed tiles, 128-row kernels only) takes m64n64.
-        const bool half = HALF_BM < BM && g.tile_m0 && g.tile_m0[by + 1] - m0 <= HALF_BM;
+        const bool half = tile_half(by, m0);
         // Two k-tiles per trip, so each fragment set is a fixed set of registers. A do-while
         // leaves no zero-trip path joining the wgmma pipeline (ptxas then serialized every
         // wgmma: C7515).

@@ -489,7 +489,8 @@ fn gemm_args(
 /// The wgmma kernel's activation descriptors (`TmaA` in gemm.cu) for the bf16 terms at `ptrs`
 /// (0: absent): per term a 3D view of `kp` columns, `slices` batch slices `a_z` elements apart
 /// and `rows` rows `a_stride` elements apart, read in boxes of GEMM_BK columns x 1 x `bm` rows;
-/// rows past `rows` read as zeros.
+/// rows past `rows` read as zeros. `half` (the grouped MoE's mixed tiles): the first two terms'
+/// views again from slot TMA_HALF on, in boxes of `bm / 2` rows.
 fn gemm_tma(
     ptrs: [u64; 3],
     rows: usize,
@@ -497,16 +498,22 @@ fn gemm_tma(
     kp: usize,
     [a_stride, a_z]: [usize; 2],
     bm: usize,
+    half: bool,
 ) -> Result<Arg> {
     const MAP: usize = 128;
-    let mut b = vec![0u8; 3 * MAP];
+    /// TMA_HALF in kernels/gemm.cu: the slot of the first half-height box.
+    const TMA_HALF: usize = 2;
+    let mut b = vec![0u8; 4 * MAP];
     // A single slice's stride is never followed; any valid one (a row's bytes) will do.
     let a_z = if slices > 1 { a_z } else { kp };
-    for (i, &p) in ptrs.iter().enumerate().filter(|(_, p)| **p != 0) {
-        let dims = [kp as u64, slices as u64, rows.max(1) as u64];
-        let strides = [(a_z * 2) as u64, (a_stride * 2) as u64];
-        let map = crate::device::tma_map_bf16_3d(p, dims, strides, [GEMM_BK as u32, 1, bm as u32])?;
-        b[i * MAP..(i + 1) * MAP].copy_from_slice(&map);
+    let dims = [kp as u64, slices as u64, rows.max(1) as u64];
+    let strides = [(a_z * 2) as u64, (a_stride * 2) as u64];
+    let boxes = ptrs.iter().enumerate().map(|(i, &p)| (i, p, bm));
+    let halves =
+        ptrs[..TMA_HALF].iter().enumerate().filter(|_| half).map(|(i, &p)| (TMA_HALF + i, p, bm / 2));
+    for (slot, p, box_rows) in boxes.chain(halves).filter(|&(_, p, _)| p != 0) {
+        let map = crate::device::tma_map_bf16_3d(p, dims, strides, [GEMM_BK as u32, 1, box_rows as u32])?;
+        b[slot * MAP..(slot + 1) * MAP].copy_from_slice(&map);
     }
     Ok(Arg::Raw(b))
 }
@@ -933,7 +940,15 @@ impl CudaBackend {
         );
         let mut launch = vec![Arg::Raw(w.args()), Arg::Raw(args)];
         if k.tma {
-            launch.push(gemm_tma([ptr(0), ptr(1), ptr(2)], m, slices, w.kp, [a_stride, batch.a_z], bm)?);
+            launch.push(gemm_tma(
+                [ptr(0), ptr(1), ptr(2)],
+                m,
+                slices,
+                w.kp,
+                [a_stride, batch.a_z],
+                bm,
+                false,
+            )?);
         }
         self.run_smem(
             "gemm.cu",
@@ -1718,7 +1733,7 @@ impl CudaBackend {
         let mut up_launch = vec![Arg::Raw(gu.args()), Arg::Raw(up_args)];
         if gk.tma {
             let ptrs = [xt[0].storage.ptr(), xt.get(1).map_or(0, |t| t.storage.ptr()), 0];
-            up_launch.push(gemm_tma(ptrs, max_rows, 1, gu.kp, [gu.kp, 0], bm)?);
+            up_launch.push(gemm_tma(ptrs, max_rows, 1, gu.kp, [gu.kp, 0], bm, mixed)?);
         }
         self.run_smem(
             "gemm.cu",
@@ -1754,7 +1769,7 @@ impl CudaBackend {
         let mut down_launch = vec![Arg::Raw(down.args()), Arg::Raw(down_args)];
         if gk_down.tma {
             let ptrs = [act.storage.ptr(), act_lo_ptr, 0];
-            down_launch.push(gemm_tma(ptrs, max_rows, 1, down.kp, [down.kp, 0], bm)?);
+            down_launch.push(gemm_tma(ptrs, max_rows, 1, down.kp, [down.kp, 0], bm, mixed)?);
         }
         self.run_smem(
             "gemm.cu",
