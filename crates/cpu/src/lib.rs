@@ -285,17 +285,17 @@ impl Backend for CpuBackend {
             ));
         }
         let path = if path == MoePath::Auto { self.config.moe_path(shape.n) } else { path };
-        let bf16_act = x.dtype() == DType::BF16;
+        let inp = moe::Inputs { x: &xv, ids: &idv, wts: &wv, bf16_act: x.dtype() == DType::BF16 };
         let w = moe::Weights {
             gate_up: experts.gate_up.rows(),
             down: experts.down.rows(),
             shared: experts.shared.map(|(g, d)| (g.rows(), d.rows())),
         };
         let out = match path {
-            MoePath::Decode | MoePath::Auto => moe::decode(self.isa, &shape, &w, &xv, &idv, &wv, bf16_act),
+            MoePath::Decode | MoePath::Auto => moe::decode(self.isa, &shape, &w, &inp),
             MoePath::Prefill { n_tile } => {
                 check_tile(OP, n_tile)?;
-                moe::prefill(self.isa, &shape, &w, &xv, &idv, &wv, n_tile, bf16_act)
+                moe::prefill(self.isa, &shape, &w, &inp, n_tile)
             }
         };
         Tensor::from_f32(out, &[shape.n, shape.h])

@@ -37,6 +37,15 @@ pub(crate) struct Weights<'a> {
     pub(crate) shared: Option<(WRows<'a>, WRows<'a>)>,
 }
 
+/// One call's tokens: x `[n, H]`, their experts and router weights `[n, k]`, and whether x was
+/// bf16 (`Backend::moe` then may round the intermediate to bf16, and the reference does).
+pub(crate) struct Inputs<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) ids: &'a [u32],
+    pub(crate) wts: &'a [f32],
+    pub(crate) bf16_act: bool,
+}
+
 /// `silu(h[..i]) * h[i..]` for one row of gate/up outputs, rounded to bf16 where `bf16_act` (bf16
 /// x: `Backend::moe` may round the intermediate, and the reference does).
 fn swiglu(h: &[f32], out: &mut [f32], bf16_act: bool) {
@@ -87,15 +96,8 @@ fn jobs_gemv<'a, 'b>(
 }
 
 /// The decode path: each (token, slot) pair and each token's shared expert is a GEMV job.
-pub(crate) fn decode(
-    isa: Isa,
-    s: &Shape,
-    w: &Weights,
-    x: &[f32],
-    ids: &[u32],
-    wts: &[f32],
-    bf16_act: bool,
-) -> Vec<f32> {
+pub(crate) fn decode(isa: Isa, s: &Shape, w: &Weights, inp: &Inputs) -> Vec<f32> {
+    let Inputs { x, ids, wts, bf16_act } = *inp;
     let (n, h, k, inter) = (s.n, s.h, s.k, s.inter);
     let mut jobs = Vec::with_capacity(n * (k + 1));
     for t in 0..n {
@@ -219,33 +221,20 @@ fn grouped_gemm(isa: Isa, groups: &[Group], n_tile: usize, fused_max_rows: usize
 }
 
 /// The prefill path (see the module overview).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn prefill(
-    isa: Isa,
-    s: &Shape,
-    w: &Weights,
-    x: &[f32],
-    ids: &[u32],
-    wts: &[f32],
-    n_tile: usize,
-    bf16_act: bool,
-) -> Vec<f32> {
-    prefill_with(isa, s, w, x, ids, wts, n_tile, FUSED_MAX_ROWS, bf16_act)
+pub(crate) fn prefill(isa: Isa, s: &Shape, w: &Weights, inp: &Inputs, n_tile: usize) -> Vec<f32> {
+    prefill_with(isa, s, w, inp, n_tile, FUSED_MAX_ROWS)
 }
 
 /// [`prefill`] with the fused-GEMV row limit as a parameter, so tests can force either kernel.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn prefill_with(
     isa: Isa,
     s: &Shape,
     w: &Weights,
-    x: &[f32],
-    ids: &[u32],
-    wts: &[f32],
+    inp: &Inputs,
     n_tile: usize,
     fused_max_rows: usize,
-    bf16_act: bool,
 ) -> Vec<f32> {
+    let Inputs { x, ids, wts, bf16_act } = *inp;
     let (n, h, k, inter) = (s.n, s.h, s.k, s.inter);
     let n_experts = w.gate_up.rows() / (2 * inter);
     let sorted = sort_by_expert(ids, n_experts);
@@ -401,11 +390,12 @@ mod tests {
                             shared: shared.then(|| (sg_c.rows(), sd_c.rows())),
                         };
                         let s = Shape { n, h, k, inter, shared_inter: shared.then_some(inter) };
+                        let inp = Inputs { x: &x, ids: &ids, wts: &wts, bf16_act: false };
                         let runs = [
-                            ("decode", decode(isa, &s, &w, &x, &ids, &wts, false)),
-                            ("gemm32", prefill_with(isa, &s, &w, &x, &ids, &wts, 32, 0, false)),
-                            ("gemm64", prefill_with(isa, &s, &w, &x, &ids, &wts, 64, 0, false)),
-                            ("fused", prefill_with(isa, &s, &w, &x, &ids, &wts, 32, usize::MAX, false)),
+                            ("decode", decode(isa, &s, &w, &inp)),
+                            ("gemm32", prefill_with(isa, &s, &w, &inp, 32, 0)),
+                            ("gemm64", prefill_with(isa, &s, &w, &inp, 64, 0)),
+                            ("fused", prefill_with(isa, &s, &w, &inp, 32, usize::MAX)),
                         ];
                         for (name, got) in runs {
                             for t in 0..n {
