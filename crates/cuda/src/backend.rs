@@ -1600,15 +1600,16 @@ impl CudaBackend {
         n_tile: usize,
     ) -> Result<CT> {
         let (gu, down) = (e.gate_up, e.down);
-        // f32 x, and the intermediate always, stay f32-accurate to 2^-18 per element as two bf16
+        // f32 x, and then the intermediate, stay f32-accurate to 2^-18 per element as two bf16
         // terms. The MoE output sums H + I products, which averages that residual far below the
         // f32 tolerance (a lone short dot, as `linear` may see, needs three terms). bf16 x is
-        // exact as one term: gate/up, two thirds of the layer's products, at half the MMAs.
+        // exact as one term, and its intermediate is rounded to bf16 (Backend::moe): one term
+        // each, at half the MMAs.
         let bf16 = x.dtype() == DType::BF16;
         let (up_terms, down_terms) = if bf16 { (1, 1) } else { (2, MOE_DOWN_TERMS) };
         let ne = e.n_experts;
         let pairs = n * k;
-        // Each expert's rows are padded up to whole GEMM M-blocks.
+        // Each expert's rows are padded up to whole GEMM M-blocks (half ones for mixed tiles).
         let bm = self.gemm_block_rows("moe", pairs / ne.max(1), up_terms.max(down_terms));
         let gk = gemm_kernel("moe", self, bm, n_tile, up_terms)?;
         let gk_down = gemm_kernel("moe", self, bm, n_tile, down_terms)?;
@@ -1707,7 +1708,7 @@ impl CudaBackend {
         let act = self.zeroed(&[max_rows, down.kp], DType::BF16)?;
         let act_lo =
             if down_terms > 1 { Some(self.zeroed(&[max_rows, down.kp], DType::BF16)?) } else { None };
-        let act_lo_ptr = act_lo.as_ref().map_or(0, |t| t.storage.ptr());
+        let act_lo_ptr = ptr_of(&act_lo);
         let up_args = gemm_args(
             GemmPtrs {
                 a: xt[0].storage.ptr(),

@@ -1623,8 +1623,9 @@ fn route_weights(rng: &mut Rng, n: usize) -> Vec<f32> {
 }
 
 /// Small MoE shapes (H 64, I 32) with up to 70 tokens so that 32- and 64-token tiles mix
-/// experts, and 200 whose experts span several tiles: every token on a different expert, all tokens on one expert, experts without tokens,
-/// alternating experts, random top-1/4/8, with and without a shared expert, every weight kind.
+/// experts, and 200 whose experts span several tiles: every token on a different expert, all
+/// tokens on one expert, experts without tokens, alternating experts, random top-1/4/8, experts
+/// over 128 rows, with and without a shared expert, every weight kind.
 pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
     let mut cx = Ctx::new(seed);
     let (h, inter) = (64, 32);

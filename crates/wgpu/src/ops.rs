@@ -692,9 +692,9 @@ impl WgpuBackend {
         let shared_out = match shared {
             Some((sgu, sd)) if inter_sh == 0 => {
                 let g = self.linear(x, sgu, LinearPath::Auto)?;
-                let mut a = self.silu_mul(&g)?;
+                let a = self.silu_mul(&g)?;
                 if bf16_act {
-                    a = self.cast(&self.cast(&a, DType::BF16)?, DType::F32)?;
+                    self.round_bf16(&a.storage.buf, a.numel())?;
                 }
                 Some(self.linear(&a, sd, LinearPath::Auto)?)
             }
@@ -717,6 +717,13 @@ impl WgpuBackend {
         Ok(MoeStage::Combine(MoeOut { n, h, k, y, pos, shared }))
     }
 
+    /// The first `n` f32 values of `buf` rounded to bf16 in place (still f32): the MoE's
+    /// intermediate with bf16 x, where the reference rounds it.
+    fn round_bf16(&self, buf: &wgpu::Buffer, n: usize) -> Result<()> {
+        let k = self.k(Src::Elementwise, "round_bf16")?;
+        self.dispatch(&k, &[u(n), 0, 0, 0], &[(3, buf)], grid(n, shape::WG))
+    }
+
     /// Runs the two expert GEMMs of one MoE path over every chunk of the stacked weights.
     #[allow(clippy::too_many_arguments)]
     fn moe_experts(
@@ -735,13 +742,7 @@ impl WgpuBackend {
         let act_len = pairs * inter + sh_tokens * inter_sh;
         let act = self.scratch(act_len);
         // Between the gate/up and down dispatches of every path.
-        let round_act = || -> Result<()> {
-            if bf16_act {
-                let k = self.k(Src::Elementwise, "round_bf16")?;
-                self.dispatch(&k, &[u(act_len), 0, 0, 0], &[(3, &*act)], grid(act_len, shape::WG))?;
-            }
-            Ok(())
-        };
+        let round_act = || if bf16_act { self.round_bf16(&act, act_len) } else { Ok(()) };
         let y = self.scratch((pairs + sh_tokens) * h);
         let max_tiles = pairs.div_ceil(shape::TILE_M as usize) + e_n;
         let params = |e_lo: usize, e_hi: usize, row0: usize| {
