@@ -38,7 +38,7 @@ pub(crate) struct Weights<'a> {
 }
 
 /// One call's tokens: x `[n, H]`, their experts and router weights `[n, k]`, and whether x was
-/// bf16 (`Backend::moe` then may round the intermediate to bf16, and the reference does).
+/// bf16 (`Backend::moe` then rounds the intermediate to bf16).
 pub(crate) struct Inputs<'a> {
     pub(crate) x: &'a [f32],
     pub(crate) ids: &'a [u32],
@@ -47,7 +47,7 @@ pub(crate) struct Inputs<'a> {
 }
 
 /// `silu(h[..i]) * h[i..]` for one row of gate/up outputs, rounded to bf16 where `bf16_act` (bf16
-/// x: `Backend::moe` may round the intermediate, and the reference does).
+/// x, as `Backend::moe` says).
 fn swiglu(h: &[f32], out: &mut [f32], bf16_act: bool) {
     let i = out.len();
     for (j, o) in out.iter_mut().enumerate() {

@@ -417,7 +417,7 @@ extern "C" __global__ void cast_f32_bf16(const float* x, u16* y, size_t n) {
 }
 
 // In place: x[i] rounded to bf16 and read back as f32. The MoE intermediate with bf16 x, on the
-// paths whose products read it as f32 (Backend::moe may round it; the reference does).
+// paths whose products read it as f32 (Backend::moe rounds it).
 extern "C" __global__ void round_bf16_f32(float* x, size_t n) {
     pdl_enter();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

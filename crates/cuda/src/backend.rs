@@ -206,7 +206,7 @@ pub(crate) const MOE_ON_WGMMA: bool = true;
 /// always takes GEMM_WG_W_ROWS weight rows per block.
 pub const GEMM_N_TILES: [usize; 2] = [128, 256];
 /// bf16 terms of the grouped MoE's down product with f32 x: the intermediate stays f32-accurate.
-/// With bf16 x it is rounded to bf16 (one term, as `Backend::moe` allows), which halves the down
+/// With bf16 x it is rounded to bf16 (one term, as `Backend::moe` says), which halves the down
 /// product's MMAs and drops the second term's stores and loads.
 pub(crate) const MOE_DOWN_TERMS: usize = 2;
 /// The grouped MoE tile height on which the wgmma kernel may end an expert with a tile half as
@@ -1471,7 +1471,7 @@ impl CudaBackend {
                 None
             }
         };
-        // bf16 x: the intermediate rounded as the reference rounds it (pads stay zero).
+        // bf16 x: the intermediate rounded to bf16 (Backend::moe; pads stay zero).
         if x.dtype() == DType::BF16 {
             self.round_bf16_in_place(&act)?;
             if let Some((_, a)) = &shared {

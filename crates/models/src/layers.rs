@@ -220,7 +220,7 @@ impl<B: Backend> Mlp<B> {
         Ok(Mlp { gate_up: b.upload_weight(&gate_up)?, down: b.upload_weight(&down)? })
     }
     /// bf16 x (a bf16-activation prefill) rounds the intermediate to bf16 too, as the `moe` op
-    /// may for its experts.
+    /// does for its experts.
     pub fn forward(&self, b: &B, x: &T<B>) -> Result<T<B>> {
         let gu = b.linear(x, &self.gate_up, LinearPath::Auto)?;
         let mut h = b.silu_mul(&gu)?;

@@ -57,7 +57,7 @@ pub struct ModelInfo {
 /// projections and experts read it (the router still reads f32, so that routing near ties
 /// flip less often),
 /// the attention output before `o_proj`, GLM's normed query latent before `q_b` and the MLPs'
-/// and experts' intermediate before `down` (`Backend::moe` may; the reference does), and lets
+/// and experts' intermediate before `down` (`Backend::moe` does it for the experts), and lets
 /// attention's products read bf16 (`Backend::attention_gqa_bf16`); the CUDA backend's
 /// tensor-core GEMMs then take one bf16 term per activation instead of two or three
 /// (BENCHMARKS.md, "bf16 prefill activations"). The logits move by about that rounding

@@ -163,11 +163,11 @@ pub const TOL_ROUTER: f32 = 1e-5;
 /// at O(1).
 pub const TOL_BF16: f32 = 3e-2;
 
-/// `moe` with bf16 x, whose intermediate may be rounded to bf16 (`Backend::moe`): each element
-/// moves by at most half a bf16 ulp (2^-9 relative; ~1.7e-3 RMS for round-to-nearest), or by up
-/// to a whole ulp where a backend's f32 value sits across a rounding boundary from the
-/// reference's. A row of sums of such elements moves by that relative RMS, so 2^-8; a dropped
-/// slot or a wrong expert lands at 1/k or more.
+/// `moe` with bf16 x, whose intermediate is rounded to bf16 (`Backend::moe`): where a backend's
+/// f32 value sits across a rounding boundary from the reference's (another summation order),
+/// that element lands one bf16 ulp (2^-8 relative) away. A row of sums of such elements moves
+/// by at most that relative amount, so 2^-8 even if every element did; a dropped slot or a wrong
+/// expert lands at 1/k or more.
 pub const TOL_MOE_BF16: f32 = 1.0 / 256.0;
 
 /// FP4 decode: `e2m1 · block_scale · tensor_scale` may associate either way (1 ulp).
@@ -1691,7 +1691,7 @@ pub fn check_moe_routing<B: Backend>(b: &B, seed: u64) -> Check {
             .collect();
         mk(rng, "experts over 128 rows", 200, 4, 2, ids, None);
         // bf16 x (a model's bf16 activations) on a grouped case with and without a shared
-        // expert, and on one token: consumed exactly; the intermediate may be rounded to bf16.
+        // expert, and on one token: consumed exactly; the intermediate is rounded to bf16.
         let bf16: Vec<(MoeCase, Option<usize>)> = cases
             .iter()
             .filter(|(c, _)| {

@@ -314,9 +314,8 @@ fn matmul_t(x: &[f32], m: usize, w: &HostWeight) -> Vec<f32> {
 }
 
 /// One SwiGLU expert on one token: rows `gu0..gu0+2I` of `gate_up` (gate then up) and rows
-/// `d0..d0+H` of `down`.
-/// One expert on one token. `bf16_act`: its intermediate is rounded to bf16 before `down` reads
-/// it, as [`crate::Backend::moe`] allows for bf16 x.
+/// `d0..d0+H` of `down`; `bf16_act` (bf16 x, [`crate::Backend::moe`]): the intermediate rounded
+/// to bf16 before `down` reads it.
 fn expert(
     x: &[f32],
     gate_up: &HostWeight,

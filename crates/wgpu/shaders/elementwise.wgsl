@@ -39,7 +39,7 @@ fn silu_mul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
 }
 
 // In place: out[i] rounded to bf16 (and read back as f32), i < p.n. The MoE's intermediate with
-// bf16 x (Backend::moe may round it; the reference does).
+// bf16 x (Backend::moe rounds it).
 @compute @workgroup_size(WG)
 fn round_bf16(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
               @builtin(num_workgroups) nwg: vec3<u32>) {

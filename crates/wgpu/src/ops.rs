@@ -658,7 +658,7 @@ impl WgpuBackend {
             shared.map(|(g, d)| (dims(g), dims(d))),
         )?;
         // bf16 x is exactly its f32 values; the kernels read f32. The intermediate is then
-        // rounded to bf16, as the reference does.
+        // rounded to bf16 (Backend::moe).
         let bf16_act = x.dtype() == DType::BF16;
         let x = &self.as_f32(OP, x)?;
         expect(OP, ids, DType::U32)?;
@@ -718,7 +718,7 @@ impl WgpuBackend {
     }
 
     /// The first `n` f32 values of `buf` rounded to bf16 in place (still f32): the MoE's
-    /// intermediate with bf16 x, where the reference rounds it.
+    /// intermediate with bf16 x (Backend::moe).
     fn round_bf16(&self, buf: &wgpu::Buffer, n: usize) -> Result<()> {
         let k = self.k(Src::Elementwise, "round_bf16")?;
         self.dispatch(&k, &[u(n), 0, 0, 0], &[(3, buf)], grid(n, shape::WG))
